@@ -1,0 +1,69 @@
+"""
+An interactive client: connects with a token, prints what arrives, sends
+each line you type.
+
+    python examples/ws_client.py ws://127.0.0.1:8080/demo/ws/my-session TOKEN
+    python examples/ws_client.py ... --token-in query        # ?access_token=
+    python examples/ws_client.py ... --token-in subprotocol  # bearer, TOKEN
+"""
+
+import argparse
+import asyncio
+import sys
+from urllib.parse import quote
+
+import websockets
+
+
+async def run(url: str, token: str, token_in: str) -> None:
+    headers = {}
+    subprotocols = None
+    if token_in == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    elif token_in == "query":
+        url += ("&" if "?" in url else "?") + "access_token=" + quote(token)
+    else:
+        subprotocols = ["bearer", token]
+    async with websockets.connect(
+        url, additional_headers=headers, subprotocols=subprotocols, compression=None
+    ) as ws:
+        print("connected; type a line to send it, Ctrl-D to quit", file=sys.stderr)
+
+        async def receive() -> None:
+            async for message in ws:
+                print(f"< {message!r}" if isinstance(message, bytes) else f"< {message}", flush=True)
+
+        async def send() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    await ws.close()
+                    return
+                await ws.send(line.rstrip("\n"))
+
+        done, pending = await asyncio.wait(
+            [asyncio.ensure_future(receive()), asyncio.ensure_future(send())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        for task in pending:
+            task.cancel()
+        print(f"closed: code={ws.close_code} reason={ws.close_reason!r}", file=sys.stderr)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url")
+    p.add_argument("token")
+    p.add_argument("--token-in", choices=("header", "query", "subprotocol"), default="header")
+    args = p.parse_args()
+    try:
+        asyncio.run(run(args.url, args.token, args.token_in))
+    except websockets.exceptions.InvalidStatus as e:
+        sys.exit(f"refused: HTTP {e.response.status_code} {e.response.reason_phrase}")
+    except OSError as e:
+        sys.exit(f"cannot connect: {e}")
+
+
+if __name__ == "__main__":
+    main()

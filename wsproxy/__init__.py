@@ -1,0 +1,6 @@
+"""
+wsproxy: a WebSocket proxy that lets backends talk to clients through Redis
+Pub/Sub. See README.md.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""
+How WebSocket messages map to Redis Pub/Sub payloads (C{FRAME_MODE}).
+
+C{auto} (the default)
+    Client messages, text or binary, are published on C{:up} unchanged.
+    A C{:down} payload that is valid UTF-8 is sent as a text frame,
+    anything else as a binary frame. JSON backends need nothing else.
+
+C{tagged} (frame-exact)
+    Every payload on C{:up} and C{:down} starts with one tag byte: C{t} for a
+    text message, C{b} for a binary message; the message bytes follow. Frame
+    types round-trip exactly, whatever the bytes. A C{:down} payload with any
+    other first byte, or a C{t} payload that is not valid UTF-8, is not sent
+    (browsers would close the connection with 1007) and is logged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+FRAME_MODES = ("auto", "tagged")
+
+TEXT_TAG = b"t"
+BINARY_TAG = b"b"
+
+#: (message bytes, isBinary), or None if the payload cannot be sent
+Outgoing = Optional[Tuple[bytes, bool]]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def down_auto(payload: bytes) -> Outgoing:
+    return payload, not _is_utf8(payload)
+
+
+def down_tagged(payload: bytes) -> Outgoing:
+    tag = payload[:1]
+    if tag == BINARY_TAG:
+        return payload[1:], True
+    if tag == TEXT_TAG:
+        message = payload[1:]
+        if _is_utf8(message):
+            return message, False
+    return None
+
+
+def up_auto(message: bytes, is_binary: bool) -> bytes:
+    return message
+
+
+def up_tagged(message: bytes, is_binary: bool) -> bytes:
+    return (BINARY_TAG if is_binary else TEXT_TAG) + message
+
+
+def codec(
+    mode: str,
+) -> tuple[Callable[[bytes], Outgoing], Callable[[bytes, bool], bytes]]:
+    """
+    The (down, up) conversion functions of a frame mode.
+    """
+    if mode == "tagged":
+        return down_tagged, up_tagged
+    if mode == "auto":
+        return down_auto, up_auto
+    raise ValueError(f"unknown frame mode {mode!r}")

@@ -1,0 +1,360 @@
+"""
+The WebSocket side: one L{ProxyProtocol} per client connection, and the
+factory that configures Autobahn for a proxy.
+
+Data flows one way through a connection: upgrade request → admission
+(precheck, token check, subscription confirmed by Redis) → 101 → frames in
+are published on C{:up}, messages from the hub are sent as frames.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from . import auth, frames
+from .server import Proxy
+
+INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
+
+#: close codes used by the proxy
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+
+_HANDSHAKE, _OPEN, _CLOSED = range(3)
+
+
+def _redact(reason: str) -> str:
+    """
+    Autobahn's own refusal reasons quote request headers and the request
+    line (which may carry a token); keep only the text before the first
+    quoted value.
+    """
+    for mark in ('"', "'"):
+        reason = reason.split(mark, 1)[0]
+    return reason.strip().rstrip(":-").strip() or "Bad request"
+
+
+@implementer(IPushProducer)
+class ProxyProtocol(WebSocketServerProtocol):
+    """
+    One client connection of one session.
+    """
+
+    _log = Logger()
+
+    session_id: Optional[str] = None
+    agent_id: Optional[str] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = _HANDSHAKE
+        self._proxy: Proxy = None  # type: ignore[assignment]
+        self._subscribed = False
+        self._early: list[bytes] = []
+        self._refusal: Optional[auth.Refusal] = None
+        self._paused = False
+        self._unsent = 0
+        self._stopped_sending = False
+        self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
+        self.closed: defer.Deferred = defer.Deferred()
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._proxy = self.factory.proxy
+        self._down = self.factory.down_codec
+        self._up = self.factory.up_codec
+        self._proxy.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._finish(None)
+
+    def onConnect(self, request: Any) -> defer.Deferred:
+        return defer.ensureDeferred(self._admit(request))
+
+    async def _admit(self, request: Any) -> Any:
+        proxy = self._proxy
+        parsed = auth.parse_ws_path(request.path)
+        try:
+            if parsed is None:
+                raise auth.Refusal(404, "Not Found")
+            self.agent_id, session_id = parsed
+            if not auth.valid_session_id(session_id):
+                raise auth.Refusal(400, "Invalid session id")
+            self.session_id = session_id
+            proxy.precheck(request.headers)
+            credentials = auth.extract_token(
+                request.headers, request.params, request.protocols
+            )
+            await proxy.authorize(session_id, credentials)
+            if self._state is _CLOSED:
+                raise auth.Refusal(499, "Client went away")
+            self._subscribed = True
+            await proxy.subscribe(session_id, self)
+            if self._state is _CLOSED:
+                raise auth.Refusal(499, "Client went away")
+        except auth.Refusal as refusal:
+            if self._subscribed:
+                self._subscribed = False
+                proxy.unsubscribe(self.session_id, self)  # type: ignore[arg-type]
+            self._refusal = refusal
+            raise ConnectionDeny(refusal.code, refusal.reason)
+        except Exception:
+            self._subscribed = False
+            self._log.failure("unexpected error admitting a connection")
+            self._refusal = auth.Refusal(500, "Internal error")
+            raise ConnectionDeny(500, "Internal error")
+        self._up_channel = auth.up_channel(session_id)
+        assert credentials is not None
+        if credentials.source == "subprotocol":
+            return auth.BEARER_SUBPROTOCOL
+        return None
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: Any = None
+    ) -> None:
+        """
+        Refuse the upgrade with a complete plain-text HTTP response and one
+        log line (no token, no query string).
+        """
+        refusal = self._refusal
+        if refusal is None or refusal.code != code:
+            refusal = auth.Refusal(code, _redact(reason))
+        self._proxy.stats.outcomes[str(refusal.code)] += 1
+        self._log.info(
+            "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}",
+            code=refusal.code,
+            reason=refusal.reason,
+            session_id=self.session_id,
+            agent_id=self.agent_id,
+            peer=self.peer,
+        )
+        self.wasNotCleanReason = refusal.reason
+        body = (refusal.reason + "\n").encode("utf-8")
+        head = [f"HTTP/1.1 {refusal.code} {refusal.reason}"]
+        for name, value in refusal.headers:
+            head.append(f"{name}: {value}")
+        head += [
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "",
+            "",
+        ]
+        self.sendData("\r\n".join(head).encode("utf-8") + body)
+        # a deliberate, complete refusal: not worth Autobahn's own warning
+        self.wasClean = True
+        self.dropConnection(abort=False)
+
+    def onOpen(self) -> None:
+        if self._state is _CLOSED or not self._subscribed:
+            return
+        self._state = _OPEN
+        proxy = self._proxy
+        proxy.stats.open_connections += 1
+        proxy.stats.outcomes["accepted"] += 1
+        # Under twisted.web the HTTP channel is still the transport's
+        # producer; ours decides about slow consumers from here on.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        self._log.info(
+            "opened: session={session_id} agent={agent_id} peer={peer}",
+            session_id=self.session_id,
+            agent_id=self.agent_id,
+            peer=self.peer,
+        )
+        early, self._early = self._early, []
+        for payload in early:
+            self.deliver(payload)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self._finish(code)
+
+    def _finish(self, code: Optional[int]) -> None:
+        if self._state is _CLOSED:
+            return
+        was_open = self._state is _OPEN
+        self._state = _CLOSED
+        proxy = self._proxy
+        proxy.connections.discard(self)
+        if self._subscribed:
+            self._subscribed = False
+            proxy.unsubscribe(self.session_id, self)  # type: ignore[arg-type]
+        self._early = []
+        if was_open:
+            proxy.stats.open_connections -= 1
+            self._log.info(
+                "closed: session={session_id} agent={agent_id} peer={peer} "
+                "code={code} in={messages_in}/{bytes_in}B out={messages_out}/{bytes_out}B",
+                session_id=self.session_id,
+                agent_id=self.agent_id,
+                peer=self.peer,
+                code=self.remoteCloseCode if code is None else code,
+                messages_in=self.messages_in,
+                bytes_in=self.bytes_in,
+                messages_out=self.messages_out,
+                bytes_out=self.bytes_out,
+            )
+        self.closed.callback(None)
+
+    # -- client -> Redis -----------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._state is not _OPEN or self._stopped_sending:
+            return
+        if self.factory.require_json and not isBinary:
+            try:
+                json.loads(payload)
+            except ValueError:
+                self.sendMessage(INVALID_JSON_REPLY, False)
+                return
+        self.messages_in += 1
+        self.bytes_in += len(payload)
+        stats = self._proxy.stats
+        stats.messages_up += 1
+        stats.bytes_up += len(payload)
+        self._proxy.commands.execute(
+            "PUBLISH", self._up_channel, self._up(payload, isBinary)
+        ).addErrback(self._publish_failed)
+
+    def _publish_failed(self, failure: Any) -> None:
+        if self._state is not _OPEN or self._stopped_sending:
+            return
+        self._stopped_sending = True
+        self._proxy.stats.publish_failures += 1
+        self._log.error(
+            "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
+            session_id=self.session_id,
+            peer=self.peer,
+            why=failure.getErrorMessage(),
+        )
+        self.sendCloseFrame(
+            code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False
+        )
+
+    # -- Redis -> client -----------------------------------------------------
+
+    def deliver(self, payload: bytes) -> None:
+        """
+        Called by the hub for each message on the session's down channel.
+        """
+        if self._state is not _OPEN:
+            if self._state is _HANDSHAKE:
+                self._early.append(payload)
+            return
+        if self._stopped_sending:
+            return
+        out = self._down(payload)
+        if out is None:
+            self._proxy.stats.dropped_down += 1
+            self._log.warn(
+                "dropped a backend message that is not valid for FRAME_MODE=tagged: "
+                "session={session_id}", session_id=self.session_id,
+            )
+            return
+        data, is_binary = out
+        self.sendMessage(data, is_binary)
+        self.messages_out += 1
+        self.bytes_out += len(data)
+        stats = self._proxy.stats
+        stats.messages_down += 1
+        stats.bytes_down += len(data)
+        if self._paused:
+            self._unsent += len(data)
+            if self._unsent > self.factory.max_send_buffer:
+                self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self._stopped_sending = True
+        self._proxy.stats.slow_consumer_closes += 1
+        self._log.warn(
+            "slow consumer, closing with 1008: session={session_id} peer={peer} "
+            "unsent={unsent}B", session_id=self.session_id, peer=self.peer,
+            unsent=self._unsent,
+        )
+        self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
+
+    # IPushProducer: Twisted tells us when the socket's send buffer is full.
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._unsent = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._unsent = 0
+
+    def stopProducing(self) -> None:
+        self._paused = False
+
+    # -- shutdown ------------------------------------------------------------
+
+    def going_away(self) -> None:
+        """
+        Tell the client the server is going away (1001), or drop a
+        connection still in its opening handshake.
+        """
+        if self._state is _OPEN:
+            self._stopped_sending = True
+            self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
+        elif self._state is _HANDSHAKE:
+            self.dropConnection(abort=True)
+
+
+class ProxyFactory(WebSocketServerFactory):
+    """
+    Autobahn settings for a proxy, from L{Settings}.
+    """
+
+    protocol = ProxyProtocol
+
+    def __init__(self, proxy: Proxy) -> None:
+        settings = proxy.settings
+        super().__init__(server=None)
+        self.proxy = proxy
+        self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
+        self.require_json = settings.require_json
+        self.max_send_buffer = settings.max_send_buffer
+        options: dict[str, Any] = dict(
+            webStatus=False,
+            maxMessagePayloadSize=settings.max_message_size,
+            maxFramePayloadSize=settings.max_message_size,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout if settings.ping_interval else 0,
+            openHandshakeTimeout=settings.handshake_timeout,
+            closeHandshakeTimeout=5,
+            # origins are checked by Proxy.precheck (exact, normalized)
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+        )
+        if settings.compression:
+            options["perMessageCompressionAccept"] = self._accept_deflate
+        self.setProtocolOptions(**options)
+        # (logOctets, logFrames and trackTimings stay at their default, off)
+        self.noisy = False
+
+    def _accept_deflate(self, offers: list[Any]) -> Any:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(
+                    offer, max_message_size=self.proxy.settings.max_message_size
+                )
+        return None

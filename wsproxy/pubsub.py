@@ -1,0 +1,261 @@
+"""
+The shared subscription hub: one Redis Pub/Sub connection serves every
+session of the process.
+
+Sockets register as listeners of a channel; the first listener of a channel
+subscribes it, the last one to leave unsubscribes it (one channel per
+command: txredisapi mismatches replies otherwise). After the connection is
+lost and re-established, every channel that still has listeners is
+subscribed again.
+
+A canary detects a connection that is up but no longer delivers: every
+C{interval} seconds a token is published (through the command connection) on
+a channel private to this process; if it has not come back through the
+subscriber within C{timeout} seconds, the hub is unhealthy and the subscriber
+connection is rebuilt.
+
+There is no WebSocket code here: a listener is anything with a
+C{deliver(payload: bytes)} method, which must not raise (what it raises is
+logged and contained, so that one broken listener can never drop the shared
+connection and every other session's messages).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .redis import RedisLink, RedisUnavailable
+
+
+class Listener(Protocol):
+    def deliver(self, payload: bytes) -> None: ...
+
+
+class _Channel:
+    """
+    The listeners of one channel and the state of its subscription.
+    """
+
+    __slots__ = ("name", "listeners", "confirmed", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.listeners: list[Listener] = []
+        self.confirmed = False
+        self.waiting: list[defer.Deferred] = []
+
+
+class Hub:
+    """
+    Reference-counted channel subscriptions on one shared L{RedisLink}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        link: RedisLink,
+        clock: IReactorTime,
+        publish: Callable[[str, bytes], defer.Deferred],
+        canary_channel: str,
+        canary_interval: float = 2.0,
+        canary_timeout: float = 3.0,
+    ) -> None:
+        self._link = link
+        self._clock = clock
+        self._publish = publish
+        self._channels: Dict[bytes, _Channel] = {}
+        link.on_ready = self._connected
+        link.on_lost = self._disconnected
+        link.on_message = self.dispatch
+        self.canary_channel = canary_channel
+        self._canary_key = canary_channel.encode()
+        self.canary_interval = canary_interval
+        self.canary_timeout = canary_timeout
+        self._canary_sent: Optional[float] = None
+        self._canary_seq = 0
+        self.canary_ok = False
+        self.canary_rtt: Optional[float] = None
+        self.on_canary: Callable[[float], None] = lambda rtt: None
+        self.on_stale: Callable[[], None] = lambda: None
+        self._canary_confirmed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._link.ready is not None
+
+    @property
+    def healthy(self) -> bool:
+        """
+        Connected, canary channel subscribed, and the last canary (if one is
+        overdue) came back in time.
+        """
+        if self._link.ready is None or not self._canary_confirmed:
+            return False
+        sent = self._canary_sent
+        if sent is not None and self._clock.seconds() - sent > self.canary_timeout:
+            return False
+        return True
+
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    # -- subscriptions ---------------------------------------------------
+
+    def subscribe(self, channel: str, listener: Listener) -> defer.Deferred:
+        """
+        Add C{listener} to C{channel}. The Deferred fires once Redis has
+        confirmed the subscription, or fails with L{RedisUnavailable} or
+        L{RedisTimeout} (the listener is then already removed).
+        """
+        key = channel.encode()
+        state = self._channels.get(key)
+        if state is None:
+            if self._link.ready is None:
+                return defer.fail(RedisUnavailable("subscriber not connected"))
+            state = self._channels[key] = _Channel(channel)
+            state.listeners.append(listener)
+            self._send_subscribe(state)
+        else:
+            state.listeners.append(listener)
+        if state.confirmed:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        state.waiting.append(d)
+
+        def failed(f: Any) -> Any:
+            self.unsubscribe(channel, listener)
+            return f
+
+        return d.addErrback(failed)
+
+    def unsubscribe(self, channel: str, listener: Listener) -> None:
+        """
+        Remove C{listener}; unsubscribe the channel if it was the last one.
+        Unknown listeners are ignored.
+        """
+        key = channel.encode()
+        state = self._channels.get(key)
+        if state is None:
+            return
+        try:
+            state.listeners.remove(listener)
+        except ValueError:
+            return
+        if state.listeners:
+            return
+        del self._channels[key]
+        waiting, state.waiting = state.waiting, []
+        for d in waiting:
+            d.errback(RedisUnavailable("unsubscribed"))
+        if state.confirmed or self._link.ready is not None:
+            self._link.unsubscribe(channel).addErrback(lambda f: None)
+
+    def _send_subscribe(self, state: _Channel) -> None:
+        def confirmed(_: Any) -> None:
+            if self._channels.get(state.name.encode()) is not state:
+                return  # everyone left while the subscription was in flight
+            state.confirmed = True
+            waiting, state.waiting = state.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+        def failed(f: Any) -> None:
+            if self._channels.get(state.name.encode()) is not state:
+                return
+            waiting, state.waiting = state.waiting, []
+            for d in waiting:
+                d.errback(f)
+
+        self._link.subscribe(state.name).addCallbacks(confirmed, failed)
+
+    # -- connection events -----------------------------------------------
+
+    def _connected(self, proto: Any) -> None:
+        self._canary_confirmed = False
+        self._canary_sent = None
+
+        def canary_confirmed(_: Any) -> None:
+            self._canary_confirmed = True
+
+        self._link.subscribe(self.canary_channel).addCallbacks(
+            canary_confirmed, lambda f: None
+        )
+        if self._channels:
+            self._log.info(
+                "re-subscribing {n} channels", n=len(self._channels)
+            )
+        for state in self._channels.values():
+            state.confirmed = False
+            self._send_subscribe(state)
+
+    def _disconnected(self) -> None:
+        self._canary_confirmed = False
+        for state in self._channels.values():
+            state.confirmed = False
+
+    # -- messages ----------------------------------------------------------
+
+    def dispatch(self, channel: bytes, payload: bytes) -> None:
+        """
+        Deliver one message to every listener of its channel. Nothing raised
+        by a listener escapes.
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            if channel == self._canary_key:
+                self._canary_back(payload)
+            return
+        listeners = state.listeners
+        if len(listeners) == 1:
+            try:
+                listeners[0].deliver(payload)
+            except Exception:
+                self._log.failure("delivery to one listener failed")
+            return
+        for listener in tuple(listeners):
+            try:
+                listener.deliver(payload)
+            except Exception:
+                self._log.failure("delivery to one listener failed")
+
+    # -- canary ------------------------------------------------------------
+
+    def check_canary(self) -> None:
+        """
+        Called every C{canary_interval}: judge the canary in flight, then
+        send the next one.
+        """
+        now = self._clock.seconds()
+        sent = self._canary_sent
+        if sent is not None and now - sent > self.canary_timeout:
+            self.canary_ok = False
+            self._canary_sent = None
+            if self._link.ready is not None:
+                self._log.error(
+                    "subscriber canary not received within {t:g}s: "
+                    "rebuilding the subscriber connection", t=self.canary_timeout
+                )
+                self.on_stale()
+                self._link.kill()
+            return
+        if sent is not None or not self._canary_confirmed:
+            return
+        self._canary_seq += 1
+        self._canary_sent = now
+        self._publish(self.canary_channel, b"%d" % self._canary_seq).addErrback(
+            lambda f: None
+        )
+
+    def _canary_back(self, payload: bytes) -> None:
+        sent = self._canary_sent
+        if sent is None or payload != b"%d" % self._canary_seq:
+            return
+        self._canary_sent = None
+        self.canary_ok = True
+        self.canary_rtt = self._clock.seconds() - sent
+        self.on_canary(self.canary_rtt)

@@ -1,0 +1,323 @@
+"""
+Redis connections: one command connection and one Pub/Sub connection per
+process, both speaking txredisapi's protocols (hiredis parser, raw bytes).
+
+txredisapi's own connection management stops retrying for good after an
+AUTH or SELECT failure and queues commands while disconnected; a proxy needs
+the opposite on both counts. L{RedisLink} therefore keeps one connection open
+with Twisted's C{ClientService} (short, capped back-off, never gives up) and
+uses txredisapi only for the wire protocol. Commands issued while there is no
+usable connection fail at once with L{RedisUnavailable}.
+
+Deadlines are enforced without a timer per command: commands are answered
+in order, so L{RedisLink.sweep} (run periodically) only has to look at the
+oldest unanswered command; if it is older than the deadline the connection is
+declared stuck and aborted, which fails every outstanding command and starts
+a reconnect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Optional, Tuple
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from .config import RedisAddress, Settings
+
+
+class RedisUnavailable(Exception):
+    """
+    There is no usable connection to Redis right now.
+    """
+
+
+class RedisTimeout(Exception):
+    """
+    Redis did not answer within the deadline.
+    """
+
+
+def client_endpoint(reactor: Any, settings: Settings) -> Any:
+    """
+    The client endpoint for C{REDIS_URL}: TCP, TLS (certificate and hostname
+    verified) or a Unix socket.
+    """
+    address: RedisAddress = settings.redis
+    if address.path is not None:
+        return endpoints.UNIXClientEndpoint(reactor, address.path, timeout=5)
+    endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=5)
+    if address.tls:
+        endpoint = endpoints.wrapClientTLS(_tls_options(settings), endpoint)
+    return endpoint
+
+
+def _tls_options(settings: Settings) -> Any:
+    from twisted.internet import ssl
+
+    trust_root: Any = ssl.platformTrust()
+    if settings.redis_tls_ca_file:
+        with open(settings.redis_tls_ca_file, "rb") as f:
+            trust_root = ssl.trustRootFromCertificates(
+                [
+                    ssl.Certificate.loadPEM(pem)
+                    for pem in _split_pem(f.read())
+                ]
+            )
+    client_cert = None
+    if settings.redis_tls_cert_file:
+        with open(settings.redis_tls_cert_file, "rb") as f:
+            pem = f.read()
+        if settings.redis_tls_key_file:
+            with open(settings.redis_tls_key_file, "rb") as f:
+                pem += b"\n" + f.read()
+        client_cert = ssl.PrivateCertificate.loadPEM(pem)
+    return ssl.optionsForClientTLS(
+        settings.redis.host, trustRoot=trust_root, clientCertificate=client_cert
+    )
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"-----BEGIN" in part]
+
+
+class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
+    link: "RedisLink"
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    link: "RedisLink"
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.link.on_message(channel, message)
+
+
+class _LinkFactory(Factory):
+    """
+    Builds txredisapi protocols for a L{RedisLink}, and stands in for the
+    txredisapi factory they expect: an AUTH/SELECT failure is reported and
+    retried instead of stopping reconnection for good.
+    """
+
+    noisy = False
+    isLazy = False
+
+    def __init__(self, link: "RedisLink") -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.link._build()
+
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why: str) -> None:
+        self.link._setup_failed(why)
+
+
+class RedisLink:
+    """
+    One Redis connection that is kept open for as long as the link runs.
+
+    @ivar ready: the connected protocol once it is usable (after AUTH and
+        SELECT), else C{None}.
+    @ivar on_ready: called with the protocol each time a connection becomes
+        usable.
+    @ivar on_lost: called each time a usable connection is lost.
+    @ivar on_message: for Pub/Sub links, called with (channel, payload).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: Any,
+        settings: Settings,
+        clock: IReactorTime,
+        subscriber: bool = False,
+        max_retry_delay: float = 1.0,
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self._clock = clock
+        self._subscriber = subscriber
+        self.deadline = settings.auth_timeout
+        self.ready: Any = None
+        self._connecting: Any = None
+        self._connected_at = 0.0
+        self._failures = 0
+        self._max_retry_delay = max_retry_delay
+        self._outstanding: Deque[Tuple[float, defer.Deferred]] = deque()
+        self.on_ready: Callable[[Any], None] = lambda proto: None
+        self.on_lost: Callable[[], None] = lambda: None
+        self.on_message: Callable[[bytes, bytes], None] = lambda c, m: None
+        self.last_error: Optional[str] = None
+        self.reconnects = 0
+        self._ever_ready = False
+        self._service = ClientService(
+            endpoint, _LinkFactory(self), retryPolicy=self._retry_delay, clock=clock
+        )
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        self._service.startService()
+
+    def stop(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self._service.stopService()
+        proto = self._connecting or self.ready
+        if proto is not None and proto.transport is not None:
+            proto.transport.abortConnection()
+
+    def _retry_delay(self, attempt: int) -> float:
+        # ClientService forgets failed attempts as soon as TCP connects, but a
+        # connection that never becomes usable (AUTH refused, Redis paused)
+        # must still back off; self._failures counts those too.
+        n = max(attempt, self._failures)
+        return float(min(self._max_retry_delay, 0.1 * (2 ** min(n, 10))))
+
+    def _build(self) -> Any:
+        address = self._settings.redis
+        cls = _SubscriberProtocol if self._subscriber else _Protocol
+        proto = cls(
+            charset=None,
+            convertNumbers=False,
+            password=address.password,
+            dbid=address.db,
+            username=address.username,
+        )
+        proto.factory = _LinkFactory(self)
+        proto.link = self
+        self._connecting = proto
+        self._connected_at = self._clock.seconds()
+        proto.whenConnected().addCallback(self._usable)
+        lost = proto.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            try:
+                lost(reason)
+            finally:
+                self._lost(proto, reason)
+
+        proto.connectionLost = connectionLost
+        return proto
+
+    def _usable(self, proto: Any) -> None:
+        if self._connecting is not proto:
+            return
+        self._connecting = None
+        self.ready = proto
+        self._failures = 0
+        self.last_error = None
+        if self._ever_ready:
+            self.reconnects += 1
+        self._ever_ready = True
+        self._log.info("redis {name} connection ready ({where})",
+                       name=self.name, where=self._settings.redis.describe())
+        self.on_ready(proto)
+
+    def _setup_failed(self, why: str) -> None:
+        self.last_error = why
+        self._log.error("redis {name} connection setup failed: {why}; retrying",
+                        name=self.name, why=why)
+
+    def _lost(self, proto: Any, reason: Any) -> None:
+        was_ready = self.ready is proto
+        if was_ready:
+            self.ready = None
+            self._outstanding.clear()
+            self._log.warn("redis {name} connection lost: {why}",
+                           name=self.name, why=reason.getErrorMessage())
+            self.on_lost()
+        else:
+            self._failures += 1
+        if self._connecting is proto:
+            self._connecting = None
+
+    # -- commands --------------------------------------------------------
+
+    def execute(self, *args: Any) -> defer.Deferred:
+        """
+        Send one command; the Deferred fires with the reply, or fails with
+        L{RedisUnavailable} (no connection, or lost before the reply) or
+        L{RedisTimeout} (no reply within the deadline).
+        """
+        proto = self.ready
+        if proto is None:
+            return defer.fail(RedisUnavailable(self.last_error or "not connected"))
+        d = proto.execute_command(*args)
+        self._outstanding.append((self._clock.seconds(), d))
+        return d.addErrback(self._translate, proto)
+
+    def subscribe(self, channel: str) -> defer.Deferred:
+        proto = self.ready
+        if proto is None:
+            return defer.fail(RedisUnavailable(self.last_error or "not connected"))
+        d = proto.subscribe(channel)
+        self._outstanding.append((self._clock.seconds(), d))
+        return d.addErrback(self._translate, proto)
+
+    def unsubscribe(self, channel: str) -> defer.Deferred:
+        proto = self.ready
+        if proto is None:
+            return defer.succeed(None)
+        d = proto.unsubscribe(channel)
+        self._outstanding.append((self._clock.seconds(), d))
+        return d.addErrback(self._translate, proto)
+
+    def _translate(self, failure: Any, proto: Any) -> Any:
+        if getattr(proto, "stuck", False):
+            raise RedisTimeout(f"redis {self.name}: no reply within {self.deadline:g}s")
+        if failure.check(txredisapi.ConnectionError):
+            raise RedisUnavailable(failure.getErrorMessage())
+        return failure
+
+    def sweep(self) -> None:
+        """
+        Abort the connection if its oldest unanswered command, or its setup
+        (AUTH, SELECT), has been waiting longer than the deadline.
+        """
+        now = self._clock.seconds()
+        outstanding = self._outstanding
+        while outstanding and outstanding[0][1].called:
+            outstanding.popleft()
+        proto = self.ready
+        if proto is not None and outstanding and now - outstanding[0][0] > self.deadline:
+            self._log.error(
+                "redis {name}: no reply for {secs:.1f}s, dropping the connection",
+                name=self.name, secs=now - outstanding[0][0],
+            )
+            proto.stuck = True
+            proto.transport.abortConnection()
+        connecting = self._connecting
+        if connecting is not None and now - self._connected_at > self.deadline:
+            self.last_error = "connection setup timed out"
+            if connecting.transport is not None:
+                connecting.transport.abortConnection()
+
+    def kill(self) -> None:
+        """
+        Drop the current connection (it is re-established at once).
+        """
+        proto = self.ready
+        if proto is not None:
+            proto.transport.abortConnection()
+
+
+def process_token() -> str:
+    """
+    A short identifier of this process, for private channel names.
+    """
+    return f"{os.getpid()}-{os.urandom(4).hex()}-{int(time.time())}"

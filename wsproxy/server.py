@@ -1,0 +1,212 @@
+"""
+The proxy's state and decisions, independent of any socket: which
+connections are open, whether a new one may open, the Redis links and the
+subscription hub, health and draining.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Set
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import auth
+from .config import Settings
+from .metrics import Stats
+from .pubsub import Hub
+from .redis import RedisLink, RedisTimeout, RedisUnavailable, process_token
+
+#: how often outstanding Redis commands are checked against their deadline
+SWEEP_INTERVAL = 0.5
+
+
+def normalize_origin(origin: str) -> str:
+    """
+    C{scheme://host[:port]}, lower-case, default ports removed, so that
+    C{https://App.example.com:443} and C{https://app.example.com} match.
+    """
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return origin
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+class Proxy:
+    """
+    Everything a connection needs from the process, in one object that tests
+    can build with fakes.
+
+    @ivar connections: protocols from upgrade request to close.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: IReactorTime,
+        commands: RedisLink,
+        subscriber: RedisLink,
+        canary_interval: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.commands = commands
+        self.subscriber = subscriber
+        self.stats = Stats()
+        self.hub = Hub(
+            subscriber,
+            clock,
+            publish=lambda channel, payload: commands.execute("PUBLISH", channel, payload),
+            canary_channel=f"wsproxy:canary:{process_token()}",
+            canary_interval=canary_interval,
+            canary_timeout=max(3.0, canary_interval * 1.5),
+        )
+        self.stats.redis_reconnects = lambda: commands.reconnects + subscriber.reconnects
+        self.stats.canary_rtt = lambda: self.hub.canary_rtt
+        self.stats.subscribed_channels = self.hub.channel_count
+        self.connections: Set[Any] = set()
+        self.draining = False
+        self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
+        self._any_origin = not self._origins or "*" in settings.allowed_origins
+        self._loops: list[task.LoopingCall] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.commands.start()
+        self.subscriber.start()
+        for interval, work in (
+            (SWEEP_INTERVAL, self._sweep),
+            (self.hub.canary_interval, self.hub.check_canary),
+        ):
+            loop = task.LoopingCall(work)
+            loop.clock = self.clock
+            loop.start(interval, now=False)
+            self._loops.append(loop)
+
+    def _sweep(self) -> None:
+        self.commands.sweep()
+        self.subscriber.sweep()
+
+    def stop(self) -> defer.Deferred:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        return defer.gatherResults(
+            [self.commands.stop(), self.subscriber.stop()], consumeErrors=True
+        )
+
+    # -- admission ---------------------------------------------------------
+
+    def precheck(self, headers: dict[str, str]) -> None:
+        """
+        The checks that need no Redis: draining, connection cap, origin.
+
+        @raise auth.Refusal: 503 or 403.
+        """
+        if self.draining:
+            raise auth.Refusal(503, "Server shutting down")
+        cap = self.settings.max_connections
+        if cap and len(self.connections) > cap:
+            raise auth.Refusal(503, "Too many connections")
+        if not self._any_origin:
+            origin = headers.get("origin")
+            if origin is None or normalize_origin(origin) not in self._origins:
+                raise auth.Refusal(403, "Origin not allowed")
+
+    async def authorize(
+        self, session_id: str, credentials: Optional[auth.Credentials]
+    ) -> None:
+        """
+        The token check, with the handshake's Redis deadline.
+
+        @raise auth.Refusal: 401, 403, 503 or 504.
+        """
+        started = time.perf_counter()
+        try:
+            await auth.with_deadline(
+                defer.ensureDeferred(
+                    auth.check_token(
+                        self.commands.execute,
+                        session_id,
+                        credentials,
+                        self.settings.auth_grace_period,
+                    )
+                ),
+                self.settings.auth_timeout,
+                self.clock,
+            )
+        except RedisTimeout:
+            raise auth.Refusal(504, "Redis timeout") from None
+        finally:
+            if credentials is not None:
+                self.stats.auth_latency.observe(time.perf_counter() - started)
+
+    async def subscribe(self, session_id: str, listener: Any) -> None:
+        """
+        Subscribe C{listener} to the session's down channel and wait for
+        Redis to confirm it.
+
+        @raise auth.Refusal: 503 or 504; the listener is then not subscribed.
+        """
+        try:
+            await auth.with_deadline(
+                self.hub.subscribe(auth.down_channel(session_id), listener),
+                self.settings.auth_timeout,
+                self.clock,
+            )
+        except RedisUnavailable:
+            raise auth.Refusal(503, "Redis unavailable") from None
+        except RedisTimeout:
+            raise auth.Refusal(504, "Redis timeout") from None
+
+    def unsubscribe(self, session_id: str, listener: Any) -> None:
+        self.hub.unsubscribe(auth.down_channel(session_id), listener)
+
+    # -- health --------------------------------------------------------------
+
+    async def healthy(self) -> bool:
+        """
+        The command connection answers a PING within a second and the
+        subscriber is connected and delivering (canary).
+        """
+        if not self.hub.healthy:
+            return False
+        try:
+            reply = await auth.with_deadline(
+                self.commands.execute("PING"), 1.0, self.clock
+            )
+        except Exception:
+            return False
+        return reply in (b"PONG", "PONG")
+
+
+def build_proxy(reactor: Any, settings: Settings) -> Proxy:
+    """
+    A L{Proxy} with real Redis links for C{settings}.
+    """
+    from .redis import client_endpoint
+
+    endpoint = client_endpoint(reactor, settings)
+    return Proxy(
+        settings,
+        reactor,
+        RedisLink("commands", endpoint, settings, reactor),
+        RedisLink("subscriber", endpoint, settings, reactor, subscriber=True),
+    )
+
+
+Callback = Callable[..., Any]

@@ -1,0 +1,155 @@
+"""
+The proxy as one twistd service, so that start-up and shutdown happen in a
+fixed order (twistd's C{MultiService} would stop children concurrently).
+
+Shutdown (SIGTERM, SIGINT or C{stopService}):
+
+  1. stop accepting: C{/ready} answers 503, new upgrades get 503;
+  2. stop listening;
+  3. send close 1001 ("going away") to every open client, drop handshakes;
+  4. wait up to C{SHUTDOWN_GRACE_PERIOD_SECS} for the closing handshakes;
+  5. drop whatever is left (which unsubscribes its channels);
+  6. close the Redis connections.
+
+The process then exits with status 0.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints
+from twisted.logger import ILogObserver, Logger
+
+from .server import Proxy
+
+
+class ListenError(Exception):
+    """
+    The listening endpoint could not be opened.
+    """
+
+
+class ProxyService(Service):
+    """
+    Listens on C{endpoint} with C{site} and runs C{proxy}.
+
+    @ivar log_observer: if set, installed as the application's log observer
+        when this service is added to a twistd application.
+    """
+
+    _log = Logger()
+    name = "wsproxy"
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        site: Any,
+        endpoint: str,
+        reactor: Any,
+        log_observer: Optional[ILogObserver] = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.proxy = proxy
+        self.site = site
+        self.endpoint = endpoint
+        self.reactor = reactor
+        self.log_observer = log_observer
+        self.handle_signals = handle_signals
+        self.port: Any = None
+        self._stopping: Optional[defer.Deferred] = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            # twistd's AppLogger uses the application's ILogObserver
+            parent.setComponent(ILogObserver, self.log_observer)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listen()
+
+    def listen(self) -> None:
+        """
+        Listen now; a failure (port in use, bad endpoint) raises
+        L{ListenError} so that start-up fails loudly.
+        """
+        if self.port is not None:
+            return
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, self.endpoint)
+            d = endpoint.listen(self.site)
+        except Exception as e:
+            raise ListenError(f"LISTEN: cannot use endpoint {self.endpoint!r}: {e}") from None
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:
+            raise ListenError(f"cannot listen on {self.endpoint!r}: no answer")
+        if isinstance(result[0], Exception) or hasattr(result[0], "getErrorMessage"):
+            why = result[0].getErrorMessage() if hasattr(result[0], "getErrorMessage") else result[0]
+            raise ListenError(f"cannot listen on {self.endpoint!r}: {why}")
+        self.port = result[0]
+
+    def startService(self) -> None:
+        self.listen()
+        super().startService()
+        self.proxy.start()
+        address = self.port.getHost()
+        self._log.info(
+            "wsproxy listening on {host}:{port} (redis {redis})",
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", ""),
+            redis=self.proxy.settings.redis.describe(),
+        )
+        if self.handle_signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        # twistd re-raises SIGTERM after a clean shutdown (exit status 143);
+        # a graceful shutdown is a success, so handle the signals ourselves.
+        def handler(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._signalled, signum)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _signalled(self, signum: int) -> None:
+        if self._stopping is None and self.reactor.running:
+            self._log.info("received signal {signum}: shutting down", signum=signum)
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred:
+        if self._stopping is None:
+            super().stopService()
+            self._stopping = defer.ensureDeferred(self.shutdown())
+        return self._stopping
+
+    async def shutdown(self) -> None:
+        proxy = self.proxy
+        clock = proxy.clock
+        proxy.draining = True
+        if self.port is not None:
+            await self.port.stopListening()
+        connections = list(proxy.connections)
+        self._log.info("draining {n} connections", n=len(connections))
+        for protocol in connections:
+            protocol.going_away()
+        pending = [p.closed for p in connections if not p.closed.called]
+        if pending:
+            done: defer.Deferred = defer.Deferred()
+
+            def finish(_: Any = None) -> None:
+                if not done.called:
+                    done.callback(None)
+
+            defer.DeferredList(pending, consumeErrors=True).addBoth(finish)
+            timer = clock.callLater(proxy.settings.shutdown_grace_period, finish)
+            await done
+            if timer.active():
+                timer.cancel()
+        for protocol in list(proxy.connections):
+            protocol.dropConnection(abort=True)
+        await proxy.stop()
+        self._log.info("shutdown complete")

@@ -1,0 +1,87 @@
+"""
+The twistd plugin's options and service: C{twistd wsproxy --help}.
+
+Every option mirrors an environment variable (L{wsproxy.config.SETTINGS});
+an option given on the command line wins over the environment, which wins
+over a C{.env} file in the working directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from .config import SETTINGS, ConfigError, Settings, load_settings
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd wsproxy} and C{python -m wsproxy}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "WebSocket proxy: clients connect to /{agent_id}/ws/{session_id} with a "
+        "bearer token; messages are bridged to Redis Pub/Sub channels "
+        "session:{session_id}:up and session:{session_id}:down. Every option "
+        "can also be set with the environment variable in brackets, or in a "
+        ".env file in the working directory."
+    )
+    optParameters = [
+        [s.option, None, None, f"{s.help} [env {s.env}, default {s.default or 'unset'}]"]
+        for s in SETTINGS
+    ]
+
+    settings: Settings
+
+    def postOptions(self) -> None:
+        overrides = {s.env: self[s.option] for s in SETTINGS}
+        try:
+            self.settings = load_settings(overrides)
+        except ConfigError as e:
+            # one clear line, not twistd's full usage text
+            sys.stderr.write(f"wsproxy: configuration error: {e}\n")
+            raise SystemExit(2)
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    Build the proxy service for parsed C{options}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from .logs import make_observer
+    from .server import build_proxy
+    from .service import ProxyService
+    from .web import ProxySite
+
+    settings = options.settings
+    proxy = build_proxy(reactor, settings)
+    return ProxyService(
+        proxy,
+        ProxySite(proxy),
+        settings.endpoint,
+        reactor,
+        log_observer=make_observer(settings.log_level, settings.log_format, _log_file(options)),
+        handle_signals=True,
+    )
+
+
+def _log_file(options: Options) -> Any:
+    """
+    Standard output, unless twistd was given a --logfile (or is daemonizing,
+    which defaults to twistd.log).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    logfile = parent.get("logfile")
+    if logfile == "-" or (not logfile and parent.get("nodaemon")):
+        return None
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(logfile or "twistd.log")

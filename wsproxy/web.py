@@ -1,0 +1,175 @@
+"""
+HTTP on the proxy's port: the WebSocket route, C{/health}, C{/ready},
+C{/metrics}, and plain-text errors for everything else.
+
+No access log (it would print query strings, tokens included), no
+C{Server} header, and an absolute deadline for a client to send its
+request head (slowloris clients are dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from . import auth
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .protocol import ProxyFactory
+from .server import Proxy
+
+
+def _plain(request: Any, code: int, reason: str, headers: tuple = ()) -> bytes:
+    request.setResponseCode(code, reason.encode())
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    for name, value in headers:
+        request.setHeader(name.encode(), value.encode())
+    return (reason + "\n").encode()
+
+
+def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Root(resource.Resource):
+    """
+    Routes on the whole path, so that the WebSocket route is matched
+    exactly (C{/{agent_id}/ws/{session_id}}) and nothing else is served.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, proxy: Proxy, factory: ProxyFactory) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._websocket = WebSocketResource(factory)
+
+    def render(self, request: Any) -> Any:
+        request.responseHeaders.removeHeader(b"server")
+        path = request.path.decode("latin-1")
+        if path in ("/health", "/ready", "/metrics"):
+            if request.method not in (b"GET", b"HEAD"):
+                return _plain(request, 405, "Method Not Allowed", (("Allow", "GET, HEAD"),))
+            return getattr(self, "_" + path[1:])(request)
+        parsed = auth.parse_ws_path(path)
+        if parsed is None:
+            return _plain(request, 404, "Not Found")
+        if not auth.valid_session_id(parsed[1]):
+            self._proxy.stats.outcomes["400"] += 1
+            self._log.info("refused 400 Invalid session id: agent={agent_id} peer={peer}",
+                           agent_id=parsed[0], peer=request.getClientAddress())
+            return _plain(request, 400, "Invalid session id")
+        upgrade = request.getHeader(b"upgrade") or b""
+        if request.method != b"GET" or b"websocket" not in upgrade.lower():
+            return _plain(
+                request, 426, "Upgrade Required",
+                (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+            )
+        # The WebSocket protocol takes the transport over; the HTTP
+        # channel's idle timer must not fire on it later.
+        request.channel.setTimeout(None)
+        return self._websocket.render(request)
+
+    def _health(self, request: Any) -> Any:
+        finished = request.notifyFinish()
+        finished.addErrback(lambda f: None)
+
+        def answer(healthy: bool) -> None:
+            if finished.called:
+                return
+            count = self._proxy.stats.open_connections
+            if healthy:
+                body = _json(request, 200, {
+                    "status": "healthy", "redis": "connected", "active_connections": count,
+                })
+            else:
+                body = _json(request, 503, {
+                    "status": "unhealthy", "redis": "disconnected",
+                    "active_connections": count,
+                })
+            request.write(body)
+            request.finish()
+
+        defer.ensureDeferred(self._proxy.healthy()).addCallback(answer)
+        return server.NOT_DONE_YET
+
+    def _ready(self, request: Any) -> bytes:
+        if self._proxy.draining:
+            return _json(request, 503, {"status": "draining"})
+        return _json(request, 200, {"status": "ready"})
+
+    def _metrics(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+        return self._proxy.stats.render()
+
+
+class _Channel(http.HTTPChannel):
+    """
+    An HTTP channel with an absolute deadline for each request head.
+    """
+
+    _log = Logger()
+    head_deadline = 5.0
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._deadline = self.callLater(self.head_deadline, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self._deadline:
+            self._arm()
+
+    def _head_timeout(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self._log.info("dropped a client that did not send its request in {t:g}s: peer={peer}",
+                           t=self.head_deadline, peer=self.transport.getPeer())
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+
+class ProxySite(server.Site):
+    protocol = _Channel
+    noisy = False
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.ws_factory = ProxyFactory(proxy)
+        super().__init__(Root(proxy, self.ws_factory), timeout=60)
+        self.displayTracebacks = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.head_deadline = self.proxy.settings.handshake_timeout
+        channel.callLater = self.proxy.clock.callLater
+        return channel
+
+    def log(self, request: Any) -> None:
+        """
+        No access log: it would print query strings (access_token).
+        """
