@@ -17,6 +17,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -34,6 +35,7 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
 _HANDSHAKE, _OPEN, _CLOSED = range(3)
+STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
 
 def _redact(reason: str) -> str:
@@ -254,23 +256,37 @@ class ProxyProtocol(WebSocketServerProtocol):
     def deliver(self, payload: bytes) -> None:
         """
         Called by the hub for each message on the session's down channel.
+
+        The frame is built once per payload and reused for every socket of
+        the session (the hub hands each of them the same bytes object).
+        Backend messages are not limited by MAX_MESSAGE_SIZE_BYTES.
         """
-        if self._state is not _OPEN:
+        if self._state is not _OPEN or self.state != STATE_OPEN:
             if self._state is _HANDSHAKE:
                 self._early.append(payload)
             return
         if self._stopped_sending:
             return
-        out = self._down(payload)
-        if out is None:
+        factory = self.factory
+        if payload is factory.last_payload:
+            prepared = factory.last_prepared
+        else:
+            out = self._down(payload)
+            prepared = None if out is None else factory.prepareMessage(out[0], out[1])
+            factory.last_payload, factory.last_prepared = payload, prepared
+        if prepared is None:
             self._proxy.stats.dropped_down += 1
             self._log.warn(
                 "dropped a backend message that is not valid for FRAME_MODE=tagged: "
                 "session={session_id}", session_id=self.session_id,
             )
             return
-        data, is_binary = out
-        self.sendMessage(data, is_binary)
+        if self._perMessageCompress is None:
+            data = prepared.payloadHybi
+            self.sendData(data)
+        else:
+            data = prepared.payload
+            self._send_compressed(data, prepared.binary)
         self.messages_out += 1
         self.bytes_out += len(data)
         stats = self._proxy.stats
@@ -278,8 +294,18 @@ class ProxyProtocol(WebSocketServerProtocol):
         stats.bytes_down += len(data)
         if self._paused:
             self._unsent += len(data)
-            if self._unsent > self.factory.max_send_buffer:
+            if self._unsent > factory.max_send_buffer:
                 self._slow_consumer()
+
+    def _send_compressed(self, data: bytes, is_binary: bool) -> None:
+        # Autobahn applies maxMessagePayloadSize to what it sends, too; the
+        # limit is meant for clients only.
+        limit = self.maxMessagePayloadSize
+        self.maxMessagePayloadSize = 0
+        try:
+            self.sendMessage(data, is_binary)
+        finally:
+            self.maxMessagePayloadSize = limit
 
     def _slow_consumer(self) -> None:
         self._stopped_sending = True
@@ -333,6 +359,9 @@ class ProxyFactory(WebSocketServerFactory):
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json
         self.max_send_buffer = settings.max_send_buffer
+        #: the last backend payload and its frame, shared by a session's sockets
+        self.last_payload: Optional[bytes] = None
+        self.last_prepared: Any = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,
@@ -341,6 +370,9 @@ class ProxyFactory(WebSocketServerFactory):
             autoPingTimeout=settings.ping_timeout if settings.ping_interval else 0,
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=5,
+            # protocol errors get a close frame with the right code (1002,
+            # 1007, 1009), not just a dropped TCP connection
+            failByDrop=False,
             # origins are checked by Proxy.precheck (exact, normalized)
             allowedOrigins=["*"],
             allowNullOrigin=True,

@@ -96,6 +96,11 @@ class ProxyService(Service):
         self.listen()
         super().startService()
         self.proxy.start()
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        if self.handle_signals:
+            self._install_signal_handlers()
         address = self.port.getHost()
         self._log.info(
             "wsproxy listening on {host}:{port} (redis {redis})",
@@ -103,8 +108,6 @@ class ProxyService(Service):
             port=getattr(address, "port", ""),
             redis=self.proxy.settings.redis.describe(),
         )
-        if self.handle_signals:
-            self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self) -> None:
         # twistd re-raises SIGTERM after a clean shutdown (exit status 143);

@@ -59,6 +59,11 @@ class Root(resource.Resource):
             if request.method not in (b"GET", b"HEAD"):
                 return _plain(request, 405, "Method Not Allowed", (("Allow", "GET, HEAD"),))
             return getattr(self, "_" + path[1:])(request)
+        upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade:
+            # a refused upgrade ends the connection (clients do not reuse it)
+            request.channel.persistent = False
+            request.setHeader(b"connection", b"close")
         parsed = auth.parse_ws_path(path)
         if parsed is None:
             return _plain(request, 404, "Not Found")
@@ -67,7 +72,6 @@ class Root(resource.Resource):
             self._log.info("refused 400 Invalid session id: agent={agent_id} peer={peer}",
                            agent_id=parsed[0], peer=request.getClientAddress())
             return _plain(request, 400, "Invalid session id")
-        upgrade = request.getHeader(b"upgrade") or b""
         if request.method != b"GET" or b"websocket" not in upgrade.lower():
             return _plain(
                 request, 426, "Upgrade Required",

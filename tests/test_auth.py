@@ -1,0 +1,170 @@
+"""
+Admission rules: paths, session ids, token extraction and the token check's
+decision table, with a fake Redis.
+"""
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy import auth
+from wsproxy.redis import RedisTimeout, RedisUnavailable
+
+
+class PathTests(SynchronousTestCase):
+    def test_shape(self) -> None:
+        """
+        Only /{agent}/ws/{session} is a WebSocket path; parts are
+        percent-decoded.
+        """
+        self.assertEqual(auth.parse_ws_path("/a/ws/s"), ("a", "s"))
+        self.assertEqual(auth.parse_ws_path("/a/ws/s?x=1"), ("a", "s"))
+        self.assertEqual(auth.parse_ws_path("/a/ws/s%3Ax"), ("a", "s:x"))
+        for path in ["/", "/a/ws", "/a/ws/", "/a/wss/s", "/a/ws/s/x", "//ws/s", "a/ws/s"]:
+            self.assertIsNone(auth.parse_ws_path(path), path)
+
+    def test_session_ids(self) -> None:
+        """
+        Session ids are 1 to 128 of [A-Za-z0-9._~-]; anything that could
+        reach another channel or a pattern is refused.
+        """
+        for good in ["a", "A-z_0.9~", "x" * 128]:
+            self.assertTrue(auth.valid_session_id(good), good)
+        for bad in ["", "x" * 129, "a:b", "a*", "a?", "a[b]", "a b", "é", "a\n", "a/b"]:
+            self.assertFalse(auth.valid_session_id(bad), bad)
+
+    def test_channel_names(self) -> None:
+        self.assertEqual(auth.auth_key("s"), "session:s:auth")
+        self.assertEqual(auth.down_channel("s"), "session:s:down")
+        self.assertEqual(auth.up_channel("s"), b"session:s:up")
+
+
+class ExtractTests(SynchronousTestCase):
+    def test_header(self) -> None:
+        """
+        Authorization: Bearer <token> (scheme case-insensitive).
+        """
+        c = auth.extract_token({"authorization": "bearer abc"}, {}, [])
+        self.assertEqual(c, auth.Credentials("abc", "header"))
+
+    def test_query(self) -> None:
+        """
+        ?access_token=<token> (RFC 6750 section 2.3).
+        """
+        c = auth.extract_token({}, {"access_token": ["q"]}, [])
+        self.assertEqual(c, auth.Credentials("q", "query"))
+
+    def test_subprotocol(self) -> None:
+        """
+        Sec-WebSocket-Protocol: bearer, <token>.
+        """
+        c = auth.extract_token({}, {}, ["bearer", "tok"])
+        self.assertEqual(c, auth.Credentials("tok", "subprotocol"))
+
+    def test_precedence_and_absence(self) -> None:
+        """
+        The header wins; a Basic header, a lone "bearer" subprotocol or an
+        empty parameter is no token.
+        """
+        c = auth.extract_token({"authorization": "Bearer h"}, {"access_token": ["q"]},
+                               ["bearer", "s"])
+        self.assertEqual(c.token, "h")
+        self.assertIsNone(auth.extract_token({"authorization": "Basic x"}, {}, []))
+        self.assertIsNone(auth.extract_token({}, {"access_token": [""]}, ["bearer"]))
+
+
+class FakeRedis:
+    """
+    Answers GET/EXPIRE from a dict, or fails every command with C{error}.
+    """
+
+    def __init__(self, data: dict, error: Any = None, expire_result: int = 1) -> None:
+        self.data = data
+        self.error = error
+        self.calls: list[tuple] = []
+        self.expire_result = expire_result
+
+    def execute(self, *args: Any) -> defer.Deferred:
+        self.calls.append(args)
+        if self.error is not None:
+            return defer.fail(self.error)
+        if args[0] == "GET":
+            return defer.succeed(self.data.get(args[1]))
+        if args[0] == "EXPIRE":
+            return defer.succeed(self.expire_result)
+        raise AssertionError(args)
+
+
+class CheckTests(SynchronousTestCase):
+    def check(self, redis: FakeRedis, token: Any) -> Any:
+        creds = None if token is None else auth.Credentials(token, "header")
+        return defer.ensureDeferred(auth.check_token(redis.execute, "s1", creds, 10800))
+
+    def refusal(self, redis: FakeRedis, token: Any) -> auth.Refusal:
+        f = self.failureResultOf(self.check(redis, token), auth.Refusal)
+        return f.value
+
+    def test_accepted_resets_ttl(self) -> None:
+        """
+        The right token is accepted and the key's TTL is set to the grace
+        period.
+        """
+        redis = FakeRedis({"session:s1:auth": b"tok"})
+        self.successResultOf(self.check(redis, "tok"))
+        self.assertEqual(redis.calls[-1], ("EXPIRE", "session:s1:auth", 10800))
+
+    def test_missing_token_401(self) -> None:
+        """
+        No token: 401 with WWW-Authenticate, and Redis is not asked.
+        """
+        redis = FakeRedis({})
+        r = self.refusal(redis, None)
+        self.assertEqual(r.code, 401)
+        self.assertIn(("WWW-Authenticate", 'Bearer realm="wsproxy"'), r.headers)
+        self.assertEqual(redis.calls, [])
+
+    def test_wrong_or_unknown_token_403_without_expire(self) -> None:
+        """
+        A wrong token or a missing key is 403 and the key is not touched.
+        """
+        for data in ({"session:s1:auth": b"tok"}, {}):
+            redis = FakeRedis(data)
+            self.assertEqual(self.refusal(redis, "nope").code, 403)
+            self.assertEqual([c[0] for c in redis.calls], ["GET"])
+
+    def test_key_expired_between_get_and_expire(self) -> None:
+        """
+        If EXPIRE finds no key, the token has just expired: 403.
+        """
+        redis = FakeRedis({"session:s1:auth": b"tok"}, expire_result=0)
+        self.assertEqual(self.refusal(redis, "tok").code, 403)
+
+    def test_unavailable_503_timeout_504(self) -> None:
+        """
+        Redis unreachable: 503; Redis too slow: 504.
+        """
+        self.assertEqual(self.refusal(FakeRedis({}, RedisUnavailable()), "t").code, 503)
+        self.assertEqual(self.refusal(FakeRedis({}, RedisTimeout()), "t").code, 504)
+
+    def test_deadline(self) -> None:
+        """
+        with_deadline turns a Deferred that does not fire in time into
+        RedisTimeout.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        d = auth.with_deadline(defer.Deferred(), 5, clock)
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.failureResultOf(d, RedisTimeout)
+
+    def test_compare(self) -> None:
+        """
+        Tokens compare as exact bytes; a non-bytes reply never matches.
+        """
+        self.assertTrue(auth.tokens_match(b"t\xc3\xa9", "té"))
+        self.assertFalse(auth.tokens_match(b"tok", "tok "))
+        self.assertFalse(auth.tokens_match(None, ""))

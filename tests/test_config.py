@@ -1,0 +1,141 @@
+"""
+Configuration: defaults, precedence, validation and the twistd options.
+"""
+
+import os
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy.config import ConfigError, load_settings, parse_redis_url
+from wsproxy.tap import Options
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """
+        With nothing configured, every setting has the documented default.
+        """
+        s = load_settings(environ={}, dotenv_path=None)
+        self.assertEqual(
+            (s.host, s.port, s.listen, s.auth_timeout, s.auth_grace_period,
+             s.ping_interval, s.ping_timeout, s.shutdown_grace_period,
+             s.max_message_size, s.log_level, s.log_format, s.require_json,
+             s.frame_mode, s.compression, s.max_connections, s.allowed_origins),
+            ("0.0.0.0", 8080, "", 5.0, 10800, 30.0, 10.0, 30.0, 1048576, "info",
+             "text", False, "auto", False, 0, ()),
+        )
+        self.assertEqual(s.redis.host, "127.0.0.1")
+        self.assertEqual(s.redis.port, 6379)
+        self.assertEqual(s.endpoint, "tcp:8080:interface=0.0.0.0")
+
+    def test_listen_overrides_host_and_port(self) -> None:
+        """
+        LISTEN, when set, is the endpoint; HOST and PORT are ignored.
+        """
+        s = load_settings(environ={"LISTEN": "tcp:9000", "PORT": "1"}, dotenv_path=None)
+        self.assertEqual(s.endpoint, "tcp:9000")
+
+
+class PrecedenceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        fd, self.dotenv = tempfile.mkstemp()
+        with os.fdopen(fd, "w") as f:
+            f.write("PORT=7001\nLOG_LEVEL=debug\nAUTH_TIMEOUT_SECS=7\n")
+        self.addCleanup(os.remove, self.dotenv)
+
+    def test_dotenv_environment_options(self) -> None:
+        """
+        .env sets values, the environment wins over .env, options win over both.
+        """
+        s = load_settings(
+            overrides={"AUTH_TIMEOUT_SECS": "9", "PORT": None},
+            environ={"LOG_LEVEL": "warn", "AUTH_TIMEOUT_SECS": "8"},
+            dotenv_path=self.dotenv,
+        )
+        self.assertEqual((s.port, s.log_level, s.auth_timeout), (7001, "warn", 9.0))
+
+    def test_options_become_overrides(self) -> None:
+        """
+        Command-line options reach the settings under their variable's name.
+        """
+        options = Options()
+        old = os.environ.get("PORT")
+        os.environ["PORT"] = "1234"
+        try:
+            options.parseOptions(["--port", "4321", "--redis-url", "redis://h:1/2"])
+        finally:
+            if old is None:
+                del os.environ["PORT"]
+            else:
+                os.environ["PORT"] = old
+        self.assertEqual(options.settings.port, 4321)
+        self.assertEqual((options.settings.redis.host, options.settings.redis.db), ("h", 2))
+
+
+class ValidationTests(SynchronousTestCase):
+    def assertRejected(self, name: str, value: str) -> str:
+        e = self.assertRaises(
+            ConfigError, load_settings, environ={name: value}, dotenv_path=None
+        )
+        message = str(e)
+        self.assertTrue(message.startswith(name + ":"), message)
+        return message
+
+    def test_invalid_values_name_the_variable(self) -> None:
+        """
+        Each invalid value is refused with a message that starts with the
+        variable's name.
+        """
+        for name, value in [
+            ("PORT", "http"), ("PORT", "70000"), ("AUTH_TIMEOUT_SECS", "-1"),
+            ("AUTH_TIMEOUT_SECS", "0"), ("WS_PING_INTERVAL_SECS", "-5"),
+            ("SHUTDOWN_GRACE_PERIOD_SECS", "soon"), ("MAX_MESSAGE_SIZE_BYTES", "0"),
+            ("LOG_LEVEL", "loud"), ("LOG_FORMAT", "xml"), ("REDIS_URL", "http://x"),
+            ("REDIS_URL", "redis://"), ("REDIS_URL", "redis://h:port"),
+            ("REQUIRE_JSON", "maybe"), ("FRAME_MODE", "binary"),
+            ("ALLOWED_ORIGINS", "example.com"), ("MAX_CONNECTIONS", "-1"),
+            ("AUTH_GRACE_PERIOD_SECS", "1.5"),
+        ]:
+            self.assertRejected(name, value)
+
+    def test_redis_password_not_echoed(self) -> None:
+        """
+        A malformed REDIS_URL is reported without repeating it (it may hold
+        a password).
+        """
+        message = self.assertRejected("REDIS_URL", "redis://user:hunter2@h:notaport")
+        self.assertNotIn("hunter2", message)
+
+    def test_options_error_is_one_line_and_exit_2(self) -> None:
+        """
+        An invalid option stops with exit status 2 (not twistd's whole usage
+        text).
+        """
+        e = self.assertRaises(SystemExit, Options().parseOptions, ["--port", "eighty"])
+        self.assertEqual(e.code, 2)
+
+
+class RedisUrlTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """
+        redis://, rediss:// and unix:// URLs, with credentials and database.
+        """
+        a = parse_redis_url("redis://user:p%40ss@redis.example:6380/3")
+        self.assertEqual(
+            (a.host, a.port, a.username, a.password, a.db, a.tls),
+            ("redis.example", 6380, "user", "p@ss", 3, False),
+        )
+        b = parse_redis_url("rediss://:secret@h")
+        self.assertEqual((b.port, b.username, b.password, b.tls), (6379, None, "secret", True))
+        c = parse_redis_url("unix:///run/redis.sock?db=2")
+        self.assertEqual((c.path, c.db), ("/run/redis.sock", 2))
+        d = parse_redis_url("redis://[::1]:7000")
+        self.assertEqual((d.host, d.port), ("::1", 7000))
+
+    def test_describe_hides_password(self) -> None:
+        """
+        The printable form of an address has no credentials.
+        """
+        text = parse_redis_url("redis://u:topsecret@h:1/4").describe()
+        self.assertEqual(text, "redis://h:1/4")

@@ -1,0 +1,203 @@
+"""
+The real daemon: C{twistd -n wsproxy} and C{python -m wsproxy} as child
+processes, against a real redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial.unittest import TestCase
+
+from .support import (
+    RedisServer,
+    clean_autobahn_timers,
+    connect,
+    raw_exchange,
+    status_of,
+    upgrade_request,
+    wait_for,
+)
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+LISTENING = re.compile(rb"listening on [\d.]+:(\d+)")
+
+
+class _Output(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.status: Optional[int] = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.status = reason.value.exitCode
+        self.ended.callback(self.status)
+
+
+class Daemon:
+    """
+    A wsproxy child process in its own empty working directory.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.cwd = tempfile.mkdtemp(prefix="wsproxy-run-")
+        self.out = _Output()
+        full_env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "LISTEN")}
+        full_env.update(env)
+        self.process = reactor.spawnProcess(
+            self.out, args[0], args, env=full_env, path=self.cwd
+        )
+
+    async def port(self) -> int:
+        match = await wait_for(lambda: LISTENING.search(self.out.output), timeout=20)
+        return int(match.group(1))
+
+    def signal(self, signum: int) -> None:
+        if self.out.status is None:
+            self.process.signalProcess(signum)
+
+    async def stop(self) -> None:
+        if self.out.status is None:
+            self.process.signalProcess("KILL")
+            await self.out.ended
+
+
+class ProcessTests(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.addCleanup(self.redis.cleanup)
+        self.addCleanup(clean_autobahn_timers)
+
+    def start(self, *args: str, **env: str) -> Daemon:
+        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
+                "SHUTDOWN_GRACE_PERIOD_SECS": "5"}
+        base.update(env)
+        argv = list(args) or [TWISTD, "-n", "--pidfile=", "wsproxy"]
+        daemon = Daemon(argv, base)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    async def test_sigterm_gives_1001_and_exit_0(self) -> None:
+        """
+        SIGTERM on twistd -n wsproxy: every client gets close 1001, the
+        process exits with status 0.
+        """
+        daemon = self.start()
+        port = await daemon.port()
+        client = self.redis.client()
+        client.set("session:s1:auth", "tok", ex=60)
+        clients = [
+            await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok") for _ in range(3)
+        ]
+        daemon.signal(signal.SIGTERM)
+        codes = [(await c.factory.closed)[0] for c in clients]
+        self.assertEqual(codes, [1001, 1001, 1001])
+        self.assertEqual(await daemon.out.ended, 0)
+        self.assertIn(b"shutdown complete", daemon.out.output)
+
+    async def test_idle_daemon_exits_fast(self) -> None:
+        """
+        With no clients, python -m wsproxy exits 0 within a second of SIGINT.
+        """
+        daemon = self.start(sys.executable, "-m", "wsproxy")
+        await daemon.port()
+        started = time.monotonic()
+        daemon.signal(signal.SIGINT)
+        self.assertEqual(await daemon.out.ended, 0)
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    async def test_configuration_error(self) -> None:
+        """
+        An invalid variable stops start-up with one line naming it and a
+        non-zero status.
+        """
+        daemon = self.start(sys.executable, "-m", "wsproxy", LOG_LEVEL="chatty")
+        status = await daemon.out.ended
+        self.assertNotEqual(status, 0)
+        lines = daemon.out.output.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("LOG_LEVEL", lines[0])
+
+    async def test_port_in_use(self) -> None:
+        """
+        A port that cannot be bound fails start-up loudly (status != 0).
+        """
+        first = self.start()
+        port = await first.port()
+        second = self.start(PORT=str(port))
+        self.assertNotEqual(await second.out.ended, 0)
+        self.assertIn(b"cannot listen", second.out.output)
+
+    async def test_help_lists_every_option(self) -> None:
+        """
+        twistd wsproxy --help works from any directory and documents every
+        environment variable.
+        """
+        from wsproxy.config import SETTINGS
+
+        daemon = self.start(TWISTD, "wsproxy", "--help")
+        await daemon.out.ended
+        text = daemon.out.output.decode()
+        for setting in SETTINGS:
+            self.assertIn(f"--{setting.option}", text)
+            self.assertIn(setting.env, text.replace("\n", " ").replace("  ", ""))
+
+    async def test_tokens_never_logged(self) -> None:
+        """
+        At LOG_LEVEL=debug, neither failed nor successful handshakes with any
+        token form print the token (Autobahn's request dump and the access
+        log are off).
+        """
+        daemon = self.start(LOG_LEVEL="debug")
+        port = await daemon.port()
+        self.redis.client().set("session:s1:auth", "SECRET-good-123", ex=60)
+        for headers, path in [
+            ({"Authorization": "Bearer SECRET-bad-456"}, "/a/ws/s1"),
+            ({}, "/a/ws/s1?access_token=SECRET-bad-789"),
+            ({"Sec-WebSocket-Protocol": "bearer, SECRET-bad-000"}, "/a/ws/s1"),
+        ]:
+            response = await raw_exchange(port, upgrade_request(path, headers))
+            self.assertEqual(status_of(response), 403)
+        for kwargs in [
+            {"token": "SECRET-good-123"},
+            {"protocols": ["bearer", "SECRET-good-123"]},
+        ]:
+            c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", **kwargs)
+            await c.close_and_wait()
+        c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1?access_token=SECRET-good-123")
+        await c.close_and_wait()
+        await wait_for(lambda: daemon.out.output.count(b"closed: session=s1") >= 3)
+        self.assertIn(b"refused 403", daemon.out.output)
+        self.assertNotIn(b"SECRET", daemon.out.output)
+
+    async def test_json_logs(self) -> None:
+        """
+        LOG_FORMAT=json writes one JSON object per line, with the event's
+        fields (session id, close code).
+        """
+        daemon = self.start(LOG_FORMAT="json")
+        port = await daemon.port()
+        self.redis.client().set("session:s1:auth", "tok", ex=60)
+        c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
+        await c.close_and_wait()
+        await wait_for(lambda: b"closed: session=s1" in daemon.out.output)
+        records = [json.loads(line) for line in daemon.out.output.splitlines() if line.strip()]
+        closed = [r for r in records if r["message"].startswith("closed:")]
+        self.assertEqual(closed[0]["session_id"], "s1")
+        self.assertEqual(closed[0]["code"], 1000)
+        self.assertIn(closed[0]["level"], ("info",))

@@ -1,0 +1,203 @@
+"""
+The subscription hub, against a fake Redis link and a fake clock.
+"""
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy.pubsub import Hub
+from wsproxy.redis import RedisUnavailable
+
+
+class FakeLink:
+    """
+    Records (UN)SUBSCRIBE commands; each returns a Deferred the test fires.
+    """
+
+    def __init__(self) -> None:
+        self.ready: Any = None
+        self.commands: list[tuple[str, str, defer.Deferred]] = []
+        self.killed = 0
+
+    def subscribe(self, channel: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.commands.append(("SUBSCRIBE", channel, d))
+        return d
+
+    def unsubscribe(self, channel: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.commands.append(("UNSUBSCRIBE", channel, d))
+        return d
+
+    def kill(self) -> None:
+        self.killed += 1
+
+    def sent(self) -> list[tuple[str, str]]:
+        return [(c, ch) for c, ch, _ in self.commands]
+
+    def confirm_all(self) -> None:
+        for _, _, d in self.commands:
+            if not d.called:
+                d.callback(None)
+
+    def connect(self) -> None:
+        self.ready = object()
+        self.on_ready(self.ready)
+
+    def lose(self) -> None:
+        self.ready = None
+        self.on_lost()
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def deliver(self, payload: bytes) -> None:
+        self.got.append(payload)
+
+
+class Broken:
+    def deliver(self, payload: bytes) -> None:
+        raise RuntimeError("socket is closing")
+
+
+class HubTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.link = FakeLink()
+        self.clock = Clock()
+        self.published: list[tuple[str, bytes]] = []
+        self.hub = Hub(self.link, self.clock, self.publish, "canary", canary_interval=2,
+                       canary_timeout=3)
+        self.link.connect()
+        self.link.confirm_all()
+        del self.link.commands[:]
+
+    def publish(self, channel: str, payload: bytes) -> defer.Deferred:
+        self.published.append((channel, payload))
+        return defer.succeed(1)
+
+
+class RefCountTests(HubTestCase):
+    def test_first_subscribes_last_unsubscribes(self) -> None:
+        """
+        One SUBSCRIBE for the first listener of a channel, one UNSUBSCRIBE
+        when the last leaves; others in between cause no command.
+        """
+        a, b = Listener(), Listener()
+        da = self.hub.subscribe("session:s:down", a)
+        db = self.hub.subscribe("session:s:down", b)
+        self.assertEqual(self.link.sent(), [("SUBSCRIBE", "session:s:down")])
+        self.assertNoResult(da)
+        self.link.confirm_all()
+        self.successResultOf(da)
+        self.successResultOf(db)
+        self.successResultOf(self.hub.subscribe("session:s:down", Listener()))
+        self.hub.unsubscribe("session:s:down", a)
+        self.hub.unsubscribe("session:s:down", b)
+        self.assertEqual(len(self.link.sent()), 1)
+        self.hub.unsubscribe("session:s:down", self.hub._channels[b"session:s:down"].listeners[0])
+        self.assertEqual(self.link.sent()[-1], ("UNSUBSCRIBE", "session:s:down"))
+        self.assertEqual(self.hub.channel_count(), 0)
+
+    def test_dispatch_to_every_listener_in_order(self) -> None:
+        """
+        Every listener of a channel gets every message, in order; other
+        channels' listeners get nothing.
+        """
+        a, b, other = Listener(), Listener(), Listener()
+        for listener, channel in ((a, "c1"), (b, "c1"), (other, "c2")):
+            self.hub.subscribe(channel, listener)
+        self.link.confirm_all()
+        self.hub.dispatch(b"c1", b"1")
+        self.hub.dispatch(b"c1", b"2")
+        self.assertEqual((a.got, b.got, other.got), ([b"1", b"2"], [b"1", b"2"], []))
+
+    def test_broken_listener_contained(self) -> None:
+        """
+        A listener that raises does not stop delivery to the others, and
+        nothing escapes into the connection.
+        """
+        good = Listener()
+        self.hub.subscribe("c", Broken())
+        self.hub.subscribe("c", good)
+        self.link.confirm_all()
+        self.hub.dispatch(b"c", b"x")
+        self.assertEqual(good.got, [b"x"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_subscribe_while_disconnected_fails_fast(self) -> None:
+        """
+        With no subscriber connection a new channel cannot be subscribed:
+        RedisUnavailable at once, and nothing is left registered.
+        """
+        self.link.lose()
+        self.failureResultOf(self.hub.subscribe("c", Listener()), RedisUnavailable)
+        self.assertEqual(self.hub.channel_count(), 0)
+
+    def test_leave_before_confirmation(self) -> None:
+        """
+        If the only listener leaves while SUBSCRIBE is in flight, the channel
+        is unsubscribed and the late confirmation changes nothing.
+        """
+        listener = Listener()
+        d = self.hub.subscribe("c", listener)
+        d.addErrback(lambda f: None)
+        self.hub.unsubscribe("c", listener)
+        self.link.confirm_all()
+        self.assertEqual(self.link.sent(), [("SUBSCRIBE", "c"), ("UNSUBSCRIBE", "c")])
+        self.assertEqual(self.hub.channel_count(), 0)
+
+
+class ReconnectTests(HubTestCase):
+    def test_resubscribe_after_reconnect(self) -> None:
+        """
+        After the connection is lost and re-established, every channel that
+        still has listeners is subscribed again, one channel per command,
+        and messages flow again.
+        """
+        a, b = Listener(), Listener()
+        self.hub.subscribe("c1", a)
+        self.hub.subscribe("c2", b)
+        self.hub.subscribe("c3", Listener()).addErrback(lambda f: None)
+        self.hub.unsubscribe("c3", self.hub._channels[b"c3"].listeners[0])
+        self.link.confirm_all()
+        del self.link.commands[:]
+        self.link.lose()
+        self.link.connect()
+        self.assertEqual(
+            sorted(self.link.sent()),
+            [("SUBSCRIBE", "c1"), ("SUBSCRIBE", "c2"), ("SUBSCRIBE", "canary")],
+        )
+        self.link.confirm_all()
+        self.hub.dispatch(b"c1", b"again")
+        self.assertEqual(a.got, [b"again"])
+
+
+class CanaryTests(HubTestCase):
+    def test_canary_round_trip(self) -> None:
+        """
+        Each check publishes a token on the private channel; when it comes
+        back the hub is healthy and the round trip is recorded.
+        """
+        self.assertTrue(self.hub.healthy)
+        self.hub.check_canary()
+        self.assertEqual(self.published, [("canary", b"1")])
+        self.clock.advance(0.25)
+        self.hub.dispatch(b"canary", b"1")
+        self.assertEqual(self.hub.canary_rtt, 0.25)
+        self.assertTrue(self.hub.healthy)
+
+    def test_lost_canary_rebuilds(self) -> None:
+        """
+        A canary that does not come back within the timeout makes the hub
+        unhealthy and rebuilds the subscriber connection.
+        """
+        self.hub.check_canary()
+        self.clock.advance(3.5)
+        self.assertFalse(self.hub.healthy)
+        self.hub.check_canary()
+        self.assertEqual(self.link.killed, 1)
