@@ -201,3 +201,31 @@ class CanaryTests(HubTestCase):
         self.assertFalse(self.hub.healthy)
         self.hub.check_canary()
         self.assertEqual(self.link.killed, 1)
+
+    def test_canary_behind_backlog_is_not_a_failure(self) -> None:
+        """
+        A canary that is late while other messages keep being delivered is
+        queued behind a burst: no rebuild, and the hub stays healthy.
+        """
+        self.hub.subscribe("c", Listener())
+        self.link.confirm_all()
+        self.hub.check_canary()
+        for _ in range(4):
+            self.clock.advance(2)
+            self.hub.dispatch(b"c", b"burst")
+            self.hub.check_canary()
+            self.assertTrue(self.hub.healthy)
+        self.assertEqual(self.link.killed, 0)
+        self.clock.advance(3.5)
+        self.hub.check_canary()
+        self.assertEqual(self.link.killed, 1)
+
+    def test_busy_process_is_not_a_failure(self) -> None:
+        """
+        If the check itself runs late (the process was busy), the canary gets
+        a fresh timeout instead of being declared lost.
+        """
+        self.hub.check_canary()
+        self.clock.advance(10)
+        self.hub.check_canary()
+        self.assertEqual(self.link.killed, 0)

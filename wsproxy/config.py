@@ -393,7 +393,9 @@ class Settings:
         if self.listen:
             return self.listen
         host = self.host.replace(":", "\\:")
-        return f"tcp:{self.port}:interface={host}"
+        # Twisted's default backlog (50) drops SYNs when hundreds of clients
+        # connect at once (e.g. all reconnecting after a restart)
+        return f"tcp:{self.port}:interface={host}:backlog=1024"
 
 
 assert {s.attr for s in SETTINGS} == {f.name for f in fields(Settings)}

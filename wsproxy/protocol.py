@@ -176,6 +176,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         # producer; ours decides about slow consumers from here on.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        if proxy.valve.paused:
+            self.pause_reading()
         self._log.info(
             "opened: session={session_id} agent={agent_id} peer={peer}",
             session_id=self.session_id,
@@ -316,6 +318,16 @@ class ProxyProtocol(WebSocketServerProtocol):
             unsent=self._unsent,
         )
         self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
+
+    # Upstream backpressure (see UpstreamValve)
+
+    def pause_reading(self) -> None:
+        if self._state is _OPEN and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self._state is _OPEN and self.transport is not None:
+            self.transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
 

@@ -12,7 +12,9 @@ A canary detects a connection that is up but no longer delivers: every
 C{interval} seconds a token is published (through the command connection) on
 a channel private to this process; if it has not come back through the
 subscriber within C{timeout} seconds, the hub is unhealthy and the subscriber
-connection is rebuilt.
+connection is rebuilt. A canary that is late because it is queued behind a
+burst of messages that are still arriving is not a failure: the timeout only
+counts while nothing is delivered (and while the process is responsive).
 
 There is no WebSocket code here: a listener is anything with a
 C{deliver(payload: bytes)} method, which must not raise (what it raises is
@@ -77,6 +79,11 @@ class Hub:
         self.canary_interval = canary_interval
         self.canary_timeout = canary_timeout
         self._canary_sent: Optional[float] = None
+        self._canary_patience_from = 0.0
+        self._canary_delivered = 0
+        self._last_check = clock.seconds()
+        #: messages dispatched, so the canary can tell a backlog from silence
+        self.delivered = 0
         self._canary_seq = 0
         self.canary_ok = False
         self.canary_rtt: Optional[float] = None
@@ -96,10 +103,16 @@ class Hub:
         """
         if self._link.ready is None or not self._canary_confirmed:
             return False
-        sent = self._canary_sent
-        if sent is not None and self._clock.seconds() - sent > self.canary_timeout:
+        return not self._canary_overdue(self._clock.seconds())
+
+    def _canary_overdue(self, now: float) -> bool:
+        if self._canary_sent is None:
             return False
-        return True
+        if self.delivered != self._canary_delivered:
+            # still delivering: the canary is queued behind a backlog
+            self._canary_delivered = self.delivered
+            self._canary_patience_from = now
+        return now - self._canary_patience_from > self.canary_timeout
 
     def channel_count(self) -> int:
         return len(self._channels)
@@ -205,6 +218,7 @@ class Hub:
         Deliver one message to every listener of its channel. Nothing raised
         by a listener escapes.
         """
+        self.delivered += 1
         state = self._channels.get(channel)
         if state is None:
             if channel == self._canary_key:
@@ -231,8 +245,13 @@ class Hub:
         send the next one.
         """
         now = self._clock.seconds()
+        if now - self._last_check > self.canary_interval * 2:
+            # the process was too busy to run this check on time; the
+            # canary may be waiting unread in our own socket
+            self._canary_patience_from = now
+        self._last_check = now
         sent = self._canary_sent
-        if sent is not None and now - sent > self.canary_timeout:
+        if sent is not None and self._canary_overdue(now):
             self.canary_ok = False
             self._canary_sent = None
             if self._link.ready is not None:
@@ -246,10 +265,16 @@ class Hub:
         if sent is not None or not self._canary_confirmed:
             return
         self._canary_seq += 1
-        self._canary_sent = now
-        self._publish(self.canary_channel, b"%d" % self._canary_seq).addErrback(
-            lambda f: None
-        )
+        self._canary_sent = self._canary_patience_from = now
+        self._canary_delivered = self.delivered
+        seq = self._canary_seq
+
+        def not_sent(f: Any) -> None:
+            # the command connection is down: nothing to learn this round
+            if self._canary_seq == seq:
+                self._canary_sent = None
+
+        self._publish(self.canary_channel, b"%d" % seq).addErrback(not_sent)
 
     def _canary_back(self, payload: bytes) -> None:
         sent = self._canary_sent

@@ -9,11 +9,14 @@ with Twisted's C{ClientService} (short, capped back-off, never gives up) and
 uses txredisapi only for the wire protocol. Commands issued while there is no
 usable connection fail at once with L{RedisUnavailable}.
 
-Deadlines are enforced without a timer per command: commands are answered
-in order, so L{RedisLink.sweep} (run periodically) only has to look at the
-oldest unanswered command; if it is older than the deadline the connection is
-declared stuck and aborted, which fails every outstanding command and starts
-a reconnect.
+Deadlines are enforced without a timer (or even a timestamp) per command:
+commands are answered in order, so L{RedisLink.sweep} (run periodically) only
+has to watch the oldest unanswered command. If the same command stays oldest
+for longer than the deadline while the process itself was responsive, the
+connection is declared stuck and aborted, which fails every outstanding
+command and starts a reconnect. A sweep that runs late (the process was busy,
+e.g. reading a burst from thousands of clients) restarts the count: Redis is
+only blamed for time in which we could have read its answer.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, Optional
 
 import txredisapi
 from twisted.application.internet import ClientService
@@ -156,7 +159,10 @@ class RedisLink:
         self._connected_at = 0.0
         self._failures = 0
         self._max_retry_delay = max_retry_delay
-        self._outstanding: Deque[Tuple[float, defer.Deferred]] = deque()
+        self._outstanding: Deque[defer.Deferred] = deque()
+        self._head: Optional[defer.Deferred] = None
+        self._head_since = 0.0
+        self._last_sweep = clock.seconds()
         self.on_ready: Callable[[Any], None] = lambda proto: None
         self.on_lost: Callable[[], None] = lambda: None
         self.on_message: Callable[[bytes, bytes], None] = lambda c, m: None
@@ -258,7 +264,7 @@ class RedisLink:
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
         d = proto.execute_command(*args)
-        self._outstanding.append((self._clock.seconds(), d))
+        self._outstanding.append(d)
         return d.addErrback(self._translate, proto)
 
     def subscribe(self, channel: str) -> defer.Deferred:
@@ -266,7 +272,7 @@ class RedisLink:
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
         d = proto.subscribe(channel)
-        self._outstanding.append((self._clock.seconds(), d))
+        self._outstanding.append(d)
         return d.addErrback(self._translate, proto)
 
     def unsubscribe(self, channel: str) -> defer.Deferred:
@@ -274,7 +280,7 @@ class RedisLink:
         if proto is None:
             return defer.succeed(None)
         d = proto.unsubscribe(channel)
-        self._outstanding.append((self._clock.seconds(), d))
+        self._outstanding.append(d)
         return d.addErrback(self._translate, proto)
 
     def _translate(self, failure: Any, proto: Any) -> Any:
@@ -284,25 +290,34 @@ class RedisLink:
             raise RedisUnavailable(failure.getErrorMessage())
         return failure
 
-    def sweep(self) -> None:
+    def sweep(self, stall: float = 1.5) -> None:
         """
         Abort the connection if its oldest unanswered command, or its setup
         (AUTH, SELECT), has been waiting longer than the deadline.
+
+        @param stall: a gap this long since the previous sweep means the
+            process was too busy to read replies; the count starts again.
         """
         now = self._clock.seconds()
+        stalled = now - self._last_sweep > stall
+        self._last_sweep = now
         outstanding = self._outstanding
-        while outstanding and outstanding[0][1].called:
+        while outstanding and outstanding[0].called:
             outstanding.popleft()
-        proto = self.ready
-        if proto is not None and outstanding and now - outstanding[0][0] > self.deadline:
-            self._log.error(
-                "redis {name}: no reply for {secs:.1f}s, dropping the connection",
-                name=self.name, secs=now - outstanding[0][0],
-            )
-            proto.stuck = True
-            proto.transport.abortConnection()
+        head = outstanding[0] if outstanding else None
+        if head is not self._head or stalled:
+            self._head, self._head_since = head, now
+        elif head is not None and now - self._head_since > self.deadline:
+            proto = self.ready
+            if proto is not None:
+                self._log.error(
+                    "redis {name}: no reply for {secs:.1f}s, dropping the connection",
+                    name=self.name, secs=now - self._head_since,
+                )
+                proto.stuck = True
+                proto.transport.abortConnection()
         connecting = self._connecting
-        if connecting is not None and now - self._connected_at > self.deadline:
+        if connecting is not None and now - self._connected_at > self.deadline and not stalled:
             self.last_error = "connection setup timed out"
             if connecting.transport is not None:
                 connecting.transport.abortConnection()

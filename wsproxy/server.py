@@ -11,8 +11,9 @@ from typing import Any, Callable, Optional, Set
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import auth
 from .config import Settings
@@ -41,6 +42,36 @@ def normalize_origin(origin: str) -> str:
     if port is None or (scheme, port) in (("http", 80), ("https", 443)):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
+
+
+@implementer(IPushProducer)
+class UpstreamValve:
+    """
+    Upstream backpressure: registered as the producer of the command
+    connection, it stops reading from every client while that connection's
+    send buffer is full (Redis, or the network to it, is slower than the
+    clients), and resumes when it has drained. Memory stays bounded and no
+    client message is dropped.
+    """
+
+    def __init__(self, connections: Set[Any]) -> None:
+        self._connections = connections
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for protocol in self._connections:
+                protocol.pause_reading()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            for protocol in self._connections:
+                protocol.resume_reading()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
 
 
 class Proxy:
@@ -78,6 +109,9 @@ class Proxy:
         self.stats.canary_rtt = lambda: self.hub.canary_rtt
         self.stats.subscribed_channels = self.hub.channel_count
         self.connections: Set[Any] = set()
+        self.valve = UpstreamValve(self.connections)
+        commands.on_ready = self._commands_ready
+        commands.on_lost = self.valve.resumeProducing
         self.draining = False
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
@@ -96,6 +130,9 @@ class Proxy:
             loop.clock = self.clock
             loop.start(interval, now=False)
             self._loops.append(loop)
+
+    def _commands_ready(self, proto: Any) -> None:
+        proto.transport.registerProducer(self.valve, True)
 
     def _sweep(self) -> None:
         self.commands.sweep()
