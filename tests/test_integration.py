@@ -34,7 +34,10 @@ class ProxyTestCase(TestCase):
     settings: dict[str, Any] = {}
 
     async def start(self, **settings: Any) -> None:
-        self.proxy = RunningProxy(settings_for(self.redis.url, **settings))
+        await self.start_at(self.redis.url, **settings)
+
+    async def start_at(self, redis_url: str, **settings: Any) -> None:
+        self.proxy = RunningProxy(settings_for(redis_url, **settings))
         await self.proxy.ready()
 
     def setUp(self) -> defer.Deferred:

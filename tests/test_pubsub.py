@@ -201,6 +201,14 @@ class CanaryTests(HubTestCase):
         self.assertFalse(self.hub.healthy)
         self.hub.check_canary()
         self.assertEqual(self.link.killed, 1)
+        # the old connection is still closing: not healthy until a new one
+        # has confirmed the canary channel
+        self.assertFalse(self.hub.healthy)
+        self.link.lose()
+        self.link.connect()
+        self.assertFalse(self.hub.healthy)
+        self.link.confirm_all()
+        self.assertTrue(self.hub.healthy)
 
     def test_canary_behind_backlog_is_not_a_failure(self) -> None:
         """

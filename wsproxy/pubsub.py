@@ -254,6 +254,8 @@ class Hub:
         if sent is not None and self._canary_overdue(now):
             self.canary_ok = False
             self._canary_sent = None
+            # unhealthy until a new connection has confirmed the canary channel
+            self._canary_confirmed = False
             if self._link.ready is not None:
                 self._log.error(
                     "subscriber canary not received within {t:g}s: "
