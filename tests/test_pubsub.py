@@ -76,9 +76,12 @@ class HubTestCase(SynchronousTestCase):
         self.link.confirm_all()
         del self.link.commands[:]
 
-    def publish(self, channel: str, payload: bytes) -> defer.Deferred:
+    def publish(self, channel: bytes, payload: bytes, on_reply: Any) -> None:
+        """
+        Redis accepts every publish and reports one receiver.
+        """
         self.published.append((channel, payload))
-        return defer.succeed(1)
+        on_reply(1)
 
 
 class RefCountTests(HubTestCase):
@@ -185,7 +188,7 @@ class CanaryTests(HubTestCase):
         """
         self.assertTrue(self.hub.healthy)
         self.hub.check_canary()
-        self.assertEqual(self.published, [("canary", b"1")])
+        self.assertEqual(self.published, [(b"canary", b"1")])
         self.clock.advance(0.25)
         self.hub.dispatch(b"canary", b"1")
         self.assertEqual(self.hub.canary_rtt, 0.25)
@@ -227,6 +230,30 @@ class CanaryTests(HubTestCase):
         self.clock.advance(3.5)
         self.hub.check_canary()
         self.assertEqual(self.link.killed, 1)
+
+    def test_unaccepted_canary_is_not_the_subscribers_fault(self) -> None:
+        """
+        While Redis has not yet accepted the canary PUBLISH (the command
+        connection is backlogged), its lateness is not blamed on the
+        subscriber.
+        """
+        self.publish = lambda channel, payload, on_reply: None  # type: ignore[method-assign]
+        self.hub._publish = self.publish
+        self.hub.check_canary()
+        self.clock.advance(3.5)
+        self.assertTrue(self.hub.healthy)
+        self.hub.check_canary()
+        self.assertEqual(self.link.killed, 0)
+
+    def test_no_receiver_means_subscriber_gone(self) -> None:
+        """
+        If Redis says nobody received the canary, our subscription is gone:
+        the subscriber connection is rebuilt at once.
+        """
+        self.hub._publish = lambda channel, payload, on_reply: on_reply(0)
+        self.hub.check_canary()
+        self.assertEqual(self.link.killed, 1)
+        self.assertFalse(self.hub.healthy)
 
     def test_busy_process_is_not_a_failure(self) -> None:
         """

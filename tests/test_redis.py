@@ -25,10 +25,19 @@ class FakeProtocol:
         self.transport = FakeTransport()
         self.replies: list[defer.Deferred] = []
 
-    def execute_command(self, *args: Any) -> defer.Deferred:
+    stuck = False
+    sent = answered = 0
+
+    def command(self, *args: Any) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
+        self.sent += 1
+
+        def answered(result: Any) -> Any:
+            self.answered += 1
+            return result
+
         self.replies.append(d)
-        return d
+        return d.addBoth(answered)
 
 
 class SweepTests(SynchronousTestCase):

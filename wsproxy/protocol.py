@@ -72,6 +72,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._stopped_sending = False
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.closed: defer.Deferred = defer.Deferred()
+        # bound once: handed to the command connection with every publish
+        self._on_publish_reply = self._publish_replied
 
     # -- connection ----------------------------------------------------------
 
@@ -234,11 +236,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         stats = self._proxy.stats
         stats.messages_up += 1
         stats.bytes_up += len(payload)
-        self._proxy.commands.execute(
-            "PUBLISH", self._up_channel, self._up(payload, isBinary)
-        ).addErrback(self._publish_failed)
+        self._proxy.commands.publish(
+            self._up_channel, self._up(payload, isBinary), self._on_publish_reply
+        )
 
-    def _publish_failed(self, failure: Any) -> None:
+    def _publish_replied(self, reply: Any) -> None:
+        if reply.__class__ is not int:
+            self._publish_failed(reply)
+
+    def _publish_failed(self, error: Any) -> None:
         if self._state is not _OPEN or self._stopped_sending:
             return
         self._stopped_sending = True
@@ -247,7 +253,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
             session_id=self.session_id,
             peer=self.peer,
-            why=failure.getErrorMessage(),
+            why=str(error),
         )
         self.sendCloseFrame(
             code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False

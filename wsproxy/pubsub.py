@@ -62,7 +62,7 @@ class Hub:
         self,
         link: RedisLink,
         clock: IReactorTime,
-        publish: Callable[[str, bytes], defer.Deferred],
+        publish: Callable[[bytes, bytes, Callable[[Any], None]], None],
         canary_channel: str,
         canary_interval: float = 2.0,
         canary_timeout: float = 3.0,
@@ -80,6 +80,7 @@ class Hub:
         self.canary_timeout = canary_timeout
         self._canary_sent: Optional[float] = None
         self._canary_patience_from = 0.0
+        self._canary_acked = False
         self._canary_delivered = 0
         self._last_check = clock.seconds()
         #: messages dispatched, so the canary can tell a backlog from silence
@@ -106,7 +107,9 @@ class Hub:
         return not self._canary_overdue(self._clock.seconds())
 
     def _canary_overdue(self, now: float) -> bool:
-        if self._canary_sent is None:
+        if self._canary_sent is None or not self._canary_acked:
+            # not yet accepted by Redis: a late canary is the command
+            # connection's problem (its own deadline), not the subscriber's
             return False
         if self.delivered != self._canary_delivered:
             # still delivering: the canary is queued behind a backlog
@@ -252,31 +255,41 @@ class Hub:
         self._last_check = now
         sent = self._canary_sent
         if sent is not None and self._canary_overdue(now):
-            self.canary_ok = False
-            self._canary_sent = None
-            # unhealthy until a new connection has confirmed the canary channel
-            self._canary_confirmed = False
-            if self._link.ready is not None:
-                self._log.error(
-                    "subscriber canary not received within {t:g}s: "
-                    "rebuilding the subscriber connection", t=self.canary_timeout
-                )
-                self.on_stale()
-                self._link.kill()
+            self._stale(f"subscriber canary not received within {self.canary_timeout:g}s")
             return
         if sent is not None or not self._canary_confirmed:
             return
         self._canary_seq += 1
         self._canary_sent = self._canary_patience_from = now
+        self._canary_acked = False
         self._canary_delivered = self.delivered
         seq = self._canary_seq
 
-        def not_sent(f: Any) -> None:
-            # the command connection is down: nothing to learn this round
-            if self._canary_seq == seq:
+        def replied(reply: Any) -> None:
+            if self._canary_seq != seq or self._canary_sent is None:
+                return
+            if reply.__class__ is not int:
+                # the command connection is down: nothing to learn this round
                 self._canary_sent = None
+            elif reply == 0 and self._link.ready is not None:
+                # Redis has no subscriber for our channel: ours is gone
+                self._stale("Redis reports no subscriber on the canary channel")
+            else:
+                # delivered by Redis: from now on, lateness is the subscriber's
+                self._canary_acked = True
+                self._canary_patience_from = self._clock.seconds()
 
-        self._publish(self.canary_channel, b"%d" % seq).addErrback(not_sent)
+        self._publish(self._canary_key, b"%d" % seq, replied)
+
+    def _stale(self, why: str) -> None:
+        self.canary_ok = False
+        self._canary_sent = None
+        # unhealthy until a new connection has confirmed the canary channel
+        self._canary_confirmed = False
+        if self._link.ready is not None:
+            self._log.error("{why}: rebuilding the subscriber connection", why=why)
+            self.on_stale()
+            self._link.kill()
 
     def _canary_back(self, payload: bytes) -> None:
         sent = self._canary_sent

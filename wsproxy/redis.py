@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Optional
 
+import hiredis
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.internet import defer, endpoints
@@ -34,6 +35,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .config import RedisAddress, Settings
+
+
+#: read size and write-buffer high-water mark of the Redis connections
+#: (Twisted's default: 64 KiB)
+TRANSPORT_BUFFER_SIZE = 1 << 22
 
 
 class RedisUnavailable(Exception):
@@ -92,15 +98,112 @@ def _split_pem(data: bytes) -> list[bytes]:
     return [part + marker for part in data.split(marker) if b"-----BEGIN" in part]
 
 
-class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
+class _Counting:
+    """
+    Counts commands sent and replies received on one connection, which is
+    all the deadline sweep needs (Redis answers in order).
+    """
+
+    sent = 0
+    answered = 0
+    stuck = False
+
+    def replyReceived(self, reply: Any) -> None:
+        self.answered += 1
+        super().replyReceived(reply)  # type: ignore[misc]
+
+
+class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
+    """
+    The command connection. Ordinary commands go through txredisapi; client
+    messages are PUBLISHed on a lean path: the command is written as it is
+    and its reply handed to a callback, with no Deferred, no command
+    formatting and no reply conversion per message. One FIFO keeps the two
+    kinds of reply apart (C{None} marks a txredisapi command).
+    """
+
     link: "RedisLink"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parser = hiredis.Reader(
+            protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError
+        )
+        self._fifo: Deque[Optional[Callable[[Any], None]]] = deque()
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    def command(self, *args: Any) -> defer.Deferred:
+        self._fifo.append(None)
+        self.sent += 1
+        return self.execute_command(*args)
+
+    def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
+        self.transport.write(
+            b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            % (len(channel), channel, len(payload), payload)
+        )
+        self._fifo.append(on_reply)
+        self.sent += 1
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        parser = self._parser
+        parser.feed(data)
+        fifo = self._fifo
+        reply = parser.gets()
+        while reply is not False:
+            handler = fifo.popleft() if fifo else None
+            if handler is None:
+                # a txredisapi command (or AUTH/SELECT during setup)
+                self.replyReceived(reply)
+            else:
+                self.answered += 1
+                handler(reply)
+            reply = parser.gets()
+
+    def connectionLost(self, reason: Any) -> None:
+        handlers = [h for h in self._fifo if h is not None]
+        self._fifo.clear()
+        try:
+            super().connectionLost(reason)
+        finally:
+            if handlers:
+                error = self.link._lost_error(self)
+                for handler in handlers:
+                    handler(error)
+
+
+class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    The subscriber, with a lean path for the one reply it gets by the
+    thousand: a C{message} goes straight from the hiredis parser to the hub;
+    every other reply (subscription confirmations, AUTH, SELECT) takes
+    txredisapi's usual route.
+    """
+
     link: "RedisLink"
 
-    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
-        self.link.on_message(channel, message)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parser = hiredis.Reader(
+            protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError
+        )
+
+    def command(self, name: str, channel: str) -> defer.Deferred:
+        self.sent += 1
+        if name == "SUBSCRIBE":
+            return self.subscribe(channel)
+        return self.unsubscribe(channel)
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        parser = self._parser
+        parser.feed(data)
+        on_message = self.link.on_message
+        reply = parser.gets()
+        while reply is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                on_message(reply[1], reply[2])
+            else:
+                self.replyReceived(reply)
+            reply = parser.gets()
 
 
 class _LinkFactory(Factory):
@@ -159,9 +262,8 @@ class RedisLink:
         self._connected_at = 0.0
         self._failures = 0
         self._max_retry_delay = max_retry_delay
-        self._outstanding: Deque[defer.Deferred] = deque()
-        self._head: Optional[defer.Deferred] = None
-        self._head_since = 0.0
+        self._progress: tuple[Any, int] = (None, 0)
+        self._progress_since = 0.0
         self._last_sweep = clock.seconds()
         self.on_ready: Callable[[Any], None] = lambda proto: None
         self.on_lost: Callable[[], None] = lambda: None
@@ -225,6 +327,15 @@ class RedisLink:
             return
         self._connecting = None
         self.ready = proto
+        # AUTH/SELECT replies were counted; only commands from now on matter
+        proto.sent = proto.answered = 0
+        if proto.transport is not None:
+            # Subscriber: read a burst in large chunks, so each socket gets
+            # several messages per reactor iteration and one send() for all.
+            # Commands: the upstream valve pauses clients only past this much
+            # unsent data, rather than every 64 KiB (each pause and resume
+            # touches every client socket).
+            proto.transport.bufferSize = TRANSPORT_BUFFER_SIZE
         self._failures = 0
         self.last_error = None
         if self._ever_ready:
@@ -243,7 +354,6 @@ class RedisLink:
         was_ready = self.ready is proto
         if was_ready:
             self.ready = None
-            self._outstanding.clear()
             self._log.warn("redis {name} connection lost: {why}",
                            name=self.name, why=reason.getErrorMessage())
             self.on_lost()
@@ -263,37 +373,49 @@ class RedisLink:
         proto = self.ready
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
-        d = proto.execute_command(*args)
-        self._outstanding.append(d)
-        return d.addErrback(self._translate, proto)
+        return proto.command(*args).addErrback(self._translate, proto)
+
+    def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        PUBLISH on the lean path: C{on_reply} is called with the number of
+        receivers, or with an exception (L{RedisUnavailable},
+        L{RedisTimeout}, a Redis error). Command connection only.
+        """
+        proto = self.ready
+        if proto is None:
+            on_reply(RedisUnavailable(self.last_error or "not connected"))
+        else:
+            proto.publish_raw(channel, payload, on_reply)
 
     def subscribe(self, channel: str) -> defer.Deferred:
         proto = self.ready
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
-        d = proto.subscribe(channel)
-        self._outstanding.append(d)
-        return d.addErrback(self._translate, proto)
+        return proto.command("SUBSCRIBE", channel).addErrback(self._translate, proto)
 
     def unsubscribe(self, channel: str) -> defer.Deferred:
         proto = self.ready
         if proto is None:
             return defer.succeed(None)
-        d = proto.unsubscribe(channel)
-        self._outstanding.append(d)
-        return d.addErrback(self._translate, proto)
+        return proto.command("UNSUBSCRIBE", channel).addErrback(self._translate, proto)
+
+    def _lost_error(self, proto: Any) -> Exception:
+        if proto.stuck:
+            return RedisTimeout(f"redis {self.name}: no reply within {self.deadline:g}s")
+        return RedisUnavailable(f"redis {self.name} connection lost")
 
     def _translate(self, failure: Any, proto: Any) -> Any:
-        if getattr(proto, "stuck", False):
-            raise RedisTimeout(f"redis {self.name}: no reply within {self.deadline:g}s")
+        if proto.stuck:
+            raise self._lost_error(proto)
         if failure.check(txredisapi.ConnectionError):
             raise RedisUnavailable(failure.getErrorMessage())
         return failure
 
     def sweep(self, stall: float = 1.5) -> None:
         """
-        Abort the connection if its oldest unanswered command, or its setup
-        (AUTH, SELECT), has been waiting longer than the deadline.
+        Abort the connection if a command has been waiting for its reply
+        longer than the deadline with no reply at all arriving meanwhile, or
+        if its setup (AUTH, SELECT) has.
 
         @param stall: a gap this long since the previous sweep means the
             process was too busy to read replies; the count starts again.
@@ -301,18 +423,15 @@ class RedisLink:
         now = self._clock.seconds()
         stalled = now - self._last_sweep > stall
         self._last_sweep = now
-        outstanding = self._outstanding
-        while outstanding and outstanding[0].called:
-            outstanding.popleft()
-        head = outstanding[0] if outstanding else None
-        if head is not self._head or stalled:
-            self._head, self._head_since = head, now
-        elif head is not None and now - self._head_since > self.deadline:
-            proto = self.ready
-            if proto is not None:
+        proto = self.ready
+        if proto is not None:
+            progress = (proto, proto.answered)
+            if progress != self._progress or stalled or proto.sent == proto.answered:
+                self._progress, self._progress_since = progress, now
+            elif now - self._progress_since > self.deadline:
                 self._log.error(
                     "redis {name}: no reply for {secs:.1f}s, dropping the connection",
-                    name=self.name, secs=now - self._head_since,
+                    name=self.name, secs=now - self._progress_since,
                 )
                 proto.stuck = True
                 proto.transport.abortConnection()

@@ -100,7 +100,7 @@ class Proxy:
         self.hub = Hub(
             subscriber,
             clock,
-            publish=lambda channel, payload: commands.execute("PUBLISH", channel, payload),
+            publish=commands.publish,
             canary_channel=f"wsproxy:canary:{process_token()}",
             canary_interval=canary_interval,
             canary_timeout=max(3.0, canary_interval * 1.5),
