@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 
-from .support import connect, raw_exchange, status_of, upgrade_request, wait_for
+from .support import raw_exchange, status_of, upgrade_request, wait_for
 from .test_integration import ProxyTestCase
 
 

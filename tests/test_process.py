@@ -6,18 +6,15 @@ processes, against a real redis-server.
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import sys
-import tempfile
 import time
-from typing import Any, Optional
 
-from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from .support import (
+    TWISTD,
+    Daemon,
     RedisServer,
     clean_autobahn_timers,
     connect,
@@ -26,54 +23,6 @@ from .support import (
     upgrade_request,
     wait_for,
 )
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-LISTENING = re.compile(rb"listening on [\d.]+:(\d+)")
-
-
-class _Output(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.status: Optional[int] = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.status = reason.value.exitCode
-        self.ended.callback(self.status)
-
-
-class Daemon:
-    """
-    A wsproxy child process in its own empty working directory.
-    """
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.cwd = tempfile.mkdtemp(prefix="wsproxy-run-")
-        self.out = _Output()
-        full_env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "LISTEN")}
-        full_env.update(env)
-        self.process = reactor.spawnProcess(
-            self.out, args[0], args, env=full_env, path=self.cwd
-        )
-
-    async def port(self) -> int:
-        match = await wait_for(lambda: LISTENING.search(self.out.output), timeout=20)
-        return int(match.group(1))
-
-    def signal(self, signum: int) -> None:
-        if self.out.status is None:
-            self.process.signalProcess(signum)
-
-    async def stop(self) -> None:
-        if self.out.status is None:
-            self.process.signalProcess("KILL")
-            await self.out.ended
-
 
 class ProcessTests(TestCase):
     timeout = 90

@@ -1,0 +1,212 @@
+// wsproxy-client.js: a dependency-free browser client for wsproxy (an ES module).
+//
+//   import { WsProxyClient } from "./wsproxy-client.js";
+//
+//   const client = new WsProxyClient({
+//     url: "wss://proxy.example.com",   // the proxy's base URL, no path
+//     agent: "app", session: sessionId, token,
+//   });
+//   client.onmessage = (data, isBinary) => { ... };   // string, or ArrayBuffer if isBinary
+//   client.onstatechange = (state, detail) => { ... };
+//   client.connect();
+//   client.send("hello");                             // false if not connected right now
+//   client.close();                                   // normal closure, no reconnect
+//
+// The token travels as the subprotocol pair ["bearer", token] (the server
+// answers "bearer"), or as ?access_token= with tokenIn: "query" (the token
+// then ends up in URLs and proxy logs along the way: prefer the subprotocol).
+//
+// Reconnection. wsproxy resets the token's TTL on every successful connect,
+// so the same token keeps working for a reconnecting client: after any close
+// other than a normal closure (1000) or close() - an abnormal close (1006), a
+// server restart (1001 "going away"), 1011, ... - the client reconnects with
+// the same token after an exponential backoff with jitter (backoffMs doubling
+// up to maxBackoffMs; each delay is drawn from [d/2, d]).
+//
+// A browser cannot see why a handshake failed: a 401/403 (token unknown,
+// expired or wrong, Origin refused) looks exactly like an unreachable proxy,
+// close code 1006. So the client counts consecutive attempts that never
+// reached "open" and gives up after maxFailures of them (state "failed").
+// Choose maxFailures so the attempts outlast a proxy restart: the defaults
+// (10 attempts, 0.5 s doubling to 30 s) keep trying for one to two minutes.
+//
+// States: "connecting" (an attempt is under way), "open", "reconnecting"
+// (waiting detail.delay ms before the next attempt), "closed" (normal
+// closure, by close() or by the server: final), "failed" (gave up: final).
+// connect() starts over from "closed" or "failed".
+
+const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110)
+
+export const State = Object.freeze({
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  CLOSED: "closed",
+  FAILED: "failed",
+});
+
+const DEFAULTS = {
+  agent: "app",
+  tokenIn: "subprotocol", // or "query"
+  backoffMs: 500,
+  maxBackoffMs: 30000,
+  maxFailures: 10, // consecutive attempts that never opened
+  connectTimeoutMs: 10000, // an attempt not open by then counts as failed
+  stableMs: 10000, // a connection open this long resets the backoff
+};
+
+export class WsProxyClient extends EventTarget {
+  constructor(options) {
+    super();
+    const o = { ...DEFAULTS, ...options };
+    if (!o.url || !o.session || !o.token) {
+      throw new Error("WsProxyClient: url, session and token are required");
+    }
+    if (o.tokenIn !== "subprotocol" && o.tokenIn !== "query") {
+      throw new Error(`WsProxyClient: tokenIn must be "subprotocol" or "query", not ${o.tokenIn}`);
+    }
+    if (o.tokenIn === "subprotocol" && !TOKEN_CHARS.test(o.token)) {
+      throw new Error(
+        "WsProxyClient: this token cannot travel as a subprotocol (only letters, digits " +
+          "and !#$%&'*+-.^_`|~); use hex or base64url tokens, or tokenIn: \"query\"",
+      );
+    }
+    this.options = o;
+    this.state = State.CLOSED;
+    this.reconnects = 0; // successful opens after the first one
+    this.attempts = 0; // connection attempts made
+    this.failures = 0; // consecutive attempts that never reached open
+    this.onmessage = null; // (data, isBinary) => void
+    this.onstatechange = null; // (state, detail) => void
+    this._ws = null;
+    this._timer = null;
+    this._stopped = true;
+    this._everOpened = false;
+    this._backoffStep = 0;
+  }
+
+  /** The WebSocket URL (without the token unless tokenIn is "query"). */
+  get socketUrl() {
+    const o = this.options;
+    const base = String(o.url).replace(/\/+$/, "");
+    let url = `${base}/${encodeURIComponent(o.agent)}/ws/${encodeURIComponent(o.session)}`;
+    if (o.tokenIn === "query") url += `?access_token=${encodeURIComponent(o.token)}`;
+    return url;
+  }
+
+  /** Start connecting (again, after "closed" or "failed"). */
+  connect() {
+    if (!this._stopped) return this;
+    this._stopped = false;
+    this.failures = 0;
+    this._backoffStep = 0;
+    this._attempt();
+    return this;
+  }
+
+  /** Send a string, ArrayBuffer, typed array or Blob; false if not open. */
+  send(data) {
+    if (!this._ws || this._ws.readyState !== WebSocket.OPEN) return false;
+    this._ws.send(data);
+    return true;
+  }
+
+  /** Close normally and stop reconnecting. */
+  close(code = 1000, reason = "") {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._ws) {
+      this._ws.close(code, reason); // onclose reports "closed"
+    } else if (this.state !== State.CLOSED) {
+      this._setState(State.CLOSED, { code, reason, byClient: true });
+    }
+  }
+
+  _attempt() {
+    this._timer = null;
+    this.attempts += 1;
+    const o = this.options;
+    let ws;
+    try {
+      ws = o.tokenIn === "query" ? new WebSocket(this.socketUrl) : new WebSocket(this.socketUrl, ["bearer", o.token]);
+    } catch (err) {
+      // a malformed URL: retrying cannot help
+      this._stopped = true;
+      this._setState(State.FAILED, { error: String(err), message: `cannot connect: ${err.message}` });
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    this._ws = ws;
+    this._setState(State.CONNECTING, { attempt: this.attempts, url: o.url });
+
+    let openedAt = 0;
+    const deadline = setTimeout(() => ws.close(), o.connectTimeoutMs); // fails the attempt: 1006
+
+    ws.onopen = () => {
+      clearTimeout(deadline);
+      openedAt = Date.now();
+      this.failures = 0;
+      if (this._everOpened) this.reconnects += 1;
+      this._everOpened = true;
+      this._setState(State.OPEN, { protocol: ws.protocol, reconnects: this.reconnects });
+    };
+    ws.onmessage = (event) => {
+      const isBinary = typeof event.data !== "string";
+      if (this.onmessage) this.onmessage(event.data, isBinary);
+      this.dispatchEvent(new CustomEvent("message", { detail: { data: event.data, isBinary } }));
+    };
+    // the browser says nothing useful in the error event; the close event follows
+    ws.onerror = () => {};
+    ws.onclose = (event) => {
+      clearTimeout(deadline);
+      if (this._ws !== ws) return;
+      this._ws = null;
+      const detail = { code: event.code, reason: event.reason, wasClean: event.wasClean };
+      if (this._stopped) {
+        this._setState(State.CLOSED, { ...detail, byClient: true });
+        return;
+      }
+      if (openedAt && event.code === 1000) {
+        this._stopped = true;
+        this._setState(State.CLOSED, { ...detail, byClient: false });
+        return;
+      }
+      if (!openedAt) {
+        this.failures += 1;
+        if (this.failures >= o.maxFailures) {
+          this._stopped = true;
+          this._setState(State.FAILED, {
+            ...detail,
+            failures: this.failures,
+            message:
+              `gave up after ${this.failures} attempts that never connected: the token was ` +
+              "refused (401/403: unknown, expired or deleted), the Origin is not allowed, " +
+              "or the proxy is unreachable",
+          });
+          return;
+        }
+      } else if (Date.now() - openedAt >= o.stableMs) {
+        this._backoffStep = 0;
+      }
+      const delay = this._nextDelay();
+      this._setState(State.RECONNECTING, { ...detail, delay, failures: this.failures });
+      this._timer = setTimeout(() => this._attempt(), delay);
+    };
+  }
+
+  _nextDelay() {
+    const o = this.options;
+    const ceiling = Math.min(o.maxBackoffMs, o.backoffMs * 2 ** this._backoffStep);
+    if (ceiling < o.maxBackoffMs) this._backoffStep += 1;
+    return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+  }
+
+  _setState(state, detail = {}) {
+    const previous = this.state;
+    this.state = state;
+    const full = { ...detail, state, previous, reconnects: this.reconnects, failures: this.failures };
+    if (this.onstatechange) this.onstatechange(state, full);
+    this.dispatchEvent(new CustomEvent("statechange", { detail: full }));
+  }
+}

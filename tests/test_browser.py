@@ -1,0 +1,343 @@
+"""
+The browser example (examples/browser/) in a real headless Chromium, driven
+by Selenium, against a real C{twistd -n wsproxy} process and a real
+redis-server.
+
+Needs Debian's C{chromium} and C{chromium-driver} and the C{selenium}
+package; without them the test fails (it never skips), and nothing is ever
+downloaded: chromedriver is given by path, so selenium-manager never runs.
+A screenshot of the page is saved under C{artifacts/}.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial.unittest import TestCase
+
+from .support import ROOT, RedisServer
+from .support import TWISTD, Daemon
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+except ImportError as e:  # reported by setUp as a failure, not a skip
+    webdriver = None
+    _SELENIUM_MISSING: Optional[str] = str(e)
+else:
+    _SELENIUM_MISSING = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+PAGE_DIR = os.path.join(ROOT, "examples", "browser")
+ARTIFACTS = os.path.join(ROOT, "artifacts")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--window-size=1100,900",
+]
+
+# the page's reconnect settings for this test: 100 ms doubling to 1 s, give
+# up after 12 attempts that never connected (4 s to 9 s of trying: longer
+# than a proxy restart, which takes 1 to 2 s, short enough for the test)
+MAX_FAILURES = 12
+BACKOFF_MS = 100
+MAX_BACKOFF_MS = 1000
+
+# what the page shows, read from its DOM
+SNAPSHOT_JS = """
+const text = (id) => document.getElementById(id).textContent;
+return {
+  state: document.getElementById("state").dataset.state,
+  reconnects: Number(text("reconnects")),
+  failures: Number(text("failures")),
+  notice: document.getElementById("notice").hidden ? "" : text("notice"),
+  log: Array.from(document.querySelectorAll("#log li"), (li) => ({
+    kind: li.dataset.kind,
+    body: li.querySelector(".body").textContent,
+  })),
+};
+"""
+
+
+def require_browser() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        raise RuntimeError(
+            f"{' and '.join(missing)} not found: the browser test needs Debian's "
+            "chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
+        )
+    if _SELENIUM_MISSING is not None:
+        raise RuntimeError(
+            f"selenium is not installed ({_SELENIUM_MISSING}): pip install -e '.[dev]'"
+        )
+
+
+class StaticServer:
+    """
+    examples/browser/ over HTTP on a loopback port, in a thread.
+    """
+
+    def __init__(self, directory: str) -> None:
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        handler = functools.partial(Quiet, directory=directory)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.1,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def start_chromium(profile: str) -> Any:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in CHROMIUM_ARGS:
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # the driver by path: selenium-manager (which downloads drivers) never runs
+    service = Service(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(15)
+    driver.set_script_timeout(10)
+    return driver
+
+
+class BrowserTests(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        require_browser()
+        self.redis = RedisServer()
+        self.addCleanup(self.redis.cleanup)
+        self.static = StaticServer(PAGE_DIR)
+        self.addCleanup(self.static.stop)
+        self.driver: Any = None
+        self.daemons: list[Daemon] = []
+
+    # -- helpers ---------------------------------------------------------
+
+    def start_proxy(self, port: int) -> Daemon:
+        env = {
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "REDIS_URL": self.redis.url,
+            "SHUTDOWN_GRACE_PERIOD_SECS": "5",
+            "AUTH_GRACE_PERIOD_SECS": "600",
+        }
+        daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], env)
+        self.addCleanup(daemon.stop)
+        self.daemons.append(daemon)
+        return daemon
+
+    async def restart_proxy(self, daemon: Daemon, port: int) -> Daemon:
+        daemon.signal(signal.SIGTERM)
+        status = await daemon.out.ended
+        self.assertEqual(status, 0, daemon.out.output.decode(errors="replace"))
+        new = self.start_proxy(port)
+        self.assertEqual(await new.port(), port)
+        return new
+
+    async def open_browser(self) -> None:
+        profile = tempfile.mkdtemp(prefix="wsproxy-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        self.driver = await threads.deferToThread(start_chromium, profile)
+        self.addCleanup(threads.deferToThread, self.driver.quit)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.driver.execute_script(SNAPSHOT_JS)
+
+    async def page(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await threads.deferToThread(function, *args)
+
+    async def until(
+        self, condition: Callable[[dict[str, Any]], Any], what: str, timeout: float = 15.0
+    ) -> dict[str, Any]:
+        """
+        Poll the page until C{condition(snapshot)} holds; fail after
+        C{timeout} seconds with what the page and the proxies showed.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await self.page(self.snapshot)
+            if condition(snap):
+                return snap
+            if time.monotonic() > deadline:
+                await self.save_screenshot("browser-failure.png")
+                logs = await self.page(self.driver.get_log, "browser")
+                proxies = "\n---\n".join(d.out.output.decode(errors="replace") for d in self.daemons)
+                self.fail(
+                    f"page: not {what} within {timeout}s\npage: {snap}\n"
+                    f"console: {logs}\nproxy output:\n{proxies}"
+                )
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+    async def save_screenshot(self, name: str) -> str:
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        path = os.path.join(ARTIFACTS, name)
+        await self.page(self.driver.save_screenshot, path)
+        return path
+
+    def up_message(self, pubsub: Any, timeout: float) -> Optional[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.2)
+            if message and message["type"] == "message":
+                return message["data"]
+        return None
+
+    @staticmethod
+    def bodies(snap: dict[str, Any], kind: str) -> list[str]:
+        return [entry["body"] for entry in snap["log"] if entry["kind"] == kind]
+
+    # -- the test --------------------------------------------------------
+
+    async def test_page_talks_reconnects_and_gives_up(self) -> None:
+        """
+        The example page connects with the token in the subprotocol, shows
+        text and binary messages from the backend, sends what is typed
+        byte-exact, reconnects by itself with the same token after a proxy
+        restart (1001), and gives up visibly after its capped attempts once
+        the token is gone.
+        """
+        started = time.monotonic()
+        session, token = "browser-1", secrets.token_urlsafe(18)
+        r = self.redis.client()
+        r.set(f"session:{session}:auth", token, ex=60)
+
+        daemon = self.start_proxy(0)
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+
+        fragment = (
+            f"session={session}&token={token}&agent=browser-test&url=ws://127.0.0.1:{port}"
+            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        # a query string that must be ignored: only the fragment configures the page
+        page_url = f"http://127.0.0.1:{self.static.port}/index.html?session=wrong&token=wrong#{fragment}"
+        await self.page(self.driver.get, page_url)
+
+        # 1. connected with the token from the fragment; the TTL was reset
+        snap = await self.until(lambda s: s["state"] == "open", "open")
+        self.assertEqual(snap["reconnects"], 0)
+        self.assertIn('subprotocol "bearer"', " ".join(self.bodies(snap, "event")))
+        self.assertGreater(r.ttl(f"session:{session}:auth"), 60)
+
+        # 2. backend -> page: a text and a binary message
+        down = f"session:{session}:down"
+        self.assertEqual(r.publish(down, "héllo from the backend ✓".encode()), 1)
+        self.assertEqual(r.publish(down, b"\x00\x01\xfe\xff"), 1)
+        snap = await self.until(
+            lambda s: "héllo from the backend ✓" in self.bodies(s, "text")
+            and "4 bytes: 00 01 fe ff" in self.bodies(s, "binary"),
+            "showing the text and binary messages",
+        )
+
+        # 3. page -> backend, typed and sent with the button, byte-exact
+        pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self.addCleanup(pubsub.close)
+        pubsub.subscribe(f"session:{session}:up")
+        typed = "héllo ✓ 你好"
+
+        def type_and_send() -> None:
+            box = self.driver.find_element(By.ID, "message")
+            box.send_keys(typed)
+            self.driver.find_element(By.ID, "send").click()
+
+        await self.page(type_and_send)
+        self.assertEqual(await self.page(self.up_message, pubsub, 10.0), typed.encode("utf-8"))
+        snap = await self.until(lambda s: typed in self.bodies(s, "sent"), "logging the sent message")
+
+        # 4. restart the proxy on the same port: the page gets 1001 and
+        # reconnects by itself with the same token
+        daemon = await self.restart_proxy(daemon, port)
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] == 1, "reconnected", timeout=20
+        )
+        self.assertTrue(
+            any(body.startswith("1001 ") for body in self.bodies(snap, "event")),
+            snap["log"],
+        )
+        self.assertEqual(r.publish(down, "after the restart".encode()), 1)
+        snap = await self.until(
+            lambda s: "after the restart" in self.bodies(s, "text"), "showing a message after the restart"
+        )
+        await self.save_screenshot("browser-reconnected.png")
+
+        # 5. the token is gone and the proxy restarts: every attempt is
+        # refused (403, which the page sees as 1006); it stops after
+        # MAX_FAILURES attempts and says so
+        r.delete(f"session:{session}:auth")
+        daemon = await self.restart_proxy(daemon, port)
+        snap = await self.until(lambda s: s["state"] == "failed", "failed", timeout=20)
+        self.assertEqual(snap["failures"], MAX_FAILURES)
+        self.assertEqual(snap["reconnects"], 1)
+        self.assertIn("gave up after", snap["notice"])
+        refusals = daemon.out.output.count(b"refused 403")
+        self.assertGreaterEqual(refusals, 1, daemon.out.output)
+        self.assertLessEqual(refusals, MAX_FAILURES)
+        # and it really stopped: no attempt during twice the longest backoff
+        await task.deferLater(reactor, 2 * MAX_BACKOFF_MS / 1000, lambda: None)
+        self.assertEqual(daemon.out.output.count(b"refused 403"), refusals)
+        later = await self.page(self.snapshot)
+        self.assertEqual(later["state"], "failed")
+        self.assertEqual(len(later["log"]), len(snap["log"]))
+
+        # 6. what a person would see
+        await self.save_screenshot("browser.png")
+
+        # the backend authorizes again: the Connect button starts over
+        r.set(f"session:{session}:auth", token, ex=60)
+        await self.page(lambda: self.driver.find_element(By.ID, "toggle").click())
+        snap = await self.until(lambda s: s["state"] == "open" and s["failures"] == 0, "open again")
+        self.assertEqual(snap["notice"], "")
+
+        # the ?access_token= form, asked for in the fragment (a new fragment
+        # reloads the page)
+        await self.page(self.driver.get, f"{page_url}&tokenIn=query")
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] == 0, "open with tokenIn=query"
+        )
+        target = await self.page(lambda: self.driver.find_element(By.ID, "target").text)
+        self.assertIn("token via query", target)
+        self.assertNotIn(token, target)
+        self.assertEqual(r.publish(down, "via the query string"), 1)
+        await self.until(lambda s: "via the query string" in self.bodies(s, "text"), "showing it")
+
+        # Disconnect: a normal closure, and no reconnection after it
+        await self.page(lambda: self.driver.find_element(By.ID, "toggle").click())
+        snap = await self.until(lambda s: s["state"] == "closed", "closed by the page")
+        await task.deferLater(reactor, 2 * MAX_BACKOFF_MS / 1000, lambda: None)
+        later = await self.page(self.snapshot)
+        self.assertEqual((later["state"], len(later["log"])), ("closed", len(snap["log"])))
+        self.assertIn(b"code=1000", daemon.out.output)
+
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)
+        self.assertLess(time.monotonic() - started, 60)
