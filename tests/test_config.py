@@ -99,6 +99,18 @@ class ValidationTests(SynchronousTestCase):
         ]:
             self.assertRejected(name, value)
 
+    def test_workers_need_host_port(self) -> None:
+        """
+        WORKERS > 1 shares a plain TCP socket: combining it with LISTEN is
+        refused, naming WORKERS.
+        """
+        e = self.assertRaises(
+            ConfigError, load_settings, environ={"WORKERS": "2", "LISTEN": "tcp:1"},
+            dotenv_path=None,
+        )
+        self.assertTrue(str(e).startswith("WORKERS:"))
+        self.assertRejected("WORKERS", "0")
+
     def test_redis_password_not_echoed(self) -> None:
         """
         A malformed REDIS_URL is reported without repeating it (it may hold

@@ -6,6 +6,7 @@ processes, against a real redis-server.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -150,3 +151,57 @@ class ProcessTests(TestCase):
         self.assertEqual(closed[0]["session_id"], "s1")
         self.assertEqual(closed[0]["code"], 1000)
         self.assertIn(closed[0]["level"], ("info",))
+
+
+class WorkerTests(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.addCleanup(self.redis.cleanup)
+        self.addCleanup(clean_autobahn_timers)
+
+    def children(self, daemon: Daemon) -> set[int]:
+        with open(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children") as f:
+            return {int(pid) for pid in f.read().split()}
+
+    async def test_workers_share_port_restart_and_stop(self) -> None:
+        """
+        WORKERS=2: two worker processes serve one port; a worker that dies
+        is restarted; SIGTERM on the parent gives every client 1001 and the
+        parent exits 0.
+        """
+        daemon = Daemon(
+            [sys.executable, "-m", "wsproxy"],
+            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url, "WORKERS": "2",
+             "SHUTDOWN_GRACE_PERIOD_SECS": "5"},
+        )
+        self.addCleanup(daemon.stop)
+        port = await daemon.port()
+        await wait_for(lambda: daemon.out.output.count(b"subscriber connection ready") >= 2,
+                       timeout=20)
+        workers = self.children(daemon)
+        self.assertEqual(len(workers), 2)
+        r = self.redis.client()
+        r.set("session:w:auth", "tok", ex=60)
+        clients = [await connect(f"ws://127.0.0.1:{port}/a/ws/w", token="tok") for _ in range(6)]
+        r.publish("session:w:down", "to all")
+        for c in clients:
+            await c.wait_messages(1)
+
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(lambda: victim not in self.children(daemon)
+                       and len(self.children(daemon)) == 2, timeout=20)
+        await wait_for(lambda: b"worker 0 exited" in daemon.out.output
+                       or b"worker 1 exited" in daemon.out.output)
+        survivors = [c for c in clients if c.state == c.STATE_OPEN]
+        fresh = [await connect(f"ws://127.0.0.1:{port}/a/ws/w", token="tok") for _ in range(4)]
+        open_clients = [c for c in survivors + fresh if c.state == c.STATE_OPEN]
+        self.assertGreaterEqual(len(fresh), 4)
+
+        daemon.signal(signal.SIGTERM)
+        codes = [(await c.factory.closed)[0] for c in open_clients]
+        self.assertEqual(set(codes), {1001})
+        self.assertEqual(await daemon.out.ended, 0)
+        self.assertIn(b"all workers stopped", daemon.out.output)

@@ -346,6 +346,13 @@ SETTINGS: tuple[Setting, ...] = (
         "t/b frame-type byte",
     ),
     Setting(
+        "WORKERS",
+        "workers",
+        "1",
+        _positive_int,
+        "worker processes sharing the listening socket (HOST/PORT only)",
+    ),
+    Setting(
         "LOG_LEVEL",
         "log_level",
         "info",
@@ -382,6 +389,7 @@ class Settings:
     require_json: bool = False
     compression: bool = False
     frame_mode: str = "auto"
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "text"
 
@@ -436,6 +444,11 @@ def load_settings(
             ) else "must be a number"
             raise ConfigError(f"{setting.env}: invalid value{shown}: {reason}") from None
     settings = Settings(**values)
+    if settings.workers > 1 and settings.listen:
+        raise ConfigError(
+            "WORKERS: more than one worker needs HOST/PORT (the workers share a "
+            "plain TCP socket); unset LISTEN or terminate TLS in front"
+        )
     if (settings.redis_tls_cert_file or settings.redis_tls_ca_file) and not settings.redis.tls:
         raise ConfigError(
             "REDIS_TLS_CA_FILE/REDIS_TLS_CERT_FILE: only valid with a rediss:// REDIS_URL"

@@ -16,6 +16,7 @@ The process then exits with status 0.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Optional
 
@@ -78,6 +79,11 @@ class ProxyService(Service):
         """
         if self.port is not None:
             return
+        from .workers import adopt_listening_socket
+
+        self.port = adopt_listening_socket(self.reactor, self.site)
+        if self.port is not None:
+            return
         try:
             endpoint = endpoints.serverFromString(self.reactor, self.endpoint)
             d = endpoint.listen(self.site)
@@ -103,7 +109,9 @@ class ProxyService(Service):
             self._install_signal_handlers()
         address = self.port.getHost()
         self._log.info(
-            "wsproxy listening on {host}:{port} (redis {redis})",
+            "wsproxy {role} listening on {host}:{port} (redis {redis})",
+            role=f"worker {os.environ['WSPROXY_WORKER_INDEX']} (pid {os.getpid()})"
+            if "WSPROXY_WORKER_INDEX" in os.environ else "",
             host=getattr(address, "host", address),
             port=getattr(address, "port", ""),
             redis=self.proxy.settings.redis.describe(),

@@ -8,6 +8,7 @@ over a C{.env} file in the working directory.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -58,15 +59,24 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from .server import build_proxy
     from .service import ProxyService
     from .web import ProxySite
+    from .workers import LISTEN_FD, Supervisor
 
     settings = options.settings
+    observer = make_observer(settings.log_level, settings.log_format, _log_file(options))
+    if settings.workers > 1 and LISTEN_FD not in os.environ:
+        forwarded = [
+            f"--{s.option}={options[s.option]}"
+            for s in SETTINGS
+            if options[s.option] is not None and s.env != "WORKERS"
+        ]
+        return Supervisor(settings, reactor, forwarded, log_observer=observer)
     proxy = build_proxy(reactor, settings)
     return ProxyService(
         proxy,
         ProxySite(proxy),
         settings.endpoint,
         reactor,
-        log_observer=make_observer(settings.log_level, settings.log_format, _log_file(options)),
+        log_observer=observer,
         handle_signals=True,
     )
 
