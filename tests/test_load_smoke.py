@@ -1,0 +1,55 @@
+"""
+A small run of the load-test tool against the real daemon: 200 clients, a
+few messages each way, paced traffic; any lost message, failed connection
+or refused handshake fails the test. (Figures are not asserted: timing
+belongs in bench/run.sh, not in tests.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from .support import ROOT, Daemon, RedisServer, _Output
+
+
+class LoadSmokeTests(TestCase):
+    timeout = 120
+
+    async def test_smoke(self) -> None:
+        """
+        examples/load_test.py with 200 clients exits 0: every client
+        connected and every message arrived, in order, both ways.
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        daemon = Daemon(
+            [sys.executable, "-m", "wsproxy"],
+            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": redis.url},
+        )
+        self.addCleanup(daemon.stop)
+        port = await daemon.port()
+        out = _Output()
+        args = [
+            sys.executable, os.path.join(ROOT, "examples", "load_test.py"),
+            "--url", f"ws://127.0.0.1:{port}", "--redis-url", redis.url,
+            "--pid", str(daemon.process.pid),
+            "--clients", "200", "--burst", "5", "--upstream", "5",
+            "--rate", "200", "--duration", "2",
+        ]
+        reactor.spawnProcess(out, args[0], args, env=dict(os.environ), path=ROOT)
+        status = await out.ended
+        lines = [line for line in out.output.splitlines() if line.startswith(b"{")]
+        self.assertEqual(status, 0, out.output.decode(errors="replace")[-3000:])
+        report = json.loads(lines[-1])
+        phases = report["phases"]
+        self.assertEqual(phases["connect"]["ok"], 200)
+        self.assertEqual(phases["down"]["lost"], 0)
+        self.assertEqual(phases["down"]["delivered"], 1000)
+        self.assertEqual(phases["up"]["arrived"], 1000)
+        self.assertEqual(phases["paced"]["lost"], 0)
+
