@@ -212,3 +212,33 @@ class SilentSubscriberTests(ProxyTestCase):
         self.r.publish("session:s1:down", "after")
         await wait_for(lambda: (b"after", False) in c.messages)
         self.assertEqual(c.state, c.STATE_OPEN)
+
+
+class AbandonedHandshakeTests(ProxyTestCase):
+    async def test_client_leaves_during_token_check(self) -> None:
+        """
+        A client that disconnects while its token check is waiting on Redis
+        leaves nothing behind: no subscription, no open connection, no
+        counted session, once Redis answers again.
+        """
+        self.authorize("gone")
+        self.redis.pause()
+        resumed = []
+
+        def resume() -> None:
+            if not resumed:
+                resumed.append(True)
+                self.redis.resume()
+
+        self.addCleanup(resume)
+        await raw_exchange(
+            self.proxy.port,
+            upgrade_request("/a/ws/gone", {"Authorization": "Bearer tok"}),
+            close_after=0.2,
+        )
+        await wait_for(lambda: not self.proxy.proxy.connections)
+        resume()
+        await self.proxy.ready()
+        await wait_for(lambda: self.proxy.proxy.hub.channel_count() == 0)
+        self.assertEqual(self.r.pubsub_numsub("session:gone:down"), [(b"session:gone:down", 0)])
+        self.assertEqual(self.proxy.proxy.stats.open_connections, 0)

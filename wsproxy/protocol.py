@@ -107,11 +107,8 @@ class ProxyProtocol(WebSocketServerProtocol):
             credentials = auth.extract_token(
                 request.headers, request.params, request.protocols
             )
-            await proxy.authorize(session_id, credentials)
-            if self._state is _CLOSED:
-                raise auth.Refusal(499, "Client went away")
             self._subscribed = True
-            await proxy.subscribe(session_id, self)
+            await proxy.admit(session_id, credentials, self)
             if self._state is _CLOSED:
                 raise auth.Refusal(499, "Client went away")
         except auth.Refusal as refusal:
@@ -130,6 +127,13 @@ class ProxyProtocol(WebSocketServerProtocol):
         if credentials.source == "subprotocol":
             return auth.BEARER_SUBPROTOCOL
         return None
+
+    @property
+    def gone(self) -> bool:
+        """
+        The client left before its handshake completed.
+        """
+        return self._state is _CLOSED
 
     def failHandshake(
         self, reason: str, code: int = 400, responseHeaders: Any = None
@@ -400,6 +404,14 @@ class ProxyFactory(WebSocketServerFactory):
         self.setProtocolOptions(**options)
         # (logOctets, logFrames and trackTimings stay at their default, off)
         self.noisy = False
+        # Autobahn copies each option onto every new protocol instance unless
+        # the protocol already has it: as class attributes they cost nothing
+        # per connection (memory and set-up time).
+        self.protocol = type(
+            "ProxyProtocol",
+            (ProxyProtocol,),
+            {name: getattr(self, name) for name in ProxyProtocol.CONFIG_ATTRS},
+        )
 
     def _accept_deflate(self, offers: list[Any]) -> Any:
         for offer in offers:

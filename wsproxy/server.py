@@ -164,44 +164,21 @@ class Proxy:
             if origin is None or normalize_origin(origin) not in self._origins:
                 raise auth.Refusal(403, "Origin not allowed")
 
-    async def authorize(
-        self, session_id: str, credentials: Optional[auth.Credentials]
+    async def admit(
+        self, session_id: str, credentials: Optional[auth.Credentials], listener: Any
     ) -> None:
         """
-        The token check, with the handshake's Redis deadline.
+        The token check, then the subscription of C{listener} to the
+        session's down channel, confirmed by Redis: both within one
+        C{AUTH_TIMEOUT_SECS} deadline (one timer per handshake).
 
-        @raise auth.Refusal: 401, 403, 503 or 504.
-        """
-        started = time.perf_counter()
-        try:
-            await auth.with_deadline(
-                defer.ensureDeferred(
-                    auth.check_token(
-                        self.commands.execute,
-                        session_id,
-                        credentials,
-                        self.settings.auth_grace_period,
-                    )
-                ),
-                self.settings.auth_timeout,
-                self.clock,
-            )
-        except RedisTimeout:
-            raise auth.Refusal(504, "Redis timeout") from None
-        finally:
-            if credentials is not None:
-                self.stats.auth_latency.observe(time.perf_counter() - started)
-
-    async def subscribe(self, session_id: str, listener: Any) -> None:
-        """
-        Subscribe C{listener} to the session's down channel and wait for
-        Redis to confirm it.
-
-        @raise auth.Refusal: 503 or 504; the listener is then not subscribed.
+        @param listener: has a C{gone} attribute, true once the client left.
+        @raise auth.Refusal: 401, 403, 499 (client left), 503 or 504; the
+            listener is then not subscribed.
         """
         try:
             await auth.with_deadline(
-                self.hub.subscribe(auth.down_channel(session_id), listener),
+                defer.ensureDeferred(self._admit(session_id, credentials, listener)),
                 self.settings.auth_timeout,
                 self.clock,
             )
@@ -209,6 +186,21 @@ class Proxy:
             raise auth.Refusal(503, "Redis unavailable") from None
         except RedisTimeout:
             raise auth.Refusal(504, "Redis timeout") from None
+
+    async def _admit(
+        self, session_id: str, credentials: Optional[auth.Credentials], listener: Any
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            await auth.check_token(
+                self.commands.execute, session_id, credentials, self.settings.auth_grace_period
+            )
+        finally:
+            if credentials is not None:
+                self.stats.auth_latency.observe(time.perf_counter() - started)
+        if listener.gone:
+            raise auth.Refusal(499, "Client went away")
+        await self.hub.subscribe(auth.down_channel(session_id), listener)
 
     def unsubscribe(self, session_id: str, listener: Any) -> None:
         self.hub.unsubscribe(auth.down_channel(session_id), listener)
