@@ -226,6 +226,7 @@ def connect(
     protocols: Optional[list[str]] = None,
     headers: Optional[dict[str, str]] = None,
     auto_ping: bool = True,
+    compression_offers: Optional[list[Any]] = None,
 ) -> defer.Deferred:
     """
     Open a WebSocket; fires with the L{Client} once open.
@@ -239,6 +240,13 @@ def connect(
     factory.closed = defer.Deferred()
     factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0,
                                autoPingInterval=0, closeHandshakeTimeout=5)
+    if compression_offers:
+        from autobahn.websocket.compress import PerMessageDeflateResponseAccept
+
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=compression_offers,
+            perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response),
+        )
     if not auto_ping:
         # answer no pings: the client looks dead to the server
         factory.protocol = type("DeafClient", (Client,), {"onPing": lambda self, p: None})

@@ -401,3 +401,53 @@ class HttpEndpointTests(ProxyTestCase):
         self.assertIn(b'wsproxy_connections_total{outcome="accepted"} 1.0', body)
         self.assertIn(b"wsproxy_messages_down_total 1.0", body)
         self.assertIn(b"wsproxy_connections_open 1.0", body)
+
+
+class CompressionTests(ProxyTestCase):
+    async def offer_deflate(self) -> Any:
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        self.authorize("s1")
+        c = await connect(self.proxy.url("s1"), token="tok",
+                          compression_offers=[PerMessageDeflateOffer()])
+        self.addCleanup(c.close_and_wait)
+        self.r.publish("session:s1:down", "x" * 1000)
+        await c.wait_messages(1)
+        self.assertEqual(c.messages, [(b"x" * 1000, False)])
+        return c
+
+    async def test_offer_declined_by_default(self) -> None:
+        """
+        A client offering permessage-deflate (every browser does) connects
+        uncompressed when WS_COMPRESSION is off.
+        """
+        c = await self.offer_deflate()
+        self.assertEqual(c.websocket_extensions_in_use, [])
+
+    async def test_offer_accepted(self) -> None:
+        """
+        With WS_COMPRESSION=true the offer is accepted and messages flow
+        compressed both ways.
+        """
+        await self.proxy.stop()
+        await self.start(compression=True)
+        received = self.up_listener("s1")
+        c = await self.offer_deflate()
+        self.assertEqual([e.EXTENSION_NAME for e in c.websocket_extensions_in_use],
+                         ["permessage-deflate"])
+        c.sendMessage(b"y" * 5000)
+        await wait_for(lambda: received() == [b"y" * 5000])
+
+    async def test_inflated_size_limited(self) -> None:
+        """
+        MAX_MESSAGE_SIZE_BYTES applies after inflation: a small compressed
+        frame that inflates past it closes with 1009 and is not published.
+        """
+        await self.proxy.stop()
+        await self.start(compression=True, max_message_size=10_000)
+        received = self.up_listener("s1")
+        c = await self.offer_deflate()
+        c.sendMessage(b"z" * 1_000_000)
+        code, _ = await c.factory.closed
+        self.assertEqual(code, 1009)
+        self.assertEqual(received(), [])

@@ -367,6 +367,11 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
 
+def _class_attribute(value: Any) -> Any:
+    # a function stored on a class would become a method of its instances
+    return staticmethod(value) if callable(value) else value
+
+
 class ProxyFactory(WebSocketServerFactory):
     """
     Autobahn settings for a proxy, from L{Settings}.
@@ -410,7 +415,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.protocol = type(
             "ProxyProtocol",
             (ProxyProtocol,),
-            {name: getattr(self, name) for name in ProxyProtocol.CONFIG_ATTRS},
+            {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
         )
 
     def _accept_deflate(self, offers: list[Any]) -> Any:
