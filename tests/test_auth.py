@@ -168,3 +168,13 @@ class CheckTests(SynchronousTestCase):
         self.assertTrue(auth.tokens_match(b"t\xc3\xa9", "té"))
         self.assertFalse(auth.tokens_match(b"tok", "tok "))
         self.assertFalse(auth.tokens_match(None, ""))
+
+    def test_redis_error_503(self) -> None:
+        """
+        A Redis error reply (NOAUTH, NOPERM) is the server side's problem:
+        503, not 500 or 403.
+        """
+        import txredisapi
+
+        error = txredisapi.ResponseError("NOPERM this user has no permissions")
+        self.assertEqual(self.refusal(FakeRedis({}, error), "t").code, 503)

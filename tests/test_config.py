@@ -142,6 +142,8 @@ class RedisUrlTests(SynchronousTestCase):
         self.assertEqual((b.port, b.username, b.password, b.tls), (6379, None, "secret", True))
         c = parse_redis_url("unix:///run/redis.sock?db=2")
         self.assertEqual((c.path, c.db), ("/run/redis.sock", 2))
+        e = parse_redis_url("redis://secret@h:6380")
+        self.assertEqual((e.username, e.password, e.port), (None, "secret", 6380))
         d = parse_redis_url("redis://[::1]:7000")
         self.assertEqual((d.host, d.port), ("::1", 7000))
 

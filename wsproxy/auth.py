@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import unquote
 
+import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
@@ -150,7 +151,9 @@ async def check_token(
         if not tokens_match(stored, credentials.token):
             raise Refusal(403, "Invalid or expired token")
         renewed = await execute("EXPIRE", key, grace_period)
-    except RedisUnavailable:
+    except (RedisUnavailable, txredisapi.ResponseError):
+        # a Redis error (NOAUTH, NOPERM after an ACL change, ...) is the
+        # server side's problem, never the client's
         raise Refusal(503, "Redis unavailable") from None
     except (RedisTimeout, defer.TimeoutError, defer.CancelledError):
         raise Refusal(504, "Redis timeout") from None

@@ -77,7 +77,7 @@ def parse_redis_url(value: str) -> RedisAddress:
     scheme = parts.scheme.lower()
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
-    if password is None and username is not None and ":" not in parts.netloc:
+    if password is None and username is not None and ":" not in parts.netloc.rpartition("@")[0]:
         # redis://secret@host is the conventional way to give only a password
         username, password = None, username
     db: int | None = None

@@ -284,6 +284,12 @@ class RedisLink:
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        proto = self.ready
+        if proto is not None and proto.transport is not None:
+            # A TLS transport does not close while a producer is registered
+            # (the proxy's UpstreamValve on the command connection): without
+            # this, shutdown with rediss:// waits forever.
+            proto.transport.unregisterProducer()
         await self._service.stopService()
         proto = self._connecting or self.ready
         if proto is not None and proto.transport is not None:
@@ -310,7 +316,7 @@ class RedisLink:
         proto.link = self
         self._connecting = proto
         self._connected_at = self._clock.seconds()
-        proto.whenConnected().addCallback(self._usable)
+        proto.whenConnected().addCallback(self._probe)
         lost = proto.connectionLost
 
         def connectionLost(reason: Any) -> None:
@@ -321,6 +327,34 @@ class RedisLink:
 
         proto.connectionLost = connectionLost
         return proto
+
+    def _probe(self, proto: Any) -> None:
+        # txredisapi reports a connection as soon as the transport connects
+        # (and AUTH/SELECT, if any, succeeded). Over TLS that is before the
+        # handshake and certificate checks, and without a password nothing
+        # has been asked of Redis yet (it may answer NOAUTH to everything).
+        # A connection is usable only once Redis has answered a PING on it.
+        if self._connecting is not proto:
+            return
+
+        def answered(reply: Any) -> None:
+            if reply in (b"PONG", "PONG"):
+                self._usable(proto)
+            else:
+                failed(f"unexpected reply to PING: {reply!r}")
+
+        def failed(why: Any) -> None:
+            if self._connecting is not proto:
+                return
+            if not isinstance(why, str):
+                if why.check(txredisapi.ConnectionError):
+                    return  # connectionLost follows and counts the failure
+                why = why.getErrorMessage()
+            self._setup_failed(f"PING failed: {why}")
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+        proto.execute_command("PING").addCallbacks(answered, failed)
 
     def _usable(self, proto: Any) -> None:
         if self._connecting is not proto:
