@@ -183,6 +183,9 @@ class Proxy:
                 self.clock,
             )
         except RedisUnavailable:
+            if listener.gone:
+                # its leaving cancelled the pending subscription ("unsubscribed")
+                raise auth.Refusal(499, "Client went away") from None
             raise auth.Refusal(503, "Redis unavailable") from None
         except RedisTimeout:
             raise auth.Refusal(504, "Redis timeout") from None

@@ -10,6 +10,7 @@ request head (slowloris clients are dropped).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -38,6 +39,17 @@ def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+#: bytes that str.splitlines() treats as line ends besides CR and LF
+_LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c\x1d\x1e\x85]")
+
+
+def _single_lines(request: Any) -> bool:
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if _LINE_BREAKS.search(name) or any(_LINE_BREAKS.search(v) for v in values):
+            return False
+    return not _LINE_BREAKS.search(request.uri)
+
+
 class Root(resource.Resource):
     """
     Routes on the whole path, so that the WebSocket route is matched
@@ -60,6 +72,12 @@ class Root(resource.Resource):
                 return _plain(request, 405, "Method Not Allowed", (("Allow", "GET, HEAD"),))
             return getattr(self, "_" + path[1:])(request)
         upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade and not _single_lines(request):
+            # Autobahn re-reads the request with str.splitlines(), which also
+            # splits on these bytes: a header could be smuggled past any
+            # filtering proxy in front of us
+            request.channel.persistent = False
+            return _plain(request, 400, "Invalid header")
         if upgrade:
             # a refused upgrade ends the connection (clients do not reuse it)
             request.channel.persistent = False
@@ -136,9 +154,31 @@ class _Channel(http.HTTPChannel):
             self._deadline.cancel()
         self._deadline = None
 
-    def allHeadersReceived(self) -> None:
+    def allContentReceived(self) -> None:
+        # the deadline covers the whole request: a head that announces a
+        # body and then trickles it in is a slowloris too
         self._disarm()
-        super().allHeadersReceived()
+        super().allContentReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request line or header line over 16 KiB (C{MAX_LENGTH}): Twisted
+        would close without a word; answer 431 and ignore the rest.
+        """
+        self._disarm()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        if self.transport is None:
+            return
+        self._log.info("refused 431 request head too large: peer={peer}",
+                       peer=self.transport.getPeer())
+        body = b"Request Header Fields Too Large\n"
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body) + body
+        )
+        self.loseConnection()
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
@@ -157,8 +197,29 @@ class _Channel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+class _Request(server.Request):
+    """
+    No route takes a request body: anything larger than a few KiB is
+    refused with 413 instead of being buffered.
+    """
+
+    max_body = 64 * 1024
+
+    def gotLength(self, length: Any) -> None:
+        if length is not None and length > self.max_body:
+            self.channel.persistent = False
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: 18\r\nConnection: close\r\n\r\nContent Too Large\n"
+            )
+            self.channel.transport.loseConnection()
+            length = 0
+        super().gotLength(length)
+
+
 class ProxySite(server.Site):
     protocol = _Channel
+    requestFactory = _Request
     noisy = False
 
     def __init__(self, proxy: Proxy) -> None:
