@@ -227,9 +227,11 @@ def connect(
     headers: Optional[dict[str, str]] = None,
     auto_ping: bool = True,
     compression_offers: Optional[list[Any]] = None,
+    endpoint: Any = None,
 ) -> defer.Deferred:
     """
-    Open a WebSocket; fires with the L{Client} once open.
+    Open a WebSocket (over C{endpoint} if given, e.g. TLS); fires with the
+    L{Client} once open.
     """
     all_headers = dict(headers or {})
     if token is not None:
@@ -250,7 +252,8 @@ def connect(
     if not auto_ping:
         # answer no pings: the client looks dead to the server
         factory.protocol = type("DeafClient", (Client,), {"onPing": lambda self, p: None})
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", factory.port)
+    if endpoint is None:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", factory.port)
     d = endpoint.connect(factory)
     d.addCallback(lambda proto: factory.opened)
     return d
@@ -268,12 +271,16 @@ class _Collect(protocol.Protocol):
         self.done.callback(self.data)
 
 
-def raw_exchange(port: int, data: bytes, close_after: Optional[float] = None) -> defer.Deferred:
+def raw_exchange(
+    port: int, data: bytes, close_after: Optional[float] = None, endpoint: Any = None
+) -> defer.Deferred:
     """
-    Send C{data} over a fresh TCP connection; fires with everything the
-    server sent until it closed the connection (or C{close_after} seconds).
+    Send C{data} over a fresh TCP connection (or C{endpoint}, e.g. TLS);
+    fires with everything the server sent until it closed the connection
+    (or C{close_after} seconds).
     """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if endpoint is None:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     proto = _Collect()
     d = endpoint.connect(protocol.Factory.forProtocol(lambda: proto))
 
@@ -285,6 +292,27 @@ def raw_exchange(port: int, data: bytes, close_after: Optional[float] = None) ->
         return proto.done
 
     return d.addCallback(connected)
+
+
+def up_listener(r: redispy.Redis, session: str, test: Any) -> Callable[[], list[bytes]]:
+    """
+    Subscribe to C{session:{session}:up}; the returned function gives every
+    payload received so far.
+    """
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"session:{session}:up")
+    pubsub.get_message(timeout=1)
+    test.addCleanup(pubsub.close)
+    received: list[bytes] = []
+
+    def poll() -> list[bytes]:
+        while True:
+            message = pubsub.get_message(timeout=0)
+            if message is None:
+                return received
+            received.append(message["data"])
+
+    return poll
 
 
 def upgrade_request(path: str, headers: Optional[dict[str, str]] = None) -> bytes:

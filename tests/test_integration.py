@@ -20,6 +20,7 @@ from .support import (
     raw_exchange,
     settings_for,
     status_of,
+    up_listener,
     upgrade_request,
     wait_for,
 )
@@ -62,20 +63,7 @@ class ProxyTestCase(TestCase):
         return await raw_exchange(self.proxy.port, raw)
 
     def up_listener(self, session: str) -> Any:
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(f"session:{session}:up")
-        pubsub.get_message(timeout=1)
-        self.addCleanup(pubsub.close)
-        received: list[bytes] = []
-
-        def poll() -> list[bytes]:
-            while True:
-                message = pubsub.get_message(timeout=0)
-                if message is None:
-                    return received
-                received.append(message["data"])
-
-        return poll
+        return up_listener(self.r, session, self)
 
 
 class ConnectTests(ProxyTestCase):

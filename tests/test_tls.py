@@ -23,15 +23,13 @@ import time
 from typing import Any, Optional
 
 import redis as redispy
-from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from .certs import Authority, CertDir, self_signed
 from .support import (
-    Client,
     RedisServer,
     RunningProxy,
     clean_autobahn_timers,
@@ -40,6 +38,7 @@ from .support import (
     redis_server_binary,
     settings_for,
     status_of,
+    up_listener,
     upgrade_request,
     wait_for,
 )
@@ -118,18 +117,6 @@ class TlsRedisServer(RedisServer):
         )
 
 
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.done.callback(self.data)
-
-
 def tls_endpoint(port: int, trust_file: str, hostname: str = "localhost") -> Any:
     with open(trust_file, "rb") as f:
         trust = ssl.Certificate.loadPEM(f.read())
@@ -141,19 +128,10 @@ def tls_endpoint(port: int, trust_file: str, hostname: str = "localhost") -> Any
 
 def tls_exchange(port: int, trust_file: str, data: bytes) -> defer.Deferred:
     """
-    L{raw_exchange} over TLS (server certificate verified).
+    L{raw_exchange} over TLS (server certificate verified); gives up after
+    3 s (an upgrade wrongly accepted stays open).
     """
-    proto = _Collect()
-    d = tls_endpoint(port, trust_file).connect(protocol.Factory.forProtocol(lambda: proto))
-
-    def connected(p: Any) -> defer.Deferred:
-        p.transport.write(data)
-        # give up after 3 s (an upgrade wrongly accepted stays open)
-        timer = reactor.callLater(3.0, p.transport.loseConnection)
-        proto.done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
-        return proto.done
-
-    return d.addCallback(connected)
+    return raw_exchange(port, data, close_after=3.0, endpoint=tls_endpoint(port, trust_file))
 
 
 def connect_wss(port: int, session: str, token: str, trust_file: str) -> defer.Deferred:
@@ -161,34 +139,10 @@ def connect_wss(port: int, session: str, token: str, trust_file: str) -> defer.D
     Open a C{wss://} WebSocket that trusts only C{trust_file}; fires with the
     L{Client} once open.
     """
-    factory = WebSocketClientFactory(
-        f"wss://localhost:{port}/agent/ws/{session}",
-        headers={"Authorization": f"Bearer {token}"},
+    return connect(
+        f"wss://localhost:{port}/agent/ws/{session}", token=token,
+        endpoint=tls_endpoint(port, trust_file),
     )
-    factory.protocol = Client
-    factory.opened = defer.Deferred()
-    factory.closed = defer.Deferred()
-    factory.setProtocolOptions(autoPingInterval=0, closeHandshakeTimeout=5)
-    d = tls_endpoint(port, trust_file).connect(factory)
-    d.addCallback(lambda proto: factory.opened)
-    return d
-
-
-def up_listener(r: redispy.Redis, session: str, test: TestCase) -> Any:
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"session:{session}:up")
-    pubsub.get_message(timeout=1)
-    test.addCleanup(pubsub.close)
-    received: list[bytes] = []
-
-    def poll() -> list[bytes]:
-        while True:
-            message = pubsub.get_message(timeout=0)
-            if message is None:
-                return received
-            received.append(message["data"])
-
-    return poll
 
 
 class TlsTestCase(TestCase):
@@ -265,7 +219,7 @@ class TlsTestCase(TestCase):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.assertFalse(proxy.proxy.hub.healthy, "subscriber became healthy")
-            await defer.ensureDeferred(_sleep(0.05))
+            await task.deferLater(reactor, 0.05, lambda: None)
         code, body = await self.get(proxy, "/health")
         self.assertEqual(code, 503)
         self.assertEqual(json.loads(body)["redis"], "disconnected")
@@ -277,12 +231,6 @@ class TlsTestCase(TestCase):
         # nothing got through to Redis: the token's TTL was never renewed
         self.assertLessEqual(r.ttl("session:s1:auth"), 300)
         self.assertGreater(r.ttl("session:s1:auth"), 290)
-
-
-async def _sleep(seconds: float) -> None:
-    d: defer.Deferred = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
 
 
 class ListenTlsTests(TlsTestCase):

@@ -33,15 +33,52 @@ class ListenError(Exception):
     """
 
 
-class ProxyService(Service):
+class DaemonService(Service):
     """
-    Listens on C{endpoint} with C{site} and runs C{proxy}.
+    What the top-level service of a C{twistd wsproxy} process does either
+    way (one proxy, or the supervisor of several): install its log observer
+    as the application's, and turn SIGTERM/SIGINT into a graceful stop.
 
     @ivar log_observer: if set, installed as the application's log observer
         when this service is added to a twistd application.
     """
 
     _log = Logger()
+    reactor: Any
+    log_observer: Optional[ILogObserver] = None
+    handle_signals = False
+    stopping = False
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            # twistd's AppLogger uses the application's ILogObserver
+            parent.setComponent(ILogObserver, self.log_observer)
+
+    def install_signal_handlers(self) -> None:
+        """
+        Once the reactor runs: twistd re-raises SIGTERM after a clean
+        shutdown (exit status 143); a graceful shutdown is a success, so
+        handle the signals ourselves and exit 0.
+        """
+
+        def handler(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._signalled, signum)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _signalled(self, signum: int) -> None:
+        if not self.stopping and self.reactor.running:
+            self._log.info("received signal {signum}: shutting down", signum=signum)
+            self.reactor.stop()
+
+
+class ProxyService(DaemonService):
+    """
+    Listens on C{endpoint} with C{site} and runs C{proxy}.
+    """
+
     name = "wsproxy"
 
     def __init__(
@@ -61,12 +98,6 @@ class ProxyService(Service):
         self.handle_signals = handle_signals
         self.port: Any = None
         self._stopping: Optional[defer.Deferred] = None
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            # twistd's AppLogger uses the application's ILogObserver
-            parent.setComponent(ILogObserver, self.log_observer)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -106,7 +137,7 @@ class ProxyService(Service):
 
     def _running(self) -> None:
         if self.handle_signals:
-            self._install_signal_handlers()
+            self.install_signal_handlers()
         address = self.port.getHost()
         self._log.info(
             "wsproxy {role} listening on {host}:{port} (redis {redis})",
@@ -117,22 +148,9 @@ class ProxyService(Service):
             redis=self.proxy.settings.redis.describe(),
         )
 
-    def _install_signal_handlers(self) -> None:
-        # twistd re-raises SIGTERM after a clean shutdown (exit status 143);
-        # a graceful shutdown is a success, so handle the signals ourselves.
-        def handler(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self._signalled, signum)
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-    def _signalled(self, signum: int) -> None:
-        if self._stopping is None and self.reactor.running:
-            self._log.info("received signal {signum}: shutting down", signum=signum)
-            self.reactor.stop()
-
     def stopService(self) -> defer.Deferred:
         if self._stopping is None:
+            self.stopping = True
             super().stopService()
             self._stopping = defer.ensureDeferred(self.shutdown())
         return self._stopping

@@ -17,16 +17,14 @@ Each worker answers C{/health}, C{/ready} and C{/metrics} for itself.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from typing import Any, Optional
 
-from twisted.application.service import Service
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 
 from .config import Settings
+from .service import DaemonService
 
 #: environment variable that tells a worker which inherited fd to listen on
 LISTEN_FD = "WSPROXY_LISTEN_FD"
@@ -69,12 +67,11 @@ class _Worker(protocol.ProcessProtocol):
         self.supervisor._ended(self, reason.value)
 
 
-class Supervisor(Service):
+class Supervisor(DaemonService):
     """
     Starts and watches the workers.
     """
 
-    _log = Logger()
     name = "wsproxy-supervisor"
     restart_delay = 1.0
 
@@ -87,15 +84,7 @@ class Supervisor(Service):
         self.log_observer = log_observer
         self.sock: Optional[socket.socket] = None
         self.workers: dict[int, tuple[_Worker, Any]] = {}
-        self.stopping = False
         self.restarts = 0
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            from twisted.logger import ILogObserver
-
-            parent.setComponent(ILogObserver, self.log_observer)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -114,22 +103,13 @@ class Supervisor(Service):
 
     def _running(self) -> None:
         if self.handle_signals:
-            def handler(signum: int, frame: Any) -> None:
-                self.reactor.callFromThread(self._signalled, signum)
-
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            self.install_signal_handlers()
         assert self.sock is not None
         host, port = self.sock.getsockname()[:2]
         self._log.info(
             "wsproxy supervisor: {n} workers listening on {host}:{port}",
             n=self.settings.workers, host=host, port=port,
         )
-
-    def _signalled(self, signum: int) -> None:
-        if not self.stopping and self.reactor.running:
-            self._log.info("received signal {signum}: stopping the workers", signum=signum)
-            self.reactor.stop()
 
     def _spawn(self, index: int) -> None:
         assert self.sock is not None
