@@ -439,3 +439,30 @@ class CompressionTests(ProxyTestCase):
         code, _ = await c.factory.closed
         self.assertEqual(code, 1009)
         self.assertEqual(received(), [])
+
+
+class TaggedModeTests(ProxyTestCase):
+    settings = {"frame_mode": "tagged"}
+
+    async def test_frame_types_round_trip(self) -> None:
+        """
+        FRAME_MODE=tagged: client messages are published with a t/b tag;
+        backend payloads choose the frame type by their tag, even binary
+        payloads that are valid UTF-8; untagged payloads are dropped and
+        counted, the connection stays open.
+        """
+        self.authorize("s1")
+        received = self.up_listener("s1")
+        c = await self.client("s1")
+        c.sendMessage(b"hello", isBinary=False)
+        c.sendMessage(b"ascii-but-binary", isBinary=True)
+        await wait_for(lambda: len(received()) >= 2)
+        self.assertEqual(received(), [b"thello", b"bascii-but-binary"])
+        for payload in (b"bplain ascii", b"t{\"a\":1}", b"no tag", b"t\xff", b"b\xff\x00"):
+            self.r.publish("session:s1:down", payload)
+        await c.wait_messages(3)
+        await wait_for(lambda: self.proxy.proxy.stats.dropped_down == 2)
+        self.assertEqual(
+            c.messages, [(b"plain ascii", True), (b'{"a":1}', False), (b"\xff\x00", True)]
+        )
+        self.assertEqual(c.state, c.STATE_OPEN)

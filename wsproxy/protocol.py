@@ -21,8 +21,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from . import auth, frames
 from .server import Proxy
@@ -70,6 +70,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._paused = False
         self._unsent = 0
         self._stopped_sending = False
+        self._warned_drop = False
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.closed: defer.Deferred = defer.Deferred()
         # bound once: handed to the command connection with every publish
@@ -288,10 +289,14 @@ class ProxyProtocol(WebSocketServerProtocol):
             factory.last_payload, factory.last_prepared = payload, prepared
         if prepared is None:
             self._proxy.stats.dropped_down += 1
-            self._log.warn(
-                "dropped a backend message that is not valid for FRAME_MODE=tagged: "
-                "session={session_id}", session_id=self.session_id,
-            )
+            if not self._warned_drop:
+                # once per connection; the metric counts every one
+                self._warned_drop = True
+                self._log.warn(
+                    "dropped a backend message that is not valid for FRAME_MODE=tagged "
+                    "(no t/b tag, or t with invalid UTF-8): session={session_id}",
+                    session_id=self.session_id,
+                )
             return
         if self._perMessageCompress is None:
             data = prepared.payloadHybi

@@ -168,8 +168,7 @@ class Hub:
         waiting, state.waiting = state.waiting, []
         for d in waiting:
             d.errback(RedisUnavailable("unsubscribed"))
-        if state.confirmed or self._link.ready is not None:
-            self._link.unsubscribe(channel).addErrback(lambda f: None)
+        self._link.unsubscribe(channel).addErrback(lambda f: None)
 
     def _send_subscribe(self, state: _Channel) -> None:
         def confirmed(_: Any) -> None:

@@ -7,7 +7,7 @@ subscription hub, health and draining.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Set
+from typing import Any, Optional, Set
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
@@ -19,7 +19,7 @@ from . import auth
 from .config import Settings
 from .metrics import Stats
 from .pubsub import Hub
-from .redis import RedisLink, RedisTimeout, RedisUnavailable, process_token
+from .redis import RedisLink, RedisTimeout, RedisUnavailable, client_endpoint, process_token
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
@@ -230,8 +230,6 @@ def build_proxy(reactor: Any, settings: Settings) -> Proxy:
     """
     A L{Proxy} with real Redis links for C{settings}.
     """
-    from .redis import client_endpoint
-
     endpoint = client_endpoint(reactor, settings)
     return Proxy(
         settings,
@@ -240,5 +238,3 @@ def build_proxy(reactor: Any, settings: Settings) -> Proxy:
         RedisLink("subscriber", endpoint, settings, reactor, subscriber=True),
     )
 
-
-Callback = Callable[..., Any]
