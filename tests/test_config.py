@@ -153,3 +153,22 @@ class RedisUrlTests(SynchronousTestCase):
         """
         text = parse_redis_url("redis://u:topsecret@h:1/4").describe()
         self.assertEqual(text, "redis://h:1/4")
+
+
+class ExampleFileTests(SynchronousTestCase):
+    def test_env_example_lists_every_setting(self) -> None:
+        """
+        .env.example names every variable, and loading it as a .env gives
+        the defaults.
+        """
+        from wsproxy.config import SETTINGS
+
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".env.example")
+        with open(path) as f:
+            text = f.read()
+        for setting in SETTINGS:
+            self.assertIn(f"{setting.env}=", text)
+        self.assertEqual(
+            load_settings(environ={}, dotenv_path=path),
+            load_settings(environ={}, dotenv_path=None),
+        )
