@@ -108,21 +108,22 @@ class ProxyProtocol(WebSocketServerProtocol):
             credentials = auth.extract_token(
                 request.headers, request.params, request.protocols
             )
+            # from here on the hub may hold this listener: _finish releases it
             self._subscribed = True
             await proxy.admit(session_id, credentials, self)
             if self._state is _CLOSED:
                 raise auth.Refusal(499, "Client went away")
-        except auth.Refusal as refusal:
+        except Exception as e:
             if self._subscribed:
                 self._subscribed = False
                 proxy.unsubscribe(self.session_id, self)  # type: ignore[arg-type]
+            if isinstance(e, auth.Refusal):
+                refusal = e
+            else:
+                self._log.failure("unexpected error admitting a connection")
+                refusal = auth.Refusal(500, "Internal error")
             self._refusal = refusal
-            raise ConnectionDeny(refusal.code, refusal.reason)
-        except Exception:
-            self._subscribed = False
-            self._log.failure("unexpected error admitting a connection")
-            self._refusal = auth.Refusal(500, "Internal error")
-            raise ConnectionDeny(500, "Internal error")
+            raise ConnectionDeny(refusal.code, refusal.reason) from None
         self._up_channel = auth.up_channel(session_id)
         assert credentials is not None
         if credentials.source == "subprotocol":
