@@ -271,6 +271,7 @@ class RedisLink:
         self.last_error: Optional[str] = None
         self.reconnects = 0
         self._ever_ready = False
+        self._stopping = False
         self._service = ClientService(
             endpoint, _LinkFactory(self), retryPolicy=self._retry_delay, clock=clock
         )
@@ -284,6 +285,7 @@ class RedisLink:
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        self._stopping = True
         proto = self.ready
         if proto is not None and proto.transport is not None:
             # A TLS transport does not close while a producer is registered
@@ -388,8 +390,11 @@ class RedisLink:
         was_ready = self.ready is proto
         if was_ready:
             self.ready = None
-            self._log.warn("redis {name} connection lost: {why}",
-                           name=self.name, why=reason.getErrorMessage())
+            if self._stopping:
+                self._log.info("redis {name} connection closed", name=self.name)
+            else:
+                self._log.warn("redis {name} connection lost: {why}",
+                               name=self.name, why=reason.getErrorMessage())
             self.on_lost()
         else:
             self._failures += 1
