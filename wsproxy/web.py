@@ -4,7 +4,7 @@ C{/metrics}, and plain-text errors for everything else.
 
 No access log (it would print query strings, tokens included), no
 C{Server} header, and an absolute deadline for a client to send its
-request head (slowloris clients are dropped).
+request (slowloris clients are dropped).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Root(resource.Resource):
 
 class _Channel(http.HTTPChannel):
     """
-    An HTTP channel with an absolute deadline for each request head.
+    An HTTP channel with an absolute deadline for each request (head and body).
     """
 
     _log = Logger()
