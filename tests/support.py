@@ -24,6 +24,7 @@ import redis as redispy
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial.unittest import TestCase
 
 from wsproxy.config import Settings, parse_redis_url
 from wsproxy.server import build_proxy
@@ -124,6 +125,20 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisTestCase(TestCase):
+    """
+    A fresh redis-server (C{self.redis}) and a client for it (C{self.r})
+    for each test; Autobahn's leftover timers are cleaned up after it.
+    """
+
+    def setUp(self) -> Any:
+        self.redis = RedisServer()
+        self.addCleanup(self.redis.cleanup)
+        self.r = self.redis.client()
+        self.addCleanup(self.r.close)
+        self.addCleanup(clean_autobahn_timers)
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:

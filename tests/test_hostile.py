@@ -24,11 +24,9 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import TestCase
 
 from .support import (
-    RedisServer,
-    clean_autobahn_timers,
+    RedisTestCase,
     connect,
     raw_exchange,
     status_of,
@@ -612,7 +610,7 @@ class AbruptDisconnectTests(HostileTestCase):
 # -- the real daemon -----------------------------------------------------------
 
 
-class DaemonTestCase(TestCase):
+class DaemonTestCase(RedisTestCase):
     """
     A real C{twistd -n wsproxy} process (its own memory, its own log)
     against a fresh redis-server.
@@ -622,11 +620,7 @@ class DaemonTestCase(TestCase):
     env: dict[str, str] = {}
 
     def setUp(self) -> defer.Deferred:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
-        self.r = self.redis.client()
-        self.addCleanup(self.r.close)
-        self.addCleanup(clean_autobahn_timers)
+        super().setUp()
         return defer.ensureDeferred(self.start(**self.env))
 
     async def start(self, **env: str) -> None:

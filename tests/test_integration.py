@@ -10,12 +10,10 @@ import time
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
 
 from .support import (
-    RedisServer,
+    RedisTestCase,
     RunningProxy,
-    clean_autobahn_timers,
     connect,
     raw_exchange,
     settings_for,
@@ -26,7 +24,7 @@ from .support import (
 )
 
 
-class ProxyTestCase(TestCase):
+class ProxyTestCase(RedisTestCase):
     """
     A fresh redis-server and proxy for each test.
     """
@@ -42,11 +40,7 @@ class ProxyTestCase(TestCase):
         await self.proxy.ready()
 
     def setUp(self) -> defer.Deferred:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
-        self.r = self.redis.client()
-        self.addCleanup(self.r.close)
-        self.addCleanup(clean_autobahn_timers)
+        super().setUp()
         d = defer.ensureDeferred(self.start(**self.settings))
         d.addCallback(lambda _: self.addCleanup(lambda: self.proxy.stop()))
         return d

@@ -11,13 +11,10 @@ import signal
 import sys
 import time
 
-from twisted.trial.unittest import TestCase
-
 from .support import (
     TWISTD,
     Daemon,
-    RedisServer,
-    clean_autobahn_timers,
+    RedisTestCase,
     connect,
     raw_exchange,
     status_of,
@@ -25,13 +22,9 @@ from .support import (
     wait_for,
 )
 
-class ProcessTests(TestCase):
-    timeout = 90
 
-    def setUp(self) -> None:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
-        self.addCleanup(clean_autobahn_timers)
+class ProcessTests(RedisTestCase):
+    timeout = 90
 
     def start(self, *args: str, **env: str) -> Daemon:
         base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
@@ -49,7 +42,7 @@ class ProcessTests(TestCase):
         """
         daemon = self.start()
         port = await daemon.port()
-        client = self.redis.client()
+        client = self.r
         client.set("session:s1:auth", "tok", ex=60)
         clients = [
             await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok") for _ in range(3)
@@ -115,7 +108,7 @@ class ProcessTests(TestCase):
         """
         daemon = self.start(LOG_LEVEL="debug")
         port = await daemon.port()
-        self.redis.client().set("session:s1:auth", "SECRET-good-123", ex=60)
+        self.r.set("session:s1:auth", "SECRET-good-123", ex=60)
         for headers, path in [
             ({"Authorization": "Bearer SECRET-bad-456"}, "/a/ws/s1"),
             ({}, "/a/ws/s1?access_token=SECRET-bad-789"),
@@ -142,7 +135,7 @@ class ProcessTests(TestCase):
         """
         daemon = self.start(LOG_FORMAT="json")
         port = await daemon.port()
-        self.redis.client().set("session:s1:auth", "tok", ex=60)
+        self.r.set("session:s1:auth", "tok", ex=60)
         c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
         await c.close_and_wait()
         await wait_for(lambda: b"closed: session=s1" in daemon.out.output)
@@ -153,13 +146,8 @@ class ProcessTests(TestCase):
         self.assertIn(closed[0]["level"], ("info",))
 
 
-class WorkerTests(TestCase):
+class WorkerTests(RedisTestCase):
     timeout = 90
-
-    def setUp(self) -> None:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
-        self.addCleanup(clean_autobahn_timers)
 
     def children(self, daemon: Daemon) -> set[int]:
         with open(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children") as f:
@@ -182,7 +170,7 @@ class WorkerTests(TestCase):
                        timeout=20)
         workers = self.children(daemon)
         self.assertEqual(len(workers), 2)
-        r = self.redis.client()
+        r = self.r
         r.set("session:w:auth", "tok", ex=60)
         clients = [await connect(f"ws://127.0.0.1:{port}/a/ws/w", token="tok") for _ in range(6)]
         r.publish("session:w:down", "to all")
