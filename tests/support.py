@@ -330,6 +330,22 @@ def up_listener(r: redispy.Redis, session: str, test: Any) -> Callable[[], list[
     return poll
 
 
+async def exchange_messages(test: Any, r: redispy.Redis, url: str, session: str,
+                            token: str = "tok", endpoint: Any = None) -> None:
+    """
+    A client whose token is already stored connects to C{url}, receives a
+    message published on C{:down}, and its own message arrives on C{:up}.
+    """
+    received = up_listener(r, session, test)
+    c = await connect(url, token=token, endpoint=endpoint)
+    test.addCleanup(c.close_and_wait)
+    r.publish(f"session:{session}:down", "down-msg")
+    await c.wait_messages(1)
+    test.assertEqual(c.messages, [(b"down-msg", False)])
+    c.sendMessage(b"up-msg")
+    await wait_for(lambda: received() == [b"up-msg"])
+
+
 def upgrade_request(path: str, headers: Optional[dict[str, str]] = None) -> bytes:
     """
     A valid WebSocket upgrade request for C{path}.

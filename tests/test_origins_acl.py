@@ -16,7 +16,7 @@ import time
 from typing import Any, Optional
 
 import redis as redispy
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from wsproxy.config import load_settings
@@ -26,6 +26,7 @@ from .support import (
     RunningProxy,
     clean_autobahn_timers,
     connect,
+    exchange_messages,
     raw_exchange,
     settings_for,
     status_of,
@@ -52,12 +53,6 @@ async def exchange_raw(port: int, data: bytes) -> bytes:
     instead of hanging the test.
     """
     return await raw_exchange(port, data, close_after=3.0)
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
 
 
 class CredentialsTestCase(TestCase):
@@ -110,7 +105,7 @@ class CredentialsTestCase(TestCase):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.assertFalse(proxy.proxy.hub.healthy, "subscriber became healthy")
-            await sleep(0.05)
+            await task.deferLater(reactor, 0.05, lambda: None)
         code, body = await self.health(proxy)
         self.assertEqual((code, body["redis"]), (503, "disconnected"))
         self.assertEqual(await self.upgrade_status(proxy, session), 503)
@@ -120,26 +115,7 @@ class CredentialsTestCase(TestCase):
         The client (token already stored) connects, receives a :down message
         and its message arrives on :up.
         """
-        pubsub = r.pubsub(ignore_subscribe_messages=True)
-        self.addCleanup(pubsub.close)
-        pubsub.subscribe(f"session:{session}:up")
-        pubsub.get_message(timeout=1)
-        c = await connect(proxy.url(session), token="tok")
-        self.addCleanup(c.close_and_wait)
-        r.publish(f"session:{session}:down", "down")
-        await c.wait_messages(1)
-        self.assertEqual(c.messages, [(b"down", False)])
-        c.sendMessage(b"up")
-        got: list[Any] = []
-
-        def arrived() -> bool:
-            message = pubsub.get_message(timeout=0)
-            if message is not None:
-                got.append(message["data"])
-            return bool(got)
-
-        await wait_for(arrived)
-        self.assertEqual(got, [b"up"])
+        await exchange_messages(self, r, proxy.url(session), session)
 
     def auth_failures(self, username: Optional[str]) -> int:
         """

@@ -34,6 +34,7 @@ from .support import (
     RunningProxy,
     clean_autobahn_timers,
     connect,
+    exchange_messages,
     raw_exchange,
     redis_server_binary,
     settings_for,
@@ -194,14 +195,7 @@ class TlsTestCase(TestCase):
         message published on :down, and its message arrives on :up.
         """
         r.set(f"session:{session}:auth", "tok", ex=300)
-        received = up_listener(r, session, self)
-        c = await connect(proxy.url(session), token="tok")
-        self.addCleanup(c.close_and_wait)
-        r.publish(f"session:{session}:down", "down-msg")
-        await c.wait_messages(1)
-        self.assertEqual(c.messages, [(b"down-msg", False)])
-        c.sendMessage(b"up-msg")
-        await wait_for(lambda: received() == [b"up-msg"])
+        await exchange_messages(self, r, proxy.url(session), session)
 
     async def get(self, proxy: RunningProxy, path: str) -> tuple[int, bytes]:
         response = await raw_exchange(proxy.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
