@@ -26,6 +26,8 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from .support import (
+    TWISTD,
+    Daemon,
     RedisTestCase,
     connect,
     raw_exchange,
@@ -34,7 +36,6 @@ from .support import (
     wait_for,
 )
 from .test_integration import ProxyTestCase
-from .support import TWISTD, Daemon
 
 MiB = 1024 * 1024
 
