@@ -139,12 +139,16 @@ class ProxyService(DaemonService):
         if self.handle_signals:
             self.install_signal_handlers()
         address = self.port.getHost()
+        if hasattr(address, "port"):
+            where = f"{address.host}:{address.port}"
+        else:
+            name = getattr(address, "name", address)
+            where = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        worker = os.environ.get("WSPROXY_WORKER_INDEX")
         self._log.info(
-            "wsproxy {role} listening on {host}:{port} (redis {redis})",
-            role=f"worker {os.environ['WSPROXY_WORKER_INDEX']} (pid {os.getpid()})"
-            if "WSPROXY_WORKER_INDEX" in os.environ else "",
-            host=getattr(address, "host", address),
-            port=getattr(address, "port", ""),
+            "wsproxy {role}listening on {where} (redis {redis})",
+            role="" if worker is None else f"worker {worker} (pid {os.getpid()}) ",
+            where=where,
             redis=self.proxy.settings.redis.describe(),
         )
 
