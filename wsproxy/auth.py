@@ -51,6 +51,23 @@ class Refusal(Exception):
     def __str__(self) -> str:
         return f"{self.code} {self.reason}"
 
+    def response(self) -> bytes:
+        """
+        The complete HTTP response: status line, headers, the reason as a
+        plain-text body, and C{Connection: close}.
+        """
+        body = (self.reason + "\n").encode("utf-8")
+        head = [f"HTTP/1.1 {self.code} {self.reason}"]
+        head += [f"{name}: {value}" for name, value in self.headers]
+        head += [
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "",
+            "",
+        ]
+        return "\r\n".join(head).encode("utf-8") + body
+
 
 def parse_ws_path(path: str) -> Optional[tuple[str, str]]:
     """

@@ -157,18 +157,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             peer=self.peer,
         )
         self.wasNotCleanReason = refusal.reason
-        body = (refusal.reason + "\n").encode("utf-8")
-        head = [f"HTTP/1.1 {refusal.code} {refusal.reason}"]
-        for name, value in refusal.headers:
-            head.append(f"{name}: {value}")
-        head += [
-            "Content-Type: text/plain; charset=utf-8",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-            "",
-            "",
-        ]
-        self.sendData("\r\n".join(head).encode("utf-8") + body)
+        self.sendData(refusal.response())
         # a deliberate, complete refusal: not worth Autobahn's own warning
         self.wasClean = True
         self.dropConnection(abort=False)

@@ -166,18 +166,13 @@ class _Channel(http.HTTPChannel):
         would close without a word; answer 431 and ignore the rest.
         """
         self._disarm()
-        self.dataReceived = lambda data: None  # type: ignore[method-assign]
         if self.transport is None:
             return
+        # read nothing more: the answer is final
+        self.transport.pauseProducing()
         self._log.info("refused 431 request head too large: peer={peer}",
                        peer=self.transport.getPeer())
-        body = b"Request Header Fields Too Large\n"
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % len(body) + body
-        )
+        self.transport.write(auth.Refusal(431, "Request Header Fields Too Large").response())
         self.loseConnection()
 
     def requestDone(self, request: Any) -> None:
@@ -208,10 +203,7 @@ class _Request(server.Request):
     def gotLength(self, length: Any) -> None:
         if length is not None and length > self.max_body:
             self.channel.persistent = False
-            self.channel.transport.write(
-                b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: 18\r\nConnection: close\r\n\r\nContent Too Large\n"
-            )
+            self.channel.transport.write(auth.Refusal(413, "Content Too Large").response())
             self.channel.transport.loseConnection()
             length = 0
         super().gotLength(length)
