@@ -86,10 +86,7 @@ class Hub:
         #: messages dispatched, so the canary can tell a backlog from silence
         self.delivered = 0
         self._canary_seq = 0
-        self.canary_ok = False
         self.canary_rtt: Optional[float] = None
-        self.on_canary: Callable[[float], None] = lambda rtt: None
-        self.on_stale: Callable[[], None] = lambda: None
         self._canary_confirmed = False
 
     @property
@@ -281,13 +278,11 @@ class Hub:
         self._publish(self._canary_key, b"%d" % seq, replied)
 
     def _stale(self, why: str) -> None:
-        self.canary_ok = False
         self._canary_sent = None
         # unhealthy until a new connection has confirmed the canary channel
         self._canary_confirmed = False
         if self._link.ready is not None:
             self._log.error("{why}: rebuilding the subscriber connection", why=why)
-            self.on_stale()
             self._link.kill()
 
     def _canary_back(self, payload: bytes) -> None:
@@ -295,6 +290,4 @@ class Hub:
         if sent is None or payload != b"%d" % self._canary_seq:
             return
         self._canary_sent = None
-        self.canary_ok = True
         self.canary_rtt = self._clock.seconds() - sent
-        self.on_canary(self.canary_rtt)

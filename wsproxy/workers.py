@@ -84,7 +84,6 @@ class Supervisor(DaemonService):
         self.log_observer = log_observer
         self.sock: Optional[socket.socket] = None
         self.workers: dict[int, tuple[_Worker, Any]] = {}
-        self.restarts = 0
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -135,7 +134,6 @@ class Supervisor(DaemonService):
             del self.workers[index]
         if self.stopping:
             return
-        self.restarts += 1
         self._log.error(
             "worker {index} exited ({why}); restarting in {delay:g}s",
             index=index, why=why, delay=self.restart_delay,
