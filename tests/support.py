@@ -79,11 +79,17 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
+    def listen_args(self) -> list[str]:
+        """
+        The redis-server arguments that say where it listens.
+        """
+        return ["--port", str(self.port)]
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
+                *self.listen_args(),
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -96,12 +102,13 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if self.client().ping():
-                    return
+                with self.client() as c:
+                    if c.ping():
+                        return
             except redispy.ConnectionError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                raise RuntimeError(f"{type(self).__name__} did not start on port {self.port}")
             time.sleep(0.02)
 
     def client(self) -> redispy.Redis:

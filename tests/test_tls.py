@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl as stdlib_ssl
-import subprocess
 import time
 from typing import Any, Optional
 
@@ -36,7 +35,6 @@ from .support import (
     connect,
     exchange_messages,
     raw_exchange,
-    redis_server_binary,
     settings_for,
     status_of,
     up_listener,
@@ -73,35 +71,15 @@ class TlsRedisServer(RedisServer):
     def url(self, host: str = "localhost") -> str:  # type: ignore[override]
         return f"rediss://{host}:{self.port}"
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
-                "--tls-cert-file", self.cert_file,
-                "--tls-key-file", self.key_file,
-                "--tls-ca-cert-file", self.ca_file,
-                "--tls-auth-clients", self.auth_clients,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as c:
-                    if c.ping():
-                        return
-            except redispy.ConnectionError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TLS redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+    def listen_args(self) -> list[str]:
+        return [
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", self.cert_file,
+            "--tls-key-file", self.key_file,
+            "--tls-ca-cert-file", self.ca_file,
+            "--tls-auth-clients", self.auth_clients,
+        ]
 
     def client(self) -> redispy.Redis:
         certfile, keyfile = self.client_cert or (None, None)
