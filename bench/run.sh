@@ -25,7 +25,7 @@ RPORT=$(free_port); PPORT=$(free_port)
 tmp=$(mktemp -d)
 "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
 rpid=$!
-env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn \
+env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
     WORKERS="${WORKERS:-1}" $PY -m wsproxy >"$tmp/proxy.log" 2>&1 &
 ppid=$!
 trap 'kill $ppid 2>/dev/null; wait $ppid 2>/dev/null; kill $rpid 2>/dev/null; rm -rf "$tmp"' EXIT

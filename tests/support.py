@@ -161,6 +161,7 @@ def settings_for(redis_url: str, **overrides: Any) -> Settings:
         auth_timeout=2.0,
         ping_interval=0.0,
         shutdown_grace_period=3.0,
+        shutdown_drain=0.0,
         handshake_timeout=5.0,
     )
     values.update(overrides)

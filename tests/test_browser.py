@@ -147,7 +147,7 @@ class BrowserTests(TestCase):
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "REDIS_URL": self.redis.url,
-            "SHUTDOWN_GRACE_PERIOD_SECS": "5",
+            "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0",
             "AUTH_GRACE_PERIOD_SECS": "600",
         }
         daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], env)

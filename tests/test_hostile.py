@@ -626,7 +626,7 @@ class DaemonTestCase(RedisTestCase):
 
     async def start(self, **env: str) -> None:
         base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_GRACE_PERIOD_SECS": "2", "LOG_LEVEL": "info"}
+                "SHUTDOWN_GRACE_PERIOD_SECS": "2", "SHUTDOWN_DRAIN_SECS": "0", "LOG_LEVEL": "info"}
         base.update(env)
         self.daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], base)
         self.addCleanup(self.daemon.stop)

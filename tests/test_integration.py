@@ -385,6 +385,37 @@ class HttpEndpointTests(ProxyTestCase):
         self.assertIn(b"wsproxy_connections_open 1.0", body)
 
 
+    async def test_bytes_down_are_payload_bytes(self) -> None:
+        """
+        wsproxy_bytes_down_total and the close log line's out= count payload
+        bytes, like the up direction: no frame headers (2, 4 and 10 bytes
+        for these sizes), and the same in tagged mode (no tag byte).
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sizes = (10, 200, 70_000)
+        for mode, tag in (("auto", b""), ("tagged", b"t")):
+            await self.proxy.stop()
+            await self.start(frame_mode=mode)
+            self.authorize("s1")
+            c = await self.client("s1")
+            for size in sizes:
+                self.r.publish("session:s1:down", tag + b"x" * size)
+            await c.wait_messages(3)
+            c.sendMessage(b"12345")
+            await c.close_and_wait()
+            code, _, body = await self.get("/metrics")
+            self.assertIn(b"wsproxy_bytes_down_total 70210.0", body, mode)
+            self.assertIn(b"wsproxy_bytes_up_total 5.0", body, mode)
+            await wait_for(lambda: any("closed: session=s1" in formatEvent(e) for e in events))
+            closed = [formatEvent(e) for e in events if "closed: session=s1" in formatEvent(e)]
+            self.assertIn("in=1/5B out=3/70210B", closed[-1], mode)
+            del events[:]
+
+
 class CompressionTests(ProxyTestCase):
     async def offer_deflate(self) -> Any:
         from autobahn.websocket.compress import PerMessageDeflateOffer

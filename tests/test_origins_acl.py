@@ -276,9 +276,9 @@ class OriginTests(AdmissionTestCase):
 
     async def test_other_origins_403(self) -> None:
         """
-        Another host, port or scheme, a look-alike, a missing Origin and
-        "null" are refused with 403 even with a valid token, and the token's
-        TTL is not renewed.
+        Another host, port or scheme, a look-alike and "null" (not listed)
+        are refused with 403 even with a valid token, and the token's TTL is
+        not renewed.
         """
         self.authorize("s1", ttl=300)
         for origin in (
@@ -287,15 +287,66 @@ class OriginTests(AdmissionTestCase):
             "http://app.example.com",
             "https://app.example.com.evil.com",
             "null",
-            None,
         ):
-            headers = {"Authorization": "Bearer tok"}
-            if origin is not None:
-                headers["Origin"] = origin
+            headers = {"Authorization": "Bearer tok", "Origin": origin}
             response = await self.request(upgrade_request("/a/ws/s1", headers))
             self.assertEqual(status_of(response), 403, origin)
             self.assertTrue(response.endswith(b"Origin not allowed\n"), response)
         self.assertLessEqual(self.r.ttl("session:s1:auth"), 300)
+
+    async def test_missing_origin_admitted(self) -> None:
+        """
+        An upgrade without an Origin header (a server, app or CLI client:
+        browsers always send one) is admitted with a valid token, and still
+        refused without one.
+        """
+        self.authorize("s1")
+        response = await self.request(
+            upgrade_request("/a/ws/s1", {"Authorization": "Bearer tok"})
+        )
+        self.assertEqual(status_of(response), 101, response)
+        response = await self.request(
+            upgrade_request("/a/ws/s1", {"Authorization": "Bearer wrong"})
+        )
+        self.assertEqual(status_of(response), 403, response)
+        self.assertTrue(response.endswith(b"Invalid or expired token\n"), response)
+
+    async def test_null_admitted_when_listed(self) -> None:
+        """
+        "null" in ALLOWED_ORIGINS admits Origin: null (sandboxed frames,
+        file: pages); other origins stay refused.
+        """
+        await self.proxy.stop()
+        origins = load_settings(
+            {"ALLOWED_ORIGINS": "https://app.example.com,null"}, environ={}, dotenv_path=None,
+        ).allowed_origins
+        await self.start(allowed_origins=origins)
+        self.authorize("s1")
+        for origin, status in (("null", 101), ("https://app.example.com", 101),
+                               ("https://evil.example.com", 403)):
+            response = await self.request(
+                upgrade_request("/a/ws/s1", {"Authorization": "Bearer tok", "Origin": origin})
+            )
+            self.assertEqual(status_of(response), status, origin)
+
+    async def test_require_origin(self) -> None:
+        """
+        REQUIRE_ORIGIN=true (a browser-only deployment): an upgrade without
+        Origin gets 403 "Origin required"; a listed origin is admitted.
+        """
+        await self.proxy.stop()
+        await self.start(allowed_origins=("https://app.example.com",), require_origin=True)
+        self.authorize("s1", ttl=300)
+        response = await self.request(
+            upgrade_request("/a/ws/s1", {"Authorization": "Bearer tok"})
+        )
+        self.assertEqual(status_of(response), 403, response)
+        self.assertTrue(response.endswith(b"Origin required\n"), response)
+        self.assertLessEqual(self.r.ttl("session:s1:auth"), 300)
+        response = await self.request(upgrade_request(
+            "/a/ws/s1", {"Authorization": "Bearer tok", "Origin": "https://app.example.com"}
+        ))
+        self.assertEqual(status_of(response), 101, response)
 
     async def test_env_list(self) -> None:
         """

@@ -11,6 +11,8 @@ import signal
 import sys
 import time
 
+from twisted.internet import error
+
 from .support import (
     TWISTD,
     Daemon,
@@ -28,7 +30,7 @@ class ProcessTests(RedisTestCase):
 
     def start(self, *args: str, **env: str) -> Daemon:
         base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_GRACE_PERIOD_SECS": "5"}
+                "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0"}
         base.update(env)
         argv = list(args) or [TWISTD, "-n", "--pidfile=", "wsproxy"]
         daemon = Daemon(argv, base)
@@ -53,9 +55,54 @@ class ProcessTests(RedisTestCase):
         self.assertEqual(await daemon.out.ended, 0)
         self.assertIn(b"shutdown complete", daemon.out.output)
 
+    async def test_drain_window_on_sigterm(self) -> None:
+        """
+        SIGTERM with SHUTDOWN_DRAIN_SECS=3: open clients get 1001 at once;
+        for the window the port stays open, /ready answers 503 "draining"
+        and a valid upgrade gets 503 with Retry-After; then the port is
+        closed and the process exits 0.
+        """
+        daemon = self.start(SHUTDOWN_DRAIN_SECS="3")
+        port = await daemon.port()
+        self.r.set("session:s1:auth", "tok", ex=60)
+        client = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
+        signalled = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual((await client.factory.closed)[0], 1001)
+        response = await raw_exchange(port, b"GET /ready HTTP/1.0\r\n\r\n")
+        self.assertEqual(status_of(response), 503)
+        self.assertEqual(json.loads(response.partition(b"\r\n\r\n")[2]),
+                         {"status": "draining"})
+        response = await raw_exchange(
+            port, upgrade_request("/a/ws/s1", {"Authorization": "Bearer tok"})
+        )
+        self.assertEqual(status_of(response), 503, response)
+        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        # both answers came well inside the window
+        self.assertLess(time.monotonic() - signalled, 2.5)
+        self.assertEqual(await daemon.out.ended, 0)
+        self.assertGreaterEqual(time.monotonic() - signalled, 2.9)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await raw_exchange(port, b"GET /ready HTTP/1.0\r\n\r\n")
+
+    async def test_second_signal_ends_drain_window(self) -> None:
+        """
+        A second SIGTERM during a long drain window stops at once (exit 0).
+        """
+        daemon = self.start(SHUTDOWN_DRAIN_SECS="600")
+        port = await daemon.port()
+        daemon.signal(signal.SIGTERM)
+        await wait_for(lambda: b"still listening for 600s" in daemon.out.output)
+        response = await raw_exchange(port, b"GET /ready HTTP/1.0\r\n\r\n")
+        self.assertEqual(status_of(response), 503)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(await daemon.out.ended, 0)
+        self.assertIn(b"ending the drain window", daemon.out.output)
+
     async def test_idle_daemon_exits_fast(self) -> None:
         """
-        With no clients, python -m wsproxy exits 0 within a second of SIGINT.
+        With no clients and SHUTDOWN_DRAIN_SECS=0, python -m wsproxy exits 0
+        within a second of SIGINT.
         """
         daemon = self.start(sys.executable, "-m", "wsproxy")
         await daemon.port()
@@ -162,7 +209,7 @@ class WorkerTests(RedisTestCase):
         daemon = Daemon(
             [sys.executable, "-m", "wsproxy"],
             {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url, "WORKERS": "2",
-             "SHUTDOWN_GRACE_PERIOD_SECS": "5"},
+             "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0"},
         )
         self.addCleanup(daemon.stop)
         port = await daemon.port()

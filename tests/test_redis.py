@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.redis import RedisLink, RedisUnavailable
+from wsproxy.redis import ConnectFailures, RedisLink, RedisUnavailable, describe_failure
 
 
 class FakeTransport:
@@ -92,3 +92,94 @@ class SweepTests(SynchronousTestCase):
         """
         self.link.ready = None
         self.failureResultOf(self.link.execute("PING"), RedisUnavailable)
+
+
+class ConnectFailureReportTests(SynchronousTestCase):
+    """
+    L{ConnectFailures}: every failed attempt counted by category; one log
+    line per distinct reason, then at most one per interval.
+    """
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.failures = ConnectFailures(self.clock, "rediss://redis.example:6380", interval=60)
+
+    def lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if "connection failed" in formatEvent(e)]
+
+    def test_repeated_failure_logged_once_per_interval(self) -> None:
+        """
+        The same reason a second apart is logged once; after the interval,
+        once more with the number of attempts in between. Every attempt is
+        counted.
+        """
+        for _ in range(10):
+            self.failures.failed("refused", "connection refused")
+            self.clock.advance(1)
+        self.assertEqual(self.lines(), [
+            "redis rediss://redis.example:6380: connection failed: connection refused; retrying",
+        ])
+        self.clock.advance(60)
+        self.failures.failed("refused", "connection refused")
+        self.assertEqual(len(self.lines()), 2)
+        self.assertIn("(9 more failed attempts since the last report)", self.lines()[1])
+        self.assertEqual(self.failures.counts, {"refused": 11})
+
+    def test_new_reason_logged_at_once(self) -> None:
+        """
+        A different reason is news: logged at once, whatever came before.
+        """
+        self.failures.failed("refused", "connection refused")
+        self.failures.failed("auth", "WRONGPASS invalid username-password pair")
+        self.assertEqual(len(self.lines()), 2)
+        self.assertIn("WRONGPASS", self.lines()[1])
+
+    def test_recovery_makes_the_next_failure_news(self) -> None:
+        """
+        After a connection became usable, the same failure is logged again
+        at once.
+        """
+        self.failures.failed("refused", "connection refused")
+        self.failures.recovered()
+        self.failures.failed("refused", "connection refused")
+        self.assertEqual(len(self.lines()), 2)
+
+
+class DescribeFailureTests(SynchronousTestCase):
+    """
+    describe_failure names the cause of a failed attempt in one line.
+    """
+
+    def describe(self, exc: BaseException) -> tuple[str, str]:
+        from twisted.python.failure import Failure
+
+        return describe_failure(Failure(exc), None, Settings())
+
+    def test_tcp(self) -> None:
+        from twisted.internet import error
+
+        self.assertEqual(self.describe(error.ConnectionRefusedError()),
+                         ("refused", "connection refused"))
+        self.assertEqual(self.describe(error.DNSLookupError("no such host"))[0], "dns")
+        self.assertEqual(self.describe(error.TimeoutError())[0], "timeout")
+
+    def test_tls(self) -> None:
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+
+        category, text = self.describe(VerificationError(errors=[]))
+        self.assertEqual(category, "tls_hostname")
+        self.assertIn("'127.0.0.1'", text)
+        category, text = self.describe(
+            SSL.Error([("SSL routines", "", "tlsv13 alert certificate required")])
+        )
+        self.assertEqual(
+            (category, text), ("tls", "TLS handshake failed: tlsv13 alert certificate required")
+        )

@@ -16,8 +16,10 @@ temporary directory.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl as stdlib_ssl
+import sys
 import time
 from typing import Any, Optional
 
@@ -434,3 +436,117 @@ class RedisTlsTests(TlsTestCase):
         proxy = self.start_proxy(server.url("localhost"), redis_tls_ca_file=self.ca.ca_file)
         await self.assert_refused_by_proxy(proxy, r, seconds=2.0)
         self.assert_never_reported_ready(proxy)
+
+
+class RedisFailureReportTests(TlsTestCase):
+    """
+    The real daemon (C{python -m wsproxy}) against a TLS-only redis-server
+    it cannot verify, and against a closed port: the log names the Redis
+    address and the actual reason in one line (not once per attempt), the
+    metric counts every attempt by reason, and Twisted's own retry chatter
+    is not in the log.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ca = Authority(self.certs)
+
+    async def run_failing(self, redis_url: str, reason: str, **env: str) -> bytes:
+        """
+        Run the daemon until at least 6 connection attempts have failed
+        with C{reason}; return its output so far.
+        """
+        from .support import Daemon
+
+        daemon = Daemon(
+            [sys.executable, "-m", "wsproxy"],
+            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": redis_url,
+             "SHUTDOWN_DRAIN_SECS": "0", "LOG_LEVEL": "debug", **env},
+        )
+        self.addCleanup(daemon.stop)
+        port = await daemon.port()
+        pattern = re.compile(
+            rb'wsproxy_redis_connect_failures_total\{reason="%s"\} (\d+)' % reason.encode()
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            response = await raw_exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            found = pattern.search(response)
+            if found and float(found.group(1)) >= 6:
+                break
+            self.assertLess(time.monotonic(), deadline, response)
+            await task.deferLater(reactor, 0.2, lambda: None)
+        health = await raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n")
+        self.assertEqual(status_of(health), 503)
+        output = daemon.out.output
+        self.assertNotIn(b"Scheduling retry", output)
+        self.assertNotIn(b"Endpoint object at", output)
+        return output
+
+    def failure_lines(self, output: bytes) -> list[str]:
+        return [line for line in output.decode().splitlines() if "connection failed" in line]
+
+    async def test_untrusted_certificate_reason_logged_once(self) -> None:
+        """
+        A certificate from a CA the proxy does not trust: one line naming
+        rediss://localhost:PORT and OpenSSL's verification error.
+        """
+        cert, key = self.ca.issue("redis", ["localhost"])
+        server = TlsRedisServer(self.ca.ca_file, cert, key)
+        self.start_redis(server)
+        output = await self.run_failing(server.url("localhost"), "tls_verify")
+        lines = self.failure_lines(output)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"redis rediss://localhost:{server.port}: connection failed: ", lines[0])
+        self.assertRegex(
+            lines[0],
+            "TLS certificate verify failed: (unable to get local issuer certificate"
+            "|self-signed certificate in certificate chain)",
+        )
+
+    async def test_hostname_mismatch_logged_once(self) -> None:
+        """
+        A trusted certificate for another host name: one line saying so.
+        """
+        cert, key = self.ca.issue("redis", ["redis.test"])
+        server = TlsRedisServer(self.ca.ca_file, cert, key)
+        self.start_redis(server)
+        output = await self.run_failing(
+            server.url("localhost"), "tls_hostname", REDIS_TLS_CA_FILE=self.ca.ca_file
+        )
+        lines = self.failure_lines(output)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"rediss://localhost:{server.port}", lines[0])
+        self.assertIn("does not match the host name 'localhost'", lines[0])
+
+    async def test_missing_client_certificate_logged_once(self) -> None:
+        """
+        Redis demands a client certificate the proxy does not have: one
+        line with the TLS alert.
+        """
+        cert, key = self.ca.issue("redis", ["localhost"])
+        backend = self.ca.issue("backend", ["backend"], client=True)
+        server = TlsRedisServer(self.ca.ca_file, cert, key, "yes", client_cert=backend)
+        self.start_redis(server)
+        output = await self.run_failing(
+            server.url("localhost"), "tls", REDIS_TLS_CA_FILE=self.ca.ca_file
+        )
+        lines = self.failure_lines(output)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("TLS handshake failed: ", lines[0])
+        self.assertIn("certificate", lines[0].split("TLS handshake failed: ")[1])
+
+    async def test_connection_refused_logged_once(self) -> None:
+        """
+        Nothing listening at REDIS_URL: one "connection refused" line.
+        """
+        from .support import free_port
+
+        port = free_port()
+        output = await self.run_failing(f"redis://127.0.0.1:{port}", "refused")
+        lines = self.failure_lines(output)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"redis redis://127.0.0.1:{port}: connection failed: connection refused",
+                      lines[0])

@@ -176,19 +176,20 @@ def _optional_path(value: str) -> str | None:
     return value or None
 
 
-_ORIGIN = re.compile(r"^(\*|https?://[^/\s]+)$")
+_ORIGIN = re.compile(r"^(\*|null|https?://[^/\s]+)$")
 
 
 def _origins(value: str) -> tuple[str, ...]:
     """
     A comma-separated list of origins (C{https://app.example.com}, with an
-    optional port, or C{*}); empty means any origin.
+    optional port, C{null} for opaque origins, or C{*}); empty means any
+    origin.
     """
     items = tuple(item.strip().rstrip("/") for item in value.split(",") if item.strip())
     for item in items:
         if not _ORIGIN.match(item):
             raise ValueError(
-                "each origin must look like https://host[:port] (or be *)"
+                "each origin must look like https://host[:port] (or be null or *)"
             )
     return items
 
@@ -289,6 +290,14 @@ SETTINGS: tuple[Setting, ...] = (
         "how long shutdown waits for clients to close",
     ),
     Setting(
+        "SHUTDOWN_DRAIN_SECS",
+        "shutdown_drain",
+        "5",
+        _non_negative_float,
+        "on shutdown, keep listening this long (/ready and new upgrades 503) "
+        "so load balancers notice; 0 stops listening at once",
+    ),
+    Setting(
         "MAX_MESSAGE_SIZE_BYTES",
         "max_message_size",
         "1048576",
@@ -322,6 +331,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _origins,
         "comma list of allowed Origin values (empty: any origin)",
+    ),
+    Setting(
+        "REQUIRE_ORIGIN",
+        "require_origin",
+        "false",
+        _boolean,
+        "refuse upgrades without an Origin header (403; for browser-only deployments)",
     ),
     Setting(
         "REQUIRE_JSON",
@@ -381,11 +397,13 @@ class Settings:
     ping_interval: float = 30.0
     ping_timeout: float = 10.0
     shutdown_grace_period: float = 30.0
+    shutdown_drain: float = 5.0
     max_message_size: int = 1048576
     max_send_buffer: int = 1048576
     handshake_timeout: float = 5.0
     max_connections: int = 0
     allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False
     require_json: bool = False
     compression: bool = False
     frame_mode: str = "auto"

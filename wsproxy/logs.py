@@ -76,6 +76,12 @@ def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObser
     third_party = max(wanted, LogLevel.info)
     predicate = LogLevelFilterPredicate(defaultLogLevel=third_party)
     predicate.setLogLevelForNamespace("wsproxy", wanted)
+    # ClientService announces every reconnection attempt ("Scheduling retry
+    # 1 to connect <...Endpoint object at 0x...>"), saying neither where nor
+    # why; wsproxy.redis logs the failure itself, rate-limited
+    predicate.setLogLevelForNamespace(
+        "twisted.application._client_service", max(wanted, LogLevel.warn)
+    )
     # Autobahn checks its own (txaio) level before it even builds an event,
     # which also keeps its debug formatting off the hot path
     txaio.set_global_log_level(third_party.name)

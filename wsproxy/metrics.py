@@ -33,6 +33,7 @@ class Stats:
         self.publish_failures = 0
         self.slow_consumer_closes = 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
+        self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
         self.subscribed_channels: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -83,6 +84,16 @@ class _Collector:
             ("wsproxy_redis_reconnects", "Redis connections re-established", s.redis_reconnects()),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        failures = CounterMetricFamily(
+            "wsproxy_redis_connect_failures",
+            "Failed attempts to get a usable Redis connection, by reason "
+            "(refused, timeout, dns, tls_verify, tls_hostname, tls, auth, select, closed, ...)",
+            labels=["reason"],
+        )
+        counts = s.redis_connect_failures()
+        for reason in sorted(counts):
+            failures.add_metric([reason], counts[reason])
+        yield failures
         yield GaugeMetricFamily(
             "wsproxy_subscribed_channels", "Session channels subscribed",
             value=s.subscribed_channels(),

@@ -273,10 +273,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         factory = self.factory
         if payload is factory.last_payload:
             prepared = factory.last_prepared
+            size = factory.last_size
         else:
             out = self._down(payload)
-            prepared = None if out is None else factory.prepareMessage(out[0], out[1])
+            if out is None:
+                prepared, size = None, 0
+            else:
+                prepared, size = factory.prepareMessage(out[0], out[1]), len(out[0])
             factory.last_payload, factory.last_prepared = payload, prepared
+            factory.last_size = size
         if prepared is None:
             self._proxy.stats.dropped_down += 1
             if not self._warned_drop:
@@ -294,11 +299,13 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             data = prepared.payload
             self._send_compressed(data, prepared.binary)
+        # payload bytes (what the client's application receives), not the
+        # frame header nor the compressed size
         self.messages_out += 1
-        self.bytes_out += len(data)
+        self.bytes_out += size
         stats = self._proxy.stats
         stats.messages_down += 1
-        stats.bytes_down += len(data)
+        stats.bytes_down += size
         if self._paused:
             self._unsent += len(data)
             if self._unsent > factory.max_send_buffer:
@@ -384,6 +391,7 @@ class ProxyFactory(WebSocketServerFactory):
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
         self.last_prepared: Any = None
+        self.last_size = 0
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,

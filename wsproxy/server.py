@@ -7,6 +7,7 @@ subscription hub, health and draining.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Optional, Set
 from urllib.parse import urlsplit
 
@@ -19,7 +20,14 @@ from . import auth
 from .config import Settings
 from .metrics import Stats
 from .pubsub import Hub
-from .redis import RedisLink, RedisTimeout, RedisUnavailable, client_endpoint, process_token
+from .redis import (
+    ConnectFailures,
+    RedisLink,
+    RedisTimeout,
+    RedisUnavailable,
+    client_endpoint,
+    process_token,
+)
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
@@ -30,6 +38,9 @@ def normalize_origin(origin: str) -> str:
     C{scheme://host[:port]}, lower-case, default ports removed, so that
     C{https://App.example.com:443} and C{https://app.example.com} match.
     """
+    if origin.strip().lower() == "null":
+        # an opaque origin (sandboxed frame, file: page, some redirects)
+        return "null"
     try:
         parts = urlsplit(origin.strip())
         port = parts.port
@@ -106,6 +117,9 @@ class Proxy:
             canary_timeout=max(3.0, canary_interval * 1.5),
         )
         self.stats.redis_reconnects = lambda: commands.reconnects + subscriber.reconnects
+        self.stats.redis_connect_failures = lambda: _merged(
+            {id(link.failures): link.failures for link in (commands, subscriber)}.values()
+        )
         self.stats.canary_rtt = lambda: self.hub.canary_rtt
         self.stats.subscribed_channels = self.hub.channel_count
         self.connections: Set[Any] = set()
@@ -155,14 +169,18 @@ class Proxy:
         @raise auth.Refusal: 503 or 403.
         """
         if self.draining:
-            raise auth.Refusal(503, "Server shutting down")
+            raise auth.Refusal(503, "Server shutting down", (("Retry-After", "1"),))
         cap = self.settings.max_connections
         if cap and len(self.connections) > cap:
             raise auth.Refusal(503, "Too many connections")
-        if not self._any_origin:
-            origin = headers.get("origin")
-            if origin is None or normalize_origin(origin) not in self._origins:
-                raise auth.Refusal(403, "Origin not allowed")
+        origin = headers.get("origin")
+        if origin is None:
+            # Browsers always send Origin; servers, apps and CLI clients do
+            # not, and the origin check cannot protect anything from them.
+            if self.settings.require_origin:
+                raise auth.Refusal(403, "Origin required")
+        elif not self._any_origin and normalize_origin(origin) not in self._origins:
+            raise auth.Refusal(403, "Origin not allowed")
 
     async def admit(
         self, session_id: str, credentials: Optional[auth.Credentials], listener: Any
@@ -226,15 +244,24 @@ class Proxy:
         return reply in (b"PONG", "PONG")
 
 
+def _merged(reporters: Any) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for reporter in reporters:
+        total.update(reporter.counts)
+    return total
+
+
 def build_proxy(reactor: Any, settings: Settings) -> Proxy:
     """
     A L{Proxy} with real Redis links for C{settings}.
     """
     endpoint = client_endpoint(reactor, settings)
+    # one report of a failure, whichever connection meets it first
+    failures = ConnectFailures(reactor, settings.redis.describe())
     return Proxy(
         settings,
         reactor,
-        RedisLink("commands", endpoint, settings, reactor),
-        RedisLink("subscriber", endpoint, settings, reactor, subscriber=True),
+        RedisLink("commands", endpoint, settings, reactor, failures=failures),
+        RedisLink("subscriber", endpoint, settings, reactor, subscriber=True, failures=failures),
     )
 

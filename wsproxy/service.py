@@ -4,12 +4,18 @@ fixed order (twistd's C{MultiService} would stop children concurrently).
 
 Shutdown (SIGTERM, SIGINT or C{stopService}):
 
-  1. stop accepting: C{/ready} answers 503, new upgrades get 503;
-  2. stop listening;
-  3. send close 1001 ("going away") to every open client, drop handshakes;
-  4. wait up to C{SHUTDOWN_GRACE_PERIOD_SECS} for the closing handshakes;
-  5. drop whatever is left (which unsubscribes its channels);
-  6. close the Redis connections.
+  1. stop accepting: C{/ready} answers 503 C{draining}, new upgrades get 503
+     with C{Retry-After};
+  2. send close 1001 ("server shutting down") to every open client, drop
+     handshakes in progress;
+  3. keep listening for C{SHUTDOWN_DRAIN_SECS}, so that a load balancer's
+     readiness probe sees 503 (not a refused connection) and stops sending
+     clients here; a second signal ends this window early;
+  4. stop listening;
+  5. wait until every client has closed, or C{SHUTDOWN_GRACE_PERIOD_SECS}
+     after step 2;
+  6. drop whatever is left (which unsubscribes its channels);
+  7. close the Redis connections.
 
 The process then exits with status 0.
 """
@@ -69,9 +75,19 @@ class DaemonService(Service):
         signal.signal(signal.SIGINT, handler)
 
     def _signalled(self, signum: int) -> None:
-        if not self.stopping and self.reactor.running:
+        if self.stopping:
+            self._log.info("received signal {signum} again: ending the drain window",
+                           signum=signum)
+            self.hurry()
+        elif self.reactor.running:
             self._log.info("received signal {signum}: shutting down", signum=signum)
             self.reactor.stop()
+
+    def hurry(self) -> None:
+        """
+        A second signal during shutdown: skip what is left of the drain
+        window.
+        """
 
 
 class ProxyService(DaemonService):
@@ -98,6 +114,7 @@ class ProxyService(DaemonService):
         self.handle_signals = handle_signals
         self.port: Any = None
         self._stopping: Optional[defer.Deferred] = None
+        self._drain_window: Optional[defer.Deferred] = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -159,30 +176,61 @@ class ProxyService(DaemonService):
             self._stopping = defer.ensureDeferred(self.shutdown())
         return self._stopping
 
+    def hurry(self) -> None:
+        window = self._drain_window
+        if window is not None and not window.called:
+            window.callback(None)
+
     async def shutdown(self) -> None:
         proxy = self.proxy
         clock = proxy.clock
+        settings = proxy.settings
         proxy.draining = True
-        if self.port is not None:
-            await self.port.stopListening()
         connections = list(proxy.connections)
-        self._log.info("draining {n} connections", n=len(connections))
+        self._log.info(
+            "draining {n} connections; still listening for {drain:g}s",
+            n=len(connections), drain=settings.shutdown_drain,
+        )
         for protocol in connections:
             protocol.going_away()
-        pending = [p.closed for p in connections if not p.closed.called]
-        if pending:
-            done: defer.Deferred = defer.Deferred()
-
-            def finish(_: Any = None) -> None:
-                if not done.called:
-                    done.callback(None)
-
-            defer.DeferredList(pending, consumeErrors=True).addBoth(finish)
-            timer = clock.callLater(proxy.settings.shutdown_grace_period, finish)
-            await done
-            if timer.active():
-                timer.cancel()
+        closed = _all_or_timeout(
+            clock,
+            settings.shutdown_grace_period,
+            [p.closed for p in connections if not p.closed.called],
+        )
+        self._drain_window = _window(clock, settings.shutdown_drain)
+        await self._drain_window
+        if self.port is not None:
+            await self.port.stopListening()
+        await closed
         for protocol in list(proxy.connections):
             protocol.dropConnection(abort=True)
         await proxy.stop()
         self._log.info("shutdown complete")
+
+
+def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred]) -> defer.Deferred:
+    """
+    Fires once all of C{pending} have fired, or after C{seconds}, whichever
+    comes first (at once if nothing is pending).
+    """
+    done: defer.Deferred = _window(clock, seconds) if pending else defer.succeed(None)
+    if pending:
+        defer.DeferredList(pending, consumeErrors=True).addBoth(
+            lambda _: None if done.called else done.callback(None)
+        )
+    return done
+
+
+def _window(clock: Any, seconds: float) -> defer.Deferred:
+    """
+    Fires after C{seconds}, or earlier if someone calls it back (the timer
+    is then cancelled).
+    """
+    done: defer.Deferred = defer.Deferred()
+    if seconds <= 0:
+        done.callback(None)
+        return done
+    timer = clock.callLater(seconds, lambda: None if done.called else done.callback(None))
+    done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+    return done

@@ -147,19 +147,16 @@ class Supervisor(DaemonService):
     def stopService(self) -> defer.Deferred:
         self.stopping = True
         super().stopService()
-        waiting = []
-        for worker, process in list(self.workers.values()):
-            waiting.append(worker.ended)
-            try:
-                process.signalProcess("TERM")
-            except Exception:
-                pass
+        waiting = [worker.ended for worker, _ in self.workers.values()]
+        self._signal_workers("TERM")
         if self.sock is not None:
             self.sock.close()
-        # workers drain for up to SHUTDOWN_GRACE_PERIOD_SECS; past that
-        # (plus a margin) whatever is left is killed
+        # workers keep listening for SHUTDOWN_DRAIN_SECS and wait up to
+        # SHUTDOWN_GRACE_PERIOD_SECS for their clients; past that (plus a
+        # margin) whatever is left is killed
         killer = self.reactor.callLater(
-            self.settings.shutdown_grace_period + 10, self._kill_remaining
+            self.settings.shutdown_drain + self.settings.shutdown_grace_period + 10,
+            self._kill_remaining,
         )
 
         def done(_: Any) -> None:
@@ -168,6 +165,20 @@ class Supervisor(DaemonService):
             self._log.info("all workers stopped")
 
         return defer.DeferredList(waiting).addCallback(done)
+
+    def hurry(self) -> None:
+        """
+        A second signal: pass it on, so that the workers end their drain
+        window too.
+        """
+        self._signal_workers("TERM")
+
+    def _signal_workers(self, name: str) -> None:
+        for _, process in list(self.workers.values()):
+            try:
+                process.signalProcess(name)
+            except Exception:
+                pass  # already gone
 
     def _kill_remaining(self) -> None:
         for worker, process in list(self.workers.values()):

@@ -456,6 +456,9 @@ def main(argv=None) -> int:
             REQUIRE_JSON="false",
             MAX_CONNECTIONS="0",
             ALLOWED_ORIGINS="",
+            REQUIRE_ORIGIN="false",
+            # stop at once when the run is over
+            SHUTDOWN_DRAIN_SECS="0",
         )
         pythonpath = [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         env["PYTHONPATH"] = os.pathsep.join(pythonpath)
