@@ -27,9 +27,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from wsproxy.config import Settings, parse_redis_url
-from wsproxy.server import build_proxy
-from wsproxy.service import ProxyService
-from wsproxy.web import ProxySite
+from wsproxy.proxy import build_proxy
+from wsproxy.daemon import ProxyService
+from wsproxy.site import ProxySite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

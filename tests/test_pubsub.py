@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.pubsub import Hub
-from wsproxy.redis import RedisUnavailable
+from wsproxy.redislink import RedisUnavailable
 
 
 class FakeLink:

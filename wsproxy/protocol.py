@@ -3,8 +3,13 @@ The WebSocket side: one L{ProxyProtocol} per client connection, and the
 factory that configures Autobahn for a proxy.
 
 Data flows one way through a connection: upgrade request → admission
-(precheck, token check, subscription confirmed by Redis) → 101 → frames in
-are published on C{:up}, messages from the hub are sent as frames.
+(L{ProxyProtocol._admit}: route, precheck, token check, subscription
+confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
+published on C{:up}, messages from the hub are sent as frames.
+
+Who owns the session's subscription: the hub while it is being confirmed
+(it releases it on any failure, or when the admission is cancelled because
+the client left), this protocol from then on (released in L{_finish}).
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from autobahn.websocket.compress import (
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames
-from .server import Proxy
+from .names import up_channel
+from .proxy import Proxy
+from .refusal import CLIENT_LEFT, Refusal
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -65,8 +73,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._state = _HANDSHAKE
         self._proxy: Proxy = None  # type: ignore[assignment]
         self._subscribed = False
+        self._admission: Optional[defer.Deferred] = None
         self._early: list[bytes] = []
-        self._refusal: Optional[auth.Refusal] = None
+        self._refusal: Optional[Refusal] = None
         self._paused = False
         self._unsent = 0
         self._stopped_sending = False
@@ -92,50 +101,37 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._finish(None)
 
     def onConnect(self, request: Any) -> defer.Deferred:
-        return defer.ensureDeferred(self._admit(request))
+        # kept so that a client leaving mid-admission cancels it (_finish)
+        self._admission = defer.ensureDeferred(self._admit(request))
+        return self._admission.addErrback(self._refuse)
 
-    async def _admit(self, request: Any) -> Any:
+    async def _admit(self, request: Any) -> Optional[str]:
+        """
+        The whole admission, in order; each step raises its L{Refusal}.
+
+        @return: the subprotocol to answer with, if any.
+        """
         proxy = self._proxy
-        parsed = auth.parse_ws_path(request.path)
-        try:
-            if parsed is None:
-                raise auth.Refusal(404, "Not Found")
-            self.agent_id, session_id = parsed
-            if not auth.valid_session_id(session_id):
-                raise auth.Refusal(400, "Invalid session id")
-            self.session_id = session_id
-            proxy.precheck(request.headers)
-            credentials = auth.extract_token(
-                request.headers, request.params, request.protocols
-            )
-            # from here on the hub may hold this listener: _finish releases it
-            self._subscribed = True
-            await proxy.admit(session_id, credentials, self)
-            if self._state is _CLOSED:
-                raise auth.Refusal(499, "Client went away")
-        except Exception as e:
-            if self._subscribed:
-                self._subscribed = False
-                proxy.unsubscribe(self.session_id, self)  # type: ignore[arg-type]
-            if isinstance(e, auth.Refusal):
-                refusal = e
-            else:
-                self._log.failure("unexpected error admitting a connection")
-                refusal = auth.Refusal(500, "Internal error")
-            self._refusal = refusal
-            raise ConnectionDeny(refusal.code, refusal.reason) from None
-        self._up_channel = auth.up_channel(session_id)
+        self.agent_id, self.session_id = proxy.route(request.path)
+        proxy.precheck(request.headers)
+        credentials = auth.extract_token(request.headers, request.params, request.protocols)
+        await proxy.authorize(self.session_id, credentials, self)
+        # admitted: the subscription is ours from here on
+        self._subscribed = True
+        self._up_channel = up_channel(self.session_id)
         assert credentials is not None
-        if credentials.source == "subprotocol":
-            return auth.BEARER_SUBPROTOCOL
-        return None
+        return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
 
-    @property
-    def gone(self) -> bool:
-        """
-        The client left before its handshake completed.
-        """
-        return self._state is _CLOSED
+    def _refuse(self, failure: Failure) -> None:
+        if failure.check(Refusal):
+            refusal = failure.value
+        elif failure.check(defer.CancelledError):
+            refusal = CLIENT_LEFT
+        else:
+            self._log.failure("unexpected error admitting a connection", failure)
+            refusal = Refusal(500, "Internal error")
+        self._refusal = refusal
+        raise ConnectionDeny(refusal.code, refusal.reason)
 
     def failHandshake(
         self, reason: str, code: int = 400, responseHeaders: Any = None
@@ -146,7 +142,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         refusal = self._refusal
         if refusal is None or refusal.code != code:
-            refusal = auth.Refusal(code, _redact(reason))
+            refusal = Refusal(code, _redact(reason))
         self._proxy.stats.outcomes[str(refusal.code)] += 1
         self._log.info(
             "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}",
@@ -195,9 +191,14 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._state = _CLOSED
         proxy = self._proxy
         proxy.connections.discard(self)
+        admission = self._admission
+        if admission is not None and not admission.called:
+            # the client left mid-admission: nothing stays subscribed
+            admission.cancel()
         if self._subscribed:
             self._subscribed = False
-            proxy.unsubscribe(self.session_id, self)  # type: ignore[arg-type]
+            assert self.session_id is not None
+            proxy.unsubscribe(self.session_id, self)
         self._early = []
         if was_open:
             proxy.stats.open_connections -= 1

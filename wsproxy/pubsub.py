@@ -29,15 +29,16 @@ from typing import Any, Callable, Dict, Optional, Protocol
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from .redis import RedisLink, RedisUnavailable
+from .redislink import RedisLink, RedisUnavailable
 
 
 class Listener(Protocol):
     def deliver(self, payload: bytes) -> None: ...
 
 
-class _Channel:
+class _Subscription:
     """
     The listeners of one channel and the state of its subscription.
     """
@@ -70,7 +71,7 @@ class Hub:
         self._link = link
         self._clock = clock
         self._publish = publish
-        self._channels: Dict[bytes, _Channel] = {}
+        self._channels: Dict[bytes, _Subscription] = {}
         link.on_ready = self._connected
         link.on_lost = self._disconnected
         link.on_message = self.dispatch
@@ -123,25 +124,35 @@ class Hub:
         """
         Add C{listener} to C{channel}. The Deferred fires once Redis has
         confirmed the subscription, or fails with L{RedisUnavailable} or
-        L{RedisTimeout} (the listener is then already removed).
+        L{RedisTimeout}; cancelling it (the caller gave up) fails it with
+        C{CancelledError}. When it fails the listener is already removed:
+        until it fires the hub owns the subscription, afterwards the caller
+        (who must L{unsubscribe}).
         """
         key = channel.encode()
         state = self._channels.get(key)
         if state is None:
             if self._link.ready is None:
                 return defer.fail(RedisUnavailable("subscriber not connected"))
-            state = self._channels[key] = _Channel(channel)
+            state = self._channels[key] = _Subscription(channel)
             state.listeners.append(listener)
             self._send_subscribe(state)
         else:
             state.listeners.append(listener)
         if state.confirmed:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+
+        def cancel(d: defer.Deferred) -> None:
+            if d in state.waiting:
+                state.waiting.remove(d)
+            self.unsubscribe(channel, listener)
+
+        d: defer.Deferred = defer.Deferred(canceller=cancel)
         state.waiting.append(d)
 
-        def failed(f: Any) -> Any:
-            self.unsubscribe(channel, listener)
+        def failed(f: Failure) -> Failure:
+            if not f.check(defer.CancelledError):
+                self.unsubscribe(channel, listener)
             return f
 
         return d.addErrback(failed)
@@ -167,7 +178,7 @@ class Hub:
             d.errback(RedisUnavailable("unsubscribed"))
         self._link.unsubscribe(channel).addErrback(lambda f: None)
 
-    def _send_subscribe(self, state: _Channel) -> None:
+    def _send_subscribe(self, state: _Subscription) -> None:
         def confirmed(_: Any) -> None:
             if self._channels.get(state.name.encode()) is not state:
                 return  # everyone left while the subscription was in flight

@@ -56,9 +56,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
         reactor = default_reactor
     from .logs import make_observer
-    from .server import build_proxy
-    from .service import ProxyService
-    from .web import ProxySite
+    from .proxy import build_proxy
+    from .daemon import ProxyService
+    from .site import ProxySite
     from .workers import LISTEN_FD, Supervisor
 
     settings = options.settings

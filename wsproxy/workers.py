@@ -24,7 +24,7 @@ from typing import Any, Optional
 from twisted.internet import defer, protocol
 
 from .config import Settings
-from .service import DaemonService
+from .daemon import DaemonService
 
 #: environment variable that tells a worker which inherited fd to listen on
 LISTEN_FD = "WSPROXY_LISTEN_FD"

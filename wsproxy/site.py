@@ -18,10 +18,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from . import auth
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
-from .server import Proxy
+from .names import parse_ws_path
+from .proxy import Proxy
+from .refusal import Refusal
 
 
 def _plain(request: Any, code: int, reason: str, headers: tuple = ()) -> bytes:
@@ -82,14 +83,10 @@ class Root(resource.Resource):
             # a refused upgrade ends the connection (clients do not reuse it)
             request.channel.persistent = False
             request.setHeader(b"connection", b"close")
-        parsed = auth.parse_ws_path(path)
-        if parsed is None:
+        if parse_ws_path(path) is None:
             return _plain(request, 404, "Not Found")
-        if not auth.valid_session_id(parsed[1]):
-            self._proxy.stats.outcomes["400"] += 1
-            self._log.info("refused 400 Invalid session id: agent={agent_id} peer={peer}",
-                           agent_id=parsed[0], peer=request.getClientAddress())
-            return _plain(request, 400, "Invalid session id")
+        # everything else about an upgrade (session id, origin, token) is
+        # decided by its admission (wsproxy.protocol, wsproxy.proxy)
         if request.method != b"GET" or b"websocket" not in upgrade.lower():
             return _plain(
                 request, 426, "Upgrade Required",
@@ -133,7 +130,7 @@ class Root(resource.Resource):
         return self._proxy.stats.render()
 
 
-class _Channel(http.HTTPChannel):
+class _DeadlineChannel(http.HTTPChannel):
     """
     An HTTP channel with an absolute deadline for each request (head and body).
     """
@@ -172,7 +169,7 @@ class _Channel(http.HTTPChannel):
         self.transport.pauseProducing()
         self._log.info("refused 431 request head too large: peer={peer}",
                        peer=self.transport.getPeer())
-        self.transport.write(auth.Refusal(431, "Request Header Fields Too Large").response())
+        self.transport.write(Refusal(431, "Request Header Fields Too Large").response())
         self.loseConnection()
 
     def requestDone(self, request: Any) -> None:
@@ -203,14 +200,14 @@ class _Request(server.Request):
     def gotLength(self, length: Any) -> None:
         if length is not None and length > self.max_body:
             self.channel.persistent = False
-            self.channel.transport.write(auth.Refusal(413, "Content Too Large").response())
+            self.channel.transport.write(Refusal(413, "Content Too Large").response())
             self.channel.transport.loseConnection()
             length = 0
         super().gotLength(length)
 
 
 class ProxySite(server.Site):
-    protocol = _Channel
+    protocol = _DeadlineChannel
     requestFactory = _Request
     noisy = False
 

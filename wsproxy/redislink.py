@@ -705,3 +705,29 @@ def process_token() -> str:
     A short identifier of this process, for private channel names.
     """
     return f"{os.getpid()}-{os.urandom(4).hex()}-{int(time.time())}"
+
+
+def build_links(reactor: Any, settings: Settings) -> tuple[RedisLink, RedisLink]:
+    """
+    The command and subscriber links a proxy process runs on, sharing one
+    endpoint and one report of connection failures (whichever connection
+    meets a failure first reports it).
+    """
+    endpoint = client_endpoint(reactor, settings)
+    failures = ConnectFailures(reactor, settings.redis.describe())
+    return (
+        RedisLink("commands", endpoint, settings, reactor, failures=failures),
+        RedisLink("subscriber", endpoint, settings, reactor, subscriber=True, failures=failures),
+    )
+
+
+def with_deadline(d: defer.Deferred, seconds: float, clock: IReactorTime) -> defer.Deferred:
+    """
+    Fail C{d} with L{RedisTimeout} unless it fires within C{seconds}
+    (cancelling it). Used once per handshake, never per message.
+    """
+
+    def timed_out(result: Any, timeout: float) -> Any:
+        raise RedisTimeout(f"no answer within {timeout:g}s")
+
+    return d.addTimeout(seconds, clock, onTimeoutCancel=timed_out)

@@ -30,7 +30,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, endpoints
 from twisted.logger import ILogObserver, Logger
 
-from .server import Proxy
+from .proxy import Proxy
 
 
 class ListenError(Exception):

@@ -1,33 +1,37 @@
 """
 The proxy's state and decisions, independent of any socket: which
-connections are open, whether a new one may open, the Redis links and the
-subscription hub, health and draining.
+connections are open, whether a new one may open (each admission decision
+is taken here, once), the Redis links and the subscription hub, health and
+draining.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Optional, Set
+from typing import Any, Mapping, Optional, Set
 from urllib.parse import urlsplit
 
+import txredisapi
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from . import auth
+from .backpressure import UpstreamValve
 from .config import Settings
 from .metrics import Stats
-from .pubsub import Hub
-from .redis import (
-    ConnectFailures,
+from .names import down_channel, parse_ws_path, valid_session_id
+from .pubsub import Hub, Listener
+from .redislink import (
     RedisLink,
     RedisTimeout,
     RedisUnavailable,
-    client_endpoint,
+    build_links,
     process_token,
+    with_deadline,
 )
+from .refusal import Refusal
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
@@ -53,36 +57,6 @@ def normalize_origin(origin: str) -> str:
     if port is None or (scheme, port) in (("http", 80), ("https", 443)):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
-
-
-@implementer(IPushProducer)
-class UpstreamValve:
-    """
-    Upstream backpressure: registered as the producer of the command
-    connection, it stops reading from every client while that connection's
-    send buffer is full (Redis, or the network to it, is slower than the
-    clients), and resumes when it has drained. Memory stays bounded and no
-    client message is dropped.
-    """
-
-    def __init__(self, connections: Set[Any]) -> None:
-        self._connections = connections
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            for protocol in self._connections:
-                protocol.pause_reading()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            for protocol in self._connections:
-                protocol.resume_reading()
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
 
 
 class Proxy:
@@ -161,55 +135,75 @@ class Proxy:
         )
 
     # -- admission ---------------------------------------------------------
+    #
+    # ProxyProtocol._admit calls these in order: route -> precheck ->
+    # authorize (token, then subscription) -> open. Each raises the Refusal
+    # it decides; nothing else refuses a WebSocket upgrade.
 
-    def precheck(self, headers: dict[str, str]) -> None:
+    def route(self, path: str) -> tuple[str, str]:
+        """
+        The (agent id, session id) a request path names.
+
+        @raise Refusal: 404 (not a WebSocket path) or 400 (invalid session
+            id).
+        """
+        parsed = parse_ws_path(path)
+        if parsed is None:
+            raise Refusal(404, "Not Found")
+        if not valid_session_id(parsed[1]):
+            raise Refusal(400, "Invalid session id")
+        return parsed
+
+    def precheck(self, headers: Mapping[str, str]) -> None:
         """
         The checks that need no Redis: draining, connection cap, origin.
 
-        @raise auth.Refusal: 503 or 403.
+        @raise Refusal: 503 or 403.
         """
         if self.draining:
-            raise auth.Refusal(503, "Server shutting down", (("Retry-After", "1"),))
+            raise Refusal(503, "Server shutting down", (("Retry-After", "1"),))
         cap = self.settings.max_connections
         if cap and len(self.connections) > cap:
-            raise auth.Refusal(503, "Too many connections")
+            raise Refusal(503, "Too many connections")
         origin = headers.get("origin")
         if origin is None:
             # Browsers always send Origin; servers, apps and CLI clients do
             # not, and the origin check cannot protect anything from them.
             if self.settings.require_origin:
-                raise auth.Refusal(403, "Origin required")
+                raise Refusal(403, "Origin required")
         elif not self._any_origin and normalize_origin(origin) not in self._origins:
-            raise auth.Refusal(403, "Origin not allowed")
+            raise Refusal(403, "Origin not allowed")
 
-    async def admit(
-        self, session_id: str, credentials: Optional[auth.Credentials], listener: Any
+    async def authorize(
+        self, session_id: str, credentials: Optional[auth.Credentials], listener: Listener
     ) -> None:
         """
         The token check, then the subscription of C{listener} to the
         session's down channel, confirmed by Redis: both within one
         C{AUTH_TIMEOUT_SECS} deadline (one timer per handshake).
 
-        @param listener: has a C{gone} attribute, true once the client left.
-        @raise auth.Refusal: 401, 403, 499 (client left), 503 or 504; the
-            listener is then not subscribed.
+        On success the caller owns the subscription (it calls
+        L{unsubscribe} when it closes). Otherwise, and if the caller cancels
+        (the client left), nothing stays subscribed.
+
+        @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
+            an error) or 504 (no answer in time).
         """
         try:
-            await auth.with_deadline(
-                defer.ensureDeferred(self._admit(session_id, credentials, listener)),
+            await with_deadline(
+                defer.ensureDeferred(self._authorize(session_id, credentials, listener)),
                 self.settings.auth_timeout,
                 self.clock,
             )
-        except RedisUnavailable:
-            if listener.gone:
-                # its leaving cancelled the pending subscription ("unsubscribed")
-                raise auth.Refusal(499, "Client went away") from None
-            raise auth.Refusal(503, "Redis unavailable") from None
+        except (RedisUnavailable, txredisapi.ResponseError):
+            # a Redis error (NOAUTH, NOPERM after an ACL change, ...) is the
+            # server side's problem, never the client's
+            raise Refusal(503, "Redis unavailable") from None
         except RedisTimeout:
-            raise auth.Refusal(504, "Redis timeout") from None
+            raise Refusal(504, "Redis timeout") from None
 
-    async def _admit(
-        self, session_id: str, credentials: Optional[auth.Credentials], listener: Any
+    async def _authorize(
+        self, session_id: str, credentials: Optional[auth.Credentials], listener: Listener
     ) -> None:
         started = time.perf_counter()
         try:
@@ -219,12 +213,10 @@ class Proxy:
         finally:
             if credentials is not None:
                 self.stats.auth_latency.observe(time.perf_counter() - started)
-        if listener.gone:
-            raise auth.Refusal(499, "Client went away")
-        await self.hub.subscribe(auth.down_channel(session_id), listener)
+        await self.hub.subscribe(down_channel(session_id), listener)
 
-    def unsubscribe(self, session_id: str, listener: Any) -> None:
-        self.hub.unsubscribe(auth.down_channel(session_id), listener)
+    def unsubscribe(self, session_id: str, listener: Listener) -> None:
+        self.hub.unsubscribe(down_channel(session_id), listener)
 
     # -- health --------------------------------------------------------------
 
@@ -236,9 +228,7 @@ class Proxy:
         if not self.hub.healthy:
             return False
         try:
-            reply = await auth.with_deadline(
-                self.commands.execute("PING"), 1.0, self.clock
-            )
+            reply = await with_deadline(self.commands.execute("PING"), 1.0, self.clock)
         except Exception:
             return False
         return reply in (b"PONG", "PONG")
@@ -255,13 +245,5 @@ def build_proxy(reactor: Any, settings: Settings) -> Proxy:
     """
     A L{Proxy} with real Redis links for C{settings}.
     """
-    endpoint = client_endpoint(reactor, settings)
-    # one report of a failure, whichever connection meets it first
-    failures = ConnectFailures(reactor, settings.redis.describe())
-    return Proxy(
-        settings,
-        reactor,
-        RedisLink("commands", endpoint, settings, reactor, failures=failures),
-        RedisLink("subscriber", endpoint, settings, reactor, subscriber=True, failures=failures),
-    )
-
+    commands, subscriber = build_links(reactor, settings)
+    return Proxy(settings, reactor, commands, subscriber)

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.redis import ConnectFailures, RedisLink, RedisUnavailable, describe_failure
+from wsproxy.redislink import ConnectFailures, RedisLink, RedisUnavailable, describe_failure
 
 
 class FakeTransport:

@@ -1,0 +1,47 @@
+"""
+The names a session lives under: the WebSocket path it is reached by, and
+its Redis key and channels. Everything that spells C{session:{id}:...} is
+here, so a change of layout (a Cluster hash tag, say) is made in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+from urllib.parse import unquote
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}\Z")
+
+
+def parse_ws_path(path: str) -> Optional[tuple[str, str]]:
+    """
+    Split C{/{agent_id}/ws/{session_id}} into (agent_id, session_id).
+
+    @return: C{None} if the path does not have that shape (404); the parts
+        otherwise, percent-decoded. The session id still has to be checked
+        with L{valid_session_id} (400).
+    """
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) != 4 or parts[0] != "" or parts[2] != "ws" or not parts[1] or not parts[3]:
+        return None
+    return unquote(parts[1]), unquote(parts[3])
+
+
+def valid_session_id(session_id: str) -> bool:
+    """
+    1 to 128 of C{[A-Za-z0-9._~-]}: nothing that could reach another
+    session's key or channel, or a pattern.
+    """
+    return SESSION_ID.match(session_id) is not None
+
+
+def auth_key(session_id: str) -> str:
+    return f"session:{session_id}:auth"
+
+
+def down_channel(session_id: str) -> str:
+    return f"session:{session_id}:down"
+
+
+def up_channel(session_id: str) -> bytes:
+    return f"session:{session_id}:up".encode()
