@@ -3,25 +3,28 @@ Configuration: one typed L{Settings} object built from, in increasing order
 of precedence, built-in defaults, a C{.env} file, the process environment and
 command-line options.
 
-Every setting is described once, in L{SETTINGS}; the twistd options, the
-C{--help} text, the environment variable names and the validation all come
-from that table.
+Every setting is declared once, as a field of L{Settings} (environment
+variable, default as text, parser, help); L{SETTINGS} lists them, and the
+twistd options, the C{--help} text, the environment variable names and the
+validation all come from that list.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Literal, Mapping, TypeVar, cast, get_args
 from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
-from .frames import FRAME_MODES
+from .frames import FRAME_MODES, FrameMode
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
-LOG_FORMATS = ("text", "json")
+LogLevelName = Literal["debug", "info", "warn", "error"]
+LogFormat = Literal["text", "json"]
+LOG_LEVELS: tuple[LogLevelName, ...] = get_args(LogLevelName)
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 
 
 class ConfigError(ValueError):
@@ -156,16 +159,25 @@ def _boolean(value: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        lowered = value.strip().lower()
-        if lowered == "warning":
-            lowered = "warn"
-        if lowered not in choices:
-            raise ValueError("must be one of " + ", ".join(choices))
-        return lowered
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    lowered = value.strip().lower()
+    if lowered == "warning":
+        lowered = "warn"
+    if lowered not in choices:
+        raise ValueError("must be one of " + ", ".join(choices))
+    return lowered
 
-    return parse
+
+def _frame_mode(value: str) -> FrameMode:
+    return cast(FrameMode, _choice(value, FRAME_MODES))
+
+
+def _log_level(value: str) -> LogLevelName:
+    return cast(LogLevelName, _choice(value, LOG_LEVELS))
+
+
+def _log_format(value: str) -> LogFormat:
+    return cast(LogFormat, _choice(value, LOG_FORMATS))
 
 
 def _text(value: str) -> str:
@@ -197,219 +209,175 @@ def _origins(value: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Setting:
     """
-    One configuration item: its environment variable, option name, default
-    (as the text a user would write), parser and help text.
+    How one configuration item is given: its environment variable, default
+    (as the text a user would write), parser and help text. The attribute
+    of L{Settings} it fills is C{attr}.
     """
 
     env: str
-    attr: str
     default: str
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    attr: str = ""
 
     @property
     def option(self) -> str:
         return self.env.lower().replace("_", "-")
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", "host", "0.0.0.0", _text, "listen interface"),
-    Setting("PORT", "port", "8080", _port, "listen port"),
-    Setting(
-        "LISTEN",
-        "listen",
-        "",
-        _text,
-        "Twisted endpoint string (tcp:8080:interface=127.0.0.1, "
-        "ssl:8443:privateKey=key.pem:certKey=cert.pem); overrides HOST/PORT",
-    ),
-    Setting(
-        "REDIS_URL",
-        "redis",
-        "redis://127.0.0.1:6379",
-        parse_redis_url,
-        "redis://[user:pass@]host[:port][/db], rediss://... (TLS) "
-        "or unix:///path/redis.sock",
-        secret=True,
-    ),
-    Setting(
-        "REDIS_TLS_CA_FILE",
-        "redis_tls_ca_file",
-        "",
-        _optional_path,
-        "PEM file of CA certificates trusted for rediss:// (default: system CAs)",
-    ),
-    Setting(
-        "REDIS_TLS_CERT_FILE",
-        "redis_tls_cert_file",
-        "",
-        _optional_path,
-        "PEM client certificate (with its key, or see REDIS_TLS_KEY_FILE) for rediss://",
-    ),
-    Setting(
-        "REDIS_TLS_KEY_FILE",
-        "redis_tls_key_file",
-        "",
-        _optional_path,
-        "PEM private key of the client certificate",
-    ),
-    Setting(
-        "AUTH_TIMEOUT_SECS",
-        "auth_timeout",
-        "5",
-        _positive_float,
-        "deadline for the token check against Redis (then 504)",
-    ),
-    Setting(
-        "AUTH_GRACE_PERIOD_SECS",
-        "auth_grace_period",
-        "10800",
-        _positive_int,
-        "TTL set on the token after a successful connect",
-    ),
-    Setting(
-        "WS_PING_INTERVAL_SECS",
-        "ping_interval",
-        "30",
-        _non_negative_float,
-        "server ping interval (0 disables)",
-    ),
-    Setting(
-        "WS_PING_TIMEOUT_SECS",
-        "ping_timeout",
-        "10",
-        _positive_float,
-        "close the connection if no pong arrives within this",
-    ),
-    Setting(
-        "SHUTDOWN_GRACE_PERIOD_SECS",
-        "shutdown_grace_period",
-        "30",
-        _non_negative_float,
-        "how long shutdown waits for clients to close",
-    ),
-    Setting(
-        "SHUTDOWN_DRAIN_SECS",
-        "shutdown_drain",
-        "5",
-        _non_negative_float,
-        "on shutdown, keep listening this long (/ready and new upgrades 503) "
-        "so load balancers notice; 0 stops listening at once",
-    ),
-    Setting(
-        "MAX_MESSAGE_SIZE_BYTES",
-        "max_message_size",
-        "1048576",
-        _positive_int,
-        "largest client message accepted (larger: close 1009)",
-    ),
-    Setting(
-        "WS_MAX_SEND_BUFFER_BYTES",
-        "max_send_buffer",
-        "1048576",
-        _positive_int,
-        "per-connection outbound buffer cap (past it: close 1008 slow consumer)",
-    ),
-    Setting(
-        "HANDSHAKE_TIMEOUT_SECS",
-        "handshake_timeout",
-        "5",
-        _positive_float,
-        "deadline for a client to complete the opening handshake",
-    ),
-    Setting(
-        "MAX_CONNECTIONS",
-        "max_connections",
-        "0",
-        _non_negative_int,
-        "cap on concurrent WebSocket connections (0 = unlimited; beyond it 503)",
-    ),
-    Setting(
-        "ALLOWED_ORIGINS",
-        "allowed_origins",
-        "",
-        _origins,
-        "comma list of allowed Origin values (empty: any origin)",
-    ),
-    Setting(
-        "REQUIRE_ORIGIN",
-        "require_origin",
-        "false",
-        _boolean,
-        "refuse upgrades without an Origin header (403; for browser-only deployments)",
-    ),
-    Setting(
-        "REQUIRE_JSON",
-        "require_json",
-        "false",
-        _boolean,
-        "reject client text messages that are not valid JSON",
-    ),
-    Setting(
-        "WS_COMPRESSION",
-        "compression",
-        "false",
-        _boolean,
-        "accept permessage-deflate (RFC 7692) offers",
-    ),
-    Setting(
-        "FRAME_MODE",
-        "frame_mode",
-        "auto",
-        _choice(*FRAME_MODES),
-        "auto: UTF-8 payloads become text frames; tagged: payloads carry a "
-        "t/b frame-type byte",
-    ),
-    Setting(
-        "WORKERS",
-        "workers",
-        "1",
-        _positive_int,
-        "worker processes sharing the listening socket (HOST/PORT only)",
-    ),
-    Setting(
-        "LOG_LEVEL",
-        "log_level",
-        "info",
-        _choice(*LOG_LEVELS),
-        "debug, info, warn or error",
-    ),
-    Setting("LOG_FORMAT", "log_format", "text", _choice(*LOG_FORMATS), "text or json"),
-)
+T = TypeVar("T")
+
+
+def setting(
+    env: str, default: str, parse: Callable[[str], T], help: str, secret: bool = False
+) -> T:
+    """
+    Declare a field of L{Settings}: its typed default is C{parse(default)},
+    so the default is written once, as text, and is valid by construction.
+    """
+    return field(  # type: ignore[no-any-return]
+        default=parse(default),
+        metadata={"setting": Setting(env, default, parse, help, secret)},
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
     """
-    The proxy's whole configuration, already validated and typed.
+    The proxy's whole configuration, already validated and typed. Each field
+    is declared once, here: its environment variable (the twistd option is
+    its lower-case, dashed form), default, parser and help text.
     """
 
-    host: str = "0.0.0.0"
-    port: int = 8080
-    listen: str = ""
-    redis: RedisAddress = field(default_factory=RedisAddress)
-    redis_tls_ca_file: str | None = None
-    redis_tls_cert_file: str | None = None
-    redis_tls_key_file: str | None = None
-    auth_timeout: float = 5.0
-    auth_grace_period: int = 10800
-    ping_interval: float = 30.0
-    ping_timeout: float = 10.0
-    shutdown_grace_period: float = 30.0
-    shutdown_drain: float = 5.0
-    max_message_size: int = 1048576
-    max_send_buffer: int = 1048576
-    handshake_timeout: float = 5.0
-    max_connections: int = 0
-    allowed_origins: tuple[str, ...] = ()
-    require_origin: bool = False
-    require_json: bool = False
-    compression: bool = False
-    frame_mode: str = "auto"
-    workers: int = 1
-    log_level: str = "info"
-    log_format: str = "text"
+    host: str = setting("HOST", "0.0.0.0", _text, "listen interface")
+    port: int = setting("PORT", "8080", _port, "listen port")
+    listen: str = setting(
+        "LISTEN",
+        "",
+        _text,
+        "Twisted endpoint string (tcp:8080:interface=127.0.0.1, "
+        "ssl:8443:privateKey=key.pem:certKey=cert.pem); overrides HOST/PORT",
+    )
+    redis: RedisAddress = setting(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379",
+        parse_redis_url,
+        "redis://[user:pass@]host[:port][/db], rediss://... (TLS) "
+        "or unix:///path/redis.sock",
+        secret=True,
+    )
+    redis_tls_ca_file: str | None = setting(
+        "REDIS_TLS_CA_FILE",
+        "",
+        _optional_path,
+        "PEM file of CA certificates trusted for rediss:// (default: system CAs)",
+    )
+    redis_tls_cert_file: str | None = setting(
+        "REDIS_TLS_CERT_FILE",
+        "",
+        _optional_path,
+        "PEM client certificate (with its key, or see REDIS_TLS_KEY_FILE) for rediss://",
+    )
+    redis_tls_key_file: str | None = setting(
+        "REDIS_TLS_KEY_FILE", "", _optional_path, "PEM private key of the client certificate"
+    )
+    auth_timeout: float = setting(
+        "AUTH_TIMEOUT_SECS",
+        "5",
+        _positive_float,
+        "deadline for the token check against Redis (then 504)",
+    )
+    auth_grace_period: int = setting(
+        "AUTH_GRACE_PERIOD_SECS",
+        "10800",
+        _positive_int,
+        "TTL set on the token after a successful connect",
+    )
+    ping_interval: float = setting(
+        "WS_PING_INTERVAL_SECS", "30", _non_negative_float, "server ping interval (0 disables)"
+    )
+    ping_timeout: float = setting(
+        "WS_PING_TIMEOUT_SECS",
+        "10",
+        _positive_float,
+        "close the connection if no pong arrives within this",
+    )
+    shutdown_grace_period: float = setting(
+        "SHUTDOWN_GRACE_PERIOD_SECS",
+        "30",
+        _non_negative_float,
+        "how long shutdown waits for clients to close",
+    )
+    shutdown_drain: float = setting(
+        "SHUTDOWN_DRAIN_SECS",
+        "5",
+        _non_negative_float,
+        "on shutdown, keep listening this long (/ready and new upgrades 503) "
+        "so load balancers notice; 0 stops listening at once",
+    )
+    max_message_size: int = setting(
+        "MAX_MESSAGE_SIZE_BYTES",
+        "1048576",
+        _positive_int,
+        "largest client message accepted (larger: close 1009)",
+    )
+    max_send_buffer: int = setting(
+        "WS_MAX_SEND_BUFFER_BYTES",
+        "1048576",
+        _positive_int,
+        "per-connection outbound buffer cap (past it: close 1008 slow consumer)",
+    )
+    handshake_timeout: float = setting(
+        "HANDSHAKE_TIMEOUT_SECS",
+        "5",
+        _positive_float,
+        "deadline for a client to complete the opening handshake",
+    )
+    max_connections: int = setting(
+        "MAX_CONNECTIONS",
+        "0",
+        _non_negative_int,
+        "cap on concurrent WebSocket connections (0 = unlimited; beyond it 503)",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        "ALLOWED_ORIGINS",
+        "",
+        _origins,
+        "comma list of allowed Origin values (empty: any origin)",
+    )
+    require_origin: bool = setting(
+        "REQUIRE_ORIGIN",
+        "false",
+        _boolean,
+        "refuse upgrades without an Origin header (403; for browser-only deployments)",
+    )
+    require_json: bool = setting(
+        "REQUIRE_JSON",
+        "false",
+        _boolean,
+        "reject client text messages that are not valid JSON",
+    )
+    compression: bool = setting(
+        "WS_COMPRESSION", "false", _boolean, "accept permessage-deflate (RFC 7692) offers"
+    )
+    frame_mode: FrameMode = setting(
+        "FRAME_MODE",
+        "auto",
+        _frame_mode,
+        "auto: UTF-8 payloads become text frames; tagged: payloads carry a "
+        "t/b frame-type byte",
+    )
+    workers: int = setting(
+        "WORKERS",
+        "1",
+        _positive_int,
+        "worker processes sharing the listening socket (HOST/PORT only)",
+    )
+    log_level: LogLevelName = setting(
+        "LOG_LEVEL", "info", _log_level, "debug, info, warn or error"
+    )
+    log_format: LogFormat = setting("LOG_FORMAT", "text", _log_format, "text or json")
 
     @property
     def endpoint(self) -> str:
@@ -424,7 +392,11 @@ class Settings:
         return f"tcp:{self.port}:interface={host}:backlog=1024"
 
 
-assert {s.attr for s in SETTINGS} == {f.name for f in fields(Settings)}
+#: every setting, in declaration order: drives the twistd options, --help,
+#: the environment variables, .env and validation
+SETTINGS: tuple[Setting, ...] = tuple(
+    replace(f.metadata["setting"], attr=f.name) for f in fields(Settings)
+)
 
 
 def load_settings(

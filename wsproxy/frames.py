@@ -16,9 +16,10 @@ C{tagged} (frame-exact)
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple, get_args
 
-FRAME_MODES = ("auto", "tagged")
+FrameMode = Literal["auto", "tagged"]
+FRAME_MODES: tuple[FrameMode, ...] = get_args(FrameMode)
 
 TEXT_TAG = b"t"
 BINARY_TAG = b"b"
@@ -59,7 +60,7 @@ def up_tagged(message: bytes, is_binary: bool) -> bytes:
 
 
 def codec(
-    mode: str,
+    mode: FrameMode,
 ) -> tuple[Callable[[bytes], Outgoing], Callable[[bytes, bool], bytes]]:
     """
     The (down, up) conversion functions of a frame mode.
