@@ -483,6 +483,65 @@ for _case in BAD_CLOSES:
 del _case, _t
 
 
+class LogVolumeTests(HostileTestCase):
+    """
+    A hostile peer cannot make the proxy log without bound: Autobahn's
+    warnings about protocol violations are limited per client address.
+    """
+
+    async def test_violations_logged_within_a_budget(self) -> None:
+        """
+        30 connections from one address, each sending an unmasked frame (a
+        protocol violation Autobahn warns about twice): at most 4 of those
+        warning lines are logged, yet every connection is still closed
+        with 1002 and counted.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.authorize("bad", ttl=300)
+        for _ in range(30):
+            c = await self.upgraded()
+            c.send(frame(OP_TEXT, b"hello", mask=False))
+            await wait_for(lambda: c.close_code() is not None or c.lost_at is not None, timeout=5)
+            self.assertEqual(c.close_code(), (1002, c.close_code()[1]))  # type: ignore[index]
+            await c.close()
+        warnings = [
+            e for e in events
+            if e.get("log_level") in (LogLevel.warn, LogLevel.error)
+            and str(e.get("log_namespace", "")).startswith("autobahn")
+        ]
+        self.assertGreater(len(warnings), 0)
+        self.assertLessEqual(len(warnings), 4, [e.get("log_format") for e in warnings])
+        await self.healthy_roundtrip()
+
+
+class EarlyFrameTests(HostileTestCase):
+    """
+    Frames a client sends right behind its upgrade request, before the 101
+    (legal: the handshake completes in order), are kept and handled after
+    the handshake.
+    """
+
+    async def test_frames_sent_with_the_request_are_published(self) -> None:
+        """
+        The request and two frames in one write: both messages arrive on
+        :up, in order, after the 101.
+        """
+        self.authorize("early", ttl=300)
+        received = self.up_listener("early")
+        c = await open_raw(self.proxy.port)
+        self.addCleanup(c.abort)
+        c.send(
+            upgrade_request("/a/ws/early", {"Authorization": "Bearer tok"})
+            + frame(OP_TEXT, b"first") + frame(OP_BINARY, b"second")
+        )
+        await wait_for(lambda: received() == [b"first", b"second"])
+        self.assertEqual(c.status, 101)
+
+
 class AbruptDisconnectTests(HostileTestCase):
     """
     Clients that vanish halfway: nothing of them is left in the proxy

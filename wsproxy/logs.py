@@ -1,6 +1,8 @@
 """
 Log output: C{LOG_LEVEL} filtering and C{LOG_FORMAT} (text, or one JSON
-object per line for log shippers).
+object per line for log shippers), and a budget of lines per client address
+for what Autobahn logs about a connection (a hostile client must not be able
+to fill the log).
 
 Third-party namespaces never log below C{info}: Autobahn's debug output
 prints whole HTTP requests, Authorization header included. twisted.web's
@@ -13,9 +15,10 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, Callable, Optional
 
 import txaio
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -86,3 +89,89 @@ def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObser
     # which also keeps its debug formatting off the hot path
     txaio.set_global_log_level(third_party.name)
     return FilteringLogObserver(base, [predicate])
+
+
+class LogBudget:
+    """
+    How many lines one client address may cause in a window: C{lines} per
+    C{interval} seconds, then silence until the window has passed; the
+    next line allowed says how many were suppressed. The table of addresses
+    is bounded (C{max_peers}): an attacker with many addresses only makes it
+    start over.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, lines: int = 4, interval: float = 60.0, max_peers: int = 4096
+    ) -> None:
+        self._clock = clock
+        self.lines = lines
+        self.interval = interval
+        self.max_peers = max_peers
+        #: address -> [window start, lines logged in it, lines suppressed]
+        self._peers: dict[str, list[float]] = {}
+
+    def take(self, peer: str) -> Optional[int]:
+        """
+        @return: C{None} if this line must be suppressed, else the number of
+            lines suppressed before it (to be mentioned).
+        """
+        now = self._clock.seconds()
+        entry = self._peers.get(peer)
+        if entry is None or now - entry[0] >= self.interval:
+            if entry is None and len(self._peers) >= self.max_peers:
+                self._peers.clear()
+            suppressed = 0 if entry is None else int(entry[2])
+            self._peers[peer] = [now, 1, 0]
+            return suppressed
+        if entry[1] < self.lines:
+            entry[1] += 1
+            return 0
+        entry[2] += 1
+        return None
+
+
+class BudgetedLog:
+    """
+    Stands in for Autobahn's logger on one connection: debug and trace pass
+    through (they are filtered by level anyway), warnings and errors count
+    against the client address's L{LogBudget}. Built on every access, so it
+    only looks up the address when a line is about to be logged.
+    """
+
+    __slots__ = ("_log", "_budget", "_peer")
+
+    def __init__(self, log: Any, budget: LogBudget, peer: Callable[[], str]) -> None:
+        self._log = log
+        self._budget = budget
+        self._peer = peer
+
+    def _limited(self, emit: Any, fmt: str, **kwargs: Any) -> None:
+        peer = self._peer()
+        suppressed = self._budget.take(peer)
+        if suppressed is None:
+            return
+        if suppressed:
+            fmt += " ({suppressed_lines} similar lines from {client} suppressed)"
+            kwargs.update(suppressed_lines=suppressed, client=peer)
+        emit(fmt, **kwargs)
+
+    def warn(self, fmt: str, **kwargs: Any) -> None:
+        self._limited(self._log.warn, fmt, **kwargs)
+
+    def error(self, fmt: str, **kwargs: Any) -> None:
+        self._limited(self._log.error, fmt, **kwargs)
+
+    def critical(self, fmt: str, **kwargs: Any) -> None:
+        self._limited(self._log.critical, fmt, **kwargs)
+
+    def info(self, fmt: str, **kwargs: Any) -> None:
+        self._limited(self._log.info, fmt, **kwargs)
+
+    def debug(self, fmt: str, **kwargs: Any) -> None:
+        self._log.debug(fmt, **kwargs)
+
+    def trace(self, fmt: str, **kwargs: Any) -> None:
+        self._log.trace(fmt, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames
+from .logs import BudgetedLog
 from .names import up_channel
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal
@@ -64,6 +65,8 @@ class ProxyProtocol(WebSocketServerProtocol):
     """
 
     _log = Logger()
+    #: Autobahn's own logger, which the property below stands in for
+    _autobahn_log = WebSocketServerProtocol.log
 
     session_id: Optional[str] = None
     agent_id: Optional[str] = None
@@ -84,6 +87,22 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.closed: defer.Deferred = defer.Deferred()
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
+
+    @property  # type: ignore[override]
+    def log(self) -> Any:
+        """
+        What Autobahn logs about this connection (protocol violations,
+        unsolicited pongs, ...) counts against the client address's budget:
+        a hostile client cannot make the proxy log without bound.
+        """
+        proxy = self._proxy
+        if proxy is None:
+            return self._autobahn_log
+        return BudgetedLog(self._autobahn_log, proxy.log_budget, self._peer_host)
+
+    def _peer_host(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return str(getattr(peer, "host", None) or peer or "unknown")
 
     # -- connection ----------------------------------------------------------
 
@@ -393,6 +412,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.last_payload: Optional[bytes] = None
         self.last_prepared: Any = None
         self.last_size = 0
+        self.last_built: Optional[ProxyProtocol] = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,
@@ -421,6 +441,12 @@ class ProxyFactory(WebSocketServerFactory):
             (ProxyProtocol,),
             {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
         )
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        #: read by the site right after handing a request over
+        self.last_built = protocol
+        return protocol
 
     def _accept_deflate(self, offers: list[Any]) -> Any:
         for offer in offers:

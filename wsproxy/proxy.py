@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from . import auth
 from .backpressure import UpstreamValve
 from .config import Settings
+from .logs import LogBudget
 from .metrics import Stats
 from .names import down_channel, parse_ws_path, valid_session_id
 from .pubsub import Hub, Listener
@@ -101,6 +102,8 @@ class Proxy:
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
         self.draining = False
+        #: lines per client address for what Autobahn logs about connections
+        self.log_budget = LogBudget(clock)
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []

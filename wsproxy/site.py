@@ -63,6 +63,7 @@ class Root(resource.Resource):
     def __init__(self, proxy: Proxy, factory: ProxyFactory) -> None:
         super().__init__()
         self._proxy = proxy
+        self._factory = factory
         self._websocket = WebSocketResource(factory)
 
     def render(self, request: Any) -> Any:
@@ -94,8 +95,15 @@ class Root(resource.Resource):
             )
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
-        request.channel.setTimeout(None)
-        return self._websocket.render(request)
+        channel = request.channel
+        channel.setTimeout(None)
+        self._factory.last_built = None
+        result = self._websocket.render(request)
+        # bytes the client sent right behind its request (frames, legal once
+        # the handshake completes in order) reach the channel after this
+        # returns: they are the WebSocket's
+        channel.upgraded_to = self._factory.last_built
+        return result
 
     def _health(self, request: Any) -> Any:
         finished = request.notifyFinish()
@@ -138,6 +146,8 @@ class _DeadlineChannel(http.HTTPChannel):
     _log = Logger()
     head_deadline = 5.0
     _deadline: Any = None
+    #: the WebSocket protocol this connection was handed to, if any
+    upgraded_to: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -156,6 +166,12 @@ class _DeadlineChannel(http.HTTPChannel):
         # body and then trickles it in is a slowloris too
         self._disarm()
         super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.upgraded_to is not None:
+            self.upgraded_to.dataReceived(data)
+        else:
+            super().rawDataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """
