@@ -236,7 +236,7 @@ def setting(
     Declare a field of L{Settings}: its typed default is C{parse(default)},
     so the default is written once, as text, and is valid by construction.
     """
-    return field(  # type: ignore[no-any-return]
+    return field(
         default=parse(default),
         metadata={"setting": Setting(env, default, parse, help, secret)},
     )

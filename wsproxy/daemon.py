@@ -113,8 +113,8 @@ class ProxyService(DaemonService):
         self.log_observer = log_observer
         self.handle_signals = handle_signals
         self.port: Any = None
-        self._stopping: Optional[defer.Deferred] = None
-        self._drain_window: Optional[defer.Deferred] = None
+        self._stopping: Optional[defer.Deferred[Any]] = None
+        self._drain_window: Optional[defer.Deferred[Any]] = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -169,7 +169,7 @@ class ProxyService(DaemonService):
             redis=self.proxy.settings.redis.describe(),
         )
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         if self._stopping is None:
             self.stopping = True
             super().stopService()
@@ -209,12 +209,12 @@ class ProxyService(DaemonService):
         self._log.info("shutdown complete")
 
 
-def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred]) -> defer.Deferred:
+def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:
     """
     Fires once all of C{pending} have fired, or after C{seconds}, whichever
     comes first (at once if nothing is pending).
     """
-    done: defer.Deferred = _window(clock, seconds) if pending else defer.succeed(None)
+    done: defer.Deferred[Any] = _window(clock, seconds) if pending else defer.succeed(None)
     if pending:
         defer.DeferredList(pending, consumeErrors=True).addBoth(
             lambda _: None if done.called else done.callback(None)
@@ -222,12 +222,12 @@ def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred]) -
     return done
 
 
-def _window(clock: Any, seconds: float) -> defer.Deferred:
+def _window(clock: Any, seconds: float) -> defer.Deferred[Any]:
     """
     Fires after C{seconds}, or earlier if someone calls it back (the timer
     is then cancelled).
     """
-    done: defer.Deferred = defer.Deferred()
+    done: defer.Deferred[Any] = defer.Deferred()
     if seconds <= 0:
         done.callback(None)
         return done

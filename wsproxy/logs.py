@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Optional, cast
 
 import txaio
 from twisted.internet.interfaces import IReactorTime
@@ -65,7 +65,7 @@ def json_observer(out: IO[str]) -> ILogObserver:
         out.write(json.dumps(record, default=str) + "\n")
         out.flush()
 
-    return observe
+    return cast(ILogObserver, observe)
 
 
 def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObserver:
@@ -87,7 +87,7 @@ def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObser
     )
     # Autobahn checks its own (txaio) level before it even builds an event,
     # which also keeps its debug formatting off the hot path
-    txaio.set_global_log_level(third_party.name)
+    txaio.set_global_log_level(third_party.name)  # type: ignore[attr-defined]
     return FilteringLogObserver(base, [predicate])
 
 

@@ -15,7 +15,7 @@ the client left), this protocol from then on (released in L{_finish}).
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -26,6 +26,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -76,7 +77,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._state = _HANDSHAKE
         self._proxy: Proxy = None  # type: ignore[assignment]
         self._subscribed = False
-        self._admission: Optional[defer.Deferred] = None
+        self._admission: Optional[defer.Deferred[Any]] = None
         self._early: list[bytes] = []
         self._refusal: Optional[Refusal] = None
         self._paused = False
@@ -84,11 +85,11 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._stopped_sending = False
         self._warned_drop = False
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
-        self.closed: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred[Any] = defer.Deferred()
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
 
-    @property  # type: ignore[override]
+    @property
     def log(self) -> Any:
         """
         What Autobahn logs about this connection (protocol violations,
@@ -113,13 +114,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._proxy.connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:
             self._finish(None)
 
-    def onConnect(self, request: Any) -> defer.Deferred:
+    # Autobahn takes a Deferred here too (txaio.as_future); its annotation
+    # only names the synchronous answers
+    def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
         # kept so that a client leaving mid-admission cancels it (_finish)
         self._admission = defer.ensureDeferred(self._admit(request))
         return self._admission.addErrback(self._refuse)
@@ -143,7 +146,7 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def _refuse(self, failure: Failure) -> None:
         if failure.check(Refusal):
-            refusal = failure.value
+            refusal = cast(Refusal, failure.value)
         elif failure.check(defer.CancelledError):
             refusal = CLIENT_LEFT
         else:
@@ -186,8 +189,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         proxy.stats.outcomes["accepted"] += 1
         # Under twisted.web the HTTP channel is still the transport's
         # producer; ours decides about slow consumers from here on.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
         if proxy.valve.paused:
             self.pause_reading()
         self._log.info(
@@ -334,7 +338,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _send_compressed(self, data: bytes, is_binary: bool) -> None:
         # Autobahn applies maxMessagePayloadSize to what it sends, too; the
         # limit is meant for clients only.
-        limit = self.maxMessagePayloadSize
+        limit: int = getattr(self, "maxMessagePayloadSize")
         self.maxMessagePayloadSize = 0
         try:
             self.sendMessage(data, is_binary)
@@ -354,12 +358,14 @@ class ProxyProtocol(WebSocketServerProtocol):
     # Upstream backpressure (see UpstreamValve)
 
     def pause_reading(self) -> None:
-        if self._state is _OPEN and self.transport is not None:
-            self.transport.pauseProducing()
+        transport: Any = self.transport
+        if self._state is _OPEN and transport is not None:
+            transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        if self._state is _OPEN and self.transport is not None:
-            self.transport.resumeProducing()
+        transport: Any = self.transport
+        if self._state is _OPEN and transport is not None:
+            transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
 
@@ -436,14 +442,14 @@ class ProxyFactory(WebSocketServerFactory):
         # Autobahn copies each option onto every new protocol instance unless
         # the protocol already has it: as class attributes they cost nothing
         # per connection (memory and set-up time).
-        self.protocol = type(
+        self.protocol = type(  # type: ignore[assignment]
             "ProxyProtocol",
             (ProxyProtocol,),
             {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
         )
 
     def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
+        protocol = cast(ProxyProtocol, super().buildProtocol(addr))
         #: read by the site right after handing a request over
         self.last_built = protocol
         return protocol

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Mapping, Optional, Set
+from typing import Any, Iterable, Mapping, Optional, Protocol, Set
 from urllib.parse import urlsplit
 
 import txredisapi
@@ -18,13 +18,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import auth
-from .backpressure import UpstreamValve
+from .backpressure import Readable, UpstreamValve
 from .config import Settings
 from .logs import LogBudget
 from .metrics import Stats
 from .names import down_channel, parse_ws_path, valid_session_id
 from .pubsub import Hub, Listener
 from .redislink import (
+    ConnectFailures,
     RedisLink,
     RedisTimeout,
     RedisUnavailable,
@@ -58,6 +59,21 @@ def normalize_origin(origin: str) -> str:
     if port is None or (scheme, port) in (("http", 80), ("https", 443)):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
+
+
+class Connection(Readable, Protocol):
+    """
+    What the proxy needs of an open connection (a
+    L{wsproxy.protocol.ProxyProtocol}) besides pausing its reading.
+
+    @ivar closed: fires once the connection has closed.
+    """
+
+    closed: defer.Deferred[None]
+
+    def going_away(self) -> None: ...
+
+    def dropConnection(self, abort: bool = False) -> None: ...
 
 
 class Proxy:
@@ -97,7 +113,8 @@ class Proxy:
         )
         self.stats.canary_rtt = lambda: self.hub.canary_rtt
         self.stats.subscribed_channels = self.hub.channel_count
-        self.connections: Set[Any] = set()
+        #: connections from upgrade request to close
+        self.connections: Set[Connection] = set()
         self.valve = UpstreamValve(self.connections)
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
@@ -129,7 +146,7 @@ class Proxy:
         self.commands.sweep()
         self.subscriber.sweep()
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -237,14 +254,14 @@ class Proxy:
         return reply in (b"PONG", "PONG")
 
 
-def _merged(reporters: Any) -> Counter[str]:
+def _merged(reporters: Iterable[ConnectFailures]) -> Counter[str]:
     total: Counter[str] = Counter()
     for reporter in reporters:
         total.update(reporter.counts)
     return total
 
 
-def build_proxy(reactor: Any, settings: Settings) -> Proxy:
+def build_proxy(reactor: IReactorTime, settings: Settings) -> Proxy:
     """
     A L{Proxy} with real Redis links for C{settings}.
     """

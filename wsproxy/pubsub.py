@@ -49,7 +49,7 @@ class _Subscription:
         self.name = name
         self.listeners: list[Listener] = []
         self.confirmed = False
-        self.waiting: list[defer.Deferred] = []
+        self.waiting: list[defer.Deferred[Any]] = []
 
 
 class Hub:
@@ -120,7 +120,7 @@ class Hub:
 
     # -- subscriptions ---------------------------------------------------
 
-    def subscribe(self, channel: str, listener: Listener) -> defer.Deferred:
+    def subscribe(self, channel: str, listener: Listener) -> defer.Deferred[Any]:
         """
         Add C{listener} to C{channel}. The Deferred fires once Redis has
         confirmed the subscription, or fails with L{RedisUnavailable} or
@@ -142,12 +142,12 @@ class Hub:
         if state.confirmed:
             return defer.succeed(None)
 
-        def cancel(d: defer.Deferred) -> None:
+        def cancel(d: defer.Deferred[Any]) -> None:
             if d in state.waiting:
                 state.waiting.remove(d)
             self.unsubscribe(channel, listener)
 
-        d: defer.Deferred = defer.Deferred(canceller=cancel)
+        d: defer.Deferred[Any] = defer.Deferred(canceller=cancel)
         state.waiting.append(d)
 
         def failed(f: Failure) -> Failure:

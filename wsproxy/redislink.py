@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Optional
+from typing import Any, Callable, Deque, Optional, cast
 
 import hiredis
 import txredisapi
@@ -56,7 +56,7 @@ class RedisTimeout(Exception):
     """
 
 
-def client_endpoint(reactor: Any, settings: Settings) -> Any:
+def client_endpoint(reactor: Any, settings: Settings) -> IStreamClientEndpoint:
     """
     The client endpoint for C{REDIS_URL}: TCP, TLS (certificate and hostname
     verified) or a Unix socket.
@@ -64,7 +64,9 @@ def client_endpoint(reactor: Any, settings: Settings) -> Any:
     address: RedisAddress = settings.redis
     if address.path is not None:
         return endpoints.UNIXClientEndpoint(reactor, address.path, timeout=5)
-    endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=5)
+    endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
+        reactor, address.host, address.port, timeout=5
+    )
     if address.tls:
         endpoint = endpoints.wrapClientTLS(_tls_options(settings), endpoint)
     return endpoint
@@ -123,8 +125,9 @@ def describe_failure(reason: Failure, tls: Any, settings: Settings) -> tuple[str
             "(certificate hostname mismatch)"
         )
     if reason.check(SSL.Error):
+        args = reason.value.args if reason.value is not None else ()
         openssl = [
-            entry[2] for entry in (reason.value.args[0] if reason.value.args else ())
+            entry[2] for entry in (args[0] if args and isinstance(args[0], list) else ())
             if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
         ]
         text = "; ".join(openssl) or str(reason.value) or "TLS error"
@@ -264,17 +267,20 @@ class _ReportingEndpoint:
     the next attempt.
     """
 
-    def __init__(self, endpoint: Any, on_failure: Callable[[Failure], None]) -> None:
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, on_failure: Callable[[Failure], None]
+    ) -> None:
         self._endpoint = endpoint
         self._on_failure = on_failure
 
-    def connect(self, factory: Any) -> defer.Deferred:
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
         def failed(reason: Failure) -> Failure:
             if not reason.check(defer.CancelledError):
                 self._on_failure(reason)
             return reason
 
-        return self._endpoint.connect(factory).addErrback(failed)
+        connecting: defer.Deferred[Any] = self._endpoint.connect(factory)
+        return connecting.addErrback(failed)
 
 
 class _Counting:
@@ -283,16 +289,25 @@ class _Counting:
     all the deadline sweep needs (Redis answers in order).
     """
 
+    link: "RedisLink"
     sent = 0
     answered = 0
     stuck = False
+    failure_reported = False
 
     def replyReceived(self, reply: Any) -> None:
         self.answered += 1
         super().replyReceived(reply)  # type: ignore[misc]
 
+    def connectionLost(self, reason: Failure) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        try:
+            super().connectionLost(reason)  # type: ignore[misc]
+        finally:
+            self.link._lost(self, reason, transport)
 
-class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
+
+class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
     """
     The command connection. Ordinary commands go through txredisapi; client
     messages are PUBLISHed on a lean path: the command is written as it is
@@ -301,8 +316,6 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc,name-
     kinds of reply apart (C{None} marks a txredisapi command).
     """
 
-    link: "RedisLink"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parser = hiredis.Reader(
@@ -310,10 +323,10 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc,name-
         )
         self._fifo: Deque[Optional[Callable[[Any], None]]] = deque()
 
-    def command(self, *args: Any) -> defer.Deferred:
+    def command(self, *args: Any) -> defer.Deferred[Any]:
         self._fifo.append(None)
         self.sent += 1
-        return self.execute_command(*args)
+        return cast("defer.Deferred[Any]", self.execute_command(*args))
 
     def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         self.transport.write(
@@ -366,11 +379,11 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
             protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError
         )
 
-    def command(self, name: str, channel: str) -> defer.Deferred:
+    def command(self, name: str, channel: str) -> defer.Deferred[Any]:
         self.sent += 1
         if name == "SUBSCRIBE":
-            return self.subscribe(channel)
-        return self.unsubscribe(channel)
+            return cast("defer.Deferred[Any]", self.subscribe(channel))
+        return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         parser = self._parser
@@ -465,7 +478,7 @@ class RedisLink:
     def start(self) -> None:
         self._service.startService()
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
@@ -503,16 +516,6 @@ class RedisLink:
         self._connecting = proto
         self._connected_at = self._clock.seconds()
         proto.whenConnected().addCallback(self._probe)
-        lost = proto.connectionLost
-
-        def connectionLost(reason: Any) -> None:
-            transport = proto.transport
-            try:
-                lost(reason)
-            finally:
-                self._lost(proto, reason, transport)
-
-        proto.connectionLost = connectionLost
         return proto
 
     def _probe(self, proto: Any) -> None:
@@ -612,7 +615,7 @@ class RedisLink:
 
     # -- commands --------------------------------------------------------
 
-    def execute(self, *args: Any) -> defer.Deferred:
+    def execute(self, *args: Any) -> defer.Deferred[Any]:
         """
         Send one command; the Deferred fires with the reply, or fails with
         L{RedisUnavailable} (no connection, or lost before the reply) or
@@ -621,7 +624,8 @@ class RedisLink:
         proto = self.ready
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
-        return proto.command(*args).addErrback(self._translate, proto)
+        d: defer.Deferred[Any] = proto.command(*args)
+        return d.addErrback(self._translate, proto)
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         """
@@ -635,17 +639,19 @@ class RedisLink:
         else:
             proto.publish_raw(channel, payload, on_reply)
 
-    def subscribe(self, channel: str) -> defer.Deferred:
+    def subscribe(self, channel: str) -> defer.Deferred[Any]:
         proto = self.ready
         if proto is None:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
-        return proto.command("SUBSCRIBE", channel).addErrback(self._translate, proto)
+        d: defer.Deferred[Any] = proto.command("SUBSCRIBE", channel)
+        return d.addErrback(self._translate, proto)
 
-    def unsubscribe(self, channel: str) -> defer.Deferred:
+    def unsubscribe(self, channel: str) -> defer.Deferred[Any]:
         proto = self.ready
         if proto is None:
             return defer.succeed(None)
-        return proto.command("UNSUBSCRIBE", channel).addErrback(self._translate, proto)
+        d: defer.Deferred[Any] = proto.command("UNSUBSCRIBE", channel)
+        return d.addErrback(self._translate, proto)
 
     def _lost_error(self, proto: Any) -> Exception:
         if proto.stuck:
@@ -721,7 +727,7 @@ def build_links(reactor: Any, settings: Settings) -> tuple[RedisLink, RedisLink]
     )
 
 
-def with_deadline(d: defer.Deferred, seconds: float, clock: IReactorTime) -> defer.Deferred:
+def with_deadline(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[Any]:
     """
     Fail C{d} with L{RedisTimeout} unless it fires within C{seconds}
     (cancelling it). Used once per handshake, never per message.

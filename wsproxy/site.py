@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -25,7 +27,9 @@ from .proxy import Proxy
 from .refusal import Refusal
 
 
-def _plain(request: Any, code: int, reason: str, headers: tuple = ()) -> bytes:
+def _plain(
+    request: server.Request, code: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+) -> bytes:
     request.setResponseCode(code, reason.encode())
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     for name, value in headers:
@@ -33,7 +37,7 @@ def _plain(request: Any, code: int, reason: str, headers: tuple = ()) -> bytes:
     return (reason + "\n").encode()
 
 
-def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
+def _json(request: server.Request, code: int, body: dict[str, Any]) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -44,7 +48,7 @@ def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
 _LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c\x1d\x1e\x85]")
 
 
-def _single_lines(request: Any) -> bool:
+def _single_lines(request: server.Request) -> bool:
     for name, values in request.requestHeaders.getAllRawHeaders():
         if _LINE_BREAKS.search(name) or any(_LINE_BREAKS.search(v) for v in values):
             return False
@@ -66,13 +70,17 @@ class Root(resource.Resource):
         self._factory = factory
         self._websocket = WebSocketResource(factory)
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: server.Request) -> bytes | int:
         request.responseHeaders.removeHeader(b"server")
         path = request.path.decode("latin-1")
         if path in ("/health", "/ready", "/metrics"):
             if request.method not in (b"GET", b"HEAD"):
                 return _plain(request, 405, "Method Not Allowed", (("Allow", "GET, HEAD"),))
-            return getattr(self, "_" + path[1:])(request)
+            if path == "/health":
+                return self._health(request)
+            if path == "/ready":
+                return self._ready(request)
+            return self._metrics(request)
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade and not _single_lines(request):
             # Autobahn re-reads the request with str.splitlines(), which also
@@ -95,17 +103,17 @@ class Root(resource.Resource):
             )
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
-        channel = request.channel
+        channel = cast(_DeadlineChannel, request.channel)
         channel.setTimeout(None)
         self._factory.last_built = None
-        result = self._websocket.render(request)
+        result: int = self._websocket.render(request)
         # bytes the client sent right behind its request (frames, legal once
         # the handshake completes in order) reach the channel after this
         # returns: they are the WebSocket's
         channel.upgraded_to = self._factory.last_built
         return result
 
-    def _health(self, request: Any) -> Any:
+    def _health(self, request: server.Request) -> int:
         finished = request.notifyFinish()
         finished.addErrback(lambda f: None)
 
@@ -128,12 +136,12 @@ class Root(resource.Resource):
         defer.ensureDeferred(self._proxy.healthy()).addCallback(answer)
         return server.NOT_DONE_YET
 
-    def _ready(self, request: Any) -> bytes:
+    def _ready(self, request: server.Request) -> bytes:
         if self._proxy.draining:
             return _json(request, 503, {"status": "draining"})
         return _json(request, 200, {"status": "ready"})
 
-    def _metrics(self, request: Any) -> bytes:
+    def _metrics(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
         return self._proxy.stats.render()
 
@@ -179,28 +187,30 @@ class _DeadlineChannel(http.HTTPChannel):
         would close without a word; answer 431 and ignore the rest.
         """
         self._disarm()
-        if self.transport is None:
+        transport: Any = self.transport
+        if transport is None:
             return
         # read nothing more: the answer is final
-        self.transport.pauseProducing()
+        transport.pauseProducing()
         self._log.info("refused 431 request head too large: peer={peer}",
-                       peer=self.transport.getPeer())
-        self.transport.write(Refusal(431, "Request Header Fields Too Large").response())
+                       peer=transport.getPeer())
+        transport.write(Refusal(431, "Request Header Fields Too Large").response())
         self.loseConnection()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: server.Request) -> None:
         super().requestDone(request)
         if self.transport is not None and not self._deadline:
             self._arm()
 
     def _head_timeout(self) -> None:
         self._deadline = None
-        if self.transport is not None:
+        transport: Any = self.transport
+        if transport is not None:
             self._log.info("dropped a client that did not send its request in {t:g}s: peer={peer}",
-                           t=self.head_deadline, peer=self.transport.getPeer())
-            self.transport.abortConnection()
+                           t=self.head_deadline, peer=transport.getPeer())
+            transport.abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
 
@@ -215,15 +225,18 @@ class _Request(server.Request):
 
     def gotLength(self, length: Any) -> None:
         if length is not None and length > self.max_body:
-            self.channel.persistent = False
-            self.channel.transport.write(Refusal(413, "Content Too Large").response())
-            self.channel.transport.loseConnection()
+            channel: Any = self.channel
+            channel.persistent = False
+            channel.transport.write(Refusal(413, "Content Too Large").response())
+            channel.transport.loseConnection()
             length = 0
         super().gotLength(length)
 
 
 class ProxySite(server.Site):
-    protocol = _DeadlineChannel
+    # our channel class directly, without Site's HTTP/2-negotiating wrapper
+    # (the proxy speaks HTTP/1.1 only: WebSocket upgrades need it)
+    protocol = _DeadlineChannel  # type: ignore[assignment]
     requestFactory = _Request
     noisy = False
 
@@ -239,7 +252,7 @@ class ProxySite(server.Site):
         channel.callLater = self.proxy.clock.callLater
         return channel
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         """
         No access log: it would print query strings (access_token).
         """

@@ -60,7 +60,7 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor = supervisor
         self.index = index
-        self.ended: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred[Any] = defer.Deferred()
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
@@ -144,7 +144,7 @@ class Supervisor(DaemonService):
         if not self.stopping and index not in self.workers:
             self._spawn(index)
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         self.stopping = True
         super().stopService()
         waiting = [worker.ended for worker, _ in self.workers.values()]
