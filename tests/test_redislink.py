@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.redislink import ConnectFailures, RedisLink, RedisUnavailable, describe_failure
+from wsproxy.redisendpoint import ConnectFailures, describe_failure
+from wsproxy.redislink import RedisLink, RedisUnavailable
 
 
 class FakeTransport:

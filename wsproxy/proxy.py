@@ -24,8 +24,8 @@ from .logs import LogBudget
 from .metrics import Stats
 from .names import down_channel, parse_ws_path, valid_session_id
 from .pubsub import Hub, Listener
+from .redisendpoint import ConnectFailures
 from .redislink import (
-    ConnectFailures,
     RedisLink,
     RedisTimeout,
     RedisUnavailable,
