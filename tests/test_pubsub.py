@@ -141,6 +141,19 @@ class RefCountTests(HubTestCase):
         self.failureResultOf(self.hub.subscribe("c", Listener()), RedisUnavailable)
         self.assertEqual(self.hub.channel_count(), 0)
 
+    def test_link_answers_at_once(self) -> None:
+        """
+        A link whose SUBSCRIBE has already been answered when it returns is
+        heard: a failure fails the subscription at once and leaves nothing
+        registered, a confirmation confirms it.
+        """
+        self.link.subscribe = lambda channel: defer.fail(RedisUnavailable("gone"))
+        self.failureResultOf(self.hub.subscribe("c", Listener()), RedisUnavailable)
+        self.assertEqual(self.hub.channel_count(), 0)
+        self.link.subscribe = lambda channel: defer.succeed(None)
+        self.successResultOf(self.hub.subscribe("c", Listener()))
+        self.assertEqual(self.hub.channel_count(), 1)
+
     def test_leave_before_confirmation(self) -> None:
         """
         If the only listener leaves while SUBSCRIBE is in flight, the channel

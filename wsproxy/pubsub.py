@@ -131,14 +131,12 @@ class Hub:
         """
         key = channel.encode()
         state = self._channels.get(key)
+        first = state is None
         if state is None:
             if self._link.ready is None:
                 return defer.fail(RedisUnavailable("subscriber not connected"))
             state = self._channels[key] = _Subscription(channel)
-            state.listeners.append(listener)
-            self._send_subscribe(state)
-        else:
-            state.listeners.append(listener)
+        state.listeners.append(listener)
         if state.confirmed:
             return defer.succeed(None)
 
@@ -155,7 +153,12 @@ class Hub:
                 self.unsubscribe(channel, listener)
             return f
 
-        return d.addErrback(failed)
+        d.addErrback(failed)
+        if first:
+            # only now that d is waiting: the link may answer before it
+            # returns (a Deferred that has already fired)
+            self._send_subscribe(state)
+        return d
 
     def unsubscribe(self, channel: str, listener: Listener) -> None:
         """
