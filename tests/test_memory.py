@@ -186,8 +186,8 @@ class RefusalTests(AdmissionTestCase):
     def test_not_a_websocket_path(self) -> None:
         """
         An upgrade for any path other than C{/{agent}/ws/{session}} is
-        answered 404 by the site, before any admission: nothing reaches
-        Redis, nor the outcome counter.
+        refused 404 by its admission: nothing reaches Redis, and like every
+        other refusal of an upgrade it is counted.
         """
         memory = self.start()
         client = memory.request("/agent/wss/s1", {"Authorization": "Bearer tok"})
@@ -198,7 +198,7 @@ class RefusalTests(AdmissionTestCase):
         self.assertEqual(response.body, b"Not Found\n")
         self.assertTrue(client.closed)
         self.assertEqual(memory.redis.log, [])
-        self.assertEqual(memory.proxy.stats.outcomes, {})
+        self.assertEqual(memory.proxy.stats.outcomes, {"404": 1})
 
     def test_invalid_session_id(self) -> None:
         """

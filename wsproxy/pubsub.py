@@ -123,8 +123,8 @@ class Hub:
     def subscribe(self, channel: str, listener: Listener) -> defer.Deferred[Any]:
         """
         Add C{listener} to C{channel}. The Deferred fires once Redis has
-        confirmed the subscription, or fails with L{RedisUnavailable} or
-        L{RedisTimeout}; cancelling it (the caller gave up) fails it with
+        confirmed the subscription, or fails with L{RedisUnavailable},
+        L{RedisTimeout} or a Redis error reply; cancelling it (the caller gave up) fails it with
         C{CancelledError}. When it fails the listener is already removed:
         until it fires the hub owns the subscription, afterwards the caller
         (who must L{unsubscribe}).

@@ -88,19 +88,22 @@ class Root(resource.Resource):
             # filtering proxy in front of us
             request.channel.persistent = False
             return _plain(request, 400, "Invalid header")
-        if upgrade:
-            # a refused upgrade ends the connection (clients do not reuse it)
+        if request.method == b"GET" and b"websocket" in upgrade.lower():
+            # a refused upgrade ends the connection (clients do not reuse
+            # it); everything about it (path, session id, origin, token) is
+            # decided, counted and logged by its admission (wsproxy.protocol,
+            # wsproxy.proxy)
             request.channel.persistent = False
             request.setHeader(b"connection", b"close")
+            return self._upgrade(request)
         if parse_ws_path(path) is None:
             return _plain(request, 404, "Not Found")
-        # everything else about an upgrade (session id, origin, token) is
-        # decided by its admission (wsproxy.protocol, wsproxy.proxy)
-        if request.method != b"GET" or b"websocket" not in upgrade.lower():
-            return _plain(
-                request, 426, "Upgrade Required",
-                (("Upgrade", "websocket"), ("Connection", "Upgrade")),
-            )
+        return _plain(
+            request, 426, "Upgrade Required",
+            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+        )
+
+    def _upgrade(self, request: server.Request) -> int:
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
         channel = cast(_DeadlineChannel, request.channel)
