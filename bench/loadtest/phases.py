@@ -81,8 +81,9 @@ def connect(run: Run) -> tuple[PhaseReport, int]:
     started = time.monotonic()
 
     def show_progress(elapsed: float, force: bool = False) -> None:
-        run.console.progress(f"[connect] open {run.counters.worker_total(OPENED)}/{options.clients}"
-                             f"  failed {run.counters.worker_total(FAILED)}  {elapsed:5.1f}s", force)
+        opened, failed = run.counters.worker_total(OPENED), run.counters.worker_total(FAILED)
+        run.console.progress(f"[connect] open {opened}/{options.clients}  failed {failed}"
+                             f"  {elapsed:5.1f}s", force)
 
     timeout = (options.connect_timeout
                + options.clients / max(1.0, options.concurrency) * options.connect_timeout + 60)
@@ -156,7 +157,8 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
     last_change = time.monotonic()
     active_end: CpuSample | None = None
     hard_deadline = time.monotonic() + options.phase_timeout
-    # (time, proxy CPU seconds) over the last --settle seconds: tells a stalled proxy from an idle one
+    # (time, proxy CPU seconds) over the last --settle seconds: tells a stalled
+    # proxy from an idle one
     proxy_cpu: list[tuple[float, float | None]] = []
     while True:
         now = time.monotonic()
@@ -173,9 +175,9 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
             active_end = None
         if active_end is None:
             active_end = run.sampler.sample()
-        run.console.progress(
-            f"[{label}] conns {run.counters.worker_total(OPENED) - run.counters.worker_total(DROPPED)}"
-            f"  sent {target}  delivered {count}  {now - started:5.1f}s")
+        open_now = run.counters.worker_total(OPENED) - run.counters.worker_total(DROPPED)
+        run.console.progress(f"[{label}] conns {open_now}  sent {target}  delivered {count}"
+                             f"  {now - started:5.1f}s")
         if not busy and _finished(options, count, target, now, last_change, pending.done_at,
                                   proxy_cpu):
             break
@@ -212,7 +214,7 @@ def _finished(options: Options, count: int, target: int, now: float, last_change
 
 
 def downstream(run: Run, kind: str) -> PhaseReport:
-    """The down (burst) or paced phase: publish to the open sessions, count what their clients get."""
+    """The down (burst) or paced phase: publish to the open sessions, count what arrives."""
     options = run.options
     tag = PHASE_TAGS[kind]
     sessions = start_phase(run, tag)
@@ -255,7 +257,7 @@ def downstream(run: Run, kind: str) -> PhaseReport:
 
 def _downstream_figures(run: Run, kind: str, report: PhaseReport, published: list[Published],
                         deliveries: list[Deliveries]) -> int:
-    """Adds what was published and delivered to the report and records problems; the delivered count."""
+    """Adds what was published and delivered to the report, records problems; how many arrived."""
     sent = sum(p.sent for p in published)
     sent_per_session: dict[int, int] = {}
     for p in published:
@@ -303,7 +305,8 @@ def _downstream_figures(run: Run, kind: str, report: PhaseReport, published: lis
         if anomalies[name]:
             run.problems.append(f"{kind}: {anomalies[name]} messages {name.replace('_', ' ')}")
     if anomalies["stray"]:
-        run.console.warn(f"{kind}: {anomalies['stray']} late messages from an earlier phase arrived")
+        run.console.warn(f"{kind}: {anomalies['stray']} late messages from an earlier phase "
+                         "arrived")
     return delivered
 
 

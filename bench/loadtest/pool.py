@@ -99,7 +99,7 @@ class PendingReplies(Generic[SendT, ReplyT]):
 
 
 class ChildProcesses:
-    """The run's worker, publisher and subscriber processes and the parent's ends of their pipes."""
+    """The run's worker, publisher and subscriber processes and the parent's pipe ends."""
 
     def __init__(self) -> None:
         self.workers: list[Connection[WorkerCommand, WorkerReply]] = []
@@ -115,7 +115,7 @@ class ChildProcesses:
 
     def start(self, specs: list[list[ClientSpec]], config: WorkerConfig, publishers: int,
               subscriber: bool, redis_url: str, counters: SharedCounters) -> None:
-        """Forks one worker per slice of ``specs``, ``publishers`` publishers and maybe the subscriber."""
+        """Forks a worker per slice of ``specs``, the publishers and, if asked, the subscriber."""
         for worker_id, worker_specs in enumerate(specs):
             worker_end, child_end = self._context.Pipe()
             self._fork(f"lt-worker-{worker_id}", f"worker{worker_id}", worker_main,
@@ -145,7 +145,9 @@ class ChildProcesses:
             self.pids[sample_name] = process.pid
 
     def ask_workers(self, command: WorkerCommand, reply_type: type[T], timeout: float,
-                    tick: Callable[[], None] | None = None, what: str = "worker replies") -> list[T]:
+                    tick: Callable[[], None] | None = None,
+                    what: str = "worker replies") -> list[T]:
+        """Sends ``command`` to every worker; their replies, in worker order."""
         for conn in self.workers:
             conn.send(command)
         return [expect(reply_type, reply, what)

@@ -117,7 +117,10 @@ class Sampler:
 
 
 def utilisation(start: CpuSample, end: CpuSample) -> tuple[dict[str, float | None], float | None]:
-    """Each process's CPU use between two samples (fraction of one core) and the host's busy fraction."""
+    """
+    Each process's CPU use between two samples (fraction of one core) and the
+    host's busy fraction.
+    """
     elapsed = end.at - start.at
     per_process: dict[str, float | None] = {}
     for name, before in start.cpu.items():

@@ -142,7 +142,10 @@ class RedisConnection(Protocol):
 
 
 def redis_connection(url: str) -> RedisConnection:
-    """One raw connection, outside any client object: commands go out packed, replies are read one by one."""
+    """
+    One raw connection, outside any client object: commands go out packed,
+    replies are read one by one.
+    """
     pool = redis.ConnectionPool.from_url(url, socket_connect_timeout=5, socket_timeout=30,
                                          protocol=2)  # RESP2: pmessages as plain replies
     connection = _take_connection(pool)

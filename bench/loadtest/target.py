@@ -66,7 +66,8 @@ def check_counts(options: Options) -> None:
             or options.concurrency < 1):
         raise Fatal("--clients, --procs, --publishers and --concurrency must be >= 1")
     if options.pid and cpu_seconds(options.pid) is None:
-        raise Fatal(f"--pid {options.pid}: no such process (or /proc/{options.pid}/stat unreadable)")
+        raise Fatal(f"--pid {options.pid}: no such process "
+                    f"(or /proc/{options.pid}/stat unreadable)")
 
 
 def connect_redis(url: str) -> tuple[redis.Redis, int | None]:
