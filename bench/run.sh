@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproducible performance runs: starts a private redis-server and wsproxy
-# (loopback, LOG_LEVEL=warn), runs examples/load_test.py with --pid for each
-# scenario, prints one JSON line per scenario to stdout (tables on stderr),
-# and stops everything.
+# (loopback, LOG_LEVEL=warn), runs the load-test tool (python -m bench.loadtest)
+# with --pid for each scenario, prints one JSON line per scenario to stdout
+# (tables on stderr), and stops everything.
 #
 #   bench/run.sh [scenario ...]        default: smoke down up paced conn10k
 #   WORKERS=2 bench/run.sh down up     the same with two worker processes
@@ -34,7 +34,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 echo "bench: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, WORKERS=${WORKERS:-1}, $(date -u +%F)" >&2
-lt() { $PY examples/load_test.py --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
+lt() { $PY -m bench.loadtest --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
 status=0
 for scenario in "${@:-smoke down up paced conn10k}"; do
     for s in $scenario; do

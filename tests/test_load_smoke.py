@@ -22,7 +22,7 @@ class LoadSmokeTests(TestCase):
 
     async def test_smoke(self) -> None:
         """
-        examples/load_test.py with 200 clients exits 0: every client
+        python -m bench.loadtest with 200 clients exits 0: every client
         connected and every message arrived, in order, both ways.
         """
         redis = RedisServer()
@@ -35,7 +35,7 @@ class LoadSmokeTests(TestCase):
         port = await daemon.port()
         out = _Output()
         args = [
-            sys.executable, os.path.join(ROOT, "examples", "load_test.py"),
+            sys.executable, "-m", "bench.loadtest",
             "--url", f"ws://127.0.0.1:{port}", "--redis-url", redis.url,
             "--pid", str(daemon.process.pid),
             "--clients", "200", "--burst", "5", "--upstream", "5",

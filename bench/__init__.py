@@ -1,0 +1,5 @@
+"""
+Performance tooling: ``run.sh`` (the README's scenarios against a private
+redis-server and proxy), ``compression.py`` (permessage-deflate cost) and
+``loadtest`` (the load-test tool, ``python -m bench.loadtest``).
+"""
