@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import redis as redispy
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.trial.unittest import TestCase
 
 from wsproxy.config import Settings, parse_redis_url
@@ -176,7 +176,9 @@ class RunningProxy:
     def __init__(self, settings: Settings) -> None:
         self.proxy = build_proxy(reactor, settings)
         self.site = ProxySite(self.proxy)
-        self.service = ProxyService(self.proxy, self.site, settings.listen, reactor)
+        self.service = ProxyService(
+            self.proxy, self.site, serverFromString(reactor, settings.listen), reactor
+        )
         self.service.startService()
         self.port = self.service.port.getHost().port
 

@@ -25,6 +25,18 @@ from .support import (
 )
 
 
+def kill_pid_file(path: str) -> None:
+    """
+    Kill the daemon a pid file names, if any (a daemonized twistd is not
+    our child: it would outlive a failed test).
+    """
+    try:
+        with open(path) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+
+
 class ProcessTests(RedisTestCase):
     timeout = 90
 
@@ -123,15 +135,50 @@ class ProcessTests(RedisTestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("LOG_LEVEL", lines[0])
 
+    async def test_unusable_listen_string(self) -> None:
+        """
+        A LISTEN string Twisted cannot use is a configuration error: one
+        line naming LISTEN, exit status 2.
+        """
+        daemon = self.start(sys.executable, "-m", "wsproxy", LISTEN="carrier-pigeon:8080")
+        self.assertEqual(await daemon.out.ended, 2)
+        lines = daemon.out.output.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("configuration error: LISTEN: cannot use 'carrier-pigeon:8080'", lines[0])
+
     async def test_port_in_use(self) -> None:
         """
-        A port that cannot be bound fails start-up loudly (status != 0).
+        A port that cannot be bound fails start-up with one line naming the
+        address and status 1, no traceback: in the foreground (twistd -n)
+        and daemonizing (the waiting parent reports it and exits 1 at once;
+        no pid file is left), with one process or a supervisor.
         """
         first = self.start()
         port = await first.port()
-        second = self.start(PORT=str(port))
-        self.assertNotEqual(await second.out.ended, 0)
-        self.assertIn(b"cannot listen", second.out.output)
+        line = f"wsproxy: cannot listen on 127.0.0.1:{port}: [Errno 98]".encode()
+        for workers in ("1", "2"):
+            foreground = self.start(PORT=str(port), WORKERS=workers)
+            await wait_for(lambda: foreground.out.ended.called, timeout=20)
+            self.assertEqual(foreground.out.status, 1)
+            output = foreground.out.output
+            self.assertEqual(output.count(b"cannot listen"), 1, output)
+            self.assertIn(line, output)
+            self.assertNotIn(b"Traceback", output)
+
+            daemonizing = self.start(
+                TWISTD, "--pidfile=twistd.pid", "--logfile=twistd.log", "wsproxy",
+                PORT=str(port), WORKERS=workers,
+            )
+            self.addCleanup(kill_pid_file, os.path.join(daemonizing.cwd, "twistd.pid"))
+            await wait_for(lambda: daemonizing.out.ended.called, timeout=20)
+            self.assertEqual(daemonizing.out.status, 1)
+            self.assertIn(b"An error has occurred", daemonizing.out.output)
+            self.assertIn(b"cannot listen", daemonizing.out.output)
+            with open(os.path.join(daemonizing.cwd, "twistd.log"), "rb") as f:
+                log = f.read()
+            self.assertIn(line, log)
+            self.assertNotIn(b"Traceback", log)
+            self.assertFalse(os.path.exists(os.path.join(daemonizing.cwd, "twistd.pid")))
 
     async def test_help_lists_every_option(self) -> None:
         """

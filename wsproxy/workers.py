@@ -4,8 +4,9 @@ socket.
 
 The parent opens the socket (so no connection is refused while a worker
 restarts: connections wait in the shared accept queue), then starts each
-worker as C{python -m wsproxy} with the same configuration and the socket's
-file descriptor in C{WSPROXY_LISTEN_FD}. Every worker is a complete proxy
+worker as C{python -m wsproxy} with the same configuration, the socket as
+file descriptor 3 and its index and that descriptor in its environment
+(L{Seat}). Every worker is a complete proxy
 with its own Redis connections; the kernel hands each new connection to
 whichever worker accepts first. The parent restarts a worker that dies and,
 on SIGTERM or SIGINT, forwards the signal so that every worker shuts down
@@ -19,15 +20,47 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, MutableMapping, Optional
 
 from twisted.internet import defer, protocol
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 
 from .config import Settings
-from .daemon import DaemonService
+from .daemon import DaemonService, ProxyService, StartupError
+from .proxy import Proxy
+from .site import ProxySite
 
-#: environment variable that tells a worker which inherited fd to listen on
-LISTEN_FD = "WSPROXY_LISTEN_FD"
+#: environment variables that make a process a worker (see L{Seat})
+INDEX_ENV = "WSPROXY_WORKER_INDEX"
+LISTEN_FD_ENV = "WSPROXY_LISTEN_FD"
+
+#: the file descriptor a worker receives the listening socket on
+_LISTEN_FD = 3
+
+
+@dataclass(frozen=True)
+class Seat:
+    """
+    What makes this process a worker: its index and the listening socket it
+    inherited from the supervisor.
+    """
+
+    index: int
+    listen_fd: int
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Optional["Seat"]:
+        """
+        The seat the supervisor gave this process, if it is a worker; the
+        variables are removed so that nothing else inherits them.
+        """
+        if INDEX_ENV not in environ:
+            return None
+        return cls(
+            index=int(environ.pop(INDEX_ENV)),
+            listen_fd=int(environ.pop(LISTEN_FD_ENV)),
+        )
 
 
 def open_listening_socket(settings: Settings) -> socket.socket:
@@ -41,19 +74,29 @@ def open_listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def adopt_listening_socket(reactor: Any, site: Any) -> Optional[Any]:
+def inherited_endpoint(reactor: Any, fd: int) -> AdoptedStreamServerEndpoint:
     """
-    In a worker: listen on the socket inherited from the parent, if any.
+    The server endpoint of a listening socket inherited as C{fd} (Twisted's
+    own adopted-socket endpoint: it listens on it, then closes C{fd}).
     """
-    fd_text = os.environ.pop(LISTEN_FD, None)
-    if fd_text is None:
-        return None
-    fd = int(fd_text)
-    family = socket.socket(fileno=os.dup(fd)).family
-    port = reactor.adoptStreamPort(fd, family, site)
-    # adoptStreamPort works on its own duplicate
-    os.close(fd)
-    return port
+    with socket.socket(fileno=os.dup(fd)) as probe:
+        family = probe.family
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
+
+
+def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) -> ProxyService:
+    """
+    The proxy of one worker: it listens on the inherited socket.
+    """
+    return ProxyService(
+        proxy,
+        ProxySite(proxy),
+        inherited_endpoint(reactor, seat.listen_fd),
+        reactor,
+        log_observer=log_observer,
+        handle_signals=True,
+        worker=seat.index,
+    )
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -86,12 +129,19 @@ class Supervisor(DaemonService):
         self.workers: dict[int, tuple[_Worker, Any]] = {}
 
     def privilegedStartService(self) -> None:
+        """
+        Open the shared socket before the reactor runs (as root, with
+        C{--uid}); a port that cannot be bound ends start-up with one line
+        and exit status 1 (L{StartupError}).
+        """
         super().privilegedStartService()
         try:
             self.sock = open_listening_socket(self.settings)
         except OSError as e:
-            raise SystemExit(
-                f"wsproxy: cannot listen on {self.settings.host}:{self.settings.port}: {e}"
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise StartupError(
+                f"wsproxy: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"[Errno {e.errno}] {why}"
             ) from None
 
     def startService(self) -> None:
@@ -112,18 +162,17 @@ class Supervisor(DaemonService):
 
     def _spawn(self, index: int) -> None:
         assert self.sock is not None
-        fd = self.sock.fileno()
         env = dict(os.environ)
-        env[LISTEN_FD] = str(fd)
         env["WORKERS"] = "1"
-        env["WSPROXY_WORKER_INDEX"] = str(index)
+        env[INDEX_ENV] = str(index)
+        env[LISTEN_FD_ENV] = str(_LISTEN_FD)
         worker = _Worker(self, index)
         process = self.reactor.spawnProcess(
             worker,
             sys.executable,
             [sys.executable, "-m", "wsproxy", *self.argv],
             env=env,
-            childFDs={0: 0, 1: 1, 2: 2, fd: fd},
+            childFDs={0: 0, 1: 1, 2: 2, _LISTEN_FD: self.sock.fileno()},
         )
         self.workers[index] = (worker, process)
         self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
