@@ -10,6 +10,7 @@ request (slowloris clients are dropped).
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -105,14 +106,17 @@ class Root(resource.Resource):
             if finished.called:
                 return
             count = self._proxy.stats.open_connections
+            # the pid says which process answered (with WORKERS, one of
+            # several behind the same port)
             if healthy:
                 body = _json(request, 200, {
                     "status": "healthy", "redis": "connected", "active_connections": count,
+                    "pid": os.getpid(),
                 })
             else:
                 body = _json(request, 503, {
                     "status": "unhealthy", "redis": "disconnected",
-                    "active_connections": count,
+                    "active_connections": count, "pid": os.getpid(),
                 })
             request.write(body)
             request.finish()
