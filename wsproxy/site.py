@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Optional, Union
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
@@ -41,6 +41,10 @@ def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+#: what C{/metrics} serves: the Prometheus text, now or later
+MetricsSource = Callable[[], Union[bytes, "defer.Deferred[bytes]"]]
+
+
 #: bytes that str.splitlines() treats as line ends besides CR and LF
 _LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c\x1d\x1e\x85]")
 
@@ -61,10 +65,11 @@ class Root(resource.Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, proxy: Proxy, factory: ProxyFactory) -> None:
+    def __init__(self, proxy: Proxy, factory: ProxyFactory, metrics: MetricsSource) -> None:
         super().__init__()
         self._proxy = proxy
         self._websocket = WebSocketResource(factory)
+        self._metrics_source = metrics
 
     def render(self, request: Any) -> Any:
         request.responseHeaders.removeHeader(b"server")
@@ -129,9 +134,26 @@ class Root(resource.Resource):
             return _json(request, 503, {"status": "draining"})
         return _json(request, 200, {"status": "ready"})
 
-    def _metrics(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
-        return self._proxy.stats.render()
+    def _metrics(self, request: Any) -> Any:
+        finished = request.notifyFinish()
+        finished.addErrback(lambda f: None)
+
+        def answer(body: bytes) -> None:
+            if finished.called:
+                return
+            request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
+            request.finish()
+
+        def unavailable(reason: Any) -> None:
+            self._log.error("metrics unavailable: {why}", why=reason.getErrorMessage())
+            if not finished.called:
+                request.write(_plain(request, 503, "Metrics unavailable"))
+                request.finish()
+
+        defer.maybeDeferred(self._metrics_source).addCallbacks(answer, unavailable)
+        return server.NOT_DONE_YET
 
 
 class _DeadlineChannel(http.HTTPChannel):
@@ -211,14 +233,23 @@ class _Request(server.Request):
 
 
 class ProxySite(server.Site):
+    """
+    The proxy's HTTP site.
+
+    @param metrics: what C{/metrics} serves; by default this process's
+        counters (a worker passes the sum over all workers instead).
+    """
+
     protocol = _DeadlineChannel
     requestFactory = _Request
     noisy = False
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, metrics: Optional[MetricsSource] = None) -> None:
         self.proxy = proxy
         self.ws_factory = ProxyFactory(proxy)
-        super().__init__(Root(proxy, self.ws_factory), timeout=60)
+        super().__init__(
+            Root(proxy, self.ws_factory, metrics or proxy.stats.render), timeout=60
+        )
         self.displayTracebacks = False
 
     def buildProtocol(self, addr: Any) -> Any:
