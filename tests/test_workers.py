@@ -2,7 +2,8 @@
 C{WORKERS}: how the supervisor sums its workers' metrics (unit tests), and
 the real thing, C{python -m wsproxy} with C{WORKERS=2} against a real
 redis-server: connections spread over both workers, one scrape shows the
-totals, a killed worker is replaced by one that serves.
+totals, a killed worker is replaced by one that serves, and no worker
+outlives its supervisor.
 
 Which worker holds a connection is read from C{/proc} (Linux): the worker
 whose file descriptors include the server side of that TCP connection.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import sys
 import time
@@ -167,6 +169,16 @@ def sent(transport: StringTransport) -> list[dict[str, Any]]:
     return messages
 
 
+class FakeService:
+    stopping = False
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def stop_without_drain(self) -> None:
+        self.stopped += 1
+
+
 class SupervisorLinkTests(SynchronousTestCase):
     """
     The worker's end of the channel, over an in-memory transport.
@@ -177,6 +189,8 @@ class SupervisorLinkTests(SynchronousTestCase):
         self.stats = Stats()
         self.stats.messages_down = 4
         self.link = SupervisorLink(self.stats.snapshot, self.clock)
+        self.service = FakeService()
+        self.link.service = self.service  # type: ignore[assignment]
         self.transport = StringTransport()
         self.link.makeConnection(self.transport)
 
@@ -212,12 +226,26 @@ class SupervisorLinkTests(SynchronousTestCase):
 
     def test_supervisor_gone(self) -> None:
         """
-        When the channel ends, pending and later scrapes fail.
+        The channel's end: pending and later scrapes fail, and the worker
+        is stopped without drain window, with a warning.
         """
         d = self.link.scrape()
-        self.link.connectionLost(Failure(error.ConnectionDone()))
+        with capturedLogs() as events:
+            self.link.connectionLost(Failure(error.ConnectionDone()))
         self.failureResultOf(d, error.ConnectionLost)
         self.failureResultOf(self.link.scrape(), error.ConnectionLost)
+        self.assertEqual(self.service.stopped, 1)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn])
+
+    def test_own_shutdown_is_not_news(self) -> None:
+        """
+        When the worker is already shutting down (its reactor closes the
+        channel at the end), nothing is logged.
+        """
+        self.service.stopping = True
+        with capturedLogs() as events:
+            self.link.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(events, [])
 
 
 class SupervisorChannelTests(SynchronousTestCase):
@@ -612,3 +640,24 @@ class WorkerProcessTests(RedisTestCase):
         self.assertEqual(value(after, "wsproxy_connections_open"), len(survivors) + opened_since)
         self.assertEqual(value(after, "wsproxy_worker_restarts_total"), 1)
         self.assertEqual(value(after, "wsproxy_workers"), 2)
+
+    async def test_workers_exit_with_their_supervisor(self) -> None:
+        """
+        SIGKILL on the supervisor: every worker closes its clients with
+        1001 and exits within seconds, and the port is free for the next
+        supervisor.
+        """
+        daemon = WorkerDaemon(self)
+        port = await daemon.start()
+        owners = await daemon.clients_on_every_worker(self.r, per_worker=1)
+        workers = {(pid, start_time(pid)) for pid in daemon.workers()}
+        self.assertEqual(len(workers), 2)
+
+        os.kill(daemon.pid, signal.SIGKILL)
+        await wait_for(lambda: all(c.factory.closed.called for c in owners), timeout=10)
+        self.assertEqual({c.close_code for c in owners}, {1001})
+        await wait_for(lambda: all(start_time(pid) != started for pid, started in workers),
+                       timeout=10)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))

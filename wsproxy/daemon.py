@@ -136,6 +136,7 @@ class ProxyService(DaemonService):
         self.handle_signals = handle_signals
         self.worker = worker
         self.port: Optional[IListeningPort] = None
+        self.drain = proxy.settings.shutdown_drain
         self._listening: Optional[defer.Deferred] = None
         self._running_now = False
         self._stopping: Optional[defer.Deferred] = None
@@ -219,6 +220,17 @@ class ProxyService(DaemonService):
             redis=self.proxy.settings.redis.describe(),
         )
 
+    def stop_without_drain(self) -> None:
+        """
+        Shut down now, with no drain window: for a worker whose supervisor
+        is gone, so that the port is free for the next supervisor at once.
+        """
+        self.drain = 0.0
+        if self.stopping:
+            self.hurry()
+        elif self.reactor.running:
+            self.reactor.stop()
+
     def stopService(self) -> defer.Deferred:
         if self._stopping is None:
             self.stopping = True
@@ -239,7 +251,7 @@ class ProxyService(DaemonService):
         connections = list(proxy.connections)
         self._log.info(
             "draining {n} connections; still listening for {drain:g}s",
-            n=len(connections), drain=settings.shutdown_drain,
+            n=len(connections), drain=self.drain,
         )
         for protocol in connections:
             protocol.going_away()
@@ -248,7 +260,7 @@ class ProxyService(DaemonService):
             settings.shutdown_grace_period,
             [p.closed for p in connections if not p.closed.called],
         )
-        self._drain_window = _window(clock, settings.shutdown_drain)
+        self._drain_window = _window(clock, self.drain)
         await self._drain_window
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()

@@ -23,6 +23,12 @@ supervisor. Over that channel, length-prefixed JSON messages:
   - supervisor -> worker C{{"op": "metrics", "id": n, "text": ...}}: the
     sum over all workers, which the worker serves.
 
+The channel is also how a worker learns that its supervisor is gone,
+however it died (even SIGKILL): the kernel closes the supervisor's end, the
+worker reads end-of-file and shuts down at once, without a drain window, so
+that the port is free for the next supervisor. No worker outlives its
+supervisor by more than C{SHUTDOWN_GRACE_PERIOD_SECS}.
+
 Counters of a worker that exited keep counting in the sum (with the values
 of its last snapshot), so the instance's counters never go backwards when
 a worker is restarted; what a killed worker counted after the last scrape
@@ -110,8 +116,9 @@ def inherited_endpoint(reactor: Any, fd: int) -> AdoptedStreamServerEndpoint:
 
 def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) -> ProxyService:
     """
-    The proxy of one worker: it listens on the inherited socket and serves
-    C{/metrics} summed over all workers.
+    The proxy of one worker: it listens on the inherited socket, serves
+    C{/metrics} summed over all workers, and stops when its supervisor is
+    gone.
     """
     link = SupervisorLink(proxy.stats.snapshot, reactor)
     service = ProxyService(
@@ -123,6 +130,7 @@ def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) ->
         handle_signals=True,
         worker=seat.index,
     )
+    link.service = service
     _adopt_channel(reactor, seat.channel_fd, link)
     return service
 
@@ -155,6 +163,9 @@ class _Channel(Int32StringReceiver):
 class SupervisorLink(_Channel):
     """
     The worker's end of the channel.
+
+    @ivar service: stopped (without drain window) when the supervisor is
+        gone.
     """
 
     #: how long a C{/metrics} request waits for the supervisor's sum
@@ -165,6 +176,7 @@ class SupervisorLink(_Channel):
         self._clock = clock
         self._pending: dict[int, defer.Deferred] = {}
         self._ids = itertools.count()
+        self.service: Optional[ProxyService] = None
         self.lost = False
 
     def scrape(self) -> defer.Deferred:
@@ -196,6 +208,12 @@ class SupervisorLink(_Channel):
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(error.ConnectionLost("the supervisor is gone"))
+        service = self.service
+        if service is None:
+            return
+        if not service.stopping:
+            self._log.warn("the supervisor is gone: shutting down now, without drain window")
+        service.stop_without_drain()
 
 
 class _WorkerLink(_Channel):
