@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -37,8 +38,8 @@ class FakeEndpoint:
 
 
 class FakePort:
-    def getHost(self) -> Any:
-        return type("Address", (), {"host": "127.0.0.1", "port": 8080})()
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8080)
 
 
 class FakeReactor:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
@@ -137,10 +138,10 @@ class ProxyService(DaemonService):
         self.worker = worker
         self.port: Optional[IListeningPort] = None
         self.drain = proxy.settings.shutdown_drain
-        self._listening: Optional[defer.Deferred] = None
+        self._listening: Optional[defer.Deferred[None]] = None
         self._running_now = False
-        self._stopping: Optional[defer.Deferred] = None
-        self._drain_window: Optional[defer.Deferred] = None
+        self._stopping: Optional[defer.Deferred[Any]] = None
+        self._drain_window: Optional[defer.Deferred[Any]] = None
 
     def privilegedStartService(self) -> None:
         """
@@ -181,8 +182,10 @@ class ProxyService(DaemonService):
                 if self.reactor.running:
                     self.reactor.stop()
 
-        self._listening = defer.maybeDeferred(self.endpoint.listen, self.site)
-        self._listening.addCallbacks(self._listened, failed)
+        listening: defer.Deferred[IListeningPort] = defer.maybeDeferred(
+            lambda: self.endpoint.listen(self.site)
+        )
+        self._listening = listening.addCallbacks(self._listened, failed)
         synchronous = False
         if early:
             raise ListenError(_cannot_listen(early[0]))
@@ -208,7 +211,7 @@ class ProxyService(DaemonService):
     def _announce(self) -> None:
         assert self.port is not None
         address = self.port.getHost()
-        if hasattr(address, "port"):
+        if isinstance(address, (IPv4Address, IPv6Address)):
             where = f"{address.host}:{address.port}"
         else:
             name = getattr(address, "name", address)
@@ -231,7 +234,7 @@ class ProxyService(DaemonService):
         elif self.reactor.running:
             self.reactor.stop()
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         if self._stopping is None:
             self.stopping = True
             super().stopService()
@@ -265,7 +268,7 @@ class ProxyService(DaemonService):
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()
         if self.port is not None:
-            await self.port.stopListening()
+            await defer.maybeDeferred(self.port.stopListening)
         await closed
         for protocol in list(proxy.connections):
             protocol.dropConnection(abort=True)
@@ -284,12 +287,12 @@ def _cannot_listen(reason: Failure) -> str:
     return f"cannot listen: {reason.getErrorMessage()}"
 
 
-def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred]) -> defer.Deferred:
+def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:
     """
     Fires once all of C{pending} have fired, or after C{seconds}, whichever
     comes first (at once if nothing is pending).
     """
-    done: defer.Deferred = _window(clock, seconds) if pending else defer.succeed(None)
+    done: defer.Deferred[Any] = _window(clock, seconds) if pending else defer.succeed(None)
     if pending:
         defer.DeferredList(pending, consumeErrors=True).addBoth(
             lambda _: None if done.called else done.callback(None)
@@ -297,12 +300,12 @@ def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred]) -
     return done
 
 
-def _window(clock: Any, seconds: float) -> defer.Deferred:
+def _window(clock: Any, seconds: float) -> defer.Deferred[Any]:
     """
     Fires after C{seconds}, or earlier if someone calls it back (the timer
     is then cancelled).
     """
-    done: defer.Deferred = defer.Deferred()
+    done: defer.Deferred[Any] = defer.Deferred()
     if seconds <= 0:
         done.callback(None)
         return done

@@ -174,12 +174,12 @@ class SupervisorLink(_Channel):
     def __init__(self, snapshot: Callable[[], Snapshot], clock: Any) -> None:
         self._snapshot = snapshot
         self._clock = clock
-        self._pending: dict[int, defer.Deferred] = {}
+        self._pending: dict[int, defer.Deferred[bytes]] = {}
         self._ids = itertools.count()
         self.service: Optional[ProxyService] = None
         self.lost = False
 
-    def scrape(self) -> defer.Deferred:
+    def scrape(self) -> defer.Deferred[bytes]:
         """
         The metrics of all workers, summed by the supervisor, as Prometheus
         text; fails if the supervisor does not answer in time.
@@ -187,7 +187,7 @@ class SupervisorLink(_Channel):
         if self.lost:
             return defer.fail(error.ConnectionLost("the supervisor is gone"))
         n = next(self._ids)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[bytes] = defer.Deferred()
         self._pending[n] = d
         d.addTimeout(self.scrape_timeout, self._clock)
         d.addBoth(lambda result: (self._pending.pop(n, None), result)[1])
@@ -228,11 +228,11 @@ class _WorkerLink(_Channel):
     def __init__(self, supervisor: "Supervisor", worker: "_Worker") -> None:
         self.supervisor = supervisor
         self.worker = worker
-        self._pending: dict[int, defer.Deferred] = {}
+        self._pending: dict[int, defer.Deferred[None]] = {}
         self._ids = itertools.count()
         self.lost = False
 
-    def refresh(self) -> defer.Deferred:
+    def refresh(self) -> defer.Deferred[None]:
         """
         Fires once the worker has sent fresh counters, or has not in time,
         or is gone (never fails).
@@ -240,7 +240,7 @@ class _WorkerLink(_Channel):
         if self.lost:
             return defer.succeed(None)
         n = next(self._ids)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._pending[n] = d
         d.addTimeout(self.refresh_timeout, self.supervisor.reactor)
         d.addErrback(self._late, n)
@@ -284,7 +284,7 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor = supervisor
         self.index = index
-        self.ended: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred[Any] = defer.Deferred()
         self.link: Optional[_WorkerLink] = None
         self.snapshot: Snapshot = []
 
@@ -412,7 +412,7 @@ class Supervisor(DaemonService):
             ]),
         ]))
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         self.stopping = True
         super().stopService()
         waiting = [worker.ended for worker, _ in self.workers.values()]
