@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 
 import redis as redispy
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.trial.unittest import TestCase
 
 from wsproxy.config import Settings, parse_redis_url
@@ -176,7 +176,9 @@ class RunningProxy:
     def __init__(self, settings: Settings) -> None:
         self.proxy = build_proxy(reactor, settings)
         self.site = ProxySite(self.proxy)
-        self.service = ProxyService(self.proxy, self.site, settings.listen, reactor)
+        self.service = ProxyService(
+            self.proxy, self.site, serverFromString(reactor, settings.listen), reactor
+        )
         self.service.startService()
         self.port = self.service.port.getHost().port
 
@@ -425,12 +427,23 @@ class Daemon:
         return int(match.group(1))
 
     def signal(self, signum: int) -> None:
-        if self.out.status is None:
+        if not self.out.ended.called:
             self.process.signalProcess(signum)
 
-    async def stop(self) -> None:
-        if self.out.status is None:
+    def kill(self) -> None:
+        """
+        SIGKILL, unless it has exited. (Twisted reports the end of a process
+        once its output pipes are closed too, which its own children, if
+        any, may hold open.)
+        """
+        try:
             self.process.signalProcess("KILL")
-            await self.out.ended
+        except error.ProcessExitedAlready:
+            pass
+
+    async def stop(self) -> None:
+        if not self.out.ended.called:
+            self.kill()
+            await wait_for(lambda: self.out.ended.called, timeout=20)
 
 

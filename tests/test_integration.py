@@ -6,6 +6,7 @@ WebSocket clients (Autobahn) and raw HTTP.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -338,7 +339,8 @@ class HttpEndpointTests(ProxyTestCase):
 
     async def test_health(self) -> None:
         """
-        /health is 200 JSON while Redis answers, 503 once it is gone.
+        /health is 200 JSON while Redis answers, 503 once it is gone; both
+        name the answering process.
         """
         self.authorize("s1")
         await self.client("s1")
@@ -347,14 +349,16 @@ class HttpEndpointTests(ProxyTestCase):
         self.assertIn(b"Content-Type: application/json", head)
         self.assertEqual(
             json.loads(body),
-            {"status": "healthy", "redis": "connected", "active_connections": 1},
+            {"status": "healthy", "redis": "connected", "active_connections": 1,
+             "pid": os.getpid()},
         )
         self.redis.stop()
         code, _, body = await self.get("/health")
         self.assertEqual(code, 503)
         self.assertEqual(
             json.loads(body),
-            {"status": "unhealthy", "redis": "disconnected", "active_connections": 1},
+            {"status": "unhealthy", "redis": "disconnected", "active_connections": 1,
+             "pid": os.getpid()},
         )
 
     async def test_ready_and_no_server_version(self) -> None:

@@ -25,6 +25,18 @@ from .support import (
 )
 
 
+def kill_pid_file(path: str) -> None:
+    """
+    Kill the daemon a pid file names, if any (a daemonized twistd is not
+    our child: it would outlive a failed test).
+    """
+    try:
+        with open(path) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+
+
 class ProcessTests(RedisTestCase):
     timeout = 90
 
@@ -123,15 +135,50 @@ class ProcessTests(RedisTestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("LOG_LEVEL", lines[0])
 
+    async def test_unusable_listen_string(self) -> None:
+        """
+        A LISTEN string Twisted cannot use is a configuration error: one
+        line naming LISTEN, exit status 2.
+        """
+        daemon = self.start(sys.executable, "-m", "wsproxy", LISTEN="carrier-pigeon:8080")
+        self.assertEqual(await daemon.out.ended, 2)
+        lines = daemon.out.output.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("configuration error: LISTEN: cannot use 'carrier-pigeon:8080'", lines[0])
+
     async def test_port_in_use(self) -> None:
         """
-        A port that cannot be bound fails start-up loudly (status != 0).
+        A port that cannot be bound fails start-up with one line naming the
+        address and status 1, no traceback: in the foreground (twistd -n)
+        and daemonizing (the waiting parent reports it and exits 1 at once;
+        no pid file is left), with one process or a supervisor.
         """
         first = self.start()
         port = await first.port()
-        second = self.start(PORT=str(port))
-        self.assertNotEqual(await second.out.ended, 0)
-        self.assertIn(b"cannot listen", second.out.output)
+        line = f"wsproxy: cannot listen on 127.0.0.1:{port}: [Errno 98]".encode()
+        for workers in ("1", "2"):
+            foreground = self.start(PORT=str(port), WORKERS=workers)
+            await wait_for(lambda: foreground.out.ended.called, timeout=20)
+            self.assertEqual(foreground.out.status, 1)
+            output = foreground.out.output
+            self.assertEqual(output.count(b"cannot listen"), 1, output)
+            self.assertIn(line, output)
+            self.assertNotIn(b"Traceback", output)
+
+            daemonizing = self.start(
+                TWISTD, "--pidfile=twistd.pid", "--logfile=twistd.log", "wsproxy",
+                PORT=str(port), WORKERS=workers,
+            )
+            self.addCleanup(kill_pid_file, os.path.join(daemonizing.cwd, "twistd.pid"))
+            await wait_for(lambda: daemonizing.out.ended.called, timeout=20)
+            self.assertEqual(daemonizing.out.status, 1)
+            self.assertIn(b"An error has occurred", daemonizing.out.output)
+            self.assertIn(b"cannot listen", daemonizing.out.output)
+            with open(os.path.join(daemonizing.cwd, "twistd.log"), "rb") as f:
+                log = f.read()
+            self.assertIn(line, log)
+            self.assertNotIn(b"Traceback", log)
+            self.assertFalse(os.path.exists(os.path.join(daemonizing.cwd, "twistd.pid")))
 
     async def test_help_lists_every_option(self) -> None:
         """
@@ -191,52 +238,3 @@ class ProcessTests(RedisTestCase):
         self.assertEqual(closed[0]["session_id"], "s1")
         self.assertEqual(closed[0]["code"], 1000)
         self.assertIn(closed[0]["level"], ("info",))
-
-
-class WorkerTests(RedisTestCase):
-    timeout = 90
-
-    def children(self, daemon: Daemon) -> set[int]:
-        with open(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-
-    async def test_workers_share_port_restart_and_stop(self) -> None:
-        """
-        WORKERS=2: two worker processes serve one port; a worker that dies
-        is restarted; SIGTERM on the parent gives every client 1001 and the
-        parent exits 0.
-        """
-        daemon = Daemon(
-            [sys.executable, "-m", "wsproxy"],
-            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url, "WORKERS": "2",
-             "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0"},
-        )
-        self.addCleanup(daemon.stop)
-        port = await daemon.port()
-        await wait_for(lambda: daemon.out.output.count(b"subscriber connection ready") >= 2,
-                       timeout=20)
-        workers = self.children(daemon)
-        self.assertEqual(len(workers), 2)
-        r = self.r
-        r.set("session:w:auth", "tok", ex=60)
-        clients = [await connect(f"ws://127.0.0.1:{port}/a/ws/w", token="tok") for _ in range(6)]
-        r.publish("session:w:down", "to all")
-        for c in clients:
-            await c.wait_messages(1)
-
-        victim = sorted(workers)[0]
-        os.kill(victim, signal.SIGKILL)
-        await wait_for(lambda: victim not in self.children(daemon)
-                       and len(self.children(daemon)) == 2, timeout=20)
-        await wait_for(lambda: b"worker 0 exited" in daemon.out.output
-                       or b"worker 1 exited" in daemon.out.output)
-        survivors = [c for c in clients if c.state == c.STATE_OPEN]
-        fresh = [await connect(f"ws://127.0.0.1:{port}/a/ws/w", token="tok") for _ in range(4)]
-        open_clients = [c for c in survivors + fresh if c.state == c.STATE_OPEN]
-        self.assertGreaterEqual(len(fresh), 4)
-
-        daemon.signal(signal.SIGTERM)
-        codes = [(await c.factory.closed)[0] for c in open_clients]
-        self.assertEqual(set(codes), {1001})
-        self.assertEqual(await daemon.out.ended, 0)
-        self.assertIn(b"all workers stopped", daemon.out.output)

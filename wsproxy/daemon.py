@@ -27,8 +27,12 @@ import signal
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 
 from .proxy import Proxy
 
@@ -36,6 +40,19 @@ from .proxy import Proxy
 class ListenError(Exception):
     """
     The listening endpoint could not be opened.
+    """
+
+
+class StartupError(SystemExit, Exception):
+    """
+    Start-up failed (the port cannot be bound): the process prints this one
+    line and exits with status 1.
+
+    A C{SystemExit}, so that C{twistd -n} ends with the line instead of a
+    traceback; and an C{Exception}, because twistd without C{-n} (it
+    daemonizes) learns that its child failed only through a status pipe that
+    its C{except Exception} writes to: a bare C{SystemExit} would leave the
+    parent waiting forever.
     """
 
 
@@ -93,6 +110,11 @@ class DaemonService(Service):
 class ProxyService(DaemonService):
     """
     Listens on C{endpoint} with C{site} and runs C{proxy}.
+
+    @param endpoint: where to listen: C{serverFromString(LISTEN)}, or in a
+        worker the socket inherited from the supervisor (L{wsproxy.workers}).
+    @param worker: the worker's index, if this process is one of several
+        (only named in the log).
     """
 
     name = "wsproxy"
@@ -101,10 +123,11 @@ class ProxyService(DaemonService):
         self,
         proxy: Proxy,
         site: Any,
-        endpoint: str,
+        endpoint: IStreamServerEndpoint,
         reactor: Any,
         log_observer: Optional[ILogObserver] = None,
         handle_signals: bool = False,
+        worker: Optional[int] = None,
     ) -> None:
         self.proxy = proxy
         self.site = site
@@ -112,39 +135,65 @@ class ProxyService(DaemonService):
         self.reactor = reactor
         self.log_observer = log_observer
         self.handle_signals = handle_signals
-        self.port: Any = None
+        self.worker = worker
+        self.port: Optional[IListeningPort] = None
+        self.drain = proxy.settings.shutdown_drain
+        self._listening: Optional[defer.Deferred[None]] = None
+        self._running_now = False
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._drain_window: Optional[defer.Deferred[Any]] = None
 
     def privilegedStartService(self) -> None:
+        """
+        twistd calls this before the reactor runs (and, with C{--uid},
+        before dropping root): listen now, like Twisted's own C{strports}
+        services. A port that cannot be bound ends start-up with one line
+        and exit status 1 (L{StartupError}).
+        """
         super().privilegedStartService()
-        self.listen()
+        try:
+            self.listen()
+        except ListenError as e:
+            raise StartupError(f"wsproxy: {e}") from None
 
     def listen(self) -> None:
         """
-        Listen now; a failure (port in use, bad endpoint) raises
-        L{ListenError} so that start-up fails loudly.
-        """
-        if self.port is not None:
-            return
-        from .workers import adopt_listening_socket
+        Start listening on the endpoint (once).
 
-        self.port = adopt_listening_socket(self.reactor, self.site)
-        if self.port is not None:
+        Every endpoint wsproxy is documented with (C{tcp}, C{tcp6}, C{ssl},
+        C{unix}, the inherited socket of a worker) binds inside
+        C{endpoint.listen()} and has fired its Deferred by the time that
+        returns: a failure then (port in use, permission denied) is raised
+        here as L{ListenError}, before the reactor runs. An endpoint that
+        answers later (some third-party endpoint plugins do) cannot fail
+        start-up that way; its failure is logged as critical and stops the
+        daemon once it arrives, but twistd then exits with status 0.
+        """
+        if self._listening is not None:
             return
-        try:
-            endpoint = endpoints.serverFromString(self.reactor, self.endpoint)
-            d = endpoint.listen(self.site)
-        except Exception as e:
-            raise ListenError(f"LISTEN: cannot use endpoint {self.endpoint!r}: {e}") from None
-        result: list[Any] = []
-        d.addBoth(result.append)
-        if not result:
-            raise ListenError(f"cannot listen on {self.endpoint!r}: no answer")
-        if isinstance(result[0], Exception) or hasattr(result[0], "getErrorMessage"):
-            why = result[0].getErrorMessage() if hasattr(result[0], "getErrorMessage") else result[0]
-            raise ListenError(f"cannot listen on {self.endpoint!r}: {why}")
-        self.port = result[0]
+        synchronous = True
+        early: list[Failure] = []
+
+        def failed(reason: Failure) -> None:
+            if synchronous:
+                early.append(reason)
+            elif not reason.check(defer.CancelledError):
+                self._log.critical("{why}", why=_cannot_listen(reason))
+                if self.reactor.running:
+                    self.reactor.stop()
+
+        listening: defer.Deferred[IListeningPort] = defer.maybeDeferred(
+            lambda: self.endpoint.listen(self.site)
+        )
+        self._listening = listening.addCallbacks(self._listened, failed)
+        synchronous = False
+        if early:
+            raise ListenError(_cannot_listen(early[0]))
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        if self._running_now:
+            self._announce()
 
     def startService(self) -> None:
         self.listen()
@@ -153,21 +202,37 @@ class ProxyService(DaemonService):
         self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
+        self._running_now = True
         if self.handle_signals:
             self.install_signal_handlers()
+        if self.port is not None:
+            self._announce()
+
+    def _announce(self) -> None:
+        assert self.port is not None
         address = self.port.getHost()
-        if hasattr(address, "port"):
+        if isinstance(address, (IPv4Address, IPv6Address)):
             where = f"{address.host}:{address.port}"
         else:
             name = getattr(address, "name", address)
             where = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        worker = os.environ.get("WSPROXY_WORKER_INDEX")
         self._log.info(
             "wsproxy {role}listening on {where} (redis {redis})",
-            role="" if worker is None else f"worker {worker} (pid {os.getpid()}) ",
+            role="" if self.worker is None else f"worker {self.worker} (pid {os.getpid()}) ",
             where=where,
             redis=self.proxy.settings.redis.describe(),
         )
+
+    def stop_without_drain(self) -> None:
+        """
+        Shut down now, with no drain window: for a worker whose supervisor
+        is gone, so that the port is free for the next supervisor at once.
+        """
+        self.drain = 0.0
+        if self.stopping:
+            self.hurry()
+        elif self.reactor.running:
+            self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[Any]:
         if self._stopping is None:
@@ -189,7 +254,7 @@ class ProxyService(DaemonService):
         connections = list(proxy.connections)
         self._log.info(
             "draining {n} connections; still listening for {drain:g}s",
-            n=len(connections), drain=settings.shutdown_drain,
+            n=len(connections), drain=self.drain,
         )
         for protocol in connections:
             protocol.going_away()
@@ -198,15 +263,28 @@ class ProxyService(DaemonService):
             settings.shutdown_grace_period,
             [p.closed for p in connections if not p.closed.called],
         )
-        self._drain_window = _window(clock, settings.shutdown_drain)
+        self._drain_window = _window(clock, self.drain)
         await self._drain_window
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
         if self.port is not None:
-            await self.port.stopListening()
+            await defer.maybeDeferred(self.port.stopListening)
         await closed
         for protocol in list(proxy.connections):
             protocol.dropConnection(abort=True)
         await proxy.stop()
         self._log.info("shutdown complete")
+
+
+def _cannot_listen(reason: Failure) -> str:
+    """
+    One line saying why listening failed.
+    """
+    e = reason.value
+    if isinstance(e, CannotListenError):
+        where = f"{e.interface}:{e.port}" if e.interface else e.port
+        return f"cannot listen on {where}: {e.socketError}"
+    return f"cannot listen: {reason.getErrorMessage()}"
 
 
 def _all_or_timeout(clock: Any, seconds: float, pending: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:

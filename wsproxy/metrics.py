@@ -4,15 +4,21 @@ Counters and their Prometheus exposition.
 The hot path only increments plain integer attributes of L{Stats}; the
 Prometheus registry reads them when C{/metrics} is scraped, through a custom
 collector. No locks, labels or objects are touched per message.
+
+With several worker processes (L{wsproxy.workers}) each worker's registry is
+read into a L{Snapshot} at scrape time, and the supervisor adds the
+snapshots up (L{merge}) and renders the sum (L{render}): a scrape describes
+the whole instance, whichever worker answers it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -47,6 +53,106 @@ class Stats:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> Snapshot:
+        """
+        Every metric's current samples, as plain JSON-able data.
+        """
+        return snapshot_of(self.registry.collect())
+
+
+#: C{[{"name", "help", "type", "samples": [[sample name, labels, value], ...]}, ...]}
+Snapshot = list[dict[str, Any]]
+
+#: gauges whose sum means nothing: the instance's value is the largest one
+MAX_GAUGES = frozenset({"wsproxy_canary_rtt_seconds"})
+
+#: metric types whose values only grow (and so must outlive a worker)
+_MONOTONIC = frozenset({"counter", "histogram", "summary"})
+
+
+def snapshot_of(families: Iterable[Metric]) -> Snapshot:
+    """
+    C{families}' samples, as plain JSON-able data.
+    """
+    return [
+        {
+            "name": family.name,
+            "help": family.documentation,
+            "type": family.type,
+            "samples": [[s.name, s.labels, s.value] for s in family.samples],
+        }
+        for family in families
+    ]
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """
+    The instance's metrics from its workers' snapshots: counters, histogram
+    buckets and gauges are summed (open connections of all workers), except
+    the gauges in L{MAX_GAUGES}, which take the largest value, and
+    C{_created} timestamps, which take the earliest.
+    """
+    families: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for snapshot in snapshots:
+        for family in snapshot:
+            name = family["name"]
+            if name not in families:
+                families[name] = {k: family[k] for k in ("name", "help", "type")}
+                values[name] = {}
+            pick = max if name in MAX_GAUGES and family["type"] == "gauge" else None
+            into = values[name]
+            for sample_name, labels, value in family["samples"]:
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key not in into:
+                    into[key] = value
+                elif sample_name.endswith("_created"):
+                    into[key] = min(into[key], value)
+                elif pick is not None:
+                    into[key] = pick(into[key], value)
+                else:
+                    into[key] += value
+    return [
+        dict(families[name], samples=[
+            [sample_name, dict(labels), value]
+            for (sample_name, labels), value in values[name].items()
+        ])
+        for name in families
+    ]
+
+
+def monotonic_part(snapshot: Snapshot) -> Snapshot:
+    """
+    The counters and histograms of C{snapshot}: what a worker that has
+    exited keeps contributing, so that the instance's counters never go
+    backwards. (Its gauges ended with it.)
+    """
+    return [family for family in snapshot if family["type"] in _MONOTONIC]
+
+
+def render(snapshot: Snapshot) -> bytes:
+    """
+    C{snapshot} in the Prometheus text format.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Replay(snapshot))
+    return generate_latest(registry)
+
+
+class _Replay:
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._snapshot:
+            metric = Metric(family["name"], family["help"], family["type"])
+            for sample_name, labels, value in family["samples"]:
+                metric.add_sample(sample_name, labels, value)
+            yield metric
 
 
 class _Collector:

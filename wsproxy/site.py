@@ -10,8 +10,9 @@ request (slowloris clients are dropped).
 from __future__ import annotations
 
 import json
+import os
 import re
-from typing import Any, cast
+from typing import Any, Callable, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
@@ -44,6 +45,10 @@ def _json(request: server.Request, code: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+#: what C{/metrics} serves: the Prometheus text, now or later
+MetricsSource = Callable[[], Union[bytes, "defer.Deferred[bytes]"]]
+
+
 #: bytes that str.splitlines() treats as line ends besides CR and LF
 _LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c\x1d\x1e\x85]")
 
@@ -64,11 +69,12 @@ class Root(resource.Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, proxy: Proxy, factory: ProxyFactory) -> None:
+    def __init__(self, proxy: Proxy, factory: ProxyFactory, metrics: MetricsSource) -> None:
         super().__init__()
         self._proxy = proxy
         self._factory = factory
         self._websocket = WebSocketResource(factory)
+        self._metrics_source = metrics
 
     def render(self, request: server.Request) -> bytes | int:
         request.responseHeaders.removeHeader(b"server")
@@ -124,14 +130,17 @@ class Root(resource.Resource):
             if finished.called:
                 return
             count = self._proxy.stats.open_connections
+            # the pid says which process answered (with WORKERS, one of
+            # several behind the same port)
             if healthy:
                 body = _json(request, 200, {
                     "status": "healthy", "redis": "connected", "active_connections": count,
+                    "pid": os.getpid(),
                 })
             else:
                 body = _json(request, 503, {
                     "status": "unhealthy", "redis": "disconnected",
-                    "active_connections": count,
+                    "active_connections": count, "pid": os.getpid(),
                 })
             request.write(body)
             request.finish()
@@ -144,9 +153,26 @@ class Root(resource.Resource):
             return _json(request, 503, {"status": "draining"})
         return _json(request, 200, {"status": "ready"})
 
-    def _metrics(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
-        return self._proxy.stats.render()
+    def _metrics(self, request: server.Request) -> int:
+        finished = request.notifyFinish()
+        finished.addErrback(lambda f: None)
+
+        def answer(body: bytes) -> None:
+            if finished.called:
+                return
+            request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
+            request.finish()
+
+        def unavailable(reason: Any) -> None:
+            self._log.error("metrics unavailable: {why}", why=reason.getErrorMessage())
+            if not finished.called:
+                request.write(_plain(request, 503, "Metrics unavailable"))
+                request.finish()
+
+        defer.maybeDeferred(self._metrics_source).addCallbacks(answer, unavailable)
+        return server.NOT_DONE_YET
 
 
 class _DeadlineChannel(http.HTTPChannel):
@@ -237,16 +263,25 @@ class _Request(server.Request):
 
 
 class ProxySite(server.Site):
+    """
+    The proxy's HTTP site.
+
+    @param metrics: what C{/metrics} serves; by default this process's
+        counters (a worker passes the sum over all workers instead).
+    """
+
     # our channel class directly, without Site's HTTP/2-negotiating wrapper
     # (the proxy speaks HTTP/1.1 only: WebSocket upgrades need it)
     protocol = _DeadlineChannel  # type: ignore[assignment]
     requestFactory = _Request
     noisy = False
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, metrics: Optional[MetricsSource] = None) -> None:
         self.proxy = proxy
         self.ws_factory = ProxyFactory(proxy)
-        super().__init__(Root(proxy, self.ws_factory), timeout=60)
+        super().__init__(
+            Root(proxy, self.ws_factory, metrics or proxy.stats.render), timeout=60
+        )
         self.displayTracebacks = False
 
     def buildProtocol(self, addr: Any) -> Any:

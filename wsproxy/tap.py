@@ -49,35 +49,47 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> Any:
     """
-    Build the proxy service for parsed C{options}.
+    Build the service for parsed C{options}: the supervisor of C{WORKERS}
+    worker processes, one of those workers (started by the supervisor,
+    L{wsproxy.workers.Seat}), or a single proxy listening on C{LISTEN} or
+    C{HOST}/C{PORT}. This is the only place that tells them apart.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from .daemon import ProxyService
     from .logs import make_observer
     from .proxy import build_proxy
-    from .daemon import ProxyService
     from .site import ProxySite
-    from .workers import LISTEN_FD, Supervisor
+    from .workers import Seat, Supervisor, worker_service
 
     settings = options.settings
     observer = make_observer(settings.log_level, settings.log_format, _log_file(options))
-    if settings.workers > 1 and LISTEN_FD not in os.environ:
+    seat = Seat.from_environ(os.environ)
+    if seat is None and settings.workers > 1:
         forwarded = [
             f"--{s.option}={options[s.option]}"
             for s in SETTINGS
             if options[s.option] is not None and s.env != "WORKERS"
         ]
         return Supervisor(settings, reactor, forwarded, log_observer=observer)
+    if seat is not None:
+        return worker_service(seat, build_proxy(reactor, settings), reactor, observer)
+    try:
+        endpoint = serverFromString(reactor, settings.endpoint)
+    except Exception as e:
+        # unknown endpoint type, bad argument, unreadable certificate, ...
+        name = "LISTEN" if settings.listen else "HOST"
+        sys.stderr.write(
+            f"wsproxy: configuration error: {name}: cannot use {settings.endpoint!r}: {e}\n"
+        )
+        raise SystemExit(2)
     proxy = build_proxy(reactor, settings)
     return ProxyService(
-        proxy,
-        ProxySite(proxy),
-        settings.endpoint,
-        reactor,
-        log_observer=observer,
-        handle_signals=True,
+        proxy, ProxySite(proxy), endpoint, reactor, log_observer=observer, handle_signals=True
     )
 
 

@@ -2,32 +2,95 @@
 Multi-core: C{WORKERS=N} runs N worker processes that share one listening
 socket.
 
-The parent opens the socket (so no connection is refused while a worker
-restarts: connections wait in the shared accept queue), then starts each
-worker as C{python -m wsproxy} with the same configuration and the socket's
-file descriptor in C{WSPROXY_LISTEN_FD}. Every worker is a complete proxy
-with its own Redis connections; the kernel hands each new connection to
-whichever worker accepts first. The parent restarts a worker that dies and,
-on SIGTERM or SIGINT, forwards the signal so that every worker shuts down
-gracefully, then exits 0 once they all have.
+The supervisor (the parent) opens the socket, so that no connection is
+refused while a worker restarts (connections wait in the shared accept
+queue), then starts each worker as C{python -m wsproxy} with the same
+configuration. Every worker is a complete proxy with its own Redis
+connections; the kernel hands each new connection to whichever worker
+accepts first. The supervisor restarts a worker that dies and, on SIGTERM
+or SIGINT, forwards the signal so that every worker shuts down gracefully,
+then exits 0 once they all have.
 
-Each worker answers C{/health}, C{/ready} and C{/metrics} for itself.
+A worker inherits two file descriptors, named in its environment (L{Seat}):
+the listening socket and its end of a private Unix socket pair to the
+supervisor. Over that channel, length-prefixed JSON messages:
+
+  - worker -> supervisor C{{"op": "scrape", "id": n}}: a client asked this
+    worker for C{/metrics};
+  - supervisor -> every worker C{{"op": "snapshot", "id": m}}, answered with
+    C{{"op": "snapshot", "id": m, "metrics": <snapshot>}} (the worker's
+    counters, read at that moment: nothing is sent per message);
+  - supervisor -> worker C{{"op": "metrics", "id": n, "text": ...}}: the
+    sum over all workers, which the worker serves.
+
+The channel is also how a worker learns that its supervisor is gone,
+however it died (even SIGKILL): the kernel closes the supervisor's end, the
+worker reads end-of-file and shuts down at once, without a drain window, so
+that the port is free for the next supervisor. No worker outlives its
+supervisor by more than C{SHUTDOWN_GRACE_PERIOD_SECS}.
+
+Counters of a worker that exited keep counting in the sum (with the values
+of its last snapshot), so the instance's counters never go backwards when
+a worker is restarted; what a killed worker counted after the last scrape
+is lost.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import socket
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, MutableMapping, Optional
 
-from twisted.internet import defer, protocol
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
 
 from .config import Settings
-from .daemon import DaemonService
+from .daemon import DaemonService, ProxyService, StartupError
+from .metrics import Snapshot, merge, monotonic_part, render, snapshot_of
+from .proxy import Proxy
+from .site import ProxySite
 
-#: environment variable that tells a worker which inherited fd to listen on
-LISTEN_FD = "WSPROXY_LISTEN_FD"
+#: environment variables that make a process a worker (see L{Seat})
+INDEX_ENV = "WSPROXY_WORKER_INDEX"
+LISTEN_FD_ENV = "WSPROXY_LISTEN_FD"
+CHANNEL_FD_ENV = "WSPROXY_CHANNEL_FD"
+
+#: the file descriptors a worker receives them on
+_LISTEN_FD = 3
+_CHANNEL_FD = 4
+
+
+@dataclass(frozen=True)
+class Seat:
+    """
+    What makes this process a worker: its index and the file descriptors it
+    inherited from the supervisor.
+    """
+
+    index: int
+    listen_fd: int
+    channel_fd: int
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Optional["Seat"]:
+        """
+        The seat the supervisor gave this process, if it is a worker; the
+        variables are removed so that nothing else inherits them.
+        """
+        if INDEX_ENV not in environ:
+            return None
+        return cls(
+            index=int(environ.pop(INDEX_ENV)),
+            listen_fd=int(environ.pop(LISTEN_FD_ENV)),
+            channel_fd=int(environ.pop(CHANNEL_FD_ENV)),
+        )
 
 
 def open_listening_socket(settings: Settings) -> socket.socket:
@@ -41,26 +104,189 @@ def open_listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def adopt_listening_socket(reactor: Any, site: Any) -> Optional[Any]:
+def inherited_endpoint(reactor: Any, fd: int) -> AdoptedStreamServerEndpoint:
     """
-    In a worker: listen on the socket inherited from the parent, if any.
+    The server endpoint of a listening socket inherited as C{fd} (Twisted's
+    own adopted-socket endpoint: it listens on it, then closes C{fd}).
     """
-    fd_text = os.environ.pop(LISTEN_FD, None)
-    if fd_text is None:
-        return None
-    fd = int(fd_text)
-    family = socket.socket(fileno=os.dup(fd)).family
-    port = reactor.adoptStreamPort(fd, family, site)
-    # adoptStreamPort works on its own duplicate
+    with socket.socket(fileno=os.dup(fd)) as probe:
+        family = probe.family
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
+
+
+def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) -> ProxyService:
+    """
+    The proxy of one worker: it listens on the inherited socket, serves
+    C{/metrics} summed over all workers, and stops when its supervisor is
+    gone.
+    """
+    link = SupervisorLink(proxy.stats.snapshot, reactor)
+    service = ProxyService(
+        proxy,
+        ProxySite(proxy, metrics=link.scrape),
+        inherited_endpoint(reactor, seat.listen_fd),
+        reactor,
+        log_observer=log_observer,
+        handle_signals=True,
+        worker=seat.index,
+    )
+    link.service = service
+    _adopt_channel(reactor, seat.channel_fd, link)
+    return service
+
+
+def _adopt_channel(reactor: Any, fd: int, link: "_Channel") -> None:
+    os.set_blocking(fd, False)
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, protocol.Factory.forProtocol(lambda: link))
+    # adoptStreamConnection works on its own duplicate
     os.close(fd)
-    return port
+
+
+class _Channel(Int32StringReceiver):
+    """
+    One JSON object per length-prefixed string.
+    """
+
+    MAX_LENGTH = 64 * 1024 * 1024
+    _log = Logger()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sendString(json.dumps(message, separators=(",", ":")).encode())
+
+    def stringReceived(self, data: bytes) -> None:
+        self.received(json.loads(data))
+
+    def received(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class SupervisorLink(_Channel):
+    """
+    The worker's end of the channel.
+
+    @ivar service: stopped (without drain window) when the supervisor is
+        gone.
+    """
+
+    #: how long a C{/metrics} request waits for the supervisor's sum
+    scrape_timeout = 5.0
+
+    def __init__(self, snapshot: Callable[[], Snapshot], clock: Any) -> None:
+        self._snapshot = snapshot
+        self._clock = clock
+        self._pending: dict[int, defer.Deferred[bytes]] = {}
+        self._ids = itertools.count()
+        self.service: Optional[ProxyService] = None
+        self.lost = False
+
+    def scrape(self) -> defer.Deferred[bytes]:
+        """
+        The metrics of all workers, summed by the supervisor, as Prometheus
+        text; fails if the supervisor does not answer in time.
+        """
+        if self.lost:
+            return defer.fail(error.ConnectionLost("the supervisor is gone"))
+        n = next(self._ids)
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._pending[n] = d
+        d.addTimeout(self.scrape_timeout, self._clock)
+        d.addBoth(lambda result: (self._pending.pop(n, None), result)[1])
+        self.send({"op": "scrape", "id": n})
+        return d
+
+    def received(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "snapshot":
+            self.send({"op": "snapshot", "id": message["id"], "metrics": self._snapshot()})
+        elif op == "metrics":
+            d = self._pending.pop(message["id"], None)
+            if d is not None:
+                d.callback(message["text"].encode())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(error.ConnectionLost("the supervisor is gone"))
+        service = self.service
+        if service is None:
+            return
+        if not service.stopping:
+            self._log.warn("the supervisor is gone: shutting down now, without drain window")
+        service.stop_without_drain()
+
+
+class _WorkerLink(_Channel):
+    """
+    The supervisor's end of one worker's channel.
+    """
+
+    #: how long a scrape waits for each worker's counters; a worker that is
+    #: slower (busy, stuck) contributes the values of its previous snapshot
+    refresh_timeout = 1.0
+
+    def __init__(self, supervisor: "Supervisor", worker: "_Worker") -> None:
+        self.supervisor = supervisor
+        self.worker = worker
+        self._pending: dict[int, defer.Deferred[None]] = {}
+        self._ids = itertools.count()
+        self.lost = False
+
+    def refresh(self) -> defer.Deferred[None]:
+        """
+        Fires once the worker has sent fresh counters, or has not in time,
+        or is gone (never fails).
+        """
+        if self.lost:
+            return defer.succeed(None)
+        n = next(self._ids)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._pending[n] = d
+        d.addTimeout(self.refresh_timeout, self.supervisor.reactor)
+        d.addErrback(self._late, n)
+        self.send({"op": "snapshot", "id": n})
+        return d
+
+    def _late(self, reason: Any, n: int) -> None:
+        self._pending.pop(n, None)
+        if reason.check(defer.TimeoutError):
+            self._log.warn(
+                "worker {index} did not send its metrics within {t:g}s: "
+                "serving its previous values",
+                index=self.worker.index, t=self.refresh_timeout,
+            )
+
+    def received(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "snapshot":
+            self.worker.snapshot = message["metrics"]
+            d = self._pending.pop(message["id"], None)
+            if d is not None:
+                d.callback(None)
+        elif op == "scrape":
+            n = message["id"]
+            defer.ensureDeferred(self.supervisor.metrics()).addCallback(
+                lambda text: self.send({"op": "metrics", "id": n, "text": text.decode()})
+            )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.callback(None)
 
 
 class _Worker(protocol.ProcessProtocol):
+    """
+    One worker process: its index, its channel and its last counters.
+    """
+
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor = supervisor
         self.index = index
         self.ended: defer.Deferred[Any] = defer.Deferred()
+        self.link: Optional[_WorkerLink] = None
+        self.snapshot: Snapshot = []
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
@@ -69,7 +295,7 @@ class _Worker(protocol.ProcessProtocol):
 
 class Supervisor(DaemonService):
     """
-    Starts and watches the workers.
+    Starts and watches the workers, and sums their metrics.
     """
 
     name = "wsproxy-supervisor"
@@ -84,14 +310,24 @@ class Supervisor(DaemonService):
         self.log_observer = log_observer
         self.sock: Optional[socket.socket] = None
         self.workers: dict[int, tuple[_Worker, Any]] = {}
+        self.restarts = 0
+        #: counters of the workers that have exited
+        self._retired: Snapshot = []
 
     def privilegedStartService(self) -> None:
+        """
+        Open the shared socket before the reactor runs (as root, with
+        C{--uid}); a port that cannot be bound ends start-up with one line
+        and exit status 1 (L{StartupError}).
+        """
         super().privilegedStartService()
         try:
             self.sock = open_listening_socket(self.settings)
         except OSError as e:
-            raise SystemExit(
-                f"wsproxy: cannot listen on {self.settings.host}:{self.settings.port}: {e}"
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise StartupError(
+                f"wsproxy: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"[Errno {e.errno}] {why}"
             ) from None
 
     def startService(self) -> None:
@@ -112,19 +348,29 @@ class Supervisor(DaemonService):
 
     def _spawn(self, index: int) -> None:
         assert self.sock is not None
-        fd = self.sock.fileno()
+        ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        env[LISTEN_FD] = str(fd)
         env["WORKERS"] = "1"
-        env["WSPROXY_WORKER_INDEX"] = str(index)
+        env[INDEX_ENV] = str(index)
+        env[LISTEN_FD_ENV] = str(_LISTEN_FD)
+        env[CHANNEL_FD_ENV] = str(_CHANNEL_FD)
         worker = _Worker(self, index)
-        process = self.reactor.spawnProcess(
-            worker,
-            sys.executable,
-            [sys.executable, "-m", "wsproxy", *self.argv],
-            env=env,
-            childFDs={0: 0, 1: 1, 2: 2, fd: fd},
-        )
+        try:
+            process = self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "wsproxy", *self.argv],
+                env=env,
+                childFDs={0: 0, 1: 1, 2: 2,
+                          _LISTEN_FD: self.sock.fileno(), _CHANNEL_FD: theirs.fileno()},
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker.link = _WorkerLink(self, worker)
+        _adopt_channel(self.reactor, ours.detach(), worker.link)
         self.workers[index] = (worker, process)
         self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
 
@@ -132,8 +378,10 @@ class Supervisor(DaemonService):
         index = worker.index
         if self.workers.get(index, (None,))[0] is worker:
             del self.workers[index]
+        self._retired = merge([self._retired, monotonic_part(worker.snapshot)])
         if self.stopping:
             return
+        self.restarts += 1
         self._log.error(
             "worker {index} exited ({why}); restarting in {delay:g}s",
             index=index, why=why, delay=self.restart_delay,
@@ -143,6 +391,26 @@ class Supervisor(DaemonService):
     def _respawn(self, index: int) -> None:
         if not self.stopping and index not in self.workers:
             self._spawn(index)
+
+    async def metrics(self) -> bytes:
+        """
+        The instance's metrics: fresh counters from every worker, plus those
+        of the workers that have exited, plus the supervisor's own.
+        """
+        await defer.gatherResults(
+            [w.link.refresh() for w, _ in self.workers.values() if w.link is not None]
+        )
+        return render(merge([
+            *(w.snapshot for w, _ in self.workers.values()),
+            self._retired,
+            snapshot_of([
+                GaugeMetricFamily("wsproxy_workers", "Worker processes running",
+                                  value=len(self.workers)),
+                CounterMetricFamily("wsproxy_worker_restarts",
+                                    "Workers that exited unexpectedly and were restarted",
+                                    value=self.restarts),
+            ]),
+        ]))
 
     def stopService(self) -> defer.Deferred[Any]:
         self.stopping = True

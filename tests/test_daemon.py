@@ -1,0 +1,215 @@
+"""
+The daemon's plumbing, without processes: how L{ProxyService} listens on
+the endpoint it is given and reports a failure, and the package's import
+graph.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy.config import Settings
+from wsproxy.daemon import ListenError, ProxyService, StartupError
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "wsproxy")
+
+
+class FakeEndpoint:
+    """
+    An endpoint whose listen() returns C{result} (a Deferred the test fires,
+    or an already fired one).
+    """
+
+    def __init__(self, result: defer.Deferred) -> None:
+        self.result = result
+        self.factories: list[Any] = []
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        self.factories.append(factory)
+        return self.result
+
+
+class FakePort:
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+class FakeReactor:
+    running = True
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+class FakeProxy:
+    settings = Settings()
+
+
+def service(result: defer.Deferred) -> tuple[ProxyService, FakeReactor]:
+    reactor = FakeReactor()
+    site = object()
+    return ProxyService(FakeProxy(), site, FakeEndpoint(result), reactor), reactor  # type: ignore[arg-type]
+
+
+def in_use() -> defer.Deferred:
+    return defer.fail(CannotListenError("127.0.0.1", 8080, OSError(98, "Address already in use")))
+
+
+class ListenTests(SynchronousTestCase):
+    def test_listens_on_the_endpoint_it_is_given(self) -> None:
+        """
+        listen() hands the site to the endpoint and keeps the port it
+        answers with; a second call does nothing.
+        """
+        port = FakePort()
+        proxy_service, _ = service(defer.succeed(port))
+        proxy_service.listen()
+        proxy_service.listen()
+        self.assertIs(proxy_service.port, port)
+        self.assertEqual(proxy_service.endpoint.factories, [proxy_service.site])
+
+    def test_failure_during_listen_raises(self) -> None:
+        """
+        An endpoint that fails inside listen() (every stock endpoint binds
+        there) raises ListenError with one line naming the address.
+        """
+        proxy_service, _ = service(in_use())
+        with self.assertRaises(ListenError) as caught:
+            proxy_service.listen()
+        self.assertEqual(
+            str(caught.exception),
+            "cannot listen on 127.0.0.1:8080: [Errno 98] Address already in use",
+        )
+
+    def test_twistd_gets_one_line_and_its_status_pipe(self) -> None:
+        """
+        privilegedStartService (what twistd calls) turns the failure into a
+        StartupError: a SystemExit carrying the one line (exit status 1, no
+        traceback), and an Exception, which twistd's daemonizing path needs
+        to report the failure to its waiting parent.
+        """
+        proxy_service, _ = service(in_use())
+        with self.assertRaises(StartupError) as caught:
+            proxy_service.privilegedStartService()
+        self.assertIsInstance(caught.exception, SystemExit)
+        self.assertIsInstance(caught.exception, Exception)
+        self.assertEqual(
+            caught.exception.code,
+            "wsproxy: cannot listen on 127.0.0.1:8080: [Errno 98] Address already in use",
+        )
+
+    def test_late_failure_is_logged_and_stops_the_daemon(self) -> None:
+        """
+        An endpoint that answers after listen() returned cannot fail
+        start-up: its failure is logged as critical and stops the reactor.
+        """
+        pending: defer.Deferred = defer.Deferred()
+        proxy_service, reactor = service(pending)
+        proxy_service.listen()
+        self.assertIsNone(proxy_service.port)
+        with capturedLogs() as events:
+            pending.errback(CannotListenError("", 8080, OSError(13, "Permission denied")))
+        critical = [e for e in events if e["log_level"] is LogLevel.critical]
+        self.assertEqual(len(critical), 1)
+        self.assertEqual(critical[0]["why"], "cannot listen on 8080: [Errno 13] Permission denied")
+        self.assertEqual(reactor.stopped, 1)
+
+    def test_late_port_is_announced(self) -> None:
+        """
+        A port that arrives once the reactor runs is kept and announced
+        with the usual "listening on" line.
+        """
+        pending: defer.Deferred = defer.Deferred()
+        proxy_service, _ = service(pending)
+        proxy_service.listen()
+        proxy_service._running()
+        with capturedLogs() as events:
+            pending.callback(FakePort())
+        self.assertIsNotNone(proxy_service.port)
+        self.assertEqual(
+            [e["where"] for e in events if "where" in e], ["127.0.0.1:8080"]
+        )
+
+
+def import_graph() -> dict[str, set[str]]:
+    """
+    Which wsproxy modules each wsproxy module imports, including imports
+    inside functions.
+    """
+    modules = {name[:-3] for name in os.listdir(PACKAGE) if name.endswith(".py")}
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        with open(os.path.join(PACKAGE, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    imported.add(node.module.split(".")[0])
+                elif node.level == 1:
+                    imported.update(alias.name for alias in node.names)
+                elif node.module and node.module.startswith("wsproxy."):
+                    imported.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                imported.update(
+                    alias.name.split(".")[1] for alias in node.names
+                    if alias.name.startswith("wsproxy.")
+                )
+        graph[module] = imported & modules
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """
+    One import cycle of C{graph} (as the list of modules along it), or [].
+    """
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for imported in sorted(graph[module]):
+            cycle = visit(imported, path + [module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return []
+
+
+class ImportGraphTests(SynchronousTestCase):
+    def test_no_import_cycles(self) -> None:
+        """
+        No wsproxy module imports, even lazily inside a function, a module
+        that imports it back (directly or through others).
+        """
+        graph = import_graph()
+        self.assertIn("workers", graph["tap"])
+        self.assertEqual(find_cycle(graph), [])
+
+    def test_cycle_finder_finds_cycles(self) -> None:
+        """
+        The check above can fail: a lazy import of workers from daemon (as
+        there used to be) is a cycle.
+        """
+        graph = import_graph()
+        graph["daemon"] = graph["daemon"] | {"workers"}
+        self.assertEqual(find_cycle(graph), ["daemon", "workers", "daemon"])
