@@ -361,6 +361,26 @@ class Settings:
     compression: bool = setting(
         "WS_COMPRESSION", "false", _boolean, "accept permessage-deflate (RFC 7692) offers"
     )
+    resume: bool = setting(
+        "RESUME",
+        "false",
+        _boolean,
+        "resumable sessions: load the wsproxy Redis functions and let clients "
+        "opt in with ?resume= to receive recoverable messages with positions",
+    )
+    history_max_length: int = setting(
+        "HISTORY_MAX_LENGTH",
+        "1000",
+        _positive_int,
+        "recoverable messages kept per session (approximately; oldest trimmed first)",
+    )
+    history_max_age: float = setting(
+        "HISTORY_MAX_AGE_SECS",
+        "300",
+        _positive_float,
+        "how long recoverable messages are kept; an idle session's history "
+        "expires this long after its last message",
+    )
     frame_mode: FrameMode = setting(
         "FRAME_MODE",
         "auto",

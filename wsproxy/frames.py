@@ -28,7 +28,7 @@ BINARY_TAG = b"b"
 Outgoing = Optional[Tuple[bytes, bool]]
 
 
-def _is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
@@ -37,7 +37,7 @@ def _is_utf8(data: bytes) -> bool:
 
 
 def down_auto(payload: bytes) -> Outgoing:
-    return payload, not _is_utf8(payload)
+    return payload, not is_utf8(payload)
 
 
 def down_tagged(payload: bytes) -> Outgoing:
@@ -46,7 +46,7 @@ def down_tagged(payload: bytes) -> Outgoing:
         return payload[1:], True
     if tag == TEXT_TAG:
         message = payload[1:]
-        if _is_utf8(message):
+        if is_utf8(message):
             return message, False
     return None
 

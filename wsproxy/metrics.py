@@ -38,6 +38,10 @@ class Stats:
         self.dropped_down = 0
         self.publish_failures = 0
         self.slow_consumer_closes = 0
+        self.resume_recovered = 0
+        self.resume_incomplete = 0
+        self.resume_replayed = 0
+        self.resume_gaps_filled = 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
         self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
@@ -188,6 +192,14 @@ class _Collector:
             ("wsproxy_slow_consumer_closes", "Connections closed for not reading",
              s.slow_consumer_closes),
             ("wsproxy_redis_reconnects", "Redis connections re-established", s.redis_reconnects()),
+            ("wsproxy_resume_recovered", "Resuming connections that got everything after "
+             "their position", s.resume_recovered),
+            ("wsproxy_resume_incomplete", "Recoveries that could not be complete (history "
+             "trimmed, expired or started over), at open or later", s.resume_incomplete),
+            ("wsproxy_resume_replayed_messages", "Messages replayed from history at open",
+             s.resume_replayed),
+            ("wsproxy_resume_gaps_filled", "Live gaps filled from history (e.g. after the "
+             "subscriber was rebuilt)", s.resume_gaps_filled),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         failures = CounterMetricFamily(

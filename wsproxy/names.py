@@ -45,3 +45,24 @@ def down_channel(session_id: str) -> str:
 
 def up_channel(session_id: str) -> bytes:
     return f"session:{session_id}:up".encode()
+
+
+def history_key(session_id: str) -> str:
+    """
+    The Redis Stream of a session's recoverable messages (resumable sessions).
+    """
+    return f"session:{session_id}:history"
+
+
+def meta_key(session_id: str) -> str:
+    """
+    The hash beside the history: its epoch and last sequence number.
+    """
+    return f"session:{session_id}:meta"
+
+
+def live_channel(session_id: str) -> str:
+    """
+    Where recoverable messages are published live, with their positions.
+    """
+    return f"session:{session_id}:live"

@@ -33,9 +33,11 @@ from zope.interface import implementer
 
 from . import auth, frames
 from .logs import BudgetedLog
-from .names import up_channel
+from .names import down_channel, live_channel, up_channel
+from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal
+from .resume import Recovery, Resumer
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -76,7 +78,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         super().__init__()
         self._state = _HANDSHAKE
         self._proxy: Proxy = None  # type: ignore[assignment]
-        self._subscribed = False
+        self._subscriptions: list[tuple[str, Listener]] = []
+        self._resumer: Optional[Resumer] = None
+        self._recovery: Optional[Recovery] = None
         self._admission: Optional[defer.Deferred[Any]] = None
         self._early: list[bytes] = []
         self._refusal: Optional[Refusal] = None
@@ -134,13 +138,31 @@ class ProxyProtocol(WebSocketServerProtocol):
         @return: the subprotocol to answer with, if any.
         """
         proxy = self._proxy
-        self.agent_id, self.session_id = proxy.route(request.path)
+        self.agent_id, session_id = proxy.route(request.path)
+        self.session_id = session_id
         proxy.precheck(request.headers)
+        resume = proxy.resume_request(self.http_request_uri)
         credentials = auth.extract_token(request.headers, request.params, request.protocols)
-        await proxy.authorize(self.session_id, credentials, self)
-        # admitted: the subscription is ours from here on
-        self._subscribed = True
-        self._up_channel = up_channel(self.session_id)
+        subscriptions: list[tuple[str, Listener]]
+        if resume is None:
+            subscriptions = [(down_channel(session_id), self)]
+        else:
+            resumer = self._resumer = Resumer(
+                self._send_resumable,
+                self._send_control,
+                lambda after: proxy.read_history(
+                    session_id, after, proxy.settings.history_max_length + 1
+                ),
+                proxy.stats,
+            )
+            subscriptions = [
+                (down_channel(session_id), _PlainSink(resumer, self._down)),
+                (live_channel(session_id), _LiveSink(resumer)),
+            ]
+        self._recovery = await proxy.authorize(session_id, credentials, subscriptions, resume)
+        # admitted: the subscriptions are ours from here on
+        self._subscriptions = subscriptions
+        self._up_channel = up_channel(session_id)
         assert credentials is not None
         return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
 
@@ -181,7 +203,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
-        if self._state is _CLOSED or not self._subscribed:
+        if self._state is _CLOSED or not self._subscriptions:
             return
         self._state = _OPEN
         proxy = self._proxy
@@ -203,6 +225,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         early, self._early = self._early, []
         for payload in early:
             self.deliver(payload)
+        if self._resumer is not None and self._recovery is not None:
+            self._resumer.start(self._recovery)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         self._finish(code)
@@ -218,10 +242,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         if admission is not None and not admission.called:
             # the client left mid-admission: nothing stays subscribed
             admission.cancel()
-        if self._subscribed:
-            self._subscribed = False
-            assert self.session_id is not None
-            proxy.unsubscribe(self.session_id, self)
+        subscriptions, self._subscriptions = self._subscriptions, []
+        proxy.release(subscriptions)
+        if self._resumer is not None:
+            self._resumer.closed = True
         self._early = []
         if was_open:
             proxy.stats.open_connections -= 1
@@ -317,14 +341,20 @@ class ProxyProtocol(WebSocketServerProtocol):
                     session_id=self.session_id,
                 )
             return
+        self._send_prepared(prepared, size)
+
+    def _send_prepared(self, prepared: Any, size: int) -> None:
+        """
+        Send a prepared message; count C{size} payload bytes (what the
+        client's application receives, not the frame header nor the
+        compressed size); close a client that stopped reading.
+        """
         if self._perMessageCompress is None:
             data = prepared.payloadHybi
             self.sendData(data)
         else:
             data = prepared.payload
             self._send_compressed(data, prepared.binary)
-        # payload bytes (what the client's application receives), not the
-        # frame header nor the compressed size
         self.messages_out += 1
         self.bytes_out += size
         stats = self._proxy.stats
@@ -332,8 +362,33 @@ class ProxyProtocol(WebSocketServerProtocol):
         stats.bytes_down += size
         if self._paused:
             self._unsent += len(data)
-            if self._unsent > factory.max_send_buffer:
+            if self._unsent > self.factory.max_send_buffer:
                 self._slow_consumer()
+
+    # Resumable sessions (see wsproxy.resume): every data frame is
+    # "<position>\n<message>" (an empty position for plain :down messages),
+    # control frames are "!" + JSON.
+
+    def _send_resumable(self, position: bytes, message: bytes, kind: bytes) -> None:
+        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+            return
+        if kind == b"b":
+            binary = True
+        elif kind == b"a":
+            binary = not frames.is_utf8(message)
+        elif frames.is_utf8(message):
+            binary = False
+        else:
+            # declared text but not UTF-8: browsers would fail the connection
+            self._proxy.stats.dropped_down += 1
+            return
+        prepared = self.factory.prepareMessage(position + b"\n" + message, binary)
+        self._send_prepared(prepared, len(message))
+
+    def _send_control(self, event: dict[str, object]) -> None:
+        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+            return
+        self.sendMessage(b"!" + json.dumps(event, separators=(",", ":")).encode(), False)
 
     def _send_compressed(self, data: bytes, is_binary: bool) -> None:
         # Autobahn applies maxMessagePayloadSize to what it sends, too; the
@@ -393,6 +448,37 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         elif self._state is _HANDSHAKE:
             self.dropConnection(abort=True)
+
+
+class _PlainSink:
+    """
+    A resuming connection's listener on the plain C{:down} channel.
+    """
+
+    __slots__ = ("_resumer", "_down")
+
+    def __init__(self, resumer: Resumer, down: Any) -> None:
+        self._resumer = resumer
+        self._down = down
+
+    def deliver(self, payload: bytes) -> None:
+        out = self._down(payload)
+        if out is not None:
+            self._resumer.plain(out[0], b"b" if out[1] else b"t")
+
+
+class _LiveSink:
+    """
+    A resuming connection's listener on C{session:S:live}.
+    """
+
+    __slots__ = ("_resumer",)
+
+    def __init__(self, resumer: Resumer) -> None:
+        self._resumer = resumer
+
+    def deliver(self, payload: bytes) -> None:
+        self._resumer.live(payload)
 
 
 def _class_attribute(value: Any) -> Any:

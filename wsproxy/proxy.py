@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Iterable, Mapping, Optional, Protocol, Set
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set
+from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import auth
 from .backpressure import Readable, UpstreamValve
 from .config import Settings
 from .logs import LogBudget
 from .metrics import Stats
-from .names import down_channel, parse_ws_path, valid_session_id
+from .names import history_key, meta_key, parse_ws_path, valid_session_id
 from .pubsub import Hub, Listener
 from .redisendpoint import ConnectFailures
 from .redislink import (
@@ -34,6 +36,17 @@ from .redislink import (
     with_deadline,
 )
 from .refusal import Refusal
+from .resume import (
+    RESUME_PARAM,
+    library,
+    History,
+    InvalidPosition,
+    Position,
+    Recovery,
+    parse_history,
+    parse_position,
+    plan_recovery,
+)
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
@@ -59,6 +72,16 @@ def normalize_origin(origin: str) -> str:
     if port is None or (scheme, port) in (("http", 80), ("https", 443)):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """
+    A client opted in to a resumable session; C{position} is the last one
+    it received (C{None}: it has received nothing yet).
+    """
+
+    position: Optional[Position]
 
 
 class Connection(Readable, Protocol):
@@ -141,6 +164,29 @@ class Proxy:
 
     def _commands_ready(self, proto: Any) -> None:
         proto.transport.registerProducer(self.valve, True)
+        if self.settings.resume:
+            self._load_functions()
+
+    def _load_functions(self) -> None:
+        """
+        (Re)load the wsproxy function library on every new command
+        connection: after a Redis restart without persistence, or a
+        failover to a replica that never had it, it would be missing.
+        """
+        settings = self.settings
+        code = library(settings.history_max_length, int(settings.history_max_age * 1000))
+
+        def loaded(_: object) -> None:
+            self._log.info("redis functions wsproxy_publish, wsproxy_history loaded")
+
+        def failed(reason: Failure) -> None:
+            self._log.error(
+                "RESUME=true but the wsproxy Redis functions could not be loaded "
+                "(FUNCTION LOAD needs the @scripting category): {why}",
+                why=reason.getErrorMessage(),
+            )
+
+        self.commands.execute("FUNCTION", "LOAD", "REPLACE", code).addCallbacks(loaded, failed)
 
     def _sweep(self) -> None:
         self.commands.sweep()
@@ -194,27 +240,59 @@ class Proxy:
         elif not self._any_origin and normalize_origin(origin) not in self._origins:
             raise Refusal(403, "Origin not allowed")
 
-    async def authorize(
-        self, session_id: str, credentials: Optional[auth.Credentials], listener: Listener
-    ) -> None:
+    def resume_request(self, uri: str) -> Optional[ResumeRequest]:
         """
-        The token check, then the subscription of C{listener} to the
-        session's down channel, confirmed by Redis: both within one
-        C{AUTH_TIMEOUT_SECS} deadline (one timer per handshake).
+        Whether the client opted in to a resumable session: C{?resume=}
+        (nothing received yet) or C{?resume=<last position received>}.
 
-        On success the caller owns the subscription (it calls
-        L{unsubscribe} when it closes). Otherwise, and if the caller cancels
-        (the client left), nothing stays subscribed.
+        @param uri: the request's target (path and query).
+        @raise Refusal: 400 if resumable sessions are not enabled or the
+            position is malformed.
+        """
+        if RESUME_PARAM not in uri:
+            return None  # the plain path pays one substring test
+        values = parse_qs(urlsplit(uri).query, keep_blank_values=True).get(RESUME_PARAM)
+        if values is None:
+            return None
+        if not self.settings.resume:
+            raise Refusal(400, "Resumable sessions are not enabled")
+        if len(values) != 1:
+            raise Refusal(400, "Invalid resume position")
+        try:
+            return ResumeRequest(parse_position(values[0]))
+        except InvalidPosition:
+            raise Refusal(400, "Invalid resume position") from None
 
+    async def authorize(
+        self,
+        session_id: str,
+        credentials: Optional[auth.Credentials],
+        subscriptions: Sequence[tuple[str, Listener]],
+        resume: Optional[ResumeRequest] = None,
+    ) -> Optional[Recovery]:
+        """
+        The token check, then the subscriptions (channel, listener),
+        confirmed by Redis, then for a resuming client the history after
+        its position: all within one C{AUTH_TIMEOUT_SECS} deadline (one
+        timer per handshake).
+
+        On success the caller owns the subscriptions (it calls L{release}
+        when it closes). Otherwise, and if the caller cancels (the client
+        left), nothing stays subscribed.
+
+        @return: for a resuming client, what it will be sent.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
         """
         try:
-            await with_deadline(
-                defer.ensureDeferred(self._authorize(session_id, credentials, listener)),
+            recovery: Optional[Recovery] = await with_deadline(
+                defer.ensureDeferred(
+                    self._authorize(session_id, credentials, subscriptions, resume)
+                ),
                 self.settings.auth_timeout,
                 self.clock,
             )
+            return recovery
         except (RedisUnavailable, txredisapi.ResponseError):
             # a Redis error (NOAUTH, NOPERM after an ACL change, ...) is the
             # server side's problem, never the client's
@@ -223,8 +301,12 @@ class Proxy:
             raise Refusal(504, "Redis timeout") from None
 
     async def _authorize(
-        self, session_id: str, credentials: Optional[auth.Credentials], listener: Listener
-    ) -> None:
+        self,
+        session_id: str,
+        credentials: Optional[auth.Credentials],
+        subscriptions: Sequence[tuple[str, Listener]],
+        resume: Optional[ResumeRequest],
+    ) -> Optional[Recovery]:
         started = time.perf_counter()
         try:
             await auth.check_token(
@@ -233,10 +315,40 @@ class Proxy:
         finally:
             if credentials is not None:
                 self.stats.auth_latency.observe(time.perf_counter() - started)
-        await self.hub.subscribe(down_channel(session_id), listener)
+        subscribed: list[tuple[str, Listener]] = []
+        try:
+            for channel, listener in subscriptions:
+                await self.hub.subscribe(channel, listener)
+                subscribed.append((channel, listener))
+            if resume is None:
+                return None
+            # subscribed first, history second: whatever is published from
+            # now on arrives live, whatever was before is in the history
+            position = resume.position
+            history = await self.read_history(
+                session_id,
+                "0-0" if position is None else position.stream_id,
+                0 if position is None else self.settings.history_max_length + 1,
+            )
+            return plan_recovery(position, history)
+        except BaseException:
+            self.release(subscribed)
+            raise
 
-    def unsubscribe(self, session_id: str, listener: Listener) -> None:
-        self.hub.unsubscribe(down_channel(session_id), listener)
+    def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
+        for channel, listener in subscriptions:
+            self.hub.unsubscribe(channel, listener)
+
+    def read_history(self, session_id: str, after: str, count: int) -> defer.Deferred[History]:
+        """
+        The session's history epoch, end, and up to C{count} entries after
+        the stream id C{after}.
+        """
+        d: defer.Deferred[Any] = self.commands.execute(
+            "FCALL_RO", "wsproxy_history", 2,
+            history_key(session_id), meta_key(session_id), after, count,
+        )
+        return d.addCallback(parse_history)
 
     # -- health --------------------------------------------------------------
 
