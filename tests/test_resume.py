@@ -378,3 +378,45 @@ class RedisRestartTests(ResumeTestCase):
         self.assertTrue(got2.controls()[0]["recovered"])
         self.assertEqual(got.messages() + got2.messages(), [b"m%d" % i for i in range(10)])
 
+
+
+class BackendHelperTests(ResumeTestCase):
+    async def test_backend_helper_end_to_end(self) -> None:
+        """
+        wsproxy.backend drives the whole contract against a real proxy:
+        authorize, plain and recoverable publishes, reading :up, revoke.
+        """
+        from threading import Thread
+
+        from wsproxy.backend import Backend
+
+        proxy = self.start_proxy()
+        await self.ready(proxy)
+        backend = Backend(self.redis.client())
+        token = backend.authorize("s1")
+        c = await connect(proxy.url("s1", query="?resume="), token=token)
+        self.addCleanup(c.close_and_wait)
+        got = Received(c)
+        await wait_for(lambda: got.controls())
+        self.assertEqual(backend.publish("s1", "plain"), 1)
+        position = backend.publish_recoverable("s1", b"\x00\x01", "binary")
+        await wait_for(lambda: len(got.data()) == 2)
+        self.assertEqual(got.data(), [("", b"plain", False), (position, b"\x00\x01", True)])
+        up: list[tuple[str, bytes]] = []
+        listener = Backend(self.redis.client())
+
+        def listen() -> None:
+            for item in listener.listen_up("s1", timeout=0.1):
+                up.append(item)
+                return
+
+        thread = Thread(target=listen)
+        thread.start()
+        await wait_for(lambda: self.r.pubsub_numsub("session:s1:up")[0][1] >= 1)
+        c.sendMessage(b"from client")
+        await wait_for(lambda: not thread.is_alive())
+        self.assertEqual(up, [("s1", b"from client")])
+        backend.revoke("s1")
+        self.assertEqual(self.r.exists("session:s1:auth"), 0)
+        with self.assertRaises(ValueError):
+            backend.publish("bad:id", "x")
