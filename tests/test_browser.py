@@ -1,7 +1,9 @@
 """
 The browser example (examples/browser/) in a real headless Chromium, driven
 by Selenium, against a real C{twistd -n wsproxy} process and a real
-redis-server.
+redis-server; and the client module's resume bookkeeping against a scripted
+WebSocket in the page (what no real server does on purpose: repeating
+messages).
 
 Needs Debian's C{chromium} and C{chromium-driver} and the C{selenium}
 package; without them the test fails (it never skips), and nothing is ever
@@ -75,6 +77,123 @@ return {
     body: li.querySelector(".body").textContent,
   })),
 };
+"""
+
+# wsproxy-client.js against a scripted WebSocket, in the page (see
+# test_client_resume_bookkeeping); what the application saw comes back
+FAKE_SOCKET_JS = r"""
+const done = arguments[arguments.length - 1];
+const sockets = [];
+class FakeSocket {
+  static OPEN = 1;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    sockets.push(this);
+  }
+  open() { this.readyState = 1; this.onopen({}); }
+  frame(data) { this.onmessage({ data }); }
+  bytes(text, ...tail) {
+    const head = new TextEncoder().encode(text);
+    const out = new Uint8Array(head.length + tail.length);
+    out.set(head);
+    out.set(tail, head.length);
+    this.frame(out.buffer);
+  }
+  drop(code) { this.readyState = 3; this.onclose({ code, reason: "", wasClean: false }); }
+  close(code = 1000, reason = "") { setTimeout(() => this.drop(code, reason), 0); }
+  send() {}
+}
+async function nextSocket(n) {
+  const deadline = Date.now() + 5000;
+  while (sockets.length < n) {
+    if (Date.now() > deadline) throw new Error(`no reconnection attempt (${sockets.length} sockets)`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return sockets[n - 1];
+}
+const recovery = (recovered, replayed, position, reason = "") =>
+  "!" + JSON.stringify({ type: "recovery", recovered, replayed, position, reason });
+
+async function run() {
+  window.WebSocket = FakeSocket;
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const out = { urls: [], got: [], recoveries: [], positions: [] };
+  const base = { url: "ws://proxy.test/", agent: "a", session: "s1", token: "t0k", backoffMs: 1, maxBackoffMs: 1 };
+  const record = (client) => {
+    client.onmessage = (data, isBinary) =>
+      out.got.push(isBinary ? Array.from(new Uint8Array(data)) : data);
+    client.addEventListener("recovery", (e) => out.recoveries.push(e.detail));
+  };
+
+  // the default is unchanged: no ?resume=, frames delivered as they come
+  const plain = new WsProxyClient(base);
+  out.plainUrl = plain.socketUrl;
+  record(plain);
+  plain.connect();
+  const p = await nextSocket(1);
+  p.open();
+  p.frame("e1:1-1\nas is");
+  p.frame("!not a control frame");
+  plain.close();
+
+  const client = new WsProxyClient({ ...base, resume: true });
+  record(client);
+  client.connect();
+  let ws = await nextSocket(2);
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery(true, 0, "e1:100-2"));           // a fresh start: the history's end
+  out.positions.push(client.position);
+  ws.frame("e1:100-3\nthree");
+  ws.frame("e1:100-3\nthree again");               // repeated: dropped
+  ws.frame("e1:100-2\nolder");                     // older: dropped
+  ws.frame("\nplain");                              // a plain PUBLISH: no position
+  ws.bytes("e1:100-4\n", 0, 1, 10, 255);           // binary, a newline inside
+  ws.frame("e1:100-5\nline 1\nline 2");
+  ws.frame("!" + JSON.stringify({ type: "later", x: 1 })); // unknown control: ignored
+  out.positions.push(client.position);
+  ws.drop(1001);
+
+  ws = await nextSocket(3);                          // resumes where it was
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery(true, 2, "e1:100-7"));
+  ws.frame("e1:100-5\nline 1\nline 2");           // the last one, repeated: dropped
+  ws.frame("e1:100-6\nsix");
+  ws.bytes("e1:100-6\n", 6);                       // binary repeat: dropped
+  ws.frame("e1:100-7\nseven");
+  // the history started over: counting goes on from the server's position
+  ws.frame(recovery(false, 0, "e2:200-0", "the history started over (new epoch)"));
+  ws.frame("e2:200-1\nnew one");
+  ws.frame("e1:100-8\nold epoch");                  // another epoch: not comparable, delivered
+  out.positions.push(client.position);
+  // a restored older history in the same epoch: lower numbers count again
+  ws.frame(recovery(false, 0, "e3:300-2", "position beyond the end of the history"));
+  ws.frame("e3:300-3\nagain three");
+  ws.frame(recovery(false, 0, null, "no history (expired or never written)"));
+  out.positions.push(client.position);
+  ws.drop(1006);
+
+  ws = await nextSocket(4);
+  out.urls.push(ws.url);
+  client.close();
+
+  // a saved position, and the token in the query string
+  out.savedUrl = new WsProxyClient({ ...base, resume: true, tokenIn: "query", position: "e1:100-9" }).socketUrl;
+  out.errors = [];
+  for (const bad of [{ resume: true, position: "nope" }, { position: "e1:100-9" }]) {
+    try {
+      new WsProxyClient({ ...base, ...bad });
+      out.errors.push(null);
+    } catch (err) {
+      out.errors.push(err.message);
+    }
+  }
+  return out;
+}
+run().then(done, (err) => done({ error: String(err && err.stack || err) }));
 """
 
 
@@ -215,7 +334,59 @@ class BrowserTests(TestCase):
     def bodies(snap: dict[str, Any], kind: str) -> list[str]:
         return [entry["body"] for entry in snap["log"] if entry["kind"] == kind]
 
-    # -- the test --------------------------------------------------------
+    # -- the tests -------------------------------------------------------
+
+    async def test_client_resume_bookkeeping(self) -> None:
+        """
+        WsProxyClient with C{resume: true}, against a scripted WebSocket in
+        the page: it asks for C{?resume=} and then C{?resume=<last
+        position>} (URL-encoded) on each reconnect; the application gets
+        messages without their position prefix (text as strings, binary as
+        ArrayBuffers, split at the first newline only), each recoverable
+        message once even when the server repeats it or sends an older one,
+        plain messages unchanged, and every recovery report; a
+        C{recovered: false} report resets the count to the server's
+        position. Without C{resume} nothing changes.
+        """
+        await self.open_browser()
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        out = await self.page(self.driver.execute_async_script, FAKE_SOCKET_JS)
+        self.assertNotIn("error", out, out.get("error"))
+        self.assertEqual(out["plainUrl"], "ws://proxy.test/a/ws/s1")
+        self.assertEqual(
+            out["urls"],
+            [
+                "ws://proxy.test/a/ws/s1?resume=",
+                "ws://proxy.test/a/ws/s1?resume=e1%3A100-5",
+                "ws://proxy.test/a/ws/s1?resume=",
+            ],
+        )
+        self.assertEqual(
+            out["got"],
+            [
+                "e1:1-1\nas is", "!not a control frame",  # resume off
+                "three", "plain", [0, 1, 10, 255], "line 1\nline 2",
+                "six", "seven", "new one", "old epoch", "again three",
+            ],
+        )
+        self.assertEqual(out["positions"], ["e1:100-2", "e1:100-5", "e1:100-8", ""])
+        self.assertEqual(
+            [(r["recovered"], r["replayed"], r["position"], r["reason"]) for r in out["recoveries"]],
+            [
+                (True, 0, "e1:100-2", ""),
+                (True, 2, "e1:100-7", ""),
+                (False, 0, "e2:200-0", "the history started over (new epoch)"),
+                (False, 0, "e3:300-2", "position beyond the end of the history"),
+                (False, 0, None, "no history (expired or never written)"),
+            ],
+        )
+        self.assertEqual(
+            out["savedUrl"], "ws://proxy.test/a/ws/s1?access_token=t0k&resume=e1%3A100-9"
+        )
+        self.assertEqual(len(out["errors"]), 2)
+        for message in out["errors"]:
+            self.assertIn("position needs resume: true", message or "")
+
 
     async def test_page_talks_reconnects_and_gives_up(self) -> None:
         """
