@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, RedisServer
+from .support import ROOT, RedisServer, wait_for
 from .support import TWISTD, Daemon
 
 try:
@@ -64,6 +65,11 @@ MAX_FAILURES = 12
 BACKOFF_MS = 100
 MAX_BACKOFF_MS = 1000
 
+# the numbered stream of the resume test: one message every 20 ms, at most
+# 400 (the page's log keeps 500 lines: the numbers, and a line per event)
+STREAM_INTERVAL = 0.02
+STREAM_LIMIT = 400
+
 # what the page shows, read from its DOM
 SNAPSHOT_JS = """
 const text = (id) => document.getElementById(id).textContent;
@@ -71,9 +77,11 @@ return {
   state: document.getElementById("state").dataset.state,
   reconnects: Number(text("reconnects")),
   failures: Number(text("failures")),
+  recovered: document.getElementById("recovery").dataset.recovered,
   notice: document.getElementById("notice").hidden ? "" : text("notice"),
   log: Array.from(document.querySelectorAll("#log li"), (li) => ({
     kind: li.dataset.kind,
+    label: li.querySelector(".kind").textContent,
     body: li.querySelector(".body").textContent,
   })),
 };
@@ -210,6 +218,41 @@ def require_browser() -> None:
         )
 
 
+class NumberedStream(threading.Thread):
+    """
+    A backend publishing recoverable messages "1", "2", "3", ... with
+    C{wsproxy_publish}, one every C{interval} seconds (late ticks are not
+    made up in a burst), until L{stop} or C{limit}. C{count} is how many
+    were published (acknowledged by Redis).
+    """
+
+    def __init__(self, r: Any, session: str, interval: float, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.r = r
+        self.keys = (f"session:{session}:history", f"session:{session}:meta")
+        self.interval = interval
+        self.limit = limit
+        self.count = 0
+        self.error: Optional[BaseException] = None
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        try:
+            while self.count < self.limit:
+                if self._stopping.wait(max(0.0, next_at - time.monotonic())):
+                    return
+                self.r.fcall("wsproxy_publish", 2, *self.keys, str(self.count + 1), "text")
+                self.count += 1
+                next_at = max(next_at + self.interval, time.monotonic())
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(10)
+
+
 class StaticServer:
     """
     examples/browser/ over HTTP on a loopback port, in a thread.
@@ -261,24 +304,25 @@ class BrowserTests(TestCase):
 
     # -- helpers ---------------------------------------------------------
 
-    def start_proxy(self, port: int) -> Daemon:
+    def start_proxy(self, port: int, **extra_env: str) -> Daemon:
         env = {
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "REDIS_URL": self.redis.url,
             "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0",
             "AUTH_GRACE_PERIOD_SECS": "600",
+            **extra_env,
         }
         daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], env)
         self.addCleanup(daemon.stop)
         self.daemons.append(daemon)
         return daemon
 
-    async def restart_proxy(self, daemon: Daemon, port: int) -> Daemon:
+    async def restart_proxy(self, daemon: Daemon, port: int, **extra_env: str) -> Daemon:
         daemon.signal(signal.SIGTERM)
         status = await daemon.out.ended
         self.assertEqual(status, 0, daemon.out.output.decode(errors="replace"))
-        new = self.start_proxy(port)
+        new = self.start_proxy(port, **extra_env)
         self.assertEqual(await new.port(), port)
         return new
 
@@ -333,6 +377,10 @@ class BrowserTests(TestCase):
     @staticmethod
     def bodies(snap: dict[str, Any], kind: str) -> list[str]:
         return [entry["body"] for entry in snap["log"] if entry["kind"] == kind]
+
+    @staticmethod
+    def labelled(snap: dict[str, Any], label: str) -> list[str]:
+        return [entry["body"] for entry in snap["log"] if entry["label"] == label]
 
     # -- the tests -------------------------------------------------------
 
@@ -512,3 +560,83 @@ class BrowserTests(TestCase):
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)
         self.assertLess(time.monotonic() - started, 60)
+
+    async def test_resume_across_proxy_restart(self) -> None:
+        """
+        The page with C{resume=1}, against a proxy with C{RESUME=true}: a
+        backend publishes a numbered stream of recoverable messages every
+        20 ms; the proxy is restarted (SIGTERM, a new process on the same
+        port) in the middle of it. The page reconnects with its last
+        position, says the session was recovered with the missed messages
+        replayed, goes on with live ones, and ends with every number
+        exactly once, in order.
+        """
+        session, token = "browser-resume", secrets.token_urlsafe(18)
+        r = self.redis.client()
+        self.addCleanup(r.close)
+        r.set(f"session:{session}:auth", token, ex=120)
+
+        daemon = self.start_proxy(0, RESUME="true")
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+        # the proxy loads wsproxy_publish into Redis; the backend needs it
+        await wait_for(lambda: b"wsproxy" in str(r.function_list()).encode(), timeout=20)
+
+        # a margin for a slow restart on a busy machine: 30 failed attempts
+        # (about 25 s at 1 s apart) before the page would give up
+        fragment = (
+            f"session={session}&token={token}&agent=browser-test&url=ws://127.0.0.1:{port}"
+            f"&resume=1&maxFailures=30&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        # subscribed: the proxy said where the (empty) history stands
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["recovered"] == "true", "open and recovered"
+        )
+        self.assertEqual(self.labelled(snap, "recovery"), ["recovered: 0 missed messages replayed"])
+
+        def numbers(s: dict[str, Any]) -> list[str]:
+            return self.bodies(s, "text")
+
+        backend = self.redis.client()
+        self.addCleanup(backend.close)
+        stream = NumberedStream(backend, session, STREAM_INTERVAL, STREAM_LIMIT)
+        self.addCleanup(stream.stop)
+        stream.start()
+        await self.until(lambda s: len(numbers(s)) >= 40, "showing the first 40 numbers", timeout=20)
+
+        # the restart, with the stream going on
+        daemon = await self.restart_proxy(daemon, port, RESUME="true")
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] == 1
+            and len(self.labelled(s, "recovery")) == 2,
+            "reconnected and told how recovery went", timeout=30,
+        )
+        self.assertTrue(any(body.startswith("1001 ") for body in self.bodies(snap, "event")), snap["log"])
+        self.assertEqual(snap["recovered"], "true", snap["log"])
+        report = self.labelled(snap, "recovery")[1]
+        replayed = re.fullmatch(r"recovered: (\d+) missed messages? replayed", report)
+        assert replayed is not None, report
+        # the page was away for at least the restart: messages were missed
+        self.assertGreater(int(replayed.group(1)), 0, report)
+
+        # live messages after the resume, then the backend stops
+        wanted = min(stream.count + 50, STREAM_LIMIT)
+        await self.until(lambda s: len(numbers(s)) >= wanted, f"showing {wanted} numbers", timeout=30)
+        await threads.deferToThread(stream.stop)
+        self.assertIsNone(stream.error)
+        total = stream.count
+
+        snap = await self.until(
+            lambda s: str(total) in numbers(s), f"showing the last number ({total})", timeout=20
+        )
+        got = numbers(snap)
+        events = [e for e in snap["log"] if e["kind"] != "text"]
+        self.assertEqual(got, [str(i) for i in range(1, total + 1)], events)
+        self.assertEqual(len(self.labelled(snap, "recovery")), 2)
+        self.assertEqual(snap["notice"], "")
+        self.assertEqual(self.bodies(snap, "error"), [])
+        await self.save_screenshot("browser-resumed.png")
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)
