@@ -1,7 +1,9 @@
 """
 The browser example (examples/browser/) in a real headless Chromium, driven
 by Selenium, against a real C{twistd -n wsproxy} process and a real
-redis-server.
+redis-server; and the client module's resume bookkeeping against a scripted
+WebSocket in the page (what no real server does on purpose: repeating
+messages).
 
 Needs Debian's C{chromium} and C{chromium-driver} and the C{selenium}
 package; without them the test fails (it never skips), and nothing is ever
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,7 +28,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, RedisServer
+from .support import ROOT, RedisServer, wait_for
 from .support import TWISTD, Daemon
 
 try:
@@ -62,6 +65,11 @@ MAX_FAILURES = 12
 BACKOFF_MS = 100
 MAX_BACKOFF_MS = 1000
 
+# the numbered stream of the resume test: one message every 20 ms, at most
+# 400 (the page's log keeps 500 lines: the numbers, and a line per event)
+STREAM_INTERVAL = 0.02
+STREAM_LIMIT = 400
+
 # what the page shows, read from its DOM
 SNAPSHOT_JS = """
 const text = (id) => document.getElementById(id).textContent;
@@ -69,12 +77,131 @@ return {
   state: document.getElementById("state").dataset.state,
   reconnects: Number(text("reconnects")),
   failures: Number(text("failures")),
+  recovered: document.getElementById("recovery").dataset.recovered,
   notice: document.getElementById("notice").hidden ? "" : text("notice"),
   log: Array.from(document.querySelectorAll("#log li"), (li) => ({
     kind: li.dataset.kind,
+    label: li.querySelector(".kind").textContent,
     body: li.querySelector(".body").textContent,
   })),
 };
+"""
+
+# wsproxy-client.js against a scripted WebSocket, in the page (see
+# test_client_resume_bookkeeping); what the application saw comes back
+FAKE_SOCKET_JS = r"""
+const done = arguments[arguments.length - 1];
+const sockets = [];
+class FakeSocket {
+  static OPEN = 1;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    sockets.push(this);
+  }
+  open() { this.readyState = 1; this.onopen({}); }
+  frame(data) { this.onmessage({ data }); }
+  bytes(text, ...tail) {
+    const head = new TextEncoder().encode(text);
+    const out = new Uint8Array(head.length + tail.length);
+    out.set(head);
+    out.set(tail, head.length);
+    this.frame(out.buffer);
+  }
+  drop(code) { this.readyState = 3; this.onclose({ code, reason: "", wasClean: false }); }
+  close(code = 1000, reason = "") { setTimeout(() => this.drop(code, reason), 0); }
+  send() {}
+}
+async function nextSocket(n) {
+  const deadline = Date.now() + 5000;
+  while (sockets.length < n) {
+    if (Date.now() > deadline) throw new Error(`no reconnection attempt (${sockets.length} sockets)`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return sockets[n - 1];
+}
+const recovery = (recovered, replayed, position, reason = "") =>
+  "!" + JSON.stringify({ type: "recovery", recovered, replayed, position, reason });
+
+async function run() {
+  window.WebSocket = FakeSocket;
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const out = { urls: [], got: [], recoveries: [], positions: [] };
+  const base = { url: "ws://proxy.test/", agent: "a", session: "s1", token: "t0k", backoffMs: 1, maxBackoffMs: 1 };
+  const record = (client) => {
+    client.onmessage = (data, isBinary) =>
+      out.got.push(isBinary ? Array.from(new Uint8Array(data)) : data);
+    client.addEventListener("recovery", (e) => out.recoveries.push(e.detail));
+  };
+
+  // the default is unchanged: no ?resume=, frames delivered as they come
+  const plain = new WsProxyClient(base);
+  out.plainUrl = plain.socketUrl;
+  record(plain);
+  plain.connect();
+  const p = await nextSocket(1);
+  p.open();
+  p.frame("e1:1-1\nas is");
+  p.frame("!not a control frame");
+  plain.close();
+
+  const client = new WsProxyClient({ ...base, resume: true });
+  record(client);
+  client.connect();
+  let ws = await nextSocket(2);
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery(true, 0, "e1:100-2"));           // a fresh start: the history's end
+  out.positions.push(client.position);
+  ws.frame("e1:100-3\nthree");
+  ws.frame("e1:100-3\nthree again");               // repeated: dropped
+  ws.frame("e1:100-2\nolder");                     // older: dropped
+  ws.frame("\nplain");                              // a plain PUBLISH: no position
+  ws.bytes("e1:100-4\n", 0, 1, 10, 255);           // binary, a newline inside
+  ws.frame("e1:100-5\nline 1\nline 2");
+  ws.frame("!" + JSON.stringify({ type: "later", x: 1 })); // unknown control: ignored
+  out.positions.push(client.position);
+  ws.drop(1001);
+
+  ws = await nextSocket(3);                          // resumes where it was
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery(true, 2, "e1:100-7"));
+  ws.frame("e1:100-5\nline 1\nline 2");           // the last one, repeated: dropped
+  ws.frame("e1:100-6\nsix");
+  ws.bytes("e1:100-6\n", 6);                       // binary repeat: dropped
+  ws.frame("e1:100-7\nseven");
+  // the history started over: counting goes on from the server's position
+  ws.frame(recovery(false, 0, "e2:200-0", "the history started over (new epoch)"));
+  ws.frame("e2:200-1\nnew one");
+  ws.frame("e1:100-8\nold epoch");                  // another epoch: not comparable, delivered
+  out.positions.push(client.position);
+  // a restored older history in the same epoch: lower numbers count again
+  ws.frame(recovery(false, 0, "e3:300-2", "position beyond the end of the history"));
+  ws.frame("e3:300-3\nagain three");
+  ws.frame(recovery(false, 0, null, "no history (expired or never written)"));
+  out.positions.push(client.position);
+  ws.drop(1006);
+
+  ws = await nextSocket(4);
+  out.urls.push(ws.url);
+  client.close();
+
+  // a saved position, and the token in the query string
+  out.savedUrl = new WsProxyClient({ ...base, resume: true, tokenIn: "query", position: "e1:100-9" }).socketUrl;
+  out.errors = [];
+  for (const bad of [{ resume: true, position: "nope" }, { position: "e1:100-9" }]) {
+    try {
+      new WsProxyClient({ ...base, ...bad });
+      out.errors.push(null);
+    } catch (err) {
+      out.errors.push(err.message);
+    }
+  }
+  return out;
+}
+run().then(done, (err) => done({ error: String(err && err.stack || err) }));
 """
 
 
@@ -89,6 +216,41 @@ def require_browser() -> None:
         raise RuntimeError(
             f"selenium is not installed ({_SELENIUM_MISSING}): pip install -e '.[dev]'"
         )
+
+
+class NumberedStream(threading.Thread):
+    """
+    A backend publishing recoverable messages "1", "2", "3", ... with
+    C{wsproxy_publish}, one every C{interval} seconds (late ticks are not
+    made up in a burst), until L{stop} or C{limit}. C{count} is how many
+    were published (acknowledged by Redis).
+    """
+
+    def __init__(self, r: Any, session: str, interval: float, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.r = r
+        self.keys = (f"session:{session}:history", f"session:{session}:meta")
+        self.interval = interval
+        self.limit = limit
+        self.count = 0
+        self.error: Optional[BaseException] = None
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        try:
+            while self.count < self.limit:
+                if self._stopping.wait(max(0.0, next_at - time.monotonic())):
+                    return
+                self.r.fcall("wsproxy_publish", 2, *self.keys, str(self.count + 1), "text")
+                self.count += 1
+                next_at = max(next_at + self.interval, time.monotonic())
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(10)
 
 
 class StaticServer:
@@ -142,24 +304,25 @@ class BrowserTests(TestCase):
 
     # -- helpers ---------------------------------------------------------
 
-    def start_proxy(self, port: int) -> Daemon:
+    def start_proxy(self, port: int, **extra_env: str) -> Daemon:
         env = {
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "REDIS_URL": self.redis.url,
             "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0",
             "AUTH_GRACE_PERIOD_SECS": "600",
+            **extra_env,
         }
         daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], env)
         self.addCleanup(daemon.stop)
         self.daemons.append(daemon)
         return daemon
 
-    async def restart_proxy(self, daemon: Daemon, port: int) -> Daemon:
+    async def restart_proxy(self, daemon: Daemon, port: int, **extra_env: str) -> Daemon:
         daemon.signal(signal.SIGTERM)
         status = await daemon.out.ended
         self.assertEqual(status, 0, daemon.out.output.decode(errors="replace"))
-        new = self.start_proxy(port)
+        new = self.start_proxy(port, **extra_env)
         self.assertEqual(await new.port(), port)
         return new
 
@@ -215,7 +378,63 @@ class BrowserTests(TestCase):
     def bodies(snap: dict[str, Any], kind: str) -> list[str]:
         return [entry["body"] for entry in snap["log"] if entry["kind"] == kind]
 
-    # -- the test --------------------------------------------------------
+    @staticmethod
+    def labelled(snap: dict[str, Any], label: str) -> list[str]:
+        return [entry["body"] for entry in snap["log"] if entry["label"] == label]
+
+    # -- the tests -------------------------------------------------------
+
+    async def test_client_resume_bookkeeping(self) -> None:
+        """
+        WsProxyClient with C{resume: true}, against a scripted WebSocket in
+        the page: it asks for C{?resume=} and then C{?resume=<last
+        position>} (URL-encoded) on each reconnect; the application gets
+        messages without their position prefix (text as strings, binary as
+        ArrayBuffers, split at the first newline only), each recoverable
+        message once even when the server repeats it or sends an older one,
+        plain messages unchanged, and every recovery report; a
+        C{recovered: false} report resets the count to the server's
+        position. Without C{resume} nothing changes.
+        """
+        await self.open_browser()
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        out = await self.page(self.driver.execute_async_script, FAKE_SOCKET_JS)
+        self.assertNotIn("error", out, out.get("error"))
+        self.assertEqual(out["plainUrl"], "ws://proxy.test/a/ws/s1")
+        self.assertEqual(
+            out["urls"],
+            [
+                "ws://proxy.test/a/ws/s1?resume=",
+                "ws://proxy.test/a/ws/s1?resume=e1%3A100-5",
+                "ws://proxy.test/a/ws/s1?resume=",
+            ],
+        )
+        self.assertEqual(
+            out["got"],
+            [
+                "e1:1-1\nas is", "!not a control frame",  # resume off
+                "three", "plain", [0, 1, 10, 255], "line 1\nline 2",
+                "six", "seven", "new one", "old epoch", "again three",
+            ],
+        )
+        self.assertEqual(out["positions"], ["e1:100-2", "e1:100-5", "e1:100-8", ""])
+        self.assertEqual(
+            [(r["recovered"], r["replayed"], r["position"], r["reason"]) for r in out["recoveries"]],
+            [
+                (True, 0, "e1:100-2", ""),
+                (True, 2, "e1:100-7", ""),
+                (False, 0, "e2:200-0", "the history started over (new epoch)"),
+                (False, 0, "e3:300-2", "position beyond the end of the history"),
+                (False, 0, None, "no history (expired or never written)"),
+            ],
+        )
+        self.assertEqual(
+            out["savedUrl"], "ws://proxy.test/a/ws/s1?access_token=t0k&resume=e1%3A100-9"
+        )
+        self.assertEqual(len(out["errors"]), 2)
+        for message in out["errors"]:
+            self.assertIn("position needs resume: true", message or "")
+
 
     async def test_page_talks_reconnects_and_gives_up(self) -> None:
         """
@@ -341,3 +560,83 @@ class BrowserTests(TestCase):
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)
         self.assertLess(time.monotonic() - started, 60)
+
+    async def test_resume_across_proxy_restart(self) -> None:
+        """
+        The page with C{resume=1}, against a proxy with C{RESUME=true}: a
+        backend publishes a numbered stream of recoverable messages every
+        20 ms; the proxy is restarted (SIGTERM, a new process on the same
+        port) in the middle of it. The page reconnects with its last
+        position, says the session was recovered with the missed messages
+        replayed, goes on with live ones, and ends with every number
+        exactly once, in order.
+        """
+        session, token = "browser-resume", secrets.token_urlsafe(18)
+        r = self.redis.client()
+        self.addCleanup(r.close)
+        r.set(f"session:{session}:auth", token, ex=120)
+
+        daemon = self.start_proxy(0, RESUME="true")
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+        # the proxy loads wsproxy_publish into Redis; the backend needs it
+        await wait_for(lambda: b"wsproxy" in str(r.function_list()).encode(), timeout=20)
+
+        # a margin for a slow restart on a busy machine: 30 failed attempts
+        # (about 25 s at 1 s apart) before the page would give up
+        fragment = (
+            f"session={session}&token={token}&agent=browser-test&url=ws://127.0.0.1:{port}"
+            f"&resume=1&maxFailures=30&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        # subscribed: the proxy said where the (empty) history stands
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["recovered"] == "true", "open and recovered"
+        )
+        self.assertEqual(self.labelled(snap, "recovery"), ["recovered: 0 missed messages replayed"])
+
+        def numbers(s: dict[str, Any]) -> list[str]:
+            return self.bodies(s, "text")
+
+        backend = self.redis.client()
+        self.addCleanup(backend.close)
+        stream = NumberedStream(backend, session, STREAM_INTERVAL, STREAM_LIMIT)
+        self.addCleanup(stream.stop)
+        stream.start()
+        await self.until(lambda s: len(numbers(s)) >= 40, "showing the first 40 numbers", timeout=20)
+
+        # the restart, with the stream going on
+        daemon = await self.restart_proxy(daemon, port, RESUME="true")
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] == 1
+            and len(self.labelled(s, "recovery")) == 2,
+            "reconnected and told how recovery went", timeout=30,
+        )
+        self.assertTrue(any(body.startswith("1001 ") for body in self.bodies(snap, "event")), snap["log"])
+        self.assertEqual(snap["recovered"], "true", snap["log"])
+        report = self.labelled(snap, "recovery")[1]
+        replayed = re.fullmatch(r"recovered: (\d+) missed messages? replayed", report)
+        assert replayed is not None, report
+        # the page was away for at least the restart: messages were missed
+        self.assertGreater(int(replayed.group(1)), 0, report)
+
+        # live messages after the resume, then the backend stops
+        wanted = min(stream.count + 50, STREAM_LIMIT)
+        await self.until(lambda s: len(numbers(s)) >= wanted, f"showing {wanted} numbers", timeout=30)
+        await threads.deferToThread(stream.stop)
+        self.assertIsNone(stream.error)
+        total = stream.count
+
+        snap = await self.until(
+            lambda s: str(total) in numbers(s), f"showing the last number ({total})", timeout=20
+        )
+        got = numbers(snap)
+        events = [e for e in snap["log"] if e["kind"] != "text"]
+        self.assertEqual(got, [str(i) for i in range(1, total + 1)], events)
+        self.assertEqual(len(self.labelled(snap, "recovery")), 2)
+        self.assertEqual(snap["notice"], "")
+        self.assertEqual(self.bodies(snap, "error"), [])
+        await self.save_screenshot("browser-resumed.png")
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)

@@ -34,8 +34,45 @@
 // (waiting detail.delay ms before the next attempt), "closed" (normal
 // closure, by close() or by the server: final), "failed" (gave up: final).
 // connect() starts over from "closed" or "failed".
+//
+// Resumable sessions (opt-in: resume: true; the proxy needs RESUME=true, or
+// every attempt is refused with 400 and ends as "failed"). The client asks
+// for ?resume=<last position received> on every attempt, so that messages
+// the backend published with wsproxy_publish while it was away (a proxy
+// restart, a network drop) are replayed on reconnect, once each and in order.
+//
+//   const client = new WsProxyClient({ ..., resume: true });
+//   client.onrecovery = ({ recovered, replayed, position, reason }) => { ... };
+//
+// - onmessage gets the message only, as without resume: the "<position>\n"
+//   prefix is taken off (text stays a string, binary an ArrayBuffer).
+// - onrecovery (and a "recovery" event) follows each open and tells whether
+//   everything missed was replayed: recovered true (replayed = how many
+//   messages follow), or false with a reason (the history expired, started
+//   over or no longer reaches back that far; also later, if a gap cannot be
+//   filled): messages were lost, reload the application's state.
+// - A recoverable message whose sequence number is not after the last one
+//   delivered (same epoch) is dropped: never delivered twice. (After a
+//   recovered: false, counting goes on from the position the server gives.)
+//   Messages a backend sent with a plain PUBLISH have no position and pass
+//   unchanged.
+// - The last position lives in this object only (client.position), across
+//   reconnects and connect() after close(); a new page starts fresh. An
+//   application that saves its state (sessionStorage, IndexedDB) can save
+//   client.position with it, in the same step, and pass it back as the
+//   position option: a position saved apart from the state it belongs to
+//   would skip or repeat messages after a reload.
 
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110)
+// <epoch>:<ms>-<seq>, as wsproxy writes it
+const POSITION = /^([0-9a-f]{1,32}):([0-9]{1,19})-([0-9]{1,19})$/;
+const DECODER = new TextDecoder();
+
+/** {text, epoch, seq} (seq a BigInt: up to 19 digits), or null if malformed. */
+function parsePosition(text) {
+  const match = POSITION.exec(text);
+  return match ? { text, epoch: match[1], seq: BigInt(match[3]) } : null;
+}
 
 export const State = Object.freeze({
   CONNECTING: "connecting",
@@ -53,6 +90,8 @@ const DEFAULTS = {
   maxFailures: 10, // consecutive attempts that never opened
   connectTimeoutMs: 10000, // an attempt not open by then counts as failed
   stableMs: 10000, // a connection open this long resets the backoff
+  resume: false, // resumable session: ?resume=<last position>, see above
+  position: "", // with resume: the position to resume from at the first connect
 };
 
 export class WsProxyClient extends EventTarget {
@@ -71,6 +110,13 @@ export class WsProxyClient extends EventTarget {
           "and !#$%&'*+-.^_`|~); use hex or base64url tokens, or tokenIn: \"query\"",
       );
     }
+    let last = null;
+    if (o.position) {
+      last = parsePosition(String(o.position));
+      if (!o.resume || !last) {
+        throw new Error(`WsProxyClient: position needs resume: true and the form <epoch>:<ms>-<seq>, not ${o.position}`);
+      }
+    }
     this.options = o;
     this.state = State.CLOSED;
     this.reconnects = 0; // successful opens after the first one
@@ -78,6 +124,8 @@ export class WsProxyClient extends EventTarget {
     this.failures = 0; // consecutive attempts that never reached open
     this.onmessage = null; // (data, isBinary) => void
     this.onstatechange = null; // (state, detail) => void
+    this.onrecovery = null; // ({recovered, replayed, position, reason}) => void, with resume
+    this._last = last; // the last recoverable message delivered: {text, epoch, seq}
     this._ws = null;
     this._timer = null;
     this._stopped = true;
@@ -89,9 +137,16 @@ export class WsProxyClient extends EventTarget {
   get socketUrl() {
     const o = this.options;
     const base = String(o.url).replace(/\/+$/, "");
-    let url = `${base}/${encodeURIComponent(o.agent)}/ws/${encodeURIComponent(o.session)}`;
-    if (o.tokenIn === "query") url += `?access_token=${encodeURIComponent(o.token)}`;
-    return url;
+    const url = `${base}/${encodeURIComponent(o.agent)}/ws/${encodeURIComponent(o.session)}`;
+    const query = [];
+    if (o.tokenIn === "query") query.push(`access_token=${encodeURIComponent(o.token)}`);
+    if (o.resume) query.push(`resume=${encodeURIComponent(this.position)}`);
+    return query.length ? `${url}?${query.join("&")}` : url;
+  }
+
+  /** With resume: the last position received ("" before the first). */
+  get position() {
+    return this._last ? this._last.text : "";
   }
 
   /** Start connecting (again, after "closed" or "failed"). */
@@ -152,9 +207,8 @@ export class WsProxyClient extends EventTarget {
       this._setState(State.OPEN, { protocol: ws.protocol, reconnects: this.reconnects });
     };
     ws.onmessage = (event) => {
-      const isBinary = typeof event.data !== "string";
-      if (this.onmessage) this.onmessage(event.data, isBinary);
-      this.dispatchEvent(new CustomEvent("message", { detail: { data: event.data, isBinary } }));
+      if (o.resume) this._receive(event.data);
+      else this._deliver(event.data);
     };
     // the browser says nothing useful in the error event; the close event follows
     ws.onerror = () => {};
@@ -182,6 +236,7 @@ export class WsProxyClient extends EventTarget {
             message:
               `gave up after ${this.failures} attempts that never connected: the token was ` +
               "refused (401/403: unknown, expired or deleted), the Origin is not allowed, " +
+              (o.resume ? "the proxy does not accept ?resume= (400: RESUME=true not set), " : "") +
               "or the proxy is unreachable",
           });
           return;
@@ -193,6 +248,73 @@ export class WsProxyClient extends EventTarget {
       this._setState(State.RECONNECTING, { ...detail, delay, failures: this.failures });
       this._timer = setTimeout(() => this._attempt(), delay);
     };
+  }
+
+  _deliver(data) {
+    const isBinary = typeof data !== "string";
+    if (this.onmessage) this.onmessage(data, isBinary);
+    this.dispatchEvent(new CustomEvent("message", { detail: { data, isBinary } }));
+  }
+
+  // A resumable session's frame: "!" + JSON (text) is a control frame,
+  // anything else "<position>\n<message>", split at the first newline
+  // (the message may hold more); the position is empty for plain messages.
+  _receive(data) {
+    let position, message;
+    if (typeof data === "string") {
+      if (data.startsWith("!")) {
+        this._control(data.slice(1));
+        return;
+      }
+      const newline = data.indexOf("\n");
+      position = newline < 0 ? "" : data.slice(0, newline);
+      message = data.slice(newline + 1);
+    } else {
+      const newline = new Uint8Array(data).indexOf(10);
+      position = newline < 0 ? "" : DECODER.decode(new Uint8Array(data, 0, newline));
+      message = data.slice(newline + 1);
+    }
+    if (position) {
+      const p = parsePosition(position);
+      if (!p) {
+        console.warn(`wsproxy: a message with a malformed position (${position}) was delivered unchecked`);
+      } else {
+        const last = this._last;
+        if (last && last.epoch === p.epoch && p.seq <= last.seq) return; // had it already
+        this._last = p;
+      }
+    }
+    this._deliver(message);
+  }
+
+  _control(json) {
+    let event;
+    try {
+      event = JSON.parse(json);
+    } catch {
+      console.warn("wsproxy: a control frame that is not JSON was ignored");
+      return;
+    }
+    if (!event || event.type !== "recovery") return; // other kinds: for later versions
+    const position = typeof event.position === "string" ? parsePosition(event.position) : null;
+    if (!event.recovered) {
+      // continuity is broken (the application is told): the server's
+      // position is where the stream goes on from, even if it is lower
+      // (a history restored from an older copy counts again)
+      this._last = position;
+    } else if (!this._last && !event.replayed) {
+      // a fresh start: where the history stood, so that messages published
+      // before the next message arrives are replayed after a reconnect
+      this._last = position;
+    }
+    const info = {
+      recovered: Boolean(event.recovered),
+      replayed: Number(event.replayed) || 0,
+      position: event.position ?? null,
+      reason: event.reason || "",
+    };
+    if (this.onrecovery) this.onrecovery(info);
+    this.dispatchEvent(new CustomEvent("recovery", { detail: info }));
   }
 
   _nextDelay() {
