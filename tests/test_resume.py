@@ -207,6 +207,27 @@ class ResumeTests(ResumeTestCase):
         await wait_for(lambda: got.messages() == [b"after"])
         self.assertIn(b"wsproxy_resume_incomplete_total 1.0", proxy.proxy.stats.render())
 
+    async def test_history_longer_than_the_maximum_is_read_whole(self) -> None:
+        """
+        Approximate trimming keeps more than HISTORY_MAX_LENGTH entries;
+        a client behind by more than that maximum but within what is kept
+        gets all of it (the history is read in chunks), and live messages
+        after it without a false "incomplete".
+        """
+        proxy = self.start_proxy(history_max_length=10)
+        await self.ready(proxy)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        positions = [publish(self.r, "s1", f"m{i}") for i in range(50)]
+        self.assertEqual(self.r.xlen("session:s1:history"), 50)
+        c = await self.client(proxy, "s1", positions[4])
+        got = Received(c)
+        await wait_for(lambda: len(got.data()) == 45)
+        self.assertEqual(got.controls()[0]["recovered"], True)
+        publish(self.r, "s1", "live")
+        await wait_for(lambda: len(got.data()) == 46)
+        self.assertEqual(got.messages(), [b"m%d" % i for i in range(5, 50)] + [b"live"])
+        self.assertEqual(len(got.controls()), 1)
+
     async def test_position_from_another_epoch_is_incomplete(self) -> None:
         """
         The history was lost and started over (new epoch): a position from

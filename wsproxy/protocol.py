@@ -150,9 +150,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             resumer = self._resumer = Resumer(
                 self._send_resumable,
                 self._send_control,
-                lambda after: proxy.read_history(
-                    session_id, after, proxy.settings.history_max_length + 1
-                ),
+                lambda after: proxy.read_history(session_id, after),
                 proxy.stats,
             )
             subscriptions = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +39,7 @@ from .refusal import Refusal
 from .resume import (
     RESUME_PARAM,
     library,
+    Entry,
     History,
     InvalidPosition,
     Position,
@@ -325,11 +326,14 @@ class Proxy:
             # subscribed first, history second: whatever is published from
             # now on arrives live, whatever was before is in the history
             position = resume.position
-            history = await self.read_history(
-                session_id,
-                "0-0" if position is None else position.stream_id,
-                0 if position is None else self.settings.history_max_length + 1,
-            )
+            if position is None:
+                # nothing to replay: only where the history ends
+                history = parse_history(await self.commands.execute(
+                    "FCALL_RO", "wsproxy_history", 2,
+                    history_key(session_id), meta_key(session_id), "0-0", 0,
+                ))
+            else:
+                history = await self.read_history(session_id, position.stream_id)
             return plan_recovery(position, history)
         except BaseException:
             self.release(subscribed)
@@ -339,16 +343,33 @@ class Proxy:
         for channel, listener in subscriptions:
             self.hub.unsubscribe(channel, listener)
 
-    def read_history(self, session_id: str, after: str, count: int) -> defer.Deferred[History]:
+    def read_history(self, session_id: str, after: str) -> defer.Deferred[History]:
         """
-        The session's history epoch, end, and up to C{count} entries after
-        the stream id C{after}.
+        The session's history: its epoch, end, and every entry after the
+        stream id C{after} (C{"0-0"}: all of it).
         """
-        d: defer.Deferred[Any] = self.commands.execute(
-            "FCALL_RO", "wsproxy_history", 2,
-            history_key(session_id), meta_key(session_id), after, count,
-        )
-        return d.addCallback(parse_history)
+        return defer.ensureDeferred(self._read_history(session_id, after))
+
+    async def _read_history(self, session_id: str, after: str) -> History:
+        # read in chunks until the end the history had when first asked:
+        # approximate trimming (MAXLEN ~) may keep more than the maximum
+        chunk = self.settings.history_max_length + 1
+        entries: list[Entry] = []
+        while True:
+            reply: Any = await self.commands.execute(
+                "FCALL_RO", "wsproxy_history", 2,
+                history_key(session_id), meta_key(session_id), after, chunk,
+            )
+            history = parse_history(reply)
+            if entries and history.epoch != entries[0].epoch:
+                # the history started over between two chunks
+                return history
+            entries.extend(history.entries)
+            if len(history.entries) < chunk or not entries or (
+                entries[-1].seq >= history.last_seq or len(entries) >= 16 * chunk
+            ):
+                return replace(history, entries=tuple(entries))
+            after = entries[-1].position.stream_id
 
     # -- health --------------------------------------------------------------
 

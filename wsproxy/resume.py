@@ -232,6 +232,9 @@ def plan_recovery(presented: Optional[Position], history: History) -> Recovery:
     for previous, entry in zip(entries, entries[1:]):
         if entry.seq != previous.seq + 1:
             return Recovery(False, (), end, "the history has a hole")
+    if entries[-1].seq != history.last_seq:
+        # recovered means everything up to the end that was read
+        return Recovery(False, (), end, "the history could not be read to its end")
     return Recovery(True, tuple(entries), entries[-1].position)
 
 

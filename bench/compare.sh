@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Side-by-side cost of the plain path: this checkout's proxy against the proxy
+# of another revision, same Redis, same load tool (this checkout's), runs
+# alternated so that both see the same machine noise.
+#
+#   bench/compare.sh REV [ROUNDS]      e.g. bench/compare.sh 402d325 3
+#
+# Each round runs the "down" (1,000 sessions x 100 downstream 100-byte
+# messages) and "up" (1,000 clients x 100 upstream messages) scenarios of
+# bench/run.sh against each proxy. Prints one JSON line per run and a summary:
+# the median proxy CPU per message (us) of each revision and their ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REV=${1:?usage: bench/compare.sh REV [ROUNDS]}
+ROUNDS=${2:-3}
+PY=$(pwd)/.venv/bin/python
+[ -x "$PY" ] || bin/dev setup
+REDIS_BIN=$(command -v redis-server)
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+tmp=$(mktemp -d)
+other="$tmp/other"
+git worktree add -q --detach "$other" "$REV"
+RPORT=$(free_port)
+"$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+rpid=$!
+ppid=""
+cleanup() {
+    [ -n "$ppid" ] && kill "$ppid" 2>/dev/null && wait "$ppid" 2>/dev/null
+    kill $rpid 2>/dev/null
+    git worktree remove --force "$other" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# start_proxy DIR: the proxy whose code is in DIR (python -m puts DIR first
+# on sys.path, so DIR's wsproxy package and twisted plugin are the ones used)
+start_proxy() {
+    PPORT=$(free_port)
+    (cd "$1" && exec env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" \
+        LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 "$PY" -m wsproxy >"$tmp/proxy.log" 2>&1) &
+    ppid=$!
+    for _ in $(seq 100); do
+        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "proxy in $1 did not become healthy" >&2
+    cat "$tmp/proxy.log" >&2
+    exit 1
+}
+stop_proxy() { kill "$ppid"; wait "$ppid" 2>/dev/null || true; ppid=""; }
+
+echo "bench/compare: $(nproc) cores, HEAD $(git rev-parse --short HEAD) vs $REV, $ROUNDS rounds" >&2
+results="$tmp/results.jsonl"
+for round in $(seq "$ROUNDS"); do
+    for side in head other; do
+        dir=$(pwd); [ "$side" = other ] && dir=$other
+        start_proxy "$dir"
+        for scenario in down up; do
+            case $scenario in
+                down) args=(--clients 1000 --burst 100 --phases connect,down) ;;
+                up)   args=(--clients 1000 --upstream 100 --phases connect,up) ;;
+            esac
+            line=$("$PY" -m bench.loadtest --url "ws://127.0.0.1:$PPORT" \
+                --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" --json-only "${args[@]}")
+            echo "$line" | "$PY" -c '
+import json, sys
+side, scenario, round_ = sys.argv[1:4]
+data = json.loads(sys.stdin.read())
+phase = data["phases"][scenario]
+cpu = phase.get("proxy_cpu_us_per_msg")
+print(json.dumps({"side": side, "scenario": scenario, "round": int(round_),
+                  "cpu_us_per_msg": cpu, "lost": phase.get("lost")}))
+' "$side" "$scenario" "$round" | tee -a "$results"
+        done
+        stop_proxy
+    done
+done
+"$PY" - "$results" "$REV" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for scenario in ("down", "up"):
+    med = {}
+    for side in ("head", "other"):
+        values = [r["cpu_us_per_msg"] for r in rows
+                  if r["side"] == side and r["scenario"] == scenario and r["cpu_us_per_msg"]]
+        med[side] = statistics.median(values) if values else None
+    ratio = med["head"] / med["other"] if med["head"] and med["other"] else None
+    print(json.dumps({"summary": scenario, "head_us": med["head"], sys.argv[2] + "_us": med["other"],
+                      "ratio_head_over_rev": None if ratio is None else round(ratio, 3)}))
+PY
