@@ -370,6 +370,23 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
 
+class _NeverEarlyTimer:
+    """
+    Autobahn runs its deadlines (ping interval and timeout, opening and
+    closing handshake) on txaio's batched timer, which rounds each deadline
+    down to a whole second: they fired up to a second early, and a
+    sub-second C{WS_PING_TIMEOUT_SECS} at once, dropping every client at
+    its first ping whether it answered or not. One second more makes each
+    fire between its deadline and a second after it, never before.
+    """
+
+    def __init__(self, timer: Any) -> None:
+        self._timer = timer
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._timer.call_later(delay + 1.0, func, *args, **kwargs)
+
+
 def _class_attribute(value: Any) -> Any:
     # a function stored on a class would become a method of its instances
     return staticmethod(value) if callable(value) else value
@@ -385,6 +402,7 @@ class ProxyFactory(WebSocketServerFactory):
     def __init__(self, proxy: Proxy) -> None:
         settings = proxy.settings
         super().__init__(server=None)
+        self._batched_timer = _NeverEarlyTimer(self._batched_timer)
         self.proxy = proxy
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json

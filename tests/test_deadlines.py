@@ -1,0 +1,107 @@
+"""
+The proxy's deadlines, timed from outside against the real daemon
+(C{python -m wsproxy}) and a real redis-server: the ping timeout for a
+client that stops answering pings.
+
+Every bound is of the form "not before the deadline (less 0.1 s of clock
+granularity), and not more than a generous margin after it": the machine
+running the suite may be busy, so lateness is allowed for, earliness never.
+Autobahn's timers may be up to a second late (see
+L{wsproxy.protocol._NeverEarlyTimer}), which the margins include.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from typing import Any
+
+from .support import Daemon, RedisTestCase, connect, wait_for
+
+#: how late a deadline may be met on a busy 2-core machine
+MARGIN = 3.0
+
+
+class DeadlineTestCase(RedisTestCase):
+    timeout = 60
+
+    def start(self, **env: str) -> Daemon:
+        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
+                "SHUTDOWN_DRAIN_SECS": "0"}
+        base.update(env)
+        daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+
+class PingTimeoutTests(DeadlineTestCase):
+    INTERVAL = 1.0
+    TIMEOUT = 2.0
+
+    async def test_silent_client_dropped_after_ping_timeout(self) -> None:
+        """
+        WS_PING_INTERVAL_SECS=1, WS_PING_TIMEOUT_SECS=2: a client that
+        receives the ping but never answers it is dropped WS_PING_TIMEOUT_SECS
+        after the ping, so interval + timeout after it opened. The proxy
+        sends no close frame: it drops the TCP connection, so the client
+        sees close code 1006 (abnormal closure, not clean), and the proxy
+        logs Autobahn's "ping timeout" line and "closed: ... code=1006", and
+        releases the session's subscription.
+        """
+        daemon = self.start(WS_PING_INTERVAL_SECS=f"{self.INTERVAL:g}",
+                            WS_PING_TIMEOUT_SECS=f"{self.TIMEOUT:g}")
+        port = await daemon.port()
+        self.r.set("session:s1:auth", "tok", ex=60)
+        c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok", auto_ping=False)
+        opened = time.monotonic()
+        client_port = c.transport.getHost().port
+        pings: list[float] = []
+        # a deaf client that notes when each ping arrived
+        c.onPing = lambda payload: pings.append(time.monotonic())
+        closed_at: list[float] = []
+        c.factory.closed.addCallback(lambda result: (closed_at.append(time.monotonic()), result)[1])
+
+        code, _ = await c.factory.closed
+        self.assertEqual(code, 1006)
+        self.assertFalse(c.wasClean)
+        self.assertEqual(len(pings), 1, pings)
+        first_ping = pings[0] - opened
+        self.assertGreaterEqual(first_ping, self.INTERVAL - 0.1)
+        self.assertLess(first_ping, self.INTERVAL + MARGIN)
+        after_ping = closed_at[0] - pings[0]
+        self.assertGreaterEqual(after_ping, self.TIMEOUT - 0.1)
+        self.assertLess(after_ping, self.TIMEOUT + MARGIN)
+        total = closed_at[0] - opened
+        self.assertGreaterEqual(total, self.INTERVAL + self.TIMEOUT - 0.1)
+        self.assertLess(total, self.INTERVAL + self.TIMEOUT + 2 * MARGIN)
+
+        await wait_for(lambda: b"closed: session=s1" in daemon.out.output)
+        log = daemon.out.output.decode()
+        self.assertRegex(
+            log,
+            rf"dropping connection to peer tcp4:127\.0\.0\.1:{client_port} with abort=True: "
+            r"WebSocket ping timeout \(peer did not respond with pong in time\)",
+        )
+        self.assertRegex(log, r"closed: session=s1 .* code=1006")
+        await wait_for(lambda: self.r.pubsub_numsub("session:s1:down")
+                       == [(b"session:s1:down", 0)])
+
+    async def test_answering_client_kept_with_subsecond_timeout(self) -> None:
+        """
+        WS_PING_TIMEOUT_SECS=0.5: a client that answers every ping stays
+        connected over several ping intervals (the timeout is not rounded
+        down to nothing).
+        """
+        daemon = self.start(WS_PING_INTERVAL_SECS="1", WS_PING_TIMEOUT_SECS="0.5")
+        port = await daemon.port()
+        self.r.set("session:s1:auth", "tok", ex=60)
+        c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
+        self.addCleanup(c.close_and_wait)
+        pings: list[Any] = []
+        answer = c.onPing
+        c.onPing = lambda payload: (pings.append(payload), answer(payload))
+        await wait_for(lambda: len(pings) >= 3 or c.state != c.STATE_OPEN, timeout=20)
+        self.assertEqual(c.state, c.STATE_OPEN)
+        self.assertNotIn(b"ping timeout", daemon.out.output)
+        self.assertIsNone(re.search(rb"closed: session=s1", daemon.out.output))
