@@ -1,7 +1,8 @@
 """
 The proxy's deadlines, timed from outside against the real daemon
-(C{python -m wsproxy}) and a real redis-server: the ping timeout for a
-client that stops answering pings.
+(C{python -m wsproxy}) and a real redis-server: the shutdown grace period
+for a client that ignores the close 1001, and the ping timeout for a client
+that stops answering pings.
 
 Every bound is of the form "not before the deadline (less 0.1 s of clock
 granularity), and not more than a generous margin after it": the machine
@@ -13,11 +14,13 @@ L{wsproxy.protocol._NeverEarlyTimer}), which the margins include.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import time
 from typing import Any
 
 from .support import Daemon, RedisTestCase, connect, wait_for
+from .test_hostile import raw_upgrade
 
 #: how late a deadline may be met on a busy 2-core machine
 MARGIN = 3.0
@@ -33,6 +36,47 @@ class DeadlineTestCase(RedisTestCase):
         daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
         self.addCleanup(daemon.stop)
         return daemon
+
+
+class ShutdownGraceTests(DeadlineTestCase):
+    #: longer than Autobahn's 5 s closing-handshake timeout, which must not
+    #: cut the grace period short
+    GRACE = 7.0
+
+    async def test_client_ignoring_close_dropped_after_grace_period(self) -> None:
+        """
+        SIGTERM with SHUTDOWN_DRAIN_SECS=0: a client that completed the
+        opening handshake and never answers the close 1001 gets the close
+        frame at once and is dropped when SHUTDOWN_GRACE_PERIOD_SECS runs
+        out (not before, not much after), which is logged; the process then
+        exits 0.
+        """
+        daemon = self.start(SHUTDOWN_GRACE_PERIOD_SECS=f"{self.GRACE:g}")
+        port = await daemon.port()
+        self.r.set("session:s1:auth", "tok", ex=60)
+        c = await raw_upgrade(port, "/a/ws/s1", {"Authorization": "Bearer tok"})
+        self.addCleanup(c.abort)
+        self.assertEqual(c.status, 101, c.data)
+        await wait_for(lambda: b"opened: session=s1" in daemon.out.output)
+
+        signalled = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        await wait_for(lambda: c.close_code() is not None or c.lost_at is not None)
+        self.assertEqual(c.close_code(), (1001, b"server shutting down"))
+        self.assertLess(time.monotonic() - signalled, MARGIN)
+        # the client does not answer; the proxy waits for the grace period
+        await wait_for(lambda: c.lost_at is not None, timeout=self.GRACE + 2 * MARGIN)
+        assert c.lost_at is not None
+        held = c.lost_at - signalled
+        self.assertGreaterEqual(held, self.GRACE - 0.1)
+        self.assertLess(held, self.GRACE + MARGIN)
+        self.assertEqual(await daemon.out.ended, 0)
+        log = daemon.out.output.decode()
+        self.assertIn("abort=True: shutdown grace period over", log)
+        # the dropped connection is logged (and unsubscribed) before Redis
+        # is closed
+        self.assertRegex(log, r"closed: session=s1 .* code=1006(.|\n)*redis commands connection "
+                              r"closed(.|\n)*shutdown complete")
 
 
 class PingTimeoutTests(DeadlineTestCase):

@@ -365,9 +365,23 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         if self._state is _OPEN:
             self._stopped_sending = True
+            # the shutdown's grace period decides how long the client has to
+            # answer (it then drops what is left), not Autobahn's 5 s
+            # closing-handshake timeout
+            self.closeHandshakeTimeout = 0
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         elif self._state is _HANDSHAKE:
             self.dropConnection(abort=True)
+
+    def drop(self, why: str) -> defer.Deferred:
+        """
+        Drop the connection now; fires once it is closed (logged and
+        unsubscribed), which happens on a later reactor turn.
+        """
+        self.wasClean = False
+        self.wasNotCleanReason = why
+        self.dropConnection(abort=True)
+        return self.closed
 
 
 class _NeverEarlyTimer:
