@@ -408,13 +408,16 @@ class _Output(protocol.ProcessProtocol):
 
 class Daemon:
     """
-    A wsproxy child process in its own empty working directory.
+    A wsproxy child process in its own empty working directory, with this
+    process's environment minus HOST, PORT, LISTEN and C{unset}, plus
+    C{env}.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], unset: tuple[str, ...] = ()) -> None:
         self.cwd = tempfile.mkdtemp(prefix="wsproxy-run-")
         self.out = _Output()
-        full_env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "LISTEN")}
+        dropped = ("PORT", "HOST", "LISTEN", *unset)
+        full_env = {k: v for k, v in os.environ.items() if k not in dropped}
         full_env.update(env)
         self.process = reactor.spawnProcess(
             self.out, args[0], args, env=full_env, path=self.cwd
