@@ -427,6 +427,22 @@ class Daemon:
         match = await wait_for(lambda: LISTENING.search(self.out.output), timeout=20)
         return int(match.group(1))
 
+    async def redis_ready(self) -> None:
+        """
+        Wait until both Redis connections are usable (as logged at info).
+        """
+        await wait_for(lambda: b"commands connection ready" in self.out.output
+                       and b"subscriber connection ready" in self.out.output, timeout=20)
+
+    async def ready(self) -> int:
+        """
+        The port, once the daemon listens there and its Redis connections
+        are usable.
+        """
+        port = await self.port()
+        await self.redis_ready()
+        return port
+
     def signal(self, signum: int) -> None:
         if self.out.status is None:
             self.process.signalProcess(signum)
@@ -435,5 +451,6 @@ class Daemon:
         if self.out.status is None:
             self.process.signalProcess("KILL")
             await self.out.ended
+        shutil.rmtree(self.cwd, ignore_errors=True)
 
 

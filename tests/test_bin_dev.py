@@ -8,6 +8,7 @@ passed on to the proxy, which shuts down gracefully.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -117,11 +118,11 @@ class BinDevRunTests(TestCase):
         """
         self.assertFalse(self.redis_answers(), f"something answers on {self.redis_port}")
         daemon = self.start()
-        port = await daemon.port()
-        self.assertIn(f"(redis redis://127.0.0.1:{self.redis_port})".encode(), daemon.out.output)
+        port = await daemon.ready()
+        await wait_for(lambda: f"(redis redis://127.0.0.1:{self.redis_port})".encode()
+                       in daemon.out.output)
         self.assertEqual(len(self.redis_pids()), 1)
         [proxy] = [pid for pid in self.children(daemon) if pid in pids_of(b"-m\0wsproxy")]
-        await wait_for(lambda: b"subscriber connection ready" in daemon.out.output)
         r = redispy.Redis(port=self.redis_port, socket_timeout=5)
         self.addCleanup(r.close)
         r.set("session:s1:auth", "tok", ex=60)
@@ -136,6 +137,7 @@ class BinDevRunTests(TestCase):
         self.assertEqual(self.redis_pids(), [])
         self.assertEqual(self.started_by_test(), [])
         self.assertFalse(self.redis_answers())
+        self.assertFalse(os.path.exists(self.redis_dir(daemon)))
         with self.assertRaises(error.ConnectionRefusedError):
             await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
 
@@ -153,6 +155,17 @@ class BinDevRunTests(TestCase):
         self.assertEqual(self.redis_pids(), [])
         self.assertEqual(self.started_by_test(), [])
         self.assertFalse(self.redis_answers())
+        self.assertFalse(os.path.exists(self.redis_dir(daemon)))
+
+    def redis_dir(self, daemon: Daemon) -> str:
+        """
+        The redis-server's data directory, as bin/dev announced it.
+        """
+        match = re.search(rb"starting a local redis-server on \S+ \(data in (\S+)\)",
+                          daemon.out.output)
+        self.assertIsNotNone(match, daemon.out.output[-2000:])
+        assert match is not None
+        return match.group(1).decode()
 
     async def ended(self, daemon: Daemon, timeout: float = 30) -> Optional[int]:
         try:

@@ -132,7 +132,7 @@ async def host(t: EnvTestCase) -> None:
     await t.start(HOST="127.0.0.2")
     with t.assertRaises(error.ConnectionRefusedError):
         await t.get("/health", "127.0.0.1")
-    t.assertIn(f"listening on 127.0.0.2:{t.port} ", t.log)
+    await wait_for(lambda: f"listening on 127.0.0.2:{t.port} " in t.log)
 
 
 async def port(t: EnvTestCase) -> None:
@@ -142,7 +142,7 @@ async def port(t: EnvTestCase) -> None:
     number = free_port()
     await t.start(PORT=str(number))
     t.assertEqual(t.port, number)
-    t.assertIn(f"listening on 127.0.0.1:{number} ", t.log)
+    await wait_for(lambda: f"listening on 127.0.0.1:{number} " in t.log)
 
 
 async def listen(t: EnvTestCase) -> None:
@@ -163,7 +163,7 @@ async def redis_url(t: EnvTestCase) -> None:
     (and its TTL reset there), messages flow both ways.
     """
     await t.start(REDIS_URL=f"{t.redis.url}/3")
-    t.assertIn(f"(redis {t.redis.url}/3)", t.log)
+    await wait_for(lambda: f"(redis {t.redis.url}/3)" in t.log)
     db3 = redispy.Redis(port=t.redis.port, db=3, socket_timeout=5)
     t.addCleanup(db3.close)
     db3.set("session:s1:auth", "tok", ex=60)
@@ -490,7 +490,7 @@ async def workers(t: EnvTestCase) -> None:
     for child in workers:
         with open(f"/proc/{child}/cmdline", "rb") as f:
             t.assertIn(b"\0-m\0wsproxy", f.read())
-    t.assertIn("2 workers listening on", t.log)
+    await wait_for(lambda: "2 workers listening on" in t.log)
     daemon.signal(signal.SIGTERM)
     t.assertEqual(await daemon.out.ended, 0)
     t.assertFalse([w for w in workers if os.path.exists(f"/proc/{w}")])

@@ -74,7 +74,7 @@ class EndpointTests(RedisTestCase):
         path = os.path.join(where, "ws.sock")
         daemon = self.start(LISTEN=f"unix:{path}")
         await wait_for(lambda: f"listening on {path} ".encode() in daemon.out.output, timeout=20)
-        await wait_for(lambda: b"subscriber connection ready" in daemon.out.output)
+        await daemon.redis_ready()
 
         def endpoint() -> UNIXClientEndpoint:
             return UNIXClientEndpoint(reactor, path)
@@ -84,7 +84,7 @@ class EndpointTests(RedisTestCase):
         self.r.set("session:s1:auth", "tok", ex=60)
         await exchange_messages(self, self.r, "ws://localhost/a/ws/s1", "s1",
                                 endpoint=endpoint())
-        self.assertRegex(daemon.out.output.decode(), r"opened: session=s1 agent=a peer=unix")
+        await wait_for(lambda: b"opened: session=s1 agent=a peer=unix" in daemon.out.output)
 
     async def test_listen_tls(self) -> None:
         """
@@ -96,8 +96,7 @@ class EndpointTests(RedisTestCase):
         self.addCleanup(certs.cleanup)
         cert, key = self_signed(certs, "proxy", ["localhost", "127.0.0.1"])
         daemon = self.start(LISTEN=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
-        port = await daemon.port()
-        await wait_for(lambda: b"subscriber connection ready" in daemon.out.output)
+        port = await daemon.ready()
         self.r.set("session:s1:auth", "tok", ex=60)
         await exchange_messages(self, self.r, f"wss://localhost:{port}/a/ws/s1", "s1",
                                 endpoint=tls_endpoint(port, cert))
@@ -122,9 +121,8 @@ class UnixRedisTests(TestCase):
             "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": f"{server.url}?db=2",
             "SHUTDOWN_DRAIN_SECS": "0"})
         self.addCleanup(daemon.stop)
-        port = await daemon.port()
-        self.assertIn(f"(redis unix://{server.path}/2)".encode(), daemon.out.output)
-        await wait_for(lambda: b"subscriber connection ready" in daemon.out.output)
+        port = await daemon.ready()
+        await wait_for(lambda: f"(redis unix://{server.path}/2)".encode() in daemon.out.output)
         r = server.client(db=2)
         self.addCleanup(r.close)
         r.set("session:s1:auth", "tok", ex=60)

@@ -85,9 +85,7 @@ class ExampleTestCase(RedisTestCase):
             "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
             "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5"})
         self.addCleanup(daemon.stop)
-        port = await daemon.port()
-        await wait_for(lambda: b"subscriber connection ready" in daemon.out.output)
-        return daemon, port
+        return daemon, await daemon.ready()
 
 
 class HelpTests(ExampleTestCase):
