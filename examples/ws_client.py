@@ -10,6 +10,7 @@ each line you type.
 import argparse
 import asyncio
 import sys
+import threading
 from urllib.parse import quote
 
 import websockets
@@ -34,9 +35,22 @@ async def run(url: str, token: str, token_in: str) -> None:
                 print(f"< {message!r}" if isinstance(message, bytes) else f"< {message}", flush=True)
 
         async def send() -> None:
+            # stdin is read in a daemon thread, so that the client exits as
+            # soon as the server closes, without waiting for another line
             loop = asyncio.get_running_loop()
+            lines: asyncio.Queue[str] = asyncio.Queue()
+
+            def read_stdin() -> None:
+                try:
+                    for line in iter(sys.stdin.readline, ""):
+                        loop.call_soon_threadsafe(lines.put_nowait, line)
+                    loop.call_soon_threadsafe(lines.put_nowait, "")
+                except RuntimeError:
+                    pass  # the connection is over and the loop closed
+
+            threading.Thread(target=read_stdin, daemon=True).start()
             while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
+                line = await lines.get()
                 if not line:
                     await ws.close()
                     return

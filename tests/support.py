@@ -410,13 +410,16 @@ class _Output(protocol.ProcessProtocol):
 
 class Daemon:
     """
-    A wsproxy child process in its own empty working directory.
+    A wsproxy child process in its own empty working directory, with this
+    process's environment minus HOST, PORT, LISTEN and C{unset}, plus
+    C{env}.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], unset: tuple[str, ...] = ()) -> None:
         self.cwd = tempfile.mkdtemp(prefix="wsproxy-run-")
         self.out = _Output()
-        full_env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "LISTEN")}
+        dropped = ("PORT", "HOST", "LISTEN", *unset)
+        full_env = {k: v for k, v in os.environ.items() if k not in dropped}
         full_env.update(env)
         self.process = reactor.spawnProcess(
             self.out, args[0], args, env=full_env, path=self.cwd
@@ -425,6 +428,22 @@ class Daemon:
     async def port(self) -> int:
         match = await wait_for(lambda: LISTENING.search(self.out.output), timeout=20)
         return int(match.group(1))
+
+    async def redis_ready(self) -> None:
+        """
+        Wait until both Redis connections are usable (as logged at info).
+        """
+        await wait_for(lambda: b"commands connection ready" in self.out.output
+                       and b"subscriber connection ready" in self.out.output, timeout=20)
+
+    async def ready(self) -> int:
+        """
+        The port, once the daemon listens there and its Redis connections
+        are usable.
+        """
+        port = await self.port()
+        await self.redis_ready()
+        return port
 
     def signal(self, signum: int) -> None:
         if not self.out.ended.called:
@@ -445,5 +464,6 @@ class Daemon:
         if not self.out.ended.called:
             self.kill()
             await wait_for(lambda: self.out.ended.called, timeout=20)
+        shutil.rmtree(self.cwd, ignore_errors=True)
 
 

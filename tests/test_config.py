@@ -95,9 +95,46 @@ class ValidationTests(SynchronousTestCase):
             ("REDIS_URL", "redis://"), ("REDIS_URL", "redis://h:port"),
             ("REQUIRE_JSON", "maybe"), ("FRAME_MODE", "binary"),
             ("ALLOWED_ORIGINS", "example.com"), ("MAX_CONNECTIONS", "-1"),
-            ("AUTH_GRACE_PERIOD_SECS", "1.5"),
+            ("AUTH_GRACE_PERIOD_SECS", "1.5"), ("HOST", "127.0.0.1:8080"),
+            ("HOST", "bad host"), ("LISTEN", "bogus:1"), ("LISTEN", "tcp:http"),
+            ("LISTEN", "ssl:0:privateKey=/nonexistent/key.pem"),
         ]:
             self.assertRejected(name, value)
+
+    def test_valid_hosts_and_endpoints(self) -> None:
+        """
+        HOST takes IPv4 and IPv6 addresses and host names; LISTEN takes any
+        Twisted server endpoint string, checked without listening.
+        """
+        for host in ("0.0.0.0", "::", "::1", "localhost", "proxy-1.example.com", ""):
+            self.assertEqual(load_settings(environ={"HOST": host}, dotenv_path=None).host, host)
+        for listen in ("tcp:0", "tcp6:8080:interface=\\:\\:1", "unix:/run/wsproxy.sock"):
+            self.assertEqual(
+                load_settings(environ={"LISTEN": listen}, dotenv_path=None).listen, listen
+            )
+
+    def test_redis_tls_files(self) -> None:
+        """
+        REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE must
+        name readable files, need a rediss:// REDIS_URL, and the key needs
+        the certificate; each refusal names the variable.
+        """
+        fd, pem = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.remove, pem)
+        tls = {"REDIS_URL": "rediss://h"}
+        for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+            for environ in ({**tls, name: "/nonexistent.pem"}, {**tls, name: "/"},
+                            {name: pem}):
+                e = self.assertRaises(ConfigError, load_settings, environ=environ,
+                                      dotenv_path=None)
+                self.assertTrue(str(e).startswith(name + ":"), (environ, str(e)))
+        self.assertRaises(ConfigError, load_settings, dotenv_path=None,
+                          environ={**tls, "REDIS_TLS_KEY_FILE": pem})
+        s = load_settings(environ={**tls, "REDIS_TLS_CA_FILE": pem, "REDIS_TLS_CERT_FILE": pem,
+                                   "REDIS_TLS_KEY_FILE": pem}, dotenv_path=None)
+        self.assertEqual((s.redis_tls_ca_file, s.redis_tls_cert_file, s.redis_tls_key_file),
+                         (pem, pem, pem))
 
     def test_workers_need_host_port(self) -> None:
         """

@@ -11,6 +11,7 @@ validation all come from that list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -180,11 +181,41 @@ def _log_format(value: str) -> LogFormat:
     return cast(LogFormat, _choice(value, LOG_FORMATS))
 
 
-def _text(value: str) -> str:
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
+
+
+def _host(value: str) -> str:
+    """
+    An IP address or a host name (empty: every interface).
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if value and not _HOST_NAME.match(value):
+            raise ValueError("must be an IP address or a host name") from None
     return value
 
 
-def _optional_path(value: str) -> str | None:
+def _endpoint(value: str) -> str:
+    """
+    A Twisted server endpoint string, checked by building the endpoint
+    (which reads an ssl: endpoint's key and certificate) without listening.
+    """
+    if value:
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            serverFromString(None, value)
+        except Exception as e:
+            raise ValueError(f"not a usable endpoint: {e}") from None
+    return value
+
+
+def _optional_file(value: str) -> str | None:
+    if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+        raise ValueError("no such readable file")
     return value or None
 
 
@@ -250,12 +281,12 @@ class Settings:
     its lower-case, dashed form), default, parser and help text.
     """
 
-    host: str = setting("HOST", "0.0.0.0", _text, "listen interface")
+    host: str = setting("HOST", "0.0.0.0", _host, "listen interface")
     port: int = setting("PORT", "8080", _port, "listen port")
     listen: str = setting(
         "LISTEN",
         "",
-        _text,
+        _endpoint,
         "Twisted endpoint string (tcp:8080:interface=127.0.0.1, "
         "ssl:8443:privateKey=key.pem:certKey=cert.pem); overrides HOST/PORT",
     )
@@ -270,17 +301,17 @@ class Settings:
     redis_tls_ca_file: str | None = setting(
         "REDIS_TLS_CA_FILE",
         "",
-        _optional_path,
+        _optional_file,
         "PEM file of CA certificates trusted for rediss:// (default: system CAs)",
     )
     redis_tls_cert_file: str | None = setting(
         "REDIS_TLS_CERT_FILE",
         "",
-        _optional_path,
+        _optional_file,
         "PEM client certificate (with its key, or see REDIS_TLS_KEY_FILE) for rediss://",
     )
     redis_tls_key_file: str | None = setting(
-        "REDIS_TLS_KEY_FILE", "", _optional_path, "PEM private key of the client certificate"
+        "REDIS_TLS_KEY_FILE", "", _optional_file, "PEM private key of the client certificate"
     )
     auth_timeout: float = setting(
         "AUTH_TIMEOUT_SECS",
@@ -459,8 +490,9 @@ def load_settings(
             "WORKERS: more than one worker needs HOST/PORT (the workers share a "
             "plain TCP socket); unset LISTEN or terminate TLS in front"
         )
-    if (settings.redis_tls_cert_file or settings.redis_tls_ca_file) and not settings.redis.tls:
-        raise ConfigError(
-            "REDIS_TLS_CA_FILE/REDIS_TLS_CERT_FILE: only valid with a rediss:// REDIS_URL"
-        )
+    tls_files = [s.env for s in SETTINGS if s.parse is _optional_file and values[s.attr]]
+    if tls_files and not settings.redis.tls:
+        raise ConfigError(f"{tls_files[0]}: only valid with a rediss:// REDIS_URL")
+    if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
+        raise ConfigError("REDIS_TLS_KEY_FILE: only valid with REDIS_TLS_CERT_FILE")
     return settings

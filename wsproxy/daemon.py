@@ -270,8 +270,11 @@ class ProxyService(DaemonService):
         if self.port is not None:
             await defer.maybeDeferred(self.port.stopListening)
         await closed
-        for protocol in list(proxy.connections):
-            protocol.dropConnection(abort=True)
+        # each dropped connection logs its close and unsubscribes a reactor
+        # turn later: let that happen before Redis is closed
+        await _all_or_timeout(clock, 1.0, [
+            p.drop("shutdown grace period over") for p in list(proxy.connections)
+        ])
         await proxy.stop()
         self._log.info("shutdown complete")
 

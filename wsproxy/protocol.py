@@ -443,9 +443,40 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         if self._state is _OPEN:
             self._stopped_sending = True
+            # the shutdown's grace period decides how long the client has to
+            # answer (it then drops what is left), not Autobahn's 5 s
+            # closing-handshake timeout
+            self.closeHandshakeTimeout = 0
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         elif self._state is _HANDSHAKE:
             self.dropConnection(abort=True)
+
+    def drop(self, why: str) -> defer.Deferred[None]:
+        """
+        Drop the connection now; fires once it is closed (logged and
+        unsubscribed), which happens on a later reactor turn.
+        """
+        self.wasClean = False
+        self.wasNotCleanReason = why
+        self.dropConnection(abort=True)
+        return self.closed
+
+
+class _NeverEarlyTimer:
+    """
+    Autobahn runs its deadlines (ping interval and timeout, opening and
+    closing handshake) on txaio's batched timer, which rounds each deadline
+    down to a whole second: they fired up to a second early, and a
+    sub-second C{WS_PING_TIMEOUT_SECS} at once, dropping every client at
+    its first ping whether it answered or not. One second more makes each
+    fire between its deadline and a second after it, never before.
+    """
+
+    def __init__(self, timer: Any) -> None:
+        self._timer = timer
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._timer.call_later(delay + 1.0, func, *args, **kwargs)
 
 
 class _PlainSink:
@@ -494,6 +525,7 @@ class ProxyFactory(WebSocketServerFactory):
     def __init__(self, proxy: Proxy) -> None:
         settings = proxy.settings
         super().__init__(server=None)
+        self._batched_timer = _NeverEarlyTimer(self._batched_timer)
         self.proxy = proxy
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json

@@ -1,0 +1,676 @@
+"""
+Every setting of L{wsproxy.config.SETTINGS} through the environment of the
+real daemon (C{python -m wsproxy}), table-driven:
+
+  - L{VALID}: one case per variable. It starts the daemon with that
+    variable set in its environment (against a real redis-server) and
+    observes the effect from outside: where it listens, what a WebSocket
+    or raw HTTP client gets, what lands in Redis, the log, the process
+    table. Each case becomes a test method, C{test_<VARIABLE>}.
+  - L{INVALID}: one invalid value per variable; each is refused at
+    start-up with exactly one line of output naming the variable and exit
+    status 2.
+
+L{CoverageTests} fails when a setting has no case in either table, so a new
+setting cannot be added without them.
+
+Every daemon gets an environment from which all of the suite's own
+settings variables are removed, so that only the case's values count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import redis as redispy
+from twisted.internet import error, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy.config import SETTINGS
+
+from .certs import Authority, CertDir
+from .support import (
+    Daemon,
+    RedisTestCase,
+    connect,
+    free_port,
+    raw_exchange,
+    status_of,
+    up_listener,
+    wait_for,
+)
+from .test_hostile import raw_upgrade, stalled_socket
+from .test_tls import TlsRedisServer
+
+#: how late an effect may show on a busy 2-core machine
+MARGIN = 3.0
+
+ALL_VARIABLES = tuple(s.env for s in SETTINGS)
+
+
+class EnvTestCase(RedisTestCase):
+    timeout = 60
+
+    async def start(self, reach: Optional[tuple[str, int]] = None, **env: str) -> Daemon:
+        """
+        Start the daemon on a free port of 127.0.0.1 with C{env} on top of
+        the defaults below, and wait until C{/health} answers 200 at
+        C{reach} (HOST:PORT by default): listening, Redis connected. (The
+        port is chosen here, not read from the log, which LOG_LEVEL=warn
+        and LOG_FORMAT=json change.)
+        """
+        full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "REDIS_URL": self.redis.url,
+                "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "2"}
+        full.update(env)
+        self.daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
+        self.addCleanup(self.daemon.stop)
+        self.host, self.port = reach or (full["HOST"], int(full["PORT"]))
+        deadline = time.monotonic() + 20
+        while await self.health() != 200:
+            self.assertIsNone(self.daemon.out.status, self.log)
+            self.assertLess(time.monotonic(), deadline, f"not healthy within 20s: {self.log}")
+            await task.deferLater(reactor, 0.05, lambda: None)
+        return self.daemon
+
+    @property
+    def log(self) -> str:
+        return self.daemon.out.output.decode(errors="replace")
+
+    def endpoint(self, host: Optional[str] = None, port: Optional[int] = None) -> Any:
+        return TCP4ClientEndpoint(reactor, host or self.host, port or self.port)
+
+    async def get(self, path: str, host: Optional[str] = None,
+                  port: Optional[int] = None) -> bytes:
+        return await raw_exchange(0, f"GET {path} HTTP/1.0\r\n\r\n".encode(),
+                                  endpoint=self.endpoint(host, port))
+
+    async def health(self) -> Optional[int]:
+        try:
+            return status_of(await self.get("/health"))
+        except (error.ConnectionRefusedError, IndexError, ValueError):
+            return None
+
+    def url(self, session: str = "s1") -> str:
+        return f"ws://{self.host}:{self.port}/a/ws/{session}"
+
+    async def client(self, session: str = "s1", token: str = "tok", **kwargs: Any) -> Any:
+        """
+        An Autobahn client of C{session}, whose token is stored first.
+        """
+        self.r.set(f"session:{session}:auth", token, ex=300)
+        c = await connect(self.url(session), token=token, endpoint=self.endpoint(), **kwargs)
+        self.addCleanup(c.close_and_wait)
+        return c
+
+    async def upgrade(self, headers: Optional[dict[str, str]] = None, session: str = "s1") -> Any:
+        """
+        A raw upgrade with the session's (stored) token; the raw client,
+        once the response head is in.
+        """
+        self.r.set(f"session:{session}:auth", "tok", ex=300)
+        c = await raw_upgrade(self.port, f"/a/ws/{session}",
+                              {"Authorization": "Bearer tok", **(headers or {})})
+        self.addCleanup(c.abort)
+        return c
+
+
+# -- what each variable does, observed from outside ---------------------------
+
+
+async def host(t: EnvTestCase) -> None:
+    """
+    HOST=127.0.0.2: the proxy listens there and not on 127.0.0.1.
+    """
+    await t.start(HOST="127.0.0.2")
+    with t.assertRaises(error.ConnectionRefusedError):
+        await t.get("/health", "127.0.0.1")
+    await wait_for(lambda: f"listening on 127.0.0.2:{t.port} " in t.log)
+
+
+async def port(t: EnvTestCase) -> None:
+    """
+    PORT=N: the proxy answers on port N.
+    """
+    number = free_port()
+    await t.start(PORT=str(number))
+    t.assertEqual(t.port, number)
+    await wait_for(lambda: f"listening on 127.0.0.1:{number} " in t.log)
+
+
+async def listen(t: EnvTestCase) -> None:
+    """
+    LISTEN=tcp:N:interface=127.0.0.1 wins over HOST/PORT: the proxy answers
+    on N, nothing on PORT.
+    """
+    ignored, used = free_port(), free_port()
+    await t.start(PORT=str(ignored), LISTEN=f"tcp:{used}:interface=127.0.0.1",
+                  reach=("127.0.0.1", used))
+    with t.assertRaises(error.ConnectionRefusedError):
+        await t.get("/health", port=ignored)
+
+
+async def redis_url(t: EnvTestCase) -> None:
+    """
+    REDIS_URL=redis://127.0.0.1:N/3: the token is read from database 3
+    (and its TTL reset there), messages flow both ways.
+    """
+    await t.start(REDIS_URL=f"{t.redis.url}/3")
+    await wait_for(lambda: f"(redis {t.redis.url}/3)" in t.log)
+    db3 = redispy.Redis(port=t.redis.port, db=3, socket_timeout=5)
+    t.addCleanup(db3.close)
+    db3.set("session:s1:auth", "tok", ex=60)
+    received = up_listener(t.r, "s1", t)
+    c = await connect(t.url(), token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    t.assertGreater(db3.ttl("session:s1:auth"), 60)
+    t.assertEqual(t.r.keys("session:*"), [])
+    t.r.publish("session:s1:down", "down")
+    c.sendMessage(b"up")
+    await c.wait_messages(1)
+    await wait_for(lambda: received() == [b"up"])
+
+
+async def redis_tls(t: EnvTestCase, client_auth: bool, separate_key: bool) -> None:
+    certs = CertDir()
+    t.addCleanup(certs.cleanup)
+    ca = Authority(certs)
+    cert, key = ca.issue("redis", ["localhost"])
+    env = {}
+    client_cert = None
+    if client_auth:
+        client_cert = ca.issue("client", ["wsproxy"], client=True)
+        if separate_key:
+            env = {"REDIS_TLS_CERT_FILE": client_cert[0], "REDIS_TLS_KEY_FILE": client_cert[1]}
+        else:
+            combined = certs.path("client-combined.pem")
+            with open(combined, "wb") as out:
+                for path in client_cert:
+                    with open(path, "rb") as f:
+                        out.write(f.read())
+            env = {"REDIS_TLS_CERT_FILE": combined}
+    server = TlsRedisServer(ca.ca_file, cert, key, auth_clients="yes" if client_auth else "no",
+                            client_cert=client_cert)
+    t.addCleanup(server.cleanup)
+    r = server.client()
+    t.addCleanup(r.close)
+    await t.start(REDIS_URL=server.url("localhost"), REDIS_TLS_CA_FILE=ca.ca_file, **env)
+    r.set("session:s1:auth", "tok", ex=60)
+    received = up_listener(r, "s1", t)
+    c = await connect(t.url(), token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    r.publish("session:s1:down", "down")
+    c.sendMessage(b"up")
+    await c.wait_messages(1)
+    await wait_for(lambda: received() == [b"up"])
+
+
+async def redis_tls_ca_file(t: EnvTestCase) -> None:
+    """
+    REDIS_TLS_CA_FILE with rediss://localhost: the proxy trusts a TLS-only
+    redis-server whose certificate that private CA issued (healthy,
+    messages both ways). That it refuses without it, or with the wrong CA,
+    is in test_tls.
+    """
+    await redis_tls(t, client_auth=False, separate_key=False)
+
+
+async def redis_tls_cert_file(t: EnvTestCase) -> None:
+    """
+    REDIS_TLS_CERT_FILE (certificate and key in one PEM file): the proxy
+    presents it to a redis-server that demands client certificates.
+    """
+    await redis_tls(t, client_auth=True, separate_key=False)
+
+
+async def redis_tls_key_file(t: EnvTestCase) -> None:
+    """
+    REDIS_TLS_KEY_FILE: the client certificate's key, in a file of its own.
+    """
+    await redis_tls(t, client_auth=True, separate_key=True)
+
+
+async def auth_timeout(t: EnvTestCase) -> None:
+    """
+    AUTH_TIMEOUT_SECS=1: with Redis paused, an upgrade gets 504 after about
+    a second (not the default 5).
+    """
+    await t.start(AUTH_TIMEOUT_SECS="1")
+    t.r.set("session:s1:auth", "tok", ex=60)
+    t.redis.pause()
+    t.addCleanup(t.redis.resume)
+    started = time.monotonic()
+    c = await raw_upgrade(t.port, "/a/ws/s1", {"Authorization": "Bearer tok"}, timeout=15)
+    t.addCleanup(c.abort)
+    elapsed = time.monotonic() - started
+    t.assertEqual(c.status, 504, c.data)
+    t.assertGreaterEqual(elapsed, 0.9)
+    t.assertLess(elapsed, 1 + MARGIN)
+
+
+async def auth_grace_period(t: EnvTestCase) -> None:
+    """
+    AUTH_GRACE_PERIOD_SECS=1234: a successful connect sets the token's TTL
+    to 1234 s.
+    """
+    await t.start(AUTH_GRACE_PERIOD_SECS="1234")
+    await t.client()
+    ttl = t.r.ttl("session:s1:auth")
+    t.assertGreater(ttl, 1200)
+    t.assertLessEqual(ttl, 1234)
+
+
+async def ping_interval(t: EnvTestCase) -> None:
+    """
+    WS_PING_INTERVAL_SECS=1: a client receives a ping about every second
+    (and, answering them, stays connected).
+    """
+    await t.start(WS_PING_INTERVAL_SECS="1")
+    c = await t.client()
+    opened = time.monotonic()
+    pings: list[float] = []
+    answer = c.onPing
+    c.onPing = lambda payload: (pings.append(time.monotonic()), answer(payload))
+    await wait_for(lambda: len(pings) >= 2, timeout=2 * (1 + MARGIN))
+    t.assertGreaterEqual(pings[0] - opened, 0.9)
+    t.assertGreaterEqual(pings[1] - pings[0], 0.9)
+    t.assertLess(pings[1] - opened, 2 * (1 + MARGIN))
+    t.assertEqual(c.state, c.STATE_OPEN)
+
+
+async def ping_timeout(t: EnvTestCase) -> None:
+    """
+    WS_PING_TIMEOUT_SECS=1 (pings every second): a client that does not
+    answer is dropped (1006) within seconds, not after the default 10 s.
+    Timed precisely in test_deadlines.
+    """
+    await t.start(WS_PING_INTERVAL_SECS="1", WS_PING_TIMEOUT_SECS="1")
+    c = await t.client(auto_ping=False)
+    opened = time.monotonic()
+    code, _ = await c.factory.closed
+    t.assertEqual(code, 1006)
+    t.assertLess(time.monotonic() - opened, 4 + MARGIN)
+    await wait_for(lambda: "ping timeout" in t.log)
+
+
+async def shutdown_grace_period(t: EnvTestCase) -> None:
+    """
+    SHUTDOWN_GRACE_PERIOD_SECS=1: on SIGTERM, a client that ignores the
+    close 1001 is dropped after a second; the process exits 0. Timed
+    precisely in test_deadlines.
+    """
+    await t.start(SHUTDOWN_GRACE_PERIOD_SECS="1")
+    c = await t.upgrade()
+    t.assertEqual(c.status, 101)
+    signalled = time.monotonic()
+    t.daemon.signal(signal.SIGTERM)
+    await wait_for(lambda: c.lost_at is not None, timeout=1 + 2 * MARGIN)
+    t.assertGreaterEqual(c.lost_at - signalled, 0.9)
+    t.assertEqual(c.close_code(), (1001, b"server shutting down"))
+    t.assertEqual(await t.daemon.out.ended, 0)
+
+
+async def shutdown_drain(t: EnvTestCase) -> None:
+    """
+    SHUTDOWN_DRAIN_SECS=1: after SIGTERM /ready answers 503 "draining"; the
+    process exits 0 a second later.
+    """
+    await t.start(SHUTDOWN_DRAIN_SECS="1")
+    signalled = time.monotonic()
+    t.daemon.signal(signal.SIGTERM)
+    await wait_for(lambda: "still listening for 1s" in t.log)
+    response = await t.get("/ready")
+    t.assertEqual(status_of(response), 503)
+    t.assertEqual(json.loads(response.partition(b"\r\n\r\n")[2]), {"status": "draining"})
+    t.assertEqual(await t.daemon.out.ended, 0)
+    t.assertGreaterEqual(time.monotonic() - signalled, 0.9)
+
+
+async def max_message_size(t: EnvTestCase) -> None:
+    """
+    MAX_MESSAGE_SIZE_BYTES=100: a 100-byte message is published, a 101-byte
+    one closes the socket with 1009.
+    """
+    await t.start(MAX_MESSAGE_SIZE_BYTES="100")
+    received = up_listener(t.r, "s1", t)
+    c = await t.client()
+    c.sendMessage(b"x" * 100)
+    await wait_for(lambda: received() == [b"x" * 100])
+    c.sendMessage(b"y" * 101)
+    code, _ = await c.factory.closed
+    t.assertEqual(code, 1009)
+
+
+async def max_send_buffer(t: EnvTestCase) -> None:
+    """
+    WS_MAX_SEND_BUFFER_BYTES=50000: a client that stops reading is closed
+    as a slow consumer as soon as more than 50,000 bytes wait for it (one
+    60 kB message), not 1 MiB.
+    """
+    await t.start(WS_MAX_SEND_BUFFER_BYTES="50000")
+    t.r.set("session:slow:auth", "tok", ex=60)
+    stalled = stalled_socket(t.port, "/a/ws/slow", "tok")
+    t.addCleanup(stalled.close)
+    payload = b"\xff" * 60000
+    for _ in range(1000):  # at most 60 MB, far beyond the kernel's buffers
+        t.r.publish("session:slow:down", payload)
+        await task.deferLater(reactor, 0.002, lambda: None)
+        if "slow consumer" in t.log:
+            break
+    match = re.search(r"slow consumer, closing with 1008: session=slow .* unsent=(\d+)B", t.log)
+    t.assertIsNotNone(match, t.log[-2000:])
+    assert match is not None
+    t.assertGreater(int(match.group(1)), 50000)
+    t.assertLess(int(match.group(1)), 50000 + len(payload) + 16)
+
+
+async def handshake_timeout(t: EnvTestCase) -> None:
+    """
+    HANDSHAKE_TIMEOUT_SECS=1: a connection that sends nothing is dropped
+    after a second (not the default 5).
+    """
+    await t.start(HANDSHAKE_TIMEOUT_SECS="1")
+    started = time.monotonic()
+    data = await raw_exchange(t.port, b"", close_after=1 + 2 * MARGIN)
+    elapsed = time.monotonic() - started
+    t.assertEqual(data, b"")
+    t.assertGreaterEqual(elapsed, 0.9)
+    t.assertLess(elapsed, 1 + MARGIN)
+    await wait_for(lambda: "dropped a client that did not send its request in 1s" in t.log)
+
+
+async def max_connections(t: EnvTestCase) -> None:
+    """
+    MAX_CONNECTIONS=1: a second connection gets 503 "Too many connections"
+    while the first is open, and is admitted once it has closed.
+    """
+    await t.start(MAX_CONNECTIONS="1")
+    first = await t.client()
+    second = await t.upgrade()
+    t.assertEqual(second.status, 503, second.data)
+    t.assertIn(b"Too many connections", second.data)
+    await first.close_and_wait()
+    await wait_for(lambda: "closed: session=s1" in t.log)
+    third = await t.upgrade()
+    t.assertEqual(third.status, 101, third.data)
+
+
+async def allowed_origins(t: EnvTestCase) -> None:
+    """
+    ALLOWED_ORIGINS=https://app.example.com: that origin is admitted,
+    another one gets 403 "Origin not allowed".
+    """
+    await t.start(ALLOWED_ORIGINS="https://app.example.com")
+    other = await t.upgrade({"Origin": "https://evil.example.com"})
+    t.assertEqual(other.status, 403, other.data)
+    t.assertIn(b"Origin not allowed", other.data)
+    listed = await t.upgrade({"Origin": "https://app.example.com"})
+    t.assertEqual(listed.status, 101, listed.data)
+
+
+async def require_origin(t: EnvTestCase) -> None:
+    """
+    REQUIRE_ORIGIN=true: an upgrade without Origin gets 403 "Origin
+    required", one with an Origin is admitted.
+    """
+    await t.start(REQUIRE_ORIGIN="true")
+    without = await t.upgrade()
+    t.assertEqual(without.status, 403, without.data)
+    t.assertIn(b"Origin required", without.data)
+    with_origin = await t.upgrade({"Origin": "https://app.example.com"})
+    t.assertEqual(with_origin.status, 101, with_origin.data)
+
+
+async def require_json(t: EnvTestCase) -> None:
+    """
+    REQUIRE_JSON=true: a text message that is not JSON is answered
+    {"error":"Invalid JSON format"} and not published; JSON is.
+    """
+    await t.start(REQUIRE_JSON="true")
+    received = up_listener(t.r, "s1", t)
+    c = await t.client()
+    c.sendMessage(b"not json")
+    await c.wait_messages(1)
+    t.assertEqual(c.messages, [(b'{"error":"Invalid JSON format"}', False)])
+    c.sendMessage(b'{"a":1}')
+    await wait_for(lambda: received() == [b'{"a":1}'])
+
+
+async def compression(t: EnvTestCase) -> None:
+    """
+    WS_COMPRESSION=true: a permessage-deflate offer is accepted in the 101.
+    """
+    await t.start(WS_COMPRESSION="true")
+    c = await t.upgrade({"Sec-WebSocket-Extensions": "permessage-deflate"})
+    t.assertEqual(c.status, 101, c.data)
+    t.assertRegex(c.head.decode(), r"(?i)\r\nSec-WebSocket-Extensions: permessage-deflate")
+
+
+async def frame_mode(t: EnvTestCase) -> None:
+    """
+    FRAME_MODE=tagged: client text and binary messages reach :up with a
+    t/b tag byte; a b-tagged payload reaches the client as a binary frame.
+    """
+    await t.start(FRAME_MODE="tagged")
+    received = up_listener(t.r, "s1", t)
+    c = await t.client()
+    c.sendMessage(b"hello")
+    c.sendMessage(b"\x00\x01", isBinary=True)
+    await wait_for(lambda: len(received()) >= 2)
+    t.assertEqual(received(), [b"thello", b"b\x00\x01"])
+    t.r.publish("session:s1:down", b"b\x02")
+    await c.wait_messages(1)
+    t.assertEqual(c.messages, [(b"\x02", True)])
+
+
+async def workers(t: EnvTestCase) -> None:
+    """
+    WORKERS=2: two worker processes (python -m wsproxy) under the parent,
+    which on SIGTERM stops them both and exits 0.
+    """
+    daemon = await t.start(WORKERS="2")
+    pid = daemon.process.pid
+
+    def children() -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+
+    await wait_for(lambda: len(children()) == 2, timeout=20)
+    workers = children()
+    # a parent killed by the cleanup would leave its workers running (and
+    # holding the output pipe open): kill them first
+    t.addCleanup(_kill, workers)
+    for child in workers:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            t.assertIn(b"\0-m\0wsproxy", f.read())
+    await wait_for(lambda: "2 workers listening on" in t.log)
+    daemon.signal(signal.SIGTERM)
+    t.assertEqual(await daemon.out.ended, 0)
+    t.assertFalse([w for w in workers if os.path.exists(f"/proc/{w}")])
+
+
+def _kill(pids: list[int]) -> None:
+    """
+    SIGKILL those of C{pids} that are still wsproxy processes.
+    """
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"wsproxy" in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+async def log_level(t: EnvTestCase) -> None:
+    """
+    LOG_LEVEL=warn: connections opening and closing (info) print nothing;
+    Redis going away (a warning) does.
+    """
+    await t.start(LOG_LEVEL="warn")
+    c = await t.client()
+    await c.close_and_wait()
+    t.redis.stop()
+    await wait_for(lambda: "connection lost" in t.log)
+    t.assertNotIn("#info]", t.log)
+    t.assertNotIn("opened:", t.log)
+
+
+async def log_format(t: EnvTestCase) -> None:
+    """
+    LOG_FORMAT=json: every line is a JSON object; a connection's lines
+    carry its session id.
+    """
+    await t.start(LOG_FORMAT="json")
+    c = await t.client()
+    await c.close_and_wait()
+    await wait_for(lambda: "closed: session=s1" in t.log)
+    records = [json.loads(line) for line in t.log.splitlines() if line.strip()]
+    opened = [r for r in records if r["message"].startswith("opened:")]
+    t.assertEqual([(r["session_id"], r["level"]) for r in opened], [("s1", "info")])
+
+
+@dataclass(frozen=True)
+class Case:
+    variable: str
+    check: Callable[[EnvTestCase], Awaitable[None]]
+
+
+VALID = [
+    Case("HOST", host),
+    Case("PORT", port),
+    Case("LISTEN", listen),
+    Case("REDIS_URL", redis_url),
+    Case("REDIS_TLS_CA_FILE", redis_tls_ca_file),
+    Case("REDIS_TLS_CERT_FILE", redis_tls_cert_file),
+    Case("REDIS_TLS_KEY_FILE", redis_tls_key_file),
+    Case("AUTH_TIMEOUT_SECS", auth_timeout),
+    Case("AUTH_GRACE_PERIOD_SECS", auth_grace_period),
+    Case("WS_PING_INTERVAL_SECS", ping_interval),
+    Case("WS_PING_TIMEOUT_SECS", ping_timeout),
+    Case("SHUTDOWN_GRACE_PERIOD_SECS", shutdown_grace_period),
+    Case("SHUTDOWN_DRAIN_SECS", shutdown_drain),
+    Case("MAX_MESSAGE_SIZE_BYTES", max_message_size),
+    Case("WS_MAX_SEND_BUFFER_BYTES", max_send_buffer),
+    Case("HANDSHAKE_TIMEOUT_SECS", handshake_timeout),
+    Case("MAX_CONNECTIONS", max_connections),
+    Case("ALLOWED_ORIGINS", allowed_origins),
+    Case("REQUIRE_ORIGIN", require_origin),
+    Case("REQUIRE_JSON", require_json),
+    Case("WS_COMPRESSION", compression),
+    Case("FRAME_MODE", frame_mode),
+    Case("WORKERS", workers),
+    Case("LOG_LEVEL", log_level),
+    Case("LOG_FORMAT", log_format),
+]
+
+
+class SettingTests(EnvTestCase):
+    """
+    One test per L{VALID} case, C{test_<VARIABLE>} (added below).
+    """
+
+
+def _add_test(case: Case) -> None:
+    async def test(self: SettingTests) -> None:
+        await case.check(self)
+
+    test.__name__ = f"test_{case.variable}"
+    test.__doc__ = case.check.__doc__
+    setattr(SettingTests, test.__name__, test)
+
+
+for _case in VALID:
+    _add_test(_case)
+
+
+# -- invalid values ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invalid:
+    variable: str
+    value: str
+    #: other variables the value needs to be judged on its own
+    context: dict[str, str] = field(default_factory=dict)
+
+
+REDISS = {"REDIS_URL": "rediss://127.0.0.1:6380"}
+
+INVALID = [
+    Invalid("HOST", "127.0.0.1:8080"),
+    Invalid("PORT", "http"),
+    Invalid("LISTEN", "tcp:http"),
+    Invalid("REDIS_URL", "http://127.0.0.1:6379"),
+    Invalid("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem", REDISS),
+    Invalid("REDIS_TLS_CERT_FILE", "/nonexistent/client.pem", REDISS),
+    Invalid("REDIS_TLS_KEY_FILE", "/nonexistent/client.key", REDISS),
+    Invalid("AUTH_TIMEOUT_SECS", "0"),
+    Invalid("AUTH_GRACE_PERIOD_SECS", "1.5"),
+    Invalid("WS_PING_INTERVAL_SECS", "-1"),
+    Invalid("WS_PING_TIMEOUT_SECS", "0"),
+    Invalid("SHUTDOWN_GRACE_PERIOD_SECS", "soon"),
+    Invalid("SHUTDOWN_DRAIN_SECS", "-5"),
+    Invalid("MAX_MESSAGE_SIZE_BYTES", "0"),
+    Invalid("WS_MAX_SEND_BUFFER_BYTES", "1MB"),
+    Invalid("HANDSHAKE_TIMEOUT_SECS", "inf"),
+    Invalid("MAX_CONNECTIONS", "-1"),
+    Invalid("ALLOWED_ORIGINS", "app.example.com"),
+    Invalid("REQUIRE_ORIGIN", "maybe"),
+    Invalid("REQUIRE_JSON", "2"),
+    Invalid("WS_COMPRESSION", "gzip"),
+    Invalid("FRAME_MODE", "binary"),
+    Invalid("WORKERS", "0"),
+    Invalid("LOG_LEVEL", "chatty"),
+    Invalid("LOG_FORMAT", "xml"),
+]
+
+
+class InvalidValueTests(RedisTestCase):
+    timeout = 60
+
+    async def test_each_invalid_value_refused(self) -> None:
+        """
+        Each value of L{INVALID}, in the environment of its own daemon, stops
+        start-up with exactly one line of output, naming the variable, and
+        exit status 2. (The daemons run side by side; the failure lists
+        every variable that was not refused so.)
+        """
+        daemons = []
+        for case in INVALID:
+            env = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
+                   **case.context, case.variable: case.value}
+            daemon = Daemon([sys.executable, "-m", "wsproxy"], env, unset=ALL_VARIABLES)
+            self.addCleanup(daemon.stop)
+            daemons.append((case, daemon))
+        try:
+            await wait_for(lambda: all(d.out.status is not None for _, d in daemons), timeout=40)
+        except AssertionError:
+            pass  # those still running are listed below
+        problems = []
+        for case, daemon in daemons:
+            lines = daemon.out.output.decode(errors="replace").splitlines()
+            prefix = f"wsproxy: configuration error: {case.variable}"
+            if daemon.out.status != 2 or len(lines) != 1 or not lines[0].startswith(prefix):
+                problems.append(f"{case.variable}={case.value!r}: exit {daemon.out.status}, "
+                                f"output {lines[:5]!r}")
+        self.assertEqual(problems, [])
+
+
+class CoverageTests(SynchronousTestCase):
+    def test_every_setting_has_a_case(self) -> None:
+        """
+        Both tables have exactly one case for every setting: a setting
+        added to wsproxy.config without them fails here.
+        """
+        valid = [case.variable for case in VALID]
+        invalid = [case.variable for case in INVALID]
+        self.assertEqual(sorted(valid), sorted(ALL_VARIABLES))
+        self.assertEqual(sorted(invalid), sorted(ALL_VARIABLES))

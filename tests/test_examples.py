@@ -1,0 +1,181 @@
+"""
+The scripts in examples/,
+run as a backend developer would run them: each with --help, and the README's
+session by hand walked through with real processes: a redis-server, the
+daemon, and the scripts, driven through their stdin and read from their
+stdout and stderr. The scripts get the Redis address from C{REDIS_URL},
+as they would from the developer's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Optional
+
+from twisted.internet import defer, protocol, reactor
+
+from .support import ROOT, Daemon, RedisTestCase, wait_for
+
+EXAMPLES = os.path.join(ROOT, "examples")
+SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
+           "echo_backend.py"]
+
+
+class Script(protocol.ProcessProtocol):
+    """
+    One example script as a child process: its stdout and stderr, apart,
+    and its stdin to write to.
+    """
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.status: Optional[int] = None
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.status = reason.value.exitCode
+        self.ended.callback(self.status)
+
+    def type(self, line: str) -> None:
+        self.transport.write(line.encode() + b"\n")
+
+    def end_input(self) -> None:
+        self.transport.closeStdin()
+
+    async def stop(self) -> None:
+        if self.status is None:
+            self.transport.signalProcess("KILL")
+            await self.ended
+
+
+class ExampleTestCase(RedisTestCase):
+    timeout = 60
+
+    def script(self, name: str, *args: str) -> Script:
+        """
+        Start examples/C{name} with C{args}, with REDIS_URL pointing at this
+        test's redis-server.
+        """
+        env = dict(os.environ, REDIS_URL=self.redis.url, PYTHONUNBUFFERED="1")
+        script = Script()
+        reactor.spawnProcess(script, sys.executable,
+                             [sys.executable, os.path.join(EXAMPLES, name), *args], env=env)
+        self.addCleanup(script.stop)
+        return script
+
+    async def finished(self, name: str, *args: str) -> Script:
+        """
+        Run examples/C{name} to its end.
+        """
+        script = self.script(name, *args)
+        await wait_for(lambda: script.status is not None, timeout=20)
+        return script
+
+    async def proxy(self) -> tuple[Daemon, int]:
+        daemon = Daemon([sys.executable, "-m", "wsproxy"], {
+            "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
+            "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5"})
+        self.addCleanup(daemon.stop)
+        return daemon, await daemon.ready()
+
+
+class HelpTests(ExampleTestCase):
+    async def test_every_script_has_help(self) -> None:
+        """
+        Each script answers --help with exit status 0, a usage line and its
+        docstring's example command lines kept as written.
+        """
+        self.assertEqual(
+            sorted(SCRIPTS),
+            sorted(f for f in os.listdir(EXAMPLES)
+                   if f.endswith(".py") and not f.startswith("_")),
+        )
+        for name in SCRIPTS:
+            script = await self.finished(name, "--help")
+            self.assertEqual(script.status, 0, (name, script.err))
+            text = script.out.decode()
+            self.assertTrue(text.startswith(f"usage: {name} "), text)
+            self.assertIn(f"\n    python examples/{name} ", text)
+
+
+class SessionTests(ExampleTestCase):
+    async def test_readme_session(self) -> None:
+        """
+        The README's session by hand: auth_token_setter authorizes "demo"
+        with token s3cret; redis_subscriber listens to what the client
+        sends; ws_client connects with the token; a message from
+        redis_publisher is printed by the client, a line typed into the
+        client is printed by the subscriber; Ctrl-D closes the client
+        (1000). A wrong token is refused with the HTTP status.
+        """
+        daemon, port = await self.proxy()
+        url = f"ws://127.0.0.1:{port}/app/ws/demo"
+
+        setter = await self.finished("auth_token_setter.py", "demo", "--token", "s3cret")
+        self.assertEqual((setter.status, setter.out), (0, b"s3cret\n"))
+        self.assertEqual(self.r.get("session:demo:auth"), b"s3cret")
+        self.assertGreater(self.r.ttl("session:demo:auth"), 250)
+
+        subscriber = self.script("redis_subscriber.py", "demo")
+        await wait_for(lambda: b"listening on session:demo:up\n" in subscriber.out)
+
+        client = self.script("ws_client.py", url, "s3cret")
+        await wait_for(lambda: b"connected" in client.err or client.status is not None)
+        self.assertIsNone(client.status, client.err)
+
+        publisher = await self.finished("redis_publisher.py", "demo", '{"hello":"client"}')
+        self.assertEqual((publisher.status, publisher.out), (0, b"1\n"))
+        await wait_for(lambda: b'< {"hello":"client"}\n' in client.out)
+        publisher = await self.finished("redis_publisher.py", "demo", "--hex", "00ff10")
+        await wait_for(lambda: b"< b'\\x00\\xff\\x10'\n" in client.out)
+
+        client.type("hello")
+        await wait_for(lambda: b"session:demo:up: hello\n" in subscriber.out)
+
+        client.end_input()
+        self.assertEqual(await client.ended, 0)
+        self.assertIn(b"closed: code=1000", client.err)
+        await wait_for(lambda: b"closed: session=demo" in daemon.out.output)
+
+        wrong = await self.finished("ws_client.py", url, "wrong")
+        self.assertEqual(wrong.status, 1)
+        self.assertIn(b"refused: HTTP 403 Invalid or expired token", wrong.err)
+
+    async def test_echo_backend(self) -> None:
+        """
+        With echo_backend running, what the client types comes straight
+        back to it.
+        """
+        _, port = await self.proxy()
+        await self.finished("auth_token_setter.py", "demo", "--token", "s3cret")
+        backend = self.script("echo_backend.py")
+        await wait_for(lambda: b"echo backend ready\n" in backend.out)
+        client = self.script("ws_client.py", f"ws://127.0.0.1:{port}/app/ws/demo", "s3cret",
+                             "--token-in", "subprotocol")
+        await wait_for(lambda: b"connected" in client.err or client.status is not None)
+        client.type("ping-echo")
+        await wait_for(lambda: b"< ping-echo\n" in client.out)
+
+    async def test_client_exits_when_server_closes(self) -> None:
+        """
+        When the proxy shuts down, ws_client prints the close (1001) and
+        exits by itself, without waiting for another line of input.
+        """
+        daemon, port = await self.proxy()
+        await self.finished("auth_token_setter.py", "demo", "--token", "s3cret")
+        client = self.script("ws_client.py", f"ws://127.0.0.1:{port}/app/ws/demo", "s3cret",
+                             "--token-in", "query")
+        await wait_for(lambda: b"connected" in client.err or client.status is not None)
+        daemon.signal(signal.SIGTERM)
+        await wait_for(lambda: client.status is not None, timeout=15)
+        self.assertEqual(client.status, 0)
+        self.assertIn(b"closed: code=1001 reason='server shutting down'", client.err)
