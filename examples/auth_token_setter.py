@@ -8,11 +8,10 @@ Prints the token. The client must connect within --ttl seconds; after a
 successful connect wsproxy extends the key to AUTH_GRACE_PERIOD_SECS.
 """
 
-import secrets
-
 import redis
 
 from _common import parser
+from wsproxy.backend import Backend
 
 
 def main() -> None:
@@ -21,9 +20,8 @@ def main() -> None:
     p.add_argument("--token", default=None, help="token (default: a random one)")
     p.add_argument("--ttl", type=int, default=300, help="seconds the token is valid (300)")
     args = p.parse_args()
-    token = args.token or secrets.token_urlsafe(24)
-    redis.Redis.from_url(args.redis_url).set(f"session:{args.session_id}:auth", token, ex=args.ttl)
-    print(token)
+    backend = Backend(redis.Redis.from_url(args.redis_url))
+    print(backend.authorize(args.session_id, args.token, args.ttl))
 
 
 if __name__ == "__main__":

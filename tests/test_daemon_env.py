@@ -537,6 +537,60 @@ async def log_format(t: EnvTestCase) -> None:
     t.assertEqual([(r["session_id"], r["level"]) for r in opened], [("s1", "info")])
 
 
+def fcall_publish(t: EnvTestCase, message: str, session: str = "s1") -> bytes:
+    reply: bytes = t.r.fcall(
+        "wsproxy_publish", 2, f"session:{session}:history", f"session:{session}:meta", message
+    )
+    return reply
+
+
+async def functions_loaded(t: EnvTestCase) -> None:
+    await wait_for(lambda: "wsproxy" in str(t.r.function_list()))
+
+
+async def resume(t: EnvTestCase) -> None:
+    """
+    RESUME=true: the wsproxy functions are loaded into Redis, and a client
+    asking ?resume= gets a resumable session (its first frame is the
+    recovery control frame); without it that request is 400.
+    """
+    await t.start(RESUME="true")
+    await functions_loaded(t)
+    t.r.set("session:s1:auth", "tok", ex=300)
+    c = await connect(t.url() + "?resume=", token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    await c.wait_messages(1)
+    t.assertTrue(c.messages[0][0].startswith(b'!{"type":"recovery","recovered":true'))
+    position = fcall_publish(t, "hello")
+    await c.wait_messages(2)
+    t.assertEqual(c.messages[1], (position + b"\n" + b"hello", False))
+
+
+async def history_max_length(t: EnvTestCase) -> None:
+    """
+    HISTORY_MAX_LENGTH=10: the history is trimmed near 10 entries (whole
+    stream nodes of 100 at a time), not kept to the default 1000.
+    """
+    await t.start(RESUME="true", HISTORY_MAX_LENGTH="10")
+    await functions_loaded(t)
+    for i in range(600):
+        fcall_publish(t, f"m{i}")
+    t.assertLess(t.r.xlen("session:s1:history"), 300)
+
+
+async def history_max_age(t: EnvTestCase) -> None:
+    """
+    HISTORY_MAX_AGE_SECS=7: a session's history expires 7 s after its
+    last message (the default is 300 s).
+    """
+    await t.start(RESUME="true", HISTORY_MAX_AGE_SECS="7")
+    await functions_loaded(t)
+    fcall_publish(t, "m")
+    ttl = t.r.pttl("session:s1:history")
+    t.assertGreater(ttl, 0)
+    t.assertLessEqual(ttl, 7000)
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -565,6 +619,9 @@ VALID = [
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
     Case("WS_COMPRESSION", compression),
+    Case("RESUME", resume),
+    Case("HISTORY_MAX_LENGTH", history_max_length),
+    Case("HISTORY_MAX_AGE_SECS", history_max_age),
     Case("FRAME_MODE", frame_mode),
     Case("WORKERS", workers),
     Case("LOG_LEVEL", log_level),
@@ -626,6 +683,9 @@ INVALID = [
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),
     Invalid("WS_COMPRESSION", "gzip"),
+    Invalid("RESUME", "perhaps"),
+    Invalid("HISTORY_MAX_LENGTH", "0"),
+    Invalid("HISTORY_MAX_AGE_SECS", "-1"),
     Invalid("FRAME_MODE", "binary"),
     Invalid("WORKERS", "0"),
     Invalid("LOG_LEVEL", "chatty"),

@@ -55,7 +55,7 @@ class ProcessTests(RedisTestCase):
         process exits with status 0.
         """
         daemon = self.start()
-        port = await daemon.port()
+        port = await daemon.ready()
         client = self.r
         client.set("session:s1:auth", "tok", ex=60)
         clients = [
@@ -75,7 +75,7 @@ class ProcessTests(RedisTestCase):
         closed and the process exits 0.
         """
         daemon = self.start(SHUTDOWN_DRAIN_SECS="3")
-        port = await daemon.port()
+        port = await daemon.ready()
         self.r.set("session:s1:auth", "tok", ex=60)
         client = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
         signalled = time.monotonic()
@@ -144,7 +144,7 @@ class ProcessTests(RedisTestCase):
         self.assertEqual(await daemon.out.ended, 2)
         lines = daemon.out.output.decode().strip().splitlines()
         self.assertEqual(len(lines), 1, lines)
-        self.assertIn("configuration error: LISTEN: cannot use 'carrier-pigeon:8080'", lines[0])
+        self.assertIn("configuration error: LISTEN: invalid value 'carrier-pigeon:8080'", lines[0])
 
     async def test_port_in_use(self) -> None:
         """
@@ -201,7 +201,7 @@ class ProcessTests(RedisTestCase):
         log are off).
         """
         daemon = self.start(LOG_LEVEL="debug")
-        port = await daemon.port()
+        port = await daemon.ready()
         self.r.set("session:s1:auth", "SECRET-good-123", ex=60)
         for headers, path in [
             ({"Authorization": "Bearer SECRET-bad-456"}, "/a/ws/s1"),
@@ -228,7 +228,7 @@ class ProcessTests(RedisTestCase):
         fields (session id, close code).
         """
         daemon = self.start(LOG_FORMAT="json")
-        port = await daemon.port()
+        port = await daemon.ready()
         self.r.set("session:s1:auth", "tok", ex=60)
         c = await connect(f"ws://127.0.0.1:{port}/a/ws/s1", token="tok")
         await c.close_and_wait()

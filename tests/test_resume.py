@@ -441,3 +441,27 @@ class BackendHelperTests(ResumeTestCase):
         self.assertEqual(self.r.exists("session:s1:auth"), 0)
         with self.assertRaises(ValueError):
             backend.publish("bad:id", "x")
+
+    async def test_example_publisher_recoverable(self) -> None:
+        """
+        examples/redis_publisher.py --recoverable publishes through the
+        function and prints the position the client then receives.
+        """
+        import subprocess
+        import sys
+
+        from .support import ROOT
+
+        proxy = self.start_proxy()
+        await self.ready(proxy)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        c = await self.client(proxy, "s1")
+        got = Received(c)
+        await wait_for(lambda: got.controls())
+        done = subprocess.run(
+            [sys.executable, "examples/redis_publisher.py", "s1", "via example",
+             "--recoverable", "--kind", "text", "--redis-url", self.redis.url],
+            cwd=ROOT, capture_output=True, timeout=30, check=True,
+        )
+        await wait_for(lambda: got.data())
+        self.assertEqual(got.data(), [(done.stdout.decode().strip(), b"via example", False)])
