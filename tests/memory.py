@@ -135,9 +135,15 @@ class FakeRedis:
 
     def sent(self, *names: str) -> list[tuple[Any, ...]]:
         """
-        The arguments of every command received with one of these names.
+        The arguments of every command received with one of these names
+        (but the process's own channels, C{wsproxy:*}: control, canary).
         """
-        return [c.args for c in self.log if c.name in names]
+        return [
+            c.args for c in self.log
+            if c.name in names and not str(c.args[1] if len(c.args) > 1 else "").startswith(
+                "wsproxy:"
+            )
+        ]
 
     def publish(self, channel: str, payload: bytes) -> int:
         """

@@ -20,13 +20,19 @@ already have); wsproxy itself does not.
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, Iterator, Literal, Optional, Union
 
 from .names import (
+    ALL_EVENTS_CHANNEL,
+    CONTROL_CHANNEL,
+    EVENTS_STREAM,
     auth_key,
     down_channel,
+    events_channel,
     history_key,
+    instance_key,
     meta_key,
     up_channel,
     valid_session_id,
@@ -121,3 +127,115 @@ class Backend:
                     yield channels[channel], message["data"]
         finally:
             pubsub.close()
+
+    # -- session control -----------------------------------------------------
+
+    def close(
+        self, session_id: str, code: int = 1000, reason: str = "", revoke: bool = False
+    ) -> int:
+        """
+        Close every socket of the session on every wsproxy instance:
+        C{PUBLISH wsproxy:control {"close": id, "code": c, "reason": r}}.
+        With C{revoke}, the token is deleted in the same transaction
+        (C{MULTI; DEL session:{id}:auth; PUBLISH ...; EXEC}), so the client
+        cannot reconnect with it.
+
+        @param code: 1000, 1001, 1008 or 4000-4999 (the application's own).
+        @param reason: at most 123 bytes of UTF-8.
+        @return: how many wsproxy processes received the request.
+        """
+        session_id = self._checked(session_id)
+        if not (code in (1000, 1001, 1008) or 4000 <= code <= 4999):
+            raise ValueError("close code must be 1000, 1001, 1008 or 4000-4999")
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("close reason must be at most 123 bytes of UTF-8")
+        order = json.dumps({"close": session_id, "code": code, "reason": reason})
+        if not revoke:
+            return int(self.redis.publish(CONTROL_CHANNEL, order))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(auth_key(session_id))
+        pipe.publish(CONTROL_CHANNEL, order)
+        return int(pipe.execute()[1])
+
+    def is_connected(self, session_id: str) -> bool:
+        """
+        Whether some wsproxy process holds an open socket of the session
+        (it is then subscribed to its :down channel, or :live for resuming
+        clients): C{PUBSUB NUMSUB}.
+        """
+        session_id = self._checked(session_id)
+        counts = self.redis.pubsub_numsub(
+            down_channel(session_id), f"session:{session_id}:live"
+        )
+        return any(int(n) > 0 for _, n in counts)
+
+    def instance_alive(self, instance: str) -> bool:
+        """
+        Whether the proxy process named in events still runs (its
+        heartbeat key is renewed every 5 s with a 15 s TTL; a killed
+        process sends no close events, so its sockets must be taken as
+        gone once this is false).
+        """
+        return bool(self.redis.exists(instance_key(instance)))
+
+    def listen_events(
+        self, *session_ids: str, timeout: float = 1.0
+    ) -> Iterator[dict[str, Any]]:
+        """
+        Lifecycle events from Pub/Sub: of the given sessions
+        (C{EVENTS=session}), or of every session (C{EVENTS=all}) when none
+        is given. Events published while nothing listens are lost: use
+        L{read_events} for at-least-once.
+        """
+        channels = (
+            [events_channel(self._checked(s)) for s in session_ids]
+            if session_ids else [ALL_EVENTS_CHANNEL]
+        )
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(*channels)
+        try:
+            while True:
+                message = pubsub.get_message(timeout=timeout)
+                if message is not None and message.get("type") == "message":
+                    yield json.loads(message["data"])
+        finally:
+            pubsub.close()
+
+    def read_events(
+        self, group: str, consumer: str, count: int = 100, block_ms: int = 1000
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """
+        At-least-once lifecycle events from C{wsproxy:events:stream}
+        (C{EVENTS=stream}) with a consumer group (created at the start of
+        the stream if missing): first this consumer's pending entries (read
+        but not acknowledged before a restart), then new ones. Acknowledge
+        each with L{ack_events} once handled.
+
+        @return: (entry id, event) pairs.
+        """
+        try:
+            self.redis.xgroup_create(EVENTS_STREAM, group, id="0", mkstream=True)
+        except Exception as e:  # BUSYGROUP: it exists
+            if "BUSYGROUP" not in str(e):
+                raise
+        pending = self.redis.xreadgroup(group, consumer, {EVENTS_STREAM: "0"}, count=count)
+        entries = pending[0][1] if pending else []
+        if not entries:
+            fresh = self.redis.xreadgroup(
+                group, consumer, {EVENTS_STREAM: ">"}, count=count, block=block_ms
+            )
+            entries = fresh[0][1] if fresh else []
+        out = []
+        for entry_id, fields in entries:
+            raw = fields.get(b"event", fields.get("event"))
+            if raw is None:
+                continue
+            out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                        json.loads(raw)))
+        return out
+
+    def ack_events(self, group: str, *entry_ids: str) -> int:
+        """
+        C{XACK wsproxy:events:stream <group> <id> ...}.
+        """
+        return int(self.redis.xack(EVENTS_STREAM, group, *entry_ids))

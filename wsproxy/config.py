@@ -22,6 +22,7 @@ from dotenv import dotenv_values
 
 from .frames import FRAME_MODES, FrameMode
 
+EventTarget = Literal["session", "all", "stream"]
 LogLevelName = Literal["debug", "info", "warn", "error"]
 LogFormat = Literal["text", "json"]
 LOG_LEVELS: tuple[LogLevelName, ...] = get_args(LogLevelName)
@@ -167,6 +168,21 @@ def _choice(value: str, choices: tuple[str, ...]) -> str:
     if lowered not in choices:
         raise ValueError("must be one of " + ", ".join(choices))
     return lowered
+
+
+def _event_targets(value: str) -> tuple[EventTarget, ...]:
+    """
+    C{EVENTS}: a comma list of C{session}, C{all}, C{stream} (empty: off).
+    """
+    items = [item.strip().lower() for item in value.split(",") if item.strip()]
+    targets: list[EventTarget] = []
+    for item in items:
+        if item not in ("session", "all", "stream"):
+            raise ValueError("each item must be session, all or stream")
+        target = cast(EventTarget, item)
+        if target not in targets:
+            targets.append(target)
+    return tuple(targets)
 
 
 def _frame_mode(value: str) -> FrameMode:
@@ -411,6 +427,20 @@ class Settings:
         _positive_float,
         "how long recoverable messages are kept; an idle session's history "
         "expires this long after its last message",
+    )
+    events: tuple[EventTarget, ...] = setting(
+        "EVENTS",
+        "",
+        _event_targets,
+        "lifecycle events (open/close of each socket), a comma list of: session "
+        "(session:<id>:events), all (wsproxy:events), stream (wsproxy:events:stream); "
+        "empty: off",
+    )
+    events_stream_max_length: int = setting(
+        "EVENTS_STREAM_MAX_LENGTH",
+        "100000",
+        _positive_int,
+        "events kept in wsproxy:events:stream (approximately; oldest trimmed first)",
     )
     frame_mode: FrameMode = setting(
         "FRAME_MODE",

@@ -42,6 +42,10 @@ class Stats:
         self.resume_incomplete = 0
         self.resume_replayed = 0
         self.resume_gaps_filled = 0
+        self.events_published = 0
+        self.events_dropped = 0
+        self.server_closes = 0
+        self.control_ignored = 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
         self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
@@ -200,6 +204,14 @@ class _Collector:
              s.resume_replayed),
             ("wsproxy_resume_gaps_filled", "Live gaps filled from history (e.g. after the "
              "subscriber was rebuilt)", s.resume_gaps_filled),
+            ("wsproxy_events_published", "Lifecycle events published (one per destination)",
+             s.events_published),
+            ("wsproxy_events_dropped", "Lifecycle events that could not be published "
+             "(Redis unavailable or refusing)", s.events_dropped),
+            ("wsproxy_server_closes", "Sockets closed on a backend's request (wsproxy:control)",
+             s.server_closes),
+            ("wsproxy_control_ignored", "Malformed messages on wsproxy:control, ignored",
+             s.control_ignored),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         failures = CounterMetricFamily(

@@ -66,3 +66,26 @@ def live_channel(session_id: str) -> str:
     Where recoverable messages are published live, with their positions.
     """
     return f"session:{session_id}:live"
+
+
+def events_channel(session_id: str) -> str:
+    """
+    Where a session's lifecycle events are published (EVENTS=session).
+    """
+    return f"session:{session_id}:events"
+
+
+#: every session's lifecycle events (EVENTS=all), and the stream (EVENTS=stream)
+ALL_EVENTS_CHANNEL = "wsproxy:events"
+EVENTS_STREAM = "wsproxy:events:stream"
+
+#: the one channel every proxy process listens on for server-side closes
+CONTROL_CHANNEL = "wsproxy:control"
+
+
+def instance_key(instance: str) -> str:
+    """
+    An instance's heartbeat: present (with a short TTL, renewed) while the
+    proxy process named in events is alive.
+    """
+    return f"wsproxy:instance:{instance}"

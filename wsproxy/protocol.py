@@ -15,7 +15,8 @@ the client left), this protocol from then on (released in L{_finish}).
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, cast
+import time
+from typing import Any, Literal, Optional, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -32,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames
+from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
 from .pubsub import Listener
@@ -72,6 +74,10 @@ class ProxyProtocol(WebSocketServerProtocol):
     _autobahn_log = WebSocketServerProtocol.log
 
     session_id: Optional[str] = None
+    #: who ended the connection, when the proxy knows better than "client"
+    _closed_by: Optional[ClosedBy] = None
+    _opened_at = 0.0
+    _connection_id = ""
     agent_id: Optional[str] = None
 
     def __init__(self) -> None:
@@ -207,6 +213,12 @@ class ProxyProtocol(WebSocketServerProtocol):
         proxy = self._proxy
         proxy.stats.open_connections += 1
         proxy.stats.outcomes["accepted"] += 1
+        assert self.session_id is not None
+        proxy.opened(self.session_id, self)
+        if proxy.events.enabled:
+            self._opened_at = time.time()
+            self._connection_id = proxy.next_connection_id()
+            proxy.events.publish(self.session_id, self._event("open"))
         # Under twisted.web the HTTP channel is still the transport's
         # producer; ours decides about slow consumers from here on.
         transport: Any = self.transport
@@ -227,9 +239,21 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._resumer.start(self._recovery)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._finish(code)
+        self._finish(code, reason)
 
-    def _finish(self, code: Optional[int]) -> None:
+    def onAutoPingTimeout(self) -> None:
+        self._closed_by = "timeout"
+        super().onAutoPingTimeout()
+
+    def _event(self, kind: Literal["open", "close"], **close: Any) -> dict[str, Any]:
+        assert self.session_id is not None
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return connection_event(
+            kind, self.session_id, self.agent_id, self._connection_id,
+            self._proxy.instance, getattr(peer, "host", None), self._opened_at, **close,
+        )
+
+    def _finish(self, code: Optional[int], reason: Optional[str] = None) -> None:
         if self._state is _CLOSED:
             return
         was_open = self._state is _OPEN
@@ -247,6 +271,25 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._early = []
         if was_open:
             proxy.stats.open_connections -= 1
+            assert self.session_id is not None
+            proxy.closed(self.session_id, self)
+            if proxy.events.enabled:
+                closed_by = self._closed_by or (
+                    "protocol_error" if self.failedByMe else "client"
+                )
+                if self.closedByMe and self.localCloseCode is not None:
+                    # the proxy's own close frame (the client may echo 1000)
+                    code = self.localCloseCode
+                    reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+                proxy.events.publish(self.session_id, self._event(
+                    "close",
+                    code=self.remoteCloseCode if code is None else code,
+                    reason=reason or self.remoteCloseReason or "",
+                    closed_by=closed_by,
+                    duration=round(time.time() - self._opened_at, 6),
+                    messages_in=self.messages_in, bytes_in=self.bytes_in,
+                    messages_out=self.messages_out, bytes_out=self.bytes_out,
+                ))
             self._log.info(
                 "closed: session={session_id} agent={agent_id} peer={peer} "
                 "code={code} in={messages_in}/{bytes_in}B out={messages_out}/{bytes_out}B",
@@ -289,6 +332,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         if self._state is not _OPEN or self._stopped_sending:
             return
         self._stopped_sending = True
+        self._closed_by = "error"
         self._proxy.stats.publish_failures += 1
         self._log.error(
             "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
@@ -400,6 +444,7 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def _slow_consumer(self) -> None:
         self._stopped_sending = True
+        self._closed_by = "slow_consumer"
         self._proxy.stats.slow_consumer_closes += 1
         self._log.warn(
             "slow consumer, closing with 1008: session={session_id} peer={peer} "
@@ -443,6 +488,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         if self._state is _OPEN:
             self._stopped_sending = True
+            self._closed_by = "shutdown"
             # the shutdown's grace period decides how long the client has to
             # answer (it then drops what is left), not Autobahn's 5 s
             # closing-handshake timeout
@@ -450,6 +496,17 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         elif self._state is _HANDSHAKE:
             self.dropConnection(abort=True)
+
+    def server_close(self, code: int, reason: str) -> None:
+        """
+        A backend asked for this session's sockets to be closed
+        (wsproxy:control): a close frame with its code and reason.
+        """
+        if self._state is not _OPEN or self._stopped_sending:
+            return
+        self._stopped_sending = True
+        self._closed_by = "server"
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def drop(self, why: str) -> defer.Deferred[None]:
         """

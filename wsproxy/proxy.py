@@ -22,9 +22,10 @@ from twisted.python.failure import Failure
 from . import auth
 from .backpressure import Readable, UpstreamValve
 from .config import Settings
+from .control import Control, Events, Heartbeat
 from .logs import LogBudget
 from .metrics import Stats
-from .names import history_key, meta_key, parse_ws_path, valid_session_id
+from .names import CONTROL_CHANNEL, history_key, meta_key, parse_ws_path, valid_session_id
 from .pubsub import Hub, Listener
 from .redisendpoint import ConnectFailures
 from .redislink import (
@@ -125,11 +126,14 @@ class Proxy:
         self.commands = commands
         self.subscriber = subscriber
         self.stats = Stats()
+        #: names this process in events, its heartbeat key and its canary
+        self.instance = process_token()
+        self._connection_ids = 0
         self.hub = Hub(
             subscriber,
             clock,
             publish=commands.publish,
-            canary_channel=f"wsproxy:canary:{process_token()}",
+            canary_channel=f"wsproxy:canary:{self.instance}",
             canary_interval=canary_interval,
             canary_timeout=max(3.0, canary_interval * 1.5),
         )
@@ -150,12 +154,23 @@ class Proxy:
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
+        #: open sockets by session, for server-side closes
+        self.sessions: dict[str, set[Any]] = {}
+        self.events = Events(
+            commands, settings.events, settings.events_stream_max_length, self.stats, clock
+        )
+        self.heartbeat = Heartbeat(commands, self.instance, clock) if self.events.enabled else None
+        self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
+                               self.stats, clock)
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         self.commands.start()
         self.subscriber.start()
+        self.hub.keep(CONTROL_CHANNEL, self.control)
+        if self.heartbeat is not None:
+            self.heartbeat.start()
         for interval, work in (
             (SWEEP_INTERVAL, self._sweep),
             (self.hub.canary_interval, self.hub.check_canary),
@@ -167,6 +182,8 @@ class Proxy:
 
     def _commands_ready(self, proto: Any) -> None:
         proto.transport.registerProducer(self.valve, True)
+        if self.heartbeat is not None:
+            self.heartbeat.beat_now()
         if self.settings.resume:
             self._load_functions()
 
@@ -199,9 +216,28 @@ class Proxy:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+        if self.heartbeat is not None:
+            # a clean shutdown: every close event was sent, the instance is gone
+            self.heartbeat.stop()
         return defer.gatherResults(
             [self.commands.stop(), self.subscriber.stop()], consumeErrors=True
         )
+
+    # -- open sockets --------------------------------------------------------
+
+    def next_connection_id(self) -> str:
+        self._connection_ids += 1
+        return f"{self.instance}.{self._connection_ids}"
+
+    def opened(self, session_id: str, connection: Any) -> None:
+        self.sessions.setdefault(session_id, set()).add(connection)
+
+    def closed(self, session_id: str, connection: Any) -> None:
+        sockets = self.sessions.get(session_id)
+        if sockets is not None:
+            sockets.discard(connection)
+            if not sockets:
+                del self.sessions[session_id]
 
     # -- admission ---------------------------------------------------------
     #

@@ -72,6 +72,8 @@ class Hub:
         self._clock = clock
         self._publish = publish
         self._channels: Dict[bytes, _Subscription] = {}
+        #: channels subscribed for the life of the process (keep)
+        self._kept: set[bytes] = set()
         link.on_ready = self._connected
         link.on_lost = self._disconnected
         link.on_message = self.dispatch
@@ -116,7 +118,10 @@ class Hub:
         return now - self._canary_patience_from > self.canary_timeout
 
     def channel_count(self) -> int:
-        return len(self._channels)
+        """
+        Session channels subscribed (not those kept for the process).
+        """
+        return len(self._channels) - len(self._kept)
 
     # -- subscriptions ---------------------------------------------------
 
@@ -159,6 +164,21 @@ class Hub:
             # returns (a Deferred that has already fired)
             self._send_subscribe(state)
         return d
+
+    def keep(self, channel: str, listener: Listener) -> None:
+        """
+        Subscribe C{listener} to C{channel} for the life of the process,
+        whether or not Redis is connected now: the subscription is made as
+        soon as it is, and after every reconnection.
+        """
+        key = channel.encode()
+        state = self._channels.get(key)
+        if state is None:
+            state = self._channels[key] = _Subscription(channel)
+            self._kept.add(key)
+            if self._link.ready is not None:
+                self._send_subscribe(state)
+        state.listeners.append(listener)
 
     def unsubscribe(self, channel: str, listener: Listener) -> None:
         """

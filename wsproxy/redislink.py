@@ -115,6 +115,18 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         self._fifo.append(on_reply)
         self.sent += 1
 
+    def command_raw(self, args: tuple[bytes, ...], on_reply: Callable[[Any], None]) -> None:
+        """
+        Any command on the lean path (events, heartbeats): written as RESP,
+        its reply handed to C{on_reply}.
+        """
+        self.transport.write(
+            b"*%d\r\n" % len(args)
+            + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
+        )
+        self._fifo.append(on_reply)
+        self.sent += 1
+
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         parser = self._parser
         parser.feed(data)
@@ -405,6 +417,18 @@ class RedisLink:
             return defer.fail(RedisUnavailable(self.last_error or "not connected"))
         d: defer.Deferred[Any] = proto.command(*args)
         return d.addErrback(self._translate, proto)
+
+    def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None:
+        """
+        Any command on the lean path (no Deferred, raw reply): C{on_reply}
+        gets the reply, or an exception as for L{publish}. Command
+        connection only.
+        """
+        proto = self.ready
+        if proto is None:
+            on_reply(RedisUnavailable(self.last_error or "not connected"))
+        else:
+            proto.command_raw(args, on_reply)
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         """
