@@ -22,8 +22,10 @@
 #   resume       1,000 resuming sessions, 1,000 numbered msgs/s for 30 s over two
 #                proxies, one SIGKILLed and restarted every 5 s, clients back
 #                after 0-2 s: gaps, duplicates, reordered, incomplete must be 0
-#   resume-cost  1,000 sessions x 100 messages, plain vs resumable, two rounds:
-#                proxy and Redis CPU per message, RSS per connection, ratios
+#   resume-cost  1,000 sessions x 100 messages (a burst), plain vs resumable vs
+#                "live" (the proxy's resumable path without the Redis function),
+#                two rounds: proxy and Redis CPU per message, RSS per connection,
+#                ratios to plain
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -78,7 +80,7 @@ PY
                          --proxies 2 --rate 1000 --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)
                      $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
-                         --rounds 2 ;;
+                         --modes plain,resume,live --rounds 2 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done

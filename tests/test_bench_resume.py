@@ -169,12 +169,22 @@ class CommandTests(SynchronousTestCase):
         Recoverable messages are FCALL wsproxy_publish with the session's
         history and meta keys; plain ones PUBLISH to its :down channel.
         """
-        fcall = Commands(("s1",), "resume").pack(0, b"hi")
+        fcall = Commands(("s1",), "resume").pack(0, 1, b"hi")
         self.assertEqual(fcall, b"*7\r\n$5\r\nFCALL\r\n$15\r\nwsproxy_publish\r\n$1\r\n2\r\n"
                                 b"$18\r\nsession:s1:history\r\n$15\r\nsession:s1:meta\r\n"
                                 b"$2\r\nhi\r\n$4\r\ntext\r\n")
-        plain = Commands(("s1",), "plain").pack(0, b"hi")
+        plain = Commands(("s1",), "plain").pack(0, 1, b"hi")
         self.assertEqual(plain, b"*3\r\n$7\r\nPUBLISH\r\n$15\r\nsession:s1:down\r\n$2\r\nhi\r\n")
+
+    def test_live(self) -> None:
+        """
+        "live" messages are PUBLISHed to the session's :live channel in
+        wsproxy_publish's format, the message number as sequence number.
+        """
+        live = Commands(("s1",), "live").pack(0, 7, b"hi")
+        self.assertTrue(live.startswith(b"*3\r\n$7\r\nPUBLISH\r\n$15\r\nsession:s1:live\r\n"))
+        payload = live.split(b"\r\n")[-2]
+        self.assertRegex(payload, rb"\A0bench [0-9]+-7 thi\Z")
 
 
 class RunTests(TestCase):
@@ -207,14 +217,15 @@ class RunTests(TestCase):
 
     async def test_cost(self) -> None:
         """
-        One round of the cost comparison: both rows measured, every message
-        delivered, the ratios reported.
+        One round of the cost comparison with all three modes: every row
+        measured, every message delivered, the ratios to plain reported.
         """
         status, report, text = await self.run_bench(
             "cost", "--sessions", "20", "--messages", "5", "--rounds", "1", "--procs", "1",
-            "--idle-settle", "0.5")
+            "--idle-settle", "0.5", "--modes", "plain,resume,live")
         self.assertEqual(status, 0, text[-3000:])
-        self.assertEqual([row["mode"] for row in report["runs"]], ["plain", "resume"])
-        self.assertEqual([row["delivered"] for row in report["runs"]], [100, 100])
-        self.assertEqual(set(report["ratio"]), {"proxy_us_per_msg", "redis_us_per_msg",
+        self.assertEqual([row["mode"] for row in report["runs"]], ["plain", "resume", "live"])
+        self.assertEqual([row["delivered"] for row in report["runs"]], [100, 100, 100])
+        for key in ("ratio", "live_ratio"):
+            self.assertEqual(set(report[key]), {"proxy_us_per_msg", "redis_us_per_msg",
                                                 "rss_kib_per_conn", "redis_kib_per_conn"})

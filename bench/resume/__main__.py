@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
 import sys
 import tempfile
@@ -15,8 +16,22 @@ from .options import PROG, FailoverOptions, parse_args
 from .report import Console, emit, summary
 
 
+def raise_open_files_limit() -> None:
+    """
+    The soft limit of open files up to the hard one: the client workers
+    and the proxies (which inherit it) hold one descriptor per connection.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
+    raise_open_files_limit()
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     keep = options.common.keep

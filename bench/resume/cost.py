@@ -7,11 +7,13 @@ proxy process (C{RESUME=true} both times) and the same Redis; the rounds
 alternate which goes first.
 
 Per measurement: proxy RSS (C{/proc}) and Redis C{used_memory} before and
-after every session connected and sat idle (per connection); then a burst
-of C{--messages} per session, with the proxy's CPU (user+sys from
-C{/proc/PID/stat}) per delivered message and Redis's (C{INFO cpu}
-used_cpu_sys+used_cpu_user) per message published, from just before the
-burst until the last message arrived.
+after every session connected and sat idle (per connection); then
+C{--messages} per session (a burst, or paced at C{--rate}), with the
+proxy's CPU (user+sys from C{/proc/PID/stat}) per delivered message and
+Redis's (C{INFO cpu} used_cpu_sys+used_cpu_user) per message published,
+from just before the first message until the last one arrived. (Paced at
+a low rate, the figures are mostly the cost of waking up per message and
+of idling: compare at rates that keep the proxy busy.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .children import Children
 from .errors import Fatal
 from .ipc import DELIVERED
 from .options import CostOptions
-from .publisher import Burst, Mode
+from .publisher import Burst, Mode, Paced
 from .report import Console, Report, latency_ms, merge_counts
 from .servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, wait_for_functions
 from .sessions import authorize, make_sessions
@@ -36,8 +38,8 @@ TOKEN_TTL = 6 * 3600
 # the figures compared, resume / plain
 COMPARED = ("proxy_us_per_msg", "redis_us_per_msg", "rss_kib_per_conn", "redis_kib_per_conn")
 
-SUMMARY_KEYS = ("sessions", "messages_per_session", "plain", "resume", "ratio", "round_ratios",
-                "ok")
+SUMMARY_KEYS = ("sessions", "messages_per_session", "rate", "plain", "resume", "live", "ratio",
+                "live_ratio", "round_ratios", "ok")
 
 
 def run_cost(options: CostOptions, workdir: Path, console: Console) -> Report:
@@ -46,10 +48,9 @@ def run_cost(options: CostOptions, workdir: Path, console: Console) -> Report:
     rows: list[Report] = []
     try:
         for round_number in range(options.rounds):
-            modes: tuple[Mode, Mode] = ("plain", "resume")
-            if round_number % 2:
-                modes = ("resume", "plain")
-            for mode in modes:
+            # each round starts with another mode: none is always first
+            shift = round_number % len(options.modes)
+            for mode in options.modes[shift:] + options.modes[:shift]:
                 row = _measure(options, redis, workdir, mode, round_number)
                 console.progress(f"round {round_number} {mode}: " + ", ".join(
                     f"{k} {row[k]}" for k in COMPARED), force=True)
@@ -70,7 +71,7 @@ def _measure(options: CostOptions, redis: RedisServer, workdir: Path, mode: Mode
         wait_for_functions(redis.client)
         specs = make_sessions(f"rc{round_number}{mode[0]}", common.sessions)
         authorize(redis.client, specs, TOKEN_TTL)
-        config = WorkerConfig(LOOPBACK, (proxy.port,), common.agent, mode == "resume",
+        config = WorkerConfig(LOOPBACK, (proxy.port,), common.agent, mode != "plain",
                               common.connect_timeout, common.concurrency, 0.0, 0.0, common.seed)
         children = Children(specs, common.procs, config, redis.url)
         time.sleep(0.5)
@@ -89,7 +90,11 @@ def _measure(options: CostOptions, redis: RedisServer, workdir: Path, mode: Mode
         proxy_cpu = proxy.cpu_seconds()
         redis_cpu = redis.cpu_seconds()
         started = time.monotonic()
-        children.publish(Burst(session_ids, mode, options.messages, common.size))
+        if options.rate:
+            duration = common.sessions * options.messages / options.rate
+            children.publish(Paced(session_ids, mode, options.rate, duration, common.size))
+        else:
+            children.publish(Burst(session_ids, mode, options.messages, common.size))
         published = None
         while published is None:
             published = children.published(0.05)
@@ -121,6 +126,9 @@ def _measure(options: CostOptions, redis: RedisServer, workdir: Path, mode: Mode
         "proxy_cpu_s": round(proxy_cpu, 3),
         "redis_cpu_s": round(redis_cpu, 3),
         "msgs_per_s": round(delivered / max(arrived_at - started, 1e-9)),
+        # fractions of one core: which of the two was the bottleneck
+        "proxy_cpu_util": round(proxy_cpu / max(arrived_at - started, 1e-9), 2),
+        "redis_cpu_util": round(redis_cpu / max(arrived_at - started, 1e-9), 2),
         "proxy_rss_mib_idle": round(rss_idle / 2**20, 1),
     }
     row.update(latency_ms(r.latencies for r in reports))
@@ -139,36 +147,44 @@ def _wait_for(children: Children, sent: int, settle_max: float) -> float:
 
 def _report(options: CostOptions, rows: list[Report]) -> Report:
     def median(mode: str, key: str) -> float:
-        values = [row[key] for row in rows if row["mode"] == mode]
-        return float(statistics.median(float(v) for v in values if isinstance(v, (int, float))))
+        values = [_number(row[key]) for row in rows if row["mode"] == mode]
+        return float(statistics.median(values))
 
-    summary: dict[str, Report] = {}
-    for mode in ("plain", "resume"):
-        summary[mode] = {key: round(median(mode, key), 2) for key in (
-            *COMPARED, "redis_history_bytes_per_msg", "msgs_per_s", "p50_ms", "p99_ms")}
-    ratio = {key: _ratio(median("resume", key), median("plain", key)) for key in COMPARED}
-    round_ratios = []
-    for round_number in range(options.rounds):
-        pair = {str(row["mode"]): row for row in rows if row["round"] == round_number}
-        round_ratios.append({key: _ratio(_number(pair["resume"][key]), _number(pair["plain"][key]))
-                             for key in ("proxy_us_per_msg", "redis_us_per_msg")})
-    sent = sum(_number(row["sent"]) for row in rows)
+    def ratios(mode: str) -> Report:
+        return {key: _ratio(median(mode, key), median("plain", key)) for key in COMPARED}
+
     report: Report = {
         "benchmark": "resume-cost",
         "sessions": options.common.sessions,
         "messages_per_session": options.messages,
+        "rate": options.rate or "burst",
         "size": options.common.size,
         "rounds": options.rounds,
-        "plain": summary["plain"],
-        "resume": summary["resume"],
-        "ratio": ratio,
-        "round_ratios": round_ratios,
-        "proxy_cpu_goal_1_5x_met": ratio["proxy_us_per_msg"] is not None
-        and ratio["proxy_us_per_msg"] <= 1.5,
-        "runs": rows,
     }
+    for mode in options.modes:
+        report[mode] = {key: round(median(mode, key), 2) for key in (
+            *COMPARED, "redis_history_bytes_per_msg", "msgs_per_s", "proxy_cpu_util",
+            "redis_cpu_util", "p50_ms", "p99_ms")}
+    if "plain" in options.modes:
+        round_ratios = []
+        for round_number in range(options.rounds):
+            measured = {str(row["mode"]): row for row in rows if row["round"] == round_number}
+            plain = measured["plain"]
+            round_ratios.append({
+                f"{mode}_{key}": _ratio(_number(row[key]), _number(plain[key]))
+                for mode, row in measured.items() if mode != "plain"
+                for key in ("proxy_us_per_msg", "redis_us_per_msg")})
+        for mode in options.modes:
+            if mode != "plain":
+                report["ratio" if mode == "resume" else f"{mode}_ratio"] = ratios(mode)
+        report["round_ratios"] = round_ratios
+    ratio = report.get("ratio")
+    if isinstance(ratio, dict):
+        proxy_ratio = ratio["proxy_us_per_msg"]
+        report["proxy_cpu_goal_1_5x_met"] = proxy_ratio is not None and proxy_ratio <= 1.5
+    report["runs"] = rows
     report["ok"] = all(row["gaps"] == 0 and row["duplicates"] == 0 and row["reordered"] == 0
-                       for row in rows) and sum(_number(r["delivered"]) for r in rows) == sent
+                       and row["delivered"] == row["sent"] for row in rows)
     return report
 
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .publisher import Mode
 from .stream import MIN_SIZE
 
 PROG = "python -m bench.resume"
@@ -35,7 +36,10 @@ a readable summary goes to stderr and exactly one JSON line to stdout.
             each against a fresh proxy process. Proxy CPU (user+sys from
             /proc) per delivered message, Redis CPU (INFO cpu) per message
             published, proxy RSS (and Redis memory) per idle connection,
-            and the ratios resume / plain (medians over the rounds).
+            and the ratios resume / plain (medians over the rounds). The
+            messages go out as a burst (as fast as Redis takes them), or
+            paced at --rate messages/s. --modes plain,resume,live adds a
+            row that tells the proxy's share from Redis's (see --modes).
 
 Examples (from the repository root):
   python -m bench.resume failover --sessions 1000
@@ -76,12 +80,16 @@ class FailoverOptions:
 class CostOptions:
     common: Common
     messages: int
+    rate: float
+    modes: tuple[Mode, ...]
     rounds: int
     idle_settle: float
     settle_max: float
 
 
 COMMON = tuple(Common.__dataclass_fields__)
+
+MODES: dict[str, Mode] = {"plain": "plain", "resume": "resume", "live": "live"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,8 +133,16 @@ def _parser() -> argparse.ArgumentParser:
     cost = commands.add_parser("cost", parents=[common], help="recovery on vs off",
                                description="see python -m bench.resume --help")
     add = cost.add_argument
-    add("--messages", type=int, default=100, help="messages per session (a burst)")
-    add("--rounds", type=int, default=2, help="plain + resume measurements, alternating")
+    add("--messages", type=int, default=100, help="messages per session")
+    add("--rate", type=float, default=0,
+        help="publish at this many messages/s (all sessions together, round-robin) "
+             "instead of a burst: both modes then see the same arrival pattern")
+    add("--modes", default="plain,resume",
+        help="what to measure, each round: plain (PUBLISH :down, plain clients), resume "
+             "(wsproxy_publish, ?resume= clients), live (?resume= clients, messages PUBLISHed "
+             "to :live in wsproxy_publish's format: the proxy's share without Redis's)")
+    add("--rounds", type=int, default=2,
+        help="measurements of every mode, each round starting with another one")
     add("--idle-settle", type=float, default=2.0,
         help="seconds between the last connection and the RSS reading")
     add("--settle-max", type=float, default=60.0, help="longest wait for the burst to arrive")
@@ -149,7 +165,12 @@ def parse_args(argv: Sequence[str] | None = None) -> FailoverOptions | CostOptio
         if options.rate <= 0 or options.duration <= 0 or options.kill_every <= 0:
             parser.error("--rate, --duration and --kill-every must be > 0")
         return options
-    cost_options = CostOptions(common, **values)
-    if cost_options.messages < 1 or cost_options.rounds < 1:
-        parser.error("--messages and --rounds must be >= 1")
+    modes: list[Mode] = []
+    for name in values.pop("modes").split(","):
+        if name not in MODES:
+            parser.error(f"--modes: {name!r} is not one of {', '.join(MODES)}")
+        modes.append(MODES[name])
+    cost_options = CostOptions(common, modes=tuple(modes), **values)
+    if cost_options.messages < 1 or cost_options.rounds < 1 or cost_options.rate < 0:
+        parser.error("--messages and --rounds must be >= 1, --rate >= 0")
     return cost_options

@@ -2,7 +2,9 @@
 The publisher process: the backend's side of the stream. Recoverable
 messages go out as C{FCALL wsproxy_publish 2 session:S:history
 session:S:meta <message> text}, plain ones as C{PUBLISH session:S:down
-<message>}, in pipelined batches over one raw redis-py connection (the
+<message>} (and, to tell the proxy's share of the cost from Redis's, "live"
+ones as a bare C{PUBLISH session:S:live} of what wsproxy_publish would
+publish, with no history behind them), in pipelined batches over one raw redis-py connection (the
 load-test tool's), either paced (a steady aggregate rate, round-robin over
 the sessions) or as a burst.
 
@@ -25,7 +27,13 @@ from bench.loadtest.redis_io import RedisConnection, redis_connection
 from .ipc import ChildFailed, Counters, Exit
 from .stream import message
 
-Mode = Literal["plain", "resume"]
+#: plain: PUBLISH :down; resume: FCALL wsproxy_publish; live: PUBLISH :live
+#: in wsproxy_publish's format (the proxy's resumable path without the
+#: function's cost in Redis; nothing to recover from)
+Mode = Literal["plain", "resume", "live"]
+
+#: the epoch of the "live" messages' positions
+LIVE_EPOCH = b"0bench"
 
 # commands per pipelined write in a burst
 BATCH = 256
@@ -86,7 +94,13 @@ class Commands:
     """Each session's command, packed up to its message."""
 
     def __init__(self, sessions: tuple[str, ...], mode: Mode) -> None:
-        if mode == "resume":
+        self._live = mode == "live"
+        self._ms = time.time_ns() // 1_000_000
+        if mode == "live":
+            self._prefixes = [b"*3\r\n" + _bulk(b"PUBLISH") + _bulk(f"session:{sid}:live".encode())
+                              for sid in sessions]
+            self._suffix = b""
+        elif mode == "resume":
             self._prefixes = [
                 b"*7\r\n" + _bulk(b"FCALL") + _bulk(b"wsproxy_publish") + _bulk(b"2")
                 + _bulk(f"session:{sid}:history".encode()) + _bulk(f"session:{sid}:meta".encode())
@@ -97,7 +111,11 @@ class Commands:
                               for sid in sessions]
             self._suffix = b""
 
-    def pack(self, index: int, payload: bytes) -> bytes:
+    def pack(self, index: int, number: int, payload: bytes) -> bytes:
+        """The command that publishes message C{number} of session C{index}."""
+        if self._live:
+            # wsproxy_publish's live format: <epoch> <ms>-<seq> <kind><message>
+            payload = b"%s %d-%d t%s" % (LIVE_EPOCH, self._ms, number, payload)
         return self._prefixes[index] + _bulk(payload) + self._suffix
 
 
@@ -136,7 +154,7 @@ def prime(connection: RedisConnection, command: Prime) -> Published:
     pipeline = Pipeline(connection)
     started = time.time_ns()
     for start in range(0, len(command.sessions), BATCH):
-        pipeline.send([commands.pack(index, message(index, 0, command.size))
+        pipeline.send([commands.pack(index, 0, message(index, 0, command.size))
                        for index in range(start, min(start + BATCH, len(command.sessions)))])
     pipeline.finish()
     return Published((0,) * len(command.sessions), pipeline.errors, pipeline.error_example,
@@ -151,7 +169,7 @@ def publish_burst(connection: RedisConnection, command: Burst, counters: Counter
     started = time.time_ns()
     for number in range(1, command.count + 1):
         for index in sessions:
-            batch.append(commands.pack(index, message(index, number, command.size)))
+            batch.append(commands.pack(index, number, message(index, number, command.size)))
             if len(batch) >= BATCH:
                 pipeline.send(batch)
                 counters.set_published(pipeline.sent)
@@ -170,7 +188,7 @@ def publish_paced(connection: RedisConnection, command: Paced, counters: Counter
     sessions = len(command.sessions)
     numbers = [0] * sessions
     rate = command.rate
-    total = int(rate * command.duration)
+    total = round(rate * command.duration)
     next_session = 0
     max_lag = 0.0
     start = time.monotonic()
@@ -187,8 +205,8 @@ def publish_paced(connection: RedisConnection, command: Paced, counters: Counter
             for _ in range(due - pipeline.sent):
                 number = numbers[next_session] + 1
                 numbers[next_session] = number
-                batch.append(commands.pack(next_session, message(next_session, number,
-                                                                 command.size)))
+                batch.append(commands.pack(next_session, number,
+                                           message(next_session, number, command.size)))
                 next_session = (next_session + 1) % sessions
             pipeline.send(batch)
             pipeline.finish()
