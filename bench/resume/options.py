@@ -23,7 +23,8 @@ a readable summary goes to stderr and exactly one JSON line to stdout.
             Every --kill-every seconds one proxy is killed (SIGKILL) and
             started again --down seconds later; its clients reconnect after
             a random delay of 0..--reconnect-max seconds to a random proxy,
-            with ?resume=<last position>. At the end every session's numbers
+            with ?resume=<last position> (a failed attempt is retried with
+            exponential backoff). At the end every session's numbers
             are checked: gaps (published, never received), duplicates,
             reordered, incomplete (recovered:false frames), and the latency
             from publishing to the first receipt (p50/p99/max; "live" leaves
@@ -122,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--reconnect-max", type=float, default=2.0,
         help="a dropped client reconnects after U(0, this) seconds")
     add("--retry-max", type=float, default=0.5,
-        help="after a failed attempt, the next one after U(0, this) seconds")
+        help="after the n-th failed attempt in a row, the next one after "
+             "U(0, this * 2**(n-1)) seconds, at most 8 s")
     add("--settle", type=float, default=3.0,
         help="after publishing: stop once every session is connected and nothing arrived "
              "for this long")

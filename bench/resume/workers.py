@@ -25,6 +25,8 @@ from .ipc import (CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS, Chi
 
 # sessions of a worker whose missing numbers are listed in its report
 GAP_EXAMPLES = 5
+# the longest wait between two failed attempts (retries back off exponentially)
+RETRY_CAP_SECS = 8.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ class WorkerConfig:
     connect_timeout: float
     concurrency: int  # handshakes in flight while connecting every session
     reconnect_max: float  # a dropped session waits U(0, this) seconds, then reconnects
-    retry_max: float  # after a failed attempt, U(0, this) seconds until the next
+    # after the n-th failed attempt in a row, U(0, this * 2**(n-1)) seconds
+    # (at most RETRY_CAP_SECS) until the next, as clients back off
+    retry_max: float
     seed: int
 
 
@@ -212,6 +216,7 @@ class Worker:
     async def _reconnect(self, session: Session, delay: float) -> None:
         await asyncio.sleep(delay)
         config = self.config
+        failed = 0
         while not self.stopping:
             failure = await self._connect(session, self._random.choice(config.ports))
             if failure is None:
@@ -221,7 +226,9 @@ class Worker:
                 return
             self._connect_failures[failure] += 1
             self._counters.set(self._id, CONNECT_FAILURES, sum(self._connect_failures.values()))
-            await asyncio.sleep(self._random.uniform(0, config.retry_max))
+            backoff = min(config.retry_max * 2 ** failed, RETRY_CAP_SECS)
+            failed += 1
+            await asyncio.sleep(self._random.uniform(0, backoff))
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
         task = self.loop.create_task(coroutine)
