@@ -135,6 +135,30 @@ class ResumeTests(ResumeTestCase):
         await wait_for(lambda: len(got2.data()) == 19)
         self.assertEqual(got2.messages()[-1], b"live")
 
+    async def test_client_that_saw_nothing_before_any_history(self) -> None:
+        """
+        A client connects before the session has any history (its
+        position: 0:0-0, "before the first message"), drops before the
+        first message, and resumes from that position: it gets every
+        message from the first, recovered.
+        """
+        proxy = self.start_proxy()
+        await self.ready(proxy)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        c = await self.client(proxy, "s1")
+        got = Received(c)
+        await wait_for(lambda: got.controls())
+        self.assertEqual(got.controls()[0]["position"], "0:0-0")
+        c.transport.abortConnection()
+        await c.factory.closed
+        for i in range(3):
+            publish(self.r, "s1", f"m{i}")
+        c2 = await self.client(proxy, "s1", got.last_position())
+        got2 = Received(c2)
+        await wait_for(lambda: len(got2.data()) == 3)
+        self.assertEqual(got2.messages(), [b"m0", b"m1", b"m2"])
+        self.assertEqual(got2.controls()[0]["recovered"], True)
+
     async def test_plain_messages_reach_resuming_clients_without_position(self) -> None:
         """
         A plain PUBLISH on :down still reaches a resuming client, with an

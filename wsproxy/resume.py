@@ -49,6 +49,11 @@ _POSITION = re.compile(r"\A([0-9a-f]{1,32}):([0-9]{1,19})-([0-9]{1,19})\Z")
 KINDS = {b"t": b"t", b"b": b"b", b"a": b"a"}
 
 
+#: the epoch of the position given to a client while a session has no
+#: history yet: "before the first message of whatever history comes"
+NO_HISTORY = "0"
+
+
 class InvalidPosition(ValueError):
     """
     A resume position that is not of the form C{<epoch>:<ms>-<seq>}.
@@ -134,9 +139,9 @@ class History:
     entries: Sequence[Entry]
 
     @property
-    def end(self) -> Optional[Position]:
+    def end(self) -> Position:
         if self.epoch is None:
-            return None
+            return Position(NO_HISTORY, 0, 0)
         return Position(self.epoch, self.last_ms, self.last_seq)
 
 
@@ -179,7 +184,7 @@ class Cursor:
 
     def verdict(self, entry: Entry) -> Verdict | Literal["new_epoch"]:
         position = self.position
-        if position is None:
+        if position is None or position.epoch == NO_HISTORY:
             return "deliver" if entry.seq == 1 else "gap"
         if entry.epoch != position.epoch:
             return "new_epoch"
@@ -216,10 +221,16 @@ def plan_recovery(presented: Optional[Position], history: History) -> Recovery:
     """
     end = history.end
     if presented is None:
-        # a fresh client: nothing to recover, live from the end
+        # a fresh client: nothing to recover, live from the end (which is
+        # NO_HISTORY if there is none yet: resuming from it later replays
+        # the history from its first message)
         return Recovery(True, (), end)
-    if history.epoch is None:
-        return Recovery(False, (), None, "no history (expired or never written)")
+    if presented.epoch == NO_HISTORY:
+        if history.epoch is None:
+            return Recovery(True, (), end)
+        presented = Position(history.epoch, 0, 0)
+    elif history.epoch is None:
+        return Recovery(False, (), end, "no history (expired or never written)")
     if history.epoch != presented.epoch:
         return Recovery(False, (), end, "the history started over (new epoch)")
     if presented.seq > history.last_seq:
