@@ -32,7 +32,7 @@ to deliver it, drop it as a duplicate, or fill a gap first.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 
 if TYPE_CHECKING:
@@ -92,10 +92,14 @@ def parse_position(text: str) -> Optional[Position]:
     return Position(match.group(1), int(match.group(2)), int(match.group(3)))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     """
     One recoverable message, from the history or the live channel.
+
+    @ivar wire: its position as sent to clients (C{<epoch>:<ms>-<seq>}),
+        if already at hand (taken from the live message: no formatting per
+        message on the live path).
     """
 
     epoch: str
@@ -103,10 +107,14 @@ class Entry:
     seq: int
     kind: bytes
     message: bytes
+    wire: bytes = field(default=b"", compare=False)
 
     @property
     def position(self) -> Position:
         return Position(self.epoch, self.ms, self.seq)
+
+    def wire_position(self) -> bytes:
+        return self.wire or f"{self.epoch}:{self.ms}-{self.seq}".encode()
 
 
 def parse_live(payload: bytes) -> Optional[Entry]:
@@ -121,7 +129,8 @@ def parse_live(payload: bytes) -> Optional[Entry]:
         kind = rest[:1]
         if kind not in KINDS:
             return None
-        return Entry(epoch.decode("ascii"), int(ms), int(seq), kind, rest[1:])
+        return Entry(epoch.decode("ascii"), int(ms), int(seq), kind, rest[1:],
+                     epoch + b":" + stream_id)
     except ValueError:
         return None
 
@@ -179,23 +188,32 @@ class Cursor:
     started over (whatever the client had is gone: it must be told).
     """
 
+    __slots__ = ("epoch", "ms", "seq")
+
     def __init__(self, position: Optional[Position]) -> None:
-        self.position = position
+        if position is None:
+            self.epoch, self.ms, self.seq = NO_HISTORY, 0, 0
+        else:
+            self.epoch, self.ms, self.seq = position.epoch, position.ms, position.seq
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.ms, self.seq)
 
     def verdict(self, entry: Entry) -> Verdict | Literal["new_epoch"]:
-        position = self.position
-        if position is None or position.epoch == NO_HISTORY:
+        if self.epoch == NO_HISTORY:
             return "deliver" if entry.seq == 1 else "gap"
-        if entry.epoch != position.epoch:
+        if entry.epoch != self.epoch:
             return "new_epoch"
-        if entry.seq <= position.seq:
-            return "duplicate"
-        if entry.seq == position.seq + 1:
+        seq = self.seq
+        if entry.seq == seq + 1:
             return "deliver"
+        if entry.seq <= seq:
+            return "duplicate"
         return "gap"
 
     def advance(self, entry: Entry) -> None:
-        self.position = entry.position
+        self.epoch, self.ms, self.seq = entry.epoch, entry.ms, entry.seq
 
 
 @dataclass(frozen=True)
@@ -409,18 +427,17 @@ class Resumer:
         self._release()
 
     def _report(self, recovered: bool, replayed: int, reason: str) -> None:
-        position = self.cursor.position
         self._control({
             "type": "recovery",
             "recovered": recovered,
             "replayed": replayed,
-            "position": None if position is None else str(position),
+            "position": str(self.cursor.position),
             "reason": reason,
         })
 
     def _deliver(self, entry: Entry) -> None:
         self.cursor.advance(entry)
-        self._send(str(entry.position).encode(), entry.message, entry.kind)
+        self._send(entry.wire_position(), entry.message, entry.kind)
 
     def _release(self) -> None:
         self._holding = False
@@ -453,8 +470,8 @@ class Resumer:
         self._holding = True
         self._held.insert(0, entry)
         position = self.cursor.position
-        after = position.stream_id if position is not None else "0-0"
-        next_seq = 1 if position is None else position.seq + 1
+        after = position.stream_id
+        next_seq = position.seq + 1
 
         def filled(history: History) -> None:
             if self.closed:
