@@ -20,7 +20,7 @@ from .support import ROOT, Daemon, RedisTestCase, wait_for
 
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
-           "echo_backend.py"]
+           "echo_backend.py", "session_backend.py"]
 
 
 class Script(protocol.ProcessProtocol):
@@ -80,10 +80,10 @@ class ExampleTestCase(RedisTestCase):
         await wait_for(lambda: script.status is not None, timeout=20)
         return script
 
-    async def proxy(self) -> tuple[Daemon, int]:
+    async def proxy(self, **env: str) -> tuple[Daemon, int]:
         daemon = Daemon([sys.executable, "-m", "wsproxy"], {
             "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-            "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5"})
+            "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5", **env})
         self.addCleanup(daemon.stop)
         return daemon, await daemon.ready()
 
@@ -164,6 +164,28 @@ class SessionTests(ExampleTestCase):
         await wait_for(lambda: b"connected" in client.err or client.status is not None)
         client.type("ping-echo")
         await wait_for(lambda: b"< ping-echo\n" in client.out)
+
+    async def test_session_backend(self) -> None:
+        """
+        session_backend (EVENTS=all): the client is greeted when it opens,
+        receives the stream, and typing "bye" makes the backend close the
+        session (4000) and revoke its token; the backend logs the open and
+        the server-side close.
+        """
+        _, port = await self.proxy(EVENTS="all")
+        await self.finished("auth_token_setter.py", "demo", "--token", "s3cret")
+        backend = self.script("session_backend.py", "--interval", "0.2", "--count", "50")
+        await wait_for(lambda: b"session backend ready\n" in backend.out)
+        await wait_for(lambda: self.r.pubsub_numsub("wsproxy:events")[0][1] >= 1)
+        client = self.script("ws_client.py", f"ws://127.0.0.1:{port}/app/ws/demo", "s3cret")
+        await wait_for(lambda: b'< {"hello": "demo"}\n' in client.out)
+        await wait_for(lambda: b'< {"n": 2}\n' in client.out)
+        client.type("bye")
+        await wait_for(lambda: client.status is not None, timeout=15)
+        self.assertIn(b"closed: code=4000 reason='bye'", client.err)
+        await wait_for(lambda: b"close demo 4000 by server" in backend.out)
+        self.assertIn(b"open  demo", backend.out)
+        self.assertEqual(self.r.exists("session:demo:auth"), 0)
 
     async def test_client_exits_when_server_closes(self) -> None:
         """

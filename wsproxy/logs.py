@@ -132,18 +132,20 @@ class LogBudget:
 
 class BudgetedLog:
     """
-    Stands in for Autobahn's logger on one connection: debug and trace pass
-    through (they are filtered by level anyway), warnings and errors count
-    against the client address's L{LogBudget}. Built on every access, so it
-    only looks up the address when a line is about to be logged.
+    Stands in for Autobahn's logger on one connection: warnings and errors
+    count against the client address's L{LogBudget}; debug and trace are
+    the logger's own methods (Autobahn calls C{log.debug} for every frame it
+    sends: that call must cost what it did).
     """
 
-    __slots__ = ("_log", "_budget", "_peer")
+    __slots__ = ("_log", "_budget", "_peer", "debug", "trace")
 
     def __init__(self, log: Any, budget: LogBudget, peer: Callable[[], str]) -> None:
         self._log = log
         self._budget = budget
         self._peer = peer
+        self.debug = log.debug
+        self.trace = log.trace
 
     def _limited(self, emit: Any, fmt: str, **kwargs: Any) -> None:
         peer = self._peer()
@@ -166,12 +168,6 @@ class BudgetedLog:
 
     def info(self, fmt: str, **kwargs: Any) -> None:
         self._limited(self._log.info, fmt, **kwargs)
-
-    def debug(self, fmt: str, **kwargs: Any) -> None:
-        self._log.debug(fmt, **kwargs)
-
-    def trace(self, fmt: str, **kwargs: Any) -> None:
-        self._log.trace(fmt, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._log, name)

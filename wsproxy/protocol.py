@@ -63,6 +63,28 @@ def _redact(reason: str) -> str:
     return reason.strip().rstrip(":-").strip() or "Bad request"
 
 
+class _BudgetedAutobahnLog:
+    """
+    What Autobahn logs about a connection (protocol violations, unsolicited
+    pongs, ...) counts against the client address's budget: a hostile
+    client cannot make the proxy log without bound.
+
+    A non-data descriptor: the first access on a connection stores its
+    L{BudgetedLog} in the instance, so every later C{self.log} is a plain
+    attribute lookup (Autobahn calls C{self.log.debug} per frame sent).
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None or getattr(instance, "_proxy", None) is None:
+            return self._log
+        log = BudgetedLog(self._log, instance._proxy.log_budget, instance._peer_host)
+        instance.__dict__["log"] = log
+        return log
+
+
 @implementer(IPushProducer)
 class ProxyProtocol(WebSocketServerProtocol):
     """
@@ -70,8 +92,8 @@ class ProxyProtocol(WebSocketServerProtocol):
     """
 
     _log = Logger()
-    #: Autobahn's own logger, which the property below stands in for
-    _autobahn_log = WebSocketServerProtocol.log
+    #: Autobahn's own logger, seen through the client address's log budget
+    log = _BudgetedAutobahnLog(WebSocketServerProtocol.log)
 
     session_id: Optional[str] = None
     #: who ended the connection, when the proxy knows better than "client"
@@ -98,18 +120,6 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.closed: defer.Deferred[Any] = defer.Deferred()
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
-
-    @property
-    def log(self) -> Any:
-        """
-        What Autobahn logs about this connection (protocol violations,
-        unsolicited pongs, ...) counts against the client address's budget:
-        a hostile client cannot make the proxy log without bound.
-        """
-        proxy = self._proxy
-        if proxy is None:
-            return self._autobahn_log
-        return BudgetedLog(self._autobahn_log, proxy.log_budget, self._peer_host)
 
     def _peer_host(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
