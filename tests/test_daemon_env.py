@@ -591,6 +591,41 @@ async def history_max_age(t: EnvTestCase) -> None:
     t.assertLessEqual(ttl, 7000)
 
 
+async def events(t: EnvTestCase) -> None:
+    """
+    EVENTS=all: opening a socket publishes an open event on wsproxy:events.
+    """
+    await t.start(EVENTS="all")
+    pubsub = t.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("wsproxy:events")
+    pubsub.get_message(timeout=1)
+    t.addCleanup(pubsub.close)
+    await t.client()
+    got: list[bytes] = []
+
+    def poll() -> bool:
+        message = pubsub.get_message(timeout=0)
+        if message is not None:
+            got.append(message["data"])
+        return bool(got)
+
+    await wait_for(poll)
+    t.assertIn(b'"event":"open"', got[0])
+
+
+async def events_stream_max_length(t: EnvTestCase) -> None:
+    """
+    EVENTS_STREAM_MAX_LENGTH=10 (with EVENTS=stream): 120 events leave the
+    stream trimmed near 10 entries (whole nodes of 100), not all 120.
+    """
+    await t.start(EVENTS="stream", EVENTS_STREAM_MAX_LENGTH="10")
+    for i in range(60):
+        c = await t.client(f"s{i}")
+        await c.close_and_wait()
+    await wait_for(lambda: t.r.xinfo_stream("wsproxy:events:stream")["entries-added"] == 120)
+    t.assertLess(t.r.xlen("wsproxy:events:stream"), 100)
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -620,6 +655,8 @@ VALID = [
     Case("REQUIRE_JSON", require_json),
     Case("WS_COMPRESSION", compression),
     Case("RESUME", resume),
+    Case("EVENTS", events),
+    Case("EVENTS_STREAM_MAX_LENGTH", events_stream_max_length),
     Case("HISTORY_MAX_LENGTH", history_max_length),
     Case("HISTORY_MAX_AGE_SECS", history_max_age),
     Case("FRAME_MODE", frame_mode),
@@ -684,6 +721,8 @@ INVALID = [
     Invalid("REQUIRE_JSON", "2"),
     Invalid("WS_COMPRESSION", "gzip"),
     Invalid("RESUME", "perhaps"),
+    Invalid("EVENTS", "everything"),
+    Invalid("EVENTS_STREAM_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_AGE_SECS", "-1"),
     Invalid("FRAME_MODE", "binary"),
