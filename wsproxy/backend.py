@@ -115,6 +115,13 @@ class Backend:
         sent while nothing listens are not kept.)
         """
         channels = {up_channel(self._checked(s)): s for s in session_ids}
+        for channel, data in self._messages(list(channels), timeout):
+            yield channels[channel], data
+
+    def _messages(self, channels: list[Any], timeout: float) -> Iterator[tuple[bytes, bytes]]:
+        """
+        (channel, payload) of every message on C{channels}, as they come.
+        """
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(*channels)
         try:
@@ -124,7 +131,7 @@ class Backend:
                     channel = message["channel"]
                     if isinstance(channel, str):
                         channel = channel.encode()
-                    yield channels[channel], message["data"]
+                    yield channel, message["data"]
         finally:
             pubsub.close()
 
@@ -187,19 +194,12 @@ class Backend:
         is given. Events published while nothing listens are lost: use
         L{read_events} for at-least-once.
         """
-        channels = (
+        channels: list[Any] = (
             [events_channel(self._checked(s)) for s in session_ids]
             if session_ids else [ALL_EVENTS_CHANNEL]
         )
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(*channels)
-        try:
-            while True:
-                message = pubsub.get_message(timeout=timeout)
-                if message is not None and message.get("type") == "message":
-                    yield json.loads(message["data"])
-        finally:
-            pubsub.close()
+        for _, data in self._messages(channels, timeout):
+            yield json.loads(data)
 
     def read_events(
         self, group: str, consumer: str, count: int = 100, block_ms: int = 1000
