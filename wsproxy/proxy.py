@@ -37,6 +37,7 @@ from .redislink import (
     with_deadline,
 )
 from .refusal import Refusal
+from .sentinel import SentinelWatcher
 from .resume import (
     RESUME_PARAM,
     library,
@@ -162,6 +163,10 @@ class Proxy:
         self.heartbeat = Heartbeat(commands, self.instance, clock) if self.events.enabled else None
         self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
                                self.stats, clock)
+        self.sentinel_watcher: Optional[SentinelWatcher] = (
+            SentinelWatcher(clock, settings, self._master_switched)
+            if settings.redis_sentinels else None
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -171,6 +176,8 @@ class Proxy:
         self.hub.keep(CONTROL_CHANNEL, self.control)
         if self.heartbeat is not None:
             self.heartbeat.start()
+        if self.sentinel_watcher is not None:
+            self.sentinel_watcher.start()
         for interval, work in (
             (SWEEP_INTERVAL, self._sweep),
             (self.hub.canary_interval, self.hub.check_canary),
@@ -179,6 +186,15 @@ class Proxy:
             loop.clock = self.clock
             loop.start(interval, now=False)
             self._loops.append(loop)
+
+    def _master_switched(self, host: str, port: int) -> None:
+        """
+        The sentinels promoted another master: both connections are made
+        again through them now (after a graceful failover the old master is
+        still up, as a replica, and would refuse writes).
+        """
+        self.commands.kill()
+        self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:
         proto.transport.registerProducer(self.valve, True)
@@ -219,9 +235,10 @@ class Proxy:
         if self.heartbeat is not None:
             # a clean shutdown: every close event was sent, the instance is gone
             self.heartbeat.stop()
-        return defer.gatherResults(
-            [self.commands.stop(), self.subscriber.stop()], consumeErrors=True
-        )
+        stopping = [self.commands.stop(), self.subscriber.stop()]
+        if self.sentinel_watcher is not None:
+            stopping.append(self.sentinel_watcher.stop())
+        return defer.gatherResults(stopping, consumeErrors=True)
 
     # -- open sockets --------------------------------------------------------
 
