@@ -155,6 +155,8 @@ class Proxy:
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
+        self._unheard_logged = -1e9
+        self._unheard_reported = 0
         #: open sockets by session, for server-side closes
         self.sessions: dict[str, set[Any]] = {}
         self.events = Events(
@@ -239,6 +241,25 @@ class Proxy:
         if self.sentinel_watcher is not None:
             stopping.append(self.sentinel_watcher.stop())
         return defer.gatherResults(stopping, consumeErrors=True)
+
+    def unheard(self, session_id: Optional[str]) -> None:
+        """
+        A client message was published on a :up channel that no backend
+        listens on: Pub/Sub dropped it. Counted; one warning a minute with
+        the count and the last session, so a backend outage is not silence.
+        """
+        stats = self.stats
+        stats.messages_up_unheard += 1
+        now = self.clock.seconds()
+        if now - self._unheard_logged >= 60:
+            self._log.warn(
+                "{n} client messages published with no backend subscribed to their :up "
+                "channel (they are lost; last: session {session_id})",
+                n=stats.messages_up_unheard - self._unheard_reported,
+                session_id=session_id,
+            )
+            self._unheard_logged = now
+            self._unheard_reported = stats.messages_up_unheard
 
     # -- open sockets --------------------------------------------------------
 
