@@ -258,6 +258,7 @@ class RedisLink:
         self.reconnects = 0
         self._ever_ready = False
         self._stopping = False
+        self._endpoint = endpoint
         self._service = ClientService(
             ReportingEndpoint(endpoint, self._connect_failed),
             _LinkFactory(self),
@@ -390,6 +391,10 @@ class RedisLink:
         """
         self._failures += 1
         category, text = describe_failure(reason, None, self._settings)
+        master = getattr(self._endpoint, "master", None)
+        if master is not None and category != "sentinel":
+            # the address came from the sentinels: say which one failed
+            text += f" (master {master[0]}:{master[1]}, as the sentinels named it)"
         self.last_error = text
         self.failures.failed(category, text)
 
