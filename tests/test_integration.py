@@ -420,6 +420,32 @@ class HttpEndpointTests(ProxyTestCase):
             del events[:]
 
 
+    async def test_unheard_client_messages_counted(self) -> None:
+        """
+        A client message published while no backend listens on :up (PUBLISH
+        answered 0) is counted in wsproxy_messages_up_unheard_total and said
+        in one warning (not one per message); heard ones are not counted.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.authorize("s1")
+        c = await self.client("s1")
+        for i in range(3):
+            c.sendMessage(b"nobody hears %d" % i)
+        await wait_for(lambda: self.proxy.proxy.stats.messages_up_unheard == 3)
+        received = self.up_listener("s1")
+        c.sendMessage(b"heard")
+        await wait_for(lambda: received() == [b"heard"])
+        self.assertEqual(self.proxy.proxy.stats.messages_up_unheard, 3)
+        lines = [formatEvent(e) for e in events if "no backend subscribed" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        code, _, body = await self.get("/metrics")
+        self.assertIn(b"wsproxy_messages_up_unheard_total 3.0", body)
+
+
 class CompressionTests(ProxyTestCase):
     async def offer_deflate(self) -> Any:
         from autobahn.websocket.compress import PerMessageDeflateOffer

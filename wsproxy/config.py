@@ -229,6 +229,32 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+def _name(value: str) -> str:
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain spaces")
+    return value
+
+
+def _sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """
+    C{REDIS_SENTINELS}: a comma list of C{host:port} (C{[v6]:port} for IPv6).
+    """
+    sentinels = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port_text = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError("each sentinel must be host:port")
+        sentinels.append((host, int(port_text)))
+    return tuple(sentinels)
+
+
 def _optional_file(value: str) -> str | None:
     if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
         raise ValueError("no such readable file")
@@ -313,6 +339,29 @@ class Settings:
         "redis://[user:pass@]host[:port][/db], rediss://... (TLS) "
         "or unix:///path/redis.sock",
         secret=True,
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        "REDIS_SENTINELS",
+        "",
+        _sentinels,
+        "host:port,host:port of Redis Sentinels: the master is asked of them "
+        "(REDIS_URL then gives only credentials, database and TLS)",
+    )
+    redis_sentinel_master: str = setting(
+        "REDIS_SENTINEL_MASTER", "", _name, "the master's name, as the sentinels monitor it"
+    )
+    redis_sentinel_username: str | None = setting(
+        "REDIS_SENTINEL_USERNAME", "", _optional_text, "ACL user for the sentinels"
+    )
+    redis_sentinel_password: str | None = setting(
+        "REDIS_SENTINEL_PASSWORD", "", _optional_text, "password for the sentinels",
+        secret=True,
+    )
+    redis_sentinel_tls: bool = setting(
+        "REDIS_SENTINEL_TLS",
+        "false",
+        _boolean,
+        "talk TLS to the sentinels (REDIS_TLS_CA_FILE and REDIS_TLS_CERT_FILE apply)",
     )
     redis_tls_ca_file: str | None = setting(
         "REDIS_TLS_CA_FILE",
@@ -461,6 +510,16 @@ class Settings:
     log_format: LogFormat = setting("LOG_FORMAT", "text", _log_format, "text or json")
 
     @property
+    def redis_description(self) -> str:
+        """
+        Where Redis is, for logs (never credentials).
+        """
+        if self.redis_sentinels:
+            sentinels = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
+            return f"sentinel master {self.redis_sentinel_master!r} via {sentinels}"
+        return self.redis.describe()
+
+    @property
     def endpoint(self) -> str:
         """
         The server endpoint string to listen on.
@@ -521,8 +580,14 @@ def load_settings(
             "plain TCP socket); unset LISTEN or terminate TLS in front"
         )
     tls_files = [s.env for s in SETTINGS if s.parse is _optional_file and values[s.attr]]
-    if tls_files and not settings.redis.tls:
+    if tls_files and not (settings.redis.tls or settings.redis_sentinel_tls):
         raise ConfigError(f"{tls_files[0]}: only valid with a rediss:// REDIS_URL")
+    if settings.redis_sentinels and not settings.redis_sentinel_master:
+        raise ConfigError("REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS")
+    if settings.redis_sentinel_master and not settings.redis_sentinels:
+        raise ConfigError("REDIS_SENTINELS: required with REDIS_SENTINEL_MASTER")
+    if settings.redis_sentinels and settings.redis.path is not None:
+        raise ConfigError("REDIS_URL: a unix:// address cannot be combined with REDIS_SENTINELS")
     if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
         raise ConfigError("REDIS_TLS_KEY_FILE: only valid with REDIS_TLS_CERT_FILE")
     return settings

@@ -220,7 +220,7 @@ class ProxyService(DaemonService):
             "wsproxy {role}listening on {where} (redis {redis})",
             role="" if self.worker is None else f"worker {self.worker} (pid {os.getpid()}) ",
             where=where,
-            redis=self.proxy.settings.redis.describe(),
+            redis=self.proxy.settings.redis_description,
         )
 
     def stop_without_drain(self) -> None:

@@ -42,6 +42,7 @@ class Stats:
         self.resume_incomplete = 0
         self.resume_replayed = 0
         self.resume_gaps_filled = 0
+        self.messages_up_unheard = 0
         self.events_published = 0
         self.events_dropped = 0
         self.server_closes = 0
@@ -188,6 +189,8 @@ class _Collector:
             ("wsproxy_bytes_down", "Payload bytes sent to clients", s.bytes_down),
             ("wsproxy_messages_up", "Client messages published to Redis", s.messages_up),
             ("wsproxy_bytes_up", "Client payload bytes published to Redis", s.bytes_up),
+            ("wsproxy_messages_up_unheard", "Client messages published while no backend was "
+             "subscribed to their :up channel (lost)", s.messages_up_unheard),
             ("wsproxy_messages_dropped_down",
              "Backend payloads that could not be sent (tagged mode: bad tag or UTF-8)",
              s.dropped_down),

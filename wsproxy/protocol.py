@@ -337,6 +337,10 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _publish_replied(self, reply: Any) -> None:
         if reply.__class__ is not int:
             self._publish_failed(reply)
+        elif reply == 0:
+            # nobody subscribed to :up: the message is gone (a backend
+            # outage or deploy); counted, and said once a minute
+            self._proxy.unheard(self.session_id)
 
     def _publish_failed(self, error: Any) -> None:
         if self._state is not _OPEN or self._stopped_sending:

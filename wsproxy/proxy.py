@@ -37,6 +37,7 @@ from .redislink import (
     with_deadline,
 )
 from .refusal import Refusal
+from .sentinel import SentinelWatcher
 from .resume import (
     RESUME_PARAM,
     library,
@@ -154,6 +155,8 @@ class Proxy:
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
+        self._unheard_logged = -1e9
+        self._unheard_reported = 0
         #: open sockets by session, for server-side closes
         self.sessions: dict[str, set[Any]] = {}
         self.events = Events(
@@ -162,6 +165,10 @@ class Proxy:
         self.heartbeat = Heartbeat(commands, self.instance, clock) if self.events.enabled else None
         self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
                                self.stats, clock)
+        self.sentinel_watcher: Optional[SentinelWatcher] = (
+            SentinelWatcher(clock, settings, self._master_switched)
+            if settings.redis_sentinels else None
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -171,6 +178,8 @@ class Proxy:
         self.hub.keep(CONTROL_CHANNEL, self.control)
         if self.heartbeat is not None:
             self.heartbeat.start()
+        if self.sentinel_watcher is not None:
+            self.sentinel_watcher.start()
         for interval, work in (
             (SWEEP_INTERVAL, self._sweep),
             (self.hub.canary_interval, self.hub.check_canary),
@@ -179,6 +188,15 @@ class Proxy:
             loop.clock = self.clock
             loop.start(interval, now=False)
             self._loops.append(loop)
+
+    def _master_switched(self, host: str, port: int) -> None:
+        """
+        The sentinels promoted another master: both connections are made
+        again through them now (after a graceful failover the old master is
+        still up, as a replica, and would refuse writes).
+        """
+        self.commands.kill()
+        self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:
         proto.transport.registerProducer(self.valve, True)
@@ -219,9 +237,29 @@ class Proxy:
         if self.heartbeat is not None:
             # a clean shutdown: every close event was sent, the instance is gone
             self.heartbeat.stop()
-        return defer.gatherResults(
-            [self.commands.stop(), self.subscriber.stop()], consumeErrors=True
-        )
+        stopping = [self.commands.stop(), self.subscriber.stop()]
+        if self.sentinel_watcher is not None:
+            stopping.append(self.sentinel_watcher.stop())
+        return defer.gatherResults(stopping, consumeErrors=True)
+
+    def unheard(self, session_id: Optional[str]) -> None:
+        """
+        A client message was published on a :up channel that no backend
+        listens on: Pub/Sub dropped it. Counted; one warning a minute with
+        the count and the last session, so a backend outage is not silence.
+        """
+        stats = self.stats
+        stats.messages_up_unheard += 1
+        now = self.clock.seconds()
+        if now - self._unheard_logged >= 60:
+            self._log.warn(
+                "{n} client messages published with no backend subscribed to their :up "
+                "channel (they are lost; last: session {session_id})",
+                n=stats.messages_up_unheard - self._unheard_reported,
+                session_id=session_id,
+            )
+            self._unheard_logged = now
+            self._unheard_reported = stats.messages_up_unheard
 
     # -- open sockets --------------------------------------------------------
 

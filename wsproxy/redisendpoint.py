@@ -20,6 +20,12 @@ from zope.interface import implementer
 from .config import RedisAddress, Settings
 
 
+class SentinelError(Exception):
+    """
+    The sentinels could not name a usable master (see L{wsproxy.sentinel}).
+    """
+
+
 def client_endpoint(reactor: Any, settings: Settings) -> IStreamClientEndpoint:
     """
     The client endpoint for C{REDIS_URL}: TCP, TLS (certificate and hostname
@@ -32,11 +38,16 @@ def client_endpoint(reactor: Any, settings: Settings) -> IStreamClientEndpoint:
         reactor, address.host, address.port, timeout=5
     )
     if address.tls:
-        endpoint = endpoints.wrapClientTLS(_tls_options(settings), endpoint)
+        endpoint = endpoints.wrapClientTLS(tls_options(settings), endpoint)
     return endpoint
 
 
-def _tls_options(settings: Settings) -> Any:
+def tls_options(settings: Settings, host: Optional[str] = None) -> Any:
+    """
+    TLS for Redis (or a sentinel): the certificate chain is verified against
+    the system's CAs or REDIS_TLS_CA_FILE and must be valid for C{host}
+    (REDIS_URL's by default); REDIS_TLS_CERT_FILE is presented if set.
+    """
     from twisted.internet import ssl
 
     trust_root: Any = ssl.platformTrust()
@@ -53,7 +64,7 @@ def _tls_options(settings: Settings) -> Any:
                 pem += b"\n" + f.read()
         client_cert = ssl.PrivateCertificate.loadPEM(pem)
     return ssl.optionsForClientTLS(
-        settings.redis.host, trustRoot=trust_root, clientCertificate=client_cert
+        host or settings.redis.host, trustRoot=trust_root, clientCertificate=client_cert
     )
 
 
@@ -83,6 +94,8 @@ def describe_failure(reason: Failure, tls: Any, settings: Settings) -> tuple[str
     from OpenSSL import SSL
     from service_identity import VerificationError
 
+    if reason.check(SentinelError):
+        return "sentinel", str(reason.value)
     if reason.check(VerificationError):
         return "tls_hostname", (
             f"TLS certificate does not match the host name {settings.redis.host!r} "

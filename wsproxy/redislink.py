@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import Settings
+from .sentinel import SentinelEndpoint
 from .redisendpoint import (
     ConnectFailures,
     ReportingEndpoint,
@@ -237,7 +238,7 @@ class RedisLink:
         failures: Optional[ConnectFailures] = None,
     ) -> None:
         self.name = name
-        self.failures = failures or ConnectFailures(clock, settings.redis.describe())
+        self.failures = failures or ConnectFailures(clock, settings.redis_description)
         self._settings = settings
         self._clock = clock
         self._subscriber = subscriber
@@ -257,6 +258,7 @@ class RedisLink:
         self.reconnects = 0
         self._ever_ready = False
         self._stopping = False
+        self._endpoint = endpoint
         self._service = ClientService(
             ReportingEndpoint(endpoint, self._connect_failed),
             _LinkFactory(self),
@@ -318,8 +320,20 @@ class RedisLink:
         if self._connecting is not proto:
             return
 
+        sentinel = bool(self._settings.redis_sentinels)
+
         def answered(reply: Any) -> None:
-            if reply in (b"PONG", "PONG"):
+            if sentinel:
+                # the address came from the sentinels: it must be the master
+                # now (not a replica, not an old master that came back)
+                role = reply[0] if isinstance(reply, list) and reply else reply
+                if role in (b"master", "master"):
+                    self._usable(proto)
+                else:
+                    self._setup_failed(f"not a master (ROLE: {role!r})", "sentinel")
+                    if proto.transport is not None:
+                        proto.transport.loseConnection()
+            elif reply in (b"PONG", "PONG"):
                 self._usable(proto)
             else:
                 failed(f"unexpected reply to PING: {reply!r}")
@@ -331,11 +345,11 @@ class RedisLink:
                 if why.check(txredisapi.ConnectionError):
                     return  # connectionLost follows and counts the failure
                 why = why.getErrorMessage()
-            self._setup_failed(f"PING failed: {why}")
+            self._setup_failed(f"{'ROLE' if sentinel else 'PING'} failed: {why}")
             if proto.transport is not None:
                 proto.transport.loseConnection()
 
-        proto.execute_command("PING").addCallbacks(answered, failed)
+        proto.execute_command("ROLE" if sentinel else "PING").addCallbacks(answered, failed)
 
     def _usable(self, proto: Any) -> None:
         if self._connecting is not proto:
@@ -358,7 +372,7 @@ class RedisLink:
             self.reconnects += 1
         self._ever_ready = True
         self._log.info("redis {name} connection ready ({where})",
-                       name=self.name, where=self._settings.redis.describe())
+                       name=self.name, where=self._settings.redis_description)
         self.on_ready(proto)
 
     def _setup_failed(self, why: str, category: Optional[str] = None) -> None:
@@ -377,6 +391,10 @@ class RedisLink:
         """
         self._failures += 1
         category, text = describe_failure(reason, None, self._settings)
+        master = getattr(self._endpoint, "master", None)
+        if master is not None and category != "sentinel":
+            # the address came from the sentinels: say which one failed
+            text += f" (master {master[0]}:{master[1]}, as the sentinels named it)"
         self.last_error = text
         self.failures.failed(category, text)
 
@@ -522,8 +540,11 @@ def build_links(reactor: Any, settings: Settings) -> tuple[RedisLink, RedisLink]
     endpoint and one report of connection failures (whichever connection
     meets a failure first reports it).
     """
-    endpoint = client_endpoint(reactor, settings)
-    failures = ConnectFailures(reactor, settings.redis.describe())
+    endpoint = (
+        SentinelEndpoint(reactor, settings) if settings.redis_sentinels
+        else client_endpoint(reactor, settings)
+    )
+    failures = ConnectFailures(reactor, settings.redis_description)
     return (
         RedisLink("commands", endpoint, settings, reactor, failures=failures),
         RedisLink("subscriber", endpoint, settings, reactor, subscriber=True, failures=failures),

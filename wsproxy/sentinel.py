@@ -1,0 +1,281 @@
+"""
+Redis Sentinel: finding the master, and following a failover at once.
+
+With C{REDIS_SENTINELS} set, both Redis connections are made through a
+L{SentinelEndpoint}: each connection attempt asks the sentinels (in turn,
+skipping those that do not answer) for the address of
+C{REDIS_SENTINEL_MASTER}, then connects there with C{REDIS_URL}'s
+credentials, database and TLS. A connection is only used once C{ROLE}
+says that server really is a master (L{wsproxy.redislink}): a stale
+address, or an old master that came back as a replica, is never written
+to.
+
+A L{SentinelWatcher} stays subscribed to C{+switch-master} on one of the
+sentinels: when the master changes, both connections are dropped and made
+again through the sentinels, rather than waiting for a timeout (after a
+graceful C{SENTINEL FAILOVER} the old master is still up, as a replica).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import hiredis
+from twisted.application.internet import ClientService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import Settings
+from .redisendpoint import SentinelError, tls_options
+
+#: how long one sentinel has to answer a question
+QUERY_TIMEOUT = 2.0
+
+
+def _command(*args: bytes | str) -> bytes:
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+
+
+def _hello(settings: Settings) -> bytes:
+    """
+    AUTH for the sentinels, if they need it.
+    """
+    if settings.redis_sentinel_password is None:
+        return b""
+    if settings.redis_sentinel_username:
+        return _command("AUTH", settings.redis_sentinel_username,
+                        settings.redis_sentinel_password)
+    return _command("AUTH", settings.redis_sentinel_password)
+
+
+def _sentinel_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
+    endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
+        reactor, host, port, timeout=QUERY_TIMEOUT
+    )
+    if settings.redis_sentinel_tls:
+        endpoint = endpoints.wrapClientTLS(tls_options(settings, host), endpoint)
+    return endpoint
+
+
+class _Query(Protocol):
+    """
+    Sends a few commands to a sentinel, collects as many replies, hangs up.
+    """
+
+    def __init__(self, request: bytes, expected: int) -> None:
+        self._request = request
+        self._expected = expected
+        self._reader = hiredis.Reader()
+        self.replies: list[Any] = []
+        self.done: defer.Deferred[list[Any]] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        reply = self._reader.gets()
+        while reply is not False:
+            self.replies.append(reply)
+            reply = self._reader.gets()
+        if len(self.replies) >= self._expected and not self.done.called:
+            self.done.callback(self.replies)
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+async def ask_for_master(
+    reactor: Any, settings: Settings, host: str, port: int
+) -> tuple[str, int]:
+    """
+    One sentinel's answer: the master's (host, port).
+
+    @raise SentinelError: it does not know the master, or refused.
+    """
+    hello = _hello(settings)
+    request = hello + _command(
+        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.redis_sentinel_master
+    )
+    query = _Query(request, 2 if hello else 1)
+    factory = Factory.forProtocol(lambda: query)
+    factory.noisy = False
+    protocol = await _sentinel_endpoint(reactor, settings, host, port).connect(factory)
+    try:
+        replies = await query.done.addTimeout(QUERY_TIMEOUT, reactor)
+    finally:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise SentinelError(f"sentinel {host}:{port} refused: {reply}")
+    answer = replies[-1]
+    if answer is None:
+        raise SentinelError(
+            f"sentinels do not know master {settings.redis_sentinel_master!r}"
+        )
+    master_host, master_port = answer
+    return master_host.decode(), int(master_port)
+
+
+@implementer(IStreamClientEndpoint)
+class SentinelEndpoint:
+    """
+    Connects to whatever master the sentinels name at the time of each
+    attempt; starts with the sentinel that answered last.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        self._reactor = reactor
+        self._settings = settings
+        self._sentinels = list(settings.redis_sentinels)
+        self.master: Optional[tuple[str, int]] = None
+
+    async def find_master(self) -> tuple[str, int]:
+        """
+        Ask the sentinels in turn until one names the master.
+
+        @raise SentinelError: with every sentinel's reason if none did.
+        """
+        problems = []
+        unknown = None
+        for index, (host, port) in enumerate(list(self._sentinels)):
+            try:
+                master = await ask_for_master(self._reactor, self._settings, host, port)
+            except SentinelError as e:
+                if "do not know master" in str(e):
+                    unknown = e
+                problems.append(f"{host}:{port}: {e}")
+                continue
+            except Exception as e:
+                problems.append(f"{host}:{port}: {_reason(e)}")
+                continue
+            if index:
+                # the one that answered goes first next time
+                self._sentinels.insert(0, self._sentinels.pop(index))
+            self.master = master
+            return master
+        if unknown is not None and len(problems) == len(self._sentinels):
+            raise unknown
+        raise SentinelError("no sentinel answered (" + "; ".join(problems) + ")")
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        return defer.ensureDeferred(self._connect(factory))
+
+    async def _connect(self, factory: Any) -> Any:
+        host, port = await self.find_master()
+        endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
+            self._reactor, host, port, timeout=5
+        )
+        if self._settings.redis.tls:
+            endpoint = endpoints.wrapClientTLS(tls_options(self._settings, host), endpoint)
+        return await endpoint.connect(factory)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().rstrip(".")
+    return text or type(e).__name__
+
+
+class _Watch(Protocol):
+    """
+    Subscribed to C{+switch-master} on one sentinel.
+    """
+
+    def __init__(self, hello: bytes, on_message: Callable[[bytes], None]) -> None:
+        self._hello = hello
+        self._on_message = on_message
+        self._reader = hiredis.Reader()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._hello + _command("SUBSCRIBE", "+switch-master"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        reply = self._reader.gets()
+        while reply is not False:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                self._on_message(reply[2])
+            reply = self._reader.gets()
+
+
+@implementer(IStreamClientEndpoint)
+class _AnySentinel:
+    """
+    Each attempt connects to the next sentinel.
+    """
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        self._endpoints = [
+            _sentinel_endpoint(reactor, settings, host, port)
+            for host, port in settings.redis_sentinels
+        ]
+        self._next = 0
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        endpoint = self._endpoints[self._next % len(self._endpoints)]
+        self._next += 1
+        connecting: defer.Deferred[Any] = endpoint.connect(factory)
+        return connecting
+
+
+class SentinelWatcher:
+    """
+    Calls C{on_switch(host, port)} when the sentinels announce a new master
+    for C{REDIS_SENTINEL_MASTER}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        settings: Settings,
+        on_switch: Callable[[str, int], None],
+    ) -> None:
+        self._name = settings.redis_sentinel_master.encode()
+        self._on_switch = on_switch
+        hello = _hello(settings)
+        factory = Factory.forProtocol(lambda: _Watch(hello, self._message))
+        factory.noisy = False
+        self._service = ClientService(
+            _AnySentinel(reactor, settings), factory,
+            retryPolicy=lambda attempt: min(1.0, 0.1 * 2 ** min(attempt, 4)),
+            clock=reactor,
+        )
+
+    def start(self) -> None:
+        self._service.startService()
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self._service.stopService()
+
+    def _message(self, payload: bytes) -> None:
+        # "<name> <old ip> <old port> <new ip> <new port>"
+        parts = payload.split()
+        if len(parts) != 5 or parts[0] != self._name:
+            return
+        try:
+            host, port = parts[3].decode(), int(parts[4])
+        except ValueError:
+            return
+        self._log.info(
+            "sentinel: master {name} is now {host}:{port}; reconnecting",
+            name=self._name.decode(), host=host, port=port,
+        )
+        self._on_switch(host, port)
