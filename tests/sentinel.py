@@ -97,7 +97,6 @@ class Node:
             host=HOST, port=self.port, username=self.username, password=self.password,
             socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), client_name="wsproxy-test",
-            lib_name=None, lib_version=None,
         )
 
     def call(self, *args: Any, timeout: float = 2.0) -> Any:
