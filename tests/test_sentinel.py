@@ -1,0 +1,437 @@
+"""
+Redis Sentinel with real processes: C{python -m wsproxy} pointed at three
+sentinels that monitor a master and a replica (L{tests.sentinel}), real
+WebSocket clients, and real failovers (kill -9 of the master, and
+C{SENTINEL FAILOVER}), with no restart of wsproxy.
+
+C{REDIS_URL} names a port where nothing listens: in sentinel mode only its
+credentials and database are used, so a proxy that connected there would
+never become healthy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import redis as redispy
+from twisted.python import log
+from twisted.trial.unittest import TestCase
+
+from wsproxy.config import SETTINGS
+
+from .sentinel import Node, SentinelSetup, wait
+from .support import (
+    Client,
+    Daemon,
+    clean_autobahn_timers,
+    connect,
+    exchange_messages,
+    free_port,
+    raw_exchange,
+    status_of,
+    up_listener,
+    upgrade_request,
+    wait_for,
+)
+
+SENTINEL_VARIABLES = ("REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_USERNAME",
+                      "REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_TLS")
+
+#: the most a failover may take, from the fault to a message delivered
+#: through the new master (Sentinel alone needs 2-6 s here)
+FAILOVER_BOUND = 30.0
+
+#: after the sentinels report the new master, how long wsproxy may take to
+#: admit new connections and deliver to every existing session again
+FOLLOW_BOUND = 10.0
+
+
+def record(text: str) -> None:
+    """
+    A measurement, on stdout (trial's output) and in the test log.
+    """
+    print(f"\n    {text}", flush=True)
+    log.msg(text)
+
+
+class SentinelTestCase(TestCase):
+    timeout = 180
+
+    def setUp(self) -> None:
+        self.addCleanup(clean_autobahn_timers)
+
+    def start_sentinels(self, **options: Any) -> SentinelSetup:
+        setup = SentinelSetup(**options)
+        self.addCleanup(setup.cleanup)
+        setup.start()
+        return setup
+
+    def start_proxy(self, sentinels: str, master: str, **env: str) -> Daemon:
+        full = {
+            "HOST": "127.0.0.1", "PORT": "0",
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}",
+            "REDIS_SENTINELS": sentinels, "REDIS_SENTINEL_MASTER": master,
+            "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5",
+        }
+        full.update(env)
+        unset = tuple(s.env for s in SETTINGS) + SENTINEL_VARIABLES
+        daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=unset)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    def proxy_for(self, setup: SentinelSetup, **env: str) -> Daemon:
+        return self.start_proxy(setup.addresses(), setup.name, **env)
+
+    async def health(self, port: int) -> int:
+        response = await raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n")
+        return status_of(response)
+
+    async def healthy(self, daemon: Daemon, timeout: float = 30.0) -> int:
+        """
+        The daemon's port, once /health answers 200.
+        """
+        port = await daemon.port()
+        deadline = time.monotonic() + timeout
+        while await self.health(port) != 200:
+            if daemon.out.ended.called or time.monotonic() > deadline:
+                self.fail(f"/health not 200 within {timeout}s; output:\n"
+                          f"{daemon.out.output.decode(errors='replace')[-3000:]}")
+            await wait_for(lambda: True, timeout=1)
+        return port
+
+    def url(self, port: int, session: str, query: str = "") -> str:
+        return f"ws://127.0.0.1:{port}/a/ws/{session}{query}"
+
+    async def open_sessions(self, master: Node, port: int, n: int) -> list[Client]:
+        """
+        C{n} sessions authorized on C{master} (and on the replica: the
+        tokens must survive the failover) and connected; each has received
+        one message through C{master}.
+        """
+        r = master.client()
+        self.addCleanup(r.close)
+        for i in range(n):
+            r.set(f"session:s{i}:auth", "tok", ex=600)
+        self.assertGreaterEqual(r.execute_command("WAIT", 1, 5000), 1,
+                                "the tokens did not reach the replica")
+        clients = []
+        for i in range(n):
+            c = await connect(self.url(port, f"s{i}"), token="tok")
+            self.addCleanup(c.close_and_wait)
+            clients.append(c)
+        for i, c in enumerate(clients):
+            r.publish(f"session:s{i}:down", "before")
+            await c.wait_messages(1)
+        self.assertEqual([c.messages for c in clients], [[(b"before", False)]] * n)
+        return clients
+
+    async def delivered(self, client: Client, session: str, master: Node, label: str,
+                        timeout: float) -> float:
+        """
+        Publish numbered messages for C{session} on C{master}, a few a
+        second (Pub/Sub keeps nothing for a subscriber that is still
+        reconnecting), until C{client} receives one; returns when.
+        """
+        r = master.client()
+        self.addCleanup(r.close)
+        sent = [0]
+
+        def arrived() -> bool:
+            if any(payload.startswith(label.encode()) for payload, _ in client.messages):
+                return True
+            sent[0] += 1
+            r.publish(f"session:{session}:down", f"{label}-{sent[0]}")
+            return False
+
+        await wait(arrived, timeout, f"a message to {session} through {master}",
+                   interval=0.1)
+        return time.monotonic()
+
+    async def admitted(self, port: int, master: Node, session: str, timeout: float) -> Client:
+        """
+        A new session authorized on C{master} connects (retried while the
+        proxy still refuses with 503), and messages go both ways through
+        C{master}.
+        """
+        r = master.client()
+        self.addCleanup(r.close)
+        r.set(f"session:{session}:auth", "tok", ex=600)
+        received = up_listener(r, session, self)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                c: Client = await connect(self.url(port, session), token="tok")
+                break
+            except ConnectionError as e:
+                if time.monotonic() > deadline:
+                    self.fail(f"new connection still refused after {timeout}s: {e}")
+                await wait_for(lambda: True, timeout=1, interval=0.2)
+        self.addCleanup(c.close_and_wait)
+        r.publish(f"session:{session}:down", "hello")
+        await c.wait_messages(1)
+        c.sendMessage(b"up")
+        await wait_for(lambda: received() == [b"up"])
+        return c
+
+    async def check_follows_failover(self, graceful: bool) -> None:
+        """
+        The common body of the two failover tests.
+        """
+        setup = self.start_sentinels()
+        daemon = self.proxy_for(setup)
+        port = await self.healthy(daemon)
+        pid = daemon.process.pid
+        old = setup.master()
+        clients = await self.open_sessions(old, port, 5)
+
+        started = time.monotonic()
+        if graceful:
+            await setup.failover()
+        else:
+            setup.kill_master()
+        new = await setup.promotion(old.address)
+        promoted = time.monotonic()
+        first = await self.delivered(clients[0], "s0", new, "after", FAILOVER_BOUND)
+        if graceful:
+            # the old master, still up, copies the new master's PUBLISHes to
+            # its own subscribers: a delivery proves nothing until the proxy
+            # has subscribed on the new master
+            await wait(lambda: new.call("PUBSUB", "NUMSUB", "session:s0:down")[1] == 1,
+                       FAILOVER_BOUND, f"the proxy to subscribe s0 on {new}")
+            first = time.monotonic()
+        how = "SENTINEL FAILOVER" if graceful else "kill -9 of the master"
+        record(f"{how}: promotion reported {promoted - started:.2f}s after, "
+               f"first message through the new master {first - started:.2f}s after "
+               f"({first - promoted:.2f}s after the promotion)")
+        self.assertLess(first - started, FAILOVER_BOUND)
+
+        for i, c in enumerate(clients[1:], start=1):
+            await self.delivered(c, f"s{i}", new, "after",
+                                 max(1.0, promoted + FOLLOW_BOUND - time.monotonic()))
+        await self.admitted(port, new, "fresh",
+                            max(1.0, promoted + FOLLOW_BOUND - time.monotonic()))
+        # every session is subscribed on the new master, none on the old one
+        channels = [f"session:s{i}:down" for i in range(5)]
+        self.assertEqual([n for _, n in new.client().pubsub_numsub(*channels)], [1] * 5)
+        if graceful:
+            await wait(lambda: old.replicates(new.address), 60, f"{old} to replicate {new}")
+            self.assertEqual([n for _, n in old.client().pubsub_numsub(*channels)], [0] * 5)
+        # the existing sockets were never closed, and their messages reach
+        # the backend on the new master
+        r = new.client()
+        self.addCleanup(r.close)
+        for i, c in enumerate(clients):
+            self.assertEqual(c.state, c.STATE_OPEN)
+            received = up_listener(r, f"s{i}", self)
+            c.sendMessage(b"still here")
+            await wait_for(lambda: received() == [b"still here"])
+        # the same process all along
+        self.assertFalse(daemon.out.ended.called)
+        self.assertEqual(daemon.process.pid, pid)
+        self.assertNotIn(b"Traceback", daemon.out.output)
+
+
+class FailoverTests(SentinelTestCase):
+
+    async def test_master_killed(self) -> None:
+        """
+        kill -9 of the master under 5 open sessions: once the sentinels
+        have promoted the replica, every session receives messages
+        published on the new master and new connections are admitted
+        within FOLLOW_BOUND seconds, with no socket closed and no restart;
+        the first message arrives within FAILOVER_BOUND seconds of the
+        kill.
+        """
+        await self.check_follows_failover(graceful=False)
+
+    async def test_sentinel_failover(self) -> None:
+        """
+        The same with C{SENTINEL FAILOVER}: the old master stays up (as a
+        replica) and the proxy leaves it for the new one, subscriptions
+        and publishing included.
+        """
+        await self.check_follows_failover(graceful=True)
+
+    async def test_old_master_back_as_replica_is_never_written(self) -> None:
+        """
+        The killed master, restarted (empty, believing itself a master
+        until the sentinels demote it), becomes a replica of the new
+        master; while clients connect, subscribe and send, it sees none of
+        the proxy's commands (no GET, no refused write, no client other
+        than its master link, the sentinels and the test's), and the new
+        master sees all of them.
+        """
+        setup = self.start_sentinels()
+        daemon = self.proxy_for(setup)
+        port = await self.healthy(daemon)
+        old = setup.master()
+        clients = await self.open_sessions(old, port, 2)
+        setup.kill_master()
+        new = await setup.promotion(old.address)
+        for i, c in enumerate(clients):
+            await self.delivered(c, f"s{i}", new, "after", FAILOVER_BOUND)
+
+        setup.restart(old)
+        await setup.demoted(old)
+        old.call("CONFIG", "RESETSTAT")
+        new.call("CONFIG", "RESETSTAT")
+        strangers: list[str] = []
+
+        def watch_old() -> None:
+            for line in old.call("CLIENT", "LIST").decode().splitlines():
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                if ("M" in fields["flags"] or fields["name"].startswith("sentinel-")
+                        or fields["name"] == "wsproxy-test"
+                        # just accepted, nothing sent yet (a sentinel names
+                        # its links with its first command)
+                        or fields["cmd"] == "NULL"):
+                    continue
+                strangers.append(line)
+
+        # traffic through the proxy: a new session (GET, EXPIRE, SUBSCRIBE),
+        # messages both ways on old and new sessions
+        watch_old()
+        await self.admitted(port, new, "later", FOLLOW_BOUND)
+        watch_old()
+        r = new.client()
+        self.addCleanup(r.close)
+        for i, c in enumerate(clients):
+            received = up_listener(r, f"s{i}", self)
+            c.sendMessage(b"up")
+            await wait_for(lambda: received() == [b"up"])
+            watch_old()
+            r.publish(f"session:s{i}:down", "down")
+            await wait_for(lambda: (b"down", False) in c.messages)
+            watch_old()
+
+        self.assertEqual(old.role(), "slave")
+        old_stats = old.client().info("commandstats")
+        new_stats = new.client().info("commandstats")
+        errors = old.client().info("errorstats")
+        # commandstats also count what replication and the sentinels send
+        # (SELECT, PUBLISH, PEXPIREAT; the sentinels' own SUBSCRIBE once
+        # they reconnect after demoting it): only a GET or a refused write
+        # can be the proxy's, and any connection of the proxy's is a
+        # stranger in CLIENT LIST
+        self.assertNotIn("cmdstat_get", old_stats, old_stats)
+        self.assertNotIn("errorstat_READONLY", errors, errors)
+        self.assertEqual(strangers, [])
+        # the proxy did all that on the new master
+        self.assertGreaterEqual(new_stats["cmdstat_get"]["calls"], 1)
+        self.assertGreaterEqual(new_stats["cmdstat_expire"]["calls"], 1)
+        self.assertGreaterEqual(new_stats["cmdstat_subscribe"]["calls"], 1)
+        self.assertGreaterEqual(new_stats["cmdstat_publish"]["calls"], 2)
+        self.assertFalse(daemon.out.ended.called)
+
+
+class SentinelSetupTests(SentinelTestCase):
+
+    async def test_one_sentinel_down(self) -> None:
+        """
+        The first of the three sentinels is down from the start: the proxy
+        finds the master through the others, serves sessions, and still
+        follows a failover (which the two remaining sentinels can agree on).
+        """
+        setup = self.start_sentinels()
+        setup.kill_sentinel(0)
+        daemon = self.proxy_for(setup)
+        port = await self.healthy(daemon)
+        old = setup.master()
+        [client] = await self.open_sessions(old, port, 1)
+        started = time.monotonic()
+        setup.kill_master()
+        new = await setup.promotion(old.address)
+        first = await self.delivered(client, "s0", new, "after", FAILOVER_BOUND)
+        record(f"kill -9 of the master with one sentinel down: first message through the "
+               f"new master {first - started:.2f}s after")
+        await self.admitted(port, new, "fresh", FOLLOW_BOUND)
+
+    async def test_token_check_and_both_directions(self) -> None:
+        """
+        The client-side contract holds through the sentinels: no token
+        401, a wrong one 403, the right one 101; a message published on the
+        master reaches the client and the client's reaches the master.
+        """
+        setup = self.start_sentinels()
+        port = await self.healthy(self.proxy_for(setup))
+        r = setup.master().client()
+        self.addCleanup(r.close)
+        r.set("session:c1:auth", "tok", ex=600)
+        for headers, status in [({}, 401), ({"Authorization": "Bearer nope"}, 403),
+                                ({"Authorization": "Bearer tok"}, 101)]:
+            response = await raw_exchange(port, upgrade_request("/a/ws/c1", headers),
+                                          close_after=2.0)
+            self.assertEqual(status_of(response), status, response)
+        self.assertGreater(r.ttl("session:c1:auth"), 600)
+        await exchange_messages(self, r, self.url(port, "c1"), "c1")
+
+    async def test_credentials(self) -> None:
+        """
+        Sentinels that require an ACL user and data nodes that require
+        another: REDIS_SENTINEL_USERNAME/PASSWORD are used for the
+        sentinels, REDIS_URL's user, password and database for the master.
+        """
+        setup = self.start_sentinels(username="app", password="app-secret",
+                                     sentinel_username="watcher",
+                                     sentinel_password="watcher-secret")
+        daemon = self.proxy_for(
+            setup, REDIS_URL=f"redis://app:app-secret@127.0.0.1:{free_port()}/3",
+            REDIS_SENTINEL_USERNAME="watcher", REDIS_SENTINEL_PASSWORD="watcher-secret",
+        )
+        port = await self.healthy(daemon)
+        master = setup.master()
+        r = redispy.Redis(port=master.port, username="app", password="app-secret", db=3,
+                          socket_timeout=5)
+        self.addCleanup(r.close)
+        r.set("session:k1:auth", "tok", ex=600)
+        await exchange_messages(self, r, self.url(port, "k1"), "k1")
+        self.assertNotIn(b"secret", daemon.out.output)
+
+
+class BadConfigurationTests(SentinelTestCase):
+    """
+    A sentinel set-up the proxy cannot use: the daemon keeps running,
+    /health is 503, and the log says why in one line, without a traceback.
+    """
+
+    async def check_reported(self, daemon: Daemon, reason: str) -> None:
+        port = await daemon.port()
+        await wait_for(lambda: reason.encode() in daemon.out.output, timeout=20)
+        self.assertEqual(await self.health(port), 503)
+        response = await raw_exchange(
+            port, upgrade_request("/a/ws/s1", {"Authorization": "Bearer tok"}))
+        self.assertEqual(status_of(response), 503, response)
+        # the proxy keeps retrying meanwhile; a few seconds of that add no
+        # second line (the reason is repeated at most once a minute)
+        retried = time.monotonic() + 3
+        await wait_for(lambda: time.monotonic() > retried, timeout=10)
+        self.assertFalse(daemon.out.ended.called)
+        self.assertEqual(await self.health(port), 503)
+        lines = [line for line in daemon.out.output.decode().splitlines() if reason in line]
+        self.assertEqual(len(lines), 1, daemon.out.output.decode())
+        self.assertNotIn(b"Traceback", daemon.out.output)
+
+    async def test_no_sentinel_reachable(self) -> None:
+        """
+        Nothing listens at any of the sentinels' addresses: "no sentinel
+        answered", naming each address.
+        """
+        dead = [free_port(), free_port()]
+        daemon = self.start_proxy(",".join(f"127.0.0.1:{p}" for p in dead), "wsproxy")
+        await self.check_reported(daemon, "no sentinel answered")
+        [line] = [line for line in daemon.out.output.decode().splitlines()
+                  if "no sentinel answered" in line]
+        for p in dead:
+            self.assertIn(f"127.0.0.1:{p}", line)
+
+    async def test_unknown_master_name(self) -> None:
+        """
+        The sentinels answer but monitor no master of that name:
+        "sentinels do not know master 'nosuch'".
+        """
+        setup = self.start_sentinels(replicas=0, sentinels=1)
+        daemon = self.start_proxy(setup.addresses(), "nosuch")
+        await self.check_reported(daemon, "sentinels do not know master 'nosuch'")
+
