@@ -609,8 +609,8 @@ def main(argv: list[str]) -> int:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     setup = SentinelSetup(ports=ports)
     try:
         print("bin/dev sentinel: starting a master, a replica and three sentinels "
@@ -628,12 +628,12 @@ def main(argv: list[str]) -> int:
             f"  REDIS_SENTINELS={setup.addresses()} REDIS_SENTINEL_MASTER={setup.name} "
             "bin/dev run\n"
             "\n"
-            "Then try a failover:\n"
+            "Then fail over, and see where the master went:\n"
             "\n"
             f"  redis-cli -p {setup.sentinels[0].port} SENTINEL FAILOVER {setup.name}"
-            "     # graceful\n"
+            "            # graceful\n"
             f"  redis-cli -p {master.port} SHUTDOWN NOSAVE"
-            "                 # the master dies\n"
+            "                        # kill the master (this one at first)\n"
             f"  redis-cli -p {setup.sentinels[0].port} SENTINEL GET-MASTER-ADDR-BY-NAME "
             f"{setup.name}\n"
             "\n"

@@ -11,6 +11,9 @@ never become healthy.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sys
 import time
 from typing import Any
@@ -23,6 +26,7 @@ from wsproxy.config import SETTINGS
 
 from .sentinel import Node, SentinelSetup, wait
 from .support import (
+    ROOT,
     Client,
     Daemon,
     clean_autobahn_timers,
@@ -435,3 +439,62 @@ class BadConfigurationTests(SentinelTestCase):
         daemon = self.start_proxy(setup.addresses(), "nosuch")
         await self.check_reported(daemon, "sentinels do not know master 'nosuch'")
 
+
+class BinDevSentinelTests(SentinelTestCase):
+    """
+    C{bin/dev sentinel --free-ports}: what it prints works with wsproxy,
+    and a signal stops every process it started.
+    """
+
+    async def start_dev(self) -> tuple[Daemon, dict[str, str], list[int], str]:
+        """
+        bin/dev sentinel, once it has printed the variables; returns them,
+        every port it announced and its directory.
+        """
+        dev = Daemon([os.path.join(ROOT, "bin", "dev"), "sentinel", "--free-ports"], {})
+        self.addCleanup(dev.stop)
+        await wait_for(lambda: b"Ctrl-C stops everything" in dev.out.output
+                       or dev.out.ended.called, timeout=60)
+        text = dev.out.output.decode()
+        self.assertIn("Ctrl-C stops everything", text)
+        found = re.search(r"REDIS_SENTINELS=(\S+) REDIS_SENTINEL_MASTER=(\S+) bin/dev run", text)
+        assert found is not None, text
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text.split("Run wsproxy")[0])]
+        self.assertEqual(len(ports), 5, text)
+        directory = re.search(r"files in (\S+)\)", text)
+        assert directory is not None, text
+        return (dev, {"REDIS_SENTINELS": found.group(1),
+                      "REDIS_SENTINEL_MASTER": found.group(2)}, ports, directory.group(1))
+
+    async def check_stops(self, dev: Daemon, signum: int, ports: list[int],
+                          directory: str) -> None:
+        dev.signal(signum)
+        await wait_for(lambda: dev.out.ended.called, timeout=20)
+        self.assertEqual(dev.out.status, 0, dev.out.output.decode())
+        # nothing answers on any of its ports, its files are gone
+        for port in ports:
+            self.assertFalse(Node("", port, [], "").answers(), f"port {port} still answers")
+        self.assertFalse(os.path.exists(directory))
+
+    async def test_printed_variables_work_and_sigterm_stops_all(self) -> None:
+        """
+        wsproxy started with the printed REDIS_SENTINELS and
+        REDIS_SENTINEL_MASTER serves a session through the master; SIGTERM
+        stops bin/dev (exit 0) and all five redis-servers.
+        """
+        dev, variables, ports, directory = await self.start_dev()
+        port = await self.healthy(self.start_proxy(variables["REDIS_SENTINELS"],
+                                                   variables["REDIS_SENTINEL_MASTER"]))
+        r = Node("", ports[0], [], "").client()
+        self.addCleanup(r.close)
+        self.assertEqual(r.execute_command("ROLE")[0], b"master")
+        r.set("session:d1:auth", "tok", ex=600)
+        await exchange_messages(self, r, self.url(port, "d1"), "d1")
+        await self.check_stops(dev, signal.SIGTERM, ports, directory)
+
+    async def test_sigint_stops_all(self) -> None:
+        """
+        SIGINT (Ctrl-C) stops bin/dev sentinel and all its redis-servers.
+        """
+        dev, _, ports, directory = await self.start_dev()
+        await self.check_stops(dev, signal.SIGINT, ports, directory)
