@@ -75,6 +75,7 @@ class Node:
         self.username = username
         self.password = password
         self.process: Optional[subprocess.Popen[bytes]] = None
+        self.paused = False
 
     @property
     def address(self) -> Address:
@@ -86,6 +87,13 @@ class Node:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def answering(self) -> bool:
+        """
+        Running and not paused: worth asking.
+        """
+        return self.alive and not self.paused
 
     def client(self, timeout: float = 2.0) -> redispy.Redis:
         """
@@ -139,6 +147,21 @@ class Node:
                 self.process.send_signal(signal.SIGCONT)
                 self.process.kill()
             self.process.wait()
+        self.paused = False
+
+    def pause(self) -> None:
+        """
+        SIGSTOP: connections are still accepted (by the kernel), nothing
+        is answered.
+        """
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+        self.paused = False
 
     def role(self) -> Optional[str]:
         """
@@ -212,6 +235,8 @@ class SentinelSetup:
         self.dir = tempfile.mkdtemp(prefix="wsproxy-sentinel-")
         self.data: list[Node] = []
         self.sentinels: list[Node] = []
+        #: sentinels outside the quorum that monitor the wrong node
+        self.strays: list[Node] = []
 
     # -- start and stop -----------------------------------------------------
 
@@ -271,8 +296,9 @@ class SentinelSetup:
         return Node(label, port, argv, os.path.join(self.dir, f"{label}.log"),
                     self.username, self.password)
 
-    def _sentinel_node(self, number: int, port: int, master_port: int, quorum: int) -> Node:
-        label = f"sentinel{number}"
+    def _sentinel_node(self, number: int, port: int, master_port: int, quorum: int,
+                       label: Optional[str] = None) -> Node:
+        label = label or f"sentinel{number}"
         n = self.name
         lines = [
             f"port {port}",
@@ -312,7 +338,7 @@ class SentinelSetup:
         SIGKILL every process and remove the directory; safe to call at
         any point, and more than once.
         """
-        for node in self.sentinels + self.data:
+        for node in self.strays + self.sentinels + self.data:
             node.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -337,7 +363,7 @@ class SentinelSetup:
         """
         views: dict[Node, Optional[Address]] = {}
         for sentinel in self.sentinels:
-            if not sentinel.alive:
+            if not sentinel.answering:
                 continue
             try:
                 reply = sentinel.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name,
@@ -374,7 +400,7 @@ class SentinelSetup:
         Every live sentinel reports the master, knows every replica (not
         down, link up), and every other live sentinel.
         """
-        live = [s for s in self.sentinels if s.alive]
+        live = [s for s in self.sentinels if s.answering]
         try:
             master = self.agreed_master()
             if master is None or self.node_at(master).role() != "master":
@@ -404,9 +430,9 @@ class SentinelSetup:
         for node in self.data:
             lines.append(f"{node}: {'running' if node.alive else 'not running'}, "
                          f"role {node.role()!r}")
-        for sentinel in self.sentinels:
-            if not sentinel.alive:
-                lines.append(f"{sentinel}: not running")
+        for sentinel in self.sentinels + self.strays:
+            if not sentinel.answering:
+                lines.append(f"{sentinel}: {'paused' if sentinel.alive else 'not running'}")
                 continue
             try:
                 info = _pairs(sentinel.call("SENTINEL", "MASTER", self.name, timeout=1.0))
@@ -439,6 +465,21 @@ class SentinelSetup:
         sentinel.kill()
         return sentinel
 
+    def start_stray(self, monitored: Node) -> Node:
+        """
+        One more sentinel, on its own (quorum 1), that monitors
+        C{monitored} (e.g. the replica) under the same name: it answers
+        C{GET-MASTER-ADDR-BY-NAME} with an address that is not the
+        master's, as a misconfigured or long-partitioned sentinel would.
+        It stays out of L{reported} and L{agreed_master}.
+        """
+        number = len(self.strays) + 1
+        stray = self._sentinel_node(number, _distinct_free_ports(1)[0], monitored.port, 1,
+                                    label=f"stray{number}")
+        self.strays.append(stray)
+        stray.start()
+        return stray
+
     def restart(self, node: Node) -> None:
         """
         Start a killed node again, with its original command line: a
@@ -456,7 +497,7 @@ class SentinelSetup:
         (C{NOGOODSLAVE}, e.g. right after a previous failover).
         """
         old = self.master()
-        sentinel = next(s for s in self.sentinels if s.alive)
+        sentinel = next(s for s in self.sentinels if s.answering)
         last: list[Exception] = []
 
         def ask() -> bool:
