@@ -51,6 +51,12 @@ FAILOVER_BOUND = 30.0
 #: admit new connections and deliver to every existing session again
 FOLLOW_BOUND = 10.0
 
+#: after a graceful failover, from the promotion to the proxy's subscription
+#: on the new master: +switch-master is acted on at once (0.3 s here);
+#: without it the proxy stays on the old master, which still takes writes,
+#: until Sentinel demotes it (8 s or more after the promotion)
+SWITCH_BOUND = 5.0
+
 
 def record(text: str) -> None:
     """
@@ -179,6 +185,22 @@ class SentinelTestCase(TestCase):
         await wait_for(lambda: received() == [b"up"])
         return c
 
+    async def subscribed_on(self, new: Node, promoted: float) -> float:
+        """
+        After a graceful failover: when the proxy has subscribed session
+        s0 on the new master, at most SWITCH_BOUND seconds after the
+        promotion. (The old master, still up, later copies the new
+        master's PUBLISHes to its own subscribers: a delivery alone does
+        not show that the proxy moved.)
+        """
+        await wait(lambda: new.call("PUBSUB", "NUMSUB", "session:s0:down")[1] == 1,
+                   FAILOVER_BOUND, f"the proxy to subscribe s0 on {new}")
+        moved = time.monotonic()
+        self.assertLess(moved - promoted, SWITCH_BOUND,
+                        f"the proxy left the old master {moved - promoted:.2f}s after the "
+                        "promotion: the +switch-master was not acted on")
+        return moved
+
     async def check_follows_failover(self, graceful: bool) -> None:
         """
         The common body of the two failover tests.
@@ -199,12 +221,7 @@ class SentinelTestCase(TestCase):
         promoted = time.monotonic()
         first = await self.delivered(clients[0], "s0", new, "after", FAILOVER_BOUND)
         if graceful:
-            # the old master, still up, copies the new master's PUBLISHes to
-            # its own subscribers: a delivery proves nothing until the proxy
-            # has subscribed on the new master
-            await wait(lambda: new.call("PUBSUB", "NUMSUB", "session:s0:down")[1] == 1,
-                       FAILOVER_BOUND, f"the proxy to subscribe s0 on {new}")
-            first = time.monotonic()
+            first = await self.subscribed_on(new, promoted)
         how = "SENTINEL FAILOVER" if graceful else "kill -9 of the master"
         record(f"{how}: promotion reported {promoted - started:.2f}s after, "
                f"first message through the new master {first - started:.2f}s after "
@@ -322,6 +339,8 @@ class FailoverTests(SentinelTestCase):
         self.assertNotIn("cmdstat_get", old_stats, old_stats)
         self.assertNotIn("errorstat_READONLY", errors, errors)
         self.assertEqual(strangers, [])
+        # nothing subscribed there but the sentinels' own channel
+        self.assertEqual(old.call("PUBSUB", "CHANNELS"), [b"__sentinel__:hello"])
         # the proxy did all that on the new master
         self.assertGreaterEqual(new_stats["cmdstat_get"]["calls"], 1)
         self.assertGreaterEqual(new_stats["cmdstat_expire"]["calls"], 1)
@@ -351,6 +370,46 @@ class SentinelSetupTests(SentinelTestCase):
         record(f"kill -9 of the master with one sentinel down: first message through the "
                f"new master {first - started:.2f}s after")
         await self.admitted(port, new, "fresh", FOLLOW_BOUND)
+
+    async def test_frozen_sentinel(self) -> None:
+        """
+        The first sentinel is frozen from the start (SIGSTOP: the kernel
+        still accepts connections, nothing answers): the proxy finds the
+        master through the others, and still follows a SENTINEL FAILOVER
+        at once: it must not wait forever on the frozen one for
+        +switch-master.
+        """
+        setup = self.start_sentinels()
+        setup.sentinels[0].pause()
+        daemon = self.proxy_for(setup)
+        port = await self.healthy(daemon)
+        old = setup.master()
+        [client] = await self.open_sessions(old, port, 1)
+        started = time.monotonic()
+        await setup.failover()
+        new = await setup.promotion(old.address)
+        moved = await self.subscribed_on(new, time.monotonic())
+        record(f"SENTINEL FAILOVER with the first sentinel frozen: the proxy on the new "
+               f"master {moved - started:.2f}s after")
+        await self.delivered(client, "s0", new, "after", FOLLOW_BOUND)
+        await self.admitted(port, new, "fresh", FOLLOW_BOUND)
+
+    async def test_sentinel_naming_a_replica_is_passed_over(self) -> None:
+        """
+        The first sentinel listed answers with the replica's address (a
+        misconfigured or long-partitioned sentinel): ROLE refuses that
+        server, and the proxy asks the other sentinels, which name the
+        master, instead of asking the same one again.
+        """
+        setup = self.start_sentinels()
+        replica = next(n for n in setup.data if n is not setup.master())
+        stray = setup.start_stray(replica)
+        daemon = self.start_proxy(f"127.0.0.1:{stray.port},{setup.addresses()}", setup.name)
+        port = await self.healthy(daemon)
+        r = setup.master().client()
+        self.addCleanup(r.close)
+        r.set("session:c1:auth", "tok", ex=600)
+        await exchange_messages(self, r, self.url(port, "c1"), "c1")
 
     async def test_token_check_and_both_directions(self) -> None:
         """
@@ -429,6 +488,23 @@ class BadConfigurationTests(SentinelTestCase):
                   if "no sentinel answered" in line]
         for p in dead:
             self.assertIn(f"127.0.0.1:{p}", line)
+
+    async def test_sentinel_naming_a_replica(self) -> None:
+        """
+        The only sentinel names a replica as the master: ROLE refuses it
+        ("not a master", saying what it is), and nothing is written there.
+        """
+        setup = self.start_sentinels()
+        replica = next(n for n in setup.data if n is not setup.master())
+        stray = setup.start_stray(replica)
+        daemon = self.start_proxy(f"127.0.0.1:{stray.port}", setup.name)
+        await self.check_reported(daemon, "not a master")
+        [line] = [line for line in daemon.out.output.decode().splitlines()
+                  if "not a master" in line]
+        self.assertIn("slave", line)
+        stats = replica.client().info("commandstats")
+        self.assertNotIn("cmdstat_get", stats)
+        self.assertEqual(replica.call("PUBSUB", "CHANNELS"), [b"__sentinel__:hello"])
 
     async def test_unknown_master_name(self) -> None:
         """
