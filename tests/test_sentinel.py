@@ -371,6 +371,26 @@ class SentinelSetupTests(SentinelTestCase):
                f"new master {first - started:.2f}s after")
         await self.admitted(port, new, "fresh", FOLLOW_BOUND)
 
+    async def test_watched_sentinel_killed(self) -> None:
+        """
+        The sentinel the proxy listens to for +switch-master (the first)
+        is killed while the proxy runs: it listens on another, and a
+        SENTINEL FAILOVER is still followed at once.
+        """
+        setup = self.start_sentinels()
+        daemon = self.proxy_for(setup)
+        port = await self.healthy(daemon)
+        old = setup.master()
+        [client] = await self.open_sessions(old, port, 1)
+        setup.kill_sentinel(0)
+        started = time.monotonic()
+        await setup.failover()
+        new = await setup.promotion(old.address)
+        moved = await self.subscribed_on(new, time.monotonic())
+        record(f"SENTINEL FAILOVER after the watched sentinel was killed: the proxy on the "
+               f"new master {moved - started:.2f}s after")
+        await self.delivered(client, "s0", new, "after", FOLLOW_BOUND)
+
     async def test_frozen_sentinel(self) -> None:
         """
         The first sentinel is frozen from the start (SIGSTOP: the kernel
@@ -505,6 +525,17 @@ class BadConfigurationTests(SentinelTestCase):
         stats = replica.client().info("commandstats")
         self.assertNotIn("cmdstat_get", stats)
         self.assertEqual(replica.call("PUBSUB", "CHANNELS"), [b"__sentinel__:hello"])
+
+    async def test_wrong_sentinel_password(self) -> None:
+        """
+        The sentinels refuse REDIS_SENTINEL_PASSWORD: the line gives their
+        answer (WRONGPASS), never the password.
+        """
+        setup = self.start_sentinels(replicas=0, sentinels=1, sentinel_password="right")
+        daemon = self.start_proxy(setup.addresses(), setup.name,
+                                  REDIS_SENTINEL_PASSWORD="not-it")
+        await self.check_reported(daemon, "WRONGPASS")
+        self.assertNotIn(b"not-it", daemon.out.output)
 
     async def test_unknown_master_name(self) -> None:
         """
