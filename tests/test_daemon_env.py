@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
@@ -43,6 +46,7 @@ from .support import (
     connect,
     free_port,
     raw_exchange,
+    redis_server_binary,
     status_of,
     up_listener,
     wait_for,
@@ -235,6 +239,138 @@ async def redis_tls_key_file(t: EnvTestCase) -> None:
     REDIS_TLS_KEY_FILE: the client certificate's key, in a file of its own.
     """
     await redis_tls(t, client_auth=True, separate_key=True)
+
+
+class OneSentinel:
+    """
+    A redis-server in Sentinel mode watching the test's Redis as master
+    C{wsp}, on a free port, stopped at clean-up; C{password} is asked of
+    its clients.
+    """
+
+    def __init__(self, t: EnvTestCase, password: Optional[str] = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsproxy-sentinel-")
+        self.port = free_port()
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
+                 f"sentinel monitor wsp 127.0.0.1 {t.redis.port} 1"]
+        if password:
+            lines.append(f"requirepass {password}")
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            [redis_server_binary(), conf, "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        t.addCleanup(self.stop)
+        client = redispy.Redis(port=self.port, password=password, socket_timeout=5)
+        t.addCleanup(client.close)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "wsp"):
+                    break
+            except redispy.RedisError:
+                pass
+            t.assertLess(time.monotonic(), deadline, "sentinel did not start")
+            time.sleep(0.05)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def sentinel_session(t: EnvTestCase) -> None:
+    """
+    A client admitted and messages both ways through the master the
+    sentinel named.
+    """
+    received = up_listener(t.r, "s1", t)
+    c = await t.client()
+    t.r.publish("session:s1:down", "down")
+    c.sendMessage(b"up")
+    await c.wait_messages(1)
+    await wait_for(lambda: received() == [b"up"])
+
+
+async def redis_sentinels(t: EnvTestCase) -> None:
+    """
+    REDIS_SENTINELS (with REDIS_SENTINEL_MASTER): the master is found
+    through the sentinels (REDIS_URL's host and port are not used; an
+    unreachable sentinel listed first is skipped).
+    """
+    sentinel = OneSentinel(t)
+    await t.start(REDIS_URL="redis://127.0.0.1:1", REDIS_SENTINEL_MASTER="wsp",
+                  REDIS_SENTINELS=f"127.0.0.1:1,{sentinel.address}")
+    t.assertIn("sentinel master 'wsp'", t.log)
+    await sentinel_session(t)
+
+
+async def redis_sentinel_master(t: EnvTestCase) -> None:
+    """
+    REDIS_SENTINEL_MASTER names the master: an unknown name leaves the
+    proxy unhealthy with one line saying so; the right one works.
+    """
+    sentinel = OneSentinel(t)
+    env = {"REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINELS": sentinel.address}
+    full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_SENTINEL_MASTER": "nosuch", **env}
+    wrong = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
+    t.addCleanup(wrong.stop)
+    await wait_for(lambda: b"sentinels do not know master 'nosuch'" in wrong.out.output,
+                   timeout=20)
+    t.assertIsNone(wrong.out.status)
+    await t.start(REDIS_SENTINEL_MASTER="wsp", **env)
+    await sentinel_session(t)
+
+
+async def redis_sentinel_password(t: EnvTestCase) -> None:
+    """
+    REDIS_SENTINEL_PASSWORD (and REDIS_SENTINEL_USERNAME): sentinels that
+    require a password are asked with it.
+    """
+    sentinel = OneSentinel(t, password="s3ntinel")
+    await t.start(REDIS_URL="redis://127.0.0.1:1", REDIS_SENTINEL_MASTER="wsp",
+                  REDIS_SENTINELS=sentinel.address, REDIS_SENTINEL_PASSWORD="s3ntinel",
+                  REDIS_SENTINEL_USERNAME="default")
+    await sentinel_session(t)
+
+
+async def redis_sentinel_username(t: EnvTestCase) -> None:
+    """
+    REDIS_SENTINEL_USERNAME: a user the sentinel does not know is refused,
+    and the refusal is the reason the proxy gives.
+    """
+    sentinel = OneSentinel(t, password="s3ntinel")
+    full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINEL_MASTER": "wsp",
+            "REDIS_SENTINELS": sentinel.address, "REDIS_SENTINEL_USERNAME": "nobody",
+            "REDIS_SENTINEL_PASSWORD": "s3ntinel"}
+    daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
+    t.addCleanup(daemon.stop)
+    await wait_for(lambda: b"refused" in daemon.out.output and b"sentinel" in daemon.out.output,
+                   timeout=20)
+
+
+async def redis_sentinel_tls(t: EnvTestCase) -> None:
+    """
+    REDIS_SENTINEL_TLS=true: the sentinels are spoken to over TLS (a
+    plain-text sentinel then never names a master: the proxy stays
+    unhealthy and says why).
+    """
+    sentinel = OneSentinel(t)
+    full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINEL_MASTER": "wsp",
+            "REDIS_SENTINELS": sentinel.address, "REDIS_SENTINEL_TLS": "true"}
+    daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
+    t.addCleanup(daemon.stop)
+    await wait_for(lambda: b"no sentinel answered" in daemon.out.output, timeout=20)
+    t.assertIsNone(daemon.out.status)
 
 
 async def auth_timeout(t: EnvTestCase) -> None:
@@ -637,6 +773,11 @@ VALID = [
     Case("PORT", port),
     Case("LISTEN", listen),
     Case("REDIS_URL", redis_url),
+    Case("REDIS_SENTINELS", redis_sentinels),
+    Case("REDIS_SENTINEL_MASTER", redis_sentinel_master),
+    Case("REDIS_SENTINEL_USERNAME", redis_sentinel_username),
+    Case("REDIS_SENTINEL_PASSWORD", redis_sentinel_password),
+    Case("REDIS_SENTINEL_TLS", redis_sentinel_tls),
     Case("REDIS_TLS_CA_FILE", redis_tls_ca_file),
     Case("REDIS_TLS_CERT_FILE", redis_tls_cert_file),
     Case("REDIS_TLS_KEY_FILE", redis_tls_key_file),
@@ -703,6 +844,11 @@ INVALID = [
     Invalid("PORT", "http"),
     Invalid("LISTEN", "tcp:http"),
     Invalid("REDIS_URL", "http://127.0.0.1:6379"),
+    Invalid("REDIS_SENTINELS", "127.0.0.1", {"REDIS_SENTINEL_MASTER": "m"}),
+    Invalid("REDIS_SENTINEL_MASTER", "my master", {"REDIS_SENTINELS": "127.0.0.1:26379"}),
+    Invalid("REDIS_SENTINEL_USERNAME", "wsproxy"),
+    Invalid("REDIS_SENTINEL_PASSWORD", "secret"),
+    Invalid("REDIS_SENTINEL_TLS", "sometimes"),
     Invalid("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem", REDISS),
     Invalid("REDIS_TLS_CERT_FILE", "/nonexistent/client.pem", REDISS),
     Invalid("REDIS_TLS_KEY_FILE", "/nonexistent/client.key", REDISS),

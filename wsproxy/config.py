@@ -584,8 +584,15 @@ def load_settings(
         raise ConfigError(f"{tls_files[0]}: only valid with a rediss:// REDIS_URL")
     if settings.redis_sentinels and not settings.redis_sentinel_master:
         raise ConfigError("REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS")
-    if settings.redis_sentinel_master and not settings.redis_sentinels:
-        raise ConfigError("REDIS_SENTINELS: required with REDIS_SENTINEL_MASTER")
+    sentinel_only: tuple[tuple[str, object], ...] = (
+        ("REDIS_SENTINEL_MASTER", settings.redis_sentinel_master),
+        ("REDIS_SENTINEL_USERNAME", settings.redis_sentinel_username),
+        ("REDIS_SENTINEL_PASSWORD", settings.redis_sentinel_password),
+        ("REDIS_SENTINEL_TLS", settings.redis_sentinel_tls),
+    )
+    for name, given in sentinel_only:
+        if given and not settings.redis_sentinels:
+            raise ConfigError(f"{name}: only valid with REDIS_SENTINELS")
     if settings.redis_sentinels and settings.redis.path is not None:
         raise ConfigError("REDIS_URL: a unix:// address cannot be combined with REDIS_SENTINELS")
     if settings.redis_tls_key_file and not settings.redis_tls_cert_file:

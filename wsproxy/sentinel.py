@@ -131,7 +131,7 @@ async def ask_for_master(
 class SentinelEndpoint:
     """
     Connects to whatever master the sentinels name at the time of each
-    attempt; starts with the sentinel that answered last.
+    attempt.
     """
 
     _log = Logger()
@@ -144,30 +144,34 @@ class SentinelEndpoint:
 
     async def find_master(self) -> tuple[str, int]:
         """
-        Ask the sentinels in turn until one names the master.
+        Ask every sentinel at once and take the address most of those that
+        answer give (a sentinel that is down is skipped, one that lies is
+        outvoted; a lie that wins is still caught by the ROLE check).
 
-        @raise SentinelError: with every sentinel's reason if none did.
+        @raise SentinelError: with every sentinel's reason if none named
+            the master.
         """
-        problems = []
-        unknown = None
-        for index, (host, port) in enumerate(list(self._sentinels)):
+        async def ask(host: str, port: int) -> tuple[str, int] | str:
             try:
-                master = await ask_for_master(self._reactor, self._settings, host, port)
+                return await ask_for_master(self._reactor, self._settings, host, port)
             except SentinelError as e:
-                if "do not know master" in str(e):
-                    unknown = e
-                problems.append(f"{host}:{port}: {e}")
-                continue
+                return f"{host}:{port}: {e}"
             except Exception as e:
-                problems.append(f"{host}:{port}: {_reason(e)}")
-                continue
-            if index:
-                # the one that answered goes first next time
-                self._sentinels.insert(0, self._sentinels.pop(index))
+                return f"{host}:{port}: {_reason(e)}"
+
+        answers = await defer.gatherResults(
+            [defer.ensureDeferred(ask(host, port)) for host, port in self._sentinels]
+        )
+        masters = [a for a in answers if isinstance(a, tuple)]
+        if masters:
+            master = max(masters, key=masters.count)
             self.master = master
             return master
-        if unknown is not None and len(problems) == len(self._sentinels):
-            raise unknown
+        problems = [a for a in answers if isinstance(a, str)]
+        if all("do not know master" in p for p in problems):
+            raise SentinelError(
+                f"sentinels do not know master {self._settings.redis_sentinel_master!r}"
+            )
         raise SentinelError("no sentinel answered (" + "; ".join(problems) + ")")
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
