@@ -103,6 +103,9 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         )
         self._fifo: Deque[Optional[Callable[[Any], None]]] = deque()
 
+    def role(self) -> defer.Deferred[Any]:
+        return self.command("ROLE")
+
     def command(self, *args: Any) -> defer.Deferred[Any]:
         self._fifo.append(None)
         self.sent += 1
@@ -171,6 +174,17 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
             protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError
         )
 
+    _role: Optional[defer.Deferred[Any]] = None
+
+    def role(self) -> defer.Deferred[Any]:
+        """
+        C{ROLE}, before any subscription: its reply is taken raw (txredisapi
+        would read a list reply as a Pub/Sub message and keep 3 elements).
+        """
+        self._role = defer.Deferred()
+        self.transport.write(b"*1\r\n$4\r\nROLE\r\n")
+        return self._role
+
     def command(self, name: str, channel: str) -> defer.Deferred[Any]:
         self.sent += 1
         if name == "SUBSCRIBE":
@@ -185,6 +199,9 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
         while reply is not False:
             if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                 on_message(reply[1], reply[2])
+            elif self._role is not None:
+                waiting, self._role = self._role, None
+                waiting.callback(reply)
             else:
                 self.replyReceived(reply)
             reply = parser.gets()
@@ -349,7 +366,8 @@ class RedisLink:
             if proto.transport is not None:
                 proto.transport.loseConnection()
 
-        proto.execute_command("ROLE" if sentinel else "PING").addCallbacks(answered, failed)
+        asked = proto.role() if sentinel else proto.execute_command("PING")
+        asked.addCallbacks(answered, failed)
 
     def _usable(self, proto: Any) -> None:
         if self._connecting is not proto:

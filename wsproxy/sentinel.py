@@ -194,25 +194,64 @@ def _reason(e: BaseException) -> str:
 
 class _Watch(Protocol):
     """
-    Subscribed to C{+switch-master} on one sentinel.
+    Subscribed to C{+switch-master} on one sentinel, and sure it still
+    answers: the subscription must be confirmed, and a PING every few
+    seconds answered, within L{QUERY_TIMEOUT}; otherwise the connection is
+    dropped and the next sentinel watched (a sentinel that is frozen, or
+    cut off, accepts connections and says nothing).
     """
 
-    def __init__(self, hello: bytes, on_message: Callable[[bytes], None]) -> None:
+    PING_INTERVAL = 5.0
+
+    def __init__(
+        self, hello: bytes, on_message: Callable[[bytes], None], clock: IReactorTime
+    ) -> None:
         self._hello = hello
         self._on_message = on_message
+        self._clock = clock
         self._reader = hiredis.Reader()
+        self._deadline: Any = None
+        self._pinger: Any = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(self._hello + _command("SUBSCRIBE", "+switch-master"))
+        self._expect_answer()
+
+    def _expect_answer(self) -> None:
+        if self._deadline is None or not self._deadline.active():
+            self._deadline = self._clock.callLater(QUERY_TIMEOUT, self._silent)
+
+    def _silent(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def _ping(self) -> None:
+        if self.transport is not None:
+            self.transport.write(_command("PING"))
+            self._expect_answer()
 
     def dataReceived(self, data: bytes) -> None:
         self._reader.feed(data)
         reply = self._reader.gets()
         while reply is not False:
+            if self._deadline is not None and self._deadline.active():
+                self._deadline.cancel()
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                 self._on_message(reply[2])
+            elif isinstance(reply, list) and reply[:1] == [b"subscribe"] and self._pinger is None:
+                self._pinger = self._clock.callLater(self.PING_INTERVAL, self._keep_pinging)
             reply = self._reader.gets()
+
+    def _keep_pinging(self) -> None:
+        self._ping()
+        self._pinger = self._clock.callLater(self.PING_INTERVAL, self._keep_pinging)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for call in (self._deadline, self._pinger):
+            if call is not None and call.active():
+                call.cancel()
 
 
 @implementer(IStreamClientEndpoint)
@@ -252,7 +291,7 @@ class SentinelWatcher:
         self._name = settings.redis_sentinel_master.encode()
         self._on_switch = on_switch
         hello = _hello(settings)
-        factory = Factory.forProtocol(lambda: _Watch(hello, self._message))
+        factory = Factory.forProtocol(lambda: _Watch(hello, self._message, reactor))
         factory.noisy = False
         self._service = ClientService(
             _AnySentinel(reactor, settings), factory,
