@@ -775,3 +775,34 @@ class ShutdownTests(AdmissionTestCase):
         self.assertEqual(memory.proxy.stats.outcomes, {"499": 1})
         memory.redis.release()
         self.assertNothingLeft(memory)
+
+
+class HandshakeDeadlineRaceTests(AdmissionTestCase):
+    def test_admission_finishing_after_the_deadline_dropped_the_client(self) -> None:
+        """
+        Autobahn's opening-handshake deadline drops the connection, and the
+        admission's last Redis reply arrives before that drop has reached
+        the protocol: the client is not "opened" on a dead connection (no
+        101, no open count), counted once as 499, nothing stays subscribed,
+        nothing is logged as an error.
+        """
+        memory = self.start(handshake_timeout=1.0)
+        memory.redis.authorize("s1", "tok")
+        memory.redis.hold("SUBSCRIBE")
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        abort = client.transport.abortConnection
+
+        def confirmed_as_it_drops() -> None:
+            # the confirmation is read in the same turn as Autobahn's drop
+            memory.redis.release()
+            abort()
+
+        client.transport.abortConnection = confirmed_as_it_drops
+        # past the deadline (Autobahn's timer rounds: up to 2 s more)
+        for _ in range(40):
+            memory.clock.advance(0.1)
+        self.assertTrue(client.transport.lost)
+        self.assertEqual(memory.proxy.stats.open_connections, 0)
+        self.assertNotIn(b"101 Switching", client.transport.value())
+        self.assertEqual(memory.proxy.stats.outcomes.get("accepted", 0), 0)
+        self.assertNothingLeft(memory)

@@ -174,6 +174,12 @@ class ProxyProtocol(WebSocketServerProtocol):
                 (live_channel(session_id), _LiveSink(resumer)),
             ]
         self._recovery = await proxy.authorize(session_id, credentials, subscriptions, resume)
+        if self.state == WebSocketProtocol.STATE_CLOSED or self.droppedByMe:
+            # Autobahn dropped the connection (its opening-handshake deadline)
+            # in the very turn the admission finished: the drop has not
+            # reached us yet, and opening now would revive a dead connection
+            proxy.release(subscriptions)
+            raise CLIENT_LEFT
         # admitted: the subscriptions are ours from here on
         self._subscriptions = subscriptions
         self._up_channel = up_channel(session_id)
