@@ -404,10 +404,7 @@ class Proxy:
             position = resume.position
             if position is None:
                 # nothing to replay: only where the history ends
-                history = parse_history(await self.commands.execute(
-                    "FCALL_RO", "wsproxy_history", 2,
-                    history_key(session_id), meta_key(session_id), "0-0", 0,
-                ))
+                history = await self._history_chunk(session_id, "0-0", 0)
             else:
                 history = await self.read_history(session_id, position.stream_id)
             return plan_recovery(position, history)
@@ -426,17 +423,24 @@ class Proxy:
         """
         return defer.ensureDeferred(self._read_history(session_id, after))
 
+    async def _history_chunk(self, session_id: str, after: str, count: int) -> History:
+        """
+        One C{wsproxy_history} call: the epoch, the end, and up to C{count}
+        entries after the stream id C{after}.
+        """
+        reply: Any = await self.commands.execute(
+            "FCALL_RO", "wsproxy_history", 2,
+            history_key(session_id), meta_key(session_id), after, count,
+        )
+        return parse_history(reply)
+
     async def _read_history(self, session_id: str, after: str) -> History:
         # read in chunks until the end the history had when first asked:
         # approximate trimming (MAXLEN ~) may keep more than the maximum
         chunk = self.settings.history_max_length + 1
         entries: list[Entry] = []
         while True:
-            reply: Any = await self.commands.execute(
-                "FCALL_RO", "wsproxy_history", 2,
-                history_key(session_id), meta_key(session_id), after, chunk,
-            )
-            history = parse_history(reply)
+            history = await self._history_chunk(session_id, after, chunk)
             if entries and history.epoch != entries[0].epoch:
                 # the history started over between two chunks
                 return history

@@ -20,6 +20,14 @@ from zope.interface import implementer
 from .config import RedisAddress, Settings
 
 
+def encode_command(*args: bytes | str) -> bytes:
+    """
+    One Redis command in RESP, as written on the wire.
+    """
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+
+
 class SentinelError(Exception):
     """
     The sentinels could not name a usable master (see L{wsproxy.sentinel}).

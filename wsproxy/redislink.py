@@ -42,6 +42,7 @@ from .redisendpoint import (
     ReportingEndpoint,
     client_endpoint,
     describe_failure,
+    encode_command,
     setup_category,
 )
 
@@ -124,10 +125,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         Any command on the lean path (events, heartbeats): written as RESP,
         its reply handed to C{on_reply}.
         """
-        self.transport.write(
-            b"*%d\r\n" % len(args)
-            + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
-        )
+        self.transport.write(encode_command(*args))
         self._fifo.append(on_reply)
         self.sent += 1
 

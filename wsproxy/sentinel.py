@@ -30,15 +30,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import Settings
-from .redisendpoint import SentinelError, tls_options
+from .redisendpoint import SentinelError, encode_command, tls_options
 
 #: how long one sentinel has to answer a question
 QUERY_TIMEOUT = 2.0
-
-
-def _command(*args: bytes | str) -> bytes:
-    parts = [a.encode() if isinstance(a, str) else a for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
 
 
 def _hello(settings: Settings) -> bytes:
@@ -48,9 +43,9 @@ def _hello(settings: Settings) -> bytes:
     if settings.redis_sentinel_password is None:
         return b""
     if settings.redis_sentinel_username:
-        return _command("AUTH", settings.redis_sentinel_username,
+        return encode_command("AUTH", settings.redis_sentinel_username,
                         settings.redis_sentinel_password)
-    return _command("AUTH", settings.redis_sentinel_password)
+    return encode_command("AUTH", settings.redis_sentinel_password)
 
 
 def _sentinel_endpoint(reactor: Any, settings: Settings, host: str, port: int) -> Any:
@@ -103,7 +98,7 @@ async def ask_for_master(
     @raise SentinelError: it does not know the master, or refused.
     """
     hello = _hello(settings)
-    request = hello + _command(
+    request = hello + encode_command(
         "SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.redis_sentinel_master
     )
     query = _Query(request, 2 if hello else 1)
@@ -215,7 +210,7 @@ class _Watch(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(self._hello + _command("SUBSCRIBE", "+switch-master"))
+        self.transport.write(self._hello + encode_command("SUBSCRIBE", "+switch-master"))
         self._expect_answer()
 
     def _expect_answer(self) -> None:
@@ -229,7 +224,7 @@ class _Watch(Protocol):
 
     def _ping(self) -> None:
         if self.transport is not None:
-            self.transport.write(_command("PING"))
+            self.transport.write(encode_command("PING"))
             self._expect_answer()
 
     def dataReceived(self, data: bytes) -> None:
