@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .children import Children
-from .errors import Fatal
+from bench.loadtest.errors import Fatal
 from .ipc import DELIVERED
 from .options import CostOptions
 from .publisher import Burst, Mode, Paced

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .children import Children
-from .errors import Fatal
+from bench.loadtest.errors import Fatal
 from .ipc import CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS
 from .options import FailoverOptions
 from .publisher import Paced, Prime, Published

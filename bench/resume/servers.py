@@ -22,7 +22,7 @@ import redis
 from bench.loadtest.procstat import cpu_seconds, rss_bytes
 from wsproxy.config import SETTINGS
 
-from .errors import Fatal
+from bench.loadtest.errors import Fatal
 
 LOOPBACK = "127.0.0.1"
 
