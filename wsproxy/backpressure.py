@@ -33,6 +33,14 @@ class UpstreamValve:
     def __init__(self, connections: Iterable[Readable]) -> None:
         self._connections = connections
         self.paused = False
+        self._full = 0
+
+    def share(self) -> "ValveShare":
+        """
+        A producer for one of several connections feeding this valve (a
+        Redis Cluster's masters): clients stay paused while any is full.
+        """
+        return ValveShare(self)
 
     def pauseProducing(self) -> None:
         if not self.paused:
@@ -45,6 +53,33 @@ class UpstreamValve:
             self.paused = False
             for connection in self._connections:
                 connection.resume_reading()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+@implementer(IPushProducer)
+class ValveShare:
+    """
+    One connection's part of an L{UpstreamValve} shared by several.
+    """
+
+    def __init__(self, valve: UpstreamValve) -> None:
+        self._valve = valve
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._valve._full += 1
+            self._valve.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._valve._full -= 1
+            if self._valve._full == 0:
+                self._valve.resumeProducing()
 
     def stopProducing(self) -> None:
         self.resumeProducing()

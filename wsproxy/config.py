@@ -239,20 +239,34 @@ def _name(value: str) -> str:
     return value
 
 
-def _sentinels(value: str) -> tuple[tuple[str, int], ...]:
+def _host_ports(value: str, what: str) -> tuple[tuple[str, int], ...]:
     """
-    C{REDIS_SENTINELS}: a comma list of C{host:port} (C{[v6]:port} for IPv6).
+    A comma list of C{host:port} (C{[v6]:port} for IPv6).
     """
-    sentinels = []
+    addresses = []
     for item in (part.strip() for part in value.split(",")):
         if not item:
             continue
         host, sep, port_text = item.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError("each sentinel must be host:port")
-        sentinels.append((host, int(port_text)))
-    return tuple(sentinels)
+            raise ValueError(f"each {what} must be host:port")
+        addresses.append((host, int(port_text)))
+    return tuple(addresses)
+
+
+def _sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """
+    C{REDIS_SENTINELS}: a comma list of C{host:port}.
+    """
+    return _host_ports(value, "sentinel")
+
+
+def _cluster_nodes(value: str) -> tuple[tuple[str, int], ...]:
+    """
+    C{REDIS_CLUSTER_NODES}: a comma list of C{host:port}.
+    """
+    return _host_ports(value, "node")
 
 
 def _optional_file(value: str) -> str | None:
@@ -362,6 +376,20 @@ class Settings:
         "false",
         _boolean,
         "talk TLS to the sentinels (REDIS_TLS_CA_FILE and REDIS_TLS_CERT_FILE apply)",
+    )
+    redis_cluster: bool = setting(
+        "REDIS_CLUSTER",
+        "false",
+        _boolean,
+        "REDIS_URL names a node of a Redis Cluster: commands are routed by slot "
+        "and sessions use sharded Pub/Sub (SSUBSCRIBE/SPUBLISH)",
+    )
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = setting(
+        "REDIS_CLUSTER_NODES",
+        "",
+        _cluster_nodes,
+        "host:port,host:port: more nodes to discover the cluster from, besides "
+        "REDIS_URL's (REDIS_CLUSTER=true)",
     )
     redis_tls_ca_file: str | None = setting(
         "REDIS_TLS_CA_FILE",
@@ -517,6 +545,11 @@ class Settings:
         if self.redis_sentinels:
             sentinels = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
             return f"sentinel master {self.redis_sentinel_master!r} via {sentinels}"
+        if self.redis_cluster:
+            seeds = [self.redis.describe().split("://", 1)[-1]] + [
+                f"{h}:{p}" for h, p in self.redis_cluster_nodes
+            ]
+            return f"cluster via {','.join(seeds)}"
         return self.redis.describe()
 
     @property
@@ -595,6 +628,23 @@ def load_settings(
             raise ConfigError(f"{name}: only valid with REDIS_SENTINELS")
     if settings.redis_sentinels and settings.redis.path is not None:
         raise ConfigError("REDIS_URL: a unix:// address cannot be combined with REDIS_SENTINELS")
+    if settings.redis_cluster_nodes and not settings.redis_cluster:
+        raise ConfigError("REDIS_CLUSTER_NODES: only valid with REDIS_CLUSTER=true")
+    if settings.redis_cluster:
+        if settings.redis_sentinels:
+            raise ConfigError(
+                "REDIS_CLUSTER: cannot be combined with REDIS_SENTINELS (a cluster fails "
+                "over by itself)"
+            )
+        if settings.redis.path is not None:
+            raise ConfigError("REDIS_URL: a unix:// address cannot be combined with REDIS_CLUSTER")
+        if settings.redis.db:
+            raise ConfigError("REDIS_URL: a Redis Cluster has only database 0")
+        if settings.resume:
+            raise ConfigError(
+                "RESUME: resumable sessions are not supported with REDIS_CLUSTER yet "
+                "(their Redis functions would need every session's keys in one slot)"
+            )
     if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
         raise ConfigError("REDIS_TLS_KEY_FILE: only valid with REDIS_TLS_CERT_FILE")
     return settings

@@ -30,7 +30,7 @@ from .names import (
     instance_key,
     valid_session_id,
 )
-from .redislink import RedisLink
+from .redislink import Commands
 
 #: who ended a connection, as close events say
 ClosedBy = Literal[
@@ -67,7 +67,7 @@ class Events:
 
     def __init__(
         self,
-        link: RedisLink,
+        link: Commands,
         targets: Iterable[EventTarget],
         stream_max_length: int,
         stats: Stats,
@@ -121,7 +121,7 @@ class Heartbeat:
     knows that instance's sockets are gone too, close events or not.
     """
 
-    def __init__(self, link: RedisLink, instance: str, clock: IReactorTime) -> None:
+    def __init__(self, link: Commands, instance: str, clock: IReactorTime) -> None:
         self._link = link
         self._key = instance_key(instance).encode()
         self._value = json.dumps({

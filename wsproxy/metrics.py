@@ -51,6 +51,9 @@ class Stats:
         self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
         self.subscribed_channels: Callable[[], int] = lambda: 0
+        #: REDIS_CLUSTER: (shard, up, session channels) per master; redirections by kind
+        self.cluster_shards: Callable[[], list[tuple[str, bool, int]]] = list
+        self.cluster_redirects: Callable[[], Counter[str]] = Counter
         self.registry = CollectorRegistry(auto_describe=True)
         self.auth_latency = Histogram(
             "wsproxy_auth_check_seconds",
@@ -231,6 +234,33 @@ class _Collector:
             "wsproxy_subscribed_channels", "Session channels subscribed",
             value=s.subscribed_channels(),
         )
+        shards = s.cluster_shards()
+        if shards:
+            up = GaugeMetricFamily(
+                "wsproxy_cluster_shard_up",
+                "Redis Cluster master reachable and its subscriber delivering (canary), by shard",
+                labels=["shard"],
+            )
+            channels = GaugeMetricFamily(
+                "wsproxy_cluster_shard_channels",
+                "Session channels subscribed on a Redis Cluster master, by shard",
+                labels=["shard"],
+            )
+            for name, is_up, count in sorted(shards):
+                up.add_metric([name], 1 if is_up else 0)
+                channels.add_metric([name], count)
+            yield up
+            yield channels
+            redirects = CounterMetricFamily(
+                "wsproxy_cluster_redirects",
+                "Redis Cluster redirections followed (moved, ask) and subscriptions moved "
+                "(subscribe: refused with a redirection, sunsubscribe: dropped by Redis)",
+                labels=["kind"],
+            )
+            counted = s.cluster_redirects()
+            for kind in ("moved", "ask", "subscribe", "sunsubscribe"):
+                redirects.add_metric([kind], counted[kind])
+            yield redirects
         rtt = s.canary_rtt()
         if rtt is not None:
             yield GaugeMetricFamily(

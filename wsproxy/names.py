@@ -89,3 +89,14 @@ def instance_key(instance: str) -> str:
     proxy process named in events is alive.
     """
     return f"wsproxy:instance:{instance}"
+
+
+def canary_channel(instance: str, tag: str = "") -> str:
+    """
+    The subscriber canary's channel, private to one proxy process. On a
+    Redis Cluster each shard has its own, whose hash tag C{tag} puts it in a
+    slot that shard owns.
+    """
+    if tag:
+        return f"wsproxy:canary:{{{tag}}}:{instance}"
+    return f"wsproxy:canary:{instance}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set, cast
 from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
@@ -25,10 +25,13 @@ from .config import Settings
 from .control import Control, Events, Heartbeat
 from .logs import LogBudget
 from .metrics import Stats
-from .names import CONTROL_CHANNEL, history_key, meta_key, parse_ws_path, valid_session_id
+from .names import CONTROL_CHANNEL, canary_channel, history_key, meta_key, parse_ws_path, valid_session_id
+from .cluster import Cluster, ClusterHub
 from .pubsub import Hub, Listener
-from .redisendpoint import ConnectFailures
 from .redislink import (
+    Commands,
+    FailureCounts,
+    Link,
     RedisLink,
     RedisTimeout,
     RedisUnavailable,
@@ -118,9 +121,10 @@ class Proxy:
         self,
         settings: Settings,
         clock: IReactorTime,
-        commands: RedisLink,
-        subscriber: RedisLink,
+        commands: Commands,
+        subscriber: Link,
         canary_interval: float = 2.0,
+        cluster: Optional[Cluster] = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -128,16 +132,24 @@ class Proxy:
         self.subscriber = subscriber
         self.stats = Stats()
         #: names this process in events, its heartbeat key and its canary
-        self.instance = process_token()
+        self.instance = cluster.instance if cluster is not None else process_token()
         self._connection_ids = 0
-        self.hub = Hub(
-            subscriber,
-            clock,
-            publish=commands.publish,
-            canary_channel=f"wsproxy:canary:{self.instance}",
-            canary_interval=canary_interval,
-            canary_timeout=max(3.0, canary_interval * 1.5),
-        )
+        #: REDIS_CLUSTER: the slot map and a connection pair and hub per master
+        self.cluster = cluster
+        self.hub: Hub | ClusterHub
+        if cluster is not None:
+            self.hub = cluster.hub
+            self.stats.cluster_shards = cluster.shard_states
+            self.stats.cluster_redirects = lambda: cluster.redirects
+        else:
+            self.hub = Hub(
+                cast(RedisLink, subscriber),
+                clock,
+                publish=commands.publish,
+                canary_channel=canary_channel(self.instance),
+                canary_interval=canary_interval,
+                canary_timeout=max(3.0, canary_interval * 1.5),
+            )
         self.stats.redis_reconnects = lambda: commands.reconnects + subscriber.reconnects
         self.stats.redis_connect_failures = lambda: _merged(
             {id(link.failures): link.failures for link in (commands, subscriber)}.values()
@@ -199,7 +211,11 @@ class Proxy:
         self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:
-        proto.transport.registerProducer(self.valve, True)
+        # a cluster has a command connection per master: clients are paused
+        # while any of them is full
+        proto.transport.registerProducer(
+            self.valve if self.cluster is None else self.valve.share(), True
+        )
         if self.heartbeat is not None:
             self.heartbeat.beat_now()
         if self.settings.resume:
@@ -467,7 +483,7 @@ class Proxy:
         return reply in (b"PONG", "PONG")
 
 
-def _merged(reporters: Iterable[ConnectFailures]) -> Counter[str]:
+def _merged(reporters: Iterable[FailureCounts]) -> Counter[str]:
     total: Counter[str] = Counter()
     for reporter in reporters:
         total.update(reporter.counts)
@@ -478,5 +494,8 @@ def build_proxy(reactor: IReactorTime, settings: Settings) -> Proxy:
     """
     A L{Proxy} with real Redis links for C{settings}.
     """
+    if settings.redis_cluster:
+        cluster = Cluster(reactor, settings, process_token())
+        return Proxy(settings, reactor, cluster.commands, cluster.subscribers, cluster=cluster)
     commands, subscriber = build_links(reactor, settings)
     return Proxy(settings, reactor, commands, subscriber)

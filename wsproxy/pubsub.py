@@ -34,6 +34,14 @@ from twisted.python.failure import Failure
 from .redislink import RedisLink, RedisUnavailable
 
 
+def _redirected(f: Failure) -> bool:
+    """
+    Whether a subscription was refused with a Redis Cluster redirection.
+    """
+    message = f.getErrorMessage()
+    return message.startswith(("MOVED ", "ASK "))
+
+
 class Listener(Protocol):
     def deliver(self, payload: bytes) -> None: ...
 
@@ -67,8 +75,14 @@ class Hub:
         canary_channel: str,
         canary_interval: float = 2.0,
         canary_timeout: float = 3.0,
+        on_redirect: Optional[Callable[[], None]] = None,
     ) -> None:
         self._link = link
+        #: Redis Cluster shards (L{wsproxy.cluster}): a subscription refused
+        #: with MOVED/ASK stays waiting and this is called (the cluster then
+        #: moves the channel to the shard that owns it); otherwise it fails
+        self._on_redirect = on_redirect
+        self._redirected: set[bytes] = set()
         self._clock = clock
         self._publish = publish
         self._channels: Dict[bytes, _Subscription] = {}
@@ -213,24 +227,107 @@ class Hub:
         def failed(f: Any) -> None:
             if self._channels.get(state.name.encode()) is not state:
                 return
+            if self._on_redirect is not None and _redirected(f):
+                self._redirected.add(state.name.encode())
+                self._on_redirect()
+                return
             waiting, state.waiting = state.waiting, []
             for d in waiting:
                 d.errback(f)
 
         self._link.subscribe(state.name).addCallbacks(confirmed, failed)
 
+    # -- moving channels between hubs (Redis Cluster shards) ----------------
+
+    def holds(self, channel: bytes) -> bool:
+        return channel in self._channels
+
+    def channels(self) -> list[bytes]:
+        """
+        Every channel this hub holds (session channels and kept ones).
+        """
+        return list(self._channels)
+
+    def take(self, channel: bytes) -> Optional[tuple[_Subscription, bool]]:
+        """
+        Remove C{channel} with its listeners and waiting subscribers, to be
+        L{adopt}ed by another hub; it is unsubscribed here if still connected.
+
+        @return: the subscription and whether it is kept for the process.
+        """
+        state = self._channels.pop(channel, None)
+        if state is None:
+            return None
+        kept = channel in self._kept
+        self._kept.discard(channel)
+        self._redirected.discard(channel)
+        if self._link.ready is not None:
+            self._link.unsubscribe(state.name).addErrback(lambda f: None)
+        return state, kept
+
+    def adopt(self, taken: tuple[_Subscription, bool]) -> None:
+        """
+        Hold a channel L{take}n from another hub: subscribed here (now if
+        connected, else on connection), its waiting subscribers answered
+        once this hub's Redis confirms.
+        """
+        state, kept = taken
+        key = state.name.encode()
+        state.confirmed = False
+        self._channels[key] = state
+        if kept:
+            self._kept.add(key)
+        if self._link.ready is not None:
+            self._send_subscribe(state)
+
+    def retry_redirected(self) -> None:
+        """
+        Subscribe again the channels Redis refused with a redirection that
+        are still held here (the cluster's slot map said they belong here).
+        """
+        redirected, self._redirected = self._redirected, set()
+        if self._link.ready is None:
+            return
+        for key in redirected:
+            state = self._channels.get(key)
+            if state is not None and not state.confirmed:
+                self._send_subscribe(state)
+
+    def set_canary(self, channel: str) -> None:
+        """
+        Use another canary channel (a cluster shard's must hash to a slot it
+        owns).
+        """
+        if channel == self.canary_channel:
+            return
+        old = self.canary_channel
+        self.canary_channel = channel
+        self._canary_key = channel.encode()
+        self._canary_sent = None
+        if self._link.ready is not None:
+            self._link.unsubscribe(old).addErrback(lambda f: None)
+            self._subscribe_canary()
+
     # -- connection events -----------------------------------------------
 
-    def _connected(self, proto: Any) -> None:
+    def _subscribe_canary(self) -> None:
         self._canary_confirmed = False
-        self._canary_sent = None
+        channel = self.canary_channel
 
         def canary_confirmed(_: Any) -> None:
-            self._canary_confirmed = True
+            if channel == self.canary_channel:
+                self._canary_confirmed = True
 
-        self._link.subscribe(self.canary_channel).addCallbacks(
-            canary_confirmed, lambda f: None
-        )
+        def canary_failed(f: Failure) -> None:
+            if self._on_redirect is not None and _redirected(f):
+                self._on_redirect()
+
+        self._link.subscribe(channel).addCallbacks(canary_confirmed, canary_failed)
+
+    def _connected(self, proto: Any) -> None:
+        self._canary_sent = None
+        self._redirected.clear()
+        self._subscribe_canary()
         if self._channels:
             self._log.info(
                 "re-subscribing {n} channels", n=len(self._channels)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from typing import Any, Callable, Deque, Optional, cast
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Optional, Protocol, cast
 
 import hiredis
 import txredisapi
@@ -205,6 +205,66 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
             reply = parser.gets()
 
 
+class _ShardSubscriberProtocol(_SubscriberProtocol):
+    """
+    A Redis Cluster shard's subscriber: sharded Pub/Sub (C{SSUBSCRIBE},
+    C{SUNSUBSCRIBE}, C{smessage}), which txredisapi does not know. Its
+    commands are written raw and their confirmations matched in order; a
+    C{sunsubscribe} nobody asked for is Redis dropping a channel whose slot
+    moved to another shard (L{RedisLink.on_sunsubscribed}).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sharded: Deque[tuple[bytes, bytes, defer.Deferred[Any]]] = deque()
+
+    def command(self, name: str, channel: str) -> defer.Deferred[Any]:
+        self.sent += 1
+        kind = b"ssubscribe" if name == "SUBSCRIBE" else b"sunsubscribe"
+        key = channel.encode()
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._sharded.append((kind, key, d))
+        self.transport.write(encode_command(kind.upper(), key))
+        return d
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        parser = self._parser
+        parser.feed(data)
+        link = self.link
+        on_message = link.on_message
+        pending = self._sharded
+        reply = parser.gets()
+        while reply is not False:
+            if type(reply) is list and len(reply) == 3:
+                kind = reply[0]
+                if kind == b"smessage":
+                    on_message(reply[1], reply[2])
+                elif kind in (b"ssubscribe", b"sunsubscribe"):
+                    if pending and pending[0][0] == kind and pending[0][1] == reply[1]:
+                        self.answered += 1
+                        pending.popleft()[2].callback(None)
+                    elif kind == b"sunsubscribe":
+                        link.on_sunsubscribed(reply[1])
+                else:
+                    self.replyReceived(reply)
+            elif isinstance(reply, Exception) and pending:
+                # an error answers the oldest command (MOVED: not this shard's slot)
+                self.answered += 1
+                pending.popleft()[2].errback(reply)
+            else:
+                self.replyReceived(reply)
+            reply = parser.gets()
+
+    def connectionLost(self, reason: Any) -> None:
+        pending = list(self._sharded)
+        self._sharded.clear()
+        try:
+            super().connectionLost(reason)
+        finally:
+            for _, _, d in pending:
+                d.errback(txredisapi.ConnectionError("connection lost"))
+
+
 class _LinkFactory(Factory):
     """
     Builds txredisapi protocols for a L{RedisLink}, and stands in for the
@@ -226,6 +286,53 @@ class _LinkFactory(Factory):
 
     def connectionError(self, why: str) -> None:
         self.link._setup_failed(why)
+
+
+class FailureCounts(Protocol):
+    """
+    Failed connection attempts by reason (L{ConnectFailures}).
+    """
+
+    @property
+    def counts(self) -> Counter[str]: ...
+
+
+class Link(Protocol):
+    """
+    What the proxy needs of its command or subscriber connection: one
+    L{RedisLink}, or a Redis Cluster's connections to every master
+    (L{wsproxy.cluster}).
+    """
+
+    on_ready: Callable[[Any], None]
+    on_lost: Callable[[], None]
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def failures(self) -> FailureCounts: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> defer.Deferred[Any]: ...
+
+    def sweep(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Commands(Link, Protocol):
+    """
+    The command connection's interface (L{RedisLink.execute}, L{RedisLink.send},
+    L{RedisLink.publish}).
+    """
+
+    def execute(self, *args: Any) -> defer.Deferred[Any]: ...
+
+    def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None: ...
+
+    def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None: ...
 
 
 class RedisLink:
@@ -251,12 +358,14 @@ class RedisLink:
         subscriber: bool = False,
         max_retry_delay: float = 1.0,
         failures: Optional[ConnectFailures] = None,
+        sharded: bool = False,
     ) -> None:
         self.name = name
         self.failures = failures or ConnectFailures(clock, settings.redis_description)
         self._settings = settings
         self._clock = clock
         self._subscriber = subscriber
+        self._sharded = sharded
         self.deadline = settings.auth_timeout
         self.ready: Any = None
         self._connecting: Any = None
@@ -269,6 +378,8 @@ class RedisLink:
         self.on_ready: Callable[[Any], None] = lambda proto: None
         self.on_lost: Callable[[], None] = lambda: None
         self.on_message: Callable[[bytes, bytes], None] = lambda c, m: None
+        #: sharded subscribers: Redis dropped this channel (its slot moved)
+        self.on_sunsubscribed: Callable[[bytes], None] = lambda channel: None
         self.last_error: Optional[str] = None
         self.reconnects = 0
         self._ever_ready = False
@@ -311,7 +422,9 @@ class RedisLink:
 
     def _build(self) -> Any:
         address = self._settings.redis
-        cls = _SubscriberProtocol if self._subscriber else _Protocol
+        cls: type[Any] = _Protocol
+        if self._subscriber:
+            cls = _ShardSubscriberProtocol if self._sharded else _SubscriberProtocol
         proto = cls(
             charset=None,
             convertNumbers=False,
