@@ -199,3 +199,206 @@ class ContractTests(ClusterTestCase):
             self.assertEqual(setup.owner(channel), address)
             numsub = setup.node_at(address).call("PUBSUB", "SHARDNUMSUB", channel)
             self.assertEqual(int(numsub[1]), 1)
+
+
+class FaultTests(ClusterTestCase):
+    async def test_master_killed(self) -> None:
+        """
+        kill -9 of a master carrying live sessions: once its replica is
+        promoted, those sessions receive again through it (no socket
+        closed, no restart), the others never stopped, new connections to
+        that shard are admitted and /health is 200 again. The time from
+        the kill to the first message delivered through the new master is
+        printed (at most FAILOVER_BOUND).
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        spread = setup.sessions_per_shard(2)
+        sessions = _Sessions(self, setup, proxy)
+        await sessions.open([s for group in spread.values() for s in group])
+        await sessions.all_receive("before")
+        victim = setup.masters()[0]
+        killed_at = time.monotonic()
+        setup.kill_master(victim)
+        promoted = await setup.promotion(victim)
+        promoted_at = time.monotonic()
+        hit = spread[victim]
+        first: dict[str, float] = {}
+
+        async def delivered_again() -> bool:
+            for session in hit:
+                if session in first:
+                    continue
+                try:
+                    sessions.publish(session, f"after-{session}")
+                except redispy.RedisError:
+                    continue  # the backend's own client is still catching up
+            await task.deferLater(reactor, 0.2, lambda: None)
+            for session in hit:
+                if (f"after-{session}".encode(), False) in sessions.clients[session].messages:
+                    first.setdefault(session, time.monotonic())
+            return len(first) == len(hit)
+
+        deadline = killed_at + FAILOVER_BOUND
+        while not await delivered_again():
+            self.assertLess(time.monotonic(), deadline,
+                            f"sessions on {victim} not receiving through {promoted}")
+        record(f"cluster failover: promotion {promoted_at - killed_at:.1f}s after kill -9, "
+               f"first message through the new master {min(first.values()) - killed_at:.1f}s "
+               f"after it (all {len(hit)} sessions {max(first.values()) - killed_at:.1f}s)")
+        for client in sessions.clients.values():
+            self.assertEqual(client.state, client.STATE_OPEN)
+        await sessions.all_receive("later")
+        fresh = [s for s in setup.sessions_per_shard(3, prefix="n")[promoted]][-1:]
+        await sessions.open(fresh)
+        await sessions.all_receive("fresh")
+        await wait_for(lambda: proxy.proxy.hub.healthy, timeout=15)
+        self.assertEqual(await self.health(proxy.port), 200)
+
+    async def test_reshard_live_sessions(self) -> None:
+        """
+        The slots of live sessions' :down channels migrated to another
+        master (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE, as redis-cli
+        --cluster reshard does): Redis drops the subscriptions
+        (sunsubscribe), the proxy moves them to the new master and the
+        sessions keep receiving; their client messages reach :up
+        wherever its slot now is.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        spread = setup.sessions_per_shard(2)
+        sessions = _Sessions(self, setup, proxy)
+        await sessions.open([s for group in spread.values() for s in group])
+        await sessions.all_receive("before")
+        masters = setup.masters()
+        moving = spread[masters[0]]
+        for session in moving:
+            for channel in (down_channel(session), up_channel(session).decode()):
+                slot = key_slot(channel.encode())
+                if setup.owners()[slot] != masters[1]:
+                    setup.migrate_slot(slot, masters[1])
+        for session in moving:
+            self.assertEqual(setup.owner(down_channel(session)), masters[1])
+        cluster = proxy.proxy.cluster
+        assert cluster is not None
+        await wait_for(lambda: cluster.redirects["sunsubscribe"] >= len(moving), timeout=15)
+        # what is published between Redis dropping a subscription and the
+        # proxy's SSUBSCRIBE on the new master is lost (Pub/Sub): wait for it
+        target = setup.node_at(masters[1])
+        await wait_for(lambda: all(
+            target.call("PUBSUB", "SHARDNUMSUB", down_channel(s))[1] == 1 for s in moving),
+            timeout=15)
+        await sessions.all_receive("after")
+        for session in moving:
+            reader = self.up_reader(setup, session)
+            sessions.clients[session].sendMessage(b"up-after")
+            await wait_for(lambda: reader() == [b"up-after"])
+        self.assertEqual(await self.health(proxy.port), 200)
+
+    async def test_moved_during_token_check(self) -> None:
+        """
+        The slot of a session's auth key moved to another master after the
+        proxy learned the map: the GET meets MOVED, is sent again to the
+        new master, and the client is admitted (101, not 503), its TTL
+        reset there.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        sessions = _Sessions(self, setup, proxy)
+        session = "moved-auth"
+        sessions.authorize(session)
+        slot = key_slot(auth_key(session).encode())
+        old = setup.owners()[slot]
+        target = next(m for m in setup.masters() if m != old)
+        setup.migrate_slot(slot, target)
+        cluster = proxy.proxy.cluster
+        assert cluster is not None
+        self.assertEqual(cluster.owners[slot], old)  # the proxy has not noticed yet
+        await sessions.open([session])
+        self.assertGreaterEqual(cluster.redirects["moved"], 1)
+        self.assertGreater(sessions.backend.ttl(auth_key(session)), 600)
+        await sessions.all_receive("moved")
+
+    async def test_ask_during_token_check(self) -> None:
+        """
+        A session whose auth key is in a slot being migrated, the key
+        already on the importing master: the GET meets ASK and is asked
+        again there after ASKING; the client is admitted.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        sessions = _Sessions(self, setup, proxy)
+        session = "ask-auth"
+        sessions.authorize(session)
+        key = auth_key(session)
+        slot = key_slot(key.encode())
+        source = setup.owners()[slot]
+        assert source is not None
+        target = next(m for m in setup.masters() if m != source)
+        src, dst = setup.node_at(source), setup.node_at(target)
+        dst.call("CLUSTER", "SETSLOT", slot, "IMPORTING", setup.node_id(src))
+        src.call("CLUSTER", "SETSLOT", slot, "MIGRATING", setup.node_id(dst))
+        src.call("MIGRATE", HOST, dst.port, key, 0, 5000)
+        await sessions.open([session])
+        cluster = proxy.proxy.cluster
+        assert cluster is not None
+        self.assertGreaterEqual(cluster.redirects["ask"], 1)
+
+
+class ConfigurationTests(ClusterTestCase):
+    def daemon(self, **env: str) -> Daemon:
+        full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
+                "REDIS_CLUSTER": "true", **env}
+        daemon = Daemon([sys.executable, "-m", "wsproxy"], full,
+                        unset=tuple(s.env for s in SETTINGS))
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    async def refused_and_unhealthy(self, daemon: Daemon, reason: bytes) -> None:
+        port = await daemon.port()
+        await wait_for(lambda: reason in daemon.out.output, timeout=20)
+        self.assertEqual(await self.health(port), 503)
+        response = await raw_exchange(port, upgrade_request(
+            "/a/ws/s1", {"Authorization": "Bearer tok"}))
+        self.assertEqual(status_of(response), 503)
+        output = daemon.out.output.decode(errors="replace")
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(output.count(reason.decode()), 1, output)
+        self.assertIsNone(daemon.out.status)
+
+    async def test_not_a_cluster(self) -> None:
+        """
+        REDIS_CLUSTER=true with REDIS_URL at a Redis without cluster
+        support: the proxy runs, /health and upgrades are 503, and one log
+        line says why (no traceback).
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        daemon = self.daemon(REDIS_URL=redis.url)
+        await self.refused_and_unhealthy(daemon, b"not a cluster node (cluster support disabled)")
+
+    async def test_no_node_reachable(self) -> None:
+        """
+        No seed node answers: 503 and one line naming each node's failure.
+        """
+        port = free_port()
+        daemon = self.daemon(REDIS_URL=f"redis://127.0.0.1:{port}")
+        await self.refused_and_unhealthy(
+            daemon, f"no cluster node answered CLUSTER SHARDS (127.0.0.1:{port}: "
+            "connection refused)".encode())
+
+    async def test_combined_with_sentinels(self) -> None:
+        """
+        REDIS_CLUSTER with REDIS_SENTINELS (or with RESUME, not supported
+        on a cluster yet) stops start-up with one line and exit 2.
+        """
+        for env, variable in (({"REDIS_SENTINELS": "127.0.0.1:26379",
+                                "REDIS_SENTINEL_MASTER": "m"}, "REDIS_CLUSTER"),
+                              ({"RESUME": "true"}, "RESUME")):
+            daemon = self.daemon(REDIS_URL="redis://127.0.0.1:7000", **env)
+            await wait_for(lambda: daemon.out.status is not None, timeout=20)
+            lines = daemon.out.output.decode().splitlines()
+            self.assertEqual(daemon.out.status, 2)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith(f"wsproxy: configuration error: {variable}: "),
+                            lines)

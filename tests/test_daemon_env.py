@@ -762,6 +762,73 @@ async def events_stream_max_length(t: EnvTestCase) -> None:
     t.assertLess(t.r.xlen("wsproxy:events:stream"), 100)
 
 
+async def cluster_session(t: EnvTestCase, setup: Any) -> None:
+    """
+    A client of a session admitted through a cluster, messages both ways
+    (SPUBLISH to :down, SSUBSCRIBE to :up on the masters that own them).
+    """
+    from wsproxy.names import auth_key, down_channel, up_channel
+
+    from .cluster import HOST
+
+    backend = redispy.cluster.RedisCluster(host=HOST, port=setup.nodes[0].port)
+    t.addCleanup(backend.close)
+    backend.set(auth_key("s1"), "tok", ex=300)
+    owner = setup.node_at(setup.owner(up_channel("s1").decode())).client()
+    t.addCleanup(owner.close)
+    pubsub = owner.pubsub(ignore_subscribe_messages=True)
+    t.addCleanup(pubsub.close)
+    pubsub.ssubscribe(up_channel("s1").decode())
+    c = await connect(t.url(), token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    backend.spublish(down_channel("s1"), "down")
+    c.sendMessage(b"up")
+    await c.wait_messages(1)
+    got: list[bytes] = []
+
+    def poll() -> bool:
+        message = pubsub.get_sharded_message(timeout=0)
+        if message is not None:
+            got.append(message["data"])
+        return bool(got)
+
+    await wait_for(poll)
+    t.assertEqual(got, [b"up"])
+
+
+def start_cluster(t: EnvTestCase) -> Any:
+    from .cluster import ClusterSetup
+
+    setup = ClusterSetup()
+    t.addCleanup(setup.cleanup)
+    setup.start()
+    return setup
+
+
+async def redis_cluster(t: EnvTestCase) -> None:
+    """
+    REDIS_CLUSTER=true with REDIS_URL naming one node of a 3-master
+    cluster: the proxy finds every master and serves a session through
+    the shards that own its key and channels.
+    """
+    setup = start_cluster(t)
+    await t.start(REDIS_URL=setup.url, REDIS_CLUSTER="true")
+    await wait_for(lambda: "3 masters serve all slots" in t.log)
+    await cluster_session(t, setup)
+
+
+async def redis_cluster_nodes(t: EnvTestCase) -> None:
+    """
+    REDIS_CLUSTER_NODES: with REDIS_URL's node unreachable, the cluster is
+    found through the nodes listed.
+    """
+    setup = start_cluster(t)
+    nodes = ",".join(f"127.0.0.1:{n.port}" for n in setup.nodes[1:])
+    await t.start(REDIS_URL="redis://127.0.0.1:1", REDIS_CLUSTER="true",
+                  REDIS_CLUSTER_NODES=nodes)
+    await cluster_session(t, setup)
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -778,6 +845,8 @@ VALID = [
     Case("REDIS_SENTINEL_USERNAME", redis_sentinel_username),
     Case("REDIS_SENTINEL_PASSWORD", redis_sentinel_password),
     Case("REDIS_SENTINEL_TLS", redis_sentinel_tls),
+    Case("REDIS_CLUSTER", redis_cluster),
+    Case("REDIS_CLUSTER_NODES", redis_cluster_nodes),
     Case("REDIS_TLS_CA_FILE", redis_tls_ca_file),
     Case("REDIS_TLS_CERT_FILE", redis_tls_cert_file),
     Case("REDIS_TLS_KEY_FILE", redis_tls_key_file),
@@ -849,6 +918,8 @@ INVALID = [
     Invalid("REDIS_SENTINEL_USERNAME", "wsproxy"),
     Invalid("REDIS_SENTINEL_PASSWORD", "secret"),
     Invalid("REDIS_SENTINEL_TLS", "sometimes"),
+    Invalid("REDIS_CLUSTER", "sometimes"),
+    Invalid("REDIS_CLUSTER_NODES", "127.0.0.1", {"REDIS_CLUSTER": "true"}),
     Invalid("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem", REDISS),
     Invalid("REDIS_TLS_CERT_FILE", "/nonexistent/client.pem", REDISS),
     Invalid("REDIS_TLS_KEY_FILE", "/nonexistent/client.key", REDISS),

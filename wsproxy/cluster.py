@@ -279,7 +279,7 @@ class Shard:
             canary_timeout=max(3.0, cluster.canary_interval * 1.5),
             on_redirect=cluster.redirected,
         )
-        self.subscriber.on_sunsubscribed = cluster.sunsubscribed
+        self.subscriber.on_sunsubscribed = lambda channel: cluster.sunsubscribed(self, channel)
         self.commands.on_ready = lambda proto: cluster.commands_ready(self, proto)
         self.commands.on_lost = cluster.commands_lost
 
@@ -369,6 +369,7 @@ class Cluster:
         now = self.clock.seconds()
         troubled = self.problem is not None or self._hinted or any(
             shard.commands.ready is None or shard.subscriber.ready is None
+            or shard.hub.unsettled
             for shard in self.shards.values()
         )
         if now - self._last_refresh >= (REFRESH_FAST if troubled else REFRESH_SLOW) - 0.01:
@@ -519,11 +520,12 @@ class Cluster:
         self.redirects["subscribe"] += 1
         self.refresh()
 
-    def sunsubscribed(self, channel: bytes) -> None:
+    def sunsubscribed(self, shard: Shard, channel: bytes) -> None:
         """
         Redis dropped a subscription on its own: the channel's slot moved.
         """
         self.redirects["sunsubscribe"] += 1
+        shard.hub.dropped(channel)
         self.refresh()
 
     # -- connection events -------------------------------------------------

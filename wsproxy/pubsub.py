@@ -280,14 +280,42 @@ class Hub:
         if self._link.ready is not None:
             self._send_subscribe(state)
 
+    def dropped(self, channel: bytes) -> None:
+        """
+        Redis ended a subscription by itself (a cluster slot moved away):
+        it is no longer confirmed, and is subscribed again by
+        L{retry_redirected} unless the cluster moves it to another hub.
+        """
+        state = self._channels.get(channel)
+        if state is not None:
+            state.confirmed = False
+            self._redirected.add(channel)
+        elif channel == self._canary_key:
+            self._canary_confirmed = False
+            self._canary_dropped = True
+
+    @property
+    def unsettled(self) -> bool:
+        """
+        Some subscription was refused with a redirection or dropped by
+        Redis and has not been made again.
+        """
+        return bool(self._redirected) or self._canary_dropped
+
+    _canary_dropped = False
+
     def retry_redirected(self) -> None:
         """
-        Subscribe again the channels Redis refused with a redirection that
-        are still held here (the cluster's slot map said they belong here).
+        Subscribe again the channels Redis refused with a redirection (or
+        dropped) that are still held here (the cluster's slot map said
+        they belong here).
         """
-        redirected, self._redirected = self._redirected, set()
         if self._link.ready is None:
             return
+        redirected, self._redirected = self._redirected, set()
+        if self._canary_dropped:
+            self._canary_dropped = False
+            self._subscribe_canary()
         for key in redirected:
             state = self._channels.get(key)
             if state is not None and not state.confirmed:
@@ -304,6 +332,7 @@ class Hub:
         self.canary_channel = channel
         self._canary_key = channel.encode()
         self._canary_sent = None
+        self._canary_dropped = False
         if self._link.ready is not None:
             self._link.unsubscribe(old).addErrback(lambda f: None)
             self._subscribe_canary()
@@ -319,7 +348,8 @@ class Hub:
                 self._canary_confirmed = True
 
         def canary_failed(f: Failure) -> None:
-            if self._on_redirect is not None and _redirected(f):
+            if self._on_redirect is not None and _redirected(f) and channel == self.canary_channel:
+                self._canary_dropped = True
                 self._on_redirect()
 
         self._link.subscribe(channel).addCallbacks(canary_confirmed, canary_failed)
