@@ -402,3 +402,44 @@ class ConfigurationTests(ClusterTestCase):
             self.assertEqual(len(lines), 1, lines)
             self.assertTrue(lines[0].startswith(f"wsproxy: configuration error: {variable}: "),
                             lines)
+
+
+class BackendHelperTests(ClusterTestCase):
+    async def test_backend_on_a_cluster(self) -> None:
+        """
+        L{wsproxy.backend.Backend} given a RedisCluster client speaks the
+        cluster's contract: authorize, publish (SPUBLISH) to a client,
+        listen_up (SSUBSCRIBE) to what it sends, is_connected, and close
+        with revoke (the token deleted, the close SPUBLISHed on
+        wsproxy:control): the socket is closed with the code and the
+        token no longer admits.
+        """
+        from twisted.internet import threads
+
+        from wsproxy.backend import Backend
+
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        backend = Backend(self.backend(setup))
+        self.assertTrue(backend.sharded)
+        token = backend.authorize("helper")
+        up = backend.listen_up("helper", timeout=0.2)
+        first = threads.deferToThread(next, up)
+        self.addCleanup(up.close)
+        client = await connect(proxy.url("helper"), token=token)
+        self.addCleanup(client.close_and_wait)
+        self.assertTrue(backend.is_connected("helper"))
+        self.assertEqual(backend.publish("helper", "hi"), 1)
+        await client.wait_messages(1)
+        self.assertEqual(client.messages, [(b"hi", False)])
+        await wait_for(lambda: backend.redis.execute_command(
+            "PUBSUB SHARDNUMSUB", up_channel("helper").decode(),
+            target_nodes=backend.redis.get_node_from_key(up_channel("helper").decode()),
+        )[0][1] >= 1)
+        client.sendMessage(b"from-client")
+        self.assertEqual(await first, ("helper", b"from-client"))
+        self.assertGreaterEqual(backend.close("helper", 4001, "bye", revoke=True), 1)
+        code, reason = await client.factory.closed
+        self.assertEqual((code, reason), (4001, "bye"))
+        self.assertFalse(backend.redis.exists(auth_key("helper")))
+        await wait_for(lambda: not backend.is_connected("helper"))

@@ -46,11 +46,17 @@ class Backend:
     """
     wsproxy's Redis contract, for one redis-py client.
 
-    @param redis: a C{redis.Redis} (or compatible) client.
+    @param redis: a C{redis.Redis} (or compatible) client, or a
+        C{redis.cluster.RedisCluster} for a wsproxy with C{REDIS_CLUSTER=true}:
+        then messages are published with C{SPUBLISH}, read with
+        C{SSUBSCRIBE}, and a revoke is two commands (a session's token and
+        the control channel are in different slots).
     """
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
+        #: a Redis Cluster client: sharded Pub/Sub
+        self.sharded = hasattr(redis, "get_node_from_key")
 
     @staticmethod
     def _checked(session_id: str) -> str:
@@ -86,7 +92,12 @@ class Backend:
         @return: how many wsproxy processes received it (0: nobody is
             connected).
         """
-        return int(self.redis.publish(down_channel(self._checked(session_id)), message))
+        return int(self._publish(down_channel(self._checked(session_id)), message))
+
+    def _publish(self, channel: str, message: Message) -> Any:
+        if self.sharded:
+            return self.redis.spublish(channel, message)
+        return self.redis.publish(channel, message)
 
     def publish_recoverable(
         self, session_id: str, message: Message, kind: Kind = "auto"
@@ -123,11 +134,16 @@ class Backend:
         (channel, payload) of every message on C{channels}, as they come.
         """
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(*channels)
+        if self.sharded:
+            pubsub.ssubscribe(*channels)
+            get, kind = pubsub.get_sharded_message, "smessage"
+        else:
+            pubsub.subscribe(*channels)
+            get, kind = pubsub.get_message, "message"
         try:
             while True:
-                message = pubsub.get_message(timeout=timeout)
-                if message is not None and message.get("type") == "message":
+                message = get(timeout=timeout)
+                if message is not None and message.get("type") == kind:
                     channel = message["channel"]
                     if isinstance(channel, str):
                         channel = channel.encode()
@@ -157,8 +173,11 @@ class Backend:
         if len(reason.encode("utf-8")) > 123:
             raise ValueError("close reason must be at most 123 bytes of UTF-8")
         order = json.dumps({"close": session_id, "code": code, "reason": reason})
-        if not revoke:
-            return int(self.redis.publish(CONTROL_CHANNEL, order))
+        if revoke and self.sharded:
+            # different slots: no transaction across them on a cluster
+            self.redis.delete(auth_key(session_id))
+        if not revoke or self.sharded:
+            return int(self._publish(CONTROL_CHANNEL, order))
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(auth_key(session_id))
         pipe.publish(CONTROL_CHANNEL, order)
@@ -171,6 +190,14 @@ class Backend:
         clients): C{PUBSUB NUMSUB}.
         """
         session_id = self._checked(session_id)
+        if self.sharded:
+            # asked of the master that owns the channel's slot
+            channel = down_channel(session_id)
+            reply = self.redis.execute_command(
+                "PUBSUB SHARDNUMSUB", channel,
+                target_nodes=self.redis.get_node_from_key(channel),
+            )
+            return any(int(n) > 0 for _, n in reply)
         counts = self.redis.pubsub_numsub(
             down_channel(session_id), f"session:{session_id}:live"
         )
