@@ -10,9 +10,12 @@ Each test starts its own cluster (about 2-3 s here): most of them break it.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import redis as redispy
 from redis.cluster import ClusterNode, RedisCluster
@@ -24,8 +27,10 @@ from wsproxy.cluster import key_slot
 from wsproxy.config import SETTINGS
 from wsproxy.names import auth_key, down_channel, up_channel
 
-from .cluster import HOST, Address, ClusterSetup
+from .cluster import HOST, ClusterSetup
+from .sentinel import Node
 from .support import (
+    ROOT,
     Client,
     Daemon,
     RedisServer,
@@ -443,3 +448,42 @@ class BackendHelperTests(ClusterTestCase):
         self.assertEqual((code, reason), (4001, "bye"))
         self.assertFalse(backend.redis.exists(auth_key("helper")))
         await wait_for(lambda: not backend.is_connected("helper"))
+
+
+class BinDevClusterTests(ClusterTestCase):
+    async def test_printed_variables_work_and_sigterm_stops_all(self) -> None:
+        """
+        C{bin/dev cluster --free-ports}: wsproxy started with the printed
+        REDIS_CLUSTER and REDIS_URL becomes healthy and serves a session;
+        SIGTERM stops bin/dev (exit 0) and all six redis-servers, and its
+        directory is gone.
+        """
+        dev = Daemon([os.path.join(ROOT, "bin", "dev"), "cluster", "--free-ports"], {})
+        self.addCleanup(dev.stop)
+        await wait_for(lambda: b"Ctrl-C stops everything" in dev.out.output
+                       or dev.out.ended.called, timeout=60)
+        text = dev.out.output.decode()
+        found = re.search(r"REDIS_CLUSTER=true REDIS_URL=(\S+) bin/dev run", text)
+        assert found is not None, text
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text.split("Run wsproxy")[0])]
+        self.assertEqual(len(set(ports)), 6, text)
+        directory = re.search(r"files in (\S+)\)", text)
+        assert directory is not None, text
+        settings = settings_for(found.group(1), redis_cluster=True)
+        proxy = RunningProxy(settings)
+        self.addCleanup(proxy.stop)
+        await proxy.ready()
+        backend = RedisCluster(host=HOST, port=ports[0], socket_timeout=2)
+        self.addCleanup(backend.close)
+        backend.set(auth_key("d1"), "tok", ex=600)
+        client = await connect(proxy.url("d1"), token="tok")
+        self.addCleanup(client.close_and_wait)
+        backend.spublish(down_channel("d1"), "hello")
+        await client.wait_messages(1)
+        await proxy.stop()
+        dev.signal(signal.SIGTERM)
+        await wait_for(lambda: dev.out.ended.called, timeout=20)
+        self.assertEqual(dev.out.status, 0, dev.out.output.decode())
+        for port in ports:
+            self.assertFalse(Node("", port, [], "").answers(), f"port {port} still answers")
+        self.assertFalse(os.path.exists(directory.group(1)))
