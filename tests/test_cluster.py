@@ -394,8 +394,8 @@ class ConfigurationTests(ClusterTestCase):
 
     async def test_combined_with_sentinels(self) -> None:
         """
-        REDIS_CLUSTER with REDIS_SENTINELS (or with RESUME, not supported
-        on a cluster yet) stops start-up with one line and exit 2.
+        REDIS_CLUSTER with REDIS_SENTINELS (or with RESUME but without
+        KEY_HASH_TAGS) stops start-up with one line and exit 2.
         """
         for env, variable in (({"REDIS_SENTINELS": "127.0.0.1:26379",
                                 "REDIS_SENTINEL_MASTER": "m"}, "REDIS_CLUSTER"),
@@ -487,3 +487,47 @@ class BinDevClusterTests(ClusterTestCase):
         for port in ports:
             self.assertFalse(Node("", port, [], "").answers(), f"port {port} still answers")
         self.assertFalse(os.path.exists(directory.group(1)))
+
+
+class ResumeTests(ClusterTestCase):
+    async def test_resumable_sessions_on_a_cluster(self) -> None:
+        """
+        RESUME=true with KEY_HASH_TAGS=true on a cluster: the function
+        library is loaded on every master; recoverable messages published
+        with wsproxy.backend (FCALL on the master of the session's slot,
+        SPUBLISH of the live copy inside the function) reach a resuming
+        client live, and after a reconnect with its last position the
+        messages published meanwhile are replayed, each once, in order.
+        """
+        from wsproxy.backend import Backend
+
+        from .test_resume import Received
+
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, resume=True, key_hash_tags=True)
+        for address in setup.masters():
+            await wait_for(lambda: setup.node_at(address).call("FUNCTION", "LIST"), timeout=15)
+        backend = Backend(self.backend(setup), hash_tags=True)
+        token = backend.authorize("r1")
+        first = await connect(proxy.url("r1", query="?resume="), token=token)
+        received = Received(first)
+        await first.wait_messages(1)
+        self.assertTrue(received.controls()[0]["recovered"])
+        backend.publish_recoverable("r1", "one")
+        await first.wait_messages(2)
+        self.assertEqual(received.messages(), [b"one"])
+        position = received.last_position()
+        await first.close_and_wait()
+        backend.publish_recoverable("r1", "two")
+        backend.publish_recoverable("r1", "three")
+        from urllib.parse import quote
+
+        second = await connect(proxy.url("r1", query=f"?resume={quote(position)}"), token=token)
+        self.addCleanup(second.close_and_wait)
+        again = Received(second)
+        await second.wait_messages(3)
+        self.assertEqual(again.controls()[0]["replayed"], 2)
+        self.assertEqual(again.messages(), [b"two", b"three"])
+        backend.publish_recoverable("r1", "four")
+        await second.wait_messages(4)
+        self.assertEqual(again.messages(), [b"two", b"three", b"four"])

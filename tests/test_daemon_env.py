@@ -829,6 +829,41 @@ async def redis_cluster_nodes(t: EnvTestCase) -> None:
     await cluster_session(t, setup)
 
 
+async def key_hash_tags(t: EnvTestCase) -> None:
+    """
+    KEY_HASH_TAGS=true: the token is read from session:{s1}:auth (and its
+    TTL reset there), messages flow on session:{s1}:down and
+    session:{s1}:up; the untagged key is not read.
+    """
+    await t.start(KEY_HASH_TAGS="true")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    refused = await raw_exchange(t.port, ("GET /a/ws/s1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket"
+                                          "\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+                                          "dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+                                          "\r\nAuthorization: Bearer tok\r\n\r\n").encode())
+    t.assertEqual(status_of(refused), 403)
+    t.r.set("session:{s1}:auth", "tok", ex=60)
+    pubsub = t.r.pubsub(ignore_subscribe_messages=True)
+    t.addCleanup(pubsub.close)
+    pubsub.subscribe("session:{s1}:up")
+    c = await connect(t.url(), token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    t.assertGreater(t.r.ttl("session:{s1}:auth"), 60)
+    t.r.publish("session:{s1}:down", "down")
+    c.sendMessage(b"up")
+    await c.wait_messages(1)
+    got: list[bytes] = []
+
+    def poll() -> bool:
+        message = pubsub.get_message(timeout=0)
+        if message is not None:
+            got.append(message["data"])
+        return bool(got)
+
+    await wait_for(poll)
+    t.assertEqual(got, [b"up"])
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -847,6 +882,7 @@ VALID = [
     Case("REDIS_SENTINEL_TLS", redis_sentinel_tls),
     Case("REDIS_CLUSTER", redis_cluster),
     Case("REDIS_CLUSTER_NODES", redis_cluster_nodes),
+    Case("KEY_HASH_TAGS", key_hash_tags),
     Case("REDIS_TLS_CA_FILE", redis_tls_ca_file),
     Case("REDIS_TLS_CERT_FILE", redis_tls_cert_file),
     Case("REDIS_TLS_KEY_FILE", redis_tls_key_file),
@@ -920,6 +956,7 @@ INVALID = [
     Invalid("REDIS_SENTINEL_TLS", "sometimes"),
     Invalid("REDIS_CLUSTER", "sometimes"),
     Invalid("REDIS_CLUSTER_NODES", "127.0.0.1", {"REDIS_CLUSTER": "true"}),
+    Invalid("KEY_HASH_TAGS", "braces"),
     Invalid("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem", REDISS),
     Invalid("REDIS_TLS_CERT_FILE", "/nonexistent/client.pem", REDISS),
     Invalid("REDIS_TLS_KEY_FILE", "/nonexistent/client.key", REDISS),

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 from .names import (
     ALL_EVENTS_CHANNEL,
+    live_channel,
     CONTROL_CHANNEL,
     EVENTS_STREAM,
     auth_key,
@@ -46,6 +47,7 @@ class Backend:
     """
     wsproxy's Redis contract, for one redis-py client.
 
+    @param hash_tags: the proxy runs with C{KEY_HASH_TAGS=true}.
     @param redis: a C{redis.Redis} (or compatible) client, or a
         C{redis.cluster.RedisCluster} for a wsproxy with C{REDIS_CLUSTER=true}:
         then messages are published with C{SPUBLISH}, read with
@@ -53,8 +55,10 @@ class Backend:
         the control channel are in different slots).
     """
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, hash_tags: bool = False) -> None:
         self.redis = redis
+        #: the proxy's KEY_HASH_TAGS: session:{<id>}:... names
+        self.hash_tags = hash_tags
         #: a Redis Cluster client: sharded Pub/Sub
         self.sharded = hasattr(redis, "get_node_from_key")
 
@@ -75,14 +79,14 @@ class Backend:
         @return: the token (a random URL-safe one unless given).
         """
         token = token or secrets.token_urlsafe(24)
-        self.redis.set(auth_key(self._checked(session_id)), token, ex=ttl)
+        self.redis.set(auth_key(self._checked(session_id), self.hash_tags), token, ex=ttl)
         return token
 
     def revoke(self, session_id: str) -> None:
         """
         Delete the token: the session's clients cannot reconnect with it.
         """
-        self.redis.delete(auth_key(self._checked(session_id)))
+        self.redis.delete(auth_key(self._checked(session_id), self.hash_tags))
 
     def publish(self, session_id: str, message: Message) -> int:
         """
@@ -92,7 +96,8 @@ class Backend:
         @return: how many wsproxy processes received it (0: nobody is
             connected).
         """
-        return int(self._publish(down_channel(self._checked(session_id)), message))
+        channel = down_channel(self._checked(session_id), self.hash_tags)
+        return int(self._publish(channel, message))
 
     def _publish(self, channel: str, message: Message) -> Any:
         if self.sharded:
@@ -115,7 +120,8 @@ class Backend:
         """
         session_id = self._checked(session_id)
         position = self.redis.fcall(
-            "wsproxy_publish", 2, history_key(session_id), meta_key(session_id), message, kind
+            "wsproxy_publish", 2, history_key(session_id, self.hash_tags),
+            meta_key(session_id, self.hash_tags), message, kind,
         )
         return position.decode() if isinstance(position, bytes) else str(position)
 
@@ -125,7 +131,7 @@ class Backend:
         payload), for as long as the caller iterates. (Pub/Sub: messages
         sent while nothing listens are not kept.)
         """
-        channels = {up_channel(self._checked(s)): s for s in session_ids}
+        channels = {up_channel(self._checked(s), self.hash_tags): s for s in session_ids}
         for channel, data in self._messages(list(channels), timeout):
             yield channels[channel], data
 
@@ -175,11 +181,11 @@ class Backend:
         order = json.dumps({"close": session_id, "code": code, "reason": reason})
         if revoke and self.sharded:
             # different slots: no transaction across them on a cluster
-            self.redis.delete(auth_key(session_id))
+            self.redis.delete(auth_key(session_id, self.hash_tags))
         if not revoke or self.sharded:
             return int(self._publish(CONTROL_CHANNEL, order))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(auth_key(session_id))
+        pipe.delete(auth_key(session_id, self.hash_tags))
         pipe.publish(CONTROL_CHANNEL, order)
         return int(pipe.execute()[1])
 
@@ -192,14 +198,14 @@ class Backend:
         session_id = self._checked(session_id)
         if self.sharded:
             # asked of the master that owns the channel's slot
-            channel = down_channel(session_id)
+            channel = down_channel(session_id, self.hash_tags)
             reply = self.redis.execute_command(
                 "PUBSUB SHARDNUMSUB", channel,
                 target_nodes=self.redis.get_node_from_key(channel),
             )
             return any(int(n) > 0 for _, n in reply)
         counts = self.redis.pubsub_numsub(
-            down_channel(session_id), f"session:{session_id}:live"
+            down_channel(session_id, self.hash_tags), live_channel(session_id, self.hash_tags)
         )
         return any(int(n) > 0 for _, n in counts)
 
@@ -222,7 +228,7 @@ class Backend:
         L{read_events} for at-least-once.
         """
         channels: list[Any] = (
-            [events_channel(self._checked(s)) for s in session_ids]
+            [events_channel(self._checked(s), self.hash_tags) for s in session_ids]
             if session_ids else [ALL_EVENTS_CHANNEL]
         )
         for _, data in self._messages(channels, timeout):

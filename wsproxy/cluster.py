@@ -229,11 +229,12 @@ async def ask_shards(reactor: Any, settings: Settings) -> SlotMap:
         answering = ask.done
         answering.addTimeout(ASK_TIMEOUT, reactor)
         replies = await answering
-    except defer.TimeoutError:
+    except Exception as e:
+        # timed out, failed or cancelled (the proxy stops): nothing stays open
         if ask.transport is not None:
             ask.transport.abortConnection()
-        raise RedisUnavailable(f"no answer within {ASK_TIMEOUT:g}s") from None
-    except Exception as e:
+        if isinstance(e, defer.TimeoutError):
+            raise RedisUnavailable(f"no answer within {ASK_TIMEOUT:g}s") from None
         _, text = describe_failure(Failure(e), None, settings)
         raise RedisUnavailable(text) from None
     if len(replies) == 2 and isinstance(replies[0], Exception):
@@ -338,6 +339,8 @@ class Cluster:
         self._retired_failures: Counter[str] = Counter()
         self._waiting: dict[Address, list[defer.Deferred[Any]]] = {}
         self._loop: Optional[task.LoopingCall] = None
+        #: CLUSTER SHARDS requests in flight (cancelled at stop)
+        self._asking: set[defer.Deferred[Any]] = set()
         self._stopping = False
         self.commands = ClusterCommands(self)
         self.subscribers = ClusterSubscribers(self)
@@ -361,6 +364,8 @@ class Cluster:
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        for asking in list(self._asking):
+            asking.cancel()
         return defer.gatherResults(
             [shard.stop() for shard in self.shards.values()], consumeErrors=True
         )
@@ -381,6 +386,8 @@ class Cluster:
         """
         Ask for the slot map (one request at a time) and apply it.
         """
+        if self._stopping:
+            return defer.succeed(None)
         if self._refreshing is not None:
             self._hinted = True
             return self._refreshing
@@ -393,6 +400,10 @@ class Cluster:
 
         self._refreshing.addBoth(done)
         return self._refreshing
+
+    def _asked(self, result: Any, asking: defer.Deferred[Any]) -> Any:
+        self._asking.discard(asking)
+        return result
 
     def _candidates(self) -> list[Address]:
         ready = [a for a, s in self.shards.items() if s.commands.ready is not None]
@@ -413,9 +424,10 @@ class Cluster:
                 answered.errback(f)
 
         for address in candidates:
-            defer.ensureDeferred(
-                ask_shards(self.reactor, self.node_settings(address))
-            ).addCallbacks(got, failed, errbackArgs=(address,))
+            asking = defer.ensureDeferred(ask_shards(self.reactor, self.node_settings(address)))
+            self._asking.add(asking)
+            asking.addBoth(self._asked, asking)
+            asking.addCallbacks(got, failed, errbackArgs=(address,))
         try:
             slot_map = await answered
         except Exception:

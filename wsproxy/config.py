@@ -391,6 +391,13 @@ class Settings:
         "host:port,host:port: more nodes to discover the cluster from, besides "
         "REDIS_URL's (REDIS_CLUSTER=true)",
     )
+    key_hash_tags: bool = setting(
+        "KEY_HASH_TAGS",
+        "false",
+        _boolean,
+        "spell a session's keys and channels session:{<id>}:... (one Redis Cluster "
+        "slot per session; needed for RESUME with REDIS_CLUSTER)",
+    )
     redis_tls_ca_file: str | None = setting(
         "REDIS_TLS_CA_FILE",
         "",
@@ -640,10 +647,10 @@ def load_settings(
             raise ConfigError("REDIS_URL: a unix:// address cannot be combined with REDIS_CLUSTER")
         if settings.redis.db:
             raise ConfigError("REDIS_URL: a Redis Cluster has only database 0")
-        if settings.resume:
+        if settings.resume and not settings.key_hash_tags:
             raise ConfigError(
-                "RESUME: resumable sessions are not supported with REDIS_CLUSTER yet "
-                "(their Redis functions would need every session's keys in one slot)"
+                "RESUME: on a Redis Cluster resumable sessions need KEY_HASH_TAGS=true "
+                "(a session's history, meta and live channel in one slot)"
             )
     if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
         raise ConfigError("REDIS_TLS_KEY_FILE: only valid with REDIS_TLS_CERT_FILE")

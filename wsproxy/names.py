@@ -1,7 +1,8 @@
 """
 The names a session lives under: the WebSocket path it is reached by, and
 its Redis key and channels. Everything that spells C{session:{id}:...} is
-here, so a change of layout (a Cluster hash tag, say) is made in one place.
+here, so a change of layout is made in one place: C{KEY_HASH_TAGS=true}
+spells them C{session:{<id>}:...} (one Redis Cluster slot per session).
 """
 
 from __future__ import annotations
@@ -35,44 +36,66 @@ def valid_session_id(session_id: str) -> bool:
     return SESSION_ID.match(session_id) is not None
 
 
-def auth_key(session_id: str) -> str:
-    return f"session:{session_id}:auth"
+#: KEY_HASH_TAGS: a session's names are C{session:{<id>}:...}, so that
+#: they all hash to one Redis Cluster slot (set once per process, by
+#: L{use_hash_tags}; the backend helper passes C{tagged} instead)
+_hash_tags = False
 
 
-def down_channel(session_id: str) -> str:
-    return f"session:{session_id}:down"
+def use_hash_tags(on: bool) -> None:
+    """
+    Choose the layout of every session name this process spells.
+    """
+    global _hash_tags
+    _hash_tags = on
 
 
-def up_channel(session_id: str) -> bytes:
-    return f"session:{session_id}:up".encode()
+def _session(session_id: str, what: str, tagged: Optional[bool]) -> str:
+    if _hash_tags if tagged is None else tagged:
+        return f"session:{{{session_id}}}:{what}"
+    return f"session:{session_id}:{what}"
 
 
-def history_key(session_id: str) -> str:
+def auth_key(session_id: str, tagged: Optional[bool] = None) -> str:
+    return _session(session_id, "auth", tagged)
+
+
+def down_channel(session_id: str, tagged: Optional[bool] = None) -> str:
+    return _session(session_id, "down", tagged)
+
+
+def up_channel(session_id: str, tagged: Optional[bool] = None) -> bytes:
+    return _session(session_id, "up", tagged).encode()
+
+
+def history_key(session_id: str, tagged: Optional[bool] = None) -> str:
     """
     The Redis Stream of a session's recoverable messages (resumable sessions).
     """
-    return f"session:{session_id}:history"
+    return _session(session_id, "history", tagged)
 
 
-def meta_key(session_id: str) -> str:
+def meta_key(session_id: str, tagged: Optional[bool] = None) -> str:
     """
     The hash beside the history: its epoch and last sequence number.
     """
-    return f"session:{session_id}:meta"
+    return _session(session_id, "meta", tagged)
 
 
-def live_channel(session_id: str) -> str:
+def live_channel(session_id: str, tagged: Optional[bool] = None) -> str:
     """
-    Where recoverable messages are published live, with their positions.
+    Where recoverable messages are published live, with their positions
+    (the Lua library derives it from the history key: C{:history} ->
+    C{:live}).
     """
-    return f"session:{session_id}:live"
+    return _session(session_id, "live", tagged)
 
 
-def events_channel(session_id: str) -> str:
+def events_channel(session_id: str, tagged: Optional[bool] = None) -> str:
     """
     Where a session's lifecycle events are published (EVENTS=session).
     """
-    return f"session:{session_id}:events"
+    return _session(session_id, "events", tagged)
 
 
 #: every session's lifecycle events (EVENTS=all), and the stream (EVENTS=stream)

@@ -25,7 +25,15 @@ from .config import Settings
 from .control import Control, Events, Heartbeat
 from .logs import LogBudget
 from .metrics import Stats
-from .names import CONTROL_CHANNEL, canary_channel, history_key, meta_key, parse_ws_path, valid_session_id
+from .names import (
+    CONTROL_CHANNEL,
+    canary_channel,
+    history_key,
+    meta_key,
+    parse_ws_path,
+    use_hash_tags,
+    valid_session_id,
+)
 from .cluster import Cluster, ClusterHub
 from .pubsub import Hub, Listener
 from .redislink import (
@@ -128,6 +136,8 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        # one layout of session names per process (KEY_HASH_TAGS)
+        use_hash_tags(settings.key_hash_tags)
         self.commands = commands
         self.subscriber = subscriber
         self.stats = Stats()
@@ -219,16 +229,18 @@ class Proxy:
         if self.heartbeat is not None:
             self.heartbeat.beat_now()
         if self.settings.resume:
-            self._load_functions()
+            self._load_functions(proto)
 
-    def _load_functions(self) -> None:
+    def _load_functions(self, proto: Any) -> None:
         """
         (Re)load the wsproxy function library on every new command
-        connection: after a Redis restart without persistence, or a
-        failover to a replica that never had it, it would be missing.
+        connection (on a cluster: each master's): after a Redis restart
+        without persistence, or a failover to a replica that never had it,
+        it would be missing.
         """
         settings = self.settings
-        code = library(settings.history_max_length, int(settings.history_max_age * 1000))
+        code = library(settings.history_max_length, int(settings.history_max_age * 1000),
+                       sharded=self.cluster is not None)
 
         def loaded(_: object) -> None:
             self._log.info("redis functions wsproxy_publish, wsproxy_history loaded")
@@ -240,7 +252,8 @@ class Proxy:
                 why=reason.getErrorMessage(),
             )
 
-        self.commands.execute("FUNCTION", "LOAD", "REPLACE", code).addCallbacks(loaded, failed)
+        d: defer.Deferred[Any] = proto.command("FUNCTION", "LOAD", "REPLACE", code)
+        d.addCallbacks(loaded, failed)
 
     def _sweep(self) -> None:
         self.commands.sweep()

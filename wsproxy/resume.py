@@ -267,7 +267,7 @@ def plan_recovery(presented: Optional[Position], history: History) -> Recovery:
     return Recovery(True, tuple(entries), entries[-1].position)
 
 
-def library(max_length: int, max_age_ms: int) -> str:
+def library(max_length: int, max_age_ms: int, sharded: bool = False) -> str:
     """
     The Redis function library, with the retention settings written in.
 
@@ -275,10 +275,17 @@ def library(max_length: int, max_age_ms: int) -> str:
     entries older than C{max_age_ms} are trimmed (the proxy also ignores
     older entries when it replays); both keys expire C{max_age_ms} after the
     last message, so an idle session's history disappears by itself.
+
+    @param sharded: on a Redis Cluster the live message goes out with
+        C{SPUBLISH} (the proxy listens with C{SSUBSCRIBE}); the live
+        channel is in the history's slot when the names carry hash tags.
     """
-    return _LIBRARY.replace("MAX_LENGTH", str(int(max_length))).replace(
+    code = _LIBRARY.replace("MAX_LENGTH", str(int(max_length))).replace(
         "MAX_AGE_MS", str(int(max_age_ms))
     )
+    if sharded:
+        code = code.replace("redis.call('PUBLISH', live", "redis.call('SPUBLISH', live")
+    return code
 
 
 _LIBRARY = r"""#!lua name=wsproxy
