@@ -26,6 +26,12 @@
 #                "live" (the proxy's resumable path without the Redis function),
 #                two rounds: proxy and Redis CPU per message, RSS per connection,
 #                ratios to plain
+#
+# Redis Cluster (python -m bench.cluster; starts its own redis-server and a
+# 3-master + 3-replica cluster, and a proxy per target and round):
+#   cluster      500 sessions x 100 100-byte messages down, then up, through a
+#                single Redis and through the cluster, two rounds alternated:
+#                proxy CPU per message, ratio, each master's share of the work
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -81,6 +87,7 @@ PY
             resume-cost)
                      $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
+            cluster) $PY -m bench.cluster --sessions 500 --messages 100 --rounds 2 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done

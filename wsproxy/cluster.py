@@ -784,7 +784,10 @@ class ClusterCommands:
 
         if asking:
             proto.command_raw((b"ASKING",), lambda reply: None)
-        proto.command_raw(args, replied)
+        if args[0] == b"SPUBLISH":
+            proto.spublish_raw(args[1], args[2], replied)
+        else:
+            proto.command_raw(args, replied)
 
 
 class ClusterSubscribers:

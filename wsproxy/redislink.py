@@ -120,6 +120,17 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         self._fifo.append(on_reply)
         self.sent += 1
 
+    def spublish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        C{SPUBLISH} (Redis Cluster) on the lean path, as L{publish_raw}.
+        """
+        self.transport.write(
+            b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            % (len(channel), channel, len(payload), payload)
+        )
+        self._fifo.append(on_reply)
+        self.sent += 1
+
     def command_raw(self, args: tuple[bytes, ...], on_reply: Callable[[Any], None]) -> None:
         """
         Any command on the lean path (events, heartbeats): written as RESP,
