@@ -531,3 +531,36 @@ class ResumeTests(ClusterTestCase):
         backend.publish_recoverable("r1", "four")
         await second.wait_messages(4)
         self.assertEqual(again.messages(), [b"two", b"three", b"four"])
+
+
+class EventsTests(ClusterTestCase):
+    async def test_events_and_heartbeat_on_a_cluster(self) -> None:
+        """
+        EVENTS=all,stream on a cluster: a socket's open and close events
+        are SPUBLISHed on wsproxy:events (read with SSUBSCRIBE by the
+        backend helper) and appended to wsproxy:events:stream on the
+        master of its slot; the instance's heartbeat key is set there.
+        """
+        from twisted.internet import threads
+
+        from wsproxy.backend import Backend
+        from wsproxy.names import EVENTS_STREAM, instance_key
+
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, events=("all", "stream"))
+        backend = Backend(self.backend(setup))
+        events = backend.listen_events(timeout=0.2)
+        self.addCleanup(events.close)
+        first = threads.deferToThread(next, events)
+        channel = "wsproxy:events"
+        await wait_for(lambda: backend.redis.execute_command(
+            "PUBSUB SHARDNUMSUB", channel,
+            target_nodes=backend.redis.get_node_from_key(channel))[0][1] >= 1)
+        token = backend.authorize("ev1")
+        client = await connect(proxy.url("ev1"), token=token)
+        opened = await first
+        self.assertEqual((opened["event"], opened["session_id"]), ("open", "ev1"))
+        await client.close_and_wait()
+        await wait_for(lambda: backend.redis.xlen(EVENTS_STREAM) == 2)
+        await wait_for(lambda: backend.instance_alive(proxy.proxy.instance), timeout=15)
+        self.assertTrue(backend.redis.exists(instance_key(proxy.proxy.instance)))
