@@ -16,6 +16,13 @@
 #   conn10k  10,000 connections, 500 handshakes in flight (connect + RSS)
 #   churn    10,000 connections opened and closed three times (RSS plateau,
 #            leftover subscriptions)
+#   scale    1,000, 10,000 and 19,000 idle connections on one process in turn
+#            (heartbeats at their defaults, 30 s idle each): RSS per connection,
+#            idle CPU, then paced 2,000 msgs/s for 10 s (per-message CPU must not
+#            grow with the number of idle connections)
+#   scale100k  100,000 idle connections on one machine: run as
+#            WORKERS=6 bench/run.sh scale100k (each process holds at most its
+#            descriptor limit, 20,000 here), clients from 127.0.0.1-127.0.0.5
 #
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
@@ -72,6 +79,15 @@ for scenario in "${@:-smoke down up paced conn10k}"; do
             up)      lt --clients 1000 --upstream 100 --phases connect,up ;;
             paced)   lt --clients 10000 --concurrency 500 --rate 2000 --duration 10 --phases connect,paced ;;
             conn10k) lt --clients 10000 --concurrency 500 --phases connect ;;
+            scale)   for n in 1000 10000 19000; do
+                         lt --clients "$n" --concurrency 500 --idle 30 --rate 2000 --duration 10 \
+                            --phases connect,paced --source-addresses 127.0.0.1,127.0.0.2 || exit 1
+                     done ;;
+            scale100k)
+                     [ "${WORKERS:-1}" -ge 6 ] || echo "scale100k: WORKERS=${WORKERS:-1}; each process holds at most its descriptor limit (run with WORKERS=6)" >&2
+                     lt --clients 100000 --concurrency 500 --procs 6 --idle 60 --phases connect \
+                        --connect-timeout 30 \
+                        --source-addresses 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 ;;
             churn)   for i in 1 2 3; do lt --clients 10000 --concurrency 500 --phases connect; done
                      $PY - "$RPORT" "$ppid" <<'PY'
 import json, sys, redis

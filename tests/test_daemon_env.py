@@ -63,18 +63,21 @@ ALL_VARIABLES = tuple(s.env for s in SETTINGS)
 class EnvTestCase(RedisTestCase):
     timeout = 60
 
-    async def start(self, reach: Optional[tuple[str, int]] = None, **env: str) -> Daemon:
+    async def start(self, reach: Optional[tuple[str, int]] = None,
+                    launcher: tuple[str, ...] = (), **env: str) -> Daemon:
         """
         Start the daemon on a free port of 127.0.0.1 with C{env} on top of
         the defaults below, and wait until C{/health} answers 200 at
         C{reach} (HOST:PORT by default): listening, Redis connected. (The
         port is chosen here, not read from the log, which LOG_LEVEL=warn
-        and LOG_FORMAT=json change.)
+        and LOG_FORMAT=json change.) C{launcher} is a command line put in
+        front of the daemon's (e.g. C{prlimit}).
         """
         full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "REDIS_URL": self.redis.url,
                 "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "2"}
         full.update(env)
-        self.daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
+        self.daemon = Daemon([*launcher, sys.executable, "-m", "wsproxy"], full,
+                             unset=ALL_VARIABLES)
         self.addCleanup(self.daemon.stop)
         self.host, self.port = reach or (full["HOST"], int(full["PORT"]))
         deadline = time.monotonic() + 20

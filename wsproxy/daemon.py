@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
+from .fdlimit import DescriptorLimit, raise_soft_limit
 from .proxy import Proxy
 
 
@@ -142,6 +143,7 @@ class ProxyService(DaemonService):
         self._running_now = False
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._drain_window: Optional[defer.Deferred[Any]] = None
+        self.descriptors: Optional[DescriptorLimit] = None
 
     def privilegedStartService(self) -> None:
         """
@@ -171,6 +173,7 @@ class ProxyService(DaemonService):
         """
         if self._listening is not None:
             return
+        self._fit_descriptor_limit()
         synchronous = True
         early: list[Failure] = []
 
@@ -189,6 +192,14 @@ class ProxyService(DaemonService):
         synchronous = False
         if early:
             raise ListenError(_cannot_listen(early[0]))
+
+    def _fit_descriptor_limit(self) -> None:
+        """
+        Raise the soft descriptor limit to the hard one and cap connections
+        below it (L{wsproxy.fdlimit}); logged with the listening line.
+        """
+        self.descriptors = raise_soft_limit()
+        self.proxy.connection_cap = self.descriptors.cap(self.proxy.settings.max_connections)
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
@@ -222,6 +233,11 @@ class ProxyService(DaemonService):
             where=where,
             redis=self.proxy.settings.redis_description,
         )
+        if self.descriptors is not None:
+            info, warning = self.descriptors.describe(self.proxy.settings.max_connections)
+            self._log.info("{info}", info=info)
+            if warning is not None:
+                self._log.warn("{warning}", warning=warning)
 
     def stop_without_drain(self) -> None:
         """

@@ -168,6 +168,9 @@ class Proxy:
         self.stats.subscribed_channels = self.hub.channel_count
         #: connections from upgrade request to close
         self.connections: Set[Connection] = set()
+        #: C{MAX_CONNECTIONS}, lowered by the daemon to what the process's
+        #: descriptor limit allows (L{wsproxy.fdlimit}); 0 = no cap
+        self.connection_cap = settings.max_connections
         self.valve = UpstreamValve(self.connections)
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
@@ -334,7 +337,7 @@ class Proxy:
         """
         if self.draining:
             raise Refusal(503, "Server shutting down", (("Retry-After", "1"),))
-        cap = self.settings.max_connections
+        cap = self.connection_cap
         if cap and len(self.connections) > cap:
             raise Refusal(503, "Too many connections")
         origin = headers.get("origin")

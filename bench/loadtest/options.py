@@ -27,6 +27,9 @@ Phases (select with --phases, connect always runs because the others need it):
            delivery rate, latency p50/p99/max (publish time is in the payload).
   paced    --rate R messages/s spread round-robin over all sessions for
            --duration D seconds; latency p50/p99/max and loss.
+  idle     (with --idle S) after connect, hold every connection open and
+           silent for S seconds: the proxy's CPU while idle (heartbeats,
+           timers) and its RSS per connection at the end; none may drop.
   up       every client sends --upstream K messages of --size bytes; a
            PSUBSCRIBE session:lt-<run>-*:up counter reports arrived/sent, rate
            and latency.
@@ -82,6 +85,8 @@ class Options:
     close_timeout: float
     phase_timeout: float
     saturation: float
+    idle: float
+    source_addresses: str
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     add("--phase-timeout", type=float, default=600.0, help="hard bound per phase")
     add("--saturation", type=float, default=0.85,
         help="a tool process busier than this fraction of a core counts as saturated")
+    add("--idle", type=float, default=0.0,
+        help="seconds to hold the connections idle after connect (0: no idle phase)")
+    add("--source-addresses", default="",
+        help="comma list of local addresses the clients connect from, round-robin "
+             "(e.g. 127.0.0.1,127.0.0.2: one loopback address has ~28,000 ephemeral "
+             "ports, so more connections need more addresses); default: the OS picks")
     return parser
+
+
+def source_addresses(options: Options) -> tuple[str, ...]:
+    """The --source-addresses list; empty: let the OS choose."""
+    return tuple(a.strip() for a in options.source_addresses.split(",") if a.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

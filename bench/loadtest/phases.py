@@ -135,6 +135,42 @@ def _check_listen_overflows(run: Run, report: PhaseReport, overflows: int) -> No
             "for --concurrency")
 
 
+# -- idle
+
+
+def idle(run: Run, opened: int) -> PhaseReport:
+    """
+    Holds every connection open and silent for --idle seconds: what the
+    proxy spends on idle connections (heartbeats, timers), its RSS per
+    connection at the end, and whether any connection dropped.
+    """
+    options = run.options
+    dropped_before = run.counters.worker_total(DROPPED)
+    start = run.sampler.sample()
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < options.idle:
+        run.console.progress(f"[idle] {opened} connections  {elapsed:5.1f}s")
+        time.sleep(min(1.0, options.idle - elapsed))
+    end = run.sampler.sample()
+    run.console.done()
+    dropped = run.counters.worker_total(DROPPED) - dropped_before
+    report: PhaseReport = {"connections": opened, "seconds": round(time.monotonic() - started, 1),
+                           "dropped": dropped}
+    add_cpu_load(report, run.sampler, start, end, options.saturation)
+    proxy_before, proxy_after = start.cpu.get("proxy"), end.cpu.get("proxy")
+    if proxy_before is not None and proxy_after is not None and opened:
+        seconds = time.monotonic() - started
+        report["proxy_cpu_us_per_conn_s"] = round(
+            (proxy_after - proxy_before) * 1e6 / opened / seconds, 3)
+    rss = rss_bytes(options.pid) if options.pid else None
+    if rss is not None and opened:
+        report["proxy_rss_mib"] = round(rss / 2**20, 1)
+        report["proxy_rss_kib_per_conn_total"] = round(rss / 1024 / opened, 2)
+    if dropped:
+        run.problems.append(f"idle: {dropped} connections dropped while idle")
+    return report
+
+
 # -- what the message phases share
 
 

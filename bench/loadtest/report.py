@@ -108,6 +108,8 @@ class RunConfig(TypedDict):
     binary: bool
     auth: str
     pid: int
+    idle: float
+    source_addresses: list[str]
 
 
 class RunResult(TypedDict):
@@ -195,6 +197,19 @@ def _connect_rows(table: _Table, phase: PhaseReport) -> None:
                   f"({phase['proxy_rss_mib_before']} -> {phase['proxy_rss_mib_after']} MiB)")
 
 
+def _idle_rows(table: _Table, phase: PhaseReport) -> None:
+    table.line("idle")
+    table.row("connections held", f"{format_value(phase['connections'])} for "
+              f"{phase['seconds']} s, dropped {format_value(phase['dropped'])}")
+    if "proxy_cpu_util" in phase:
+        table.row("proxy CPU while idle", f"{phase['proxy_cpu_util']:.1%} of a core"
+                  + (f"  ({phase['proxy_cpu_us_per_conn_s']} µs per connection-second)"
+                     if "proxy_cpu_us_per_conn_s" in phase else ""))
+    if "proxy_rss_mib" in phase:
+        table.row("proxy RSS", f"{phase['proxy_rss_mib']} MiB  "
+                  f"({phase['proxy_rss_kib_per_conn_total']:,.2f} KiB / conn, whole process)")
+
+
 def _downstream_rows(table: _Table, kind: str, phase: PhaseReport) -> None:
     if kind == "down":
         table.line(f"downstream burst  ({phase['sessions']:,} sessions, "
@@ -239,6 +254,8 @@ def format_table(result: RunResult) -> str:
     phases = result["phases"]
     if "connect" in phases:
         _connect_rows(table, phases["connect"])
+    if "idle" in phases:
+        _idle_rows(table, phases["idle"])
     for kind in ("down", "paced"):
         if kind in phases:
             _downstream_rows(table, kind, phases[kind])

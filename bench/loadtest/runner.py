@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from .ipc import SharedCounters
-from .options import Options, selected_phases
-from .phases import Run, close, connect, downstream, upstream
+from .options import Options, selected_phases, source_addresses
+from .phases import Run, close, connect, downstream, idle, upstream
 from .pool import ChildProcesses
 from .procstat import Sampler
 from .report import Console, PhaseReport, RunResult
@@ -43,6 +43,8 @@ def run(options: Options, console: Console) -> RunResult:
 
         reports: dict[str, PhaseReport] = {}
         reports["connect"], opened = connect(state)
+        if opened and options.idle > 0:
+            reports["idle"] = idle(state, opened)
         if opened:
             for phase in phases[1:]:
                 reports[phase] = upstream(state) if phase == "up" else downstream(state, phase)
@@ -59,7 +61,8 @@ def run(options: Options, console: Console) -> RunResult:
                    "burst": options.burst, "size": options.size, "rate": options.rate,
                    "duration": options.duration, "upstream": options.upstream,
                    "phases": phases, "binary": options.binary, "auth": options.auth,
-                   "pid": options.pid},
+                   "pid": options.pid, "idle": options.idle,
+                   "source_addresses": list(source_addresses(options))},
         "health": target.health, "phases": reports, "close": close_report,
         "ok": not state.problems, "problems": state.problems,
     }
@@ -72,7 +75,8 @@ def _worker_config(options: Options, target: Target) -> WorkerConfig:
         request=UpgradeRequest(proxy.host_header.encode(), proxy.path_prefix, options.agent,
                                token_in_query=options.auth == "query"),
         size=options.size, binary=options.binary, connect_timeout=options.connect_timeout,
-        concurrency=max(1, math.ceil(options.concurrency / options.procs)))
+        concurrency=max(1, math.ceil(options.concurrency / options.procs)),
+        source_addresses=source_addresses(options))
 
 
 def _client_specs(options: Options, sessions: Sessions) -> list[list[ClientSpec]]:

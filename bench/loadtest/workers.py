@@ -43,6 +43,7 @@ class WorkerConfig:
     binary: bool
     connect_timeout: float
     concurrency: int  # handshakes in flight in this worker
+    source_addresses: tuple[str, ...] = ()  # bound round-robin by client index
 
 
 # -- commands
@@ -320,7 +321,10 @@ class Worker:
         return None
 
     async def _open(self, client: SessionClient) -> None:
-        await self.loop.create_connection(lambda: client, self.config.host, self.config.port)
+        sources = self.config.source_addresses
+        local = (sources[client.index % len(sources)], 0) if sources else None
+        await self.loop.create_connection(lambda: client, self.config.host, self.config.port,
+                                          local_addr=local)
         await client.handshake
 
     # -- phases
