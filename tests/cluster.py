@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+import redis as redispy
+
 from wsproxy.cluster import SLOTS, key_slot
 
 from .sentinel import HOST, Address, Node, _bindable, _distinct_free_ports, wait, wait_blocking
@@ -43,6 +45,17 @@ def _binary(name: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cluster_node(node: Node) -> bool:
+    """
+    What answers on the node's port is a cluster node.
+    """
+    try:
+        node.call("CLUSTER", "MYID")
+    except redispy.RedisError:
+        return False
+    return True
 
 
 def _pairs(flat: Any) -> dict[str, Any]:
@@ -89,20 +102,27 @@ class ClusterSetup:
             assert not ports, f"{count} ports needed, {len(ports)} given"
             ports = _distinct_free_ports(count)
         bus = [p for p in _distinct_free_ports(count * 2) if p not in ports][:count]
-        server = _binary("redis-server")
         for i, (port, bus_port) in enumerate(zip(ports, bus)):
-            label = f"node{i + 1}"
-            argv = [server, "--port", str(port), "--bind", HOST, "--cluster-enabled", "yes",
-                    "--cluster-port", str(bus_port),
-                    "--cluster-config-file", os.path.join(self.dir, f"{label}.conf"),
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    "--save", "", "--appendonly", "no", "--dir", self.dir,
-                    "--dbfilename", f"{label}.rdb", "--repl-diskless-sync-delay", "0"]
-            if self.password is not None:
-                argv += ["--requirepass", self.password, "--masterauth", self.password]
-            node = Node(label, port, argv, os.path.join(self.dir, f"{label}.log"),
-                        None, self.password)
-            node.start()
+            for attempt in range(5):
+                node = self._node(f"node{i + 1}", port, bus_port)
+                try:
+                    node.start()
+                    # what answered must be this process (not another
+                    # redis-server that took the port first)
+                    if not (node.alive and _cluster_node(node)):
+                        raise RuntimeError(f"{node}: Address already in use")
+                    break
+                except RuntimeError as e:
+                    # a free port taken meanwhile (another process, on a busy
+                    # machine): try others, unless the ports were given
+                    node.kill()
+                    if self.wanted_ports or attempt == 4 or "Address already in use" not in (
+                            str(e) + node.log_tail()):
+                        raise
+                    taken = set(ports) | set(bus)
+                    port, bus_port = [p for p in _distinct_free_ports(8) if p not in taken][:2]
+                    ports[i], bus[i] = port, bus_port
+                    os.unlink(node.log)
             self.nodes.append(node)
         create = [_binary("redis-cli")]
         if self.password is not None:
@@ -117,6 +137,18 @@ class ClusterSetup:
         wait_blocking(self.settled, timeout,
                       "every node to see all slots served and every replica in sync",
                       self.describe)
+
+    def _node(self, label: str, port: int, bus_port: int) -> Node:
+        argv = [_binary("redis-server"), "--port", str(port), "--bind", HOST,
+                "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                "--cluster-config-file", os.path.join(self.dir, f"{label}.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--save", "", "--appendonly", "no", "--dir", self.dir,
+                "--dbfilename", f"{label}.rdb", "--repl-diskless-sync-delay", "0"]
+        if self.password is not None:
+            argv += ["--requirepass", self.password, "--masterauth", self.password]
+        return Node(label, port, argv, os.path.join(self.dir, f"{label}.log"),
+                    None, self.password)
 
     def cleanup(self) -> None:
         """

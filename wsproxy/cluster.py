@@ -433,13 +433,17 @@ class Cluster:
         except Exception:
             if self._stopping:
                 return
-            self.problem = "no cluster node answered CLUSTER SHARDS (" + "; ".join(
+            why = "no cluster node answered CLUSTER SHARDS (" + "; ".join(
                 f"{describe(a)}: {why}" for a, why in reasons.items()
             ) + ")"
             category = "cluster" if any(
                 "not a cluster node" in why for why in reasons.values()
             ) else "refused" if all("refused" in why for why in reasons.values()) else "cluster"
-            self.discovery.failed(category, self.problem)
+            self.discovery.failed(category, why)
+            if not self.shards:
+                # with a map already known, the masters' own connections
+                # (and their canaries) say whether the proxy is healthy
+                self.problem = why
             return
         if self._stopping:
             return
