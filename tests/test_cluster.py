@@ -187,6 +187,20 @@ class ContractTests(ClusterTestCase):
             self.assertIn(f'wsproxy_cluster_shard_up{{shard="{host}:{port}"}} 1.0', metrics)
             self.assertIn(f'wsproxy_cluster_shard_channels{{shard="{host}:{port}"}} 2.0', metrics)
 
+    async def test_credentials_apply_to_every_node(self) -> None:
+        """
+        A cluster whose nodes require a password: REDIS_URL's password is
+        used for the slot map and for every master's connections; sessions
+        on every shard receive.
+        """
+        setup = self.start_cluster(password="s3cret")
+        self.assertIn(":s3cret@", setup.url)
+        proxy = await self.start_proxy(setup)
+        sessions = _Sessions(self, setup, proxy)
+        await sessions.open([s for group in setup.sessions_per_shard(1).values() for s in group])
+        await sessions.all_receive("secret")
+        self.assertEqual(await self.health(proxy.port), 200)
+
     async def test_canary_on_every_shard(self) -> None:
         """
         Each master carries its own canary channel (hash-tagged into one
