@@ -31,6 +31,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -350,6 +351,7 @@ def main(argv: list[str]) -> int:
     finally:
         single.stop()
         cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     summary: dict[str, Any] = {"summary": True}
     for name in ("single", "cluster"):
         runs = [r for r in results if r["target"] == name]
