@@ -525,6 +525,17 @@ async def handshake_timeout(t: EnvTestCase) -> None:
     await wait_for(lambda: "dropped a client that did not send its request in 1s" in t.log)
 
 
+async def gc_full_collection(t: EnvTestCase) -> None:
+    """
+    GC_FULL_COLLECTION_SECS=1: the daemon collects everything, long-lived
+    objects too, every second and logs it; its pauses are in /metrics.
+    """
+    await t.start(GC_FULL_COLLECTION_SECS="1")
+    await wait_for(lambda: t.log.count("full garbage collection:") >= 2, timeout=10 * MARGIN)
+    metrics = (await t.get("/metrics")).decode()
+    t.assertIn('wsproxy_gc_pause_seconds_count{generation="2"}', metrics)
+
+
 async def max_connections(t: EnvTestCase) -> None:
     """
     MAX_CONNECTIONS=1: a second connection gets 503 "Too many connections"
@@ -794,6 +805,7 @@ VALID = [
     Case("WS_MAX_SEND_BUFFER_BYTES", max_send_buffer),
     Case("HANDSHAKE_TIMEOUT_SECS", handshake_timeout),
     Case("MAX_CONNECTIONS", max_connections),
+    Case("GC_FULL_COLLECTION_SECS", gc_full_collection),
     Case("ALLOWED_ORIGINS", allowed_origins),
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
@@ -865,6 +877,7 @@ INVALID = [
     Invalid("WS_MAX_SEND_BUFFER_BYTES", "1MB"),
     Invalid("HANDSHAKE_TIMEOUT_SECS", "inf"),
     Invalid("MAX_CONNECTIONS", "-1"),
+    Invalid("GC_FULL_COLLECTION_SECS", "hourly"),
     Invalid("ALLOWED_ORIGINS", "app.example.com"),
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),

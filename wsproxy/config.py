@@ -436,6 +436,13 @@ class Settings:
         _non_negative_int,
         "cap on concurrent WebSocket connections (0 = unlimited; beyond it 503)",
     )
+    gc_full_collection: float = setting(
+        "GC_FULL_COLLECTION_SECS",
+        "3600",
+        _non_negative_float,
+        "seconds between full garbage collections of every object, long-lived ones "
+        "too (0 = never; see README 'Garbage collection')",
+    )
     allowed_origins: tuple[str, ...] = setting(
         "ALLOWED_ORIGINS",
         "",

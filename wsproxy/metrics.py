@@ -58,6 +58,15 @@ class Stats:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )
+        #: every garbage collection's pause, by generation (observed by
+        #: the daemon's wsproxy.heap.CollectorPolicy)
+        self.gc_pause = Histogram(
+            "wsproxy_gc_pause_seconds",
+            "Time the process stood still in each garbage collection",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
         self.registry.register(_Collector(self))
 
     def render(self) -> bytes:

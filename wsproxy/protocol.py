@@ -69,18 +69,22 @@ class _BudgetedAutobahnLog:
     pongs, ...) counts against the client address's budget: a hostile
     client cannot make the proxy log without bound.
 
-    A non-data descriptor: the first access on a connection stores its
-    L{BudgetedLog} in the instance, so every later C{self.log} is a plain
-    attribute lookup (Autobahn calls C{self.log.debug} per frame sent).
+    A non-data descriptor: the first access on a connected connection
+    stores its L{BudgetedLog} in the instance, so every later C{self.log}
+    is a plain attribute lookup (Autobahn calls C{self.log.debug} per frame
+    sent). The budget's key is the address itself, not a way back to the
+    connection, which would be a reference cycle (see
+    L{ProxyProtocol._break_cycles}).
     """
 
     def __init__(self, log: Any) -> None:
         self._log = log
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None or getattr(instance, "_proxy", None) is None:
+        if (instance is None or getattr(instance, "_proxy", None) is None
+                or instance.transport is None):
             return self._log
-        log = BudgetedLog(self._log, instance._proxy.log_budget, instance._peer_host)
+        log = BudgetedLog(self._log, instance._proxy.log_budget, instance._peer_host())
         instance.__dict__["log"] = log
         return log
 
@@ -139,6 +143,31 @@ class ProxyProtocol(WebSocketServerProtocol):
             super().connectionLost(reason)
         finally:
             self._finish(None)
+            self._break_cycles()
+
+    def _break_cycles(self) -> None:
+        """
+        Make a closed connection free by reference counting alone.
+
+        Python's cycle collector pauses the whole process for a time that
+        grows with every object alive; with thousands of connections that
+        is a pause of a second or more, during which no session receives
+        anything. So the daemon keeps long-lived objects out of its scans
+        (L{wsproxy.heap}), which is only safe if closed connections leave no
+        reference cycles behind: the ones a connection holds while open
+        (bound methods of itself, a pending timer's callback, Autobahn's
+        C{is_closed} resolved with the protocol) are cut here.
+        """
+        self.__dict__.pop("_on_publish_reply", None)
+        self._resumer = None
+        # Autobahn resolves is_closed with the protocol itself
+        self.is_closed = defer.succeed(None)
+        for timer in ("autoPingPendingCall", "autoPingTimeoutCall", "openHandshakeTimeoutCall",
+                      "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, timer, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, timer, None)
 
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
@@ -194,6 +223,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             self._log.failure("unexpected error admitting a connection", failure)
             refusal = Refusal(500, "Internal error")
+        # kept for failHandshake without the frames it was raised through
+        # (they hold this protocol: a reference cycle), and the shared
+        # refusals (CLIENT_LEFT) must not keep the last connection alive
+        refusal.with_traceback(None)
         self._refusal = refusal
         raise ConnectionDeny(refusal.code, refusal.reason)
 

@@ -364,6 +364,11 @@ class Proxy:
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
         """
+        if credentials is None:
+            # refused here rather than inside the deadline's Deferred: a
+            # Failure raised while that is being set up holds the frames
+            # that hold it (a reference cycle; see wsproxy.heap)
+            raise Refusal(*auth.MISSING_TOKEN)
         try:
             recovery: Optional[Recovery] = await with_deadline(
                 defer.ensureDeferred(
