@@ -434,7 +434,8 @@ class Settings:
         "MAX_CONNECTIONS",
         "0",
         _non_negative_int,
-        "cap on concurrent WebSocket connections (0 = unlimited; beyond it 503)",
+        "cap on concurrent WebSocket connections per process (0 = as many as the file "
+        "descriptor limit allows; beyond it 503)",
     )
     gc_full_collection: float = setting(
         "GC_FULL_COLLECTION_SECS",
