@@ -26,6 +26,12 @@
 #                "live" (the proxy's resumable path without the Redis function),
 #                two rounds: proxy and Redis CPU per message, RSS per connection,
 #                ratios to plain
+#
+# Durable upstream (python -m bench.upstream; its own redis-server and proxies):
+#   upstream-durable  500 clients x 100 upstream 100-byte messages (a burst) with
+#                UPSTREAM=pubsub, UPSTREAM=stream and UPSTREAM=stream + ?ack=1,
+#                alternating, three rounds: proxy CPU per message, Redis memory
+#                per retained entry, ratios to pubsub
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -81,6 +87,8 @@ PY
             resume-cost)
                      $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
+            upstream-durable)
+                     $PY -m bench.upstream --clients 500 --messages 100 --size 100 --rounds 3 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done

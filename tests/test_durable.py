@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 import redis as redispy
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.backend import DurableConsumer
 from wsproxy.names import upstream_partition, upstream_stream
 from wsproxy.refusal import Refusal
-from wsproxy.upstream import InvalidEnvelope, ack_request, split_envelope
+from wsproxy.upstream import InvalidEnvelope, ack_frame, ack_request, split_envelope
 
 from .support import (
     Daemon,
@@ -117,6 +118,16 @@ class EnvelopeTests(SynchronousTestCase):
         for bad in (b"hello", b"\nhello", b"x" * 65 + b"\nm", b"a b\nm", b"\xff\nm"):
             self.assertRaises(InvalidEnvelope, split_envelope, bad)
 
+    def test_ack_frame_is_json(self) -> None:
+        """
+        The ack frame, built without a JSON encoder, is "!" + the JSON
+        object a client expects.
+        """
+        frame = ack_frame(b"a:b.c_~-9", b"1732953600123-42")
+        self.assertEqual(frame[:1], b"!")
+        self.assertEqual(json.loads(frame[1:]),
+                         {"type": "ack", "id": "a:b.c_~-9", "position": "1732953600123-42"})
+
     def test_ack_request(self) -> None:
         """
         ?ack=1 opts in (beside ?resume=); without it nothing changes;
@@ -195,8 +206,8 @@ class DurableTests(DurableTestCase):
 
     async def test_ack_with_resume(self) -> None:
         """
-        ?resume=&ack=1 together: the recovery frame, then acks, and
-        recoverable messages with their positions.
+        ?resume=&ack=1 together: the recovery frame, then the acks (one
+        with a 64-character id, whose frame needs a 16-bit length).
         """
         proxy = self.start_proxy(resume=True)
         await proxy.ready()
@@ -204,10 +215,12 @@ class DurableTests(DurableTestCase):
         c = await self.client(proxy, "s3", query="?resume=&ack=1")
         got = Answers(c)
         await wait_for(lambda: got.controls())
+        long_id = "L" * 64  # its ack frame is longer than 125 bytes
         c.sendMessage(b"x1\nhi", False)
-        await wait_for(lambda: got.acks())
-        self.assertEqual([ctl["type"] for ctl in got.controls()], ["recovery", "ack"])
-        self.assertEqual(self.stored_ids(self.r, "s3"), ["x1"])
+        c.sendMessage(long_id.encode() + b"\nthere", False)
+        await wait_for(lambda: len(got.acks()) == 2)
+        self.assertEqual([ctl["type"] for ctl in got.controls()], ["recovery", "ack", "ack"])
+        self.assertEqual(self.stored_ids(self.r, "s3"), ["x1", long_id])
 
     async def test_ack_refused_on_pubsub_proxy(self) -> None:
         """
@@ -239,9 +252,16 @@ class DurableTests(DurableTestCase):
         """
         An append Redis refuses (maxmemory reached, noeviction) is answered
         with a nack naming the error, nothing is stored or acked, and the
-        connection stays open: the same message sent again once Redis has
-        room is acked.
+        connection stays open (and the proxy warns, once a minute): the same
+        message sent again once Redis has room is acked.
         """
+        logged: list[str] = []
+
+        def observe(event: Any) -> None:
+            logged.append(formatEvent(event) or "")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         proxy = self.start_proxy()
         await proxy.ready()
         c = await self.client(proxy, "s5")
@@ -251,6 +271,9 @@ class DurableTests(DurableTestCase):
         c.sendMessage(b"m1\nfirst", False)
         await wait_for(lambda: got.nacks())
         self.assertIn("OOM", got.nacks()["m1"])
+        warned = [line for line in logged if "could not be appended" in line]
+        self.assertEqual(len(warned), 1, logged)
+        self.assertIn("session s5: OOM", warned[0])
         self.assertEqual(got.acks(), {})
         self.assertEqual(self.r.exists(self.stream("s5")), 0)
         self.r.config_set("maxmemory", "0")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 from .names import (
     ALL_EVENTS_CHANNEL,
@@ -313,14 +313,21 @@ class DurableConsumer:
                 consumer.ack(message)
 
     @param partitions: C{UPSTREAM_PARTITIONS} of the proxies.
+    @param only: the partitions this consumer reads (default: all). Consumers
+        of one group that all read every partition share the entries of a
+        session among them (handled concurrently, in no set order); to keep
+        a session's order, give each consumer its own partitions.
     """
 
-    def __init__(self, redis: Any, group: str, consumer: str, partitions: int = 16) -> None:
+    def __init__(
+        self, redis: Any, group: str, consumer: str, partitions: int = 16,
+        only: Optional[Iterable[int]] = None,
+    ) -> None:
         self.redis = redis
         self.group = group
         self.consumer = consumer
         self.partitions = partitions
-        self.streams = [upstream_stream(p) for p in range(partitions)]
+        self.streams = [upstream_stream(p) for p in (range(partitions) if only is None else only)]
 
     def stream_of(self, session_id: str) -> str:
         """

@@ -442,6 +442,20 @@ class ProxyProtocol(WebSocketServerProtocol):
             appender.command(payload, binary, message_id), self._on_append_reply
         )
 
+    def _send_ack(self, frame: bytes) -> None:
+        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+            return
+        if self._perMessageCompress is None:
+            # one unfragmented text frame, written as is (no masking from a
+            # server): Autobahn's sendMessage costs more than the append
+            size = len(frame)
+            if size < 126:
+                self.sendData(b"\x81%c%b" % (size, frame))
+            else:
+                self.sendData(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
+        else:
+            self.sendMessage(frame, False)
+
     def _append_replied(self, reply: Any) -> None:
         in_flight = self._in_flight
         message_id = in_flight.popleft()
@@ -452,12 +466,14 @@ class ProxyProtocol(WebSocketServerProtocol):
             stats.upstream_appended += 1
             if message_id:
                 stats.upstream_acks += 1
-                self._send_control(upstream.ack(message_id, position))
+                self._send_ack(upstream.ack_frame(message_id, position))
         else:
             stats.upstream_append_failures += 1
             if message_id:
                 stats.upstream_nacks += 1
-                self._send_control(upstream.nack(message_id, upstream.failure_reason(reply)))
+                reason = upstream.failure_reason(reply)
+                self._send_control(upstream.nack(message_id, reason))
+                self._proxy.append_failed(self.session_id, reason)
             else:
                 # no way to tell this client which message failed
                 self._publish_failed(reply)

@@ -124,8 +124,12 @@ class Appender:
         )
 
 
-def ack(message_id: bytes, entry_id: bytes) -> dict[str, object]:
-    return {"type": "ack", "id": message_id.decode(), "position": entry_id.decode()}
+def ack_frame(message_id: bytes, entry_id: bytes) -> bytes:
+    """
+    The ack control frame, built without a JSON encoder: a message id
+    (L{MESSAGE_ID}) and an entry id (digits and a dash) need no escaping.
+    """
+    return b'!{"type":"ack","id":"%b","position":"%b"}' % (message_id, entry_id)
 
 
 def nack(message_id: bytes, reason: str) -> dict[str, object]:
