@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["proxy_cpu_us_per_message"] for row in rows if row["mode"] == mode)
             summary[f"{mode}_cpu_us_per_message"] = medians[mode]
             if mode != "pubsub":
-                summary[f"{mode}_ratio_to_pubsub"] = round(medians[mode] / medians["pubsub"], 2)
+                # (a run too small for the CPU clock's 10 ms ticks has no ratio)
+                summary[f"{mode}_ratio_to_pubsub"] = (
+                    round(medians[mode] / medians["pubsub"], 2) if medians["pubsub"] else None)
                 summary[f"{mode}_redis_bytes_per_entry"] = statistics.median(
                     row["redis_bytes_per_entry"] for row in rows if row["mode"] == mode)
         print(json.dumps(summary), flush=True)
