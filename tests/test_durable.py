@@ -15,7 +15,7 @@ import zlib
 from typing import Any, Optional
 
 import redis as redispy
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +24,9 @@ from wsproxy.names import upstream_partition, upstream_stream
 from wsproxy.refusal import Refusal
 from wsproxy.upstream import InvalidEnvelope, ack_frame, ack_request, split_envelope
 
+from bench.loadtest.wsclient import OP_TEXT, client_frame
+
+from .test_hostile import stalled_socket
 from .support import (
     Daemon,
     RedisServer,
@@ -38,6 +41,21 @@ from .support import (
 )
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def read_head(s: Any) -> bytes:
+    """
+    (In a thread.) The HTTP response head from a raw socket.
+    """
+    s.setblocking(True)
+    s.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = s.recv(1)
+        if not more:
+            break
+        data += more
+    return data
 
 
 class Answers:
@@ -320,6 +338,39 @@ class DurableTests(DurableTestCase):
         self.assertEqual(list(got.acks()), [f"m{i}" for i in range(300)])
         self.assertEqual(got.nacks(), {})
         self.assertEqual(self.stored_ids(self.r, "s6"), [f"m{i}" for i in range(300)])
+
+
+    async def test_client_that_does_not_read_its_acks_is_a_slow_consumer(self) -> None:
+        """
+        A client that sends and sends but never reads the acks: once more
+        than WS_MAX_SEND_BUFFER_BYTES of them wait in a full socket, it is
+        closed like any slow consumer (1008), so acks cannot pile up in
+        the proxy without bound.
+        """
+        proxy = self.start_proxy(max_send_buffer=65536)
+        await proxy.ready()
+        self.r.set("session:s9:auth", "tok", ex=300)
+        s = stalled_socket(proxy.port, "/a/ws/s9?ack=1", "tok")
+        self.addCleanup(s.close)
+        head = await threads.deferToThread(read_head, s)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
+        prefix = b"x" * 55  # ids of 56 to 60 characters: acks of about 120 bytes
+
+        def flood() -> None:
+            s.setblocking(True)
+            s.settimeout(30)
+            try:
+                for chunk in range(100):
+                    s.sendall(b"".join(client_frame(OP_TEXT, prefix + b"%d\nm" % (chunk * 1000 + i))
+                                       for i in range(1000)))
+            except OSError:
+                pass  # closed by the proxy: the point
+
+        sending = threads.deferToThread(flood)
+        await wait_for(lambda: proxy.proxy.stats.slow_consumer_closes == 1, timeout=60)
+        self.assertGreater(proxy.proxy.stats.upstream_acks, 1000)
+        s.close()
+        await sending
 
 
 class RestartTests(DurableTestCase):

@@ -412,7 +412,7 @@ class ProxyProtocol(WebSocketServerProtocol):
                     "peer={peer}", session_id=self.session_id, peer=self.peer,
                 )
                 self.sendCloseFrame(code=POLICY_VIOLATION,
-                                    reasonUtf8=b"message must be <id>\n<message>",
+                                    reasonUtf8=b"a message must start with its id and a newline",
                                     isReply=False)
                 return
         if self.factory.require_json and not binary:
@@ -455,6 +455,11 @@ class ProxyProtocol(WebSocketServerProtocol):
                 self.sendData(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
         else:
             self.sendMessage(frame, False)
+        if self._paused:
+            # a client that sends but does not read its acks is a slow consumer too
+            self._unsent += len(frame)
+            if self._unsent > self.factory.max_send_buffer:
+                self._slow_consumer()
 
     def _append_replied(self, reply: Any) -> None:
         in_flight = self._in_flight
@@ -696,7 +701,7 @@ class _PlainSink:
 class _PrefixedSink:
     """
     The C{:down} listener of an acknowledging client that does not resume:
-    each message is sent as C{\n<message>} (an empty position), the data
+    each message is sent as C{\\n<message>} (an empty position), the data
     frame form of resumable sessions, so it cannot be read as a control
     frame.
     """
