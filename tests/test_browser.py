@@ -16,10 +16,12 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import random
 import re
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -238,6 +240,25 @@ const [url, session, token, total] = arguments;
 """
 
 
+def port_outside_ephemeral_range() -> int:
+    """
+    A free port below the kernel's ephemeral range, for a proxy that is
+    restarted on the same port: a port from that range may be taken by any
+    process's outgoing connection in the moment between the two proxies.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(100):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def require_browser() -> None:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
@@ -316,7 +337,9 @@ def start_chromium(profile: str) -> Any:
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # the driver by path: selenium-manager (which downloads drivers) never runs
-    service = Service(executable_path=CHROMEDRIVER)
+    # (on a port outside the ephemeral range, which busy neighbours' outgoing
+    # connections may take between selenium choosing it and chromedriver binding it)
+    service = Service(executable_path=CHROMEDRIVER, port=port_outside_ephemeral_range())
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(15)
     driver.set_script_timeout(10)
@@ -688,7 +711,7 @@ class BrowserTests(TestCase):
         r = self.redis.client()
         self.addCleanup(r.close)
         r.set(f"session:{session}:auth", token, ex=120)
-        daemon = self.start_proxy(0, UPSTREAM="stream")
+        daemon = self.start_proxy(port_outside_ephemeral_range(), UPSTREAM="stream")
         browser = defer.ensureDeferred(self.open_browser())
         port = await daemon.port()
         await browser
@@ -704,7 +727,11 @@ class BrowserTests(TestCase):
         while (await out())["acks"] < 100:
             self.assertLess(time.monotonic(), deadline, await out())
             await task.deferLater(reactor, 0.05, lambda: None)
-        daemon = await self.restart_proxy(daemon, port, UPSTREAM="stream")
+        try:
+            daemon = await self.restart_proxy(daemon, port, UPSTREAM="stream")
+        except AssertionError as e:
+            outputs = "\n---\n".join(d.out.output.decode(errors="replace") for d in self.daemons)
+            self.fail(f"{e}\nproxy output:\n{outputs}")
         deadline = time.monotonic() + 60
         while True:
             state = await out()
