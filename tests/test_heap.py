@@ -158,6 +158,22 @@ class ClosedConnectionsTests(RedisTestCase):
 
         await self.assert_no_cycles(scenario)
 
+    async def test_durable_upstream(self) -> None:
+        """
+        An acknowledging client of a durable-upstream proxy that got its
+        ack and closed.
+        """
+        proxy = await self.start(upstream="stream")
+
+        async def scenario() -> None:
+            client = await connect(proxy.url("s1", query="?ack=1"), token="tok")
+            client.sendMessage(b"m1\nhello")
+            await wait_for(lambda: any(b'"ack"' in m for m, _ in client.messages))
+            await client.close_and_wait()
+            await wait_for(lambda: not proxy.proxy.connections)
+
+        await self.assert_no_cycles(scenario)
+
     async def test_resumable(self) -> None:
         """
         A resumable session's connection (its resumer and sinks) closed by
