@@ -16,7 +16,7 @@ ROUNDS=${2:-3}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server)
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { $PY -m bench.ports; }
 tmp=$(mktemp -d)
 other="$tmp/other"
 git worktree add -q --detach "$other" "$REV"

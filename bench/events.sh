@@ -17,7 +17,7 @@ EVENTS_ON=${2:-all,stream}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server)
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { $PY -m bench.ports; }
 tmp=$(mktemp -d)
 RPORT=$(free_port)
 "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &

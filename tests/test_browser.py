@@ -23,12 +23,13 @@ import signal
 import tempfile
 import threading
 import time
+import zlib
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, RedisServer, wait_for
+from .support import ROOT, RedisServer, free_port, wait_for
 from .support import TWISTD, Daemon
 
 try:
@@ -205,6 +206,38 @@ run().then(done, (err) => done({ error: String(err && err.stack || err) }));
 """
 
 
+# WsProxyClient with ack: true against the real proxy (see
+# test_acked_messages_across_proxy_restart): numbered messages, one every
+# 10 ms; what the client saw is read back from window.ackOut
+ACK_SENDER_JS = r"""
+const done = arguments[arguments.length - 1];
+const [url, session, token, total] = arguments;
+(async () => {
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const client = new WsProxyClient({
+    url, session, token, agent: "browser-test", ack: true,
+    backoffMs: 100, maxBackoffMs: 1000, maxFailures: 30, nackRetryMs: 200,
+  });
+  const out = { sent: 0, acks: 0, nacks: 0, opens: 0, unacked: 0, positions: [] };
+  window.ackOut = out;
+  client.onack = ({ position }) => { out.acks += 1; out.positions.push(position); };
+  client.onnack = () => { out.nacks += 1; };
+  client.onstatechange = (state) => { if (state === "open") out.opens += 1; };
+  client.connect();
+  const timer = setInterval(() => {
+    if (out.sent >= total) {
+      clearInterval(timer);
+    } else {
+      client.send(`message ${out.sent}`, `n${out.sent}`);
+      out.sent += 1;
+    }
+    out.unacked = client.unacked.length;
+  }, 10);
+  done("started");
+})().catch((err) => done({ error: String(err && err.stack || err) }));
+"""
+
+
 def require_browser() -> None:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
@@ -283,7 +316,9 @@ def start_chromium(profile: str) -> Any:
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # the driver by path: selenium-manager (which downloads drivers) never runs
-    service = Service(executable_path=CHROMEDRIVER)
+    # (on a port outside the ephemeral range, which busy neighbours' outgoing
+    # connections may take between selenium choosing it and chromedriver binding it)
+    service = Service(executable_path=CHROMEDRIVER, port=free_port())
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(15)
     driver.set_script_timeout(10)
@@ -449,7 +484,7 @@ class BrowserTests(TestCase):
         r = self.redis.client()
         r.set(f"session:{session}:auth", token, ex=60)
 
-        daemon = self.start_proxy(0)
+        daemon = self.start_proxy(free_port())
         browser = defer.ensureDeferred(self.open_browser())
         port = await daemon.port()
         await browser
@@ -576,7 +611,7 @@ class BrowserTests(TestCase):
         self.addCleanup(r.close)
         r.set(f"session:{session}:auth", token, ex=120)
 
-        daemon = self.start_proxy(0, RESUME="true")
+        daemon = self.start_proxy(free_port(), RESUME="true")
         browser = defer.ensureDeferred(self.open_browser())
         port = await daemon.port()
         await browser
@@ -638,5 +673,54 @@ class BrowserTests(TestCase):
         self.assertEqual(snap["notice"], "")
         self.assertEqual(self.bodies(snap, "error"), [])
         await self.save_screenshot("browser-resumed.png")
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)
+
+    async def test_acked_messages_across_proxy_restart(self) -> None:
+        """
+        WsProxyClient with C{ack: true} against a proxy with
+        C{UPSTREAM=stream}: 400 numbered messages, one every 10 ms, with the
+        proxy restarted (SIGTERM, a new process on the same port) in the
+        middle. The client keeps what was not acknowledged and sends it
+        again with the same id after reconnecting: in the end nothing is
+        waiting, and every id is in the session's partition stream (copies
+        allowed: backends drop them by id).
+        """
+        session, token, total = "browser-ack", secrets.token_urlsafe(18), 400
+        r = self.redis.client()
+        self.addCleanup(r.close)
+        r.set(f"session:{session}:auth", token, ex=120)
+        daemon = self.start_proxy(free_port(), UPSTREAM="stream")
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        started = await self.page(self.driver.execute_async_script, ACK_SENDER_JS,
+                                  f"ws://127.0.0.1:{port}", session, token, total)
+        self.assertEqual(started, "started")
+
+        async def out() -> dict[str, Any]:
+            return await self.page(self.driver.execute_script, "return window.ackOut;")  # type: ignore[no-any-return]
+
+        deadline = time.monotonic() + 30
+        while (await out())["acks"] < 100:
+            self.assertLess(time.monotonic(), deadline, await out())
+            await task.deferLater(reactor, 0.05, lambda: None)
+        try:
+            daemon = await self.restart_proxy(daemon, port, UPSTREAM="stream")
+        except AssertionError as e:
+            outputs = "\n---\n".join(d.out.output.decode(errors="replace") for d in self.daemons)
+            self.fail(f"{e}\nproxy output:\n{outputs}")
+        deadline = time.monotonic() + 60
+        while True:
+            state = await out()
+            if state["sent"] == total and state["unacked"] == 0 and state["opens"] >= 2:
+                break
+            self.assertLess(time.monotonic(), deadline, state)
+            await task.deferLater(reactor, 0.1, lambda: None)
+        key = f"wsproxy:up:{{p{zlib.crc32(session.encode()) % 16}}}"
+        stored = [fields[b"id"].decode() for _, fields in r.xrange(key)]
+        self.assertEqual(set(stored), {f"n{i}" for i in range(total)})
+        self.assertGreaterEqual(state["acks"], total)
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)

@@ -578,3 +578,38 @@ class EventsTests(ClusterTestCase):
         await wait_for(lambda: backend.redis.xlen(EVENTS_STREAM) == 2)
         await wait_for(lambda: backend.instance_alive(proxy.proxy.instance), timeout=15)
         self.assertTrue(backend.redis.exists(instance_key(proxy.proxy.instance)))
+
+
+class DurableUpstreamTests(ClusterTestCase):
+    async def test_partition_streams_on_their_masters(self) -> None:
+        """
+        UPSTREAM=stream on a cluster: each client message is appended
+        (XADD) on the master that owns its session's partition stream
+        (wsproxy:up:{p<n>}, one slot each), sessions of several partitions
+        land on their own streams, and ?ack=1 clients get the entry id.
+        """
+        import json
+        import zlib
+
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, upstream="stream", upstream_partitions=6)
+        sessions = _Sessions(self, setup, proxy)
+        names = [f"u{i}" for i in range(6)]
+        for name in names:
+            sessions.authorize(name)
+        clients = {}
+        for name in names:
+            clients[name] = await connect(proxy.url(name, query="?ack=1"), token="tok")
+            self.addCleanup(clients[name].close_and_wait)
+            clients[name].sendMessage(f"m-{name}\nhello {name}".encode(), False)
+        for name, client in clients.items():
+            await client.wait_messages(1)
+            ack = json.loads(client.messages[0][0][1:])
+            stream = f"wsproxy:up:{{p{zlib.crc32(name.encode()) % 6}}}"
+            entries = dict(sessions.backend.xrange(stream))
+            entry = entries[ack["position"].encode()]
+            self.assertEqual((entry[b"session"], entry[b"data"]),
+                             (name.encode(), f"hello {name}".encode()))
+            owner = setup.owner(stream)
+            assert owner is not None
+            self.assertEqual(setup.node_at(owner).call("XLEN", stream), len(entries))

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
@@ -525,6 +526,17 @@ async def handshake_timeout(t: EnvTestCase) -> None:
     await wait_for(lambda: "dropped a client that did not send its request in 1s" in t.log)
 
 
+async def gc_full_collection(t: EnvTestCase) -> None:
+    """
+    GC_FULL_COLLECTION_SECS=1: the daemon collects everything, long-lived
+    objects too, every second and logs it; its pauses are in /metrics.
+    """
+    await t.start(GC_FULL_COLLECTION_SECS="1")
+    await wait_for(lambda: t.log.count("full garbage collection:") >= 2, timeout=10 * MARGIN)
+    metrics = (await t.get("/metrics")).decode()
+    t.assertIn('wsproxy_gc_pause_seconds_count{generation="2"}', metrics)
+
+
 async def max_connections(t: EnvTestCase) -> None:
     """
     MAX_CONNECTIONS=1: a second connection gets 503 "Too many connections"
@@ -867,6 +879,80 @@ async def key_hash_tags(t: EnvTestCase) -> None:
     t.assertEqual(got, [b"up"])
 
 
+async def upstream(t: EnvTestCase) -> None:
+    """
+    UPSTREAM=stream: a client message is appended to its session's
+    partition stream (16 by default) with its fields, not published on
+    session:s1:up; ?ack=1 gets it acknowledged with its entry id.
+    """
+    await t.start(UPSTREAM="stream")
+    listen = up_listener(t.r, "s1", t)
+    t.r.set("session:s1:auth", "tok", ex=300)
+    c = await connect(t.url() + "?ack=1", token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    c.sendMessage(b"m1\nhello", False)
+    await c.wait_messages(1)
+    key = f"wsproxy:up:{{p{zlib.crc32(b's1') % 16}}}"
+    [(entry_id, fields)] = t.r.xrange(key)
+    t.assertEqual((fields[b"session"], fields[b"data"], fields[b"id"]), (b"s1", b"hello", b"m1"))
+    t.assertEqual(json.loads(c.messages[0][0][1:]),
+                  {"type": "ack", "id": "m1", "position": entry_id.decode()})
+    t.assertEqual(listen(), [])
+
+
+async def upstream_partitions(t: EnvTestCase) -> None:
+    """
+    UPSTREAM_PARTITIONS=3: session s1's messages go to partition
+    crc32("s1") mod 3, and only there.
+    """
+    await t.start(UPSTREAM="stream", UPSTREAM_PARTITIONS="3")
+    c = await t.client()
+    c.sendMessage(b"hello", False)
+    key = f"wsproxy:up:{{p{zlib.crc32(b's1') % 3}}}"
+    await wait_for(lambda: t.r.xlen(key) == 1)
+    t.assertEqual(sorted(k.decode() for k in t.r.keys("wsproxy:up:*")), [key])
+
+
+async def upstream_stream_max_length(t: EnvTestCase) -> None:
+    """
+    UPSTREAM_STREAM_MAX_LENGTH=10: 600 client messages leave the partition
+    stream trimmed near 10 entries (whole nodes of 100), not all 600.
+    """
+    await t.start(UPSTREAM="stream", UPSTREAM_STREAM_MAX_LENGTH="10")
+    c = await t.client()
+    for i in range(600):
+        c.sendMessage(b"m%d" % i, False)
+    key = f"wsproxy:up:{{p{zlib.crc32(b's1') % 16}}}"
+    await wait_for(lambda: t.r.exists(key) and
+                   t.r.xinfo_stream(key)["entries-added"] == 600)
+    t.assertLess(t.r.xlen(key), 300)
+
+
+def _gauge(metrics: bytes, name: str) -> float:
+    match = re.search(rb"^%b (\S+)$" % name.encode(), metrics, re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+async def upstream_max_in_flight(t: EnvTestCase) -> None:
+    """
+    UPSTREAM_MAX_IN_FLIGHT=2: with Redis stopped, a client sending 100
+    messages of 10 KB has at most 2 appends in flight, plus what one
+    socket read held (64 KiB: 7 more), not all 100 (the default, 128,
+    would take them all).
+    """
+    await t.start(UPSTREAM="stream", UPSTREAM_MAX_IN_FLIGHT="2")
+    c = await t.client()
+    t.redis.pause()
+    t.addCleanup(t.redis.resume)
+    for i in range(100):
+        c.sendMessage(b"x" * 10_000, False)
+    deadline = time.monotonic() + 20
+    while (in_flight := _gauge(await t.get("/metrics"), "wsproxy_upstream_in_flight")) < 2:
+        t.assertLess(time.monotonic(), deadline, "no append in flight within 20s")
+        await task.deferLater(reactor, 0.05, lambda: None)
+    t.assertLessEqual(in_flight, 2 + 7)
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -899,6 +985,7 @@ VALID = [
     Case("WS_MAX_SEND_BUFFER_BYTES", max_send_buffer),
     Case("HANDSHAKE_TIMEOUT_SECS", handshake_timeout),
     Case("MAX_CONNECTIONS", max_connections),
+    Case("GC_FULL_COLLECTION_SECS", gc_full_collection),
     Case("ALLOWED_ORIGINS", allowed_origins),
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
@@ -908,6 +995,10 @@ VALID = [
     Case("EVENTS_STREAM_MAX_LENGTH", events_stream_max_length),
     Case("HISTORY_MAX_LENGTH", history_max_length),
     Case("HISTORY_MAX_AGE_SECS", history_max_age),
+    Case("UPSTREAM", upstream),
+    Case("UPSTREAM_PARTITIONS", upstream_partitions),
+    Case("UPSTREAM_STREAM_MAX_LENGTH", upstream_stream_max_length),
+    Case("UPSTREAM_MAX_IN_FLIGHT", upstream_max_in_flight),
     Case("FRAME_MODE", frame_mode),
     Case("WORKERS", workers),
     Case("LOG_LEVEL", log_level),
@@ -973,6 +1064,7 @@ INVALID = [
     Invalid("WS_MAX_SEND_BUFFER_BYTES", "1MB"),
     Invalid("HANDSHAKE_TIMEOUT_SECS", "inf"),
     Invalid("MAX_CONNECTIONS", "-1"),
+    Invalid("GC_FULL_COLLECTION_SECS", "hourly"),
     Invalid("ALLOWED_ORIGINS", "app.example.com"),
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),
@@ -982,6 +1074,10 @@ INVALID = [
     Invalid("EVENTS_STREAM_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_AGE_SECS", "-1"),
+    Invalid("UPSTREAM", "kafka"),
+    Invalid("UPSTREAM_PARTITIONS", "2000"),
+    Invalid("UPSTREAM_STREAM_MAX_LENGTH", "0"),
+    Invalid("UPSTREAM_MAX_IN_FLIGHT", "-1"),
     Invalid("FRAME_MODE", "binary"),
     Invalid("WORKERS", "0"),
     Invalid("LOG_LEVEL", "chatty"),

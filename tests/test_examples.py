@@ -20,7 +20,7 @@ from .support import ROOT, Daemon, RedisTestCase, wait_for
 
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
-           "echo_backend.py", "session_backend.py"]
+           "echo_backend.py", "session_backend.py", "durable_worker.py"]
 
 
 class Script(protocol.ProcessProtocol):

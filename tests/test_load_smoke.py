@@ -53,3 +53,22 @@ class LoadSmokeTests(TestCase):
         self.assertEqual(phases["up"]["arrived"], 1000)
         self.assertEqual(phases["paced"]["lost"], 0)
 
+
+    async def test_upstream_bench(self) -> None:
+        """
+        python -m bench.upstream (bench/run.sh upstream-durable) with 20
+        clients x 5 messages, one round, exits 0 with a line per mode (every
+        message appended, 100 entries retained in the stream modes) and a
+        summary with the ratios to Pub/Sub.
+        """
+        out = _Output()
+        args = [sys.executable, "-m", "bench.upstream", "--clients", "20", "--messages", "5",
+                "--rounds", "1"]
+        reactor.spawnProcess(out, args[0], args, env=dict(os.environ), path=ROOT)
+        status = await out.ended
+        self.assertEqual(status, 0, out.output.decode(errors="replace")[-3000:])
+        rows = [json.loads(line) for line in out.output.splitlines() if line.startswith(b"{")]
+        self.assertEqual([row.get("mode") for row in rows[:3]], ["pubsub", "stream", "stream-ack"])
+        self.assertEqual([row["messages"] for row in rows[:3]], [100] * 3)
+        self.assertEqual([row["entries"] for row in rows[1:3]], [100, 100])
+        self.assertIn("stream-ack_ratio_to_pubsub", rows[3])

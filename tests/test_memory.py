@@ -10,6 +10,8 @@ C{test_integration}, C{test_faults} and C{test_hostile}.
 
 from __future__ import annotations
 
+import json
+
 import txredisapi
 from twisted.logger import capturedLogs
 
@@ -24,6 +26,7 @@ from tests.memory import (
     MemoryTestCase,
     close_payload,
 )
+from wsproxy.names import upstream_partition, upstream_stream
 from wsproxy.redislink import RedisTimeout, RedisUnavailable
 
 GRACE = 10800  # the default AUTH_GRACE_PERIOD_SECS
@@ -806,3 +809,92 @@ class HandshakeDeadlineRaceTests(AdmissionTestCase):
         self.assertNotIn(b"101 Switching", client.transport.value())
         self.assertEqual(memory.proxy.stats.outcomes.get("accepted", 0), 0)
         self.assertNothingLeft(memory)
+
+
+class DurableUpstreamTests(MemoryTestCase):
+    """
+    UPSTREAM=stream on fake Redis links: the appends a connection has in
+    flight, acks and nacks, the frames an acknowledging client receives.
+    """
+
+    def open_acked(self, memory: Any, session: str = "s1") -> Any:
+        memory.redis.authorize(session, "tok")
+        client = memory.request(f"/agent/ws/{session}?ack=1", {"Authorization": "Bearer tok"})
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        return client
+
+    def test_in_flight_bound_outlasts_the_valve(self) -> None:
+        """
+        With UPSTREAM_MAX_IN_FLIGHT appends unanswered, the client's socket
+        is no longer read; the upstream valve opening again does not resume
+        it (its appends are still in flight); it resumes once half of them
+        are answered, and every message is stored in order.
+        """
+        memory = self.start(upstream="stream", upstream_max_in_flight=4)
+        client = memory.open()
+        memory.redis.hold("XADD")
+        for i in range(3):
+            client.send_frame(b"m%d" % i)
+        self.assertEqual(client.transport.producerState, "producing")
+        client.send_frame(b"m3")
+        self.assertEqual(client.transport.producerState, "paused")
+        memory.proxy.valve.pauseProducing()
+        memory.proxy.valve.resumeProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        memory.redis.release("XADD")
+        self.assertEqual(client.transport.producerState, "producing")
+        [(key, entries)] = memory.redis.streams.items()
+        self.assertEqual(key, upstream_stream(upstream_partition("s1", 16)).encode())
+        self.assertEqual([fields[b"data"] for _, fields in entries],
+                         [b"m0", b"m1", b"m2", b"m3"])
+        self.assertEqual(memory.proxy.stats.upstream_in_flight, 0)
+
+    def test_redis_lost_nacks_what_is_in_flight(self) -> None:
+        """
+        The command connection lost with appends in flight: each is
+        answered with a nack ("redis unavailable"), so is a message sent
+        while there is no connection, and the socket stays open; once
+        Redis is back the message sent again is acked with its entry id.
+        """
+        memory = self.start(upstream="stream")
+        client = self.open_acked(memory)
+        memory.redis.hold("XADD")
+        client.send_frame(b"a\nfirst")
+        client.send_frame(b"b\nsecond")
+        memory.commands.lose()
+        client.send_frame(b"c\nthird")
+        controls = [json.loads(f.payload[1:]) for f in client.frames()]
+        self.assertEqual(controls, [
+            {"type": "nack", "id": i, "reason": "redis unavailable"} for i in "abc"])
+        memory.redis.release("XADD")
+        memory.commands.connect()
+        client.send_frame(b"a\nfirst")
+        [frame] = client.frames()
+        self.assertEqual(json.loads(frame.payload[1:]),
+                         {"type": "ack", "id": "a", "position": "1-0"})
+        self.assertEqual(memory.proxy.stats.upstream_nacks, 3)
+        self.assertEqual(memory.proxy.stats.upstream_acks, 1)
+
+    def test_plain_client_closed_1011_when_append_fails(self) -> None:
+        """
+        A client without ?ack=1 whose message cannot be stored is closed
+        with 1011, as with Pub/Sub: it has no other way to learn it.
+        """
+        memory = self.start(upstream="stream")
+        client = memory.open()
+        memory.commands.lose()
+        client.send_frame(b"lost")
+        self.assertEqual([f.close_code for f in client.frames()], [1011])
+
+    def test_backend_messages_to_acknowledging_client(self) -> None:
+        """
+        An acknowledging client receives backend messages as \\n<message>,
+        so that one starting with "!" is not a control frame; a plain
+        client of the same session receives them unchanged.
+        """
+        memory = self.start(upstream="stream")
+        acked = self.open_acked(memory)
+        plain = memory.open()
+        memory.redis.publish("session:s1:down", b"!hello")
+        self.assertEqual([f.payload for f in acked.frames()], [b"\n!hello"])
+        self.assertEqual([f.payload for f in plain.frames()], [b"!hello"])

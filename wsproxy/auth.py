@@ -79,6 +79,9 @@ def tokens_match(stored: object, presented: str) -> bool:
     return hmac.compare_digest(stored, presented.encode("utf-8"))
 
 
+#: the 401 refusal's code, reason and headers
+MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
+
 #: sends one Redis command and gives its reply, like L{RedisLink.execute}
 Execute = Callable[..., Awaitable[object]]
 
@@ -97,7 +100,7 @@ async def check_token(
         propagate as they are.
     """
     if credentials is None:
-        raise Refusal(401, "Missing bearer token", (REALM_HEADER,))
+        raise Refusal(*MISSING_TOKEN)
     key = auth_key(session_id)
     stored = await execute("GET", key)
     if not tokens_match(stored, credentials.token):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Iterator, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 from .names import (
     ALL_EVENTS_CHANNEL,
@@ -36,6 +37,9 @@ from .names import (
     instance_key,
     meta_key,
     up_channel,
+    upstream_partition,
+    upstream_seen_key,
+    upstream_stream,
     valid_session_id,
 )
 
@@ -272,3 +276,185 @@ class Backend:
         C{XACK wsproxy:events:stream <group> <id> ...}.
         """
         return int(self.redis.xack(EVENTS_STREAM, group, *entry_ids))
+
+
+# -- durable upstream (UPSTREAM=stream) -----------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class UpMessage:
+    """
+    One client message from a partition stream (C{UPSTREAM=stream}).
+
+    @ivar stream: the partition stream it was read from.
+    @ivar entry_id: its entry id there (what the client's ack carried as
+        C{position}).
+    @ivar message_id: the client's own id (C{?ack=1} clients), else C{None}.
+    """
+
+    stream: str
+    entry_id: str
+    session_id: str
+    agent_id: str
+    connection_id: str
+    binary: bool
+    data: bytes
+    message_id: Optional[str]
+
+    @classmethod
+    def from_entry(cls, stream: Any, entry_id: Any, fields: dict[Any, Any]) -> "UpMessage":
+        def get(name: str) -> Any:
+            return fields.get(name.encode(), fields.get(name))
+
+        message_id = get("id")
+        data = get("data")
+        return cls(
+            stream=_text(stream),
+            entry_id=_text(entry_id),
+            session_id=_text(get("session")),
+            agent_id=_text(get("agent") or b""),
+            connection_id=_text(get("conn") or b""),
+            binary=_text(get("type")) == "binary",
+            data=data if isinstance(data, bytes) else str(data or "").encode(),
+            message_id=None if message_id is None else _text(message_id),
+        )
+
+
+class DurableConsumer:
+    """
+    One consumer of a consumer group over every partition stream of
+    durable upstream, as the README's recipe spells it: C{XGROUP CREATE …
+    MKSTREAM}, C{XREADGROUP} over all partitions, C{XACK}, C{XAUTOCLAIM}
+    of a dead consumer's pending entries, and the record of client message
+    ids handled, to drop the copies a client sent again.
+
+        consumer = DurableConsumer(redis.Redis(), "workers", "worker-1", partitions=16)
+        consumer.create_groups()
+        for message in consumer.pending():     # mine, from before a restart
+            ...
+        while True:
+            for message in consumer.claim(60_000) + consumer.read():
+                if consumer.seen(message):
+                    consumer.ack(message)       # a copy of one already handled
+                    continue
+                handle(message)
+                consumer.mark_seen(message)
+                consumer.ack(message)
+
+    @param partitions: C{UPSTREAM_PARTITIONS} of the proxies.
+    @param only: the partitions this consumer reads (default: all). Consumers
+        of one group that all read every partition share the entries of a
+        session among them (handled concurrently, in no set order); to keep
+        a session's order, give each consumer its own partitions.
+    """
+
+    def __init__(
+        self, redis: Any, group: str, consumer: str, partitions: int = 16,
+        only: Optional[Iterable[int]] = None,
+    ) -> None:
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.partitions = partitions
+        self.streams = [upstream_stream(p) for p in (range(partitions) if only is None else only)]
+
+    def stream_of(self, session_id: str) -> str:
+        """
+        The partition stream a session's messages are appended to.
+        """
+        return upstream_stream(upstream_partition(session_id, self.partitions))
+
+    def create_groups(self, start: str = "0") -> None:
+        """
+        C{XGROUP CREATE <stream> <group> 0 MKSTREAM} on every partition (a
+        group that exists is left as it is): from the start of each stream,
+        so that nothing appended before the group existed is skipped.
+        """
+        for stream in self.streams:
+            try:
+                self.redis.xgroup_create(stream, self.group, id=start, mkstream=True)
+            except Exception as e:  # BUSYGROUP: it exists
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _entries(self, reply: Any) -> list[UpMessage]:
+        out = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if fields:  # None: deleted (trimmed) while pending
+                    out.append(UpMessage.from_entry(stream, entry_id, fields))
+        return out
+
+    def read(self, count: int = 100, block_ms: int = 1000) -> list[UpMessage]:
+        """
+        New messages, from every partition: C{XREADGROUP GROUP <group>
+        <consumer> COUNT <count> BLOCK <ms> STREAMS <p0> … <pN-1> > … >}.
+        """
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {s: ">" for s in self.streams}, count=count,
+            block=block_ms,
+        )
+        return self._entries(reply)
+
+    def pending(self, count: int = 100) -> list[UpMessage]:
+        """
+        This consumer's own messages read but not acknowledged (before a
+        crash or restart): C{XREADGROUP … STREAMS <p0> … 0 … 0}.
+        """
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {s: "0" for s in self.streams}, count=count
+        )
+        return self._entries(reply)
+
+    def claim(self, min_idle_ms: int, count: int = 100) -> list[UpMessage]:
+        """
+        Take over messages another consumer read and has not acknowledged
+        for C{min_idle_ms} (it died): C{XAUTOCLAIM <stream> <group>
+        <consumer> <min idle> 0-0 COUNT <count>} on each partition, until
+        each has none left or C{count} were taken.
+        """
+        out: list[UpMessage] = []
+        for stream in self.streams:
+            cursor: Any = "0-0"
+            while len(out) < count:
+                reply = self.redis.xautoclaim(
+                    stream, self.group, self.consumer, min_idle_ms, cursor,
+                    count=count - len(out),
+                )
+                cursor, entries = reply[0], reply[1]
+                out.extend(self._entries([(stream, entries)]))
+                if _text(cursor) == "0-0":
+                    break
+        return out
+
+    def ack(self, *messages: UpMessage) -> int:
+        """
+        C{XACK <stream> <group> <entry id> …}, per stream.
+        """
+        by_stream: dict[str, list[str]] = {}
+        for message in messages:
+            by_stream.setdefault(message.stream, []).append(message.entry_id)
+        return sum(int(self.redis.xack(s, self.group, *ids)) for s, ids in by_stream.items())
+
+    def seen(self, message: UpMessage) -> bool:
+        """
+        Whether a message with this client message id of this session was
+        handled already (C{EXISTS session:<id>:seen:<message id>}): a copy
+        the client sent again after a nack or a reconnect. Messages without
+        a client id are never seen.
+        """
+        if message.message_id is None:
+            return False
+        return bool(self.redis.exists(upstream_seen_key(message.session_id, message.message_id)))
+
+    def mark_seen(self, message: UpMessage, ttl: int = 86400) -> None:
+        """
+        Record that the message was handled (C{SET session:<id>:seen:<message
+        id> 1 EX <ttl>}): after handling it, before acknowledging it.
+        """
+        if message.message_id is not None:
+            self.redis.set(upstream_seen_key(message.session_id, message.message_id), 1, ex=ttl)

@@ -635,6 +635,19 @@ def _command_key(args: tuple[Any, ...]) -> Optional[bytes]:
     return key if isinstance(key, bytes) else str(key).encode()
 
 
+def _encoded_key(command: bytes) -> bytes:
+    """
+    The first argument after the command name in a RESP-encoded command
+    (C{*N $len NAME $len KEY ...}).
+    """
+    start = command.index(b"\r\n") + 2
+    end = command.index(b"\r\n", start)
+    start = end + 2 + int(command[start + 1:end]) + 2
+    end = command.index(b"\r\n", start)
+    size = int(command[start + 1:end])
+    return command[end + 2:end + 2 + size]
+
+
 class ClusterCommands:
     """
     The command side of a cluster, with the interface of one command
@@ -746,6 +759,13 @@ class ClusterCommands:
             args = (b"SPUBLISH",) + args[1:]
         self._lean(args, args[1], on_reply, 0, None, False)
 
+    def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        Like L{RedisLink.send_encoded} (durable upstream's XADD): routed by
+        the command's first argument, read from its RESP encoding.
+        """
+        self._lean((command,), _encoded_key(command), on_reply, 0, None, False)
+
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         """
         Like L{RedisLink.publish}, with C{SPUBLISH} on the channel's master.
@@ -788,7 +808,9 @@ class ClusterCommands:
 
         if asking:
             proto.command_raw((b"ASKING",), lambda reply: None)
-        if args[0] == b"SPUBLISH":
+        if len(args) == 1:
+            proto.write_raw(args[0], replied)  # already encoded (send_encoded)
+        elif args[0] == b"SPUBLISH":
             proto.spublish_raw(args[1], args[2], replied)
         else:
             proto.command_raw(args, replied)

@@ -25,6 +25,8 @@ from .frames import FRAME_MODES, FrameMode
 EventTarget = Literal["session", "all", "stream"]
 LogLevelName = Literal["debug", "info", "warn", "error"]
 LogFormat = Literal["text", "json"]
+UpstreamMode = Literal["pubsub", "stream"]
+UPSTREAM_MODES: tuple[UpstreamMode, ...] = get_args(UpstreamMode)
 LOG_LEVELS: tuple[LogLevelName, ...] = get_args(LogLevelName)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 
@@ -195,6 +197,17 @@ def _log_level(value: str) -> LogLevelName:
 
 def _log_format(value: str) -> LogFormat:
     return cast(LogFormat, _choice(value, LOG_FORMATS))
+
+
+def _upstream(value: str) -> UpstreamMode:
+    return cast(UpstreamMode, _choice(value, UPSTREAM_MODES))
+
+
+def _partitions(value: str) -> int:
+    number = _positive_int(value)
+    if number > 1024:
+        raise ValueError("must be an integer from 1 to 1024")
+    return number
 
 
 _HOST_NAME = re.compile(
@@ -469,7 +482,15 @@ class Settings:
         "MAX_CONNECTIONS",
         "0",
         _non_negative_int,
-        "cap on concurrent WebSocket connections (0 = unlimited; beyond it 503)",
+        "cap on concurrent WebSocket connections per process (0 = as many as the file "
+        "descriptor limit allows; beyond it 503)",
+    )
+    gc_full_collection: float = setting(
+        "GC_FULL_COLLECTION_SECS",
+        "3600",
+        _non_negative_float,
+        "seconds between full garbage collections of every object, long-lived ones "
+        "too (0 = never; see README 'Garbage collection')",
     )
     allowed_origins: tuple[str, ...] = setting(
         "ALLOWED_ORIGINS",
@@ -525,6 +546,35 @@ class Settings:
         "100000",
         _positive_int,
         "events kept in wsproxy:events:stream (approximately; oldest trimmed first)",
+    )
+    upstream: UpstreamMode = setting(
+        "UPSTREAM",
+        "pubsub",
+        _upstream,
+        "pubsub: client messages are PUBLISHed on session:<id>:up; stream: appended "
+        "(XADD) to the partition streams wsproxy:up:{p<n>}, for consumer groups",
+    )
+    upstream_partitions: int = setting(
+        "UPSTREAM_PARTITIONS",
+        "16",
+        _partitions,
+        "UPSTREAM=stream: number of partition streams (1-1024); a session always "
+        "goes to partition crc32(session id) mod this. All instances and backends "
+        "must agree on it",
+    )
+    upstream_stream_max_length: int = setting(
+        "UPSTREAM_STREAM_MAX_LENGTH",
+        "1000000",
+        _positive_int,
+        "UPSTREAM=stream: entries kept per partition stream (XADD MAXLEN ~; oldest "
+        "trimmed first, read or not)",
+    )
+    upstream_max_in_flight: int = setting(
+        "UPSTREAM_MAX_IN_FLIGHT",
+        "128",
+        _positive_int,
+        "UPSTREAM=stream: appends per connection awaiting Redis's answer; beyond "
+        "it reading from that client pauses",
     )
     frame_mode: FrameMode = setting(
         "FRAME_MODE",

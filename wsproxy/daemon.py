@@ -35,6 +35,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from .fdlimit import DescriptorLimit, raise_soft_limit
+from .heap import CollectorPolicy
 from .proxy import Proxy
 
 
@@ -116,6 +117,9 @@ class ProxyService(DaemonService):
         worker the socket inherited from the supervisor (L{wsproxy.workers}).
     @param worker: the worker's index, if this process is one of several
         (only named in the log).
+    @param manage_heap: keep long-lived objects out of the cycle
+        collector's scans once running (L{wsproxy.heap}); for a process of
+        its own, not for a proxy inside a test run.
     """
 
     name = "wsproxy"
@@ -129,6 +133,7 @@ class ProxyService(DaemonService):
         log_observer: Optional[ILogObserver] = None,
         handle_signals: bool = False,
         worker: Optional[int] = None,
+        manage_heap: bool = False,
     ) -> None:
         self.proxy = proxy
         self.site = site
@@ -137,6 +142,11 @@ class ProxyService(DaemonService):
         self.log_observer = log_observer
         self.handle_signals = handle_signals
         self.worker = worker
+        self.heap = (
+            CollectorPolicy(reactor, interval=proxy.settings.gc_full_collection,
+                            observe=proxy.stats.gc_pause.labels)
+            if manage_heap else None
+        )
         self.port: Optional[IListeningPort] = None
         self.drain = proxy.settings.shutdown_drain
         self._listening: Optional[defer.Deferred[None]] = None
@@ -214,6 +224,8 @@ class ProxyService(DaemonService):
 
     def _running(self) -> None:
         self._running_now = True
+        if self.heap is not None:
+            self.heap.install()
         if self.handle_signals:
             self.install_signal_handlers()
         if self.port is not None:
@@ -253,6 +265,8 @@ class ProxyService(DaemonService):
     def stopService(self) -> defer.Deferred[Any]:
         if self._stopping is None:
             self.stopping = True
+            if self.heap is not None and self._running_now:
+                self.heap.uninstall()
             super().stopService()
             self._stopping = defer.ensureDeferred(self.shutdown())
         return self._stopping

@@ -140,7 +140,7 @@ class BudgetedLog:
 
     __slots__ = ("_log", "_budget", "_peer", "debug", "trace")
 
-    def __init__(self, log: Any, budget: LogBudget, peer: Callable[[], str]) -> None:
+    def __init__(self, log: Any, budget: LogBudget, peer: str) -> None:
         self._log = log
         self._budget = budget
         self._peer = peer
@@ -148,7 +148,7 @@ class BudgetedLog:
         self.trace = log.trace
 
     def _limited(self, emit: Any, fmt: str, **kwargs: Any) -> None:
-        peer = self._peer()
+        peer = self._peer
         suppressed = self._budget.take(peer)
         if suppressed is None:
             return

@@ -43,6 +43,11 @@ class Stats:
         self.resume_replayed = 0
         self.resume_gaps_filled = 0
         self.messages_up_unheard = 0
+        self.upstream_appended = 0
+        self.upstream_append_failures = 0
+        self.upstream_acks = 0
+        self.upstream_nacks = 0
+        self.upstream_in_flight = 0
         self.events_published = 0
         self.events_dropped = 0
         self.server_closes = 0
@@ -59,6 +64,15 @@ class Stats:
             "wsproxy_auth_check_seconds",
             "Time from upgrade request to the token check's answer",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        #: every garbage collection's pause, by generation (observed by
+        #: the daemon's wsproxy.heap.CollectorPolicy)
+        self.gc_pause = Histogram(
+            "wsproxy_gc_pause_seconds",
+            "Time the process stood still in each garbage collection",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
         self.registry.register(_Collector(self))
@@ -194,6 +208,15 @@ class _Collector:
             ("wsproxy_bytes_up", "Client payload bytes published to Redis", s.bytes_up),
             ("wsproxy_messages_up_unheard", "Client messages published while no backend was "
              "subscribed to their :up channel (lost)", s.messages_up_unheard),
+            ("wsproxy_upstream_appended", "Client messages appended to the upstream "
+             "streams (UPSTREAM=stream)", s.upstream_appended),
+            ("wsproxy_upstream_append_failures", "Client messages Redis did not store "
+             "(error, timeout or connection lost; UPSTREAM=stream)",
+             s.upstream_append_failures),
+            ("wsproxy_upstream_acks", "Acknowledgements sent to clients (?ack=1)",
+             s.upstream_acks),
+            ("wsproxy_upstream_nacks", "Negative acknowledgements sent to clients (?ack=1)",
+             s.upstream_nacks),
             ("wsproxy_messages_dropped_down",
              "Backend payloads that could not be sent (tagged mode: bad tag or UTF-8)",
              s.dropped_down),
@@ -230,6 +253,11 @@ class _Collector:
         for reason in sorted(counts):
             failures.add_metric([reason], counts[reason])
         yield failures
+        yield GaugeMetricFamily(
+            "wsproxy_upstream_in_flight",
+            "Client messages sent to Redis with XADD and not answered yet (UPSTREAM=stream)",
+            value=s.upstream_in_flight,
+        )
         yield GaugeMetricFamily(
             "wsproxy_subscribed_channels", "Session channels subscribed",
             value=s.subscribed_channels(),

@@ -8,6 +8,7 @@ spells them C{session:{<id>}:...} (one Redis Cluster slot per session).
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Optional
 from urllib.parse import unquote
 
@@ -123,3 +124,32 @@ def canary_channel(instance: str, tag: str = "") -> str:
     if tag:
         return f"wsproxy:canary:{{{tag}}}:{instance}"
     return f"wsproxy:canary:{instance}"
+
+
+def upstream_partition(session_id: str, partitions: int) -> int:
+    """
+    The partition a session's client messages are appended to with
+    C{UPSTREAM=stream}: the CRC-32 (IEEE 802.3, as zlib, Java's
+    C{java.util.zip.CRC32}, Go's C{hash/crc32.ChecksumIEEE}) of the session
+    id's UTF-8 bytes, modulo the number of partitions. Stable across
+    processes, versions and languages, so a session always lands in the
+    same stream and its messages keep their order.
+    """
+    return zlib.crc32(session_id.encode()) % partitions
+
+
+def upstream_stream(partition: int) -> str:
+    """
+    One partition stream of client messages (C{UPSTREAM=stream}). The
+    braces are a Redis Cluster hash tag: a partition is one slot, and the
+    partitions spread over the cluster.
+    """
+    return f"wsproxy:up:{{p{partition}}}"
+
+
+def upstream_seen_key(session_id: str, message_id: str) -> str:
+    """
+    A backend's record that it handled a client message id (duplicates of
+    a message a client sent again are dropped by it; see wsproxy.backend).
+    """
+    return f"session:{session_id}:seen:{message_id}"

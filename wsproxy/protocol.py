@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from typing import Any, Literal, Optional, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, frames
+from . import auth, frames, upstream
 from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
@@ -40,6 +41,7 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal
 from .resume import Recovery, Resumer
+from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -69,18 +71,22 @@ class _BudgetedAutobahnLog:
     pongs, ...) counts against the client address's budget: a hostile
     client cannot make the proxy log without bound.
 
-    A non-data descriptor: the first access on a connection stores its
-    L{BudgetedLog} in the instance, so every later C{self.log} is a plain
-    attribute lookup (Autobahn calls C{self.log.debug} per frame sent).
+    A non-data descriptor: the first access on a connected connection
+    stores its L{BudgetedLog} in the instance, so every later C{self.log}
+    is a plain attribute lookup (Autobahn calls C{self.log.debug} per frame
+    sent). The budget's key is the address itself, not a way back to the
+    connection, which would be a reference cycle (see
+    L{ProxyProtocol._break_cycles}).
     """
 
     def __init__(self, log: Any) -> None:
         self._log = log
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None or getattr(instance, "_proxy", None) is None:
+        if (instance is None or getattr(instance, "_proxy", None) is None
+                or instance.transport is None):
             return self._log
-        log = BudgetedLog(self._log, instance._proxy.log_budget, instance._peer_host)
+        log = BudgetedLog(self._log, instance._proxy.log_budget, instance._peer_host())
         instance.__dict__["log"] = log
         return log
 
@@ -116,10 +122,19 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._unsent = 0
         self._stopped_sending = False
         self._warned_drop = False
+        #: durable upstream (UPSTREAM=stream): the connection's XADD, the
+        #: ids of its appends awaiting Redis's answer (b"" without ?ack=1),
+        #: whether it asked for acks, and whether it stopped reading
+        #: because too many appends are in flight
+        self._appender: Optional[Appender] = None
+        self._in_flight: deque[bytes] = deque()
+        self._acked = False
+        self._flight_paused = False
         self.messages_in = self.bytes_in = self.messages_out = self.bytes_out = 0
         self.closed: defer.Deferred[Any] = defer.Deferred()
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
+        self._on_append_reply = self._append_replied
 
     def _peer_host(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -139,6 +154,32 @@ class ProxyProtocol(WebSocketServerProtocol):
             super().connectionLost(reason)
         finally:
             self._finish(None)
+            self._break_cycles()
+
+    def _break_cycles(self) -> None:
+        """
+        Make a closed connection free by reference counting alone.
+
+        Python's cycle collector pauses the whole process for a time that
+        grows with every object alive; with thousands of connections that
+        is a pause of a second or more, during which no session receives
+        anything. So the daemon keeps long-lived objects out of its scans
+        (L{wsproxy.heap}), which is only safe if closed connections leave no
+        reference cycles behind: the ones a connection holds while open
+        (bound methods of itself, a pending timer's callback, Autobahn's
+        C{is_closed} resolved with the protocol) are cut here.
+        """
+        self.__dict__.pop("_on_publish_reply", None)
+        self.__dict__.pop("_on_append_reply", None)
+        self._resumer = None
+        # Autobahn resolves is_closed with the protocol itself
+        self.is_closed = defer.succeed(None)
+        for timer in ("autoPingPendingCall", "autoPingTimeoutCall", "openHandshakeTimeoutCall",
+                      "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, timer, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, timer, None)
 
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
@@ -158,9 +199,17 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.session_id = session_id
         proxy.precheck(request.headers)
         resume = proxy.resume_request(self.http_request_uri)
+        acked = self._acked = upstream.ack_request(
+            self.http_request_uri, proxy.settings.upstream == "stream"
+        )
         credentials = auth.extract_token(request.headers, request.params, request.protocols)
         subscriptions: list[tuple[str, Listener]]
-        if resume is None:
+        if resume is None and acked:
+            # control frames go to this client: data frames down get the
+            # resumable sessions' envelope (an empty position) so that no
+            # backend message can pass for one
+            subscriptions = [(down_channel(session_id), _PrefixedSink(self))]
+        elif resume is None:
             subscriptions = [(down_channel(session_id), self)]
         else:
             resumer = self._resumer = Resumer(
@@ -194,6 +243,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             self._log.failure("unexpected error admitting a connection", failure)
             refusal = Refusal(500, "Internal error")
+        # kept for failHandshake without the frames it was raised through
+        # (they hold this protocol: a reference cycle), and the shared
+        # refusals (CLIENT_LEFT) must not keep the last connection alive
+        refusal.with_traceback(None)
         self._refusal = refusal
         raise ConnectionDeny(refusal.code, refusal.reason)
 
@@ -231,10 +284,17 @@ class ProxyProtocol(WebSocketServerProtocol):
         proxy.stats.outcomes["accepted"] += 1
         assert self.session_id is not None
         proxy.opened(self.session_id, self)
-        if proxy.events.enabled:
+        settings = proxy.settings
+        if proxy.events.enabled or settings.upstream == "stream":
             self._opened_at = time.time()
             self._connection_id = proxy.next_connection_id()
+        if proxy.events.enabled:
             proxy.events.publish(self.session_id, self._event("open"))
+        if settings.upstream == "stream":
+            self._appender = Appender(
+                self.session_id, self.agent_id or "", self._connection_id,
+                settings.upstream_partitions, settings.upstream_stream_max_length,
+            )
         # Under twisted.web the HTTP channel is still the transport's
         # producer; ours decides about slow consumers from here on.
         transport: Any = self.transport
@@ -250,7 +310,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         )
         early, self._early = self._early, []
         for payload in early:
-            self.deliver(payload)
+            if self._acked and self._resumer is None:
+                _PrefixedSink(self).deliver(payload)
+            else:
+                self.deliver(payload)
         if self._resumer is not None and self._recovery is not None:
             self._resumer.start(self._recovery)
 
@@ -325,6 +388,10 @@ class ProxyProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._state is not _OPEN or self._stopped_sending:
             return
+        appender = self._appender
+        if appender is not None:
+            self._append(appender, payload, isBinary)
+            return
         if self.factory.require_json and not isBinary:
             try:
                 json.loads(payload)
@@ -363,6 +430,98 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(
             code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False
         )
+
+    # Durable upstream (UPSTREAM=stream, see wsproxy.upstream)
+
+    def _append(self, appender: Appender, payload: bytes, binary: bool) -> None:
+        message_id = b""
+        if self._acked:
+            try:
+                message_id, payload = upstream.split_envelope(payload)
+            except InvalidEnvelope:
+                self._stopped_sending = True
+                self._closed_by = "protocol_error"
+                self._log.info(
+                    "invalid message envelope, closing with 1008: session={session_id} "
+                    "peer={peer}", session_id=self.session_id, peer=self.peer,
+                )
+                self.sendCloseFrame(code=POLICY_VIOLATION,
+                                    reasonUtf8=b"a message must start with its id and a newline",
+                                    isReply=False)
+                return
+        if self.factory.require_json and not binary:
+            try:
+                json.loads(payload)
+            except ValueError:
+                if message_id:
+                    self._send_control(upstream.nack(message_id, "invalid JSON"))
+                else:
+                    self.sendMessage(INVALID_JSON_REPLY, False)
+                return
+        self.messages_in += 1
+        self.bytes_in += len(payload)
+        proxy = self._proxy
+        stats = proxy.stats
+        stats.messages_up += 1
+        stats.bytes_up += len(payload)
+        stats.upstream_in_flight += 1
+        in_flight = self._in_flight
+        in_flight.append(message_id)
+        if len(in_flight) >= self.factory.max_in_flight and not self._flight_paused:
+            # Redis is slower than this client: stop reading from it
+            self._flight_paused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
+        proxy.commands.send_encoded(
+            appender.command(payload, binary, message_id), self._on_append_reply
+        )
+
+    def _send_ack(self, frame: bytes) -> None:
+        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+            return
+        if self._perMessageCompress is None:
+            # one unfragmented text frame, written as is (no masking from a
+            # server): Autobahn's sendMessage costs more than the append
+            size = len(frame)
+            if size < 126:
+                self.sendData(b"\x81%c%b" % (size, frame))
+            else:
+                self.sendData(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
+        else:
+            self.sendMessage(frame, False)
+        if self._paused:
+            # a client that sends but does not read its acks is a slow consumer too
+            self._unsent += len(frame)
+            if self._unsent > self.factory.max_send_buffer:
+                self._slow_consumer()
+
+    def _append_replied(self, reply: Any) -> None:
+        in_flight = self._in_flight
+        message_id = in_flight.popleft()
+        stats = self._proxy.stats
+        stats.upstream_in_flight -= 1
+        position = upstream.entry_id(reply)
+        if position is not None:
+            stats.upstream_appended += 1
+            if message_id:
+                stats.upstream_acks += 1
+                self._send_ack(upstream.ack_frame(message_id, position))
+        else:
+            stats.upstream_append_failures += 1
+            if message_id:
+                stats.upstream_nacks += 1
+                reason = upstream.failure_reason(reply)
+                self._send_control(upstream.nack(message_id, reason))
+                self._proxy.append_failed(self.session_id, reason)
+            else:
+                # no way to tell this client which message failed
+                self._publish_failed(reply)
+        if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
+            self._flight_paused = False
+            transport: Any = self.transport
+            if (self._state is _OPEN and transport is not None
+                    and not self._proxy.valve.paused):
+                transport.resumeProducing()
 
     # -- Redis -> client -----------------------------------------------------
 
@@ -482,7 +641,7 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is _OPEN and transport is not None:
+        if self._state is _OPEN and transport is not None and not self._flight_paused:
             transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
@@ -573,6 +732,31 @@ class _PlainSink:
             self._resumer.plain(out[0], b"b" if out[1] else b"t")
 
 
+class _PrefixedSink:
+    """
+    The C{:down} listener of an acknowledging client that does not resume:
+    each message is sent as C{\\n<message>} (an empty position), the data
+    frame form of resumable sessions, so it cannot be read as a control
+    frame.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: ProxyProtocol) -> None:
+        self._protocol = protocol
+
+    def deliver(self, payload: bytes) -> None:
+        protocol = self._protocol
+        if protocol._state is _HANDSHAKE:
+            protocol._early.append(payload)
+            return
+        out = protocol._down(payload)
+        if out is None:
+            protocol._proxy.stats.dropped_down += 1
+        else:
+            protocol._send_resumable(b"", out[0], b"b" if out[1] else b"t")
+
+
 class _LiveSink:
     """
     A resuming connection's listener on C{session:S:live}.
@@ -607,6 +791,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json
         self.max_send_buffer = settings.max_send_buffer
+        self.max_in_flight = settings.upstream_max_in_flight
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
         self.last_prepared: Any = None

@@ -182,6 +182,8 @@ class Proxy:
         self._loops: list[task.LoopingCall] = []
         self._unheard_logged = -1e9
         self._unheard_reported = 0
+        self._append_failed_logged = -1e9
+        self._append_failed_reported = 0
         #: open sockets by session, for server-side closes
         self.sessions: dict[str, set[Any]] = {}
         self.events = Events(
@@ -293,6 +295,24 @@ class Proxy:
             self._unheard_logged = now
             self._unheard_reported = stats.messages_up_unheard
 
+    def append_failed(self, session_id: Optional[str], reason: str) -> None:
+        """
+        A client message was not stored (UPSTREAM=stream) and its client
+        was told with a nack (counted by the caller): one warning a minute
+        with how many and the last reason, so that a full or unreachable
+        Redis is not silence.
+        """
+        now = self.clock.seconds()
+        failures = self.stats.upstream_append_failures
+        if now - self._append_failed_logged >= 60:
+            self._log.warn(
+                "{n} client messages could not be appended to the upstream streams "
+                "(clients with ?ack=1 were sent a nack; last: session {session_id}: {why})",
+                n=failures - self._append_failed_reported, session_id=session_id, why=reason,
+            )
+            self._append_failed_logged = now
+            self._append_failed_reported = failures
+
     # -- open sockets --------------------------------------------------------
 
     def next_connection_id(self) -> str:
@@ -393,6 +413,11 @@ class Proxy:
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
         """
+        if credentials is None:
+            # refused here rather than inside the deadline's Deferred: a
+            # Failure raised while that is being set up holds the frames
+            # that hold it (a reference cycle; see wsproxy.heap)
+            raise Refusal(*auth.MISSING_TOKEN)
         try:
             recovery: Optional[Recovery] = await with_deadline(
                 defer.ensureDeferred(

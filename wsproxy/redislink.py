@@ -140,6 +140,15 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         self._fifo.append(on_reply)
         self.sent += 1
 
+    def write_raw(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A command already encoded in RESP (durable upstream's XADD, whose
+        constant part each connection encodes once).
+        """
+        self.transport.write(command)
+        self._fifo.append(on_reply)
+        self.sent += 1
+
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         parser = self._parser
         parser.feed(data)
@@ -344,6 +353,8 @@ class Commands(Link, Protocol):
     def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None: ...
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None: ...
+
+    def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None: ...
 
 
 class RedisLink:
@@ -587,6 +598,18 @@ class RedisLink:
             on_reply(RedisUnavailable(self.last_error or "not connected"))
         else:
             proto.command_raw(args, on_reply)
+
+    def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A command already encoded in RESP, on the lean path: C{on_reply}
+        gets the raw reply, or an exception as for L{publish}. Command
+        connection only.
+        """
+        proto = self.ready
+        if proto is None:
+            on_reply(RedisUnavailable(self.last_error or "not connected"))
+        else:
+            proto.write_raw(command, on_reply)
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         """

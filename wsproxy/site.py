@@ -120,6 +120,7 @@ class Root(resource.Resource):
         # the handshake completes in order) reach the channel after this
         # returns: they are the WebSocket's
         channel.upgraded_to = self._factory.last_built
+        self._factory.last_built = None
         return result
 
     def _health(self, request: server.Request) -> int:
@@ -209,6 +210,24 @@ class _DeadlineChannel(http.HTTPChannel):
             self.upgraded_to.dataReceived(data)
         else:
             super().rawDataReceived(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.upgraded_to is not None:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """
+        The upgrade request and the bytes behind it have all been passed
+        on: the WebSocket protocol owns the transport from here on. Let go
+        of it and of the request (which points back at this channel), so
+        that nothing of the HTTP exchange waits for Python's cycle
+        collector (see L{wsproxy.protocol.ProxyProtocol._break_cycles}).
+        """
+        self.upgraded_to = None
+        for request in self.requests:
+            request.channel = None
+        self.requests = []
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """

@@ -89,7 +89,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         raise SystemExit(2)
     proxy = build_proxy(reactor, settings)
     return ProxyService(
-        proxy, ProxySite(proxy), endpoint, reactor, log_observer=observer, handle_signals=True
+        proxy, ProxySite(proxy), endpoint, reactor, log_observer=observer, handle_signals=True,
+        manage_heap=True,
     )
 
 

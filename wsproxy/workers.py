@@ -129,6 +129,7 @@ def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) ->
         log_observer=log_observer,
         handle_signals=True,
         worker=seat.index,
+        manage_heap=True,
     )
     link.service = service
     _adopt_channel(reactor, seat.channel_fd, link)

@@ -11,7 +11,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,9 @@ from bench.loadtest.procstat import cpu_seconds, rss_bytes
 from wsproxy.config import SETTINGS
 
 from bench.loadtest.errors import Fatal
+from bench.ports import free_port
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def find_redis_server(given: str) -> str:

@@ -62,6 +62,28 @@
 //   client.position with it, in the same step, and pass it back as the
 //   position option: a position saved apart from the state it belongs to
 //   would skip or repeat messages after a reload.
+//
+// Acknowledged messages (opt-in: ack: true; the proxy needs UPSTREAM=stream,
+// or every attempt is refused with 400 and ends as "failed"). The client asks
+// for ?ack=1; each message it sends carries an id ("<id>\n<message>" on the
+// wire) and stays in client.unacked until the proxy says Redis stored it:
+//
+//   const client = new WsProxyClient({ ..., ack: true });
+//   const id = client.send("hello");        // the message id (or send(data, id))
+//   client.onack = ({ id, position }) => { ... };    // stored: position = entry id
+//   client.onnack = ({ id, reason }) => { ... };     // not stored (yet): sent again
+//
+// - send() queues the message even while not connected and returns its id
+//   (a random prefix and a counter unless given: 1-64 of [A-Za-z0-9._~:-]);
+//   Blobs cannot be sent this way (ArrayBuffers and typed arrays can).
+// - After every (re)connect, every unacknowledged message is sent again, in
+//   the order first sent, with the same id; after a nack it is sent again
+//   nackRetryMs later. Backends drop the copies by id (the README's recipe):
+//   delivery to the backend is at least once, and in order except for
+//   messages sent again.
+// - At most maxUnacked messages wait; beyond that send() returns false.
+// - Messages from the backend arrive as "\n<message>" (the same envelope as
+//   resume); onmessage gets the message only.
 
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110)
 // <epoch>:<ms>-<seq>, as wsproxy writes it
@@ -92,7 +114,13 @@ const DEFAULTS = {
   stableMs: 10000, // a connection open this long resets the backoff
   resume: false, // resumable session: ?resume=<last position>, see above
   position: "", // with resume: the position to resume from at the first connect
+  ack: false, // acknowledged messages: ?ack=1, see above
+  nackRetryMs: 1000, // with ack: how long after a nack the message is sent again
+  maxUnacked: 10000, // with ack: messages waiting for their ack at most
 };
+
+const MESSAGE_ID = /^[A-Za-z0-9._~:-]{1,64}$/;
+const ENCODER = new TextEncoder();
 
 export class WsProxyClient extends EventTarget {
   constructor(options) {
@@ -131,6 +159,16 @@ export class WsProxyClient extends EventTarget {
     this._stopped = true;
     this._everOpened = false;
     this._backoffStep = 0;
+    this.onack = null; // ({id, position}) => void, with ack
+    this.onnack = null; // ({id, reason}) => void, with ack
+    this._unacked = new Map(); // id -> data, in the order first sent
+    this._idPrefix = Math.random().toString(36).slice(2, 10);
+    this._nextId = 0;
+  }
+
+  /** With ack: the ids of the messages not acknowledged yet, oldest first. */
+  get unacked() {
+    return Array.from(this._unacked.keys());
   }
 
   /** The WebSocket URL (without the token unless tokenIn is "query"). */
@@ -141,6 +179,7 @@ export class WsProxyClient extends EventTarget {
     const query = [];
     if (o.tokenIn === "query") query.push(`access_token=${encodeURIComponent(o.token)}`);
     if (o.resume) query.push(`resume=${encodeURIComponent(this.position)}`);
+    if (o.ack) query.push("ack=1");
     return query.length ? `${url}?${query.join("&")}` : url;
   }
 
@@ -159,11 +198,48 @@ export class WsProxyClient extends EventTarget {
     return this;
   }
 
-  /** Send a string, ArrayBuffer, typed array or Blob; false if not open. */
-  send(data) {
+  /**
+   * Send a string, ArrayBuffer, typed array or Blob; false if not open.
+   * With ack: queue it (also while not connected) and return its id, or
+   * false if maxUnacked messages are waiting already.
+   */
+  send(data, id) {
+    if (this.options.ack) return this._sendAcked(data, id);
     if (!this._ws || this._ws.readyState !== WebSocket.OPEN) return false;
     this._ws.send(data);
     return true;
+  }
+
+  _sendAcked(data, id) {
+    if (id === undefined) id = `${this._idPrefix}-${this._nextId++}`;
+    id = String(id);
+    if (!MESSAGE_ID.test(id)) throw new Error(`WsProxyClient: invalid message id ${id}`);
+    if (typeof Blob !== "undefined" && data instanceof Blob) {
+      throw new Error("WsProxyClient: with ack, send a string, ArrayBuffer or typed array");
+    }
+    if (this._unacked.size >= this.options.maxUnacked && !this._unacked.has(id)) return false;
+    this._unacked.set(id, data);
+    this._transmit(id);
+    return id;
+  }
+
+  // one unacknowledged message on the wire, if connected: "<id>\n<message>"
+  _transmit(id) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN || !this._unacked.has(id)) return;
+    const data = this._unacked.get(id);
+    if (typeof data === "string") {
+      ws.send(`${id}\n${data}`);
+      return;
+    }
+    const head = ENCODER.encode(`${id}\n`);
+    const body = ArrayBuffer.isView(data)
+      ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+      : new Uint8Array(data);
+    const frame = new Uint8Array(head.length + body.length);
+    frame.set(head);
+    frame.set(body, head.length);
+    ws.send(frame.buffer);
   }
 
   /** Close normally and stop reconnecting. */
@@ -205,9 +281,11 @@ export class WsProxyClient extends EventTarget {
       if (this._everOpened) this.reconnects += 1;
       this._everOpened = true;
       this._setState(State.OPEN, { protocol: ws.protocol, reconnects: this.reconnects });
+      // what the last connection did not get acknowledged, again, same ids
+      for (const id of this._unacked.keys()) this._transmit(id);
     };
     ws.onmessage = (event) => {
-      if (o.resume) this._receive(event.data);
+      if (o.resume || o.ack) this._receive(event.data);
       else this._deliver(event.data);
     };
     // the browser says nothing useful in the error event; the close event follows
@@ -237,6 +315,7 @@ export class WsProxyClient extends EventTarget {
               `gave up after ${this.failures} attempts that never connected: the token was ` +
               "refused (401/403: unknown, expired or deleted), the Origin is not allowed, " +
               (o.resume ? "the proxy does not accept ?resume= (400: RESUME=true not set), " : "") +
+              (o.ack ? "the proxy does not accept ?ack=1 (400: UPSTREAM=stream not set), " : "") +
               "or the proxy is unreachable",
           });
           return;
@@ -295,6 +374,10 @@ export class WsProxyClient extends EventTarget {
       console.warn("wsproxy: a control frame that is not JSON was ignored");
       return;
     }
+    if (event && (event.type === "ack" || event.type === "nack")) {
+      this._answer(event);
+      return;
+    }
     if (!event || event.type !== "recovery") return; // other kinds: for later versions
     const position = typeof event.position === "string" ? parsePosition(event.position) : null;
     if (!event.recovered) {
@@ -315,6 +398,25 @@ export class WsProxyClient extends EventTarget {
     };
     if (this.onrecovery) this.onrecovery(info);
     this.dispatchEvent(new CustomEvent("recovery", { detail: info }));
+  }
+
+  _answer(event) {
+    const id = String(event.id);
+    if (event.type === "ack") {
+      this._unacked.delete(id);
+      const info = { id, position: event.position };
+      if (this.onack) this.onack(info);
+      this.dispatchEvent(new CustomEvent("ack", { detail: info }));
+      return;
+    }
+    // not stored (a Redis error, or the proxy lost Redis with it in flight)
+    const info = { id, reason: event.reason || "" };
+    if (this.onnack) this.onnack(info);
+    this.dispatchEvent(new CustomEvent("nack", { detail: info }));
+    const ws = this._ws;
+    setTimeout(() => {
+      if (this._ws === ws) this._transmit(id); // a new connection sends it anyway
+    }, this.options.nackRetryMs);
   }
 
   _nextDelay() {

@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+from bench.ports import free_port  # noqa: E402  (the repository is on the path now)
+
 REPORTS = REPO / ".cache" / "conformance-reports"
 WSTEST = HERE / "wstest"
 
@@ -123,12 +125,6 @@ def tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return "(no log)"
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(what: str, check, timeout: float, alive=None) -> None:
