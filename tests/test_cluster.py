@@ -23,6 +23,7 @@ from twisted.internet import reactor, task
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
+from wsproxy.backend import DurableConsumer
 from wsproxy.cluster import key_slot
 from wsproxy.config import SETTINGS
 from wsproxy.names import auth_key, down_channel, up_channel
@@ -613,3 +614,20 @@ class DurableUpstreamTests(ClusterTestCase):
             owner = setup.owner(stream)
             assert owner is not None
             self.assertEqual(setup.node_at(owner).call("XLEN", stream), len(entries))
+        # the backend side: the helper's consumer reads every partition
+        # (different slots: one stream per command), acknowledges, and
+        # records the ids it handled in the session's slot
+        consumer = DurableConsumer(sessions.backend, "workers", "w1", partitions=6,
+                                   hash_tags=True)
+        consumer.create_groups()
+        got = consumer.read(count=100, block_ms=100)
+        self.assertEqual(sorted(m.message_id for m in got), sorted(f"m-{n}" for n in names))
+        self.assertEqual(len(consumer.pending()), len(names))
+        for message in got:
+            self.assertFalse(consumer.seen(message))
+            consumer.mark_seen(message)
+        self.assertEqual(consumer.ack(*got), len(names))
+        self.assertEqual(consumer.pending(), [])
+        self.assertTrue(all(consumer.seen(m) for m in got))
+        self.assertEqual(consumer.read(count=100, block_ms=100), [])
+        self.assertEqual(sessions.backend.exists("session:{u0}:seen:m-u0"), 1)

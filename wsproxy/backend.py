@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
@@ -345,22 +346,36 @@ class DurableConsumer:
                 consumer.mark_seen(message)
                 consumer.ack(message)
 
+    @param redis: a C{redis.Redis}, or a C{redis.cluster.RedisCluster} for
+        proxies with C{REDIS_CLUSTER=true}: there one command cannot read
+        streams in different slots, so with several partitions L{read} asks
+        each partition without blocking and polls every
+        L{CLUSTER_POLL_MS} until C{block_ms} have passed (a consumer given
+        one partition, C{only=[p]}, blocks on it as usual).
     @param partitions: C{UPSTREAM_PARTITIONS} of the proxies.
     @param only: the partitions this consumer reads (default: all). Consumers
         of one group that all read every partition share the entries of a
         session among them (handled concurrently, in no set order); to keep
         a session's order, give each consumer its own partitions.
+    @param hash_tags: the proxies run with C{KEY_HASH_TAGS=true}: the
+        records of message ids handled are in their session's slot.
     """
+
+    #: how often L{read} asks every partition on a Redis Cluster
+    CLUSTER_POLL_MS = 50
 
     def __init__(
         self, redis: Any, group: str, consumer: str, partitions: int = 16,
-        only: Optional[Iterable[int]] = None,
+        only: Optional[Iterable[int]] = None, hash_tags: bool = False,
     ) -> None:
         self.redis = redis
         self.group = group
         self.consumer = consumer
         self.partitions = partitions
         self.streams = [upstream_stream(p) for p in (range(partitions) if only is None else only)]
+        self.hash_tags = hash_tags
+        #: a Redis Cluster client: one stream (one slot) per command
+        self.sharded = hasattr(redis, "get_node_from_key")
 
     def stream_of(self, session_id: str) -> str:
         """
@@ -392,23 +407,48 @@ class DurableConsumer:
     def read(self, count: int = 100, block_ms: int = 1000) -> list[UpMessage]:
         """
         New messages, from every partition: C{XREADGROUP GROUP <group>
-        <consumer> COUNT <count> BLOCK <ms> STREAMS <p0> … <pN-1> > … >}.
+        <consumer> COUNT <count> BLOCK <ms> STREAMS <p0> … <pN-1> > … >}
+        (on a cluster, see the class's docstring).
         """
-        reply = self.redis.xreadgroup(
-            self.group, self.consumer, {s: ">" for s in self.streams}, count=count,
-            block=block_ms,
-        )
-        return self._entries(reply)
+        if not self.sharded or len(self.streams) == 1:
+            reply = self.redis.xreadgroup(
+                self.group, self.consumer, {s: ">" for s in self.streams}, count=count,
+                block=block_ms,
+            )
+            return self._entries(reply)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            out = self._each_stream(">", count)
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(min(self.CLUSTER_POLL_MS / 1000, max(0.0, deadline - time.monotonic())))
 
     def pending(self, count: int = 100) -> list[UpMessage]:
         """
         This consumer's own messages read but not acknowledged (before a
         crash or restart): C{XREADGROUP … STREAMS <p0> … 0 … 0}.
         """
+        if self.sharded:
+            return self._each_stream("0", count)
         reply = self.redis.xreadgroup(
             self.group, self.consumer, {s: "0" for s in self.streams}, count=count
         )
         return self._entries(reply)
+
+    def _each_stream(self, start: str, count: int) -> list[UpMessage]:
+        """
+        C{XREADGROUP … STREAMS <p> <start>} on one partition after another
+        (no blocking), until C{count} messages.
+        """
+        out: list[UpMessage] = []
+        for stream in self.streams:
+            if len(out) >= count:
+                break
+            reply = self.redis.xreadgroup(
+                self.group, self.consumer, {stream: start}, count=count - len(out)
+            )
+            out.extend(self._entries(reply))
+        return out
 
     def claim(self, min_idle_ms: int, count: int = 100) -> list[UpMessage]:
         """
@@ -449,7 +489,8 @@ class DurableConsumer:
         """
         if message.message_id is None:
             return False
-        return bool(self.redis.exists(upstream_seen_key(message.session_id, message.message_id)))
+        return bool(self.redis.exists(
+            upstream_seen_key(message.session_id, message.message_id, self.hash_tags)))
 
     def mark_seen(self, message: UpMessage, ttl: int = 86400) -> None:
         """
@@ -457,4 +498,6 @@ class DurableConsumer:
         id> 1 EX <ttl>}): after handling it, before acknowledging it.
         """
         if message.message_id is not None:
-            self.redis.set(upstream_seen_key(message.session_id, message.message_id), 1, ex=ttl)
+            self.redis.set(
+                upstream_seen_key(message.session_id, message.message_id, self.hash_tags), 1, ex=ttl
+            )

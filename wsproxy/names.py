@@ -147,9 +147,11 @@ def upstream_stream(partition: int) -> str:
     return f"wsproxy:up:{{p{partition}}}"
 
 
-def upstream_seen_key(session_id: str, message_id: str) -> str:
+def upstream_seen_key(session_id: str, message_id: str, tagged: Optional[bool] = None) -> str:
     """
     A backend's record that it handled a client message id (duplicates of
-    a message a client sent again are dropped by it; see wsproxy.backend).
+    a message a client sent again are dropped by it; see wsproxy.backend);
+    in the session's slot with the hash-tag layout, so that a backend can
+    write it in one transaction with the session's own keys.
     """
-    return f"session:{session_id}:seen:{message_id}"
+    return _session(session_id, f"seen:{message_id}", tagged)
