@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy import heap
+from wsproxy import protocol as protocol_module
 from wsproxy.protocol import ProxyProtocol
 from wsproxy.site import _DeadlineChannel
 
@@ -188,6 +189,59 @@ class ClosedConnectionsTests(RedisTestCase):
             await wait_for(lambda: not proxy.proxy.connections)
 
         await self.assert_no_cycles(scenario)
+
+
+class CompactTests(RedisTestCase):
+    """
+    L{ProxyProtocol._compact}: an open connection's attribute dictionary.
+    """
+
+    async def test_small_and_unchanged(self) -> None:
+        """
+        Once open, a connection's instance dictionary holds fewer than 25
+        attributes (from about 90) and none of the opening handshake's;
+        every other attribute reads as it did before; and the connection
+        works both ways and closes cleanly, and after that traffic holds
+        at most 42 (what a dictionary of 64 slots holds: one more and it
+        would double).
+        """
+        proxy = RunningProxy(settings_for(self.redis.url))
+        self.addCleanup(proxy.stop)
+        await proxy.ready()
+        before: dict[str, Any] = {}
+        changed: list[str] = []
+        compact = ProxyProtocol._compact
+
+        def recording(protocol: ProxyProtocol) -> None:
+            before.update(protocol.__dict__)
+            compact(protocol)
+            for name, value in before.items():
+                if name in protocol_module._HANDSHAKE_ONLY:
+                    if name in protocol.__dict__:
+                        changed.append(f"{name} kept")
+                elif type(value) in (int, float) or name in protocol_module._SHARED:
+                    if getattr(protocol, name) != value:
+                        changed.append(name)
+                elif getattr(protocol, name) is not value:
+                    changed.append(name)
+
+        self.patch(ProxyProtocol, "_compact", recording)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        for _ in range(2):  # the first connection sets the defaults
+            client = await connect(proxy.url("s1"), token="tok")
+            await wait_for(lambda: len(proxy.proxy.connections) == 1)
+            protocol = next(iter(proxy.proxy.connections))
+            self.assertLess(len(protocol.__dict__), 25, sorted(protocol.__dict__))
+            self.assertGreater(len(before), 80)
+            self.assertEqual(changed, [])
+            client.sendMessage(b"up")
+            await wait_for(lambda: self.r.publish("session:s1:down", b"down") and client.messages)
+            await wait_for(lambda: protocol.messages_in == 1)
+            self.assertLessEqual(len(protocol.__dict__), 42, sorted(protocol.__dict__))
+            await client.close_and_wait()
+            self.assertEqual(client.close_code, 1000)
+            await wait_for(lambda: not proxy.proxy.connections)
+            before.clear()
 
 
 class PolicyTests(SynchronousTestCase):
