@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Optional
 
 import redis as redispy
 
 from wsproxy.cluster import SLOTS, key_slot
 
-from .sentinel import HOST, Address, Node, _bindable, _distinct_free_ports, wait, wait_blocking
+from .sentinel import (HOST, Address, Node, _distinct_free_ports, run_dev_setup, wait,
+                       wait_blocking)
 
 
 def _binary(name: str) -> str:
@@ -336,30 +335,11 @@ def main(argv: list[str]) -> int:
     in the foreground until SIGINT or SIGTERM, and print the variables that
     point wsproxy at them.
     """
-    if argv not in ([], ["--free-ports"]):
-        print("usage: bin/dev cluster [--free-ports]", file=sys.stderr)
-        return 2
-    ports = None if argv else DEV_PORTS
-    if ports is not None:
-        taken = [p for p in ports if not _bindable(p)]
-        if taken:
-            print(f"bin/dev cluster: port {', '.join(map(str, taken))} in use on {HOST} "
-                  "(use --free-ports)", file=sys.stderr)
-            return 1
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
-    setup = ClusterSetup(ports=ports)
-    try:
-        print("bin/dev cluster: starting three masters and three replicas "
-              f"(files in {setup.dir})", file=sys.stderr, flush=True)
-        setup.start()
+    def describe(setup: ClusterSetup) -> str:
         masters = setup.masters()
         first = setup.nodes[0]
-        print(
+        return (
             "masters  " + " ".join(f"{h}:{p}" for h, p in masters) + "\n"
             "replicas " + " ".join(f"{HOST}:{n.port}" for n in setup.nodes
                                    if n.address not in masters) + "\n"
@@ -373,18 +353,14 @@ def main(argv: list[str]) -> int:
             f"  redis-cli -c -p {first.port} CLUSTER SHARDS\n"
             f"  redis-cli -p {masters[0][1]} SHUTDOWN NOSAVE\n"
             "\n"
-            "Ctrl-C stops everything.",
-            flush=True,
+            "Ctrl-C stops everything."
         )
-        while any(n.alive for n in setup.nodes):
-            time.sleep(0.5)
-        print("bin/dev cluster: every node exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        setup.cleanup()
-        print("bin/dev cluster: stopped", file=sys.stderr, flush=True)
+
+    return run_dev_setup(
+        "cluster", argv, DEV_PORTS, lambda ports: ClusterSetup(ports=ports),
+        "three masters and three replicas", describe,
+        lambda setup: any(n.alive for n in setup.nodes), "every node exited",
+    )
 
 
 if __name__ == "__main__":

@@ -630,20 +630,33 @@ async def wait(condition: Callable[[], Optional[T]], timeout: float, what: str,
 DEV_PORTS = [6380, 6381, 26379, 26380, 26381]
 
 
-def main(argv: list[str]) -> int:
+def run_dev_setup(
+    command: str,
+    argv: list[str],
+    dev_ports: list[int],
+    make: Callable[[Optional[list[int]]], Any],
+    starting: str,
+    describe: Callable[[Any], str],
+    running: Callable[[Any], bool],
+    ended: str,
+) -> int:
     """
-    C{bin/dev sentinel [--free-ports]}: run a master, a replica and three
-    sentinels in the foreground until SIGINT or SIGTERM, and print the
-    variables that point wsproxy at them.
+    What C{bin/dev sentinel} and C{bin/dev cluster} share: take the fixed
+    ports (or, with C{--free-ports}, any), start the set-up C{make(ports)}
+    in the foreground, print C{describe(setup)}, and stop everything on
+    SIGINT, SIGTERM or SIGHUP, or once C{running(setup)} is false.
+
+    @return: the exit status: 0 when stopped, 1 when a process ended or a
+        port is in use, 2 for a usage error.
     """
     if argv not in ([], ["--free-ports"]):
-        print("usage: bin/dev sentinel [--free-ports]", file=sys.stderr)
+        print(f"usage: bin/dev {command} [--free-ports]", file=sys.stderr)
         return 2
-    ports = None if argv else DEV_PORTS
+    ports = None if argv else dev_ports
     if ports is not None:
         taken = [p for p in ports if not _bindable(p)]
         if taken:
-            print(f"bin/dev sentinel: port {', '.join(map(str, taken))} in use on {HOST} "
+            print(f"bin/dev {command}: port {', '.join(map(str, taken))} in use on {HOST} "
                   "(use --free-ports)", file=sys.stderr)
             return 1
 
@@ -652,14 +665,34 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    setup = SentinelSetup(ports=ports)
+    setup = make(ports)
     try:
-        print("bin/dev sentinel: starting a master, a replica and three sentinels "
-              f"(files in {setup.dir})", file=sys.stderr, flush=True)
+        print(f"bin/dev {command}: starting {starting} (files in {setup.dir})",
+              file=sys.stderr, flush=True)
         setup.start()
+        print(describe(setup), flush=True)
+        while running(setup):
+            time.sleep(0.5)
+        print(f"bin/dev {command}: {ended}; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        setup.cleanup()
+        print(f"bin/dev {command}: stopped", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """
+    C{bin/dev sentinel [--free-ports]}: run a master, a replica and three
+    sentinels in the foreground until SIGINT or SIGTERM, and print the
+    variables that point wsproxy at them.
+    """
+
+    def describe(setup: SentinelSetup) -> str:
         master = setup.master()
         replica = next(n for n in setup.data if n is not master)
-        print(
+        return (
             f"master  {HOST}:{master.port}\n"
             f"replica {HOST}:{replica.port}\n"
             f"sentinels {setup.addresses()} (monitoring {setup.name!r})\n"
@@ -678,18 +711,14 @@ def main(argv: list[str]) -> int:
             f"  redis-cli -p {setup.sentinels[0].port} SENTINEL GET-MASTER-ADDR-BY-NAME "
             f"{setup.name}\n"
             "\n"
-            "Ctrl-C stops everything.",
-            flush=True,
+            "Ctrl-C stops everything."
         )
-        while all(s.alive for s in setup.sentinels):
-            time.sleep(0.5)
-        print("bin/dev sentinel: a sentinel exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        setup.cleanup()
-        print("bin/dev sentinel: stopped", file=sys.stderr, flush=True)
+
+    return run_dev_setup(
+        "sentinel", argv, DEV_PORTS, lambda ports: SentinelSetup(ports=ports),
+        "a master, a replica and three sentinels", describe,
+        lambda setup: all(s.alive for s in setup.sentinels), "a sentinel exited",
+    )
 
 
 def _bindable(port: int) -> bool:
