@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Set, cast
 from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
@@ -23,6 +23,7 @@ from . import auth
 from .backpressure import Readable, UpstreamValve
 from .config import Settings
 from .control import Control, Events, Heartbeat
+from .limits import FailedAuthLimit, client_address
 from .logs import LogBudget
 from .metrics import Stats
 from .names import (
@@ -64,6 +65,9 @@ from .resume import (
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
+
+#: refusal log lines per client address per minute (then one with the count)
+REFUSAL_LINES = 5
 
 
 def normalize_origin(origin: str) -> str:
@@ -177,6 +181,19 @@ class Proxy:
         self.draining = False
         #: lines per client address for what Autobahn logs about connections
         self.log_budget = LogBudget(clock)
+        #: refusal lines per client address: a flood from one address is a
+        #: few lines and a count, not a line per request
+        self.refusal_log_budget = LogBudget(clock, lines=REFUSAL_LINES, interval=60.0)
+        self.auth_limit = FailedAuthLimit(
+            clock,
+            settings.auth_fail_limit,
+            settings.auth_fail_window,
+            settings.auth_fail_table_size,
+            settings.auth_fail_exempt,
+        )
+        self.stats.auth_failures = lambda: self.auth_limit.failures
+        self.stats.auth_limited = lambda: self.auth_limit.limited
+        self.stats.auth_limit_addresses = self.auth_limit.__len__
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -331,9 +348,75 @@ class Proxy:
 
     # -- admission ---------------------------------------------------------
     #
-    # ProxyProtocol._admit calls these in order: route -> precheck ->
-    # authorize (token, then subscription) -> open. Each raises the Refusal
-    # it decides; nothing else refuses a WebSocket upgrade.
+    # The site calls screen (429) before anything else; ProxyProtocol._admit
+    # then calls these in order: route -> precheck -> authorize (token,
+    # then subscription) -> open. Each raises the Refusal it decides;
+    # nothing else refuses a WebSocket upgrade, and every refusal is
+    # counted and logged by refused().
+
+    def client_address(self, peer: str, header: Callable[[str], Optional[str]]) -> str:
+        """
+        Who the client is: C{peer} (the TCP peer's IP address, "" for a
+        Unix socket), or what a trusted proxy says (C{TRUSTED_PROXIES}).
+
+        @param header: a request header's value by lower-case name.
+        """
+        trusted = self.settings.trusted_proxies
+        return client_address(peer, header, trusted) if trusted else peer
+
+    def screen(self, peer: str, header: Callable[[str], Optional[str]]) -> Optional[Refusal]:
+        """
+        The first check of an upgrade request, before Autobahn or Redis
+        see it: is its client address limited for failed authorization?
+
+        @return: the 429 refusal, or C{None}.
+        """
+        limit = self.auth_limit
+        if not limit.limit or not len(limit):
+            return None
+        address = self.client_address(peer, header)
+        retry = limit.retry_after(address) if address else None
+        if retry is None:
+            return None
+        return Refusal(429, "Too many failed authorizations", (("Retry-After", str(retry)),))
+
+    def auth_failed(self, address: str) -> None:
+        """
+        A token check from C{address} failed (401 or 403): it counts
+        towards C{AUTH_FAIL_LIMIT}.
+        """
+        if address:
+            self.auth_limit.failed(address)
+
+    def refused(
+        self,
+        refusal: Refusal,
+        client: str,
+        peer: object,
+        session_id: Optional[str] = None,
+        agent_id: Optional[str] = None,
+    ) -> None:
+        """
+        Count a refused upgrade and log it, within the client address's
+        budget of refusal lines (the next line allowed says how many were
+        left out).
+        """
+        self.stats.outcomes[str(refusal.code)] += 1
+        suppressed = self.refusal_log_budget.take(client or str(peer))
+        if suppressed is None:
+            self.stats.refusal_lines_suppressed += 1
+            return
+        self._log.info(
+            "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}"
+            + (" ({suppressed} refusals from {client} not logged)" if suppressed else ""),
+            code=refusal.code,
+            reason=refusal.reason,
+            session_id=session_id,
+            agent_id=agent_id,
+            peer=peer,
+            client=client,
+            suppressed=suppressed,
+        )
 
     def route(self, path: str) -> tuple[str, str]:
         """

@@ -109,7 +109,25 @@ class Root(resource.Resource):
             (("Upgrade", "websocket"), ("Connection", "Upgrade")),
         )
 
-    def _upgrade(self, request: server.Request) -> int:
+    def _upgrade(self, request: server.Request) -> bytes | int:
+        address = request.getClientAddress()
+        peer = getattr(address, "host", None) or ""
+        headers = request.requestHeaders
+
+        def header(name: str) -> Optional[str]:
+            values = headers.getRawHeaders(name)
+            return ",".join(values) if values else None
+
+        refusal = self._proxy.screen(peer, header)
+        if refusal is not None:
+            # limited: answered here, before Autobahn or Redis do any work
+            agent_id, session_id = parse_ws_path(request.path.decode("latin-1")) or (None, None)
+            self._proxy.refused(
+                refusal, self._proxy.client_address(peer, header),
+                f"tcp:{peer}:{getattr(address, 'port', '')}" if peer else "unix",
+                session_id, agent_id,
+            )
+            return _plain(request, refusal.code, refusal.reason, refusal.headers)
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
         channel = cast(_DeadlineChannel, request.channel)
