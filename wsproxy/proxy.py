@@ -406,9 +406,14 @@ class Proxy:
         if suppressed is None:
             self.stats.refusal_lines_suppressed += 1
             return
+        fmt = "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}"
+        if client and client not in str(peer):
+            # named by a trusted proxy
+            fmt += " client={client}"
+        if suppressed:
+            fmt += " ({suppressed} refusals from {client} not logged)"
         self._log.info(
-            "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}"
-            + (" ({suppressed} refusals from {client} not logged)" if suppressed else ""),
+            fmt,
             code=refusal.code,
             reason=refusal.reason,
             session_id=session_id,

@@ -127,7 +127,12 @@ class Root(resource.Resource):
                 f"tcp:{peer}:{getattr(address, 'port', '')}" if peer else "unix",
                 session_id, agent_id,
             )
-            return _plain(request, refusal.code, refusal.reason, refusal.headers)
+            # the same complete response as every other refused upgrade;
+            # the request is never finished: the connection ends with it
+            transport: Any = request.channel.transport
+            transport.write(refusal.response())
+            transport.loseConnection()
+            return server.NOT_DONE_YET
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
         channel = cast(_DeadlineChannel, request.channel)
