@@ -547,6 +547,14 @@ class Settings:
         "comma list of addresses/CIDR networks of reverse proxies whose "
         "Forwarded/X-Forwarded-For names the client (empty: the TCP peer is the client)",
     )
+    handshakes_per_turn: int = setting(
+        "HANDSHAKES_PER_TURN",
+        "16",
+        _non_negative_int,
+        "new connections whose request is read per event-loop turn; the others "
+        "wait (unread) for the next turns, so open sessions are served first "
+        "(0 = no bound)",
+    )
     allowed_origins: tuple[str, ...] = setting(
         "ALLOWED_ORIGINS",
         "",

@@ -63,6 +63,7 @@ class Stats:
         self.auth_limited: Callable[[], int] = lambda: 0
         self.auth_limit_addresses: Callable[[], int] = lambda: 0
         self.refusal_lines_suppressed = 0
+        self.handshakes_waiting: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.auth_latency = Histogram(
             "wsproxy_auth_check_seconds",
@@ -303,6 +304,12 @@ class _Collector:
             "wsproxy_auth_limit_addresses",
             "Client addresses with recent failed token checks (bounded by AUTH_FAIL_TABLE_SIZE)",
             value=s.auth_limit_addresses(),
+        )
+        yield GaugeMetricFamily(
+            "wsproxy_handshakes_waiting",
+            "New connections waiting for a turn to have their request read "
+            "(HANDSHAKES_PER_TURN)",
+            value=s.handshakes_waiting(),
         )
         rtt = s.canary_rtt()
         if rtt is not None:

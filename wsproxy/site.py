@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
 from typing import Any, Callable, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
@@ -199,9 +200,63 @@ class Root(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class TurnBudget:
+    """
+    Healthy sessions first: at most C{per_turn} new connections have their
+    first request read per reactor turn. The others wait, unread (their
+    transport paused), in arrival order, for the next turns. A flood of
+    handshakes then costs each turn a bounded amount of work, and messages
+    to open sessions (read from the subscriber connection in the same
+    turn) are never queued behind hundreds of handshakes.
+
+    A turn is counted from one call of L{_next_turn} to the next: it is
+    scheduled with C{callLater(0)}, which the reactor runs first thing in
+    its next iteration, before it polls for I/O again.
+    """
+
+    def __init__(self, clock: Any, per_turn: int) -> None:
+        self._clock = clock
+        self.per_turn = per_turn
+        self._used = 0
+        self._waiting: deque[Callable[[], None]] = deque()
+        self._turn: Any = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def take(self, resume: Callable[[], None]) -> bool:
+        """
+        May a connection have its first request read now? If not,
+        C{resume} is called in a later turn, when it may.
+        """
+        if self._turn is None:
+            self._turn = self._clock.callLater(0, self._next_turn)
+        if self._used < self.per_turn and not self._waiting:
+            self._used += 1
+            return True
+        self._waiting.append(resume)
+        return False
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        self._used = 0
+        waiting = self._waiting
+        while waiting and self._used < self.per_turn:
+            self._used += 1
+            waiting.popleft()()
+        if waiting:
+            self._turn = self._clock.callLater(0, self._next_turn)
+
+
+def _no_header(name: str) -> Optional[str]:
+    return None
+
+
 class _DeadlineChannel(http.HTTPChannel):
     """
-    An HTTP channel with an absolute deadline for each request (head and body).
+    An HTTP channel with an absolute deadline for each request (head and
+    body), whose first request waits for its turn (L{TurnBudget}).
     """
 
     _log = Logger()
@@ -209,6 +264,64 @@ class _DeadlineChannel(http.HTTPChannel):
     _deadline: Any = None
     #: the WebSocket protocol this connection was handed to, if any
     upgraded_to: Any = None
+    budget: Optional[TurnBudget] = None
+    #: bytes received while waiting for a turn, or None once it had one
+    _held: Optional[list[bytes]] = None
+    _admitted = False
+    _gone = False
+
+    proxy: Optional[Proxy] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._admitted:
+            if not self._discard:
+                super().dataReceived(data)
+        elif self._held is not None:
+            self._held.append(data)
+        elif self._refused_early(data):
+            pass
+        elif self.budget is None or self.budget.take(self._turn_came):
+            self._admitted = True
+            super().dataReceived(data)
+        else:
+            self._held = [data]
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def _refused_early(self, data: bytes) -> bool:
+        """
+        The cheapest refusal: an upgrade from a client address limited for
+        failed authorization (L{Proxy.screen}) is answered 429 from its
+        first bytes, without parsing the request, when the TCP peer is the
+        client (no C{TRUSTED_PROXIES}; with them, the site's screen does it
+        once the headers are parsed).
+        """
+        proxy = self.proxy
+        if proxy is None or not len(proxy.auth_limit) or proxy.settings.trusted_proxies:
+            return False
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        host = getattr(peer, "host", None) or ""
+        refusal = proxy.screen(host, _no_header) if host else None
+        if refusal is None or b"websocket" not in data.lower():
+            return False
+        self._admitted = self._discard = True
+        self._disarm()
+        proxy.refused(refusal, host, f"tcp:{host}:{peer.port}")
+        transport.write(refusal.response())
+        transport.loseConnection()
+        return True
+
+    _discard = False
+
+    def _turn_came(self) -> None:
+        held, self._held = self._held or [], None
+        self._admitted = True
+        transport: Any = self.transport
+        if transport is None or self._gone:
+            return
+        transport.resumeProducing()
+        super().dataReceived(b"".join(held))
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -282,6 +395,8 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._held = None
         self._disarm()
         super().connectionLost(reason)
 
@@ -325,10 +440,15 @@ class ProxySite(server.Site):
             Root(proxy, self.ws_factory, metrics or proxy.stats.render), timeout=60
         )
         self.displayTracebacks = False
+        per_turn = proxy.settings.handshakes_per_turn
+        self.budget = TurnBudget(proxy.clock, per_turn) if per_turn else None
+        proxy.stats.handshakes_waiting = lambda: self.budget.waiting if self.budget else 0
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.head_deadline = self.proxy.settings.handshake_timeout
+        channel.budget = self.budget
+        channel.proxy = self.proxy
         channel.callLater = self.proxy.clock.callLater
         return channel
 
