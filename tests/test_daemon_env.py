@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import redis as redispy
-from twisted.internet import error, protocol, reactor, task
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -640,6 +640,19 @@ async def trusted_proxies(t: EnvTestCase) -> None:
     await wait_for(lambda: "client=10.0.0.1" in t.log)
 
 
+async def handshakes_per_turn(t: EnvTestCase) -> None:
+    """
+    HANDSHAKES_PER_TURN=1: thirty upgrades sent at once are read one per
+    event-loop turn, and all of them are admitted.
+    """
+    await t.start(HANDSHAKES_PER_TURN="1")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    results = await defer.gatherResults([
+        defer.ensureDeferred(attempt(t.port, "127.0.0.2", "tok")) for _ in range(30)
+    ])
+    t.assertEqual([status for status, _ in results], [101] * 30)
+
+
 async def allowed_origins(t: EnvTestCase) -> None:
     """
     ALLOWED_ORIGINS=https://app.example.com: that origin is admitted,
@@ -1078,6 +1091,7 @@ VALID = [
     Case("AUTH_FAIL_TABLE_SIZE", auth_fail_table_size),
     Case("AUTH_FAIL_EXEMPT", auth_fail_exempt),
     Case("TRUSTED_PROXIES", trusted_proxies),
+    Case("HANDSHAKES_PER_TURN", handshakes_per_turn),
     Case("ALLOWED_ORIGINS", allowed_origins),
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
@@ -1162,6 +1176,7 @@ INVALID = [
     Invalid("AUTH_FAIL_TABLE_SIZE", "0"),
     Invalid("AUTH_FAIL_EXEMPT", "10.0.0.0/33"),
     Invalid("TRUSTED_PROXIES", "proxy.example.com"),
+    Invalid("HANDSHAKES_PER_TURN", "many"),
     Invalid("ALLOWED_ORIGINS", "app.example.com"),
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),

@@ -27,7 +27,7 @@ import autobahn.websocket.protocol as autobahn_protocol
 from wsproxy.limits import FailedAuthLimit, client_address
 from wsproxy.proxy import REFUSAL_LINES
 
-from .memory import MemoryProxy, MemoryTestCase
+from .memory import MemoryProxy, MemoryTestCase, upgrade_request
 from .support import Daemon, RedisTestCase, free_port, wait_for
 from .test_daemon_env import ALL_VARIABLES, attempt
 from .test_hostile import http_get
@@ -330,3 +330,61 @@ class DaemonLimitTests(RedisTestCase):
                                  extra={"X-Forwarded-For": "10.0.0.2"})
         self.assertEqual(other, 101)
         await wait_for(lambda: b"client=10.0.0.1" in self.daemon.out.output)
+
+
+def one_turn(clock: Clock) -> None:
+    """
+    What a reactor does at the start of an iteration: run the calls due
+    now, not those they schedule (L{Clock.advance} would run those too).
+    """
+    due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.func(*call.args, **call.kw)
+
+
+class TurnBudgetTests(MemoryTestCase):
+    def test_handshakes_per_turn(self) -> None:
+        """
+        HANDSHAKES_PER_TURN=2: of five requests arriving in one turn, two
+        are read and answered in it; the others wait unread, two per later
+        turn, in arrival order, and are all admitted.
+        """
+        memory = self.start(handshakes_per_turn=2)
+        clients = []
+        for i in range(5):
+            memory.redis.authorize(f"s{i}", "tok")
+            client = memory.connect()
+            client.transport.receive(upgrade_request(f"/agent/ws/s{i}",
+                                                     {"Authorization": "Bearer tok"}))
+            clients.append(client)
+        answered = [bool(c.transport.value()) for c in clients]
+        self.assertEqual(answered, [True, True, False, False, False])
+        self.assertEqual(memory.site.budget.waiting, 3)
+        self.assertIn(b"wsproxy_handshakes_waiting 3.0", memory.proxy.stats.render())
+        one_turn(memory.clock)
+        self.assertEqual([bool(c.transport.value()) for c in clients],
+                         [True, True, True, True, False])
+        one_turn(memory.clock)
+        memory.clock.advance(0)
+        for client in clients:
+            self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.site.budget.waiting, 0)
+
+    def test_client_left_while_waiting(self) -> None:
+        """
+        A connection that closes while it waits for its turn is never read
+        nor answered, and does not hold up the others.
+        """
+        memory = self.start(handshakes_per_turn=1)
+        memory.redis.authorize("s1", "tok")
+        first, second = memory.connect(), memory.connect()
+        for client in (first, second):
+            client.transport.receive(upgrade_request("/agent/ws/s1",
+                                                     {"Authorization": "Bearer tok"}))
+        second.transport.client_left()
+        memory.clock.advance(0)
+        memory.clock.advance(0)
+        self.assertEqual(first.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(second.transport.value(), b"")
+        self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1})

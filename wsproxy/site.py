@@ -214,6 +214,11 @@ class TurnBudget:
     its next iteration, before it polls for I/O again.
     """
 
+    #: the listening port, whose accepts per turn are bounded too (Twisted's
+    #: TCP port accepts up to C{numberAccepts} connections each time it is
+    #: readable, and raises that number by 20 whenever it used it all)
+    port: Any = None
+
     def __init__(self, clock: Any, per_turn: int) -> None:
         self._clock = clock
         self.per_turn = per_turn
@@ -241,6 +246,9 @@ class TurnBudget:
     def _next_turn(self) -> None:
         self._turn = None
         self._used = 0
+        port = self.port
+        if getattr(port, "numberAccepts", 0) > 2 * self.per_turn:
+            port.numberAccepts = 2 * self.per_turn
         waiting = self._waiting
         while waiting and self._used < self.per_turn:
             self._used += 1
@@ -278,11 +286,10 @@ class _DeadlineChannel(http.HTTPChannel):
                 super().dataReceived(data)
         elif self._held is not None:
             self._held.append(data)
-        elif self._refused_early(data):
-            pass
         elif self.budget is None or self.budget.take(self._turn_came):
             self._admitted = True
-            super().dataReceived(data)
+            if not self._refused_early(data):
+                super().dataReceived(data)
         else:
             self._held = [data]
             transport: Any = self.transport
@@ -320,8 +327,10 @@ class _DeadlineChannel(http.HTTPChannel):
         transport: Any = self.transport
         if transport is None or self._gone:
             return
-        transport.resumeProducing()
-        super().dataReceived(b"".join(held))
+        data = b"".join(held)
+        if not self._refused_early(data):
+            transport.resumeProducing()
+            super().dataReceived(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
