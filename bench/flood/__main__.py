@@ -66,6 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", type=float, default=3.0,
                         help="seconds of healthy traffic measured before the flood "
                              "(default: %(default)s)")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="niceness of the flooder process, so that on a shared host it "
+                             "does not take the CPU of the server it measures (default: "
+                             "%(default)s; 0 = as the servers)")
     parser.add_argument("--redis-server", default="", help="redis-server binary")
     parser.add_argument("--bridge", default=default_bridge(),
                         help="node_bridge.js (default: $NODE_BRIDGE or ../shared/peers; "
@@ -118,7 +122,12 @@ async def _flood(port: int, requests: int, concurrency: int, sources: int) -> di
     return {"started": started, "finished": time.monotonic(), "statuses": dict(statuses)}
 
 
-def _flooder(port: int, requests: int, concurrency: int, sources: int, out: Any) -> None:
+def _flooder(port: int, requests: int, concurrency: int, sources: int, nice: int,
+             out: Any) -> None:
+    if nice:
+        # the attacker is another machine: on this one it should not take
+        # the CPU the measured server and the healthy session need
+        os.nice(nice)
     out.send(asyncio.run(_flood(port, requests, concurrency, sources)))
 
 
@@ -213,7 +222,7 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
     loop = asyncio.get_running_loop()
     here, there = multiprocessing.Pipe(duplex=False)
     flooder = multiprocessing.get_context("fork").Process(
-        target=_flooder, args=(port, opts.requests, opts.concurrency, opts.sources, there))
+        target=_flooder, args=(port, opts.requests, opts.concurrency, opts.sources, opts.nice, there))
     cpu_before = cpu_seconds(pid) or 0.0
     flooder.start()
     flood: dict[str, Any] = await loop.run_in_executor(None, here.recv)
@@ -241,6 +250,7 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
     return {
         "target": name,
         "requests": opts.requests, "concurrency": opts.concurrency, "sources": opts.sources,
+        "flooder_nice": opts.nice,
         "statuses": statuses,
         "flood_seconds": round(elapsed, 2),
         "refusals_per_second": round(answered / elapsed) if elapsed > 0 else None,
@@ -294,7 +304,8 @@ def run(opts: argparse.Namespace) -> int:
     targets = [t.strip() for t in opts.targets.split(",") if t.strip()]
     extra = dict(item.split("=", 1) for item in opts.proxy_env)
     print(f"bench.flood: {os.cpu_count()} cores, {opts.requests} requests, "
-          f"{opts.concurrency} in flight, {opts.sources} source address(es), healthy message "
+          f"{opts.concurrency} in flight, {opts.sources} source address(es), flooder nice "
+          f"{opts.nice}, healthy message "
           f"every {opts.interval:g} ms", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
