@@ -18,7 +18,7 @@ import time
 from pprint import pformat
 from typing import Any
 
-from twisted.internet import error, reactor, task
+from twisted.internet import defer, error, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -182,8 +182,14 @@ class MemoryLimitTests(MemoryTestCase):
         memory.redis.authorize("s1", "tok")
         self.fail(memory, 2)
         sent = len(memory.redis.log)
-        for token in ("wrong", "tok"):
-            client = memory.request("/agent/ws/s1", {"Authorization": f"Bearer {token}"})
+        with capturedLogs() as events:
+            clients = [
+                memory.request("/agent/ws/s1", {"Authorization": f"Bearer {token}"})
+                for token in ("wrong", "tok")
+            ]
+        lines = [e for e in events if e.get("code") == 429]
+        self.assertEqual([e["peer"] for e in lines], ["tcp4:198.51.100.7:50123"] * 2)
+        for client in clients:
             response = client.response()
             self.assertEqual(response.status, "HTTP/1.1 429 Too many failed authorizations")
             self.assertEqual(response.header("Retry-After"), "60")
@@ -285,6 +291,26 @@ class DaemonLimitTests(RedisTestCase):
         self.assertEqual((await attempt(self.port, "127.0.0.3", "tok"))[0], 101)
         self.assertEqual((await attempt(self.port, "127.0.0.3", "wrong"))[0], 403)
         self.assertEqual((await attempt(self.port, "127.0.0.3", "tok"))[0], 101)
+
+    async def test_reconnect_storm_not_limited(self) -> None:
+        """
+        AUTH_FAIL_LIMIT=1 (the strictest): 1,000 upgrades with valid tokens
+        from one address, 100 at a time, as after a deploy, are all
+        admitted; nothing was counted against the address.
+        """
+        await self.start(AUTH_FAIL_LIMIT="1")
+        for i in range(1000):
+            self.r.set(f"session:r{i}:auth", "tok", ex=300)
+        statuses: list[int] = []
+        for batch in range(10):
+            results = await defer.gatherResults([
+                defer.ensureDeferred(attempt(self.port, "127.0.0.2", "tok", f"r{batch * 100 + i}"))
+                for i in range(100)
+            ])
+            statuses += [status for status, _ in results]
+        self.assertEqual(statuses, [101] * 1000)
+        self.assertEqual((await attempt(self.port, "127.0.0.2", "wrong"))[0], 403)
+        self.assertEqual((await attempt(self.port, "127.0.0.2", "tok"))[0], 429)
 
     async def test_releases_after_window(self) -> None:
         """

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Callable, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.util import peer2str
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -111,8 +112,7 @@ class Root(resource.Resource):
         )
 
     def _upgrade(self, request: server.Request) -> bytes | int:
-        address = request.getClientAddress()
-        peer = getattr(address, "host", None) or ""
+        peer = getattr(request.getClientAddress(), "host", None) or ""
         headers = request.requestHeaders
 
         def header(name: str) -> Optional[str]:
@@ -123,14 +123,13 @@ class Root(resource.Resource):
         if refusal is not None:
             # limited: answered here, before Autobahn or Redis do any work
             agent_id, session_id = parse_ws_path(request.path.decode("latin-1")) or (None, None)
+            transport: Any = request.channel.transport
             self._proxy.refused(
-                refusal, self._proxy.client_address(peer, header),
-                f"tcp:{peer}:{getattr(address, 'port', '')}" if peer else "unix",
+                refusal, self._proxy.client_address(peer, header), peer2str(transport),
                 session_id, agent_id,
             )
             # the same complete response as every other refused upgrade;
             # the request is never finished: the connection ends with it
-            transport: Any = request.channel.transport
             transport.write(refusal.response())
             transport.loseConnection()
             return server.NOT_DONE_YET
@@ -314,7 +313,7 @@ class _DeadlineChannel(http.HTTPChannel):
             return False
         self._admitted = self._discard = True
         self._disarm()
-        proxy.refused(refusal, host, f"tcp:{host}:{peer.port}")
+        proxy.refused(refusal, host, peer2str(transport))
         transport.write(refusal.response())
         transport.loseConnection()
         return True
