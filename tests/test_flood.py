@@ -27,7 +27,7 @@ import autobahn.websocket.protocol as autobahn_protocol
 from wsproxy.limits import FailedAuthLimit, client_address
 from wsproxy.proxy import REFUSAL_LINES
 
-from .memory import MemoryProxy, MemoryTestCase, upgrade_request
+from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
 from .support import Daemon, RedisTestCase, free_port, wait_for
 from .test_daemon_env import ALL_VARIABLES, attempt
 from .test_hostile import http_get
@@ -414,3 +414,54 @@ class TurnBudgetTests(MemoryTestCase):
         self.assertEqual(first.response().status, "HTTP/1.1 101 Switching Protocols")
         self.assertEqual(second.transport.value(), b"")
         self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1})
+
+
+class CompareFirstTests(MemoryTestCase):
+    """
+    A token in the Authorization header is compared with the stored one
+    before Autobahn builds anything (wsproxy.site.Root._compare_first).
+    """
+
+    def test_wrong_token_refused_before_autobahn(self) -> None:
+        """
+        A wrong header token is refused 403 with no WebSocket protocol
+        built for it, after one GET and nothing else.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer nope"})
+        self.assertEqual(client.response().status, "HTTP/1.1 403 Invalid or expired token")
+        self.assertTrue(client.closed)
+        self.assertIsNone(memory.site.ws_factory.last_built)
+        self.assertEqual([c.name for c in memory.redis.log], ["GET"])
+        self.assertEqual(memory.proxy.stats.outcomes, {"403": 1})
+
+    def test_equal_token_checked_once(self) -> None:
+        """
+        An equal header token is not fetched again by the admission: one
+        GET, one EXPIRE, then the subscription and the 101.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual([c.name for c in memory.redis.log], ["GET", "EXPIRE", "SUBSCRIBE"])
+
+    def test_frames_behind_the_request_kept(self) -> None:
+        """
+        Frames the client sends right behind its request, while the token
+        is being compared, reach the WebSocket once it is open, in order.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        memory.redis.hold("GET")
+        client = memory.connect()
+        client.send(upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+                    + client_frame(b"one"))
+        client.send(client_frame(b"two"))
+        self.assertEqual(client.transport.value(), b"")
+        memory.redis.release("GET")
+        memory.clock.advance(0)
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.redis.published,
+                         [(b"session:s1:up", b"one"), (b"session:s1:up", b"two")])

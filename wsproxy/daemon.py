@@ -22,7 +22,6 @@ The process then exits with status 0.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 from typing import Any, Optional
@@ -232,13 +231,6 @@ class ProxyService(DaemonService):
             self.heap.install()
         if self.handle_signals:
             self.install_signal_handlers()
-            # Everything loaded so far (modules, settings, the site) lives as
-            # long as the process: out of the collector's sight, a full
-            # collection only walks what connections allocate. Under a flood
-            # of handshakes those collections stopped every session for
-            # tens of milliseconds each (README "Handshake floods").
-            gc.collect()
-            gc.freeze()
         if self.port is not None:
             self._announce()
 

@@ -168,6 +168,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._admission: Optional[defer.Deferred[Any]] = None
         self._early = []
         self._refusal: Optional[Refusal] = None
+        self._compared: Optional[tuple[str, str, Any]] = None
         self._paused = False
         self._unsent = 0
         self._stopped_sending = False
@@ -254,6 +255,7 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         self._proxy = self.factory.proxy
+        self._compared = self.factory.compared
         self._down = self.factory.down_codec
         self._up = self.factory.up_codec
         self._proxy.connections.add(self)
@@ -336,9 +338,15 @@ class ProxyProtocol(WebSocketServerProtocol):
                 (down_channel(session_id), _PlainSink(resumer, self._down)),
                 (live_channel(session_id), _LiveSink(resumer)),
             ]
+        compared = self._compared
+        if compared is not None and (
+            credentials is None or compared[:2] != (session_id, credentials.token)
+        ):
+            compared = None
         try:
             self._recovery = await proxy.authorize(
-                session_id, credentials, subscriptions, resume
+                session_id, credentials, subscriptions, resume,
+                None if compared is None else compared[2],
             )
         except Refusal as refusal:
             if refusal.code in (401, 403):
@@ -934,6 +942,9 @@ class ProxyFactory(WebSocketServerFactory):
         self.last_prepared: Any = None
         self.last_size = 0
         self.last_built: Optional[ProxyProtocol] = None
+        #: (session id, token, Compared) of the upgrade being handed over by
+        #: the site, whose token it already compared (Root._compare_first)
+        self.compared: Optional[tuple[str, str, Any]] = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,

@@ -102,6 +102,18 @@ class ResumeRequest:
     position: Optional[Position]
 
 
+@dataclass(frozen=True)
+class Compared:
+    """
+    When the stored token was found equal to the presented one, before the
+    WebSocket handshake (L{Proxy.compare}): C{since} on the proxy's clock,
+    C{perf} by C{time.perf_counter}.
+    """
+
+    since: float
+    perf: float
+
+
 class Connection(Readable, Protocol):
     """
     What the proxy needs of an open connection (a
@@ -486,6 +498,7 @@ class Proxy:
         credentials: Optional[auth.Credentials],
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest] = None,
+        compared: Optional["Compared"] = None,
     ) -> Optional[Recovery]:
         """
         The token check, then the subscriptions (channel, listener),
@@ -497,6 +510,9 @@ class Proxy:
         when it closes). Otherwise, and if the caller cancels (the client
         left), nothing stays subscribed.
 
+        @param compared: the stored token was already compared (L{compare},
+            before the WebSocket handshake): only its TTL is reset, and the
+            deadline is what is left of the one that began then.
         @return: for a resuming client, what it will be sent.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
@@ -506,12 +522,15 @@ class Proxy:
             # Failure raised while that is being set up holds the frames
             # that hold it (a reference cycle; see wsproxy.heap)
             raise Refusal(*auth.MISSING_TOKEN)
+        timeout = self.settings.auth_timeout
+        if compared is not None:
+            timeout -= self.clock.seconds() - compared.since
         try:
             recovery: Optional[Recovery] = await with_deadline(
                 defer.ensureDeferred(
-                    self._authorize(session_id, credentials, subscriptions, resume)
+                    self._authorize(session_id, credentials, subscriptions, resume, compared)
                 ),
-                self.settings.auth_timeout,
+                max(timeout, 0.0),
                 self.clock,
             )
             return recovery
@@ -528,11 +547,13 @@ class Proxy:
         credentials: Optional[auth.Credentials],
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest],
+        compared: Optional["Compared"] = None,
     ) -> Optional[Recovery]:
-        started = time.perf_counter()
+        started = time.perf_counter() if compared is None else compared.perf
         try:
             await auth.check_token(
-                self.commands.execute, session_id, credentials, self.settings.auth_grace_period
+                self.commands.execute, session_id, credentials, self.settings.auth_grace_period,
+                compared is not None,
             )
         finally:
             if credentials is not None:
@@ -556,6 +577,30 @@ class Proxy:
         except BaseException:
             self.release(subscribed)
             raise
+
+    async def compare(self, session_id: str, token: str) -> "Compared":
+        """
+        The token check's first half, before the WebSocket handshake (see
+        L{wsproxy.site.Root}): the stored token equals C{token}. Within
+        C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of it.
+
+        @raise Refusal: 403, 503 or 504, as L{authorize}.
+        """
+        compared = Compared(self.clock.seconds(), time.perf_counter())
+        try:
+            await with_deadline(
+                defer.ensureDeferred(auth.compare_token(self.commands.execute, session_id, token)),
+                self.settings.auth_timeout,
+                self.clock,
+            )
+        except (RedisUnavailable, txredisapi.ResponseError):
+            raise Refusal(503, "Redis unavailable") from None
+        except RedisTimeout:
+            raise Refusal(504, "Redis timeout") from None
+        except Refusal:
+            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
+            raise
+        return compared
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:

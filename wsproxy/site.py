@@ -27,7 +27,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
 from .proxy import Proxy
-from .refusal import Refusal
+from .refusal import CLIENT_LEFT, Refusal
 
 
 def _plain(
@@ -133,6 +133,92 @@ class Root(resource.Resource):
             transport.write(refusal.response())
             transport.loseConnection()
             return server.NOT_DONE_YET
+        early = self._comparable(request)
+        if early is not None:
+            return self._compare_first(request, peer, header, *early)
+        return self._to_websocket(request)
+
+    def _comparable(self, request: server.Request) -> Optional[tuple[str, str, str]]:
+        """
+        Whether the token can be compared before the WebSocket handshake:
+        one C{Authorization: Bearer} header with an ASCII token, a path and
+        headers that pass L{Proxy.route} and L{Proxy.precheck}, no resume
+        request. Anything else goes through the admission as it is (which
+        refuses it, or checks its token there).
+
+        @return: (session id, agent id, token), or C{None}.
+        """
+        headers = request.requestHeaders
+        authorization = headers.getRawHeaders(b"authorization")
+        origin = headers.getRawHeaders(b"origin")
+        if (authorization is None or len(authorization) != 1 or b"resume" in request.uri
+                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()):
+            return None
+        scheme, _, value = authorization[0].decode("ascii").strip().partition(" ")
+        token = value.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        proxy = self._proxy
+        try:
+            agent_id, session_id = proxy.route(request.path.decode("latin-1"))
+            proxy.precheck({} if origin is None else {"origin": origin[0].decode("latin-1")})
+        except Refusal:
+            return None
+        return session_id, agent_id, token
+
+    def _compare_first(
+        self, request: server.Request, peer: str, header: Callable[[str], Optional[str]],
+        session_id: str, agent_id: str, token: str,
+    ) -> int:
+        """
+        Compare the token with the stored one (one C{GET}) before Autobahn
+        builds anything: a wrong token, or a Redis failure, is refused here
+        for the cost of the HTTP parsing and the round trip; an equal one is
+        handed over to the WebSocket admission, which only resets its TTL
+        (within what is left of the same C{AUTH_TIMEOUT_SECS}).
+        """
+        proxy = self._proxy
+        channel = cast(_DeadlineChannel, request.channel)
+        channel.setTimeout(None)
+        early = _EarlyBytes()
+        channel.upgraded_to = early
+        comparing = defer.ensureDeferred(proxy.compare(session_id, token))
+
+        def left(reason: Failure) -> None:
+            if not comparing.called:
+                comparing.cancel()
+
+        request.notifyFinish().addErrback(left)
+
+        def equal(compared: Any) -> None:
+            self._factory.compared = (session_id, token, compared)
+            try:
+                self._to_websocket(request, early)
+            finally:
+                self._factory.compared = None
+
+        def refused(reason: Failure) -> None:
+            transport: Any = channel.transport
+            if reason.check(Refusal):
+                refusal = cast(Refusal, reason.value)
+            elif reason.check(defer.CancelledError):
+                refusal = CLIENT_LEFT
+            else:
+                self._log.failure("unexpected error checking a token", reason)
+                refusal = Refusal(500, "Internal error")
+            client = proxy.client_address(peer, header)
+            if refusal.code in (401, 403):
+                proxy.auth_failed(client)
+            proxy.refused(refusal, client, peer2str(transport) if transport else "unknown",
+                          session_id, agent_id)
+            if transport is not None and refusal is not CLIENT_LEFT:
+                transport.write(refusal.response())
+                transport.loseConnection()
+
+        comparing.addCallbacks(equal, refused)
+        return server.NOT_DONE_YET
+
+    def _to_websocket(self, request: server.Request, early: Optional["_EarlyBytes"] = None) -> int:
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
         channel = cast(_DeadlineChannel, request.channel)
@@ -142,8 +228,15 @@ class Root(resource.Resource):
         # bytes the client sent right behind its request (frames, legal once
         # the handshake completes in order) reach the channel after this
         # returns: they are the WebSocket's
-        channel.upgraded_to = self._factory.last_built
+        channel.upgraded_to = protocol = self._factory.last_built
         self._factory.last_built = None
+        if early is not None:
+            # after a comparison (not inside the channel's dataReceived):
+            # the bytes kept meanwhile are the WebSocket's, and the channel
+            # lets go of the request here
+            if early.data and protocol is not None:
+                protocol.dataReceived(b"".join(early.data))
+            channel._hand_over()
         return result
 
     def _health(self, request: server.Request) -> int:
@@ -256,6 +349,19 @@ class TurnBudget:
             self._turn = self._clock.callLater(0, self._next_turn)
 
 
+class _EarlyBytes:
+    """
+    What the client sends behind its upgrade request while its token is
+    compared: kept for the WebSocket protocol.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+
 def _no_header(name: str) -> Optional[str]:
     return None
 
@@ -282,17 +388,23 @@ class _DeadlineChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._admitted:
             if not self._discard:
-                super().dataReceived(data)
+                self._parse(data)
         elif self._held is not None:
             self._held.append(data)
         elif self.budget is None or self.budget.take(self._turn_came):
             self._admitted = True
             if not self._refused_early(data):
-                super().dataReceived(data)
+                self._parse(data)
         else:
             self._held = [data]
             transport: Any = self.transport
             transport.pauseProducing()
+
+    def _parse(self, data: bytes) -> None:
+        super().dataReceived(data)
+        upgraded = self.upgraded_to
+        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
+            self._hand_over()
 
     def _refused_early(self, data: bytes) -> bool:
         """
@@ -329,7 +441,7 @@ class _DeadlineChannel(http.HTTPChannel):
         data = b"".join(held)
         if not self._refused_early(data):
             transport.resumeProducing()
-            super().dataReceived(data)
+            self._parse(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -354,11 +466,6 @@ class _DeadlineChannel(http.HTTPChannel):
             self.upgraded_to.dataReceived(data)
         else:
             super().rawDataReceived(data)
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        if self.upgraded_to is not None:
-            self._hand_over()
 
     def _hand_over(self) -> None:
         """

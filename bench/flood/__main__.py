@@ -27,7 +27,8 @@ import redis.asyncio
 from bench.loadtest.errors import Fatal
 from bench.loadtest.procstat import cpu_seconds
 from bench.loadtest.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
-from bench.resume.servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, free_port
+from bench.ports import free_port
+from bench.resume.servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server
 
 HEALTHY_SESSION = "flood-healthy"
 HEALTHY_TOKEN = "flood-healthy-token"
