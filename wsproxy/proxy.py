@@ -206,6 +206,8 @@ class Proxy:
         self.stats.auth_failures = lambda: self.auth_limit.failures
         self.stats.auth_limited = lambda: self.auth_limit.limited
         self.stats.auth_limit_addresses = self.auth_limit.__len__
+        #: header tokens being compared before their handshake (compare)
+        self.comparing = 0
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -587,6 +589,7 @@ class Proxy:
         @raise Refusal: 403, 503 or 504, as L{authorize}.
         """
         compared = Compared(self.clock.seconds(), time.perf_counter())
+        self.comparing += 1
         try:
             await with_deadline(
                 defer.ensureDeferred(auth.compare_token(self.commands.execute, session_id, token)),
@@ -600,6 +603,8 @@ class Proxy:
         except Refusal:
             self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
             raise
+        finally:
+            self.comparing -= 1
         return compared
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:

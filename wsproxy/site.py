@@ -190,6 +190,22 @@ class Root(resource.Resource):
 
         request.notifyFinish().addErrback(left)
 
+        def too_late() -> None:
+            # the handshake's deadline (HANDSHAKE_TIMEOUT_SECS) covers the
+            # token check, as Autobahn's does for the admission: dropped
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+        deadline = proxy.clock.callLater(proxy.settings.handshake_timeout, too_late)
+
+        def disarm(result: Any) -> Any:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        comparing.addBoth(disarm)
+
         def equal(compared: Any) -> None:
             self._factory.compared = (session_id, token, compared)
             try:
