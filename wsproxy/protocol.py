@@ -338,7 +338,8 @@ class ProxyProtocol(WebSocketServerProtocol):
                 (down_channel(session_id), _PlainSink(resumer, self._down)),
                 (live_channel(session_id), _LiveSink(resumer)),
             ]
-        compared = self._compared
+        # consumed here: the connection keeps no token
+        compared, self._compared = self._compared, None
         if compared is not None and (
             credentials is None or compared[:2] != (session_id, credentials.token)
         ):
