@@ -24,6 +24,12 @@
 #   scale100k  100,000 idle connections on one machine: run as
 #            WORKERS=6 bench/run.sh scale100k (each process holds at most its
 #            descriptor limit, 20,000 here), clients from 127.0.0.1-127.0.0.5
+#   flood    10,000 upgrades with wrong tokens (200 in flight, one address) while
+#            one healthy session receives a message every 10 ms: wsproxy (default
+#            settings, and AUTH_FAIL_LIMIT=0) and the Node.js bridge in one run
+#            (python -m bench.flood; its own redis-server and servers). The
+#            bridge: $NODE_BRIDGE, default ../shared/peers/node_bridge.js; its
+#            npm packages are installed once into .cache/node-bridge (gitignored)
 #
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
@@ -141,6 +147,13 @@ print(json.dumps({"scenario": "churn", "leftover_session_channels": len(left),
                   "proxy_rss_mib_after": round(rss / 1024, 1)}))
 PY
                      ;;
+            flood)   mods=${NODE_BRIDGE_MODULES:-.cache/node-bridge}
+                     if command -v npm >/dev/null && [ ! -d "$mods/node_modules/ioredis" ]; then
+                         mkdir -p "$mods"
+                         npm install --silent --prefix "$mods" ws ioredis bufferutil utf-8-validate >&2
+                     fi
+                     NODE_BRIDGE_MODULES=$mods $PY -m bench.flood --redis-server "$REDIS_BIN" \
+                         --targets wsproxy,wsproxy-nolimit,node ;;
             resume)  $PY -m bench.resume failover --redis-server "$REDIS_BIN" --sessions 1000 \
                          --proxies 2 --rate 1000 --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)

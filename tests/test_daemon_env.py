@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import redis as redispy
-from twisted.internet import error, reactor, task
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -50,9 +50,10 @@ from .support import (
     redis_server_binary,
     status_of,
     up_listener,
+    upgrade_request,
     wait_for,
 )
-from .test_hostile import raw_upgrade, stalled_socket
+from .test_hostile import RawClient, raw_upgrade, stalled_socket
 from .test_tls import TlsRedisServer
 
 #: how late an effect may show on a busy 2-core machine
@@ -128,6 +129,24 @@ class EnvTestCase(RedisTestCase):
                               {"Authorization": "Bearer tok", **(headers or {})})
         self.addCleanup(c.abort)
         return c
+
+
+async def attempt(port: int, source: str, token: Optional[str], session: str = "s1",
+                  extra: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
+    """
+    One raw upgrade to 127.0.0.1:C{port} from the client address
+    C{source} (127.0.0.2, ...): its status and response head.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
+    fields = dict(extra or {})
+    if token is not None:
+        fields["Authorization"] = f"Bearer {token}"
+    client.send(upgrade_request(f"/a/ws/{session}", fields))
+    await wait_for(lambda: client.head is not None or client.lost_at is not None, 20)
+    client.transport.abortConnection()
+    head = client.head or b""
+    return status_of(head), head
 
 
 # -- what each variable does, observed from outside ---------------------------
@@ -551,6 +570,87 @@ async def max_connections(t: EnvTestCase) -> None:
     await wait_for(lambda: "closed: session=s1" in t.log)
     third = await t.upgrade()
     t.assertEqual(third.status, 101, third.data)
+
+
+async def auth_fail_limit(t: EnvTestCase) -> None:
+    """
+    AUTH_FAIL_LIMIT=2: two wrong tokens from one address get 403, the
+    third upgrade from it 429 with Retry-After, even with a valid token.
+    """
+    await t.start(AUTH_FAIL_LIMIT="2")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    for _ in range(2):
+        t.assertEqual((await attempt(t.port, "127.0.0.2", "wrong"))[0], 403)
+    status, head = await attempt(t.port, "127.0.0.2", "tok")
+    t.assertEqual(status, 429, head)
+    t.assertIn(b"\r\nRetry-After: ", head)
+
+
+async def auth_fail_window(t: EnvTestCase) -> None:
+    """
+    AUTH_FAIL_WINDOW_SECS=1: a limited address is admitted again about a
+    second after its first failure.
+    """
+    await t.start(AUTH_FAIL_LIMIT="1", AUTH_FAIL_WINDOW_SECS="1")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    await attempt(t.port, "127.0.0.2", "wrong")
+    t.assertEqual((await attempt(t.port, "127.0.0.2", "tok"))[0], 429)
+    deadline = time.monotonic() + 1 + MARGIN * 3
+    while (await attempt(t.port, "127.0.0.2", "tok"))[0] != 101:
+        t.assertLess(time.monotonic(), deadline)
+
+
+async def auth_fail_table_size(t: EnvTestCase) -> None:
+    """
+    AUTH_FAIL_TABLE_SIZE=1: a failure from a second address makes the
+    proxy forget the first one (no longer limited); the second is.
+    """
+    await t.start(AUTH_FAIL_LIMIT="1", AUTH_FAIL_TABLE_SIZE="1")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    await attempt(t.port, "127.0.0.2", "wrong")
+    await attempt(t.port, "127.0.0.3", "wrong")
+    t.assertEqual((await attempt(t.port, "127.0.0.2", "tok"))[0], 101)
+    t.assertEqual((await attempt(t.port, "127.0.0.3", "tok"))[0], 429)
+
+
+async def auth_fail_exempt(t: EnvTestCase) -> None:
+    """
+    AUTH_FAIL_EXEMPT=127.0.0.2/32: failures from 127.0.0.2 never limit it;
+    127.0.0.3 is limited as usual.
+    """
+    await t.start(AUTH_FAIL_LIMIT="1", AUTH_FAIL_EXEMPT="127.0.0.2/32")
+    for source in ("127.0.0.2", "127.0.0.3"):
+        await attempt(t.port, source, "wrong")
+    t.assertEqual((await attempt(t.port, "127.0.0.2", "wrong"))[0], 403)
+    t.assertEqual((await attempt(t.port, "127.0.0.3", "wrong"))[0], 429)
+
+
+async def trusted_proxies(t: EnvTestCase) -> None:
+    """
+    TRUSTED_PROXIES=127.0.0.0/8: the client is the X-Forwarded-For address:
+    after a failure as 10.0.0.1 that client is limited, 10.0.0.2 is not.
+    """
+    await t.start(AUTH_FAIL_LIMIT="1", TRUSTED_PROXIES="127.0.0.0/8")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    await attempt(t.port, "127.0.0.2", "wrong", extra={"X-Forwarded-For": "10.0.0.1"})
+    limited = await attempt(t.port, "127.0.0.2", "tok", extra={"X-Forwarded-For": "10.0.0.1"})
+    t.assertEqual(limited[0], 429)
+    other = await attempt(t.port, "127.0.0.2", "tok", extra={"X-Forwarded-For": "10.0.0.2"})
+    t.assertEqual(other[0], 101)
+    await wait_for(lambda: "client=10.0.0.1" in t.log)
+
+
+async def handshakes_per_turn(t: EnvTestCase) -> None:
+    """
+    HANDSHAKES_PER_TURN=1: thirty upgrades sent at once are read one per
+    event-loop turn, and all of them are admitted.
+    """
+    await t.start(HANDSHAKES_PER_TURN="1")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    results = await defer.gatherResults([
+        defer.ensureDeferred(attempt(t.port, "127.0.0.2", "tok")) for _ in range(30)
+    ])
+    t.assertEqual([status for status, _ in results], [101] * 30)
 
 
 async def allowed_origins(t: EnvTestCase) -> None:
@@ -986,6 +1086,12 @@ VALID = [
     Case("HANDSHAKE_TIMEOUT_SECS", handshake_timeout),
     Case("MAX_CONNECTIONS", max_connections),
     Case("GC_FULL_COLLECTION_SECS", gc_full_collection),
+    Case("AUTH_FAIL_LIMIT", auth_fail_limit),
+    Case("AUTH_FAIL_WINDOW_SECS", auth_fail_window),
+    Case("AUTH_FAIL_TABLE_SIZE", auth_fail_table_size),
+    Case("AUTH_FAIL_EXEMPT", auth_fail_exempt),
+    Case("TRUSTED_PROXIES", trusted_proxies),
+    Case("HANDSHAKES_PER_TURN", handshakes_per_turn),
     Case("ALLOWED_ORIGINS", allowed_origins),
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
@@ -1065,6 +1171,12 @@ INVALID = [
     Invalid("HANDSHAKE_TIMEOUT_SECS", "inf"),
     Invalid("MAX_CONNECTIONS", "-1"),
     Invalid("GC_FULL_COLLECTION_SECS", "hourly"),
+    Invalid("AUTH_FAIL_LIMIT", "-1"),
+    Invalid("AUTH_FAIL_WINDOW_SECS", "0"),
+    Invalid("AUTH_FAIL_TABLE_SIZE", "0"),
+    Invalid("AUTH_FAIL_EXEMPT", "10.0.0.0/33"),
+    Invalid("TRUSTED_PROXIES", "proxy.example.com"),
+    Invalid("HANDSHAKES_PER_TURN", "many"),
     Invalid("ALLOWED_ORIGINS", "app.example.com"),
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),

@@ -616,9 +616,9 @@ class AbruptDisconnectTests(HostileTestCase):
         "Client went away" (in the refusal counts), not as a Redis failure.
         """
         proxy = self.proxy.proxy
-        # the GET is sent in the same call that sets the session id
-        await self.gone_while_waiting_for(
-            proxy.commands, lambda: any(p.session_id == "bad" for p in proxy.connections))
+        # a header token is compared by the site before the handshake
+        # (Proxy.compare), the GET sent in the same call
+        await self.gone_while_waiting_for(proxy.commands, lambda: proxy.comparing == 1)
         await wait_for(lambda: proxy.stats.outcomes["499"] == 1)
         self.assertEqual(set(proxy.stats.outcomes), {"accepted", "499"})
 

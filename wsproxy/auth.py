@@ -86,25 +86,39 @@ MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
 Execute = Callable[..., Awaitable[object]]
 
 
+async def compare_token(execute: Execute, session_id: str, token: str) -> None:
+    """
+    The first half of L{check_token}: C{GET} the stored token and compare.
+
+    @raise Refusal: 403; Redis errors propagate as they are.
+    """
+    stored = await execute("GET", auth_key(session_id))
+    if not tokens_match(stored, token):
+        raise Refusal(403, "Invalid or expired token")
+
+
 async def check_token(
     execute: Execute,
     session_id: str,
     credentials: Optional[Credentials],
     grace_period: int,
+    compared: bool = False,
 ) -> None:
     """
     Check C{credentials} against C{session:{session_id}:auth} and, on
     success, reset the key's TTL to C{grace_period}.
 
+    @param compared: the stored token was already found equal to this one
+        (L{compare_token}, before the WebSocket handshake): only the TTL
+        is reset.
     @raise Refusal: 401 or 403 (see the module docstring); Redis errors
         propagate as they are.
     """
     if credentials is None:
         raise Refusal(*MISSING_TOKEN)
     key = auth_key(session_id)
-    stored = await execute("GET", key)
-    if not tokens_match(stored, credentials.token):
-        raise Refusal(403, "Invalid or expired token")
+    if not compared:
+        await compare_token(execute, session_id, credentials.token)
     renewed = await execute("EXPIRE", key, grace_period)
     if renewed in (0, b"0"):
         # the key expired between GET and EXPIRE

@@ -288,6 +288,27 @@ def _optional_file(value: str) -> str | None:
     return value or None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: str) -> tuple[Network, ...]:
+    """
+    A comma list of IP addresses or CIDR networks (C{10.0.0.0/8},
+    C{2001:db8::/32}, C{127.0.0.1}); empty: none.
+    """
+    networks = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                "each item must be an IP address or a CIDR network such as 10.0.0.0/8"
+            ) from None
+    return tuple(networks)
+
+
 _ORIGIN = re.compile(r"^(\*|null|https?://[^/\s]+)$")
 
 
@@ -491,6 +512,48 @@ class Settings:
         _non_negative_float,
         "seconds between full garbage collections of every object, long-lived ones "
         "too (0 = never; see README 'Garbage collection')",
+    )
+    auth_fail_limit: int = setting(
+        "AUTH_FAIL_LIMIT",
+        "50",
+        _non_negative_int,
+        "failed token checks (401/403) from one client address within "
+        "AUTH_FAIL_WINDOW_SECS after which its upgrades get 429 until the window "
+        "ends (0 = no limit)",
+    )
+    auth_fail_window: float = setting(
+        "AUTH_FAIL_WINDOW_SECS",
+        "60",
+        _positive_float,
+        "the window of AUTH_FAIL_LIMIT, from an address's first failure",
+    )
+    auth_fail_table_size: int = setting(
+        "AUTH_FAIL_TABLE_SIZE",
+        "100000",
+        _positive_int,
+        "client addresses with recent failures remembered (past it, the least "
+        "recently failed is forgotten)",
+    )
+    auth_fail_exempt: tuple[Network, ...] = setting(
+        "AUTH_FAIL_EXEMPT",
+        "",
+        _networks,
+        "comma list of addresses/CIDR networks never limited by AUTH_FAIL_LIMIT",
+    )
+    trusted_proxies: tuple[Network, ...] = setting(
+        "TRUSTED_PROXIES",
+        "",
+        _networks,
+        "comma list of addresses/CIDR networks of reverse proxies whose "
+        "Forwarded/X-Forwarded-For names the client (empty: the TCP peer is the client)",
+    )
+    handshakes_per_turn: int = setting(
+        "HANDSHAKES_PER_TURN",
+        "16",
+        _non_negative_int,
+        "new connections whose request is read per event-loop turn; the others "
+        "wait (unread) for the next turns, so open sessions are served first "
+        "(0 = no bound)",
     )
     allowed_origins: tuple[str, ...] = setting(
         "ALLOWED_ORIGINS",

@@ -213,6 +213,9 @@ class ProxyService(DaemonService):
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
+        budget = getattr(self.site, "budget", None)
+        if budget is not None:
+            budget.port = port
         if self._running_now:
             self._announce()
 

@@ -59,6 +59,11 @@ class Stats:
         #: REDIS_CLUSTER: (shard, up, session channels) per master; redirections by kind
         self.cluster_shards: Callable[[], list[tuple[str, bool, int]]] = list
         self.cluster_redirects: Callable[[], Counter[str]] = Counter
+        self.auth_failures: Callable[[], int] = lambda: 0
+        self.auth_limited: Callable[[], int] = lambda: 0
+        self.auth_limit_addresses: Callable[[], int] = lambda: 0
+        self.refusal_lines_suppressed = 0
+        self.handshakes_waiting: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.auth_latency = Histogram(
             "wsproxy_auth_check_seconds",
@@ -241,6 +246,12 @@ class _Collector:
              s.server_closes),
             ("wsproxy_control_ignored", "Malformed messages on wsproxy:control, ignored",
              s.control_ignored),
+            ("wsproxy_auth_failures", "Failed token checks (401/403) counted towards "
+             "AUTH_FAIL_LIMIT", s.auth_failures()),
+            ("wsproxy_auth_limited", "Upgrades refused with 429 because their client address "
+             "had too many failed token checks", s.auth_limited()),
+            ("wsproxy_refusal_log_lines_suppressed", "Refusal log lines left out by the "
+             "per-address budget", s.refusal_lines_suppressed),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         failures = CounterMetricFamily(
@@ -289,6 +300,17 @@ class _Collector:
             for kind in ("moved", "ask", "subscribe", "sunsubscribe"):
                 redirects.add_metric([kind], counted[kind])
             yield redirects
+        yield GaugeMetricFamily(
+            "wsproxy_auth_limit_addresses",
+            "Client addresses with recent failed token checks (bounded by AUTH_FAIL_TABLE_SIZE)",
+            value=s.auth_limit_addresses(),
+        )
+        yield GaugeMetricFamily(
+            "wsproxy_handshakes_waiting",
+            "New connections waiting for a turn to have their request read "
+            "(HANDSHAKES_PER_TURN)",
+            value=s.handshakes_waiting(),
+        )
         rtt = s.canary_rtt()
         if rtt is not None:
             yield GaugeMetricFamily(

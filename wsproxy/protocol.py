@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from pprint import pformat
 from typing import Any, Literal, Optional, Sequence, cast
 
+import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
@@ -63,6 +65,37 @@ def _redact(reason: str) -> str:
     for mark in ('"', "'"):
         reason = reason.split(mark, 1)[0]
     return reason.strip().rstrip(":-").strip() or "Bad request"
+
+
+class _LazyPformat(str):
+    """
+    C{pprint.pformat(obj)}, computed only when the text is used.
+
+    Autobahn pretty-prints every protocol option for a debug line in each
+    connection's C{connectionMade}, before the logger decides to drop it
+    (its namespace never logs below C{info}: L{wsproxy.logs}). That was a
+    fifth of the CPU a refused upgrade cost. A C{str} (empty) so that
+    callers that need one still get one; formatting it gives the text.
+    """
+
+    _obj: Any
+
+    def __new__(cls, obj: Any) -> "_LazyPformat":
+        text = super().__new__(cls, "")
+        text._obj = obj
+        return text
+
+    def __str__(self) -> str:
+        return pformat(self._obj)
+
+    def __format__(self, spec: str) -> str:
+        return format(pformat(self._obj), spec)
+
+    def __repr__(self) -> str:
+        return pformat(self._obj)
+
+
+setattr(_autobahn_protocol, "pformat", _LazyPformat)
 
 
 class _BudgetedAutobahnLog:
@@ -135,6 +168,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._admission: Optional[defer.Deferred[Any]] = None
         self._early = []
         self._refusal: Optional[Refusal] = None
+        self._compared: Optional[tuple[str, str, Any]] = None
         self._paused = False
         self._unsent = 0
         self._stopped_sending = False
@@ -208,10 +242,20 @@ class ProxyProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer() if self.transport is not None else None
         return str(getattr(peer, "host", None) or peer or "unknown")
 
+    def _client(self, headers: Any) -> str:
+        """
+        The client's address for limits and log budgets (see
+        L{Proxy.client_address}); "" when the peer has no IP address.
+        """
+        peer = self.transport.getPeer() if self.transport is not None else None
+        host = getattr(peer, "host", None) or ""
+        return self._proxy.client_address(host, (headers or {}).get)
+
     # -- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._proxy = self.factory.proxy
+        self._compared = self.factory.compared
         self._down = self.factory.down_codec
         self._up = self.factory.up_codec
         self._proxy.connections.add(self)
@@ -294,7 +338,22 @@ class ProxyProtocol(WebSocketServerProtocol):
                 (down_channel(session_id), _PlainSink(resumer, self._down)),
                 (live_channel(session_id), _LiveSink(resumer)),
             ]
-        self._recovery = await proxy.authorize(session_id, credentials, subscriptions, resume)
+        # consumed here: the connection keeps no token
+        compared, self._compared = self._compared, None
+        if compared is not None and (
+            credentials is None or compared[:2] != (session_id, credentials.token)
+        ):
+            compared = None
+        try:
+            self._recovery = await proxy.authorize(
+                session_id, credentials, subscriptions, resume,
+                None if compared is None else compared[2],
+            )
+        except Refusal as refusal:
+            if refusal.code in (401, 403):
+                # the token check failed: counts towards AUTH_FAIL_LIMIT
+                proxy.auth_failed(self._client(request.headers))
+            raise
         if self.state == WebSocketProtocol.STATE_CLOSED or self.droppedByMe:
             # Autobahn dropped the connection (its opening-handshake deadline)
             # in the very turn the admission finished: the drop has not
@@ -332,14 +391,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         refusal = self._refusal
         if refusal is None or refusal.code != code:
             refusal = Refusal(code, _redact(reason))
-        self._proxy.stats.outcomes[str(refusal.code)] += 1
-        self._log.info(
-            "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}",
-            code=refusal.code,
-            reason=refusal.reason,
-            session_id=self.session_id,
-            agent_id=self.agent_id,
-            peer=self.peer,
+        self._proxy.refused(
+            refusal, self._client(getattr(self, "http_headers", None)), self.peer, self.session_id, self.agent_id
         )
         self.wasNotCleanReason = refusal.reason
         self.sendData(refusal.response())
@@ -890,6 +943,9 @@ class ProxyFactory(WebSocketServerFactory):
         self.last_prepared: Any = None
         self.last_size = 0
         self.last_built: Optional[ProxyProtocol] = None
+        #: (session id, token, Compared) of the upgrade being handed over by
+        #: the site, whose token it already compared (Root._compare_first)
+        self.compared: Optional[tuple[str, str, Any]] = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,

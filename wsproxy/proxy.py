@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Set, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Set, cast
 from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
@@ -23,6 +23,7 @@ from . import auth
 from .backpressure import Readable, UpstreamValve
 from .config import Settings
 from .control import Control, Events, Heartbeat
+from .limits import FailedAuthLimit, client_address
 from .logs import LogBudget
 from .metrics import Stats
 from .names import (
@@ -65,6 +66,9 @@ from .resume import (
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
 
+#: refusal log lines per client address per minute (then one with the count)
+REFUSAL_LINES = 5
+
 
 def normalize_origin(origin: str) -> str:
     """
@@ -96,6 +100,18 @@ class ResumeRequest:
     """
 
     position: Optional[Position]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """
+    When the stored token was found equal to the presented one, before the
+    WebSocket handshake (L{Proxy.compare}): C{since} on the proxy's clock,
+    C{perf} by C{time.perf_counter}.
+    """
+
+    since: float
+    perf: float
 
 
 class Connection(Readable, Protocol):
@@ -177,6 +193,21 @@ class Proxy:
         self.draining = False
         #: lines per client address for what Autobahn logs about connections
         self.log_budget = LogBudget(clock)
+        #: refusal lines per client address: a flood from one address is a
+        #: few lines and a count, not a line per request
+        self.refusal_log_budget = LogBudget(clock, lines=REFUSAL_LINES, interval=60.0)
+        self.auth_limit = FailedAuthLimit(
+            clock,
+            settings.auth_fail_limit,
+            settings.auth_fail_window,
+            settings.auth_fail_table_size,
+            settings.auth_fail_exempt,
+        )
+        self.stats.auth_failures = lambda: self.auth_limit.failures
+        self.stats.auth_limited = lambda: self.auth_limit.limited
+        self.stats.auth_limit_addresses = self.auth_limit.__len__
+        #: header tokens being compared before their handshake (compare)
+        self.comparing = 0
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -331,9 +362,80 @@ class Proxy:
 
     # -- admission ---------------------------------------------------------
     #
-    # ProxyProtocol._admit calls these in order: route -> precheck ->
-    # authorize (token, then subscription) -> open. Each raises the Refusal
-    # it decides; nothing else refuses a WebSocket upgrade.
+    # The site calls screen (429) before anything else; ProxyProtocol._admit
+    # then calls these in order: route -> precheck -> authorize (token,
+    # then subscription) -> open. Each raises the Refusal it decides;
+    # nothing else refuses a WebSocket upgrade, and every refusal is
+    # counted and logged by refused().
+
+    def client_address(self, peer: str, header: Callable[[str], Optional[str]]) -> str:
+        """
+        Who the client is: C{peer} (the TCP peer's IP address, "" for a
+        Unix socket), or what a trusted proxy says (C{TRUSTED_PROXIES}).
+
+        @param header: a request header's value by lower-case name.
+        """
+        trusted = self.settings.trusted_proxies
+        return client_address(peer, header, trusted) if trusted else peer
+
+    def screen(self, peer: str, header: Callable[[str], Optional[str]]) -> Optional[Refusal]:
+        """
+        The first check of an upgrade request, before Autobahn or Redis
+        see it: is its client address limited for failed authorization?
+
+        @return: the 429 refusal, or C{None}.
+        """
+        limit = self.auth_limit
+        if not limit.limit or not len(limit):
+            return None
+        address = self.client_address(peer, header)
+        retry = limit.retry_after(address) if address else None
+        if retry is None:
+            return None
+        return Refusal(429, "Too many failed authorizations", (("Retry-After", str(retry)),))
+
+    def auth_failed(self, address: str) -> None:
+        """
+        A token check from C{address} failed (401 or 403): it counts
+        towards C{AUTH_FAIL_LIMIT}.
+        """
+        if address:
+            self.auth_limit.failed(address)
+
+    def refused(
+        self,
+        refusal: Refusal,
+        client: str,
+        peer: object,
+        session_id: Optional[str] = None,
+        agent_id: Optional[str] = None,
+    ) -> None:
+        """
+        Count a refused upgrade and log it, within the client address's
+        budget of refusal lines (the next line allowed says how many were
+        left out).
+        """
+        self.stats.outcomes[str(refusal.code)] += 1
+        suppressed = self.refusal_log_budget.take(client or str(peer))
+        if suppressed is None:
+            self.stats.refusal_lines_suppressed += 1
+            return
+        fmt = "refused {code} {reason}: session={session_id} agent={agent_id} peer={peer}"
+        if client and client not in str(peer):
+            # named by a trusted proxy
+            fmt += " client={client}"
+        if suppressed:
+            fmt += " ({suppressed} refusals from {client} not logged)"
+        self._log.info(
+            fmt,
+            code=refusal.code,
+            reason=refusal.reason,
+            session_id=session_id,
+            agent_id=agent_id,
+            peer=peer,
+            client=client,
+            suppressed=suppressed,
+        )
 
     def route(self, path: str) -> tuple[str, str]:
         """
@@ -398,6 +500,7 @@ class Proxy:
         credentials: Optional[auth.Credentials],
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest] = None,
+        compared: Optional["Compared"] = None,
     ) -> Optional[Recovery]:
         """
         The token check, then the subscriptions (channel, listener),
@@ -409,6 +512,9 @@ class Proxy:
         when it closes). Otherwise, and if the caller cancels (the client
         left), nothing stays subscribed.
 
+        @param compared: the stored token was already compared (L{compare},
+            before the WebSocket handshake): only its TTL is reset, and the
+            deadline is what is left of the one that began then.
         @return: for a resuming client, what it will be sent.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
@@ -418,12 +524,15 @@ class Proxy:
             # Failure raised while that is being set up holds the frames
             # that hold it (a reference cycle; see wsproxy.heap)
             raise Refusal(*auth.MISSING_TOKEN)
+        timeout = self.settings.auth_timeout
+        if compared is not None:
+            timeout -= self.clock.seconds() - compared.since
         try:
             recovery: Optional[Recovery] = await with_deadline(
                 defer.ensureDeferred(
-                    self._authorize(session_id, credentials, subscriptions, resume)
+                    self._authorize(session_id, credentials, subscriptions, resume, compared)
                 ),
-                self.settings.auth_timeout,
+                max(timeout, 0.0),
                 self.clock,
             )
             return recovery
@@ -440,11 +549,13 @@ class Proxy:
         credentials: Optional[auth.Credentials],
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest],
+        compared: Optional["Compared"] = None,
     ) -> Optional[Recovery]:
-        started = time.perf_counter()
+        started = time.perf_counter() if compared is None else compared.perf
         try:
             await auth.check_token(
-                self.commands.execute, session_id, credentials, self.settings.auth_grace_period
+                self.commands.execute, session_id, credentials, self.settings.auth_grace_period,
+                compared is not None,
             )
         finally:
             if credentials is not None:
@@ -468,6 +579,33 @@ class Proxy:
         except BaseException:
             self.release(subscribed)
             raise
+
+    async def compare(self, session_id: str, token: str) -> "Compared":
+        """
+        The token check's first half, before the WebSocket handshake (see
+        L{wsproxy.site.Root}): the stored token equals C{token}. Within
+        C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of it.
+
+        @raise Refusal: 403, 503 or 504, as L{authorize}.
+        """
+        compared = Compared(self.clock.seconds(), time.perf_counter())
+        self.comparing += 1
+        try:
+            await with_deadline(
+                defer.ensureDeferred(auth.compare_token(self.commands.execute, session_id, token)),
+                self.settings.auth_timeout,
+                self.clock,
+            )
+        except (RedisUnavailable, txredisapi.ResponseError):
+            raise Refusal(503, "Redis unavailable") from None
+        except RedisTimeout:
+            raise Refusal(504, "Redis timeout") from None
+        except Refusal:
+            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
+            raise
+        finally:
+            self.comparing -= 1
+        return compared
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:

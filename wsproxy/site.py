@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
 from typing import Any, Callable, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.util import peer2str
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -25,7 +27,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
 from .proxy import Proxy
-from .refusal import Refusal
+from .refusal import CLIENT_LEFT, Refusal
 
 
 def _plain(
@@ -109,7 +111,130 @@ class Root(resource.Resource):
             (("Upgrade", "websocket"), ("Connection", "Upgrade")),
         )
 
-    def _upgrade(self, request: server.Request) -> int:
+    def _upgrade(self, request: server.Request) -> bytes | int:
+        peer = getattr(request.getClientAddress(), "host", None) or ""
+        headers = request.requestHeaders
+
+        def header(name: str) -> Optional[str]:
+            values = headers.getRawHeaders(name)
+            return ",".join(values) if values else None
+
+        refusal = self._proxy.screen(peer, header)
+        if refusal is not None:
+            # limited: answered here, before Autobahn or Redis do any work
+            agent_id, session_id = parse_ws_path(request.path.decode("latin-1")) or (None, None)
+            transport: Any = request.channel.transport
+            self._proxy.refused(
+                refusal, self._proxy.client_address(peer, header), peer2str(transport),
+                session_id, agent_id,
+            )
+            # the same complete response as every other refused upgrade;
+            # the request is never finished: the connection ends with it
+            transport.write(refusal.response())
+            transport.loseConnection()
+            return server.NOT_DONE_YET
+        early = self._comparable(request)
+        if early is not None:
+            return self._compare_first(request, peer, header, *early)
+        return self._to_websocket(request)
+
+    def _comparable(self, request: server.Request) -> Optional[tuple[str, str, str]]:
+        """
+        Whether the token can be compared before the WebSocket handshake:
+        one C{Authorization: Bearer} header with an ASCII token, a path and
+        headers that pass L{Proxy.route} and L{Proxy.precheck}, no resume
+        request. Anything else goes through the admission as it is (which
+        refuses it, or checks its token there).
+
+        @return: (session id, agent id, token), or C{None}.
+        """
+        headers = request.requestHeaders
+        authorization = headers.getRawHeaders(b"authorization")
+        origin = headers.getRawHeaders(b"origin")
+        if (authorization is None or len(authorization) != 1 or b"resume" in request.uri
+                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()):
+            return None
+        scheme, _, value = authorization[0].decode("ascii").strip().partition(" ")
+        token = value.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        proxy = self._proxy
+        try:
+            agent_id, session_id = proxy.route(request.path.decode("latin-1"))
+            proxy.precheck({} if origin is None else {"origin": origin[0].decode("latin-1")})
+        except Refusal:
+            return None
+        return session_id, agent_id, token
+
+    def _compare_first(
+        self, request: server.Request, peer: str, header: Callable[[str], Optional[str]],
+        session_id: str, agent_id: str, token: str,
+    ) -> int:
+        """
+        Compare the token with the stored one (one C{GET}) before Autobahn
+        builds anything: a wrong token, or a Redis failure, is refused here
+        for the cost of the HTTP parsing and the round trip; an equal one is
+        handed over to the WebSocket admission, which only resets its TTL
+        (within what is left of the same C{AUTH_TIMEOUT_SECS}).
+        """
+        proxy = self._proxy
+        channel = cast(_DeadlineChannel, request.channel)
+        channel.setTimeout(None)
+        early = _EarlyBytes()
+        channel.upgraded_to = early
+        comparing = defer.ensureDeferred(proxy.compare(session_id, token))
+
+        def left(reason: Failure) -> None:
+            if not comparing.called:
+                comparing.cancel()
+
+        request.notifyFinish().addErrback(left)
+
+        def too_late() -> None:
+            # the handshake's deadline (HANDSHAKE_TIMEOUT_SECS) covers the
+            # token check, as Autobahn's does for the admission: dropped
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+        deadline = proxy.clock.callLater(proxy.settings.handshake_timeout, too_late)
+
+        def disarm(result: Any) -> Any:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        comparing.addBoth(disarm)
+
+        def equal(compared: Any) -> None:
+            self._factory.compared = (session_id, token, compared)
+            try:
+                self._to_websocket(request, early)
+            finally:
+                self._factory.compared = None
+
+        def refused(reason: Failure) -> None:
+            transport: Any = channel.transport
+            if reason.check(Refusal):
+                refusal = cast(Refusal, reason.value)
+            elif reason.check(defer.CancelledError):
+                refusal = CLIENT_LEFT
+            else:
+                self._log.failure("unexpected error checking a token", reason)
+                refusal = Refusal(500, "Internal error")
+            client = proxy.client_address(peer, header)
+            if refusal.code in (401, 403):
+                proxy.auth_failed(client)
+            proxy.refused(refusal, client, peer2str(transport) if transport else "unknown",
+                          session_id, agent_id)
+            if transport is not None and refusal is not CLIENT_LEFT:
+                transport.write(refusal.response())
+                transport.loseConnection()
+
+        comparing.addCallbacks(equal, refused)
+        return server.NOT_DONE_YET
+
+    def _to_websocket(self, request: server.Request, early: Optional["_EarlyBytes"] = None) -> int:
         # The WebSocket protocol takes the transport over; the HTTP
         # channel's idle timer must not fire on it later.
         channel = cast(_DeadlineChannel, request.channel)
@@ -119,8 +244,15 @@ class Root(resource.Resource):
         # bytes the client sent right behind its request (frames, legal once
         # the handshake completes in order) reach the channel after this
         # returns: they are the WebSocket's
-        channel.upgraded_to = self._factory.last_built
+        channel.upgraded_to = protocol = self._factory.last_built
         self._factory.last_built = None
+        if early is not None:
+            # after a comparison (not inside the channel's dataReceived):
+            # the bytes kept meanwhile are the WebSocket's, and the channel
+            # lets go of the request here
+            if early.data and protocol is not None:
+                protocol.dataReceived(b"".join(early.data))
+            channel._hand_over()
         return result
 
     def _health(self, request: server.Request) -> int:
@@ -176,9 +308,84 @@ class Root(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class TurnBudget:
+    """
+    Healthy sessions first: at most C{per_turn} new connections have their
+    first request read per reactor turn. The others wait, unread (their
+    transport paused), in arrival order, for the next turns. A flood of
+    handshakes then costs each turn a bounded amount of work, and messages
+    to open sessions (read from the subscriber connection in the same
+    turn) are never queued behind hundreds of handshakes.
+
+    A turn is counted from one call of L{_next_turn} to the next: it is
+    scheduled with C{callLater(0)}, which the reactor runs first thing in
+    its next iteration, before it polls for I/O again.
+    """
+
+    #: the listening port, whose accepts per turn are bounded too (Twisted's
+    #: TCP port accepts up to C{numberAccepts} connections each time it is
+    #: readable, and raises that number by 20 whenever it used it all)
+    port: Any = None
+
+    def __init__(self, clock: Any, per_turn: int) -> None:
+        self._clock = clock
+        self.per_turn = per_turn
+        self._used = 0
+        self._waiting: deque[Callable[[], None]] = deque()
+        self._turn: Any = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def take(self, resume: Callable[[], None]) -> bool:
+        """
+        May a connection have its first request read now? If not,
+        C{resume} is called in a later turn, when it may.
+        """
+        if self._turn is None:
+            self._turn = self._clock.callLater(0, self._next_turn)
+        if self._used < self.per_turn and not self._waiting:
+            self._used += 1
+            return True
+        self._waiting.append(resume)
+        return False
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        self._used = 0
+        port = self.port
+        if getattr(port, "numberAccepts", 0) > 2 * self.per_turn:
+            port.numberAccepts = 2 * self.per_turn
+        waiting = self._waiting
+        while waiting and self._used < self.per_turn:
+            self._used += 1
+            waiting.popleft()()
+        if waiting:
+            self._turn = self._clock.callLater(0, self._next_turn)
+
+
+class _EarlyBytes:
+    """
+    What the client sends behind its upgrade request while its token is
+    compared: kept for the WebSocket protocol.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+def _no_header(name: str) -> Optional[str]:
+    return None
+
+
 class _DeadlineChannel(http.HTTPChannel):
     """
-    An HTTP channel with an absolute deadline for each request (head and body).
+    An HTTP channel with an absolute deadline for each request (head and
+    body), whose first request waits for its turn (L{TurnBudget}).
     """
 
     _log = Logger()
@@ -186,6 +393,71 @@ class _DeadlineChannel(http.HTTPChannel):
     _deadline: Any = None
     #: the WebSocket protocol this connection was handed to, if any
     upgraded_to: Any = None
+    budget: Optional[TurnBudget] = None
+    #: bytes received while waiting for a turn, or None once it had one
+    _held: Optional[list[bytes]] = None
+    _admitted = False
+    _gone = False
+
+    proxy: Optional[Proxy] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._admitted:
+            if not self._discard:
+                self._parse(data)
+        elif self._held is not None:
+            self._held.append(data)
+        elif self.budget is None or self.budget.take(self._turn_came):
+            self._admitted = True
+            if not self._refused_early(data):
+                self._parse(data)
+        else:
+            self._held = [data]
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def _parse(self, data: bytes) -> None:
+        super().dataReceived(data)
+        upgraded = self.upgraded_to
+        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
+            self._hand_over()
+
+    def _refused_early(self, data: bytes) -> bool:
+        """
+        The cheapest refusal: an upgrade from a client address limited for
+        failed authorization (L{Proxy.screen}) is answered 429 from its
+        first bytes, without parsing the request, when the TCP peer is the
+        client (no C{TRUSTED_PROXIES}; with them, the site's screen does it
+        once the headers are parsed).
+        """
+        proxy = self.proxy
+        if proxy is None or not len(proxy.auth_limit) or proxy.settings.trusted_proxies:
+            return False
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        host = getattr(peer, "host", None) or ""
+        refusal = proxy.screen(host, _no_header) if host else None
+        if refusal is None or b"websocket" not in data.lower():
+            return False
+        self._admitted = self._discard = True
+        self._disarm()
+        proxy.refused(refusal, host, peer2str(transport))
+        transport.write(refusal.response())
+        transport.loseConnection()
+        return True
+
+    _discard = False
+
+    def _turn_came(self) -> None:
+        held, self._held = self._held or [], None
+        self._admitted = True
+        transport: Any = self.transport
+        if transport is None or self._gone:
+            return
+        data = b"".join(held)
+        if not self._refused_early(data):
+            transport.resumeProducing()
+            self._parse(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -210,11 +482,6 @@ class _DeadlineChannel(http.HTTPChannel):
             self.upgraded_to.dataReceived(data)
         else:
             super().rawDataReceived(data)
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        if self.upgraded_to is not None:
-            self._hand_over()
 
     def _hand_over(self) -> None:
         """
@@ -259,6 +526,8 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._held = None
         self._disarm()
         super().connectionLost(reason)
 
@@ -302,10 +571,15 @@ class ProxySite(server.Site):
             Root(proxy, self.ws_factory, metrics or proxy.stats.render), timeout=60
         )
         self.displayTracebacks = False
+        per_turn = proxy.settings.handshakes_per_turn
+        self.budget = TurnBudget(proxy.clock, per_turn) if per_turn else None
+        proxy.stats.handshakes_waiting = lambda: self.budget.waiting if self.budget else 0
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.head_deadline = self.proxy.settings.handshake_timeout
+        channel.budget = self.budget
+        channel.proxy = self.proxy
         channel.callLater = self.proxy.clock.callLater
         return channel
 
