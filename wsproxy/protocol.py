@@ -516,6 +516,15 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     # -- client -> Redis -----------------------------------------------------
 
+    def onMessageEnd(self) -> None:
+        # Autobahn's own also fires its "message" event for listeners
+        # registered with on(): none ever are, and it cost a Deferred, a
+        # closure and their callbacks per client message
+        if not self.failedByMe:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        # as Autobahn does (its annotation says list; onMessageBegin makes a new one)
+        self.message_data = None  # type: ignore[assignment]
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._state is not _OPEN or self._stopped_sending:
             return
