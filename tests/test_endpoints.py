@@ -12,9 +12,10 @@ import signal
 import sys
 import shutil
 import tempfile
+import time
 
 import redis as redispy
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -79,8 +80,19 @@ class EndpointTests(RedisTestCase):
         def endpoint() -> UNIXClientEndpoint:
             return UNIXClientEndpoint(reactor, path)
 
-        response = await raw_exchange(0, b"GET /health HTTP/1.0\r\n\r\n", endpoint=endpoint())
-        self.assertEqual(status_of(response), 200, response)
+        # healthy once the canary channel is confirmed too, a moment after
+        # the connections are ready
+        responses: list[bytes] = []
+
+        async def health() -> bool:
+            responses.append(await raw_exchange(0, b"GET /health HTTP/1.0\r\n\r\n",
+                                                endpoint=endpoint()))
+            return status_of(responses[-1]) == 200
+
+        deadline = time.monotonic() + 20
+        while not await health():
+            self.assertLess(time.monotonic(), deadline, responses[-1])
+            await task.deferLater(reactor, 0.05, lambda: None)
         self.r.set("session:s1:auth", "tok", ex=60)
         await exchange_messages(self, self.r, "ws://localhost/a/ws/s1", "s1",
                                 endpoint=endpoint())
