@@ -65,25 +65,8 @@ cleanup() {
     [ -z "$tmp" ] || rm -rf "$tmp"
 }
 trap cleanup EXIT
-# the redis-server and proxy the load-test tool's scenarios share, started once
-start_shared() {
-    [ -z "$ppid" ] || return 0
-    RPORT=$(free_port); PPORT=$(free_port)
-    tmp=$(mktemp -d)
-    "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-    rpid=$!
-    env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
-        WORKERS="${WORKERS:-1}" $PY -m wsproxy >"$tmp/proxy.log" 2>&1 &
-    ppid=$!
-    for _ in $(seq 100); do
-        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-}
-# a fresh proxy on the shared Redis (RSS per connection from a clean heap)
-restart_proxy() {
-    start_shared
-    kill "$ppid"; wait "$ppid" 2>/dev/null || true
+# the proxy on the shared Redis, once it answers /health
+start_proxy() {
     env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
         WORKERS="${WORKERS:-1}" $PY -m wsproxy >>"$tmp/proxy.log" 2>&1 &
     ppid=$!
@@ -91,6 +74,21 @@ restart_proxy() {
         curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
+}
+# the redis-server and proxy the load-test tool's scenarios share, started once
+start_shared() {
+    [ -z "$ppid" ] || return 0
+    RPORT=$(free_port); PPORT=$(free_port)
+    tmp=$(mktemp -d)
+    "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+    rpid=$!
+    start_proxy
+}
+# a fresh proxy on the shared Redis (RSS per connection from a clean heap)
+restart_proxy() {
+    start_shared
+    kill "$ppid"; wait "$ppid" 2>/dev/null || true
+    start_proxy
 }
 # the proxy's garbage-collection pauses so far, from /metrics (one JSON line)
 gc_report() {
