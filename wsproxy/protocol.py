@@ -41,7 +41,7 @@ from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
 from .pubsub import Listener
 from .proxy import Proxy
-from .refusal import CLIENT_LEFT, Refusal
+from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
 from .upstream import Appender, InvalidEnvelope
 
@@ -377,13 +377,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
 
     def _refuse(self, failure: Failure) -> None:
-        if failure.check(Refusal):
-            refusal = cast(Refusal, failure.value)
-        elif failure.check(defer.CancelledError):
-            refusal = CLIENT_LEFT
-        else:
-            self._log.failure("unexpected error admitting a connection", failure)
-            refusal = Refusal(500, "Internal error")
+        refusal = refusal_for(failure, self._log, "admitting a connection")
         # kept for failHandshake without the frames it was raised through
         # (they hold this protocol: a reference cycle), and the shared
         # refusals (CLIENT_LEFT) must not keep the last connection alive

@@ -6,6 +6,11 @@ plain-text response sent for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 
 @dataclass(frozen=True)
@@ -42,3 +47,17 @@ class Refusal(Exception):
 #: the refusal of a client that left before its handshake completed (it is
 #: counted, never sent)
 CLIENT_LEFT = Refusal(499, "Client went away")
+
+
+def refusal_for(failure: Failure, log: Logger, doing: str) -> Refusal:
+    """
+    What a failed admission step is answered with: its own L{Refusal};
+    L{CLIENT_LEFT} if it was cancelled (the client left); otherwise 500,
+    with the unexpected failure logged as an error while C{doing}.
+    """
+    if failure.check(Refusal):
+        return cast(Refusal, failure.value)
+    if failure.check(CancelledError):
+        return CLIENT_LEFT
+    log.failure("unexpected error {doing}", failure, doing=doing)
+    return Refusal(500, "Internal error")

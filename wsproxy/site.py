@@ -27,7 +27,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
 from .proxy import Proxy
-from .refusal import CLIENT_LEFT, Refusal
+from .refusal import CLIENT_LEFT, Refusal, refusal_for
 
 
 def _plain(
@@ -215,13 +215,7 @@ class Root(resource.Resource):
 
         def refused(reason: Failure) -> None:
             transport: Any = channel.transport
-            if reason.check(Refusal):
-                refusal = cast(Refusal, reason.value)
-            elif reason.check(defer.CancelledError):
-                refusal = CLIENT_LEFT
-            else:
-                self._log.failure("unexpected error checking a token", reason)
-                refusal = Refusal(500, "Internal error")
+            refusal = refusal_for(reason, self._log, "checking a token")
             client = proxy.client_address(peer, header)
             if refusal.code in (401, 403):
                 proxy.auth_failed(client)
