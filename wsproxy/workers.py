@@ -98,7 +98,8 @@ def open_listening_socket(settings: Settings) -> socket.socket:
     The shared listening socket for C{HOST}/C{PORT}, inheritable.
     """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+    sock = socket.create_server((settings.host, settings.port), family=family,
+                                backlog=settings.listen_backlog)
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
