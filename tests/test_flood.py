@@ -90,6 +90,22 @@ class FailedAuthLimitTests(SynchronousTestCase):
         self.assertIsNotNone(limit.retry_after("198.51.100.1"))
         self.assertIsNone(limit.retry_after("10.0.0.0"))
 
+    def test_crossing_and_impose(self) -> None:
+        """
+        failed() says when it made an address limited (the seconds its
+        window has left), once; impose() limits an address for the seconds
+        another worker's count gave, without a failure of its own.
+        """
+        limit = FailedAuthLimit(self.clock, 3, 60, 100)
+        self.assertIsNone(limit.failed("192.0.2.1", 2))
+        self.clock.advance(10)
+        self.assertEqual(limit.failed("192.0.2.1"), 50)
+        self.assertIsNone(limit.failed("192.0.2.1"))
+        limit.impose("192.0.2.9", 20.5)
+        self.assertEqual(limit.retry_after("192.0.2.9"), 21)
+        self.clock.advance(21)
+        self.assertIsNone(limit.retry_after("192.0.2.9"))
+
     def test_exempt_and_off(self) -> None:
         """
         Exempt networks are never counted; a limit of 0 counts nothing.
