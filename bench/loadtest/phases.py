@@ -1,6 +1,6 @@
 """
-The phases of a run, in order: connect, then any of down (burst), paced
-and up, then close. Each one tells the child processes what to do, watches
+The phases of a run, in order: connect, then any of down (burst), paced,
+up (burst) and uppaced, then close. Each one tells the child processes what to do, watches
 the shared counters until the phase has settled, collects the children's
 results and turns them into the phase's figures and problems.
 """
@@ -26,13 +26,15 @@ from .redis_io import (Arrivals, Burst, Paced, Published, StopSubscriber, Subscr
 from .report import Console, PhaseReport, latency_summary
 from .target import Sessions
 from .workers import (CloseAll, CloseResult, Collect, Connect, ConnectResult, Deliveries,
-                      PhaseStarted, SendUpstream, StartPhase, UpstreamSent)
+                      PhaseStarted, SendPaced, SendUpstream, StartPhase, UpstreamSent)
 
 SendT = TypeVar("SendT")
 ReplyT = TypeVar("ReplyT")
 
 # a proxy burning more than this fraction of a core is still working through a backlog
 PROXY_BUSY = 0.3
+# the phases that send as fast as they can (the others are paced)
+BURSTS = ("down", "up")
 # a paced publisher this far behind schedule is worth a warning
 PACED_LAG_WARNING_MS = 50
 
@@ -246,6 +248,25 @@ def _finished(options: Options, count: int, target: int, now: float, last_change
     return (count > 0 and quiet >= options.settle) or now - sending_ended >= options.settle_max
 
 
+# -- what the message phases share
+
+
+def _phase_report(options: Options, kind: str, who: str, count: int, per_key: str,
+                  per: int) -> PhaseReport:
+    """
+    A message phase's report so far: how many sessions or clients take
+    part, and the burst per session or client (down, up) or the rate and
+    duration (paced, uppaced).
+    """
+    report: PhaseReport = {who: count, "size": options.size}
+    if kind in BURSTS:
+        report[per_key] = per
+    else:
+        report["rate"] = options.rate
+        report["duration"] = options.duration
+    return report
+
+
 # -- down and paced
 
 
@@ -254,12 +275,8 @@ def downstream(run: Run, kind: str) -> PhaseReport:
     options = run.options
     tag = PHASE_TAGS[kind]
     sessions = start_phase(run, tag)
-    report: PhaseReport = {"sessions": len(sessions), "size": options.size}
-    if kind == "down":
-        report["per_session"] = options.burst
-    else:
-        report["rate"] = options.rate
-        report["duration"] = options.duration
+    report = _phase_report(options, kind, "sessions", len(sessions), "per_session",
+                           options.burst)
     if not sessions:
         run.problems.append(f"{kind}: no open connection to publish to")
         return report
@@ -349,15 +366,18 @@ def _downstream_figures(run: Run, kind: str, report: PhaseReport, published: lis
 # -- up
 
 
-def upstream(run: Run) -> PhaseReport:
-    """The up phase: every open client sends, the subscriber counts what Redis delivers."""
+def upstream(run: Run, kind: str) -> PhaseReport:
+    """
+    The up (burst) or uppaced phase: every open client sends, the subscriber
+    counts what Redis delivers.
+    """
     options = run.options
-    tag = PHASE_TAGS["up"]
+    tag = PHASE_TAGS[kind]
     sessions = start_phase(run, tag)
-    report: PhaseReport = {"clients": len(sessions), "per_client": options.upstream,
-                           "size": options.size}
+    report = _phase_report(options, kind, "clients", len(sessions), "per_client",
+                           options.upstream)
     if not sessions:
-        run.problems.append("up: no open connection to send from")
+        run.problems.append(f"{kind}: no open connection to send from")
         return report
     subscriber = run.children.subscriber
     if subscriber is None:
@@ -372,14 +392,20 @@ def upstream(run: Run) -> PhaseReport:
     start = run.sampler.sample()
     started = time.monotonic()
     workers = run.children.workers
+    command: SendUpstream | SendPaced
+    if kind == "up":
+        command = SendUpstream(options.upstream, options.size, tag, options.binary)
+    else:
+        command = SendPaced(options.rate / len(workers), options.duration, options.size, tag,
+                            options.binary)
     for conn in workers:
-        conn.send(SendUpstream(options.upstream, options.size, tag, options.binary))
+        conn.send(command)
     pending = PendingReplies(workers, "worker")
 
     def sent_so_far() -> int:
         return sum(r.sent for r in pending.replies.values() if isinstance(r, UpstreamSent))
 
-    active_end, end = settle(run, pending, sent_so_far, run.counters.arrived, "up", started)
+    active_end, end = settle(run, pending, sent_so_far, run.counters.arrived, kind, started)
     sent_replies = [expect(UpstreamSent, pending.reply(conn), "upstream results")
                     for conn in workers]
     subscriber.send(StopSubscriber())
@@ -387,35 +413,43 @@ def upstream(run: Run) -> PhaseReport:
     if isinstance(reply, SubscriberFailed):
         raise Fatal(f"Redis error in the subscriber: {reply.error}")
     arrivals = expect(Arrivals, reply, "subscriber results")
-    _upstream_figures(run, report, sessions, sent_replies, arrivals)
+    _upstream_figures(run, kind, report, sent_replies, arrivals)
     run.add_cpu_figures(report, start, active_end, end, "msg", arrivals.arrived)
     return report
 
 
-def _upstream_figures(run: Run, report: PhaseReport, sessions: list[int],
+def _upstream_figures(run: Run, kind: str, report: PhaseReport,
                       sent_replies: list[UpstreamSent], arrivals: Arrivals) -> None:
     sent = sum(r.sent for r in sent_replies)
     counts = arrivals.per_session
-    lost, duplicates, lossy = _compare({i: run.options.upstream for i in sessions},
-                                       lambda i: counts[i])
+    sent_per_session: dict[int, int] = {}
+    for r in sent_replies:
+        sent_per_session.update(r.per_session)
+    lost, duplicates, lossy = _compare(sent_per_session, lambda i: counts[i])
     send_start = min(r.started_ns for r in sent_replies)
+    send_seconds = (max(r.ended_ns for r in sent_replies) - send_start) / 1e9
     report.update({"sent": sent, "arrived": arrivals.arrived, "lost": lost,
                    "sessions_with_loss": lossy, "duplicates": duplicates,
-                   "send_seconds": round((max(r.ended_ns for r in sent_replies) - send_start)
-                                         / 1e9, 3)})
+                   "send_seconds": round(send_seconds, 3)})
     if arrivals.arrived and arrivals.last_ns > send_start:
         report["rate_per_s"] = round(arrivals.arrived / ((arrivals.last_ns - send_start) / 1e9), 1)
+    if kind == "uppaced":
+        report["achieved_rate_per_s"] = round(sent / max(1e-9, send_seconds), 1)
+        max_lag = max(r.max_lag_ms for r in sent_replies)
+        report["sender_max_lag_ms"] = max_lag
+        if max_lag > PACED_LAG_WARNING_MS:
+            run.console.warn(f"uppaced: clients fell {max_lag} ms behind schedule")
     report["latency_ms"] = latency_summary(arrivals.latencies)
     for name, count in (("misrouted", arrivals.misrouted), ("corrupt", arrivals.corrupt),
                         ("stray", arrivals.stray)):
         if count:
             report[name] = count
     if lost:
-        run.problems.append(f"up: {lost} of {sent} messages lost ({lossy} sessions affected)")
+        run.problems.append(f"{kind}: {lost} of {sent} messages lost ({lossy} sessions affected)")
     if duplicates:
-        run.problems.append(f"up: {duplicates} duplicate messages")
+        run.problems.append(f"{kind}: {duplicates} duplicate messages")
     if arrivals.misrouted:
-        run.problems.append(f"up: {arrivals.misrouted} messages on the wrong channel")
+        run.problems.append(f"{kind}: {arrivals.misrouted} messages on the wrong channel")
 
 
 # -- close
