@@ -80,7 +80,7 @@ OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--sessions", int, 1000, "sessions of the message scenarios"),
     ("--burst", int, 100, "messages per session in the burst scenarios"),
     ("--size", int, 100, "message bytes"),
-    ("--rate", float, 10000, "messages/s of the one-message-per-turn scenarios, all sessions"),
+    ("--rate", float, 5000, "messages/s of the one-message-per-turn scenarios, all sessions"),
     ("--duration", float, 10, "seconds of the one-message-per-turn scenarios"),
     # the connection scenarios
     ("--conn-clients", int, 10000, "connections of the conn scenario"),
@@ -254,7 +254,8 @@ def measure(run: str, target: str, server: Server, redis_url: str,
     rss_start = rss_bytes(server.pid) or 0
     argv = [sys.executable, "-m", "bench.loadtest", "--url", f"ws://{LOOPBACK}:{server.port}",
             "--redis-url", redis_url, "--pid", str(server.pid), "--procs", str(opts.procs),
-            "--json-only", *loadtest_args(run, opts)]
+            # a starved server on a shared host may need long to work through a burst
+            "--settle-max", "30", "--json-only", *loadtest_args(run, opts)]
     done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
     lines = [line for line in done.stdout.decode(errors="replace").splitlines()
              if line.startswith("{")]

@@ -20,7 +20,7 @@ from .messages import PHASE_TAGS
 from .options import Options
 from .pool import ChildProcesses, PendingReplies, expect, gather
 from .procstat import (CpuSample, Sampler, add_cpu_cost, add_cpu_load, cpu_seconds,
-                       listen_overflows, rss_bytes)
+                       listen_overflows, rss_bytes, runnable)
 from .redis_io import (Arrivals, Burst, Paced, Published, StopSubscriber, Subscribe,
                        SubscriberFailed, Subscribed)
 from .report import Console, PhaseReport, latency_summary
@@ -31,7 +31,8 @@ from .workers import (CloseAll, CloseResult, Collect, Connect, ConnectResult, De
 SendT = TypeVar("SendT")
 ReplyT = TypeVar("ReplyT")
 
-# a proxy burning more than this fraction of a core is still working through a backlog
+# a proxy burning more than this fraction of a core, or a pipeline with a process
+# runnable in more than this fraction of the samples, is still working through a backlog
 PROXY_BUSY = 0.3
 # the phases that send as fast as they can (the others are paced)
 BURSTS = ("down", "up")
@@ -195,15 +196,18 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
     last_change = time.monotonic()
     active_end: CpuSample | None = None
     hard_deadline = time.monotonic() + options.phase_timeout
-    # (time, proxy CPU seconds) over the last --settle seconds: tells a stalled
-    # proxy from an idle one
-    proxy_cpu: list[tuple[float, float | None]] = []
+    # (time, proxy CPU seconds, whether a process of the pipeline was runnable)
+    # over the last --settle seconds: tells a stalled proxy from an idle one,
+    # and a proxy (or Redis, or the tool's readers) starved of CPU by a busy
+    # host from one that is done
+    pipeline = list(run.sampler.pids.values())
+    samples: list[tuple[float, float | None, bool]] = []
     while True:
         now = time.monotonic()
-        if options.pid:
-            proxy_cpu.append((now, cpu_seconds(options.pid)))
-            while len(proxy_cpu) > 2 and proxy_cpu[1][0] <= now - options.settle:
-                proxy_cpu.pop(0)
+        samples.append((now, cpu_seconds(options.pid) if options.pid else None,
+                        runnable(pipeline)))
+        while len(samples) > 2 and samples[1][0] <= now - options.settle:
+            samples.pop(0)
         count = arrived()
         target = sent()
         busy = pending.busy()
@@ -217,7 +221,7 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
         run.console.progress(f"[{label}] conns {open_now}  sent {target}  delivered {count}"
                              f"  {now - started:5.1f}s")
         if not busy and _finished(options, count, target, now, last_change, pending.done_at,
-                                  proxy_cpu):
+                                  samples):
             break
         if now > hard_deadline:
             run.problems.append(f"{label}: phase timed out after {options.phase_timeout}s")
@@ -230,21 +234,24 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
 
 
 def _finished(options: Options, count: int, target: int, now: float, last_change: float,
-              sending_ended: float, proxy_cpu: list[tuple[float, float | None]]) -> bool:
+              sending_ended: float, samples: list[tuple[float, float | None, bool]]) -> bool:
     """
     Whether a phase whose sending has ended is over: everything arrived, or
     arrivals stopped for --settle (counted from the end of sending; before
     the first arrival, wait the whole --settle-max: a busy proxy may hold
-    everything back for a while).
+    everything back for a while) while the proxy burnt little CPU and the
+    processes of the pipeline were mostly waiting for input, not for a CPU.
     """
     if count >= target:
         return True
     quiet = now - max(last_change, sending_ended)
-    if quiet >= options.settle and proxy_cpu:
-        (first_at, first_cpu), (_, last_cpu) = proxy_cpu[0], proxy_cpu[-1]
+    if quiet >= options.settle and len(samples) > 1:
+        (first_at, first_cpu, _), (_, last_cpu, _) = samples[0], samples[-1]
         if first_cpu is not None and last_cpu is not None and now - first_at > 0:
             if (last_cpu - first_cpu) / (now - first_at) > PROXY_BUSY:
                 quiet = 0.0  # still burning CPU: it is working through a backlog
+        if sum(1 for _, _, ready in samples if ready) / len(samples) > PROXY_BUSY:
+            quiet = 0.0  # still has work, maybe waiting for a core of a busy host
     return (count > 0 and quiet >= options.settle) or now - sending_ended >= options.settle_max
 
 
