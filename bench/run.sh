@@ -34,7 +34,7 @@
 #            the same load tool against both, targets alternating, ROUNDS=2
 #            rounds, a fresh server for every run (python -m bench.versus; its own
 #            redis-server): down and up, each as a burst and at one message per
-#            socket per turn (5,000 msgs/s over 1,000 sessions); RSS per idle
+#            socket per turn (10,000 msgs/s over 1,000 sessions); RSS per idle
 #            connection and set-up CPU (10,000 connections, 500 in flight); a
 #            reconnect storm (10,000 clients all at once). Per scenario both
 #            figures and the ratio wsproxy/node (JSON lines on stdout, a table on

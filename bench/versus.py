@@ -80,7 +80,7 @@ OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--sessions", int, 1000, "sessions of the message scenarios"),
     ("--burst", int, 100, "messages per session in the burst scenarios"),
     ("--size", int, 100, "message bytes"),
-    ("--rate", float, 5000, "messages/s of the one-message-per-turn scenarios, all sessions"),
+    ("--rate", float, 10000, "messages/s of the one-message-per-turn scenarios, all sessions"),
     ("--duration", float, 10, "seconds of the one-message-per-turn scenarios"),
     # the connection scenarios
     ("--conn-clients", int, 10000, "connections of the conn scenario"),
