@@ -36,8 +36,12 @@ The scenarios (sizes are options; the defaults are the README's):
               timeouts), listen-queue overflows, connect p50/p99, total time,
               server CPU.
 
+With --syscalls, perf stat counts each server's sends, reads and epoll
+waits per message: which regime a scenario really is in.
+
 The load tool says when it (or the whole host) was saturated during a
-phase; such figures are marked "!" in the table and flagged in the JSON.
+phase; such figures are marked "!" (the tool) or "*" (the host) in the
+table and listed in the JSON.
 Exit status: 0, or 1 if a run reported a problem (a message lost, a
 connection failed), 2 on a usage error or a server that did not start.
 """
@@ -47,6 +51,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +108,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.add_argument(flag, type=kind, default=default,
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--redis-server", default="", help="redis-server binary")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count each server's sends, reads and event-loop waits (epoll) "
+                             "per message with perf stat: which regime a scenario is in")
     nodebridge.add_options(parser)
     return parser.parse_args(argv)
 
@@ -248,22 +257,70 @@ def start(target: str, redis_url: str, workdir: Path, opts: argparse.Namespace) 
     return proxy
 
 
+# the system calls --syscalls counts, by what they are
+SYSCALLS = {"sends": ("sendto", "sendmsg", "write", "writev"),
+            "reads": ("recvfrom", "recvmsg", "read", "readv"),
+            "waits": ("epoll_wait", "epoll_pwait")}
+
+
+class SyscallCounter:
+    """
+    C{perf stat} counting a server's system calls (tracepoints, no
+    sampling) for as long as one load-tool run lasts.
+    """
+
+    def __init__(self, pid: int, workdir: Path) -> None:
+        perf = shutil.which("perf")
+        if perf is None:
+            raise Fatal("--syscalls needs perf (Debian: linux-perf)")
+        self._out = workdir / "perf.csv"
+        events = ",".join(f"syscalls:sys_enter_{name}"
+                          for names in SYSCALLS.values() for name in names)
+        self._process = subprocess.Popen(
+            [perf, "stat", "-x", ",", "-e", events, "-p", str(pid), "-o", str(self._out)],
+            stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict[str, int]:
+        """The calls counted, by kind (sends, reads, waits)."""
+        self._process.send_signal(signal.SIGINT)
+        self._process.wait(10)
+        counts: dict[str, int] = {}
+        for line in self._out.read_text().splitlines():
+            value, _, rest = line.partition(",")
+            name = rest.split(",")[1].rpartition("sys_enter_")[2] if "," in rest else ""
+            if value.isdigit():
+                counts[name] = int(value)
+        if not counts:
+            raise Fatal(f"perf counted nothing (tracepoints not permitted?): "
+                        f"{self._out.read_text()[:300]}")
+        return {kind: sum(counts.get(name, 0) for name in names)
+                for kind, names in SYSCALLS.items()}
+
+
 def measure(run: str, target: str, server: Server, redis_url: str,
-            opts: argparse.Namespace) -> tuple[dict[str, Figures], list[str]]:
+            opts: argparse.Namespace, workdir: Path) -> tuple[dict[str, Figures], list[str]]:
     """One load-tool run at ``server``: each scenario's figures, and the problems it found."""
     rss_start = rss_bytes(server.pid) or 0
+    counter = SyscallCounter(server.pid, workdir) if opts.syscalls else None
     argv = [sys.executable, "-m", "bench.loadtest", "--url", f"ws://{LOOPBACK}:{server.port}",
             "--redis-url", redis_url, "--pid", str(server.pid), "--procs", str(opts.procs),
             # a starved server on a shared host may need long to work through a burst
             "--settle-max", "30", "--json-only", *loadtest_args(run, opts)]
     done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
+    calls = counter.stop() if counter is not None else None
     lines = [line for line in done.stdout.decode(errors="replace").splitlines()
              if line.startswith("{")]
     if done.returncode not in (0, 1) or not lines:
         raise Fatal(f"{run} at {target}: the load tool exited {done.returncode}")
     result: dict[str, Any] = json.loads(lines[-1])
-    return FIGURES[run](result, rss_start), [f"{run} at {target}: {p}"
-                                             for p in result.get("problems", [])]
+    figures = FIGURES[run](result, rss_start)
+    if calls is not None:
+        for figs in figures.values():
+            # the whole run's calls (its connection set-up included) per message
+            count = figs.get("delivered") or figs.get("arrived")
+            if count:
+                figs.update({f"{kind}_per_msg": round(n / count, 2) for kind, n in calls.items()})
+    return figures, [f"{run} at {target}: {p}" for p in result.get("problems", [])]
 
 
 # -- the report
@@ -332,6 +389,9 @@ def table(lines: list[dict[str, Any]], targets: list[str]) -> str:
                 figs = r.get(target, {})
                 if figs.get("lost"):
                     extra.append(f"lost {figs['lost']}")
+                if "sends_per_msg" in figs:
+                    extra.append(f"per msg {figs['sends_per_msg']} sends, "
+                                 f"{figs['reads_per_msg']} reads, {figs['waits_per_msg']} waits")
                 if "p99_ms" in figs and scenario.name != "setup":
                     extra.append(f"p50/p99 {figs.get('p50_ms')}/{figs.get('p99_ms')} ms")
                 if scenario.name == "storm":
@@ -389,7 +449,7 @@ def run(opts: argparse.Namespace) -> int:
                         server = start(target, redis_server.url, workdir, opts)
                         try:
                             figures, found = measure(name, target, server, redis_server.url,
-                                                     opts)
+                                                     opts, workdir)
                         finally:
                             server.stop()
                         problems += found
