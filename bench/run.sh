@@ -30,6 +30,15 @@
 #            (python -m bench.flood; its own redis-server and servers). The
 #            bridge: $NODE_BRIDGE, default ../shared/peers/node_bridge.js; its
 #            npm packages are installed once into .cache/node-bridge (gitignored)
+#   versus   wsproxy (defaults, WORKERS=1) and the Node.js bridge side by side,
+#            the same load tool against both, targets alternating, ROUNDS=2
+#            rounds, a fresh server for every run (python -m bench.versus; its own
+#            redis-server): down and up, each as a burst and at one message per
+#            socket per turn (10,000 msgs/s over 1,000 sessions); RSS per idle
+#            connection and set-up CPU (10,000 connections, 500 in flight); a
+#            reconnect storm (10,000 clients all at once). Per scenario both
+#            figures and the ratio wsproxy/node (JSON lines on stdout, a table on
+#            stderr). The bridge and its npm packages as for flood
 #
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
@@ -112,6 +121,15 @@ for gen in pauses.values():
     gen["longest_at_most_s"] = min(le for le, n in gen.pop("buckets") if n >= gen["collections"])
 print(json.dumps({"scenario": "gc", "pauses": pauses}))'
 }
+# the Node.js bridge's npm packages, installed once into the gitignored
+# .cache/node-bridge (or $NODE_BRIDGE_MODULES); without npm the bridge is left out
+node_modules() {
+    export NODE_BRIDGE_MODULES=${NODE_BRIDGE_MODULES:-.cache/node-bridge}
+    if command -v npm >/dev/null && [ ! -d "$NODE_BRIDGE_MODULES/node_modules/ioredis" ]; then
+        mkdir -p "$NODE_BRIDGE_MODULES"
+        npm install --silent --prefix "$NODE_BRIDGE_MODULES" ws ioredis bufferutil utf-8-validate >&2
+    fi
+}
 echo "bench: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, WORKERS=${WORKERS:-1}, $(date -u +%F)" >&2
 lt() { start_shared; $PY -m bench.loadtest --url "ws://127.0.0.1:$PPORT" --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" "$@"; }
 status=0
@@ -145,13 +163,11 @@ print(json.dumps({"scenario": "churn", "leftover_session_channels": len(left),
                   "proxy_rss_mib_after": round(rss / 1024, 1)}))
 PY
                      ;;
-            flood)   mods=${NODE_BRIDGE_MODULES:-.cache/node-bridge}
-                     if command -v npm >/dev/null && [ ! -d "$mods/node_modules/ioredis" ]; then
-                         mkdir -p "$mods"
-                         npm install --silent --prefix "$mods" ws ioredis bufferutil utf-8-validate >&2
-                     fi
-                     NODE_BRIDGE_MODULES=$mods $PY -m bench.flood --redis-server "$REDIS_BIN" \
+            flood)   node_modules
+                     $PY -m bench.flood --redis-server "$REDIS_BIN" \
                          --targets wsproxy,wsproxy-nolimit,node ;;
+            versus)  node_modules
+                     $PY -m bench.versus --redis-server "$REDIS_BIN" --rounds "${ROUNDS:-2}" ;;
             resume)  $PY -m bench.resume failover --redis-server "$REDIS_BIN" --sessions 1000 \
                          --proxies 2 --rate 1000 --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)

@@ -9,10 +9,7 @@ import asyncio
 import json
 import multiprocessing
 import os
-import shutil
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,27 +21,15 @@ from typing import Any, Optional
 import redis
 import redis.asyncio
 
-from bench.loadtest.errors import Fatal
+from bench.loadtest.errors import Fatal, exit_status
 from bench.loadtest.procstat import cpu_seconds
+from bench import nodebridge
 from bench.loadtest.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
-from bench.ports import free_port
+from bench.nodebridge import NodeBridge
 from bench.resume.servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server
 
 HEALTHY_SESSION = "flood-healthy"
 HEALTHY_TOKEN = "flood-healthy-token"
-
-
-def default_bridge() -> str:
-    """C{$NODE_BRIDGE}, else the bridge beside the checkout (../shared/peers)."""
-    given = os.environ.get("NODE_BRIDGE")
-    if given:
-        return given
-    here = Path(__file__).resolve().parents[2]
-    for candidate in (Path("/work/shared/peers/node_bridge.js"),
-                      here.parent / "shared" / "peers" / "node_bridge.js"):
-        if candidate.exists():
-            return str(candidate)
-    return ""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,12 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "does not take the CPU of the server it measures (default: "
                              "%(default)s; 0 = as the servers)")
     parser.add_argument("--redis-server", default="", help="redis-server binary")
-    parser.add_argument("--bridge", default=default_bridge(),
-                        help="node_bridge.js (default: $NODE_BRIDGE or ../shared/peers; "
-                             "%(default)s)")
-    parser.add_argument("--node-modules", default=os.environ.get("NODE_BRIDGE_MODULES", ""),
-                        help="folder holding node_modules with ws and ioredis "
-                             "(default: $NODE_BRIDGE_MODULES)")
+    nodebridge.add_options(parser)
     parser.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra wsproxy setting (repeatable)")
     return parser.parse_args(argv)
@@ -267,40 +247,6 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
 # -- the targets --------------------------------------------------------------
 
 
-class NodeBridge:
-    """The Node.js bridge, C{node node_bridge.js PORT REDIS_URL}."""
-
-    def __init__(self, script: str, modules: str, redis_url: str, workdir: Path) -> None:
-        node = shutil.which("node")
-        if node is None:
-            raise Fatal("node is not on PATH")
-        self.port = free_port()
-        env = dict(os.environ, NODE_PATH=str(Path(modules) / "node_modules"))
-        self._log = workdir / "node.log"
-        with open(self._log, "wb") as log:
-            self._process = subprocess.Popen([node, script, str(self.port), redis_url],
-                                             env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise Fatal(f"the node bridge exited:\n{self._log.read_text(errors='replace')}")
-            try:
-                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise Fatal("the node bridge did not listen within 20 s")
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(10)
-
-
 def run(opts: argparse.Namespace) -> int:
     targets = [t.strip() for t in opts.targets.split(",") if t.strip()]
     extra = dict(item.split("=", 1) for item in opts.proxy_env)
@@ -314,12 +260,10 @@ def run(opts: argparse.Namespace) -> int:
         try:
             for name in targets:
                 if name == "node":
-                    if not opts.bridge or not Path(opts.bridge).exists():
-                        print("node: no bridge script (--bridge or $NODE_BRIDGE): skipped",
-                              file=sys.stderr)
+                    why = nodebridge.unavailable(opts.bridge, opts.node_modules)
+                    if why:
+                        print(f"node: {why}: skipped", file=sys.stderr)
                         continue
-                    if not opts.node_modules:
-                        raise Fatal("node: --node-modules (or $NODE_BRIDGE_MODULES) is needed")
                     bridge = NodeBridge(opts.bridge, opts.node_modules, server.url, workdir)
                     try:
                         report = asyncio.run(measure(name, bridge.port, bridge.pid,
@@ -355,11 +299,7 @@ def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        return run(parse_args(sys.argv[1:] if argv is None else argv))
-    except Fatal as e:
-        print(f"bench.flood: {e}", file=sys.stderr)
-        return 2
+    return exit_status("bench.flood", lambda: run(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

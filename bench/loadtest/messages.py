@@ -21,7 +21,7 @@ SEQUENCE = slice(28, 36)
 
 # the first byte of each phase's messages: a late message from an earlier
 # phase is recognised as such instead of being counted twice
-PHASE_TAGS = {"down": ord("B"), "paced": ord("P"), "up": ord("U")}
+PHASE_TAGS = {"down": ord("B"), "paced": ord("P"), "up": ord("U"), "uppaced": ord("Q")}
 
 
 def header(tag: int, session_index: int, sequence: int) -> bytes:

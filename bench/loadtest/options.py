@@ -12,7 +12,7 @@ from .messages import MIN_SIZE
 
 PROG = "python -m bench.loadtest"
 
-PHASES = ("connect", "down", "paced", "up")
+PHASES = ("connect", "down", "paced", "up", "uppaced")
 
 DESCRIPTION = """\
 Load test for a running wsproxy (and the Redis it uses).
@@ -30,9 +30,19 @@ Phases (select with --phases, connect always runs because the others need it):
   idle     (with --idle S) after connect, hold every connection open and
            silent for S seconds: the proxy's CPU while idle (heartbeats,
            timers) and its RSS per connection at the end; none may drop.
-  up       every client sends --upstream K messages of --size bytes; a
-           PSUBSCRIBE session:lt-<run>-*:up counter reports arrived/sent, rate
-           and latency.
+  up       upstream burst: every client sends --upstream K messages of
+           --size bytes in one write; a PSUBSCRIBE session:lt-<run>-*:up
+           counter reports arrived/sent, rate and latency.
+  uppaced  --rate R messages/s in all, round-robin over every client, each
+           message its own write, for --duration D seconds (the proxy reads
+           about one message per socket per turn); counted as for up.
+
+Regimes: in down and up each socket carries many messages per event-loop
+turn of the proxy (down: the proxy reads Redis in large chunks holding
+dozens of messages per session; up: each client's K frames arrive in one
+read), so frames share sends and reads. paced and uppaced at a rate the
+proxy takes without falling behind carry about one message per socket per
+turn: a send (or a read) per message.
 
 With --pid PID (the proxy's process) the proxy's CPU time (user+sys from
 /proc/PID/stat) is reported per delivered message for each phase, per
@@ -99,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--concurrency", type=int, default=500, help="handshakes in flight")
     add("--burst", type=int, default=10, help="K messages per session (down phase)")
     add("--size", type=int, default=100, help=f"payload bytes (>= {MIN_SIZE})")
-    add("--rate", type=float, default=2000, help="paced messages per second (total)")
-    add("--duration", type=float, default=10, help="paced phase seconds")
+    add("--rate", type=float, default=2000,
+        help="paced messages per second (total; paced and uppaced phases)")
+    add("--duration", type=float, default=10, help="paced and uppaced phase seconds")
     add("--upstream", type=int, default=10, help="K messages per client (up phase)")
     add("--phases", default="connect,down,paced,up")
     add("--pid", type=int, default=0,

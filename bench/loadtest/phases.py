@@ -1,6 +1,6 @@
 """
-The phases of a run, in order: connect, then any of down (burst), paced
-and up, then close. Each one tells the child processes what to do, watches
+The phases of a run, in order: connect, then any of down (burst), paced,
+up (burst) and uppaced, then close. Each one tells the child processes what to do, watches
 the shared counters until the phase has settled, collects the children's
 results and turns them into the phase's figures and problems.
 """
@@ -20,19 +20,22 @@ from .messages import PHASE_TAGS
 from .options import Options
 from .pool import ChildProcesses, PendingReplies, expect, gather
 from .procstat import (CpuSample, Sampler, add_cpu_cost, add_cpu_load, cpu_seconds,
-                       listen_overflows, rss_bytes)
+                       listen_overflows, rss_bytes, runnable)
 from .redis_io import (Arrivals, Burst, Paced, Published, StopSubscriber, Subscribe,
                        SubscriberFailed, Subscribed)
 from .report import Console, PhaseReport, latency_summary
 from .target import Sessions
 from .workers import (CloseAll, CloseResult, Collect, Connect, ConnectResult, Deliveries,
-                      PhaseStarted, SendUpstream, StartPhase, UpstreamSent)
+                      PhaseStarted, SendPaced, SendUpstream, StartPhase, UpstreamSent)
 
 SendT = TypeVar("SendT")
 ReplyT = TypeVar("ReplyT")
 
-# a proxy burning more than this fraction of a core is still working through a backlog
+# a proxy burning more than this fraction of a core, or a pipeline with a process
+# runnable in more than this fraction of the samples, is still working through a backlog
 PROXY_BUSY = 0.3
+# the phases that send as fast as they can (the others are paced)
+BURSTS = ("down", "up")
 # a paced publisher this far behind schedule is worth a warning
 PACED_LAG_WARNING_MS = 50
 
@@ -193,15 +196,18 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
     last_change = time.monotonic()
     active_end: CpuSample | None = None
     hard_deadline = time.monotonic() + options.phase_timeout
-    # (time, proxy CPU seconds) over the last --settle seconds: tells a stalled
-    # proxy from an idle one
-    proxy_cpu: list[tuple[float, float | None]] = []
+    # (time, proxy CPU seconds, whether a process of the pipeline was runnable)
+    # over the last --settle seconds: tells a stalled proxy from an idle one,
+    # and a proxy (or Redis, or the tool's readers) starved of CPU by a busy
+    # host from one that is done
+    pipeline = list(run.sampler.pids.values())
+    samples: list[tuple[float, float | None, bool]] = []
     while True:
         now = time.monotonic()
-        if options.pid:
-            proxy_cpu.append((now, cpu_seconds(options.pid)))
-            while len(proxy_cpu) > 2 and proxy_cpu[1][0] <= now - options.settle:
-                proxy_cpu.pop(0)
+        samples.append((now, cpu_seconds(options.pid) if options.pid else None,
+                        runnable(pipeline)))
+        while len(samples) > 2 and samples[1][0] <= now - options.settle:
+            samples.pop(0)
         count = arrived()
         target = sent()
         busy = pending.busy()
@@ -215,7 +221,7 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
         run.console.progress(f"[{label}] conns {open_now}  sent {target}  delivered {count}"
                              f"  {now - started:5.1f}s")
         if not busy and _finished(options, count, target, now, last_change, pending.done_at,
-                                  proxy_cpu):
+                                  samples):
             break
         if now > hard_deadline:
             run.problems.append(f"{label}: phase timed out after {options.phase_timeout}s")
@@ -228,22 +234,44 @@ def settle(run: Run, pending: PendingReplies[SendT, ReplyT], sent: Callable[[], 
 
 
 def _finished(options: Options, count: int, target: int, now: float, last_change: float,
-              sending_ended: float, proxy_cpu: list[tuple[float, float | None]]) -> bool:
+              sending_ended: float, samples: list[tuple[float, float | None, bool]]) -> bool:
     """
     Whether a phase whose sending has ended is over: everything arrived, or
     arrivals stopped for --settle (counted from the end of sending; before
     the first arrival, wait the whole --settle-max: a busy proxy may hold
-    everything back for a while).
+    everything back for a while) while the proxy burnt little CPU and the
+    processes of the pipeline were mostly waiting for input, not for a CPU.
     """
     if count >= target:
         return True
     quiet = now - max(last_change, sending_ended)
-    if quiet >= options.settle and proxy_cpu:
-        (first_at, first_cpu), (_, last_cpu) = proxy_cpu[0], proxy_cpu[-1]
+    if quiet >= options.settle and len(samples) > 1:
+        (first_at, first_cpu, _), (_, last_cpu, _) = samples[0], samples[-1]
         if first_cpu is not None and last_cpu is not None and now - first_at > 0:
             if (last_cpu - first_cpu) / (now - first_at) > PROXY_BUSY:
                 quiet = 0.0  # still burning CPU: it is working through a backlog
+        if sum(1 for _, _, ready in samples if ready) / len(samples) > PROXY_BUSY:
+            quiet = 0.0  # still has work, maybe waiting for a core of a busy host
     return (count > 0 and quiet >= options.settle) or now - sending_ended >= options.settle_max
+
+
+# -- what the message phases share
+
+
+def _phase_report(options: Options, kind: str, who: str, count: int, per_key: str,
+                  per: int) -> PhaseReport:
+    """
+    A message phase's report so far: how many sessions or clients take
+    part, and the burst per session or client (down, up) or the rate and
+    duration (paced, uppaced).
+    """
+    report: PhaseReport = {who: count, "size": options.size}
+    if kind in BURSTS:
+        report[per_key] = per
+    else:
+        report["rate"] = options.rate
+        report["duration"] = options.duration
+    return report
 
 
 # -- down and paced
@@ -254,12 +282,8 @@ def downstream(run: Run, kind: str) -> PhaseReport:
     options = run.options
     tag = PHASE_TAGS[kind]
     sessions = start_phase(run, tag)
-    report: PhaseReport = {"sessions": len(sessions), "size": options.size}
-    if kind == "down":
-        report["per_session"] = options.burst
-    else:
-        report["rate"] = options.rate
-        report["duration"] = options.duration
+    report = _phase_report(options, kind, "sessions", len(sessions), "per_session",
+                           options.burst)
     if not sessions:
         run.problems.append(f"{kind}: no open connection to publish to")
         return report
@@ -349,15 +373,18 @@ def _downstream_figures(run: Run, kind: str, report: PhaseReport, published: lis
 # -- up
 
 
-def upstream(run: Run) -> PhaseReport:
-    """The up phase: every open client sends, the subscriber counts what Redis delivers."""
+def upstream(run: Run, kind: str) -> PhaseReport:
+    """
+    The up (burst) or uppaced phase: every open client sends, the subscriber
+    counts what Redis delivers.
+    """
     options = run.options
-    tag = PHASE_TAGS["up"]
+    tag = PHASE_TAGS[kind]
     sessions = start_phase(run, tag)
-    report: PhaseReport = {"clients": len(sessions), "per_client": options.upstream,
-                           "size": options.size}
+    report = _phase_report(options, kind, "clients", len(sessions), "per_client",
+                           options.upstream)
     if not sessions:
-        run.problems.append("up: no open connection to send from")
+        run.problems.append(f"{kind}: no open connection to send from")
         return report
     subscriber = run.children.subscriber
     if subscriber is None:
@@ -372,14 +399,20 @@ def upstream(run: Run) -> PhaseReport:
     start = run.sampler.sample()
     started = time.monotonic()
     workers = run.children.workers
+    command: SendUpstream | SendPaced
+    if kind == "up":
+        command = SendUpstream(options.upstream, options.size, tag, options.binary)
+    else:
+        command = SendPaced(options.rate / len(workers), options.duration, options.size, tag,
+                            options.binary)
     for conn in workers:
-        conn.send(SendUpstream(options.upstream, options.size, tag, options.binary))
+        conn.send(command)
     pending = PendingReplies(workers, "worker")
 
     def sent_so_far() -> int:
         return sum(r.sent for r in pending.replies.values() if isinstance(r, UpstreamSent))
 
-    active_end, end = settle(run, pending, sent_so_far, run.counters.arrived, "up", started)
+    active_end, end = settle(run, pending, sent_so_far, run.counters.arrived, kind, started)
     sent_replies = [expect(UpstreamSent, pending.reply(conn), "upstream results")
                     for conn in workers]
     subscriber.send(StopSubscriber())
@@ -387,35 +420,43 @@ def upstream(run: Run) -> PhaseReport:
     if isinstance(reply, SubscriberFailed):
         raise Fatal(f"Redis error in the subscriber: {reply.error}")
     arrivals = expect(Arrivals, reply, "subscriber results")
-    _upstream_figures(run, report, sessions, sent_replies, arrivals)
+    _upstream_figures(run, kind, report, sent_replies, arrivals)
     run.add_cpu_figures(report, start, active_end, end, "msg", arrivals.arrived)
     return report
 
 
-def _upstream_figures(run: Run, report: PhaseReport, sessions: list[int],
+def _upstream_figures(run: Run, kind: str, report: PhaseReport,
                       sent_replies: list[UpstreamSent], arrivals: Arrivals) -> None:
     sent = sum(r.sent for r in sent_replies)
     counts = arrivals.per_session
-    lost, duplicates, lossy = _compare({i: run.options.upstream for i in sessions},
-                                       lambda i: counts[i])
+    sent_per_session: dict[int, int] = {}
+    for r in sent_replies:
+        sent_per_session.update(r.per_session)
+    lost, duplicates, lossy = _compare(sent_per_session, lambda i: counts[i])
     send_start = min(r.started_ns for r in sent_replies)
+    send_seconds = (max(r.ended_ns for r in sent_replies) - send_start) / 1e9
     report.update({"sent": sent, "arrived": arrivals.arrived, "lost": lost,
                    "sessions_with_loss": lossy, "duplicates": duplicates,
-                   "send_seconds": round((max(r.ended_ns for r in sent_replies) - send_start)
-                                         / 1e9, 3)})
+                   "send_seconds": round(send_seconds, 3)})
     if arrivals.arrived and arrivals.last_ns > send_start:
         report["rate_per_s"] = round(arrivals.arrived / ((arrivals.last_ns - send_start) / 1e9), 1)
+    if kind == "uppaced":
+        report["achieved_rate_per_s"] = round(sent / max(1e-9, send_seconds), 1)
+        max_lag = max(r.max_lag_ms for r in sent_replies)
+        report["sender_max_lag_ms"] = max_lag
+        if max_lag > PACED_LAG_WARNING_MS:
+            run.console.warn(f"uppaced: clients fell {max_lag} ms behind schedule")
     report["latency_ms"] = latency_summary(arrivals.latencies)
     for name, count in (("misrouted", arrivals.misrouted), ("corrupt", arrivals.corrupt),
                         ("stray", arrivals.stray)):
         if count:
             report[name] = count
     if lost:
-        run.problems.append(f"up: {lost} of {sent} messages lost ({lossy} sessions affected)")
+        run.problems.append(f"{kind}: {lost} of {sent} messages lost ({lossy} sessions affected)")
     if duplicates:
-        run.problems.append(f"up: {duplicates} duplicate messages")
+        run.problems.append(f"{kind}: {duplicates} duplicate messages")
     if arrivals.misrouted:
-        run.problems.append(f"up: {arrivals.misrouted} messages on the wrong channel")
+        run.problems.append(f"{kind}: {arrivals.misrouted} messages on the wrong channel")
 
 
 # -- close

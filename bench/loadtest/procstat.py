@@ -25,23 +25,40 @@ def process_family(pid: int) -> list[int]:
         return [pid]
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (the state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses: split after the last ')'
+    return data[data.rindex(b")") + 2:].split()
+
+
 def cpu_seconds(pid: int) -> float | None:
     """user+sys CPU seconds of a process and its children, or None if it is not readable."""
     if not pid:
         return None
     total = 0.0
     for i, member in enumerate(process_family(pid)):
-        try:
-            with open(f"/proc/{member}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
+        fields = _stat(member)
+        if fields is None:
             if i == 0:
                 return None
             continue
-        # the command name may contain spaces and parentheses: split after the last ')'
-        fields = data[data.rindex(b")") + 2:].split()
         total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
+
+
+def runnable(pids: list[int]) -> bool:
+    """
+    Whether one of the processes (or a child of one) is running or waiting
+    for a CPU right now (state R): it has work, whether or not a busy host
+    gives it a core.
+    """
+    return any((fields := _stat(member)) is not None and fields[0] == b"R"
+               for pid in pids for member in process_family(pid))
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -210,13 +210,18 @@ def _idle_rows(table: _Table, phase: PhaseReport) -> None:
                   f"({phase['proxy_rss_kib_per_conn_total']:,.2f} KiB / conn, whole process)")
 
 
-def _downstream_rows(table: _Table, kind: str, phase: PhaseReport) -> None:
-    if kind == "down":
-        table.line(f"downstream burst  ({phase['sessions']:,} sessions, "
-                   f"{phase['per_session']} msgs each)")
+def _phase_title(table: _Table, direction: str, phase: PhaseReport, who: str,
+                 per_key: str) -> None:
+    """A message phase's first line: a burst's size, or a paced phase's rate."""
+    if per_key in phase:
+        table.line(f"{direction} burst  ({phase[who]:,} {who}, {phase[per_key]} msgs each)")
     else:
-        table.line(f"paced downstream  ({phase['sessions']:,} sessions, "
+        table.line(f"paced {direction}  ({phase[who]:,} {who}, "
                    f"{phase['rate']}/s for {phase['duration']} s)")
+
+
+def _downstream_rows(table: _Table, kind: str, phase: PhaseReport) -> None:
+    _phase_title(table, "downstream", phase, "sessions", "per_session")
     if "sent" not in phase:
         return
     table.row("delivered / sent", f"{format_value(phase['delivered'])} / "
@@ -232,13 +237,14 @@ def _downstream_rows(table: _Table, kind: str, phase: PhaseReport) -> None:
     table.cpu_rows(phase, "msg")
 
 
-def _upstream_rows(table: _Table, phase: PhaseReport) -> None:
-    table.line(f"upstream burst  ({phase['clients']:,} clients, "
-               f"{phase['per_client']} msgs each)")
+def _upstream_rows(table: _Table, kind: str, phase: PhaseReport) -> None:
+    _phase_title(table, "upstream", phase, "clients", "per_client")
     if "sent" in phase:
         table.row("arrived / sent", f"{format_value(phase['arrived'])} / "
                   f"{format_value(phase['sent'])}   lost {format_value(phase['lost'])}")
-        table.row("rate", f"{format_value(phase.get('rate_per_s'))} /s")
+        table.row("rate", f"{format_value(phase.get('rate_per_s'))} /s"
+                  + (f"   (sender lag max {phase.get('sender_max_lag_ms')} ms)"
+                     if kind == "uppaced" else ""))
         table.row("latency", format_latency(phase["latency_ms"]))
         table.cpu_rows(phase, "msg")
 
@@ -259,8 +265,9 @@ def format_table(result: RunResult) -> str:
     for kind in ("down", "paced"):
         if kind in phases:
             _downstream_rows(table, kind, phases[kind])
-    if "up" in phases:
-        _upstream_rows(table, phases["up"])
+    for kind in ("up", "uppaced"):
+        if kind in phases:
+            _upstream_rows(table, kind, phases[kind])
     close = result["close"]
     table.line(f"close: {close.get('clean', 0):,} clean, {close.get('no_close_frame', 0):,}"
                f" without close frame, {close.get('timed_out', 0):,} timed out;"

@@ -31,7 +31,8 @@ def run(options: Options, console: Console) -> RunResult:
         counters = SharedCounters(children.context, options.procs, options.publishers)
         children.start(_client_specs(options, sessions), _worker_config(options, target),
                        publishers=options.publishers if {"down", "paced"} & set(phases) else 0,
-                       subscriber="up" in phases, redis_url=options.redis_url,
+                       subscriber=bool({"up", "uppaced"} & set(phases)),
+                       redis_url=options.redis_url,
                        counters=counters)
         pids = dict(children.pids)
         if options.pid:
@@ -47,7 +48,8 @@ def run(options: Options, console: Console) -> RunResult:
             reports["idle"] = idle(state, opened)
         if opened:
             for phase in phases[1:]:
-                reports[phase] = upstream(state) if phase == "up" else downstream(state, phase)
+                reports[phase] = (upstream(state, phase) if phase in ("up", "uppaced")
+                                  else downstream(state, phase))
         close_report = close(state)
     finally:
         console.done()

