@@ -43,6 +43,7 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
+from .sockwrite import Pending, plain_socket
 from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -153,6 +154,9 @@ class ProxyProtocol(WebSocketServerProtocol):
     log = _BudgetedAutobahnLog(WebSocketServerProtocol.log)
 
     session_id: Optional[str] = None
+    #: once open on a plain TCP socket: frames for the client are written
+    #: through this, at once or at the end of a Redis read (L{_write})
+    _out: Optional[Pending] = None
     #: who ended the connection, when the proxy knows better than "client"
     _closed_by: Optional[ClosedBy] = None
     _opened_at = 0.0
@@ -297,6 +301,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         self.__dict__.pop("_on_publish_reply", None)
         self.__dict__.pop("_on_append_reply", None)
+        self.__dict__.pop("_out", None)
         self._resumer = None
         # Autobahn resolves is_closed with the protocol itself
         self.is_closed = defer.succeed(None)
@@ -431,6 +436,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self, True)
+        direct = plain_socket(transport)
+        if direct is not None:
+            self._out = Pending(direct)
         if proxy.valve.paused:
             self.pause_reading()
         self._log.info(
@@ -628,9 +636,9 @@ class ProxyProtocol(WebSocketServerProtocol):
             # server): Autobahn's sendMessage costs more than the append
             size = len(frame)
             if size < 126:
-                self.sendData(b"\x81%c%b" % (size, frame))
+                self._write(b"\x81%c%b" % (size, frame))
             else:
-                self.sendData(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
+                self._write(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
         else:
             self.sendMessage(frame, False)
         if self._paused:
@@ -716,7 +724,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         if self._perMessageCompress is None:
             data = prepared.payloadHybi
-            self.sendData(data)
+            self._write(data)
         else:
             data = prepared.payload
             self._send_compressed(data, prepared.binary)
@@ -729,6 +737,28 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._unsent += len(data)
             if self._unsent > self.factory.max_send_buffer:
                 self._slow_consumer()
+
+    def _write(self, data: bytes) -> None:
+        """
+        Write a whole frame of an open connection: straight to the socket
+        (L{wsproxy.sockwrite}) when it is plain TCP, else as Autobahn
+        does. Autobahn's C{sendData} does nothing more for an open
+        connection but format a debug line no log level shows and count
+        octets nothing reads.
+        """
+        out = self._out
+        if out is not None and not self.send_queue:
+            out.send(data)
+        else:
+            self.sendData(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        # whatever Autobahn writes (pings, close frames) follows the frames
+        # held for the end of a Redis read
+        out = self._out
+        if out is not None and out.frames:
+            out.flush()
+        super().sendData(data, sync, chopsize)
 
     # Resumable sessions (see wsproxy.resume): every data frame is
     # "<position>\n<message>" (an empty position for plain :down messages),

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 import time
+from errno import EWOULDBLOCK
 from collections import Counter, deque
 from typing import Any, Callable, Deque, Optional, Protocol, cast
 
 import hiredis
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet import defer
+from twisted.internet import defer, main, tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -45,11 +46,18 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
+from .sockwrite import BATCH
 
 
-#: read size and write-buffer high-water mark of the Redis connections
-#: (Twisted's default: 64 KiB)
+#: write-buffer high-water mark of the command connection (Twisted's
+#: default: 64 KiB), at which the upstream valve pauses the clients
 TRANSPORT_BUFFER_SIZE = 1 << 22
+
+#: bytes read from a Redis connection at a time (Twisted's default). Each
+#: read allocates a buffer of this size; one above the C library's mmap
+#: threshold (128 KiB) cost an mmap, an mremap and a munmap per read: three
+#: system calls for every read of a few replies, when they come one by one.
+READ_SIZE = 1 << 16
 
 
 class RedisUnavailable(Exception):
@@ -82,6 +90,8 @@ class _Counting:
 
     def connectionLost(self, reason: Failure) -> None:
         transport = self.transport  # type: ignore[attr-defined]
+        if transport is not None:
+            transport.__dict__.pop("doRead", None)  # _read_at_most
         try:
             super().connectionLost(reason)  # type: ignore[misc]
         finally:
@@ -210,6 +220,14 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
         return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        # the sockets' frames of one read are sent when it has been dispatched
+        BATCH.hold()
+        try:
+            self._dispatch(data)
+        finally:
+            BATCH.release()
+
+    def _dispatch(self, data: bytes) -> None:
         parser = self._parser
         parser.feed(data)
         on_message = self.link.on_message
@@ -247,7 +265,7 @@ class _ShardSubscriberProtocol(_SubscriberProtocol):
         self.transport.write(encode_command(kind.upper(), key))
         return d
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+    def _dispatch(self, data: bytes) -> None:
         parser = self._parser
         parser.feed(data)
         link = self.link
@@ -509,12 +527,11 @@ class RedisLink:
         self.ready = proto
         # AUTH/SELECT replies were counted; only commands from now on matter
         proto.sent = proto.answered = 0
-        if proto.transport is not None:
-            # Subscriber: read a burst in large chunks, so each socket gets
-            # several messages per reactor iteration and one send() for all.
-            # Commands: the upstream valve pauses clients only past this much
-            # unsent data, rather than every 64 KiB (each pause and resume
-            # touches every client socket).
+        if proto.transport is not None and not self._subscriber:
+            # the upstream valve pauses clients only past this much unsent
+            # data, rather than every 64 KiB (each pause and resume touches
+            # every client socket); reads stay at READ_SIZE
+            _read_at_most(proto.transport, READ_SIZE)
             proto.transport.bufferSize = TRANSPORT_BUFFER_SIZE
         self._failures = 0
         self.last_error = None
@@ -688,6 +705,32 @@ class RedisLink:
         proto = self.ready
         if proto is not None:
             proto.transport.abortConnection()
+
+
+def _read_at_most(transport: Any, size: int) -> None:
+    """
+    Make a TCP transport read C{size} bytes at a time whatever its
+    C{bufferSize} (which Twisted uses for both). Other transports (Unix
+    sockets read with C{recvmsg}) are left as they are.
+    """
+    if type(transport).doRead is not tcp.Connection.doRead:
+        return
+    sock = transport.socket
+    received = transport._dataReceived
+
+    def doRead() -> Any:
+        # tcp.Connection.doRead with its own size
+        try:
+            data = sock.recv(size)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return received(data)
+
+    # an attribute of the transport (a reference cycle through its bound
+    # method): dropped when the connection is lost (_Counting.connectionLost)
+    transport.doRead = doRead
 
 
 def process_token() -> str:
