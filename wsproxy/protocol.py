@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames, upstream
+from .inframes import simple_frame
 from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
@@ -528,6 +529,34 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     # -- client -> Redis -----------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the client. On an open connection with no frame in
+        progress, whole single-frame messages are read here
+        (L{wsproxy.inframes}) and go straight to L{onMessage}; from the
+        first frame that is anything else, the bytes go to Autobahn. (Its
+        own C{dataReceived} only adds a debug line no log level shows.)
+        """
+        if (self.state == STATE_OPEN and self.current_frame is None and not self.data
+                and not self.inside_message and self.autoPingTimeoutCall is None
+                and self._perMessageCompress is None):
+            limit = self.factory.frame_limit
+            at = 0
+            end = len(data)
+            while True:
+                frame = simple_frame(data, at, limit)
+                if frame is None:
+                    break
+                payload, binary, at = frame
+                self.onMessage(payload, binary)
+                if at == end:
+                    return
+                if self.state != STATE_OPEN:
+                    break
+            if at:
+                data = data[at:]
+        self._dataReceived(data)
+
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires its "message" event for listeners
         # registered with on(): none ever are, and it cost a Deferred, a
@@ -981,6 +1010,8 @@ class ProxyFactory(WebSocketServerFactory):
         self.require_json = settings.require_json
         self.max_send_buffer = settings.max_send_buffer
         self.max_in_flight = settings.upstream_max_in_flight
+        #: the largest client frame read without Autobahn (ProxyProtocol.dataReceived)
+        self.frame_limit = settings.max_message_size
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
         self.last_prepared: Any = None
