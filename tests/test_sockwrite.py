@@ -22,10 +22,11 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from wsproxy import redislink, sockwrite
-from wsproxy.sockwrite import Batch, Pending, plain_socket, write_now
+from wsproxy.sockwrite import BATCH, Batch, Pending, plain_socket, write_now
 
 from .certs import CertDir, self_signed
-from .support import RedisTestCase, RunningProxy, connect, settings_for, wait_for
+from .memory import client_frame
+from .support import RedisTestCase, RunningProxy, connect, settings_for, up_listener, wait_for
 
 
 class _Server(protocol.Protocol):
@@ -337,3 +338,53 @@ class ReadSizeTests(RedisTestCase):
         proxy.proxy.commands.kill()
         await wait_for(lambda: proxy.proxy.commands.ready not in (None, commands))
         self.assertNotIn("doRead", transport.__dict__)
+
+
+class CommandWriteTests(RedisTestCase):
+    timeout = 60
+
+    async def start(self) -> RunningProxy:
+        proxy = RunningProxy(settings_for(self.redis.url))
+        self.addCleanup(proxy.stop)
+        await proxy.ready()
+        return proxy
+
+    async def test_publishes_of_one_read_share_a_send(self) -> None:
+        """
+        The messages of one client read are PUBLISHed with one send on
+        the command connection, written by the proxy itself, in order.
+        """
+        proxy = await self.start()
+        up = up_listener(self.r, "s1", self)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        client = await connect(proxy.url("s1"), token="tok")
+        self.addCleanup(client.close_and_wait)
+        transport = proxy.proxy.commands.ready.transport
+        sent: list[bytes] = []
+        transport.socket = _RecordingSocket(transport.socket, sent)
+        self.addCleanup(setattr, transport, "socket", transport.socket._sock)
+        client.transport.write(b"".join(client_frame(m) for m in (b"one", b"two", b"three")))
+        await wait_for(lambda: len(up()) == 3)
+        self.assertEqual(up(), [b"one", b"two", b"three"])
+        publishes = [s for s in sent if b"PUBLISH" in s and b"session:s1:up" in s]
+        self.assertEqual(len(publishes), 1, sent)
+        self.assertEqual(publishes[0].count(b"PUBLISH"), 3)
+
+    async def test_held_commands_before_txredisapi_ones(self) -> None:
+        """
+        A txredisapi command issued while lean commands are held is
+        written after them, so every reply reaches its own caller.
+        """
+        proxy = await self.start()
+        commands = proxy.proxy.commands
+        replies: list[Any] = []
+        BATCH.hold()
+        try:
+            commands.publish(b"c1", b"x", replies.append)
+            pong = commands.execute("PING")
+            commands.send(replies.append, b"ECHO", b"after")
+        finally:
+            BATCH.release()
+        self.assertIn(await pong, (b"PONG", "PONG"))
+        await wait_for(lambda: len(replies) == 2)
+        self.assertEqual(replies, [0, b"after"])

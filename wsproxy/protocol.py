@@ -44,7 +44,7 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
-from .sockwrite import Pending, plain_socket
+from .sockwrite import BATCH, Pending, plain_socket
 from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -537,25 +537,31 @@ class ProxyProtocol(WebSocketServerProtocol):
         first frame that is anything else, the bytes go to Autobahn. (Its
         own C{dataReceived} only adds a debug line no log level shows.)
         """
-        if (self.state == STATE_OPEN and self.current_frame is None and not self.data
-                and not self.inside_message and self.autoPingTimeoutCall is None
-                and self._perMessageCompress is None):
-            limit = self.factory.frame_limit
-            at = 0
-            end = len(data)
-            while True:
-                frame = simple_frame(data, at, limit)
-                if frame is None:
-                    break
-                payload, binary, at = frame
-                self.onMessage(payload, binary)
-                if at == end:
-                    return
-                if self.state != STATE_OPEN:
-                    break
-            if at:
-                data = data[at:]
-        self._dataReceived(data)
+        # what the read makes the proxy write (PUBLISH, acks) goes out when
+        # it has been handled: one send for all of its messages
+        BATCH.hold()
+        try:
+            if (self.state == STATE_OPEN and self.current_frame is None and not self.data
+                    and not self.inside_message and self.autoPingTimeoutCall is None
+                    and self._perMessageCompress is None):
+                limit = self.factory.frame_limit
+                at = 0
+                end = len(data)
+                while True:
+                    frame = simple_frame(data, at, limit)
+                    if frame is None:
+                        break
+                    payload, binary, at = frame
+                    self.onMessage(payload, binary)
+                    if at == end:
+                        return
+                    if self.state != STATE_OPEN:
+                        break
+                if at:
+                    data = data[at:]
+            self._dataReceived(data)
+        finally:
+            BATCH.release()
 
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires its "message" event for listeners

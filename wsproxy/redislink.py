@@ -46,7 +46,7 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
-from .sockwrite import BATCH
+from .sockwrite import BATCH, Pending, plain_socket
 
 
 #: write-buffer high-water mark of the command connection (Twisted's
@@ -105,7 +105,14 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
     and its reply handed to a callback, with no Deferred, no command
     formatting and no reply conversion per message. One FIFO keeps the two
     kinds of reply apart (C{None} marks a txredisapi command).
+
+    On a plain TCP connection, lean commands are written straight to the
+    socket (L{wsproxy.sockwrite}): at once when a client's message arrives
+    alone, else together when the read they came in has been handled.
     """
+
+    #: set once usable on plain TCP (L{RedisLink._usable})
+    _out: Optional[Pending] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,12 +125,23 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         return self.command("ROLE")
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
+        out = self._out
+        if out is not None and out.frames:
+            # txredisapi writes to the transport: after the commands held
+            out.flush()
         self._fifo.append(None)
         self.sent += 1
         return cast("defer.Deferred[Any]", self.execute_command(*args))
 
+    def _send(self, data: bytes) -> None:
+        out = self._out
+        if out is None:
+            self.transport.write(data)
+        else:
+            out.send(data)
+
     def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
-        self.transport.write(
+        self._send(
             b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
             % (len(channel), channel, len(payload), payload)
         )
@@ -134,7 +152,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         """
         C{SPUBLISH} (Redis Cluster) on the lean path, as L{publish_raw}.
         """
-        self.transport.write(
+        self._send(
             b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
             % (len(channel), channel, len(payload), payload)
         )
@@ -146,7 +164,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         Any command on the lean path (events, heartbeats): written as RESP,
         its reply handed to C{on_reply}.
         """
-        self.transport.write(encode_command(*args))
+        self._send(encode_command(*args))
         self._fifo.append(on_reply)
         self.sent += 1
 
@@ -155,11 +173,19 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         A command already encoded in RESP (durable upstream's XADD, whose
         constant part each connection encodes once).
         """
-        self.transport.write(command)
+        self._send(command)
         self._fifo.append(on_reply)
         self.sent += 1
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        # acks and replies to clients go out when the read has been handled
+        BATCH.hold()
+        try:
+            self._answer(data)
+        finally:
+            BATCH.release()
+
+    def _answer(self, data: bytes) -> None:
         parser = self._parser
         parser.feed(data)
         fifo = self._fifo
@@ -175,6 +201,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
             reply = parser.gets()
 
     def connectionLost(self, reason: Any) -> None:
+        self._out = None
         handlers = [h for h in self._fifo if h is not None]
         self._fifo.clear()
         try:
@@ -533,6 +560,9 @@ class RedisLink:
             # every client socket); reads stay at READ_SIZE
             _read_at_most(proto.transport, READ_SIZE)
             proto.transport.bufferSize = TRANSPORT_BUFFER_SIZE
+            direct = plain_socket(proto.transport)
+            if direct is not None:
+                proto._out = Pending(direct)
         self._failures = 0
         self.last_error = None
         self.failures.recovered()
