@@ -735,7 +735,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             if out is None:
                 prepared, size = None, 0
             else:
-                prepared, size = factory.prepareMessage(out[0], out[1]), len(out[0])
+                prepared, size = frames.Prepared(out[0], out[1]), len(out[0])
             factory.last_payload, factory.last_prepared = payload, prepared
             factory.last_size = size
         if prepared is None:
@@ -751,17 +751,17 @@ class ProxyProtocol(WebSocketServerProtocol):
             return
         self._send_prepared(prepared, size)
 
-    def _send_prepared(self, prepared: Any, size: int) -> None:
+    def _send_prepared(self, prepared: frames.Prepared, size: int) -> None:
         """
         Send a prepared message; count C{size} payload bytes (what the
         client's application receives, not the frame header nor the
         compressed size); close a client that stopped reading.
         """
         if self._perMessageCompress is None:
-            data = prepared.payloadHybi
+            data = prepared.frame
             self._write(data)
         else:
-            data = prepared.payload
+            data = prepared.message
             self._send_compressed(data, prepared.binary)
         self.messages_out += 1
         self.bytes_out += size
@@ -812,7 +812,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             # declared text but not UTF-8: browsers would fail the connection
             self._proxy.stats.dropped_down += 1
             return
-        prepared = self.factory.prepareMessage(position + b"\n" + message, binary)
+        prepared = frames.Prepared(position + b"\n" + message, binary)
         self._send_prepared(prepared, len(message))
 
     def _send_control(self, event: dict[str, object]) -> None:
@@ -1020,7 +1020,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.frame_limit = settings.max_message_size
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
-        self.last_prepared: Any = None
+        self.last_prepared: Optional[frames.Prepared] = None
         self.last_size = 0
         self.last_built: Optional[ProxyProtocol] = None
         #: (session id, token, Compared) of the upgrade being handed over by
