@@ -304,37 +304,37 @@ class ProxyOrderTests(RedisTestCase):
         )
 
 
-class ReadSizeTests(RedisTestCase):
+class ReadIntoTests(RedisTestCase):
     timeout = 60
 
-    async def test_redis_reads_below_mmap_threshold(self) -> None:
+    async def test_redis_reads_into_a_reused_buffer(self) -> None:
         """
-        Both Redis connections read at most READ_SIZE bytes at a time (a
-        larger read buffer costs three system calls per read); the command
+        On plain TCP both Redis connections read into a buffer of their
+        own (a new 4 MiB buffer per read costs three system calls): replies
+        and messages larger than the buffer arrive whole, the command
         connection keeps its large write buffer for the upstream valve, and
-        drops its read override when the connection is lost.
+        the reader is dropped with the connection.
         """
         proxy = RunningProxy(settings_for(self.redis.url))
         self.addCleanup(proxy.stop)
         await proxy.ready()
         commands = proxy.proxy.commands.ready
+        subscriber = proxy.proxy.hub._link.ready
         transport = commands.transport
         self.assertEqual(transport.bufferSize, redislink.TRANSPORT_BUFFER_SIZE)
         self.assertIn("doRead", transport.__dict__)
-        self.assertEqual(proxy.proxy.hub._link.ready.transport.bufferSize, redislink.READ_SIZE)
-        chunks: list[int] = []
-        received = commands.dataReceived
-
-        def record(data: bytes, unpause: bool = False) -> None:
-            chunks.append(len(data))
-            received(data)
-
-        commands.dataReceived = record
-        value = bytes(range(256)) * 4096
+        self.assertIn("doRead", subscriber.transport.__dict__)
+        value = bytes(range(256)) * 1024 * 5  # 1.25 MiB, 20 command reads
         self.r.set("big", value)
         self.assertEqual(await proxy.proxy.commands.execute("GET", "big"), value)
-        self.assertGreater(len(chunks), 1)
-        self.assertLessEqual(max(chunks), redislink.READ_SIZE)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        client = await connect(proxy.url("s1"), token="tok")
+        self.addCleanup(client.close_and_wait)
+        large = b"x" * (5 << 20)  # more than one subscriber read
+        self.r.publish("session:s1:down", large)
+        self.r.publish("session:s1:down", b"small")
+        await client.wait_messages(2)
+        self.assertEqual(client.messages, [(large, False), (b"small", False)])
         proxy.proxy.commands.kill()
         await wait_for(lambda: proxy.proxy.commands.ready not in (None, commands))
         self.assertNotIn("doRead", transport.__dict__)

@@ -53,11 +53,15 @@ from .sockwrite import BATCH, Pending, plain_socket
 #: default: 64 KiB), at which the upstream valve pauses the clients
 TRANSPORT_BUFFER_SIZE = 1 << 22
 
-#: bytes read from a Redis connection at a time (Twisted's default). Each
-#: read allocates a buffer of this size; one above the C library's mmap
-#: threshold (128 KiB) cost an mmap, an mremap and a munmap per read: three
-#: system calls for every read of a few replies, when they come one by one.
-READ_SIZE = 1 << 16
+#: bytes read from a Redis connection at a time: the subscriber reads a
+#: burst in large chunks, so that each socket gets many messages per read
+#: and one send() for all of them (L{wsproxy.sockwrite}). On plain TCP each
+#: connection reads into a buffer of its own, reused (L{_read_into}):
+#: Twisted allocates a new one of C{bufferSize} per read, which above the C
+#: library's mmap threshold (128 KiB) cost an mmap, an mremap and a munmap
+#: per read, three system calls for a read of a message or two.
+SUBSCRIBER_READ_SIZE = 1 << 22
+COMMANDS_READ_SIZE = 1 << 16
 
 
 class RedisUnavailable(Exception):
@@ -91,7 +95,7 @@ class _Counting:
     def connectionLost(self, reason: Failure) -> None:
         transport = self.transport  # type: ignore[attr-defined]
         if transport is not None:
-            transport.__dict__.pop("doRead", None)  # _read_at_most
+            transport.__dict__.pop("doRead", None)  # _read_into
         try:
             super().connectionLost(reason)  # type: ignore[misc]
         finally:
@@ -178,16 +182,27 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         self.sent += 1
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        self._parser.feed(data)
+        self._answer()
+
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read into C{buffer} (L{_read_into}).
+        """
+        # hiredis takes any buffer (its stubs say bytes)
+        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        self._answer()
+
+    def _answer(self) -> None:
         # acks and replies to clients go out when the read has been handled
         BATCH.hold()
         try:
-            self._answer(data)
+            self._replies()
         finally:
             BATCH.release()
 
-    def _answer(self, data: bytes) -> None:
+    def _replies(self) -> None:
         parser = self._parser
-        parser.feed(data)
         fifo = self._fifo
         reply = parser.gets()
         while reply is not False:
@@ -247,16 +262,27 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
         return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        self._parser.feed(data)
+        self._answer()
+
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read into C{buffer} (L{_read_into}).
+        """
+        # hiredis takes any buffer (its stubs say bytes)
+        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        self._answer()
+
+    def _answer(self) -> None:
         # the sockets' frames of one read are sent when it has been dispatched
         BATCH.hold()
         try:
-            self._dispatch(data)
+            self._dispatch()
         finally:
             BATCH.release()
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self) -> None:
         parser = self._parser
-        parser.feed(data)
         on_message = self.link.on_message
         reply = parser.gets()
         while reply is not False:
@@ -292,9 +318,8 @@ class _ShardSubscriberProtocol(_SubscriberProtocol):
         self.transport.write(encode_command(kind.upper(), key))
         return d
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self) -> None:
         parser = self._parser
-        parser.feed(data)
         link = self.link
         on_message = link.on_message
         pending = self._sharded
@@ -554,15 +579,22 @@ class RedisLink:
         self.ready = proto
         # AUTH/SELECT replies were counted; only commands from now on matter
         proto.sent = proto.answered = 0
-        if proto.transport is not None and not self._subscriber:
-            # the upstream valve pauses clients only past this much unsent
-            # data, rather than every 64 KiB (each pause and resume touches
-            # every client socket); reads stay at READ_SIZE
-            _read_at_most(proto.transport, READ_SIZE)
-            proto.transport.bufferSize = TRANSPORT_BUFFER_SIZE
-            direct = plain_socket(proto.transport)
+        transport = proto.transport
+        if transport is not None:
+            direct = plain_socket(transport)
             if direct is not None:
-                proto._out = Pending(direct)
+                _read_into(direct, proto, SUBSCRIBER_READ_SIZE if self._subscriber
+                           else COMMANDS_READ_SIZE)
+            if self._subscriber:
+                # TLS: Twisted's reads, large ones (see SUBSCRIBER_READ_SIZE)
+                transport.bufferSize = SUBSCRIBER_READ_SIZE
+            else:
+                # the upstream valve pauses clients only past this much
+                # unsent data, rather than every 64 KiB (each pause and
+                # resume touches every client socket)
+                transport.bufferSize = TRANSPORT_BUFFER_SIZE
+                if direct is not None:
+                    proto._out = Pending(direct)
         self._failures = 0
         self.last_error = None
         self.failures.recovered()
@@ -737,30 +769,33 @@ class RedisLink:
             proto.transport.abortConnection()
 
 
-def _read_at_most(transport: Any, size: int) -> None:
+def _read_into(transport: tcp.Connection, proto: Any, size: int) -> None:
     """
-    Make a TCP transport read C{size} bytes at a time whatever its
-    C{bufferSize} (which Twisted uses for both). Other transports (Unix
-    sockets read with C{recvmsg}) are left as they are.
+    Make a plain TCP transport read into one buffer of C{size} bytes,
+    reused, and hand C{proto.received_into} each read (what Twisted's
+    C{doRead} does, without a new buffer per read).
     """
     if type(transport).doRead is not tcp.Connection.doRead:
-        return
+        return  # a Unix socket (recvmsg) keeps Twisted's reads
     sock = transport.socket
-    received = transport._dataReceived
+    buffer = bytearray(size)
+    received = proto.received_into
 
     def doRead() -> Any:
-        # tcp.Connection.doRead with its own size
         try:
-            data = sock.recv(size)
+            n = sock.recv_into(buffer)
         except OSError as error:
             if error.args[0] == EWOULDBLOCK:
                 return None
             return main.CONNECTION_LOST
-        return received(data)
+        if not n:
+            return main.CONNECTION_DONE
+        received(buffer, n)
+        return None
 
-    # an attribute of the transport (a reference cycle through its bound
-    # method): dropped when the connection is lost (_Counting.connectionLost)
-    transport.doRead = doRead
+    # an attribute of the transport (a reference cycle through the
+    # protocol): dropped when the connection is lost (_Counting.connectionLost)
+    transport.doRead = doRead  # type: ignore[method-assign]
 
 
 def process_token() -> str:
