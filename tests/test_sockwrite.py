@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import Any, Optional
 
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from wsproxy import redislink, sockwrite
-from wsproxy.sockwrite import BATCH, Batch, Pending, plain_socket, write_now
+from wsproxy.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
 
 from .certs import CertDir, self_signed
 from .memory import client_frame
@@ -230,6 +230,26 @@ class BatchTests(SocketTestCase):
         self.assertEqual(sent, [b"ab", b"c"])
         await wait_for(lambda: peer.read() == b"abc")
 
+    async def test_turn_pending_sends_once_per_turn(self) -> None:
+        """
+        The command connection's writes are held until the reactor's turn
+        ends, then sent with one write; the next turn's likewise.
+        """
+        transport, _, peer = await self.pair()
+        sent: list[bytes] = []
+        transport.socket = _RecordingSocket(transport.socket, sent)
+        self.addCleanup(setattr, transport, "socket", transport.socket._sock)
+        out = TurnPending(transport, reactor)
+        out.send(b"a")
+        out.send(b"b")
+        self.assertEqual(sent, [])
+        await task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(sent, [b"ab"])
+        out.send(b"c")
+        await task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(sent, [b"ab", b"c"])
+        await wait_for(lambda: peer.read() == b"abc")
+
     def test_failing_flush_contained(self) -> None:
         """
         A connection whose flush raises is logged; the others are flushed.
@@ -351,8 +371,9 @@ class CommandWriteTests(RedisTestCase):
 
     async def test_publishes_of_one_read_share_a_send(self) -> None:
         """
-        The messages of one client read are PUBLISHed with one send on
-        the command connection, written by the proxy itself, in order.
+        The messages of one client read (one reactor turn) are PUBLISHed
+        with one send on the command connection, written by the proxy
+        itself, in order.
         """
         proxy = await self.start()
         up = up_listener(self.r, "s1", self)

@@ -46,7 +46,7 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
-from .sockwrite import BATCH, Pending, plain_socket
+from .sockwrite import BATCH, Pending, TurnPending, plain_socket
 
 
 #: write-buffer high-water mark of the command connection (Twisted's
@@ -111,8 +111,8 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
     kinds of reply apart (C{None} marks a txredisapi command).
 
     On a plain TCP connection, lean commands are written straight to the
-    socket (L{wsproxy.sockwrite}): at once when a client's message arrives
-    alone, else together when the read they came in has been handled.
+    socket (L{wsproxy.sockwrite}), all those of one reactor turn with one
+    send() when the turn's events have been handled.
     """
 
     #: set once usable on plain TCP (L{RedisLink._usable})
@@ -500,6 +500,9 @@ class RedisLink:
             # (the proxy's UpstreamValve on the command connection): without
             # this, shutdown with rediss:// waits forever.
             proto.transport.unregisterProducer()
+            out = getattr(proto, "_out", None)
+            if out is not None:
+                out.flush()  # commands held for the end of this turn
         await self._service.stopService()
         proto = self._connecting or self.ready
         if proto is not None and proto.transport is not None:
@@ -594,7 +597,7 @@ class RedisLink:
                 # resume touches every client socket)
                 transport.bufferSize = TRANSPORT_BUFFER_SIZE
                 if direct is not None:
-                    proto._out = Pending(direct)
+                    proto._out = TurnPending(direct, self._clock)
         self._failures = 0
         self.last_error = None
         self.failures.recovered()

@@ -17,7 +17,8 @@ reactor's buffer sends many messages at once. So while one read from the
 Redis subscriber is dispatched (L{Batch.hold} … L{Batch.release}), a
 connection keeps its frames (L{Pending}) and sends them all with one
 C{send()} when the read has been dispatched: per socket, one system call per
-read, and none for the reactor.
+read, and none for the reactor. The command connection holds its commands
+(the clients' PUBLISHes) until the reactor's turn ends (L{TurnPending}).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 
@@ -132,3 +134,30 @@ class Pending:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             frames.clear()
             write_now(self.transport, data)
+
+
+class TurnPending(Pending):
+    """
+    Writes held until the reactor has handled every event of its turn,
+    then sent together: the command connection's, so that the PUBLISHes of
+    all the client reads of one turn leave in one send() and Redis answers
+    them in one read (as Node's ioredis does with auto-pipelining). The
+    flush runs first thing in the next turn, before the reactor waits.
+    """
+
+    __slots__ = ("_clock", "_scheduled")
+
+    def __init__(self, transport: tcp.Connection, clock: IReactorTime) -> None:
+        super().__init__(transport)
+        self._clock = clock
+        self._scheduled = False
+
+    def send(self, data: bytes) -> None:
+        self.frames.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._clock.callLater(0, self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._scheduled = False
+        self.flush()
