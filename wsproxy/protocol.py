@@ -537,8 +537,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         first frame that is anything else, the bytes go to Autobahn. (Its
         own C{dataReceived} only adds a debug line no log level shows.)
         """
-        # what the read makes the proxy write (PUBLISH, acks) goes out when
-        # it has been handled: one send for all of its messages
+        # what the read makes the proxy write to this client (invalid-JSON
+        # replies, nacks) goes out in one send when it has been handled;
+        # PUBLISHes wait for the end of the turn (sockwrite.TurnPending)
         BATCH.hold()
         try:
             if (self.state == STATE_OPEN and self.current_frame is None and not self.data
