@@ -27,7 +27,7 @@ class DefaultsTests(SynchronousTestCase):
         )
         self.assertEqual(s.redis.host, "127.0.0.1")
         self.assertEqual(s.redis.port, 6379)
-        self.assertEqual(s.endpoint, "tcp:8080:interface=0.0.0.0:backlog=1024")
+        self.assertEqual(s.endpoint, "tcp:8080:interface=0.0.0.0:backlog=4096")
 
     def test_listen_overrides_host_and_port(self) -> None:
         """

@@ -653,6 +653,39 @@ async def handshakes_per_turn(t: EnvTestCase) -> None:
     t.assertEqual([status for status, _ in results], [101] * 30)
 
 
+async def listen_backlog(t: EnvTestCase) -> None:
+    """
+    LISTEN_BACKLOG=2: while the proxy accepts nothing (stopped), the kernel
+    completes the handshakes of at most three of ten clients (backlog + 1)
+    and leaves the others' SYNs unanswered; with 4096 all ten would be
+    queued at once.
+    """
+    import select
+    import socket
+
+    await t.start(LISTEN_BACKLOG="2")
+    t.daemon.signal(signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(10):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((t.host, t.port))
+            clients.append(sock)
+
+        def completed() -> int:
+            _, writable, _ = select.select([], clients, [], 0)
+            return len(writable)
+
+        await wait_for(lambda: completed() >= 3)
+        await task.deferLater(reactor, 1.0, lambda: None)  # room for more to (wrongly) complete
+        t.assertEqual(completed(), 3)
+    finally:
+        t.daemon.signal(signal.SIGCONT)
+        for sock in clients:
+            sock.close()
+
+
 async def allowed_origins(t: EnvTestCase) -> None:
     """
     ALLOWED_ORIGINS=https://app.example.com: that origin is admitted,
@@ -1092,6 +1125,7 @@ VALID = [
     Case("AUTH_FAIL_EXEMPT", auth_fail_exempt),
     Case("TRUSTED_PROXIES", trusted_proxies),
     Case("HANDSHAKES_PER_TURN", handshakes_per_turn),
+    Case("LISTEN_BACKLOG", listen_backlog),
     Case("ALLOWED_ORIGINS", allowed_origins),
     Case("REQUIRE_ORIGIN", require_origin),
     Case("REQUIRE_JSON", require_json),
@@ -1177,6 +1211,7 @@ INVALID = [
     Invalid("AUTH_FAIL_EXEMPT", "10.0.0.0/33"),
     Invalid("TRUSTED_PROXIES", "proxy.example.com"),
     Invalid("HANDSHAKES_PER_TURN", "many"),
+    Invalid("LISTEN_BACKLOG", "0"),
     Invalid("ALLOWED_ORIGINS", "app.example.com"),
     Invalid("REQUIRE_ORIGIN", "maybe"),
     Invalid("REQUIRE_JSON", "2"),

@@ -90,6 +90,22 @@ class FailedAuthLimitTests(SynchronousTestCase):
         self.assertIsNotNone(limit.retry_after("198.51.100.1"))
         self.assertIsNone(limit.retry_after("10.0.0.0"))
 
+    def test_crossing_and_impose(self) -> None:
+        """
+        failed() says when it made an address limited (the seconds its
+        window has left), once; impose() limits an address for the seconds
+        another worker's count gave, without a failure of its own.
+        """
+        limit = FailedAuthLimit(self.clock, 3, 60, 100)
+        self.assertIsNone(limit.failed("192.0.2.1", 2))
+        self.clock.advance(10)
+        self.assertEqual(limit.failed("192.0.2.1"), 50)
+        self.assertIsNone(limit.failed("192.0.2.1"))
+        limit.impose("192.0.2.9", 20.5)
+        self.assertEqual(limit.retry_after("192.0.2.9"), 21)
+        self.clock.advance(21)
+        self.assertIsNone(limit.retry_after("192.0.2.9"))
+
     def test_exempt_and_off(self) -> None:
         """
         Exempt networks are never counted; a limit of 0 counts nothing.
@@ -414,6 +430,38 @@ class TurnBudgetTests(MemoryTestCase):
         self.assertEqual(first.response().status, "HTTP/1.1 101 Switching Protocols")
         self.assertEqual(second.transport.value(), b"")
         self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1})
+
+    def test_waiting_is_not_the_clients_delay(self) -> None:
+        """
+        The head deadline (HANDSHAKE_TIMEOUT_SECS) counts the client's time
+        to send its request, not the proxy's queue: a connection that sent
+        its request and waited longer than the deadline for its turn (a
+        reconnect storm) is read and admitted; one that sent only part of
+        its head before waiting gets the whole deadline again from its turn,
+        then is dropped.
+        """
+        memory = self.start(handshakes_per_turn=1)
+        turns = Clock()  # turns that come only when the test says
+        memory.site.budget._clock = turns
+        for sid in ("s1", "s2", "s3"):
+            memory.redis.authorize(sid, "tok")
+        first, second, partial = memory.connect(), memory.connect(), memory.connect()
+        request = upgrade_request("/agent/ws/s2", {"Authorization": "Bearer tok"})
+        first.transport.receive(upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"}))
+        second.transport.receive(request)
+        partial.transport.receive(request[:20])
+        self.assertEqual(memory.site.budget.waiting, 2)
+        memory.clock.advance(30)  # six head deadlines
+        self.assertFalse(second.transport.lost)
+        self.assertFalse(partial.transport.lost)
+        turns.advance(0)
+        memory.clock.advance(0)
+        self.assertEqual(second.response().status, "HTTP/1.1 101 Switching Protocols")
+        turns.advance(0)
+        memory.clock.advance(4.9)
+        self.assertFalse(partial.transport.aborted)
+        memory.clock.advance(0.2)
+        self.assertTrue(partial.transport.aborted)
 
 
 class CompareFirstTests(MemoryTestCase):

@@ -184,3 +184,112 @@ class DescribeFailureTests(SynchronousTestCase):
         self.assertEqual(
             (category, text), ("tls", "TLS handshake failed: tlsv13 alert certificate required")
         )
+
+
+class _Reader:
+    """
+    A socket the reactor reads: C{received} is called with what arrives.
+    """
+
+    def __init__(self, sock: Any, received: Any) -> None:
+        self.sock = sock
+        self.received = received
+
+    def fileno(self) -> int:
+        fileno: int = self.sock.fileno()
+        return fileno
+
+    def doRead(self) -> None:
+        data = self.sock.recv(65536)
+        if data:
+            self.received(data)
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+class DeadlineTests(SynchronousTestCase):
+    """
+    with_deadline against the real reactor: what decides a timeout is
+    whether the reply has arrived, not whether the process ran in time.
+    """
+
+    def deadline_over_stall(self, seconds: float, stall: float) -> list[Any]:
+        """
+        A command with a C{seconds} deadline whose reply arrives in time,
+        while the process is held up (for C{stall}, in an I/O handler)
+        until after the deadline: the reactor then sees the due timer
+        before the socket the reply waits in. The outcome of the command.
+        """
+        import socket
+        import time
+
+        from twisted.internet import reactor
+
+        from wsproxy.redislink import with_deadline
+
+        redis_end, proxy_end = socket.socketpair()
+        trigger, stalled = socket.socketpair()
+        reply: defer.Deferred[bytes] = defer.Deferred()
+        outcome: list[Any] = []
+
+        def stall_here(_: bytes) -> None:
+            redis_end.sendall(b"+OK\r\n")  # Redis answers in time...
+            time.sleep(stall)  # ...while the proxy is held up past the deadline
+
+        readers = [_Reader(proxy_end, reply.callback), _Reader(stalled, stall_here)]
+        for reader in readers:
+            reactor.addReader(reader)  # type: ignore[attr-defined]
+        try:
+            with_deadline(reply, seconds, reactor).addBoth(outcome.append)  # type: ignore[arg-type]
+            trigger.sendall(b"go")
+            until = time.monotonic() + 30
+            while not outcome and time.monotonic() < until:
+                reactor.iterate(0.05)  # type: ignore[attr-defined]
+        finally:
+            for reader in readers:
+                reactor.removeReader(reader)  # type: ignore[attr-defined]
+            for sock in (redis_end, proxy_end, trigger, stalled):
+                sock.close()
+        return outcome
+
+    def test_reply_waiting_after_a_stall(self) -> None:
+        """
+        A reply that arrived while the process was held up past the
+        deadline is read before the deadline is decided: no RedisTimeout.
+        """
+        self.assertEqual(self.deadline_over_stall(0.05, 0.3), [b"+OK\r\n"])
+
+    def test_no_reply(self) -> None:
+        """
+        Without a reply, the deadline still ends the wait with RedisTimeout.
+        """
+        import time
+
+        from twisted.internet import reactor
+
+        from wsproxy.redislink import RedisTimeout, with_deadline
+
+        outcome: list[Any] = []
+        with_deadline(defer.Deferred(), 0.05, reactor).addBoth(outcome.append)  # type: ignore[arg-type]
+        until = time.monotonic() + 30
+        while not outcome and time.monotonic() < until:
+            reactor.iterate(0.05)  # type: ignore[attr-defined]
+        self.assertEqual(len(outcome), 1)
+        outcome[0].trap(RedisTimeout)
+
+    def test_caller_cancels(self) -> None:
+        """
+        A caller's own cancel (the client left) stays a CancelledError,
+        and the deadline's timer goes with it.
+        """
+        clock = Clock()
+        from wsproxy.redislink import with_deadline
+
+        d = with_deadline(defer.Deferred(), 5, clock)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -215,6 +215,25 @@ class SupervisorLinkTests(SynchronousTestCase):
         self.link.dataReceived(frame({"op": "metrics", "id": 0, "text": "total 9\n"}))
         self.assertEqual(self.successResultOf(d), b"total 9\n")
 
+    def test_failures_reported_once_per_turn(self) -> None:
+        """
+        Failed token checks are reported to the supervisor in one message
+        per reactor turn, counted per address; a "limit" from the supervisor
+        limits the address in this worker's table.
+        """
+        from wsproxy.limits import FailedAuthLimit
+
+        table = FailedAuthLimit(self.clock, 5, 60, 100)
+        self.link.auth_limit = table
+        for address in ("192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.1"):
+            self.link.auth_failed(address)
+        self.assertEqual(sent(self.transport), [])
+        self.clock.advance(0)
+        self.assertEqual(sent(self.transport), [
+            {"op": "failed", "addresses": {"192.0.2.1": 3, "192.0.2.2": 1}}])
+        self.link.dataReceived(frame({"op": "limit", "address": "192.0.2.7", "left": 30.0}))
+        self.assertEqual(table.retry_after("192.0.2.7"), 30)
+
     def test_scrape_times_out(self) -> None:
         """
         A supervisor that does not answer within scrape_timeout fails the
@@ -292,6 +311,23 @@ class SupervisorChannelTests(SynchronousTestCase):
         (answer,) = sent(self.transports[1])
         self.assertEqual((answer["op"], answer["id"]), ("metrics", 5))
         self.assertEqual(value(answer["text"].encode(), "wsproxy_messages_down_total"), 7)
+
+    def test_failures_counted_over_workers(self) -> None:
+        """
+        AUTH_FAIL_LIMIT=5: an address with 3 failures in worker 0 and 2 in
+        worker 1 is limited in both workers, once; an address under the
+        limit is not.
+        """
+        self.supervisor.auth_limit.limit = 5
+        self.link(0).dataReceived(frame(
+            {"op": "failed", "addresses": {"192.0.2.1": 3, "192.0.2.2": 1}}))
+        self.assertEqual([sent(t) for t in self.transports], [[], []])
+        self.clock.advance(7)
+        self.link(1).dataReceived(frame({"op": "failed", "addresses": {"192.0.2.1": 2}}))
+        limit = {"op": "limit", "address": "192.0.2.1", "left": 53.0}
+        self.assertEqual([sent(t) for t in self.transports], [[limit], [limit]])
+        self.link(1).dataReceived(frame({"op": "failed", "addresses": {"192.0.2.1": 1}}))
+        self.assertEqual([sent(t) for t in self.transports], [[], []])
 
     def test_silent_worker_contributes_its_previous_counters(self) -> None:
         """
@@ -523,6 +559,41 @@ class WorkerProcessTests(RedisTestCase):
         self.assertEqual(set(codes), {1001})
         self.assertEqual(await daemon.daemon.out.ended, 0)
         self.assertIn(b"all workers stopped", daemon.daemon.out.output)
+
+    async def test_failed_authorization_counted_over_workers(self) -> None:
+        """
+        AUTH_FAIL_LIMIT=4 with two workers: four failures from 127.0.0.2,
+        all answered by one worker (the other is stopped), limit the address
+        in the other worker too, which then answers 429 even to a valid
+        token (without the supervisor's count it would admit it: it has seen
+        no failure).
+        """
+        from .test_daemon_env import attempt
+
+        daemon = WorkerDaemon(self, AUTH_FAIL_LIMIT="4")
+        port = await daemon.start()
+        first, second = sorted(daemon.workers())
+        self.r.set("session:s1:auth", "tok", ex=300)
+        os.kill(second, signal.SIGSTOP)
+        try:
+            statuses = [(await attempt(port, "127.0.0.2", "wrong"))[0] for _ in range(4)]
+            self.assertEqual(statuses, [403] * 4)
+            self.assertEqual((await attempt(port, "127.0.0.2", "tok"))[0], 429)
+        finally:
+            os.kill(second, signal.SIGCONT)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            # the second worker reads the supervisor's word in its next turns
+            seen: list[int] = []
+            deadline = time.monotonic() + 20
+            while 429 not in seen and len(seen) < 50 and time.monotonic() < deadline:
+                seen.append((await attempt(port, "127.0.0.2", "tok"))[0])
+            self.assertEqual(seen[-1], 429, f"{len(seen)} attempts, the last: {seen[-3:]}")
+            after = [(await attempt(port, "127.0.0.2", "tok"))[0] for _ in range(3)]
+            self.assertEqual(after, [429] * 3)
+            self.assertEqual((await attempt(port, "127.0.0.3", "tok"))[0], 101)
+        finally:
+            os.kill(first, signal.SIGCONT)
 
     async def test_one_scrape_shows_every_worker(self) -> None:
         """

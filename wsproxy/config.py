@@ -380,6 +380,15 @@ class Settings:
         "Twisted endpoint string (tcp:8080:interface=127.0.0.1, "
         "ssl:8443:privateKey=key.pem:certKey=cert.pem); overrides HOST/PORT",
     )
+    listen_backlog: int = setting(
+        "LISTEN_BACKLOG",
+        "4096",
+        _positive_int,
+        "connections the kernel completes and queues for the proxy to accept "
+        "(capped by net.core.somaxconn): a reconnect storm waits in it instead "
+        "of having its SYNs dropped and retried a second later (HOST/PORT; "
+        "with LISTEN, its own backlog= option)",
+    )
     redis: RedisAddress = setting(
         "REDIS_URL",
         "redis://127.0.0.1:6379",
@@ -682,7 +691,7 @@ class Settings:
         host = self.host.replace(":", "\\:")
         # Twisted's default backlog (50) drops SYNs when hundreds of clients
         # connect at once (e.g. all reconnecting after a restart)
-        return f"tcp:{self.port}:interface={host}:backlog=1024"
+        return f"tcp:{self.port}:interface={host}:backlog={self.listen_backlog}"
 
 
 #: every setting, in declaration order: drives the twistd options, --help,

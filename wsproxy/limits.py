@@ -127,6 +127,9 @@ class FailedAuthLimit:
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         self.limited = 0
         self.failures = 0
+        #: with WORKERS > 1, told of every failure counted here, so that the
+        #: supervisor counts them over all workers (L{wsproxy.workers})
+        self.relay: Optional[Callable[[str], None]] = None
 
     def __len__(self) -> int:
         return len(self._table)
@@ -149,14 +152,44 @@ class FailedAuthLimit:
         self.limited += 1
         return max(1, math.ceil(left))
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str, count: int = 1) -> Optional[float]:
         """
-        A token check from C{address} failed (401 or 403).
+        C{count} token checks from C{address} failed (401 or 403).
+
+        @return: if these made the address limited, the seconds its window
+            has left; else C{None}.
         """
         if not self.limit or in_networks(address, self._exempt):
-            return
-        self.failures += 1
+            return None
+        self.failures += count
+        if self.relay is not None:
+            self.relay(address)
         now = self._clock.seconds()
+        entry = self._entry(address, now)
+        before = entry[1]
+        entry[1] += count
+        if before < self.limit <= entry[1]:
+            return entry[0] + self.window - now
+        return None
+
+    def impose(self, address: str, left: float) -> None:
+        """
+        Upgrades from C{address} are refused for the next C{left} seconds:
+        another worker of this instance saw it reach the limit (see
+        L{wsproxy.workers}).
+        """
+        now = self._clock.seconds()
+        entry = self._entry(address, now)
+        if entry[1] < self.limit or entry[0] + self.window < now + left:
+            entry[0] = now + left - self.window  # its window ends in left seconds
+        entry[1] = max(entry[1], self.limit)
+
+    def _entry(self, address: str, now: float) -> list[float]:
+        """
+        C{address}'s entry, a new one if its window has passed; the table
+        kept within C{max_addresses}, the least recently failed forgotten
+        first.
+        """
         table = self._table
         entry = table.get(address)
         if entry is None or now - entry[0] >= self.window:
@@ -166,4 +199,4 @@ class FailedAuthLimit:
             entry = table[address] = [now, 0]
         else:
             table.move_to_end(address)
-        entry[1] += 1
+        return entry

@@ -45,6 +45,7 @@ from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
 from .sockwrite import BATCH, Pending, plain_socket
+from .timers import BucketTimer
 from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -923,23 +924,6 @@ _HANDSHAKE_ONLY = (
 )
 
 
-class _NeverEarlyTimer:
-    """
-    Autobahn runs its deadlines (ping interval and timeout, opening and
-    closing handshake) on txaio's batched timer, which rounds each deadline
-    down to a whole second: they fired up to a second early, and a
-    sub-second C{WS_PING_TIMEOUT_SECS} at once, dropping every client at
-    its first ping whether it answered or not. One second more makes each
-    fire between its deadline and a second after it, never before.
-    """
-
-    def __init__(self, timer: Any) -> None:
-        self._timer = timer
-
-    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._timer.call_later(delay + 1.0, func, *args, **kwargs)
-
-
 class _PlainSink:
     """
     A resuming connection's listener on the plain C{:down} channel.
@@ -1011,7 +995,8 @@ class ProxyFactory(WebSocketServerFactory):
     def __init__(self, proxy: Proxy) -> None:
         settings = proxy.settings
         super().__init__(server=None)
-        self._batched_timer = _NeverEarlyTimer(self._batched_timer)
+        # Autobahn's deadlines (pings, handshakes) on buckets with O(1) cancel
+        self._batched_timer = BucketTimer(proxy.clock)
         self.proxy = proxy
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json

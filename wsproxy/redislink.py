@@ -31,7 +31,7 @@ import hiredis
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.internet import defer, main, tcp
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -829,9 +829,33 @@ def with_deadline(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -
     """
     Fail C{d} with L{RedisTimeout} unless it fires within C{seconds}
     (cancelling it). Used once per handshake, never per message.
+
+    A deadline that falls due is decided one reactor turn later: the
+    reactor runs due timers before it reads the sockets, so a process that
+    was itself held up (a CPU-starved host during a reconnect storm, a long
+    garbage collection) would otherwise time out a reply Redis sent in time
+    and that is already waiting, unread, in the socket. The extra turn
+    reads what has arrived first; only a reply still missing then is a
+    timeout.
     """
+    expired = False
+    pending: IDelayedCall
 
-    def timed_out(result: Any, timeout: float) -> Any:
-        raise RedisTimeout(f"no answer within {timeout:g}s")
+    def expire() -> None:
+        nonlocal pending
+        pending = clock.callLater(0, decide)
 
-    return d.addTimeout(seconds, clock, onTimeoutCancel=timed_out)
+    def decide() -> None:
+        nonlocal expired
+        expired = True
+        d.cancel()
+
+    def settled(result: Any) -> Any:
+        if pending.active():
+            pending.cancel()
+        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
+            raise RedisTimeout(f"no answer within {seconds:g}s")
+        return result
+
+    pending = clock.callLater(seconds, expire)
+    return d.addBoth(settled)

@@ -406,6 +406,10 @@ class _DeadlineChannel(http.HTTPChannel):
             if not self._refused_early(data):
                 self._parse(data)
         else:
+            # waiting for a turn is the proxy's delay, not the client's: the
+            # head deadline stops here and starts again, whole, at the turn
+            # (a reconnect storm must not time out requests sent in time)
+            self._disarm()
             self._held = [data]
             transport: Any = self.transport
             transport.pauseProducing()
@@ -449,6 +453,7 @@ class _DeadlineChannel(http.HTTPChannel):
         if transport is None or self._gone:
             return
         data = b"".join(held)
+        self._arm()
         if not self._refused_early(data):
             transport.resumeProducing()
             self._parse(data)

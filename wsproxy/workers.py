@@ -53,6 +53,7 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from .config import Settings
 from .daemon import DaemonService, ProxyService, StartupError
+from .limits import FailedAuthLimit
 from .metrics import Snapshot, merge, monotonic_part, render, snapshot_of
 from .proxy import Proxy
 from .site import ProxySite
@@ -98,7 +99,8 @@ def open_listening_socket(settings: Settings) -> socket.socket:
     The shared listening socket for C{HOST}/C{PORT}, inheritable.
     """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+    sock = socket.create_server((settings.host, settings.port), family=family,
+                                backlog=settings.listen_backlog)
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
@@ -121,6 +123,8 @@ def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) ->
     gone.
     """
     link = SupervisorLink(proxy.stats.snapshot, reactor)
+    link.auth_limit = proxy.auth_limit
+    proxy.auth_limit.relay = link.auth_failed
     service = ProxyService(
         proxy,
         ProxySite(proxy, metrics=link.scrape),
@@ -179,6 +183,26 @@ class SupervisorLink(_Channel):
         self._ids = itertools.count()
         self.service: Optional[ProxyService] = None
         self.lost = False
+        #: this worker's failed-authorization table, which the supervisor
+        #: tells of addresses limited over all workers
+        self.auth_limit: Optional[FailedAuthLimit] = None
+        #: failed token checks not yet reported: address -> count
+        self._failures: dict[str, int] = {}
+
+    def auth_failed(self, address: str) -> None:
+        """
+        A token check from C{address} failed in this worker: reported to
+        the supervisor, which counts over all workers, once per reactor
+        turn (one message for a turn's failures, however many).
+        """
+        if not self._failures:
+            self._clock.callLater(0, self._report_failures)
+        self._failures[address] = self._failures.get(address, 0) + 1
+
+    def _report_failures(self) -> None:
+        failures, self._failures = self._failures, {}
+        if failures and not self.lost:
+            self.send({"op": "failed", "addresses": failures})
 
     def scrape(self) -> defer.Deferred[bytes]:
         """
@@ -203,6 +227,9 @@ class SupervisorLink(_Channel):
             d = self._pending.pop(message["id"], None)
             if d is not None:
                 d.callback(message["text"].encode())
+        elif op == "limit":
+            if self.auth_limit is not None:
+                self.auth_limit.impose(message["address"], message["left"])
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
@@ -264,6 +291,8 @@ class _WorkerLink(_Channel):
             d = self._pending.pop(message["id"], None)
             if d is not None:
                 d.callback(None)
+        elif op == "failed":
+            self.supervisor.auth_failed(message["addresses"])
         elif op == "scrape":
             n = message["id"]
             defer.ensureDeferred(self.supervisor.metrics()).addCallback(
@@ -314,6 +343,11 @@ class Supervisor(DaemonService):
         self.restarts = 0
         #: counters of the workers that have exited
         self._retired: Snapshot = []
+        #: failed token checks over all workers (each counts its own too)
+        self.auth_limit = FailedAuthLimit(
+            reactor, settings.auth_fail_limit, settings.auth_fail_window,
+            settings.auth_fail_table_size,
+        )
 
     def privilegedStartService(self) -> None:
         """
@@ -388,6 +422,23 @@ class Supervisor(DaemonService):
             index=index, why=why, delay=self.restart_delay,
         )
         self.reactor.callLater(self.restart_delay, self._respawn, index)
+
+    def auth_failed(self, failures: dict[str, int]) -> None:
+        """
+        Failed token checks reported by a worker (address -> count): an
+        address that reaches C{AUTH_FAIL_LIMIT} over all workers is limited
+        in every worker for the rest of its window. (Each worker counts on
+        its own too, so one that sees all of an address's failures limits it
+        without waiting for this; exempt addresses are never reported.)
+        """
+        for address, count in failures.items():
+            left = self.auth_limit.failed(address, count)
+            if left is None:
+                continue
+            message = {"op": "limit", "address": address, "left": left}
+            for worker, _ in self.workers.values():
+                if worker.link is not None and not worker.link.lost:
+                    worker.link.send(message)
 
     def _respawn(self, index: int) -> None:
         if not self.stopping and index not in self.workers:
