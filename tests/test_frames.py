@@ -44,3 +44,21 @@ class TaggedModeTests(SynchronousTestCase):
         down, up = frames.codec("tagged")
         for payload in (b"", b"xabc", b"t\xff", b"{}"):
             self.assertIsNone(down(payload), payload)
+
+
+class PreparedTests(SynchronousTestCase):
+    def test_same_frame_as_autobahn(self) -> None:
+        """
+        A prepared message is byte for byte the frame Autobahn's
+        prepareMessage builds, text and binary, at every length class.
+        """
+        from autobahn.websocket.protocol import PreparedMessage
+
+        for n in (0, 1, 125, 126, 65535, 65536, 70000):
+            for binary in (False, True):
+                message = b"m" * n
+                prepared = frames.Prepared(message, binary)
+                self.assertEqual(
+                    prepared.frame, PreparedMessage(message, binary, False, False).payloadHybi
+                )
+                self.assertEqual((prepared.message, prepared.binary), (message, binary))

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames, upstream
+from .inframes import simple_frame
 from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
@@ -43,6 +44,7 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
+from .sockwrite import BATCH, Pending, plain_socket
 from .timers import BucketTimer
 from .upstream import Appender, InvalidEnvelope
 
@@ -154,6 +156,9 @@ class ProxyProtocol(WebSocketServerProtocol):
     log = _BudgetedAutobahnLog(WebSocketServerProtocol.log)
 
     session_id: Optional[str] = None
+    #: once open on a plain TCP socket: frames for the client are written
+    #: through this, at once or at the end of a Redis read (L{_write})
+    _out: Optional[Pending] = None
     #: who ended the connection, when the proxy knows better than "client"
     _closed_by: Optional[ClosedBy] = None
     _opened_at = 0.0
@@ -298,6 +303,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         self.__dict__.pop("_on_publish_reply", None)
         self.__dict__.pop("_on_append_reply", None)
+        self.__dict__.pop("_out", None)
         self._resumer = None
         # Autobahn resolves is_closed with the protocol itself
         self.is_closed = defer.succeed(None)
@@ -432,6 +438,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self, True)
+        direct = plain_socket(transport)
+        if direct is not None:
+            self._out = Pending(direct)
         if proxy.valve.paused:
             self.pause_reading()
         self._log.info(
@@ -520,6 +529,41 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.closed.callback(None)
 
     # -- client -> Redis -----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the client. On an open connection with no frame in
+        progress, whole single-frame messages are read here
+        (L{wsproxy.inframes}) and go straight to L{onMessage}; from the
+        first frame that is anything else, the bytes go to Autobahn. (Its
+        own C{dataReceived} only adds a debug line no log level shows.)
+        """
+        # what the read makes the proxy write to this client (invalid-JSON
+        # replies, nacks) goes out in one send when it has been handled;
+        # PUBLISHes wait for the end of the turn (sockwrite.TurnPending)
+        BATCH.hold()
+        try:
+            if (self.state == STATE_OPEN and self.current_frame is None and not self.data
+                    and not self.inside_message and self.autoPingTimeoutCall is None
+                    and self._perMessageCompress is None):
+                limit = self.factory.frame_limit
+                at = 0
+                end = len(data)
+                while True:
+                    frame = simple_frame(data, at, limit)
+                    if frame is None:
+                        break
+                    payload, binary, at = frame
+                    self.onMessage(payload, binary)
+                    if at == end:
+                        return
+                    if self.state != STATE_OPEN:
+                        break
+                if at:
+                    data = data[at:]
+            self._dataReceived(data)
+        finally:
+            BATCH.release()
 
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires its "message" event for listeners
@@ -629,9 +673,9 @@ class ProxyProtocol(WebSocketServerProtocol):
             # server): Autobahn's sendMessage costs more than the append
             size = len(frame)
             if size < 126:
-                self.sendData(b"\x81%c%b" % (size, frame))
+                self._write(b"\x81%c%b" % (size, frame))
             else:
-                self.sendData(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
+                self._write(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
         else:
             self.sendMessage(frame, False)
         if self._paused:
@@ -693,7 +737,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             if out is None:
                 prepared, size = None, 0
             else:
-                prepared, size = factory.prepareMessage(out[0], out[1]), len(out[0])
+                prepared, size = frames.Prepared(out[0], out[1]), len(out[0])
             factory.last_payload, factory.last_prepared = payload, prepared
             factory.last_size = size
         if prepared is None:
@@ -709,17 +753,17 @@ class ProxyProtocol(WebSocketServerProtocol):
             return
         self._send_prepared(prepared, size)
 
-    def _send_prepared(self, prepared: Any, size: int) -> None:
+    def _send_prepared(self, prepared: frames.Prepared, size: int) -> None:
         """
         Send a prepared message; count C{size} payload bytes (what the
         client's application receives, not the frame header nor the
         compressed size); close a client that stopped reading.
         """
         if self._perMessageCompress is None:
-            data = prepared.payloadHybi
-            self.sendData(data)
+            data = prepared.frame
+            self._write(data)
         else:
-            data = prepared.payload
+            data = prepared.message
             self._send_compressed(data, prepared.binary)
         self.messages_out += 1
         self.bytes_out += size
@@ -730,6 +774,28 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._unsent += len(data)
             if self._unsent > self.factory.max_send_buffer:
                 self._slow_consumer()
+
+    def _write(self, data: bytes) -> None:
+        """
+        Write a whole frame of an open connection: straight to the socket
+        (L{wsproxy.sockwrite}) when it is plain TCP, else as Autobahn
+        does. Autobahn's C{sendData} does nothing more for an open
+        connection but format a debug line no log level shows and count
+        octets nothing reads.
+        """
+        out = self._out
+        if out is not None and not self.send_queue:
+            out.send(data)
+        else:
+            self.sendData(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        # whatever Autobahn writes (pings, close frames) follows the frames
+        # held for the end of a Redis read
+        out = self._out
+        if out is not None and out.frames:
+            out.flush()
+        super().sendData(data, sync, chopsize)
 
     # Resumable sessions (see wsproxy.resume): every data frame is
     # "<position>\n<message>" (an empty position for plain :down messages),
@@ -748,7 +814,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             # declared text but not UTF-8: browsers would fail the connection
             self._proxy.stats.dropped_down += 1
             return
-        prepared = self.factory.prepareMessage(position + b"\n" + message, binary)
+        prepared = frames.Prepared(position + b"\n" + message, binary)
         self._send_prepared(prepared, len(message))
 
     def _send_control(self, event: dict[str, object]) -> None:
@@ -936,9 +1002,11 @@ class ProxyFactory(WebSocketServerFactory):
         self.require_json = settings.require_json
         self.max_send_buffer = settings.max_send_buffer
         self.max_in_flight = settings.upstream_max_in_flight
+        #: the largest client frame read without Autobahn (ProxyProtocol.dataReceived)
+        self.frame_limit = settings.max_message_size
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
-        self.last_prepared: Any = None
+        self.last_prepared: Optional[frames.Prepared] = None
         self.last_size = 0
         self.last_built: Optional[ProxyProtocol] = None
         #: (session id, token, Compared) of the upgrade being handed over by

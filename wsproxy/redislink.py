@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 import time
+from errno import EWOULDBLOCK
 from collections import Counter, deque
 from typing import Any, Callable, Deque, Optional, Protocol, cast
 
 import hiredis
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet import defer
+from twisted.internet import defer, main, tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -45,11 +46,22 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
+from .sockwrite import BATCH, Pending, TurnPending, plain_socket
 
 
-#: read size and write-buffer high-water mark of the Redis connections
-#: (Twisted's default: 64 KiB)
+#: write-buffer high-water mark of the command connection (Twisted's
+#: default: 64 KiB), at which the upstream valve pauses the clients
 TRANSPORT_BUFFER_SIZE = 1 << 22
+
+#: bytes read from a Redis connection at a time: the subscriber reads a
+#: burst in large chunks, so that each socket gets many messages per read
+#: and one send() for all of them (L{wsproxy.sockwrite}). On plain TCP each
+#: connection reads into a buffer of its own, reused (L{_read_into}):
+#: Twisted allocates a new one of C{bufferSize} per read, which above the C
+#: library's mmap threshold (128 KiB) cost an mmap, an mremap and a munmap
+#: per read, three system calls for a read of a message or two.
+SUBSCRIBER_READ_SIZE = 1 << 22
+COMMANDS_READ_SIZE = 1 << 16
 
 
 class RedisUnavailable(Exception):
@@ -82,6 +94,8 @@ class _Counting:
 
     def connectionLost(self, reason: Failure) -> None:
         transport = self.transport  # type: ignore[attr-defined]
+        if transport is not None:
+            transport.__dict__.pop("doRead", None)  # _read_into
         try:
             super().connectionLost(reason)  # type: ignore[misc]
         finally:
@@ -95,7 +109,14 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
     and its reply handed to a callback, with no Deferred, no command
     formatting and no reply conversion per message. One FIFO keeps the two
     kinds of reply apart (C{None} marks a txredisapi command).
+
+    On a plain TCP connection, lean commands are written straight to the
+    socket (L{wsproxy.sockwrite}), all those of one reactor turn with one
+    send() when the turn's events have been handled.
     """
+
+    #: set once usable on plain TCP (L{RedisLink._usable})
+    _out: Optional[Pending] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -108,12 +129,23 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         return self.command("ROLE")
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
+        out = self._out
+        if out is not None and out.frames:
+            # txredisapi writes to the transport: after the commands held
+            out.flush()
         self._fifo.append(None)
         self.sent += 1
         return cast("defer.Deferred[Any]", self.execute_command(*args))
 
+    def _send(self, data: bytes) -> None:
+        out = self._out
+        if out is None:
+            self.transport.write(data)
+        else:
+            out.send(data)
+
     def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
-        self.transport.write(
+        self._send(
             b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
             % (len(channel), channel, len(payload), payload)
         )
@@ -124,7 +156,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         """
         C{SPUBLISH} (Redis Cluster) on the lean path, as L{publish_raw}.
         """
-        self.transport.write(
+        self._send(
             b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
             % (len(channel), channel, len(payload), payload)
         )
@@ -136,7 +168,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         Any command on the lean path (events, heartbeats): written as RESP,
         its reply handed to C{on_reply}.
         """
-        self.transport.write(encode_command(*args))
+        self._send(encode_command(*args))
         self._fifo.append(on_reply)
         self.sent += 1
 
@@ -145,13 +177,32 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         A command already encoded in RESP (durable upstream's XADD, whose
         constant part each connection encodes once).
         """
-        self.transport.write(command)
+        self._send(command)
         self._fifo.append(on_reply)
         self.sent += 1
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        self._parser.feed(data)
+        self._answer()
+
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read into C{buffer} (L{_read_into}).
+        """
+        # hiredis takes any buffer (its stubs say bytes)
+        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        self._answer()
+
+    def _answer(self) -> None:
+        # acks and replies to clients go out when the read has been handled
+        BATCH.hold()
+        try:
+            self._replies()
+        finally:
+            BATCH.release()
+
+    def _replies(self) -> None:
         parser = self._parser
-        parser.feed(data)
         fifo = self._fifo
         reply = parser.gets()
         while reply is not False:
@@ -165,6 +216,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
             reply = parser.gets()
 
     def connectionLost(self, reason: Any) -> None:
+        self._out = None
         handlers = [h for h in self._fifo if h is not None]
         self._fifo.clear()
         try:
@@ -210,8 +262,27 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
         return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        self._parser.feed(data)
+        self._answer()
+
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read into C{buffer} (L{_read_into}).
+        """
+        # hiredis takes any buffer (its stubs say bytes)
+        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        self._answer()
+
+    def _answer(self) -> None:
+        # the sockets' frames of one read are sent when it has been dispatched
+        BATCH.hold()
+        try:
+            self._dispatch()
+        finally:
+            BATCH.release()
+
+    def _dispatch(self) -> None:
         parser = self._parser
-        parser.feed(data)
         on_message = self.link.on_message
         reply = parser.gets()
         while reply is not False:
@@ -247,9 +318,8 @@ class _ShardSubscriberProtocol(_SubscriberProtocol):
         self.transport.write(encode_command(kind.upper(), key))
         return d
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+    def _dispatch(self) -> None:
         parser = self._parser
-        parser.feed(data)
         link = self.link
         on_message = link.on_message
         pending = self._sharded
@@ -430,6 +500,9 @@ class RedisLink:
             # (the proxy's UpstreamValve on the command connection): without
             # this, shutdown with rediss:// waits forever.
             proto.transport.unregisterProducer()
+            out = getattr(proto, "_out", None)
+            if out is not None:
+                out.flush()  # commands held for the end of this turn
         await self._service.stopService()
         proto = self._connecting or self.ready
         if proto is not None and proto.transport is not None:
@@ -509,13 +582,22 @@ class RedisLink:
         self.ready = proto
         # AUTH/SELECT replies were counted; only commands from now on matter
         proto.sent = proto.answered = 0
-        if proto.transport is not None:
-            # Subscriber: read a burst in large chunks, so each socket gets
-            # several messages per reactor iteration and one send() for all.
-            # Commands: the upstream valve pauses clients only past this much
-            # unsent data, rather than every 64 KiB (each pause and resume
-            # touches every client socket).
-            proto.transport.bufferSize = TRANSPORT_BUFFER_SIZE
+        transport = proto.transport
+        if transport is not None:
+            direct = plain_socket(transport)
+            if direct is not None:
+                _read_into(direct, proto, SUBSCRIBER_READ_SIZE if self._subscriber
+                           else COMMANDS_READ_SIZE)
+            if self._subscriber:
+                # TLS: Twisted's reads, large ones (see SUBSCRIBER_READ_SIZE)
+                transport.bufferSize = SUBSCRIBER_READ_SIZE
+            else:
+                # the upstream valve pauses clients only past this much
+                # unsent data, rather than every 64 KiB (each pause and
+                # resume touches every client socket)
+                transport.bufferSize = TRANSPORT_BUFFER_SIZE
+                if direct is not None:
+                    proto._out = TurnPending(direct, self._clock)
         self._failures = 0
         self.last_error = None
         self.failures.recovered()
@@ -688,6 +770,35 @@ class RedisLink:
         proto = self.ready
         if proto is not None:
             proto.transport.abortConnection()
+
+
+def _read_into(transport: tcp.Connection, proto: Any, size: int) -> None:
+    """
+    Make a plain TCP transport read into one buffer of C{size} bytes,
+    reused, and hand C{proto.received_into} each read (what Twisted's
+    C{doRead} does, without a new buffer per read).
+    """
+    if type(transport).doRead is not tcp.Connection.doRead:
+        return  # a Unix socket (recvmsg) keeps Twisted's reads
+    sock = transport.socket
+    buffer = bytearray(size)
+    received = proto.received_into
+
+    def doRead() -> Any:
+        try:
+            n = sock.recv_into(buffer)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        received(buffer, n)
+        return None
+
+    # an attribute of the transport (a reference cycle through the
+    # protocol): dropped when the connection is lost (_Counting.connectionLost)
+    transport.doRead = doRead  # type: ignore[method-assign]
 
 
 def process_token() -> str:
