@@ -180,6 +180,21 @@ class ProcessTests(RedisTestCase):
             self.assertNotIn(b"Traceback", log)
             self.assertFalse(os.path.exists(os.path.join(daemonizing.cwd, "twistd.pid")))
 
+    async def test_port_of_workers_in_use(self) -> None:
+        """
+        WORKERS=2 listens with SO_REUSEPORT, one socket per worker; a second
+        instance on the same port (itself with workers, so with
+        SO_REUSEPORT too) is still refused with "Address already in use"
+        rather than quietly joining the first one's group.
+        """
+        first = self.start(WORKERS="2")
+        port = await first.port()
+        second = self.start(PORT=str(port), WORKERS="2")
+        await wait_for(lambda: second.out.ended.called, timeout=20)
+        self.assertEqual(second.out.status, 1)
+        self.assertIn(f"wsproxy: cannot listen on 127.0.0.1:{port}: [Errno 98]".encode(),
+                      second.out.output)
+
     async def test_help_lists_every_option(self) -> None:
         """
         twistd wsproxy --help works from any directory and documents every

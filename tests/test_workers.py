@@ -37,7 +37,8 @@ from wsproxy.metrics import Stats, merge, monotonic_part, render
 from wsproxy.site import Root
 from wsproxy.workers import Supervisor, SupervisorLink, _Worker, _WorkerLink
 
-from .support import Daemon, RedisTestCase, connect, status_of, wait_for
+from .support import Daemon, RedisTestCase, connect, status_of, upgrade_request, wait_for
+from .test_hostile import RawClient
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -562,38 +563,67 @@ class WorkerProcessTests(RedisTestCase):
 
     async def test_failed_authorization_counted_over_workers(self) -> None:
         """
-        AUTH_FAIL_LIMIT=4 with two workers: four failures from 127.0.0.2,
-        all answered by one worker (the other is stopped), limit the address
-        in the other worker too, which then answers 429 even to a valid
-        token (without the supervisor's count it would admit it: it has seen
-        no failure).
+        AUTH_FAIL_LIMIT=6 with two workers: six failures from 127.0.0.2,
+        however the kernel spread them over the workers (neither need have
+        seen six), limit the address in both: each then answers 429, even to
+        a valid token. (Counting per worker, a valid token would be admitted
+        by any worker that saw fewer than six.)
         """
         from .test_daemon_env import attempt
 
-        daemon = WorkerDaemon(self, AUTH_FAIL_LIMIT="4")
+        daemon = WorkerDaemon(self, AUTH_FAIL_LIMIT="6")
         port = await daemon.start()
-        first, second = sorted(daemon.workers())
         self.r.set("session:s1:auth", "tok", ex=300)
-        os.kill(second, signal.SIGSTOP)
-        try:
-            statuses = [(await attempt(port, "127.0.0.2", "wrong"))[0] for _ in range(4)]
-            self.assertEqual(statuses, [403] * 4)
-            self.assertEqual((await attempt(port, "127.0.0.2", "tok"))[0], 429)
-        finally:
-            os.kill(second, signal.SIGCONT)
-        os.kill(first, signal.SIGSTOP)
-        try:
-            # the second worker reads the supervisor's word in its next turns
-            seen: list[int] = []
-            deadline = time.monotonic() + 20
-            while 429 not in seen and len(seen) < 50 and time.monotonic() < deadline:
-                seen.append((await attempt(port, "127.0.0.2", "tok"))[0])
-            self.assertEqual(seen[-1], 429, f"{len(seen)} attempts, the last: {seen[-3:]}")
-            after = [(await attempt(port, "127.0.0.2", "tok"))[0] for _ in range(3)]
-            self.assertEqual(after, [429] * 3)
-            self.assertEqual((await attempt(port, "127.0.0.3", "tok"))[0], 101)
-        finally:
-            os.kill(first, signal.SIGCONT)
+
+        async def answer(token: str) -> tuple[int, int]:
+            """The status of one upgrade from 127.0.0.2, and its worker."""
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port,
+                                          bindAddress=("127.0.0.2", 0))
+            client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
+            pid = await daemon.owner_of(client.transport.getHost().port)
+            client.send(upgrade_request("/a/ws/s1", {"Authorization": f"Bearer {token}"}))
+            await wait_for(lambda: b"\r\n\r\n" in client.data or client.lost_at is not None, 20)
+            client.transport.abortConnection()
+            return status_of(client.data), pid
+
+        failures: Counter[int] = Counter()
+        for _ in range(6):
+            status, pid = await answer("wrong")
+            self.assertEqual(status, 403)
+            failures[pid] += 1
+        # every worker answers 429 (once the supervisor's word has arrived)
+        last: dict[int, int] = {}
+        deadline = time.monotonic() + 30
+        while (len(last) < 2 or set(last.values()) != {429}) and time.monotonic() < deadline:
+            status, pid = await answer("tok")
+            last[pid] = status
+        self.assertEqual(last, {pid: 429 for pid in daemon.workers()},
+                         f"failures per worker {dict(failures)}")
+        self.assertEqual((await attempt(port, "127.0.0.3", "tok"))[0], 101)
+
+    async def test_connections_wait_for_a_restarting_worker(self) -> None:
+        """
+        Each worker has its own listening socket, kept by the supervisor:
+        connections the kernel queues on a killed worker's socket before
+        its replacement runs wait for the replacement, which takes them once
+        its Redis connections are ready: all twenty clients, connecting at
+        once right after the kill, are admitted (101), some by the new
+        worker.
+        """
+        daemon = WorkerDaemon(self)
+        port = await daemon.start()
+        old = daemon.workers()
+        os.kill(sorted(old)[0], signal.SIGKILL)
+        sessions = [f"q{n}" for n in range(20)]
+        for session in sessions:
+            self.r.set(f"session:{session}:auth", "tok", ex=60)
+        clients = await defer.gatherResults([
+            connect(f"ws://127.0.0.1:{port}/a/ws/{session}", token="tok") for session in sessions
+        ])
+        for client in clients:
+            self.addCleanup(client.close_and_wait)
+        owners = {await daemon.owner_of(c.transport.getHost().port) for c in clients}
+        self.assertTrue(owners - old, f"no client reached the replacement: {owners}, {old}")
 
     async def test_one_scrape_shows_every_worker(self) -> None:
         """

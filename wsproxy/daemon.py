@@ -211,13 +211,48 @@ class ProxyService(DaemonService):
         self.descriptors = raise_soft_limit()
         self.proxy.connection_cap = self.descriptors.cap(self.proxy.settings.max_connections)
 
+    #: a worker accepts once its Redis connections are ready, or after this
+    #: many seconds whatever their state (then it answers 503 as usual)
+    accept_wait = 5.0
+
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
         budget = getattr(self.site, "budget", None)
         if budget is not None:
             budget.port = port
+        if self.worker is not None:
+            self._accept_when_ready(port)
         if self._running_now:
             self._announce()
+
+    def _accept_when_ready(self, port: IListeningPort) -> None:
+        """
+        A worker's socket is its own (C{SO_REUSEPORT}, see
+        L{wsproxy.workers}): what the kernel queued on it while the worker
+        (re)started waits there, not taken by another worker, so accepting
+        it before Redis is connected would answer it 503. Accept once the
+        command and subscriber connections are ready, or after
+        L{accept_wait} seconds.
+        """
+        pausable: Any = port
+        if not hasattr(pausable, "stopReading"):
+            return
+        pausable.stopReading()
+        deadline = self.reactor.seconds() + self.accept_wait
+
+        def ready(link: Any) -> bool:
+            return getattr(link, "ready", True) is not None
+
+        def check() -> None:
+            if self._stopping is not None:
+                return
+            links_ready = ready(self.proxy.commands) and ready(self.proxy.subscriber)
+            if links_ready or self.reactor.seconds() >= deadline:
+                pausable.startReading()
+            else:
+                self.reactor.callLater(0.05, check)
+
+        self.reactor.callLater(0, check)
 
     def startService(self) -> None:
         self.listen()

@@ -1,18 +1,27 @@
 """
-Multi-core: C{WORKERS=N} runs N worker processes that share one listening
-socket.
+Multi-core: C{WORKERS=N} runs N worker processes on one port.
 
-The supervisor (the parent) opens the socket, so that no connection is
-refused while a worker restarts (connections wait in the shared accept
-queue), then starts each worker as C{python -m wsproxy} with the same
-configuration. Every worker is a complete proxy with its own Redis
-connections; the kernel hands each new connection to whichever worker
-accepts first. The supervisor restarts a worker that dies and, on SIGTERM
-or SIGINT, forwards the signal so that every worker shuts down gracefully,
-then exits 0 once they all have.
+The supervisor (the parent) opens one listening socket per worker, all on
+the same address with C{SO_REUSEPORT}, and keeps them: the kernel hashes
+each new connection to one of the sockets (so the workers get even shares,
+and only the worker whose socket has a connection is woken), and a worker
+that restarts gets its socket back, so the connections that waited in its
+queue meanwhile are served by its replacement instead of being refused.
+(One shared socket, as before, let the kernel wake every worker for every
+connection and hand it to whichever accepted first: with 100,000
+connections over 6 workers the busiest held 19,664 and the quietest
+14,806, close to the 19,872 a worker can hold before it answers 503.)
+Before the sockets the supervisor binds the port once without
+C{SO_REUSEPORT}, so that a port held by anything else, another wsproxy
+included, still fails start-up with "Address already in use" instead of
+quietly sharing its connections. Then it starts each worker as C{python -m
+wsproxy} with the same configuration. Every worker is a complete proxy
+with its own Redis connections. The supervisor restarts a worker that dies
+and, on SIGTERM or SIGINT, forwards the signal so that every worker shuts
+down gracefully, then exits 0 once they all have.
 
 A worker inherits two file descriptors, named in its environment (L{Seat}):
-the listening socket and its end of a private Unix socket pair to the
+its listening socket and its end of a private Unix socket pair to the
 supervisor. Over that channel, length-prefixed JSON messages:
 
   - worker -> supervisor C{{"op": "scrape", "id": n}}: a client asked this
@@ -94,16 +103,31 @@ class Seat:
         )
 
 
-def open_listening_socket(settings: Settings) -> socket.socket:
+def open_listening_sockets(settings: Settings) -> list[socket.socket]:
     """
-    The shared listening socket for C{HOST}/C{PORT}, inheritable.
+    One listening socket per worker on C{HOST}/C{PORT} (a free port chosen
+    for all if C{PORT} is 0), in one C{SO_REUSEPORT} group.
+
+    @raise OSError: the port is in use (by anything, another C{SO_REUSEPORT}
+        group of the same user included) or cannot be bound.
     """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.create_server((settings.host, settings.port), family=family,
-                                backlog=settings.listen_backlog)
-    sock.setblocking(False)
-    sock.set_inheritable(True)
-    return sock
+    # a plain bind fails if anything listens there; the group's would not
+    with socket.create_server((settings.host, settings.port), family=family) as probe:
+        port = probe.getsockname()[1]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(settings.workers):
+            sock = socket.create_server((settings.host, port), family=family,
+                                        backlog=settings.listen_backlog, reuse_port=True)
+            socks.append(sock)
+            sock.setblocking(False)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def inherited_endpoint(reactor: Any, fd: int) -> AdoptedStreamServerEndpoint:
@@ -338,7 +362,8 @@ class Supervisor(DaemonService):
         self.argv = argv
         self.handle_signals = handle_signals
         self.log_observer = log_observer
-        self.sock: Optional[socket.socket] = None
+        #: the listening socket of each worker, by index
+        self.socks: list[socket.socket] = []
         self.workers: dict[int, tuple[_Worker, Any]] = {}
         self.restarts = 0
         #: counters of the workers that have exited
@@ -351,13 +376,13 @@ class Supervisor(DaemonService):
 
     def privilegedStartService(self) -> None:
         """
-        Open the shared socket before the reactor runs (as root, with
+        Open the workers' sockets before the reactor runs (as root, with
         C{--uid}); a port that cannot be bound ends start-up with one line
         and exit status 1 (L{StartupError}).
         """
         super().privilegedStartService()
         try:
-            self.sock = open_listening_socket(self.settings)
+            self.socks = open_listening_sockets(self.settings)
         except OSError as e:
             why = os.strerror(e.errno) if e.errno else str(e)
             raise StartupError(
@@ -374,15 +399,13 @@ class Supervisor(DaemonService):
     def _running(self) -> None:
         if self.handle_signals:
             self.install_signal_handlers()
-        assert self.sock is not None
-        host, port = self.sock.getsockname()[:2]
+        host, port = self.socks[0].getsockname()[:2]
         self._log.info(
             "wsproxy supervisor: {n} workers listening on {host}:{port}",
             n=self.settings.workers, host=host, port=port,
         )
 
     def _spawn(self, index: int) -> None:
-        assert self.sock is not None
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["WORKERS"] = "1"
@@ -397,7 +420,7 @@ class Supervisor(DaemonService):
                 [sys.executable, "-m", "wsproxy", *self.argv],
                 env=env,
                 childFDs={0: 0, 1: 1, 2: 2,
-                          _LISTEN_FD: self.sock.fileno(), _CHANNEL_FD: theirs.fileno()},
+                          _LISTEN_FD: self.socks[index].fileno(), _CHANNEL_FD: theirs.fileno()},
             )
         except BaseException:
             ours.close()
@@ -469,8 +492,8 @@ class Supervisor(DaemonService):
         super().stopService()
         waiting = [worker.ended for worker, _ in self.workers.values()]
         self._signal_workers("TERM")
-        if self.sock is not None:
-            self.sock.close()
+        for sock in self.socks:
+            sock.close()
         # workers keep listening for SHUTDOWN_DRAIN_SECS and wait up to
         # SHUTDOWN_GRACE_PERIOD_SECS for their clients; past that (plus a
         # margin) whatever is left is killed
