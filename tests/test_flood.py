@@ -267,9 +267,10 @@ class DaemonLimitTests(RedisTestCase):
             await task.deferLater(reactor, 0.05, lambda: None)
 
     def token_checks(self) -> int:
-        """Redis commands a token check sends (GET, EXPIRE), ever."""
+        """Redis commands a token check sends (EVALSHA, EVAL; GET, EXPIRE), ever."""
         stats = self.r.info("commandstats")
-        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "expire"))
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+                   for name in ("evalsha", "eval", "get", "expire"))
 
     async def test_engages_without_redis_and_only_there(self) -> None:
         """
@@ -425,7 +426,7 @@ class CompareFirstTests(MemoryTestCase):
     def test_wrong_token_refused_before_autobahn(self) -> None:
         """
         A wrong header token is refused 403 with no WebSocket protocol
-        built for it, after one GET and nothing else.
+        built for it, after one token check (EVALSHA) and nothing else.
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
@@ -433,19 +434,22 @@ class CompareFirstTests(MemoryTestCase):
         self.assertEqual(client.response().status, "HTTP/1.1 403 Invalid or expired token")
         self.assertTrue(client.closed)
         self.assertIsNone(memory.site.ws_factory.last_built)
-        self.assertEqual([c.name for c in memory.redis.log], ["GET"])
+        self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
         self.assertEqual(memory.proxy.stats.outcomes, {"403": 1})
 
     def test_equal_token_checked_once(self) -> None:
         """
-        An equal header token is not fetched again by the admission: one
-        GET, one EXPIRE, then the subscription and the 101.
+        An equal header token is not checked again by the admission: one
+        round trip compares it and resets its TTL (EVALSHA), then the
+        subscription and the 101.
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
-        self.assertEqual([c.name for c in memory.redis.log], ["GET", "EXPIRE", "SUBSCRIBE"])
+        self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA", "SUBSCRIBE"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 10800)
 
     def test_frames_behind_the_request_kept(self) -> None:
         """
@@ -454,13 +458,13 @@ class CompareFirstTests(MemoryTestCase):
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
-        memory.redis.hold("GET")
+        memory.redis.hold("EVALSHA")
         client = memory.connect()
         client.send(upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
                     + client_frame(b"one"))
         client.send(client_frame(b"two"))
         self.assertEqual(client.transport.value(), b"")
-        memory.redis.release("GET")
+        memory.redis.release("EVALSHA")
         memory.clock.advance(0)
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
         self.assertEqual(memory.redis.published,

@@ -12,13 +12,33 @@ grace period, which is what lets a client reconnect with the same token
 until the grace period runs out. Redis errors are not decided here: they
 propagate to the admission (L{wsproxy.proxy.Proxy.admit}), which answers
 503 or 504.
+
+One round trip: the comparison and the TTL reset are one Lua script
+(L{CHECK_SCRIPT}, sent as C{EVALSHA}; on C{NOSCRIPT}, as after a failover
+to a master whose script cache is empty or a C{SCRIPT FLUSH}, as C{EVAL},
+which caches it again). It touches nothing on a mismatch, and its single
+key routes it by slot on a Redis Cluster. Where the ACL user may not run
+scripts (C{NOPERM}) or scripting is disabled, the check falls back to
+C{GET}, a comparison here, then C{EXPIRE} (two round trips), with one
+warning per Redis connection (L{TokenScript}).
+
+Constant time: the script compares SHA-1 digests (the stored token's,
+computed by Redis, and the presented token's, computed here), never the
+tokens themselves. How long a comparison takes then says at most how many
+leading digits of two digests agree, which tells nothing about the stored
+token; and the token never reaches Redis (not in C{MONITOR}, C{SLOWLOG}
+or a script argument). The fallback compares with C{hmac.compare_digest}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Mapping, Optional, Sequence
+
+import txredisapi
+from twisted.logger import Logger
 
 from .names import auth_key
 from .refusal import Refusal
@@ -86,6 +106,121 @@ MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
 Execute = Callable[..., Awaitable[object]]
 
 
+#: compare the stored token's digest with the presented one's (KEYS[1] the
+#: auth key, ARGV[1] the presented token's SHA-1 in hex, ARGV[2] the grace
+#: period) and, only if they are equal, reset the key's TTL: 1 matched and
+#: renewed, 0 no such key, -1 a different token (both answered 403)
+CHECK_SCRIPT = """\
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 0 end
+if redis.sha1hex(stored) ~= ARGV[1] then return -1 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
+MATCHED = 1
+
+
+class TokenScript:
+    """
+    Whether the token check may use L{CHECK_SCRIPT}: until Redis refuses
+    scripts to this user (C{NOPERM}) or knows no C{EVALSHA}; then the
+    check uses C{GET} and C{EXPIRE} until the next command connection
+    (L{reset}), where an ACL change may have allowed scripts.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._warned = False
+
+    def reset(self) -> None:
+        """
+        A new command connection: try the script again.
+        """
+        self.usable = True
+        self._warned = False
+
+    def refused(self, error: Exception) -> None:
+        self.usable = False
+        if not self._warned:
+            self._warned = True
+            self._log.warn(
+                "token check: Redis refuses scripts ({why}); using GET and EXPIRE "
+                "(two round trips per connection set-up) until the next Redis connection",
+                why=str(error),
+            )
+
+
+def _scripts_refused(error: txredisapi.ResponseError) -> bool:
+    """
+    Whether Redis refused to run scripts at all (an ACL without C{EVAL} or
+    C{EVALSHA}; scripting disabled or renamed), as opposed to an error in
+    what the script did (a key of the wrong type, no permission on the key).
+    """
+    text = str(error)
+    lower = text.lower()
+    if text.startswith("NOPERM"):
+        return "'evalsha'" in lower or "'eval'" in lower
+    return text.startswith("ERR unknown command") and "eval" in lower
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha1(token.encode("utf-8")).hexdigest()
+
+
+async def compare_and_extend(
+    execute: "Execute", key: str, token: str, grace_period: int, script: TokenScript
+) -> Optional[bool]:
+    """
+    L{CHECK_SCRIPT} on C{key}: whether the stored token is C{token} (and
+    then its TTL was reset), or C{None} if Redis refuses scripts (the
+    caller falls back to C{GET} and C{EXPIRE}).
+    """
+    digest = token_digest(token)
+    try:
+        try:
+            reply = await execute("EVALSHA", CHECK_SHA, 1, key, digest, grace_period)
+        except txredisapi.ResponseError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+            # a master that never ran it (failover, restart, SCRIPT FLUSH)
+            reply = await execute("EVAL", CHECK_SCRIPT, 1, key, digest, grace_period)
+    except txredisapi.ResponseError as e:
+        if not _scripts_refused(e):
+            raise
+        script.refused(e)
+        return None
+    return bool(reply == MATCHED)
+
+
+async def verify_token(
+    execute: "Execute",
+    session_id: str,
+    token: str,
+    grace_period: int,
+    script: Optional[TokenScript],
+) -> bool:
+    """
+    The stored token equals C{token}, in one round trip when scripts are
+    allowed (and then its TTL is reset too).
+
+    @return: whether the TTL was reset (else the caller still owes the
+        C{EXPIRE}: L{check_token} with C{compared=True}).
+    @raise Refusal: 403; Redis errors propagate as they are.
+    """
+    key = auth_key(session_id)
+    if script is not None and script.usable:
+        matched = await compare_and_extend(execute, key, token, grace_period, script)
+        if matched is not None:
+            if not matched:
+                raise Refusal(403, "Invalid or expired token")
+            return True
+    await compare_token(execute, session_id, token)
+    return False
+
+
 async def compare_token(execute: Execute, session_id: str, token: str) -> None:
     """
     The first half of L{check_token}: C{GET} the stored token and compare.
@@ -103,14 +238,17 @@ async def check_token(
     credentials: Optional[Credentials],
     grace_period: int,
     compared: bool = False,
+    script: Optional[TokenScript] = None,
 ) -> None:
     """
     Check C{credentials} against C{session:{session_id}:auth} and, on
-    success, reset the key's TTL to C{grace_period}.
+    success, reset the key's TTL to C{grace_period}: one round trip with
+    C{script} (L{CHECK_SCRIPT}) while Redis allows it, else C{GET} and
+    C{EXPIRE}.
 
     @param compared: the stored token was already found equal to this one
-        (L{compare_token}, before the WebSocket handshake): only the TTL
-        is reset.
+        (L{verify_token} without the script, before the WebSocket
+        handshake): only the TTL is reset.
     @raise Refusal: 401 or 403 (see the module docstring); Redis errors
         propagate as they are.
     """
@@ -118,7 +256,8 @@ async def check_token(
         raise Refusal(*MISSING_TOKEN)
     key = auth_key(session_id)
     if not compared:
-        await compare_token(execute, session_id, credentials.token)
+        if await verify_token(execute, session_id, credentials.token, grace_period, script):
+            return
     renewed = await execute("EXPIRE", key, grace_period)
     if renewed in (0, b"0"):
         # the key expired between GET and EXPIRE

@@ -616,15 +616,22 @@ class _Counts:
         return self._cluster.connect_failures()
 
 
+#: commands whose keys follow the script or function and the number of keys
+_SCRIPT_COMMANDS = frozenset(
+    n for name in ("FCALL", "FCALL_RO", "EVAL", "EVALSHA") for n in (name, name.encode())
+)
+
+
 def _command_key(args: tuple[Any, ...]) -> Optional[bytes]:
     """
-    The key a command is routed by: its first argument, or for FCALL and
-    FCALL_RO its first key; C{None} for commands without a key.
+    The key a command is routed by: its first argument, or for FCALL,
+    FCALL_RO, EVAL and EVALSHA (the token check's script) its first key;
+    C{None} for commands without a key.
     """
     if len(args) < 2:
         return None
     name = args[0].upper() if isinstance(args[0], (bytes, str)) else args[0]
-    if name in ("FCALL", "FCALL_RO", b"FCALL", b"FCALL_RO"):
+    if name in _SCRIPT_COMMANDS:
         if len(args) < 4 or int(args[2]) == 0:
             return None
         key = args[3]

@@ -107,11 +107,13 @@ class Compared:
     """
     When the stored token was found equal to the presented one, before the
     WebSocket handshake (L{Proxy.compare}): C{since} on the proxy's clock,
-    C{perf} by C{time.perf_counter}.
+    C{perf} by C{time.perf_counter}; C{renewed}: its TTL was reset in the
+    same step (the token check's script), else the admission resets it.
     """
 
     since: float
     perf: float
+    renewed: bool = False
 
 
 class Connection(Readable, Protocol):
@@ -208,6 +210,8 @@ class Proxy:
         self.stats.auth_limit_addresses = self.auth_limit.__len__
         #: header tokens being compared before their handshake (compare)
         self.comparing = 0
+        #: whether the token check runs as one script (one round trip)
+        self.token_script = auth.TokenScript()
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -257,6 +261,9 @@ class Proxy:
         self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:
+        # a new connection (a failover, an ACL change): the token check
+        # tries its script again
+        self.token_script.reset()
         # a cluster has a command connection per master: clients are paused
         # while any of them is full
         proto.transport.registerProducer(
@@ -513,8 +520,9 @@ class Proxy:
         left), nothing stays subscribed.
 
         @param compared: the stored token was already compared (L{compare},
-            before the WebSocket handshake): only its TTL is reset, and the
-            deadline is what is left of the one that began then.
+            before the WebSocket handshake): its TTL is reset unless that
+            did it already, and the deadline is what is left of the one
+            that began then.
         @return: for a resuming client, what it will be sent.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
@@ -553,10 +561,11 @@ class Proxy:
     ) -> Optional[Recovery]:
         started = time.perf_counter() if compared is None else compared.perf
         try:
-            await auth.check_token(
-                self.commands.execute, session_id, credentials, self.settings.auth_grace_period,
-                compared is not None,
-            )
+            if compared is None or not compared.renewed:
+                await auth.check_token(
+                    self.commands.execute, session_id, credentials,
+                    self.settings.auth_grace_period, compared is not None, self.token_script,
+                )
         finally:
             if credentials is not None:
                 self.stats.auth_latency.observe(time.perf_counter() - started)
@@ -582,17 +591,22 @@ class Proxy:
 
     async def compare(self, session_id: str, token: str) -> "Compared":
         """
-        The token check's first half, before the WebSocket handshake (see
-        L{wsproxy.site.Root}): the stored token equals C{token}. Within
-        C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of it.
+        The token check before the WebSocket handshake (see
+        L{wsproxy.site.Root}): the stored token equals C{token}, and (with
+        the token check's script, in the same round trip) its TTL is reset.
+        Within C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of
+        it.
 
         @raise Refusal: 403, 503 or 504, as L{authorize}.
         """
         compared = Compared(self.clock.seconds(), time.perf_counter())
         self.comparing += 1
         try:
-            await with_deadline(
-                defer.ensureDeferred(auth.compare_token(self.commands.execute, session_id, token)),
+            renewed = await with_deadline(
+                defer.ensureDeferred(auth.verify_token(
+                    self.commands.execute, session_id, token, self.settings.auth_grace_period,
+                    self.token_script,
+                )),
                 self.settings.auth_timeout,
                 self.clock,
             )
@@ -605,7 +619,7 @@ class Proxy:
             raise
         finally:
             self.comparing -= 1
-        return compared
+        return replace(compared, renewed=renewed) if renewed else compared
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:
