@@ -224,7 +224,7 @@ class FakeRedis:
             self.scripts.add(hashlib.sha1(script.encode()).hexdigest())
         elif script not in self.scripts:
             return txredisapi.ResponseError("NOSCRIPT No matching script. Please use EVAL.")
-        assert numkeys == 1
+        assert int(numkeys) == 1
         stored = self.data.get(key)
         if stored is None:
             return 0
@@ -335,6 +335,16 @@ class FakeLink:
 
         self._send(args, reply)
         return d
+
+    def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None:
+        """
+        The lean path (L{wsproxy.redislink.RedisLink.send}): the reply, or
+        the exception, goes to C{on_reply}; arguments are logged as text.
+        """
+        if self.ready is None:
+            on_reply(RedisUnavailable("not connected"))
+            return
+        self._send(tuple(a.decode() if isinstance(a, bytes) else a for a in args), on_reply)
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         if self.ready is None:

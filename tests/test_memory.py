@@ -110,7 +110,7 @@ class AcceptTests(AdmissionTestCase):
         self.assertEqual(memory.proxy.stats.open_connections, 1)
         # one round trip: compared and renewed by the token check's script
         self.assertEqual(memory.redis.sent("EVALSHA", "EVAL", "GET", "EXPIRE"), [
-            ("EVALSHA", CHECK_SHA, 1, "session:s1:auth", token_digest("tok"), GRACE)])
+            ("EVALSHA", CHECK_SHA, "1", "session:s1:auth", token_digest("tok"), str(GRACE))])
         self.assertEqual(memory.redis.ttl["session:s1:auth"], GRACE)
 
     def test_subprotocol_token(self) -> None:

@@ -35,10 +35,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import txredisapi
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .names import auth_key
 from .refusal import Refusal
@@ -102,9 +104,11 @@ def tokens_match(stored: object, presented: str) -> bool:
 #: the 401 refusal's code, reason and headers
 MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
 
-#: sends one Redis command and gives its reply, like L{RedisLink.execute}
-Execute = Callable[..., Awaitable[object]]
-
+#: sends one Redis command on the command connection's lean path, like
+#: L{wsproxy.redislink.RedisLink.send}: C{send(on_reply, *args)}; the reply
+#: (or the exception: a Redis error, L{RedisUnavailable}, L{RedisTimeout})
+#: goes to C{on_reply}
+Send = Callable[..., None]
 
 #: compare the stored token's digest with the presented one's (KEYS[1] the
 #: auth key, ARGV[1] the presented token's SHA-1 in hex, ARGV[2] the grace
@@ -118,6 +122,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
+CHECK_SHA_BYTES = CHECK_SHA.encode()
 MATCHED = 1
 
 
@@ -170,70 +175,123 @@ def token_digest(token: str) -> str:
     return hashlib.sha1(token.encode("utf-8")).hexdigest()
 
 
-async def compare_and_extend(
-    execute: "Execute", key: str, token: str, grace_period: int, script: TokenScript
-) -> Optional[bool]:
-    """
-    L{CHECK_SCRIPT} on C{key}: whether the stored token is C{token} (and
-    then its TTL was reset), or C{None} if Redis refuses scripts (the
-    caller falls back to C{GET} and C{EXPIRE}).
-    """
-    digest = token_digest(token)
-    try:
-        try:
-            reply = await execute("EVALSHA", CHECK_SHA, 1, key, digest, grace_period)
-        except txredisapi.ResponseError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-            # a master that never ran it (failover, restart, SCRIPT FLUSH)
-            reply = await execute("EVAL", CHECK_SCRIPT, 1, key, digest, grace_period)
-    except txredisapi.ResponseError as e:
-        if not _scripts_refused(e):
-            raise
-        script.refused(e)
-        return None
-    return bool(reply == MATCHED)
+#: what a token check found: equal, and its TTL reset in the same step (the
+#: script); equal, its TTL still to reset (GET where scripts are refused);
+#: different or absent (403)
+RENEWED, EQUAL, DIFFERENT = "renewed", "equal", "different"
+
+Found = Literal["renewed", "equal", "different"]
 
 
-async def verify_token(
-    execute: "Execute",
-    session_id: str,
-    token: str,
-    grace_period: int,
-    script: Optional[TokenScript],
-) -> bool:
+class TokenCheck:
     """
-    The stored token equals C{token}, in one round trip when scripts are
-    allowed (and then its TTL is reset too).
-
-    @return: whether the TTL was reset (else the caller still owes the
-        C{EXPIRE}: L{check_token} with C{compared=True}).
-    @raise Refusal: 403; Redis errors propagate as they are.
+    One comparison of a presented token with the stored one, on the
+    command connection's lean path (no Deferred: a handshake's token check
+    is a good part of its cost): L{CHECK_SCRIPT} by C{EVALSHA}, by C{EVAL}
+    after C{NOSCRIPT}, by C{GET} and a comparison here where Redis refuses
+    scripts. C{done} gets L{RENEWED}, L{EQUAL} or L{DIFFERENT}, or the
+    exception of a Redis failure; once, and never after L{cancel}.
     """
-    key = auth_key(session_id)
-    if script is not None and script.usable:
-        matched = await compare_and_extend(execute, key, token, grace_period, script)
-        if matched is not None:
-            if not matched:
-                raise Refusal(403, "Invalid or expired token")
-            return True
-    await compare_token(execute, session_id, token)
-    return False
+
+    __slots__ = ("_send", "_key", "_token", "_grace", "_script", "_done", "_evaled")
+
+    def __init__(self, send: Send, session_id: str, token: str, grace_period: int,
+                 script: Optional[TokenScript], done: Callable[[object], None]) -> None:
+        self._send = send
+        self._key = auth_key(session_id).encode()
+        self._token = token
+        self._grace = b"%d" % grace_period
+        self._script = script
+        self._done: Optional[Callable[[object], None]] = done
+        self._evaled = False
+
+    def start(self) -> "TokenCheck":
+        script = self._script
+        if script is not None and script.usable:
+            self._send(self._scripted, b"EVALSHA", CHECK_SHA_BYTES, b"1", self._key,
+                       token_digest(self._token).encode(), self._grace)
+        else:
+            self._send(self._fetched, b"GET", self._key)
+        return self
+
+    def cancel(self) -> None:
+        """
+        The answer is no longer wanted (the client left, or the deadline
+        passed); a command already sent still runs in Redis.
+        """
+        self._done = None
+
+    def _finish(self, result: object) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
+
+    def _scripted(self, reply: object) -> None:
+        if self._done is None:
+            return
+        if isinstance(reply, txredisapi.ResponseError):
+            if str(reply).startswith("NOSCRIPT") and not self._evaled:
+                # a master that never ran it (failover, restart, SCRIPT FLUSH)
+                self._evaled = True
+                self._send(self._scripted, b"EVAL", CHECK_SCRIPT.encode(), b"1", self._key,
+                           token_digest(self._token).encode(), self._grace)
+                return
+            if _scripts_refused(reply) and self._script is not None:
+                self._script.refused(reply)
+                self._send(self._fetched, b"GET", self._key)
+                return
+        if isinstance(reply, Exception):
+            self._finish(reply)
+        else:
+            self._finish(RENEWED if reply == MATCHED else DIFFERENT)
+
+    def _fetched(self, reply: object) -> None:
+        if isinstance(reply, Exception):
+            self._finish(reply)
+        else:
+            self._finish(EQUAL if tokens_match(reply, self._token) else DIFFERENT)
 
 
-async def compare_token(execute: Execute, session_id: str, token: str) -> None:
+def _call(send: Send, *args: bytes) -> "defer.Deferred[object]":
     """
-    The first half of L{check_token}: C{GET} the stored token and compare.
-
-    @raise Refusal: 403; Redis errors propagate as they are.
+    One lean-path command as a Deferred (cancellable: a late reply is
+    dropped).
     """
-    stored = await execute("GET", auth_key(session_id))
-    if not tokens_match(stored, token):
-        raise Refusal(403, "Invalid or expired token")
+    d: defer.Deferred[object] = defer.Deferred()
+
+    def replied(reply: object) -> None:
+        if d.called:
+            return
+        if isinstance(reply, Exception):
+            d.errback(Failure(reply))
+        else:
+            d.callback(reply)
+
+    send(replied, *args)
+    return d
+
+
+def verify_token(send: Send, session_id: str, token: str, grace_period: int,
+                 script: Optional[TokenScript]) -> "defer.Deferred[object]":
+    """
+    L{TokenCheck} as a Deferred (cancellable): fires with L{RENEWED},
+    L{EQUAL} or L{DIFFERENT}; Redis failures as they are.
+    """
+    check: Optional[TokenCheck] = None
+    d: defer.Deferred[object] = defer.Deferred(lambda _: check.cancel() if check else None)
+
+    def done(result: object) -> None:
+        if isinstance(result, Exception):
+            d.errback(Failure(result))
+        else:
+            d.callback(result)
+
+    check = TokenCheck(send, session_id, token, grace_period, script, done).start()
+    return d
 
 
 async def check_token(
-    execute: Execute,
+    send: Send,
     session_id: str,
     credentials: Optional[Credentials],
     grace_period: int,
@@ -247,18 +305,20 @@ async def check_token(
     C{EXPIRE}.
 
     @param compared: the stored token was already found equal to this one
-        (L{verify_token} without the script, before the WebSocket
-        handshake): only the TTL is reset.
+        (L{EQUAL}: by C{GET}, before the WebSocket handshake): only the
+        TTL is reset.
     @raise Refusal: 401 or 403 (see the module docstring); Redis errors
         propagate as they are.
     """
     if credentials is None:
         raise Refusal(*MISSING_TOKEN)
-    key = auth_key(session_id)
     if not compared:
-        if await verify_token(execute, session_id, credentials.token, grace_period, script):
+        found = await verify_token(send, session_id, credentials.token, grace_period, script)
+        if found == DIFFERENT:
+            raise Refusal(403, "Invalid or expired token")
+        if found == RENEWED:
             return
-    renewed = await execute("EXPIRE", key, grace_period)
+    renewed = await _call(send, b"EXPIRE", auth_key(session_id).encode(), b"%d" % grace_period)
     if renewed in (0, b"0"):
         # the key expired between GET and EXPIRE
         raise Refusal(403, "Invalid or expired token")

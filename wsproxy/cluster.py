@@ -764,7 +764,8 @@ class ClusterCommands:
         """
         if args[0] == b"PUBLISH":
             args = (b"SPUBLISH",) + args[1:]
-        self._lean(args, args[1], on_reply, 0, None, False)
+        # scripts (the token check's) by their first key
+        self._lean(args, _command_key(args) or args[1], on_reply, 0, None, False)
 
     def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
         """

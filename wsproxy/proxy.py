@@ -48,7 +48,7 @@ from .redislink import (
     process_token,
     with_deadline,
 )
-from .refusal import Refusal
+from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .sentinel import SentinelWatcher
 from .resume import (
     RESUME_PARAM,
@@ -114,6 +114,71 @@ class Compared:
     since: float
     perf: float
     renewed: bool = False
+
+
+class Comparison:
+    """
+    A header token compared before the WebSocket handshake (L{Proxy.compare}),
+    on the command connection's lean path: no Deferred, no coroutine, and
+    no timer of its own (the site's handshake timer calls L{expired}).
+    """
+
+    _log = Logger()
+    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf")
+
+    def __init__(self, proxy: "Proxy", session_id: str, token: str,
+                 done: Callable[[Compared | Refusal], None]) -> None:
+        self._proxy = proxy
+        self._done: Optional[Callable[[Compared | Refusal], None]] = done
+        self._check = auth.TokenCheck(
+            proxy.commands.send, session_id, token, proxy.settings.auth_grace_period,
+            proxy.token_script, self._found,
+        )
+        self._since = self._perf = 0.0
+
+    def start(self) -> None:
+        proxy = self._proxy
+        self._since = proxy.clock.seconds()
+        self._perf = time.perf_counter()
+        proxy.comparing += 1
+        self._check.start()
+
+    def expired(self) -> None:
+        """
+        C{AUTH_TIMEOUT_SECS} passed without an answer: 504.
+        """
+        self._check.cancel()
+        self._end(Refusal(504, "Redis timeout"))
+
+    def cancel(self) -> None:
+        """
+        The client left: L{CLIENT_LEFT} (nothing happens once decided).
+        """
+        self._check.cancel()
+        self._end(CLIENT_LEFT)
+
+    def _found(self, found: object) -> None:
+        result: Compared | Refusal
+        if found == auth.DIFFERENT:
+            self._proxy.stats.auth_latency.observe(time.perf_counter() - self._perf)
+            result = Refusal(403, "Invalid or expired token")
+        elif isinstance(found, RedisTimeout):
+            result = Refusal(504, "Redis timeout")
+        elif isinstance(found, (RedisUnavailable, txredisapi.ResponseError)):
+            result = Refusal(503, "Redis unavailable")
+        elif isinstance(found, BaseException):
+            result = refusal_for(Failure(found), self._log, "checking a token")
+        else:
+            result = Compared(self._since, self._perf, renewed=found == auth.RENEWED)
+        self._end(result)
+
+    def _end(self, result: Compared | Refusal) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if self._since:
+            self._proxy.comparing -= 1
+        done(result)
 
 
 class Connection(Readable, Protocol):
@@ -563,7 +628,7 @@ class Proxy:
         try:
             if compared is None or not compared.renewed:
                 await auth.check_token(
-                    self.commands.execute, session_id, credentials,
+                    self.commands.send, session_id, credentials,
                     self.settings.auth_grace_period, compared is not None, self.token_script,
                 )
         finally:
@@ -589,37 +654,19 @@ class Proxy:
             self.release(subscribed)
             raise
 
-    async def compare(self, session_id: str, token: str) -> "Compared":
+    def compare(
+        self, session_id: str, token: str, done: Callable[[Compared | Refusal], None]
+    ) -> "Comparison":
         """
         The token check before the WebSocket handshake (see
-        L{wsproxy.site.Root}): the stored token equals C{token}, and (with
-        the token check's script, in the same round trip) its TTL is reset.
-        Within C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of
-        it.
-
-        @raise Refusal: 403, 503 or 504, as L{authorize}.
+        L{wsproxy.site.Root}), to be started: whether the stored token
+        equals C{token} (and, with the token check's script, in the same
+        round trip, its TTL reset). C{done} gets a L{Compared}, or the
+        L{Refusal}: 403, 503, 504 as L{authorize}, L{CLIENT_LEFT} if
+        cancelled. Its deadline is the caller's (L{Comparison.expired});
+        L{authorize} then has what is left of C{AUTH_TIMEOUT_SECS}.
         """
-        compared = Compared(self.clock.seconds(), time.perf_counter())
-        self.comparing += 1
-        try:
-            renewed = await with_deadline(
-                defer.ensureDeferred(auth.verify_token(
-                    self.commands.execute, session_id, token, self.settings.auth_grace_period,
-                    self.token_script,
-                )),
-                self.settings.auth_timeout,
-                self.clock,
-            )
-        except (RedisUnavailable, txredisapi.ResponseError):
-            raise Refusal(503, "Redis unavailable") from None
-        except RedisTimeout:
-            raise Refusal(504, "Redis timeout") from None
-        except Refusal:
-            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
-            raise
-        finally:
-            self.comparing -= 1
-        return replace(compared, renewed=renewed) if renewed else compared
+        return Comparison(self, session_id, token, done)
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:

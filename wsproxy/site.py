@@ -26,8 +26,8 @@ from twisted.web import http, resource, server
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
-from .proxy import Proxy
-from .refusal import CLIENT_LEFT, Refusal, refusal_for
+from .proxy import Compared, Comparison, Proxy
+from .refusal import CLIENT_LEFT, Refusal
 
 
 def _plain(
@@ -280,29 +280,12 @@ class Root(resource.Resource):
         the same C{AUTH_TIMEOUT_SECS}).
         """
         proxy = self._proxy
+        settings = proxy.settings
         channel.setTimeout(None)
         early = _EarlyBytes()
         channel.upgraded_to = early
-        comparing = channel.comparing = defer.ensureDeferred(proxy.compare(session_id, token))
 
-        def too_late() -> None:
-            # the handshake's deadline (HANDSHAKE_TIMEOUT_SECS) covers the
-            # token check, as Autobahn's does for the admission: dropped
-            transport: Any = channel.transport
-            if transport is not None:
-                transport.abortConnection()
-
-        deadline = proxy.clock.callLater(proxy.settings.handshake_timeout, too_late)
-
-        def disarm(result: Any) -> Any:
-            channel.comparing = None
-            if deadline.active():
-                deadline.cancel()
-            return result
-
-        comparing.addBoth(disarm)
-
-        def equal(compared: Any) -> None:
+        def equal(compared: Compared) -> None:
             self._factory.compared = (session_id, token, compared)
             try:
                 self._to_websocket(channel, upgrade.raw + b"".join(early.data))
@@ -312,9 +295,8 @@ class Root(resource.Resource):
             # the connection here
             channel._hand_over()
 
-        def refused(reason: Failure) -> None:
+        def refused(refusal: Refusal) -> None:
             transport: Any = channel.transport
-            refusal = refusal_for(reason, self._log, "checking a token")
             client = proxy.client_address(peer, upgrade.header)
             if refusal.code in (401, 403):
                 proxy.auth_failed(client)
@@ -323,7 +305,34 @@ class Root(resource.Resource):
             if refusal is not CLIENT_LEFT:
                 channel.refuse(refusal)
 
-        comparing.addCallbacks(equal, refused)
+        def decided(result: Compared | Refusal) -> None:
+            channel.comparing = None
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Refusal):
+                refused(result)
+            else:
+                equal(result)
+
+        comparison = channel.comparing = proxy.compare(session_id, token, decided)
+        # one timer: the token check's deadline (AUTH_TIMEOUT_SECS, 504) or,
+        # if it is shorter, the handshake's (HANDSHAKE_TIMEOUT_SECS: dropped,
+        # as Autobahn does for the admission)
+        auth_first = settings.auth_timeout <= settings.handshake_timeout
+
+        def expired() -> None:
+            if auth_first:
+                comparison.expired()
+            else:
+                # the channel's connectionLost cancels the comparison
+                transport: Any = channel.transport
+                if transport is not None:
+                    transport.abortConnection()
+
+        timer = proxy.clock.callLater(
+            min(settings.auth_timeout, settings.handshake_timeout), expired
+        )
+        comparison.start()
 
     def _to_websocket(self, channel: "_DeadlineChannel", data: bytes) -> None:
         """
@@ -504,7 +513,7 @@ class _DeadlineChannel(http.HTTPChannel):
     root: Optional[Root] = None
     #: the token comparison under way (Root._compare_first), cancelled if
     #: the client leaves
-    comparing: Optional[defer.Deferred[Any]] = None
+    comparing: Optional[Comparison] = None
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
@@ -686,7 +695,7 @@ class _DeadlineChannel(http.HTTPChannel):
         self._held = None
         self._disarm()
         comparing = self.comparing
-        if comparing is not None and not comparing.called:
+        if comparing is not None:
             # the client left while its token was being compared
             comparing.cancel()
         super().connectionLost(reason)
