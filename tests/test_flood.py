@@ -610,3 +610,24 @@ class LeanPathTests(MemoryTestCase):
         client.send(plain)
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
         self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 4})
+
+    def test_malformed_handshake_no_redis(self) -> None:
+        """
+        A matching header token on a request Autobahn refuses (another
+        WebSocket version, a short key, no Host) is refused without any
+        Redis command: the stored token's TTL is not renewed.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        plain = upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        for request in (
+            plain.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 9"),
+            plain.replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: x"),
+            plain.replace(b"Host: proxy.example\r\n", b""),
+        ):
+            client = memory.connect()
+            client.send(request)
+            status = client.response().status
+            self.assertTrue(status.startswith("HTTP/1.1 4"), (status, request[-120:]))
+        self.assertEqual([c.name for c in memory.redis.log], [])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)

@@ -74,6 +74,20 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
 
 
+def _handshake_headers(headers: dict[bytes, list[bytes]]) -> bool:
+    """
+    Whether the WebSocket handshake's own headers are there as Autobahn
+    requires them (C{Host}, C{Connection: Upgrade}, one 24-character
+    C{Sec-WebSocket-Key}, C{Sec-WebSocket-Version} 13 or 8): a request it
+    would refuse (400) is left to it, before any Redis command (the token
+    check's script would renew the TTL of a matching token).
+    """
+    key = headers.get(b"sec-websocket-key")
+    return (b"host" in headers and key is not None and len(key) == 1 and len(key[0]) == 24
+            and headers.get(b"sec-websocket-version") in ([b"13"], [b"8"])
+            and b"upgrade" in b",".join(headers.get(b"connection", ())).lower())
+
+
 class Upgrade:
     """
     A WebSocket upgrade request as the site decides on it.
@@ -253,7 +267,8 @@ class Root(resource.Resource):
         authorization = headers.get(b"authorization")
         origin = headers.get(b"origin")
         if (authorization is None or len(authorization) != 1 or b"resume" in upgrade.target
-                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()):
+                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()
+                or not _handshake_headers(headers)):
             return None
         scheme, _, value = authorization[0].decode("ascii").strip().partition(" ")
         token = value.strip()
@@ -737,7 +752,10 @@ class ProxySite(server.Site):
         self.proxy = proxy
         self.ws_factory = ProxyFactory(proxy)
         self.root = Root(proxy, self.ws_factory, metrics or proxy.stats.render)
-        super().__init__(self.root, timeout=60)
+        # no idle timer of twisted.web's (TimeoutMixin: a timer per
+        # connection, reset on every read): the channel's own deadline
+        # covers every request's head and the wait for the next one
+        super().__init__(self.root, timeout=None)
         self.displayTracebacks = False
         per_turn = proxy.settings.handshakes_per_turn
         self.budget = TurnBudget(proxy.clock, per_turn) if per_turn else None
