@@ -631,3 +631,22 @@ class LeanPathTests(MemoryTestCase):
             self.assertTrue(status.startswith("HTTP/1.1 4"), (status, request[-120:]))
         self.assertEqual([c.name for c in memory.redis.log], [])
         self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
+
+    def test_comparisons_counted_while_under_way(self) -> None:
+        """
+        Proxy.comparing counts the header tokens being compared: one while
+        Redis holds the answer, none once it came, or once the client left.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        memory.redis.hold("EVALSHA")
+        first = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        second = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        self.assertEqual(memory.proxy.comparing, 2)
+        second.leave()
+        self.assertEqual(memory.proxy.comparing, 1)
+        memory.redis.release()
+        memory.clock.advance(0)
+        self.assertEqual(first.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.proxy.comparing, 0)
+        self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1, "499": 1})

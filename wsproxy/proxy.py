@@ -124,7 +124,7 @@ class Comparison:
     """
 
     _log = Logger()
-    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf")
+    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf", "_started")
 
     def __init__(self, proxy: "Proxy", session_id: str, token: str,
                  done: Callable[[Compared | Refusal], None]) -> None:
@@ -135,11 +135,13 @@ class Comparison:
             proxy.token_script, self._found,
         )
         self._since = self._perf = 0.0
+        self._started = False
 
     def start(self) -> None:
         proxy = self._proxy
         self._since = proxy.clock.seconds()
         self._perf = time.perf_counter()
+        self._started = True
         proxy.comparing += 1
         self._check.start()
 
@@ -176,7 +178,7 @@ class Comparison:
         done, self._done = self._done, None
         if done is None:
             return
-        if self._since:
+        if self._started:
             self._proxy.comparing -= 1
         done(result)
 
