@@ -24,6 +24,7 @@ The pieces:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase
 
+from wsproxy.auth import CHECK_SCRIPT, CHECK_SHA
 from wsproxy.config import Settings
 from wsproxy.names import auth_key
 from wsproxy.proxy import Proxy
@@ -88,6 +90,9 @@ class FakeRedis:
     @ivar ttl: keys and the TTL last set on them.
     @ivar log: every command received, from both links, in order.
     @ivar published: (channel, payload) of every PUBLISH, in order.
+    @ivar scripts: the SHA-1s of the scripts Redis has cached; the token
+        check's (L{wsproxy.auth.CHECK_SCRIPT}, the only script it runs) from
+        the start, as after its first C{EVAL} (clear it: C{NOSCRIPT}).
     """
 
     def __init__(self) -> None:
@@ -97,6 +102,7 @@ class FakeRedis:
         self.published: list[tuple[bytes, bytes]] = []
         #: stream key -> [(entry id, {field: value})] of every XADD
         self.streams: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        self.scripts: set[str] = {CHECK_SHA}
         self._holding: set[str] = set()
         self._errors: dict[str, Exception] = {}
         self._links: list[FakeLink] = []
@@ -183,6 +189,8 @@ class FakeRedis:
                 command.answer(1)
             else:
                 command.answer(0)
+        elif name in ("EVALSHA", "EVAL"):
+            command.answer(self._check_script(name, *args))
         elif name == "PING":
             command.answer(b"PONG")
         elif name == "PUBLISH":
@@ -204,6 +212,26 @@ class FakeRedis:
             command.answer([b"unsubscribe", args[0].encode(), len(link.channels)])
         else:
             command.answer(txredisapi.ResponseError(f"ERR unknown command {name!r}"))
+
+    def _check_script(self, name: str, script: str, numkeys: int, key: str, digest: str,
+                      grace: int) -> Any:
+        """
+        What L{wsproxy.auth.CHECK_SCRIPT} does, run by C{EVAL} or (cached)
+        C{EVALSHA}.
+        """
+        if name == "EVAL":
+            assert script == CHECK_SCRIPT
+            self.scripts.add(hashlib.sha1(script.encode()).hexdigest())
+        elif script not in self.scripts:
+            return txredisapi.ResponseError("NOSCRIPT No matching script. Please use EVAL.")
+        assert int(numkeys) == 1
+        stored = self.data.get(key)
+        if stored is None:
+            return 0
+        if hashlib.sha1(stored).hexdigest() != digest:
+            return -1
+        self.ttl[key] = int(grace)
+        return 1
 
     def _deliver(self, channel: bytes, payload: bytes) -> int:
         receivers = 0
@@ -307,6 +335,16 @@ class FakeLink:
 
         self._send(args, reply)
         return d
+
+    def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None:
+        """
+        The lean path (L{wsproxy.redislink.RedisLink.send}): the reply, or
+        the exception, goes to C{on_reply}; arguments are logged as text.
+        """
+        if self.ready is None:
+            on_reply(RedisUnavailable("not connected"))
+            return
+        self._send(tuple(a.decode() if isinstance(a, bytes) else a for a in args), on_reply)
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         if self.ready is None:

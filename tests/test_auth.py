@@ -77,7 +77,9 @@ class ExtractTests(SynchronousTestCase):
 
 class FakeRedis:
     """
-    Answers GET/EXPIRE from a dict, or fails every command with C{error}.
+    Answers GET/EXPIRE from a dict, or fails every command with C{error}
+    (the token check without its script: see test_memory's TokenScriptTests
+    for the script).
     """
 
     def __init__(self, data: dict, error: Any = None, expire_result: int = 1) -> None:
@@ -86,21 +88,24 @@ class FakeRedis:
         self.calls: list[tuple] = []
         self.expire_result = expire_result
 
-    def execute(self, *args: Any) -> defer.Deferred:
-        self.calls.append(args)
+    def send(self, on_reply: Any, *args: bytes) -> None:
+        """The lean path: the reply (or the error) to C{on_reply}; calls logged as text."""
+        args = tuple(a.decode() for a in args)
+        self.calls.append(args[:2] + tuple(int(a) for a in args[2:]))
         if self.error is not None:
-            return defer.fail(self.error)
-        if args[0] == "GET":
-            return defer.succeed(self.data.get(args[1]))
-        if args[0] == "EXPIRE":
-            return defer.succeed(self.expire_result)
-        raise AssertionError(args)
+            on_reply(self.error)
+        elif args[0] == "GET":
+            on_reply(self.data.get(args[1]))
+        elif args[0] == "EXPIRE":
+            on_reply(self.expire_result)
+        else:
+            raise AssertionError(args)
 
 
 class CheckTests(SynchronousTestCase):
     def check(self, redis: FakeRedis, token: Any) -> Any:
         creds = None if token is None else auth.Credentials(token, "header")
-        return defer.ensureDeferred(auth.check_token(redis.execute, "s1", creds, 10800))
+        return defer.ensureDeferred(auth.check_token(redis.send, "s1", creds, 10800))
 
     def refusal(self, redis: FakeRedis, token: Any) -> Refusal:
         f = self.failureResultOf(self.check(redis, token), Refusal)

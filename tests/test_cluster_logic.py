@@ -123,12 +123,16 @@ class ShardsTests(SynchronousTestCase):
 class RoutingTests(SynchronousTestCase):
     def test_command_key(self) -> None:
         """
-        A command is routed by its first argument, FCALL/FCALL_RO by their
-        first key, and PING (no key) goes to every master.
+        A command is routed by its first argument, FCALL/FCALL_RO and
+        EVAL/EVALSHA (the token check's script) by their first key, and
+        PING (no key) goes to every master.
         """
         self.assertEqual(_command_key(("GET", "session:s:auth")), b"session:s:auth")
         self.assertEqual(_command_key(("EXPIRE", "k", 10)), b"k")
         self.assertEqual(_command_key(("FCALL_RO", "wsproxy_history", 2, "h", "m", "0-0", 1)),
                          b"h")
         self.assertIsNone(_command_key(("FCALL", "f", 0)))
+        self.assertEqual(_command_key(("EVALSHA", "0123abcd", 1, "session:{s}:auth", "d", 10)),
+                         b"session:{s}:auth")
+        self.assertEqual(_command_key((b"EVAL", b"return 1", 1, b"k", b"d", 10)), b"k")
         self.assertIsNone(_command_key(("PING",)))

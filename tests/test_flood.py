@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import autobahn.websocket.protocol as autobahn_protocol
 from wsproxy.limits import FailedAuthLimit, client_address
 from wsproxy.proxy import REFUSAL_LINES
+from wsproxy.site import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
 
 from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
 from .support import Daemon, RedisTestCase, free_port, wait_for
@@ -283,9 +284,10 @@ class DaemonLimitTests(RedisTestCase):
             await task.deferLater(reactor, 0.05, lambda: None)
 
     def token_checks(self) -> int:
-        """Redis commands a token check sends (GET, EXPIRE), ever."""
+        """Redis commands a token check sends (EVALSHA, EVAL; GET, EXPIRE), ever."""
         stats = self.r.info("commandstats")
-        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "expire"))
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+                   for name in ("evalsha", "eval", "get", "expire"))
 
     async def test_engages_without_redis_and_only_there(self) -> None:
         """
@@ -473,7 +475,7 @@ class CompareFirstTests(MemoryTestCase):
     def test_wrong_token_refused_before_autobahn(self) -> None:
         """
         A wrong header token is refused 403 with no WebSocket protocol
-        built for it, after one GET and nothing else.
+        built for it, after one token check (EVALSHA) and nothing else.
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
@@ -481,19 +483,22 @@ class CompareFirstTests(MemoryTestCase):
         self.assertEqual(client.response().status, "HTTP/1.1 403 Invalid or expired token")
         self.assertTrue(client.closed)
         self.assertIsNone(memory.site.ws_factory.last_built)
-        self.assertEqual([c.name for c in memory.redis.log], ["GET"])
+        self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
         self.assertEqual(memory.proxy.stats.outcomes, {"403": 1})
 
     def test_equal_token_checked_once(self) -> None:
         """
-        An equal header token is not fetched again by the admission: one
-        GET, one EXPIRE, then the subscription and the 101.
+        An equal header token is not checked again by the admission: one
+        round trip compares it and resets its TTL (EVALSHA), then the
+        subscription and the 101.
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
-        self.assertEqual([c.name for c in memory.redis.log], ["GET", "EXPIRE", "SUBSCRIBE"])
+        self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA", "SUBSCRIBE"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 10800)
 
     def test_frames_behind_the_request_kept(self) -> None:
         """
@@ -502,14 +507,194 @@ class CompareFirstTests(MemoryTestCase):
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
-        memory.redis.hold("GET")
+        memory.redis.hold("EVALSHA")
         client = memory.connect()
         client.send(upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
                     + client_frame(b"one"))
         client.send(client_frame(b"two"))
         self.assertEqual(client.transport.value(), b"")
-        memory.redis.release("GET")
+        memory.redis.release("EVALSHA")
         memory.clock.advance(0)
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
         self.assertEqual(memory.redis.published,
                          [(b"session:s1:up", b"one"), (b"session:s1:up", b"two")])
+
+
+class LeanUpgradeTests(SynchronousTestCase):
+    """
+    wsproxy.site.lean_upgrade: which request heads the site reads itself,
+    and that everything else is left to twisted.web.
+    """
+
+    def head(self, request: bytes) -> bytes:
+        return request.partition(b"\r\n\r\n")[0]
+
+    def test_plain_upgrade(self) -> None:
+        """
+        A plain upgrade is read: its target as sent, header names in lower
+        case, values without surrounding blanks, repeated headers kept in
+        order; C{header} joins them with commas.
+        """
+        request = upgrade_request("/a/ws/s1?x=1", {"X-Forwarded-For": " 192.0.2.1 ",
+                                                   "x-forwarded-for": "192.0.2.2"})
+        upgrade = lean_upgrade(self.head(request), request)
+        assert upgrade is not None
+        self.assertEqual((upgrade.target, upgrade.path), (b"/a/ws/s1?x=1", "/a/ws/s1"))
+        self.assertEqual(upgrade.headers[b"upgrade"], [b"websocket"])
+        self.assertEqual(upgrade.header("x-forwarded-for"), "192.0.2.1,192.0.2.2")
+        self.assertIsNone(upgrade.header("origin"))
+        self.assertIs(upgrade.raw, request)
+
+    def test_everything_else_left_to_twisted(self) -> None:
+        """
+        Anything but a plain GET HTTP/1.1 upgrade with well-formed header
+        lines and no body is not read (None): HTTP/1.0, other methods, an
+        absolute target, obsolete line folding, blanks before a colon, a
+        line without one, a body, no or another Upgrade, control bytes and
+        what str.splitlines() would split on, too many headers.
+        """
+        plain = upgrade_request("/a/ws/s1").decode()
+        cases = {
+            "HTTP/1.0": plain.replace("HTTP/1.1", "HTTP/1.0"),
+            "POST": plain.replace("GET", "POST"),
+            "absolute": plain.replace("GET /a", "GET http://h/a"),
+            "two spaces": plain.replace("GET /a", "GET  /a"),
+            "folded": plain.replace("Upgrade: websocket", "Upgrade:\r\n websocket"),
+            "blank before colon": plain.replace("Upgrade:", "Upgrade :"),
+            "no colon": plain.replace("Host: proxy.example", "Host proxy.example"),
+            "content-length": plain.replace("Host:", "Content-Length: 0\r\nHost:"),
+            "chunked": plain.replace("Host:", "Transfer-Encoding: chunked\r\nHost:"),
+            "no upgrade": plain.replace("Upgrade: websocket\r\n", ""),
+            "h2c": plain.replace("Upgrade: websocket", "Upgrade: h2c"),
+            "NUL": plain.replace("Host: proxy", "Host: pro\x00xy"),
+            "lone LF": plain.replace("Host: proxy", "Host: pro\nxy"),
+            "lone CR": plain.replace("Host: proxy", "Host: pro\rxy"),
+            "NEL": plain.replace("Host: proxy", "Host: pro\x85xy"),
+            "FF": plain.replace("Host: proxy", "Host: pro\x0cxy"),
+            "too many": plain.replace("Host:", "X-A: 1\r\n" * LEAN_HEADERS_MAX + "Host:"),
+        }
+        for name, text in cases.items():
+            request = text.encode("latin-1")
+            self.assertIsNone(lean_upgrade(self.head(request), request), name)
+
+
+class LeanPathTests(MemoryTestCase):
+    """
+    The site reads plain upgrade requests itself (wsproxy.site.lean_upgrade)
+    and leaves every other request to twisted.web: both decide the same.
+    """
+
+    def count_requests(self, memory: MemoryProxy) -> list[Any]:
+        """The twisted.web Request objects made from now on."""
+        made: list[Any] = []
+        factory = memory.site.requestFactory
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            request = factory(*args, **kwargs)
+            made.append(request)
+            return request
+
+        memory.site.requestFactory = counting
+        return made
+
+    def test_no_twisted_request(self) -> None:
+        """
+        A plain upgrade, admitted (with the frames sent right behind it,
+        in the same segment) or refused, makes no twisted.web Request.
+        """
+        memory = self.start()
+        made = self.count_requests(memory)
+        memory.redis.authorize("s1", "tok")
+        client = memory.connect()
+        client.send(upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+                    + client_frame(b"behind"))
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.redis.published, [(b"session:s1:up", b"behind")])
+        refused = memory.request("/agent/ws/s1", {"Authorization": "Bearer nope"})
+        self.assertEqual(refused.response().status, "HTTP/1.1 403 Invalid or expired token")
+        self.assertEqual(made, [])
+
+    def test_byte_by_byte(self) -> None:
+        """
+        A request that arrives a byte at a time is read once complete.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        client = memory.connect()
+        for byte in upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"}):
+            self.assertEqual(client.transport.value(), b"")
+            client.send(bytes([byte]))
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+
+    def test_other_forms_through_twisted(self) -> None:
+        """
+        An HTTP/1.0 upgrade, one with a folded header, and one whose head is
+        longer than the lean parser reads are read by twisted.web and
+        admitted as before; an upgrade on /health is the health check; an
+        upgrade after a first request on a keep-alive connection is read
+        by twisted.web too.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        made = self.count_requests(memory)
+        auth = {"Authorization": "Bearer tok"}
+        plain = upgrade_request("/agent/ws/s1", auth)
+        for request in (
+            plain.replace(b"HTTP/1.1", b"HTTP/1.0"),
+            plain.replace(b"Connection: Upgrade", b"Connection:\r\n Upgrade"),
+            upgrade_request("/agent/ws/s1", {**auth, "X-Pad": "p" * LEAN_HEAD_MAX}),
+        ):
+            client = memory.connect()
+            client.send(request)
+            self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols",
+                             request[:80])
+        self.assertEqual(len(made), 3, made)
+        health = memory.request("/health", auth)
+        self.assertNotEqual(health.transport.value(), b"")
+        self.assertNotIn(b"101", health.transport.value().split(b"\r\n")[0])
+        client = memory.connect()
+        client.send(b"GET /ready HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(client.response().status, "HTTP/1.1 200 OK")
+        client.send(plain)
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 4})
+
+    def test_malformed_handshake_no_redis(self) -> None:
+        """
+        A matching header token on a request Autobahn refuses (another
+        WebSocket version, a short key, no Host) is refused without any
+        Redis command: the stored token's TTL is not renewed.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        plain = upgrade_request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        for request in (
+            plain.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 9"),
+            plain.replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: x"),
+            plain.replace(b"Host: proxy.example\r\n", b""),
+        ):
+            client = memory.connect()
+            client.send(request)
+            status = client.response().status
+            self.assertTrue(status.startswith("HTTP/1.1 4"), (status, request[-120:]))
+        self.assertEqual([c.name for c in memory.redis.log], [])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
+
+    def test_comparisons_counted_while_under_way(self) -> None:
+        """
+        Proxy.comparing counts the header tokens being compared: one while
+        Redis holds the answer, none once it came, or once the client left.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        memory.redis.hold("EVALSHA")
+        first = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        second = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        self.assertEqual(memory.proxy.comparing, 2)
+        second.leave()
+        self.assertEqual(memory.proxy.comparing, 1)
+        memory.redis.release()
+        memory.clock.advance(0)
+        self.assertEqual(first.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(memory.proxy.comparing, 0)
+        self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1, "499": 1})

@@ -114,6 +114,32 @@ class ConnectTests(ProxyTestCase):
         self.assertTrue(95 <= self.r.ttl("session:s1:auth") <= 100)
 
 
+    async def test_one_round_trip_and_flushed_script_cache(self) -> None:
+        """
+        The token check is one Redis command (EVALSHA, whose script does
+        the GET and the EXPIRE) that also resets the TTL; with the script cache flushed (as on a
+        newly promoted master) the next check runs it with EVAL, and every
+        token form still connects. The token itself never reaches Redis
+        (only its digest).
+        """
+        self.authorize("s1", ttl=50)
+        self.r.config_resetstat()
+        self.r.script_flush()
+        for query, protocols in (("", None), ("?access_token=tok", None), ("", ["bearer", "tok"])):
+            c = await connect(self.proxy.url("s1", query=query),
+                              token=None if query or protocols else "tok",
+                              **({"protocols": protocols} if protocols else {}))
+            self.addCleanup(c.close_and_wait)
+            self.assertEqual(c.state, c.STATE_OPEN)
+        calls = {name[len("cmdstat_"):]: v["calls"]
+                 for name, v in self.r.info("commandstats").items()}
+        # EVALSHA answered NOSCRIPT, EVAL, then EVALSHA twice: three runs
+        # of the script, whose GET and EXPIRE Redis counts as well
+        self.assertEqual((calls.get("evalsha"), calls.get("eval")), (3, 1))
+        self.assertEqual((calls.get("get"), calls.get("expire")), (3, 3))
+        self.assertGreater(self.r.ttl("session:s1:auth"), 50)
+
+
 class RefusalTests(ProxyTestCase):
     async def refused(self, path: str, headers: dict[str, str] | None = None) -> bytes:
         return await self.request(upgrade_request(path, headers))

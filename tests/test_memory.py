@@ -26,10 +26,15 @@ from tests.memory import (
     MemoryTestCase,
     close_payload,
 )
+from wsproxy.auth import CHECK_SHA, token_digest
 from wsproxy.names import upstream_partition, upstream_stream
 from wsproxy.redislink import RedisTimeout, RedisUnavailable
 
 GRACE = 10800  # the default AUTH_GRACE_PERIOD_SECS
+
+#: Redis's answer to a user whose ACL has no EVALSHA
+NO_SCRIPTS = txredisapi.ResponseError(
+    "NOPERM User wsproxy has no permissions to run the 'evalsha' command")
 TEXT_PLAIN = ("Content-Type", "text/plain; charset=utf-8")
 
 
@@ -81,7 +86,8 @@ class AdmissionTestCase(MemoryTestCase):
 
     def assertTokenUntouched(self, memory: MemoryProxy, session_id: str = "s1") -> None:
         """
-        No EXPIRE was sent: the stored token keeps the TTL the backend set.
+        Neither an EXPIRE nor a matching token check (the script resets the
+        TTL) was seen: the stored token keeps the TTL the backend set.
         """
         self.assertEqual(memory.redis.sent("EXPIRE"), [])
         key = f"session:{session_id}:auth"
@@ -102,7 +108,9 @@ class AcceptTests(AdmissionTestCase):
         self.assertAccepted(client)
         self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1})
         self.assertEqual(memory.proxy.stats.open_connections, 1)
-        self.assertEqual(memory.redis.sent("EXPIRE"), [("EXPIRE", "session:s1:auth", GRACE)])
+        # one round trip: compared and renewed by the token check's script
+        self.assertEqual(memory.redis.sent("EVALSHA", "EVAL", "GET", "EXPIRE"), [
+            ("EVALSHA", CHECK_SHA, "1", "session:s1:auth", token_digest("tok"), str(GRACE))])
         self.assertEqual(memory.redis.ttl["session:s1:auth"], GRACE)
 
     def test_subprotocol_token(self) -> None:
@@ -125,7 +133,7 @@ class AcceptTests(AdmissionTestCase):
         memory.redis.authorize("s1", "t/k=")
         client = memory.request("/agent/ws/s1?access_token=t%2Fk%3D")
         self.assertAccepted(client)
-        self.assertEqual(memory.redis.sent("GET"), [("GET", "session:s1:auth")])
+        self.assertEqual([a[3] for a in memory.redis.sent("EVALSHA")], ["session:s1:auth"])
         self.assertEqual(memory.proxy.stats.outcomes, {"accepted": 1})
 
     def test_origin_in_list(self) -> None:
@@ -241,7 +249,7 @@ class RefusalTests(AdmissionTestCase):
         memory.redis.authorize("s1", "tok")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok2"})
         self.assertRefused(client, 403, "Invalid or expired token")
-        self.assertEqual(memory.redis.sent("GET"), [("GET", "session:s1:auth")])
+        self.assertEqual([a[3] for a in memory.redis.sent("EVALSHA")], ["session:s1:auth"])
         self.assertTokenUntouched(memory)
         self.assertEqual(memory.proxy.stats.outcomes, {"403": 1})
         self.assertNothingLeft(memory)
@@ -258,11 +266,14 @@ class RefusalTests(AdmissionTestCase):
 
     def test_token_expired_between_get_and_expire(self) -> None:
         """
-        If the token expires between the check and the TTL reset (EXPIRE
-        finds no key), the upgrade is 403 and nothing is subscribed.
+        Where Redis refuses scripts (GET, then EXPIRE): if the token
+        expires between the check and the TTL reset (EXPIRE finds no key),
+        the upgrade is 403 and nothing is subscribed. (The script does both
+        at once: no such window.)
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
+        memory.redis.fail("EVALSHA", NO_SCRIPTS)
         memory.redis.hold("EXPIRE")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         del memory.redis.data["session:s1:auth"]
@@ -360,7 +371,8 @@ class RefusalTests(AdmissionTestCase):
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
-        memory.redis.fail("GET", txredisapi.ResponseError("NOPERM no permissions on key"))
+        memory.redis.fail("EVALSHA", txredisapi.ResponseError(
+            "NOPERM this user has no permissions to access one of the keys used as arguments"))
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         self.assertRefused(client, 503, "Redis unavailable")
         self.assertTokenUntouched(memory)
@@ -386,7 +398,7 @@ class RefusalTests(AdmissionTestCase):
         """
         memory = self.start(auth_timeout=2.0)
         memory.redis.authorize("s1", "tok")
-        memory.redis.hold("GET")
+        memory.redis.hold("EVALSHA")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         memory.clock.advance(1.99)
         self.assertEqual(client.read(), b"")
@@ -394,7 +406,8 @@ class RefusalTests(AdmissionTestCase):
         self.assertRefused(client, 504, "Redis timeout")
         self.assertEqual(memory.proxy.stats.outcomes, {"504": 1})
         memory.redis.release()
-        self.assertTokenUntouched(memory)
+        # the script reached Redis: it has renewed the (matching) token
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], GRACE)
         self.assertNothingLeft(memory)
 
     def test_link_deadline(self) -> None:
@@ -404,7 +417,7 @@ class RefusalTests(AdmissionTestCase):
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
-        memory.redis.fail("GET", RedisTimeout("no reply within 5s"))
+        memory.redis.fail("EVALSHA", RedisTimeout("no reply within 5s"))
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         self.assertRefused(client, 504, "Redis timeout")
         self.assertEqual(memory.proxy.stats.outcomes, {"504": 1})
@@ -417,10 +430,10 @@ class RefusalTests(AdmissionTestCase):
         """
         memory = self.start(auth_timeout=2.0)
         memory.redis.authorize("s1", "tok")
-        memory.redis.hold("GET", "SUBSCRIBE")
+        memory.redis.hold("EVALSHA", "SUBSCRIBE")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         memory.clock.advance(1.5)
-        memory.redis.release("GET")
+        memory.redis.release("EVALSHA")
         self.assertEqual(memory.redis.sent("SUBSCRIBE"), [("SUBSCRIBE", "session:s1:down")])
         memory.clock.advance(0.5)
         self.assertRefused(client, 504, "Redis timeout")
@@ -452,18 +465,20 @@ class ClientLeavesTests(AdmissionTestCase):
     def test_leaves_during_token_check(self) -> None:
         """
         A client that leaves while its token is being checked counts as
-        outcome 499; the check is abandoned, so the token's TTL is not
-        reset and nothing is subscribed, even when Redis answers later.
+        outcome 499; the check is abandoned, so nothing is subscribed, even
+        when Redis answers later. (The one round trip that compares the
+        token also resets its TTL: a matching token sent before the client
+        left has renewed it.)
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
-        memory.redis.hold("GET")
+        memory.redis.hold("EVALSHA")
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
         client.leave()
         self.assertEqual(memory.proxy.stats.outcomes, {"499": 1})
         memory.redis.release()
-        self.assertTokenUntouched(memory)
         self.assertEqual(memory.redis.sent("SUBSCRIBE"), [])
+        self.assertEqual(memory.redis.sent("EXPIRE"), [])
         self.assertNothingLeft(memory)
 
     def test_leaves_during_subscription(self) -> None:
@@ -483,6 +498,87 @@ class ClientLeavesTests(AdmissionTestCase):
         memory.redis.release()
         self.assertNothingLeft(memory)
         self.assertEqual(memory.proxy.stats.outcomes, {"499": 1})
+
+
+class TokenScriptTests(AdmissionTestCase):
+    """
+    The token check's one round trip (wsproxy.auth.CHECK_SCRIPT), and what
+    happens when Redis has not cached it or refuses scripts.
+    """
+
+    def auth_commands(self, memory: MemoryProxy) -> list[str]:
+        return [c.name for c in memory.redis.log if c.name in ("EVALSHA", "EVAL", "GET", "EXPIRE")]
+
+    def test_noscript_then_eval(self) -> None:
+        """
+        A Redis that has not cached the script (a failover to a new master,
+        a restart, SCRIPT FLUSH) answers EVALSHA with NOSCRIPT: the script
+        is sent once with EVAL (which caches it), the client gets its 101,
+        and the next connection is one EVALSHA again.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        memory.redis.scripts.clear()
+        for path in ("/agent/ws/s1", "/agent/ws/s1?access_token=tok"):
+            client = memory.request(path, {"Authorization": "Bearer tok"}
+                                    if "access_token" not in path else {})
+            self.assertAccepted(client)
+        self.assertEqual(self.auth_commands(memory), ["EVALSHA", "EVAL", "EVALSHA"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], GRACE)
+
+    def test_scripts_refused_fall_back(self) -> None:
+        """
+        An ACL user without EVALSHA (NOPERM): the check falls back to GET
+        and EXPIRE (the header token at the site, a query token in the
+        admission, both admitted with the TTL reset; a wrong token 403 with
+        the TTL untouched), with one warning and no further EVALSHA until
+        the command connection is made again, when the script is tried
+        once more.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "tok")
+        memory.redis.fail("EVALSHA", NO_SCRIPTS)
+        with capturedLogs() as events:
+            self.assertAccepted(memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"}))
+            self.assertAccepted(memory.request("/agent/ws/s1?access_token=tok"))
+        self.assertEqual(self.auth_commands(memory),
+                         ["EVALSHA", "GET", "EXPIRE", "GET", "EXPIRE"])
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], GRACE)
+        warnings = [e for e in events if "refuses scripts" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+        memory.redis.ttl["session:s1:auth"] = 60
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer nope"})
+        self.assertRefused(client, 403, "Invalid or expired token")
+        self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
+        memory.commands.lose()
+        memory.commands.connect()
+        del memory.redis.log[:]
+        self.assertAccepted(memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"}))
+        self.assertEqual(self.auth_commands(memory), ["EVALSHA", "GET", "EXPIRE"])
+
+    def test_script_errors_are_redis_errors(self) -> None:
+        """
+        An error in what the script does (a key of another type: WRONGTYPE)
+        is not a refusal of scripts: 503, as a GET's error would be, and
+        the next check still uses the script.
+        """
+        memory = self.start()
+        memory.redis.fail("EVALSHA", txredisapi.ResponseError(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"))
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        self.assertRefused(client, 503, "Redis unavailable")
+        self.assertTrue(memory.proxy.token_script.usable)
+
+    def test_hash_tags(self) -> None:
+        """
+        With KEY_HASH_TAGS the script's one key is the tagged
+        C{session:{id}:auth} (a Redis Cluster routes it by that slot).
+        """
+        memory = self.start(key_hash_tags=True)
+        memory.redis.data["session:{s1}:auth"] = b"tok"
+        self.assertAccepted(memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"}))
+        self.assertEqual([a[3] for a in memory.redis.sent("EVALSHA")], ["session:{s1}:auth"])
+        self.assertEqual(memory.redis.ttl["session:{s1}:auth"], GRACE)
 
 
 class DownstreamTests(MemoryTestCase):

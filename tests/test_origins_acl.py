@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import redis as redispy
 from twisted.internet import defer, reactor, task
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 
 from wsproxy.config import load_settings
@@ -42,7 +43,8 @@ TEST_CLIENT = "wsproxy-test"
 #: the least a proxy needs: its keys, its channels, its commands
 WSP_ACL = (
     "reset", "on", "~session:*", "resetchannels", "&session:*", "&wsproxy:*",
-    "+get", "+expire", "+publish", "+subscribe", "+unsubscribe", "+ping", "+select",
+    "+get", "+expire", "+evalsha", "+eval", "+publish", "+subscribe", "+unsubscribe", "+ping",
+    "+select",
 )
 
 
@@ -185,9 +187,10 @@ class AclTests(CredentialsTestCase):
     async def test_narrow_acl_is_enough(self) -> None:
         """
         An ACL user limited to session:* keys, session:*/wsproxy:* channels
-        and the commands GET, EXPIRE, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PING
-        and SELECT is all the proxy needs: the canary, token check and both
-        directions work, and Redis logged no permission denial.
+        and the commands GET, EXPIRE, EVALSHA, EVAL, PUBLISH, SUBSCRIBE,
+        UNSUBSCRIBE, PING and SELECT is all the proxy needs: the canary,
+        token check (its script) and both directions work, and Redis logged
+        no permission denial.
         """
         self.admin.execute_command("ACL", "SETUSER", "wsp", *WSP_ACL, ">pw")
         self.admin.set("session:s1:auth", "tok", ex=300)
@@ -198,6 +201,29 @@ class AclTests(CredentialsTestCase):
         self.assertEqual(code, 200)
         denied = [e for e in self.admin.acl_log() if e.get("reason") != "auth"]
         self.assertEqual(denied, [])
+
+
+    async def test_acl_without_scripts(self) -> None:
+        """
+        An ACL user without EVALSHA and EVAL: the token check falls back
+        to GET and EXPIRE (a valid token connects, its TTL reset to the
+        grace period; a wrong one is 403), Redis logged the EVALSHA denial
+        once, and the proxy warned once.
+        """
+        self.admin.execute_command(
+            "ACL", "SETUSER", "wsp", *WSP_ACL, "-evalsha", "-eval", ">pw")
+        self.admin.set("session:s1:auth", "tok", ex=300)
+        with capturedLogs() as events:
+            proxy = self.start_proxy(self.url("wsp:pw"))
+            await proxy.ready()
+            await self.exchange(self.admin, proxy, "s1")
+            self.assertGreater(self.admin.ttl("session:s1:auth"), 300)
+            self.assertEqual(await self.upgrade_status(proxy, "s1", "wrong"), 403)
+            await self.exchange(self.admin, proxy, "s1")
+        denied = [e for e in self.admin.acl_log() if e.get("reason") != "auth"]
+        self.assertEqual([(e["object"], int(e["count"])) for e in denied], [("evalsha", 1)])
+        warnings = [e for e in events if "refuses scripts" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
 
 
 class PasswordOnlyTests(CredentialsTestCase):

@@ -12,13 +12,35 @@ grace period, which is what lets a client reconnect with the same token
 until the grace period runs out. Redis errors are not decided here: they
 propagate to the admission (L{wsproxy.proxy.Proxy.admit}), which answers
 503 or 504.
+
+One round trip: the comparison and the TTL reset are one Lua script
+(L{CHECK_SCRIPT}, sent as C{EVALSHA}; on C{NOSCRIPT}, as after a failover
+to a master whose script cache is empty or a C{SCRIPT FLUSH}, as C{EVAL},
+which caches it again). It touches nothing on a mismatch, and its single
+key routes it by slot on a Redis Cluster. Where the ACL user may not run
+scripts (C{NOPERM}) or scripting is disabled, the check falls back to
+C{GET}, a comparison here, then C{EXPIRE} (two round trips), with one
+warning per Redis connection (L{TokenScript}).
+
+Constant time: the script compares SHA-1 digests (the stored token's,
+computed by Redis, and the presented token's, computed here), never the
+tokens themselves. How long a comparison takes then says at most how many
+leading digits of two digests agree, which tells nothing about the stored
+token; and the token never reaches Redis (not in C{MONITOR}, C{SLOWLOG}
+or a script argument). The fallback compares with C{hmac.compare_digest}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
+
+import txredisapi
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .names import auth_key
 from .refusal import Refusal
@@ -82,44 +104,221 @@ def tokens_match(stored: object, presented: str) -> bool:
 #: the 401 refusal's code, reason and headers
 MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
 
-#: sends one Redis command and gives its reply, like L{RedisLink.execute}
-Execute = Callable[..., Awaitable[object]]
+#: sends one Redis command on the command connection's lean path, like
+#: L{wsproxy.redislink.RedisLink.send}: C{send(on_reply, *args)}; the reply
+#: (or the exception: a Redis error, L{RedisUnavailable}, L{RedisTimeout})
+#: goes to C{on_reply}
+Send = Callable[..., None]
+
+#: compare the stored token's digest with the presented one's (KEYS[1] the
+#: auth key, ARGV[1] the presented token's SHA-1 in hex, ARGV[2] the grace
+#: period) and, only if they are equal, reset the key's TTL: 1 matched and
+#: renewed, 0 no such key, -1 a different token (both answered 403)
+CHECK_SCRIPT = """\
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 0 end
+if redis.sha1hex(stored) ~= ARGV[1] then return -1 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
+CHECK_SHA_BYTES = CHECK_SHA.encode()
+MATCHED = 1
 
 
-async def compare_token(execute: Execute, session_id: str, token: str) -> None:
+class TokenScript:
     """
-    The first half of L{check_token}: C{GET} the stored token and compare.
-
-    @raise Refusal: 403; Redis errors propagate as they are.
+    Whether the token check may use L{CHECK_SCRIPT}: until Redis refuses
+    scripts to this user (C{NOPERM}) or knows no C{EVALSHA}; then the
+    check uses C{GET} and C{EXPIRE} until the next command connection
+    (L{reset}), where an ACL change may have allowed scripts.
     """
-    stored = await execute("GET", auth_key(session_id))
-    if not tokens_match(stored, token):
-        raise Refusal(403, "Invalid or expired token")
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._warned = False
+
+    def reset(self) -> None:
+        """
+        A new command connection: try the script again.
+        """
+        self.usable = True
+        self._warned = False
+
+    def refused(self, error: Exception) -> None:
+        self.usable = False
+        if not self._warned:
+            self._warned = True
+            self._log.warn(
+                "token check: Redis refuses scripts ({why}); using GET and EXPIRE "
+                "(two round trips per connection set-up) until the next Redis connection",
+                why=str(error),
+            )
+
+
+def _scripts_refused(error: txredisapi.ResponseError) -> bool:
+    """
+    Whether Redis refused to run scripts at all (an ACL without C{EVAL} or
+    C{EVALSHA}; scripting disabled or renamed), as opposed to an error in
+    what the script did (a key of the wrong type, no permission on the key).
+    """
+    text = str(error)
+    lower = text.lower()
+    if text.startswith("NOPERM"):
+        return "'evalsha'" in lower or "'eval'" in lower
+    return text.startswith("ERR unknown command") and "eval" in lower
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha1(token.encode("utf-8")).hexdigest()
+
+
+#: what a token check found: equal, and its TTL reset in the same step (the
+#: script); equal, its TTL still to reset (GET where scripts are refused);
+#: different or absent (403)
+RENEWED, EQUAL, DIFFERENT = "renewed", "equal", "different"
+
+Found = Literal["renewed", "equal", "different"]
+
+
+class TokenCheck:
+    """
+    One comparison of a presented token with the stored one, on the
+    command connection's lean path (no Deferred: a handshake's token check
+    is a good part of its cost): L{CHECK_SCRIPT} by C{EVALSHA}, by C{EVAL}
+    after C{NOSCRIPT}, by C{GET} and a comparison here where Redis refuses
+    scripts. C{done} gets L{RENEWED}, L{EQUAL} or L{DIFFERENT}, or the
+    exception of a Redis failure; once, and never after L{cancel}.
+    """
+
+    __slots__ = ("_send", "_key", "_token", "_grace", "_script", "_done", "_evaled")
+
+    def __init__(self, send: Send, session_id: str, token: str, grace_period: int,
+                 script: Optional[TokenScript], done: Callable[[object], None]) -> None:
+        self._send = send
+        self._key = auth_key(session_id).encode()
+        self._token = token
+        self._grace = b"%d" % grace_period
+        self._script = script
+        self._done: Optional[Callable[[object], None]] = done
+        self._evaled = False
+
+    def start(self) -> "TokenCheck":
+        script = self._script
+        if script is not None and script.usable:
+            self._send(self._scripted, b"EVALSHA", CHECK_SHA_BYTES, b"1", self._key,
+                       token_digest(self._token).encode(), self._grace)
+        else:
+            self._send(self._fetched, b"GET", self._key)
+        return self
+
+    def cancel(self) -> None:
+        """
+        The answer is no longer wanted (the client left, or the deadline
+        passed); a command already sent still runs in Redis.
+        """
+        self._done = None
+
+    def _finish(self, result: object) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
+
+    def _scripted(self, reply: object) -> None:
+        if self._done is None:
+            return
+        if isinstance(reply, txredisapi.ResponseError):
+            if str(reply).startswith("NOSCRIPT") and not self._evaled:
+                # a master that never ran it (failover, restart, SCRIPT FLUSH)
+                self._evaled = True
+                self._send(self._scripted, b"EVAL", CHECK_SCRIPT.encode(), b"1", self._key,
+                           token_digest(self._token).encode(), self._grace)
+                return
+            if _scripts_refused(reply) and self._script is not None:
+                self._script.refused(reply)
+                self._send(self._fetched, b"GET", self._key)
+                return
+        if isinstance(reply, Exception):
+            self._finish(reply)
+        else:
+            self._finish(RENEWED if reply == MATCHED else DIFFERENT)
+
+    def _fetched(self, reply: object) -> None:
+        if isinstance(reply, Exception):
+            self._finish(reply)
+        else:
+            self._finish(EQUAL if tokens_match(reply, self._token) else DIFFERENT)
+
+
+def _call(send: Send, *args: bytes) -> "defer.Deferred[object]":
+    """
+    One lean-path command as a Deferred (cancellable: a late reply is
+    dropped).
+    """
+    d: defer.Deferred[object] = defer.Deferred()
+
+    def replied(reply: object) -> None:
+        if d.called:
+            return
+        if isinstance(reply, Exception):
+            d.errback(Failure(reply))
+        else:
+            d.callback(reply)
+
+    send(replied, *args)
+    return d
+
+
+def verify_token(send: Send, session_id: str, token: str, grace_period: int,
+                 script: Optional[TokenScript]) -> "defer.Deferred[object]":
+    """
+    L{TokenCheck} as a Deferred (cancellable): fires with L{RENEWED},
+    L{EQUAL} or L{DIFFERENT}; Redis failures as they are.
+    """
+    check: Optional[TokenCheck] = None
+    d: defer.Deferred[object] = defer.Deferred(lambda _: check.cancel() if check else None)
+
+    def done(result: object) -> None:
+        if isinstance(result, Exception):
+            d.errback(Failure(result))
+        else:
+            d.callback(result)
+
+    check = TokenCheck(send, session_id, token, grace_period, script, done).start()
+    return d
 
 
 async def check_token(
-    execute: Execute,
+    send: Send,
     session_id: str,
     credentials: Optional[Credentials],
     grace_period: int,
     compared: bool = False,
+    script: Optional[TokenScript] = None,
 ) -> None:
     """
     Check C{credentials} against C{session:{session_id}:auth} and, on
-    success, reset the key's TTL to C{grace_period}.
+    success, reset the key's TTL to C{grace_period}: one round trip with
+    C{script} (L{CHECK_SCRIPT}) while Redis allows it, else C{GET} and
+    C{EXPIRE}.
 
     @param compared: the stored token was already found equal to this one
-        (L{compare_token}, before the WebSocket handshake): only the TTL
-        is reset.
+        (L{EQUAL}: by C{GET}, before the WebSocket handshake): only the
+        TTL is reset.
     @raise Refusal: 401 or 403 (see the module docstring); Redis errors
         propagate as they are.
     """
     if credentials is None:
         raise Refusal(*MISSING_TOKEN)
-    key = auth_key(session_id)
     if not compared:
-        await compare_token(execute, session_id, credentials.token)
-    renewed = await execute("EXPIRE", key, grace_period)
+        found = await verify_token(send, session_id, credentials.token, grace_period, script)
+        if found == DIFFERENT:
+            raise Refusal(403, "Invalid or expired token")
+        if found == RENEWED:
+            return
+    renewed = await _call(send, b"EXPIRE", auth_key(session_id).encode(), b"%d" % grace_period)
     if renewed in (0, b"0"):
         # the key expired between GET and EXPIRE
         raise Refusal(403, "Invalid or expired token")

@@ -616,15 +616,22 @@ class _Counts:
         return self._cluster.connect_failures()
 
 
+#: commands whose keys follow the script or function and the number of keys
+_SCRIPT_COMMANDS = frozenset(
+    n for name in ("FCALL", "FCALL_RO", "EVAL", "EVALSHA") for n in (name, name.encode())
+)
+
+
 def _command_key(args: tuple[Any, ...]) -> Optional[bytes]:
     """
-    The key a command is routed by: its first argument, or for FCALL and
-    FCALL_RO its first key; C{None} for commands without a key.
+    The key a command is routed by: its first argument, or for FCALL,
+    FCALL_RO, EVAL and EVALSHA (the token check's script) its first key;
+    C{None} for commands without a key.
     """
     if len(args) < 2:
         return None
     name = args[0].upper() if isinstance(args[0], (bytes, str)) else args[0]
-    if name in ("FCALL", "FCALL_RO", b"FCALL", b"FCALL_RO"):
+    if name in _SCRIPT_COMMANDS:
         if len(args) < 4 or int(args[2]) == 0:
             return None
         key = args[3]
@@ -757,7 +764,8 @@ class ClusterCommands:
         """
         if args[0] == b"PUBLISH":
             args = (b"SPUBLISH",) + args[1:]
-        self._lean(args, args[1], on_reply, 0, None, False)
+        # scripts (the token check's) by their first key
+        self._lean(args, _command_key(args) or args[1], on_reply, 0, None, False)
 
     def send_encoded(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
         """

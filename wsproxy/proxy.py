@@ -48,7 +48,7 @@ from .redislink import (
     process_token,
     with_deadline,
 )
-from .refusal import Refusal
+from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .sentinel import SentinelWatcher
 from .resume import (
     RESUME_PARAM,
@@ -107,11 +107,80 @@ class Compared:
     """
     When the stored token was found equal to the presented one, before the
     WebSocket handshake (L{Proxy.compare}): C{since} on the proxy's clock,
-    C{perf} by C{time.perf_counter}.
+    C{perf} by C{time.perf_counter}; C{renewed}: its TTL was reset in the
+    same step (the token check's script), else the admission resets it.
     """
 
     since: float
     perf: float
+    renewed: bool = False
+
+
+class Comparison:
+    """
+    A header token compared before the WebSocket handshake (L{Proxy.compare}),
+    on the command connection's lean path: no Deferred, no coroutine, and
+    no timer of its own (the site's handshake timer calls L{expired}).
+    """
+
+    _log = Logger()
+    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf", "_started")
+
+    def __init__(self, proxy: "Proxy", session_id: str, token: str,
+                 done: Callable[[Compared | Refusal], None]) -> None:
+        self._proxy = proxy
+        self._done: Optional[Callable[[Compared | Refusal], None]] = done
+        self._check = auth.TokenCheck(
+            proxy.commands.send, session_id, token, proxy.settings.auth_grace_period,
+            proxy.token_script, self._found,
+        )
+        self._since = self._perf = 0.0
+        self._started = False
+
+    def start(self) -> None:
+        proxy = self._proxy
+        self._since = proxy.clock.seconds()
+        self._perf = time.perf_counter()
+        self._started = True
+        proxy.comparing += 1
+        self._check.start()
+
+    def expired(self) -> None:
+        """
+        C{AUTH_TIMEOUT_SECS} passed without an answer: 504.
+        """
+        self._check.cancel()
+        self._end(Refusal(504, "Redis timeout"))
+
+    def cancel(self) -> None:
+        """
+        The client left: L{CLIENT_LEFT} (nothing happens once decided).
+        """
+        self._check.cancel()
+        self._end(CLIENT_LEFT)
+
+    def _found(self, found: object) -> None:
+        result: Compared | Refusal
+        if found == auth.DIFFERENT:
+            self._proxy.stats.auth_latency.observe(time.perf_counter() - self._perf)
+            result = Refusal(403, "Invalid or expired token")
+        elif isinstance(found, RedisTimeout):
+            result = Refusal(504, "Redis timeout")
+        elif isinstance(found, (RedisUnavailable, txredisapi.ResponseError)):
+            result = Refusal(503, "Redis unavailable")
+        elif isinstance(found, BaseException):
+            result = refusal_for(Failure(found), self._log, "checking a token")
+        else:
+            result = Compared(self._since, self._perf, renewed=found == auth.RENEWED)
+        self._end(result)
+
+    def _end(self, result: Compared | Refusal) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if self._started:
+            self._proxy.comparing -= 1
+        done(result)
 
 
 class Connection(Readable, Protocol):
@@ -208,6 +277,8 @@ class Proxy:
         self.stats.auth_limit_addresses = self.auth_limit.__len__
         #: header tokens being compared before their handshake (compare)
         self.comparing = 0
+        #: whether the token check runs as one script (one round trip)
+        self.token_script = auth.TokenScript()
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -257,6 +328,9 @@ class Proxy:
         self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:
+        # a new connection (a failover, an ACL change): the token check
+        # tries its script again
+        self.token_script.reset()
         # a cluster has a command connection per master: clients are paused
         # while any of them is full
         proto.transport.registerProducer(
@@ -513,8 +587,9 @@ class Proxy:
         left), nothing stays subscribed.
 
         @param compared: the stored token was already compared (L{compare},
-            before the WebSocket handshake): only its TTL is reset, and the
-            deadline is what is left of the one that began then.
+            before the WebSocket handshake): its TTL is reset unless that
+            did it already, and the deadline is what is left of the one
+            that began then.
         @return: for a resuming client, what it will be sent.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
@@ -553,10 +628,11 @@ class Proxy:
     ) -> Optional[Recovery]:
         started = time.perf_counter() if compared is None else compared.perf
         try:
-            await auth.check_token(
-                self.commands.execute, session_id, credentials, self.settings.auth_grace_period,
-                compared is not None,
-            )
+            if compared is None or not compared.renewed:
+                await auth.check_token(
+                    self.commands.send, session_id, credentials,
+                    self.settings.auth_grace_period, compared is not None, self.token_script,
+                )
         finally:
             if credentials is not None:
                 self.stats.auth_latency.observe(time.perf_counter() - started)
@@ -580,32 +656,19 @@ class Proxy:
             self.release(subscribed)
             raise
 
-    async def compare(self, session_id: str, token: str) -> "Compared":
+    def compare(
+        self, session_id: str, token: str, done: Callable[[Compared | Refusal], None]
+    ) -> "Comparison":
         """
-        The token check's first half, before the WebSocket handshake (see
-        L{wsproxy.site.Root}): the stored token equals C{token}. Within
-        C{AUTH_TIMEOUT_SECS}; L{authorize} then has what is left of it.
-
-        @raise Refusal: 403, 503 or 504, as L{authorize}.
+        The token check before the WebSocket handshake (see
+        L{wsproxy.site.Root}), to be started: whether the stored token
+        equals C{token} (and, with the token check's script, in the same
+        round trip, its TTL reset). C{done} gets a L{Compared}, or the
+        L{Refusal}: 403, 503, 504 as L{authorize}, L{CLIENT_LEFT} if
+        cancelled. Its deadline is the caller's (L{Comparison.expired});
+        L{authorize} then has what is left of C{AUTH_TIMEOUT_SECS}.
         """
-        compared = Compared(self.clock.seconds(), time.perf_counter())
-        self.comparing += 1
-        try:
-            await with_deadline(
-                defer.ensureDeferred(auth.compare_token(self.commands.execute, session_id, token)),
-                self.settings.auth_timeout,
-                self.clock,
-            )
-        except (RedisUnavailable, txredisapi.ResponseError):
-            raise Refusal(503, "Redis unavailable") from None
-        except RedisTimeout:
-            raise Refusal(504, "Redis timeout") from None
-        except Refusal:
-            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
-            raise
-        finally:
-            self.comparing -= 1
-        return compared
+        return Comparison(self, session_id, token, done)
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:

@@ -15,10 +15,10 @@ import re
 from collections import deque
 from typing import Any, Callable, Optional, Union, cast
 
-from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.util import peer2str
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -26,8 +26,8 @@ from twisted.web import http, resource, server
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
-from .proxy import Proxy
-from .refusal import CLIENT_LEFT, Refusal, refusal_for
+from .proxy import Compared, Comparison, Proxy
+from .refusal import CLIENT_LEFT, Refusal
 
 
 def _plain(
@@ -62,6 +62,97 @@ def _single_lines(request: server.Request) -> bool:
     return not _LINE_BREAKS.search(request.uri)
 
 
+#: the longest request head the lean parser reads (longer ones, rare and
+#: legitimate or not, are twisted.web's, with its limits and its 431)
+LEAN_HEAD_MAX = 8192
+#: the most header lines it reads
+LEAN_HEADERS_MAX = 64
+#: a header name: an RFC 7230 token (no whitespace before the colon)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: bytes the lean parser never accepts in a head (CR and LF but as line
+#: ends, other controls, and what str.splitlines() also splits on)
+_UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
+
+
+def _handshake_headers(headers: dict[bytes, list[bytes]]) -> bool:
+    """
+    Whether the WebSocket handshake's own headers are there as Autobahn
+    requires them (C{Host}, C{Connection: Upgrade}, one 24-character
+    C{Sec-WebSocket-Key}, C{Sec-WebSocket-Version} 13 or 8): a request it
+    would refuse (400) is left to it, before any Redis command (the token
+    check's script would renew the TTL of a matching token).
+    """
+    key = headers.get(b"sec-websocket-key")
+    return (b"host" in headers and key is not None and len(key) == 1 and len(key[0]) == 24
+            and headers.get(b"sec-websocket-version") in ([b"13"], [b"8"])
+            and b"upgrade" in b",".join(headers.get(b"connection", ())).lower())
+
+
+class Upgrade:
+    """
+    A WebSocket upgrade request as the site decides on it.
+
+    @ivar target: the request target (path and query), as sent.
+    @ivar headers: values by lower-case name, in the order sent.
+    @ivar raw: the request as Autobahn is to read it, and whatever the
+        client sent behind it.
+    """
+
+    __slots__ = ("target", "headers", "raw")
+
+    def __init__(self, target: bytes, headers: dict[bytes, list[bytes]], raw: bytes) -> None:
+        self.target = target
+        self.headers = headers
+        self.raw = raw
+
+    @property
+    def path(self) -> str:
+        return self.target.partition(b"?")[0].decode("latin-1")
+
+    def header(self, name: str) -> Optional[str]:
+        """
+        A header's value by lower-case name (repeated headers joined with
+        commas), or C{None}.
+        """
+        values = self.headers.get(name.encode("latin-1"))
+        return b",".join(values).decode("latin-1") if values else None
+
+
+def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
+    """
+    Read a request head (up to its blank line, excluded) if it is a plain
+    WebSocket upgrade: C{GET <origin-form target> HTTP/1.1}, header lines
+    C{name: value} with token names, no control bytes, no body (no
+    C{Content-Length}, no C{Transfer-Encoding}), an C{Upgrade} header
+    naming C{websocket}, at most L{LEAN_HEADERS_MAX} headers. Anything
+    else, valid or not (HTTP/1.0, obsolete line folding, a body, odd
+    bytes), is C{None}: twisted.web reads it, as every other request.
+
+    Browsers, apps and the load balancers in front of them send upgrades
+    in this form: reading them here spares each one twisted.web's request
+    and header objects (a third of a refused upgrade's CPU).
+    """
+    lines = head.split(b"\r\n")
+    if len(lines) > LEAN_HEADERS_MAX + 1 or _UNSAFE.search(head.replace(b"\r\n", b"")):
+        return None
+    request_line = lines[0].split(b" ")
+    if (len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1"
+            or not request_line[1].startswith(b"/")):
+        return None
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            return None
+        headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
+    if b"content-length" in headers or b"transfer-encoding" in headers:
+        return None
+    upgrade = headers.get(b"upgrade")
+    if upgrade is None or b"websocket" not in b",".join(upgrade).lower():
+        return None
+    return Upgrade(request_line[1], headers, raw)
+
+
 class Root(resource.Resource):
     """
     Routes on the whole path, so that the WebSocket route is matched
@@ -75,7 +166,6 @@ class Root(resource.Resource):
         super().__init__()
         self._proxy = proxy
         self._factory = factory
-        self._websocket = WebSocketResource(factory)
         self._metrics_source = metrics
 
     def render(self, request: server.Request) -> bytes | int:
@@ -103,7 +193,7 @@ class Root(resource.Resource):
             # wsproxy.proxy)
             request.channel.persistent = False
             request.setHeader(b"connection", b"close")
-            return self._upgrade(request)
+            return self._upgrade_request(request)
         if parse_ws_path(path) is None:
             return _plain(request, 404, "Not Found")
         return _plain(
@@ -111,34 +201,59 @@ class Root(resource.Resource):
             (("Upgrade", "websocket"), ("Connection", "Upgrade")),
         )
 
-    def _upgrade(self, request: server.Request) -> bytes | int:
-        peer = getattr(request.getClientAddress(), "host", None) or ""
-        headers = request.requestHeaders
+    def takes(self, upgrade: "Upgrade") -> bool:
+        """
+        Whether an upgrade request read by the lean parser is this
+        resource's to decide as an upgrade (C{/health}, C{/ready} and
+        C{/metrics} are served as what they are, upgrade or not).
+        """
+        return upgrade.path not in ("/health", "/ready", "/metrics")
 
-        def header(name: str) -> Optional[str]:
-            values = headers.getRawHeaders(name)
-            return ",".join(values) if values else None
+    def _upgrade_request(self, request: server.Request) -> int:
+        """
+        An upgrade request twisted.web parsed (a form the lean parser
+        leaves to it, L{lean_upgrade}): decided as any other (L{upgrade}),
+        Autobahn reading it as twisted.web understood it.
+        """
+        headers = list(request.requestHeaders.getAllRawHeaders())
+        raw = b"".join(
+            [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
+            + [name + b": " + b",".join(values) + b"\r\n" for name, values in headers]
+            + [b"\r\n", request.content.read() if request.content is not None else b""]
+        )
+        self.upgrade(
+            cast(_DeadlineChannel, request.channel),
+            Upgrade(request.uri, {name.lower(): list(values) for name, values in headers}, raw),
+        )
+        return server.NOT_DONE_YET
 
-        refusal = self._proxy.screen(peer, header)
+    def upgrade(self, channel: "_DeadlineChannel", upgrade: "Upgrade") -> None:
+        """
+        Decide an upgrade request, in order: the per-address limit (429),
+        then a header token compared before the WebSocket handshake, then
+        the WebSocket protocol (whose admission decides everything else).
+        """
+        proxy = self._proxy
+        transport: Any = channel.transport
+        peer = getattr(transport.getPeer(), "host", None) or ""
+        header = upgrade.header
+        refusal = proxy.screen(peer, header)
         if refusal is not None:
             # limited: answered here, before Autobahn or Redis do any work
-            agent_id, session_id = parse_ws_path(request.path.decode("latin-1")) or (None, None)
-            transport: Any = request.channel.transport
-            self._proxy.refused(
-                refusal, self._proxy.client_address(peer, header), peer2str(transport),
+            agent_id, session_id = parse_ws_path(upgrade.path) or (None, None)
+            proxy.refused(
+                refusal, proxy.client_address(peer, header), peer2str(transport),
                 session_id, agent_id,
             )
-            # the same complete response as every other refused upgrade;
-            # the request is never finished: the connection ends with it
-            transport.write(refusal.response())
-            transport.loseConnection()
-            return server.NOT_DONE_YET
-        early = self._comparable(request)
+            channel.refuse(refusal)
+            return
+        early = self._comparable(upgrade)
         if early is not None:
-            return self._compare_first(request, peer, header, *early)
-        return self._to_websocket(request)
+            self._compare_first(channel, upgrade, peer, *early)
+        else:
+            self._to_websocket(channel, upgrade.raw)
 
-    def _comparable(self, request: server.Request) -> Optional[tuple[str, str, str]]:
+    def _comparable(self, upgrade: "Upgrade") -> Optional[tuple[str, str, str]]:
         """
         Whether the token can be compared before the WebSocket handshake:
         one C{Authorization: Bearer} header with an ASCII token, a path and
@@ -148,11 +263,12 @@ class Root(resource.Resource):
 
         @return: (session id, agent id, token), or C{None}.
         """
-        headers = request.requestHeaders
-        authorization = headers.getRawHeaders(b"authorization")
-        origin = headers.getRawHeaders(b"origin")
-        if (authorization is None or len(authorization) != 1 or b"resume" in request.uri
-                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()):
+        headers = upgrade.headers
+        authorization = headers.get(b"authorization")
+        origin = headers.get(b"origin")
+        if (authorization is None or len(authorization) != 1 or b"resume" in upgrade.target
+                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()
+                or not _handshake_headers(headers)):
             return None
         scheme, _, value = authorization[0].decode("ascii").strip().partition(" ")
         token = value.strip()
@@ -160,94 +276,108 @@ class Root(resource.Resource):
             return None
         proxy = self._proxy
         try:
-            agent_id, session_id = proxy.route(request.path.decode("latin-1"))
+            agent_id, session_id = proxy.route(upgrade.path)
             proxy.precheck({} if origin is None else {"origin": origin[0].decode("latin-1")})
         except Refusal:
             return None
         return session_id, agent_id, token
 
     def _compare_first(
-        self, request: server.Request, peer: str, header: Callable[[str], Optional[str]],
+        self, channel: "_DeadlineChannel", upgrade: "Upgrade", peer: str,
         session_id: str, agent_id: str, token: str,
-    ) -> int:
+    ) -> None:
         """
-        Compare the token with the stored one (one C{GET}) before Autobahn
-        builds anything: a wrong token, or a Redis failure, is refused here
-        for the cost of the HTTP parsing and the round trip; an equal one is
-        handed over to the WebSocket admission, which only resets its TTL
-        (within what is left of the same C{AUTH_TIMEOUT_SECS}).
+        Compare the token with the stored one (and reset its TTL, in the
+        same round trip) before Autobahn builds anything: a wrong token, or
+        a Redis failure, is refused here for the cost of reading the
+        request and the round trip; an equal one is handed over to the
+        WebSocket admission, which only subscribes (within what is left of
+        the same C{AUTH_TIMEOUT_SECS}).
         """
         proxy = self._proxy
-        channel = cast(_DeadlineChannel, request.channel)
+        settings = proxy.settings
         channel.setTimeout(None)
         early = _EarlyBytes()
         channel.upgraded_to = early
-        comparing = defer.ensureDeferred(proxy.compare(session_id, token))
 
-        def left(reason: Failure) -> None:
-            if not comparing.called:
-                comparing.cancel()
-
-        request.notifyFinish().addErrback(left)
-
-        def too_late() -> None:
-            # the handshake's deadline (HANDSHAKE_TIMEOUT_SECS) covers the
-            # token check, as Autobahn's does for the admission: dropped
-            transport: Any = channel.transport
-            if transport is not None:
-                transport.abortConnection()
-
-        deadline = proxy.clock.callLater(proxy.settings.handshake_timeout, too_late)
-
-        def disarm(result: Any) -> Any:
-            if deadline.active():
-                deadline.cancel()
-            return result
-
-        comparing.addBoth(disarm)
-
-        def equal(compared: Any) -> None:
+        def equal(compared: Compared) -> None:
             self._factory.compared = (session_id, token, compared)
             try:
-                self._to_websocket(request, early)
+                self._to_websocket(channel, upgrade.raw + b"".join(early.data))
             finally:
                 self._factory.compared = None
+            # not inside the channel's dataReceived: the channel lets go of
+            # the connection here
+            channel._hand_over()
 
-        def refused(reason: Failure) -> None:
+        def refused(refusal: Refusal) -> None:
             transport: Any = channel.transport
-            refusal = refusal_for(reason, self._log, "checking a token")
-            client = proxy.client_address(peer, header)
+            client = proxy.client_address(peer, upgrade.header)
             if refusal.code in (401, 403):
                 proxy.auth_failed(client)
             proxy.refused(refusal, client, peer2str(transport) if transport else "unknown",
                           session_id, agent_id)
-            if transport is not None and refusal is not CLIENT_LEFT:
-                transport.write(refusal.response())
-                transport.loseConnection()
+            if refusal is not CLIENT_LEFT:
+                channel.refuse(refusal)
 
-        comparing.addCallbacks(equal, refused)
-        return server.NOT_DONE_YET
+        def decided(result: Compared | Refusal) -> None:
+            channel.comparing = None
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Refusal):
+                refused(result)
+            else:
+                equal(result)
 
-    def _to_websocket(self, request: server.Request, early: Optional["_EarlyBytes"] = None) -> int:
-        # The WebSocket protocol takes the transport over; the HTTP
-        # channel's idle timer must not fire on it later.
-        channel = cast(_DeadlineChannel, request.channel)
+        comparison = channel.comparing = proxy.compare(session_id, token, decided)
+        # one timer: the token check's deadline (AUTH_TIMEOUT_SECS, 504) or,
+        # if it is shorter, the handshake's (HANDSHAKE_TIMEOUT_SECS: dropped,
+        # as Autobahn does for the admission)
+        auth_first = settings.auth_timeout <= settings.handshake_timeout
+
+        def expired() -> None:
+            if auth_first:
+                comparison.expired()
+            else:
+                # the channel's connectionLost cancels the comparison
+                transport: Any = channel.transport
+                if transport is not None:
+                    transport.abortConnection()
+
+        timer = proxy.clock.callLater(
+            min(settings.auth_timeout, settings.handshake_timeout), expired
+        )
+        comparison.start()
+
+    def _to_websocket(self, channel: "_DeadlineChannel", data: bytes) -> None:
+        """
+        Hand the connection to a new WebSocket protocol, which reads the
+        request (C{data}, with whatever the client sent behind it) again
+        and runs its admission (L{wsproxy.protocol.ProxyProtocol._admit}).
+        """
+        # the HTTP channel's idle timer must not fire on it later
         channel.setTimeout(None)
+        transport: Any = channel.transport
+        protocol = self._factory.buildProtocol(transport.getPeer())
         self._factory.last_built = None
-        result: int = self._websocket.render(request)
-        # bytes the client sent right behind its request (frames, legal once
-        # the handshake completes in order) reach the channel after this
-        # returns: they are the WebSocket's
-        channel.upgraded_to = protocol = self._factory.last_built
-        self._factory.last_built = None
-        if early is not None:
-            # after a comparison (not inside the channel's dataReceived):
-            # the bytes kept meanwhile are the WebSocket's, and the channel
-            # lets go of the request here
-            if early.data and protocol is not None:
-                protocol.dataReceived(b"".join(early.data))
-            channel._hand_over()
-        return result
+        channel.transport = None
+        # TLS wraps the TCP transport in a protocol of its own
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        elif isinstance(transport.protocol, ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        # twisted.web may have paused reading while it served the request
+        # (as Autobahn's WebSocketResource does, resumed)
+        producer = getattr(transport, "_networkProducer", transport)
+        if hasattr(producer, "resumeProducing"):
+            producer.resumeProducing()
+        # bytes the client sent right behind a request twisted.web parsed
+        # reach the channel after this returns: they are the WebSocket's
+        channel.upgraded_to = protocol
+        protocol.dataReceived(data)
 
     def _health(self, request: server.Request) -> int:
         finished = request.notifyFinish()
@@ -394,6 +524,14 @@ class _DeadlineChannel(http.HTTPChannel):
     _gone = False
 
     proxy: Optional[Proxy] = None
+    #: the site's resource, which decides upgrades
+    root: Optional[Root] = None
+    #: the token comparison under way (Root._compare_first), cancelled if
+    #: the client leaves
+    comparing: Optional[Comparison] = None
+    #: the first request's bytes until its head is complete (the lean
+    #: parser's), None once it was decided who reads it
+    _head: Optional[bytes] = b""
 
     def dataReceived(self, data: bytes) -> None:
         if self._admitted:
@@ -415,10 +553,58 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.pauseProducing()
 
     def _parse(self, data: bytes) -> None:
+        if isinstance(self.upgraded_to, _EarlyBytes):
+            # behind a request whose token is being compared
+            self.upgraded_to.dataReceived(data)
+            return
+        head = self._head
+        if head is not None:
+            if head:
+                data = head + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0 and len(data) < LEAN_HEAD_MAX:
+                self._head = data
+                return
+            self._head = None
+            if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
+                return
         super().dataReceived(data)
         upgraded = self.upgraded_to
         if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
             self._hand_over()
+
+    def _lean(self, data: bytes, end: int) -> bool:
+        """
+        The first request, complete in C{data} up to C{end} (its blank
+        line): if it is a plain WebSocket upgrade (L{lean_upgrade}), decide
+        it without twisted.web (L{Root.upgrade}).
+
+        @return: whether it was; if not, twisted.web reads C{data}.
+        """
+        root = self.root
+        upgrade = lean_upgrade(data[:end], data) if root is not None else None
+        if upgrade is None or root is None or not root.takes(upgrade):
+            return False
+        # the whole request is here in time
+        self._disarm()
+        self.persistent = False
+        root.upgrade(self, upgrade)
+        upgraded = self.upgraded_to
+        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
+            self._hand_over()
+        return True
+
+    def refuse(self, refusal: Refusal) -> None:
+        """
+        Answer the upgrade request with C{refusal} and end the connection;
+        anything more the client sends is ignored.
+        """
+        self._discard = True
+        self._disarm()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(refusal.response())
+            transport.loseConnection()
 
     def _refused_early(self, data: bytes) -> bool:
         """
@@ -450,7 +636,7 @@ class _DeadlineChannel(http.HTTPChannel):
         held, self._held = self._held or [], None
         self._admitted = True
         transport: Any = self.transport
-        if transport is None or self._gone:
+        if transport is None or self._gone or transport.disconnecting:
             return
         data = b"".join(held)
         self._arm()
@@ -528,6 +714,10 @@ class _DeadlineChannel(http.HTTPChannel):
         self._gone = True
         self._held = None
         self._disarm()
+        comparing = self.comparing
+        if comparing is not None:
+            # the client left while its token was being compared
+            comparing.cancel()
         super().connectionLost(reason)
 
 
@@ -566,9 +756,11 @@ class ProxySite(server.Site):
     def __init__(self, proxy: Proxy, metrics: Optional[MetricsSource] = None) -> None:
         self.proxy = proxy
         self.ws_factory = ProxyFactory(proxy)
-        super().__init__(
-            Root(proxy, self.ws_factory, metrics or proxy.stats.render), timeout=60
-        )
+        self.root = Root(proxy, self.ws_factory, metrics or proxy.stats.render)
+        # no idle timer of twisted.web's (TimeoutMixin: a timer per
+        # connection, reset on every read): the channel's own deadline
+        # covers every request's head and the wait for the next one
+        super().__init__(self.root, timeout=None)
         self.displayTracebacks = False
         per_turn = proxy.settings.handshakes_per_turn
         self.budget = TurnBudget(proxy.clock, per_turn) if per_turn else None
@@ -579,6 +771,7 @@ class ProxySite(server.Site):
         channel.head_deadline = self.proxy.settings.handshake_timeout
         channel.budget = self.budget
         channel.proxy = self.proxy
+        channel.root = self.root
         channel.callLater = self.proxy.clock.callLater
         return channel
 
