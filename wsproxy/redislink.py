@@ -102,7 +102,40 @@ class _Counting:
             self.link._lost(self, reason, transport)
 
 
-class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
+class _Fed:
+    """
+    A connection whose replies a hiredis reader parses, fed by Twisted's
+    C{dataReceived} or straight from a reused read buffer (L{_read_into});
+    what the replies of one read cause (frames to clients, acks) is sent
+    once the whole read has been handled (L{BATCH}), one write per socket.
+    """
+
+    _parser: hiredis.Reader
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        self._parser.feed(data)
+        self._answer()
+
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read into C{buffer} (L{_read_into}).
+        """
+        # hiredis takes any buffer (its stubs say bytes)
+        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        self._answer()
+
+    def _answer(self) -> None:
+        BATCH.hold()
+        try:
+            self._replies()
+        finally:
+            BATCH.release()
+
+    def _replies(self) -> None:
+        raise NotImplementedError
+
+
+class _Protocol(_Fed, _Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
     """
     The command connection. Ordinary commands go through txredisapi; client
     messages are PUBLISHed on a lean path: the command is written as it is
@@ -181,26 +214,6 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
         self._fifo.append(on_reply)
         self.sent += 1
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        self._parser.feed(data)
-        self._answer()
-
-    def received_into(self, buffer: bytearray, n: int) -> None:
-        """
-        C{n} bytes read into C{buffer} (L{_read_into}).
-        """
-        # hiredis takes any buffer (its stubs say bytes)
-        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
-        self._answer()
-
-    def _answer(self) -> None:
-        # acks and replies to clients go out when the read has been handled
-        BATCH.hold()
-        try:
-            self._replies()
-        finally:
-            BATCH.release()
-
     def _replies(self) -> None:
         parser = self._parser
         fifo = self._fifo
@@ -228,7 +241,7 @@ class _Protocol(_Counting, txredisapi.RedisProtocol):  # type: ignore[misc]
                     handler(error)
 
 
-class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class _SubscriberProtocol(_Fed, _Counting, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """
     The subscriber, with a lean path for the one reply it gets by the
     thousand: a C{message} goes straight from the hiredis parser to the hub;
@@ -261,25 +274,8 @@ class _SubscriberProtocol(_Counting, txredisapi.SubscriberProtocol):  # type: ig
             return cast("defer.Deferred[Any]", self.subscribe(channel))
         return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        self._parser.feed(data)
-        self._answer()
-
-    def received_into(self, buffer: bytearray, n: int) -> None:
-        """
-        C{n} bytes read into C{buffer} (L{_read_into}).
-        """
-        # hiredis takes any buffer (its stubs say bytes)
-        self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
-        self._answer()
-
-    def _answer(self) -> None:
-        # the sockets' frames of one read are sent when it has been dispatched
-        BATCH.hold()
-        try:
-            self._dispatch()
-        finally:
-            BATCH.release()
+    def _replies(self) -> None:
+        self._dispatch()
 
     def _dispatch(self) -> None:
         parser = self._parser
