@@ -661,7 +661,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            return defer.fail(RedisUnavailable(self.last_error or "not connected"))
+            return defer.fail(self._unavailable())
         d: defer.Deferred[Any] = proto.command(*args)
         return d.addErrback(self._translate, proto)
 
@@ -673,7 +673,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(RedisUnavailable(self.last_error or "not connected"))
+            on_reply(self._unavailable())
         else:
             proto.command_raw(args, on_reply)
 
@@ -685,7 +685,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(RedisUnavailable(self.last_error or "not connected"))
+            on_reply(self._unavailable())
         else:
             proto.write_raw(command, on_reply)
 
@@ -697,14 +697,14 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(RedisUnavailable(self.last_error or "not connected"))
+            on_reply(self._unavailable())
         else:
             proto.publish_raw(channel, payload, on_reply)
 
     def subscribe(self, channel: str) -> defer.Deferred[Any]:
         proto = self.ready
         if proto is None:
-            return defer.fail(RedisUnavailable(self.last_error or "not connected"))
+            return defer.fail(self._unavailable())
         d: defer.Deferred[Any] = proto.command("SUBSCRIBE", channel)
         return d.addErrback(self._translate, proto)
 
@@ -714,6 +714,10 @@ class RedisLink:
             return defer.succeed(None)
         d: defer.Deferred[Any] = proto.command("UNSUBSCRIBE", channel)
         return d.addErrback(self._translate, proto)
+
+    def _unavailable(self) -> RedisUnavailable:
+        """What a command meets while no connection is ready."""
+        return RedisUnavailable(self.last_error or "not connected")
 
     def _lost_error(self, proto: Any) -> Exception:
         if proto.stuck:
