@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
+from . import poll
 from .fdlimit import DescriptorLimit, raise_soft_limit
 from .heap import CollectorPolicy
 from .proxy import Proxy
@@ -120,6 +121,9 @@ class ProxyService(DaemonService):
     @param manage_heap: keep long-lived objects out of the cycle
         collector's scans once running (L{wsproxy.heap}); for a process of
         its own, not for a proxy inside a test run.
+    @param lean_poll: once running, have the reactor dispatch ready sockets
+        without a legacy log context (L{wsproxy.poll}); also for a process
+        of its own.
     """
 
     name = "wsproxy"
@@ -134,6 +138,7 @@ class ProxyService(DaemonService):
         handle_signals: bool = False,
         worker: Optional[int] = None,
         manage_heap: bool = False,
+        lean_poll: bool = False,
     ) -> None:
         self.proxy = proxy
         self.site = site
@@ -147,6 +152,7 @@ class ProxyService(DaemonService):
                             observe=proxy.stats.gc_pause.labels)
             if manage_heap else None
         )
+        self.lean_poll = lean_poll
         self.port: Optional[IListeningPort] = None
         self.drain = proxy.settings.shutdown_drain
         self._listening: Optional[defer.Deferred[None]] = None
@@ -264,6 +270,8 @@ class ProxyService(DaemonService):
         self._running_now = True
         if self.heap is not None:
             self.heap.install()
+        if self.lean_poll:
+            poll.install(self.reactor)
         if self.handle_signals:
             self.install_signal_handlers()
         if self.port is not None:
@@ -305,6 +313,8 @@ class ProxyService(DaemonService):
             self.stopping = True
             if self.heap is not None and self._running_now:
                 self.heap.uninstall()
+            if self.lean_poll and self._running_now:
+                poll.uninstall(self.reactor)
             super().stopService()
             self._stopping = defer.ensureDeferred(self.shutdown())
         return self._stopping

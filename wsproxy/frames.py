@@ -37,7 +37,10 @@ def is_utf8(data: bytes) -> bool:
 
 
 def down_auto(payload: bytes) -> Outgoing:
-    # is_utf8, inline: once per backend message
+    # is_utf8, inline: once per backend message; ASCII (most JSON) is
+    # UTF-8 and is told without decoding
+    if payload.isascii():
+        return payload, False
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError:

@@ -122,7 +122,13 @@ class _Fed:
         """
         # hiredis takes any buffer (its stubs say bytes)
         self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
-        self._answer()
+        # _answer and Batch.hold, inline: this runs once per read
+        batch = BATCH
+        batch.held += 1
+        try:
+            self._replies()
+        finally:
+            batch.release()
 
     def _answer(self) -> None:
         BATCH.hold()
@@ -275,9 +281,6 @@ class _SubscriberProtocol(_Fed, _Counting, txredisapi.SubscriberProtocol):  # ty
         return cast("defer.Deferred[Any]", self.unsubscribe(channel))
 
     def _replies(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
         parser = self._parser
         on_message = self.link.on_message
         reply = parser.gets()
@@ -314,7 +317,7 @@ class _ShardSubscriberProtocol(_SubscriberProtocol):
         self.transport.write(encode_command(kind.upper(), key))
         return d
 
-    def _dispatch(self) -> None:
+    def _replies(self) -> None:
         parser = self._parser
         link = self.link
         on_message = link.on_message

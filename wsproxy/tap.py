@@ -91,6 +91,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     return ProxyService(
         proxy, ProxySite(proxy), endpoint, reactor, log_observer=observer, handle_signals=True,
         manage_heap=True,
+        lean_poll=True,
     )
 
 

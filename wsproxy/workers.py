@@ -158,6 +158,7 @@ def worker_service(seat: Seat, proxy: Proxy, reactor: Any, log_observer: Any) ->
         handle_signals=True,
         worker=seat.index,
         manage_heap=True,
+        lean_poll=True,
     )
     link.service = service
     _adopt_channel(reactor, seat.channel_fd, link)

@@ -1,0 +1,165 @@
+"""
+wsproxy.poll: the epoll reactor's turn without a legacy log context, on the
+real reactor and real loopback sockets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.python import log
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from wsproxy import poll
+from wsproxy.daemon import ProxyService
+
+from .support import wait_for
+from .test_daemon import FakeEndpoint, FakeProxy
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"boom"):
+            raise ZeroDivisionError("a handler that raises")
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # wrapped: a Failure given to callback would fire the errbacks
+        self.factory.lost.callback([reason])  # type: ignore[attr-defined]
+
+
+class Collect(protocol.Protocol):
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.lost: defer.Deferred[list[Failure]] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.expected and not self.done.called:
+            self.done.callback(self.received)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback([reason])
+
+
+class OtherReactorTests(SynchronousTestCase):
+    def test_leaves_other_reactors_alone(self) -> None:
+        """
+        A reactor that is not the epoll reactor (here the test doubles) is
+        not changed, and install says so.
+        """
+        for other in (MemoryReactor(), Clock()):
+            self.assertFalse(poll.install(other))
+            self.assertNotIn("doIteration", other.__dict__)
+
+
+class EpollTests(TestCase):
+    """
+    The suite runs on Linux under Twisted's default reactor, epoll: these
+    tests install the lean turn on it for their own duration.
+    """
+
+    def setUp(self) -> None:
+        self.assertIsInstance(reactor, EPollReactor, "the suite runs on the epoll reactor")
+        self.contexts = 0
+        original = log.callWithLogger
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.contexts += 1
+            return original(*args, **kwargs)
+
+        self.patch(log, "callWithLogger", counting)
+
+    def install(self) -> None:
+        self.assertTrue(poll.install(reactor))
+        self.addCleanup(poll.uninstall, reactor)
+
+    def serve(self) -> tuple[Any, defer.Deferred[list[Failure]]]:
+        factory = protocol.Factory.forProtocol(Echo)
+        factory.lost = defer.Deferred()  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return port, factory.lost  # type: ignore[attr-defined]
+
+    async def connect(self, port: Any, expected: int) -> Collect:
+        client = Collect(expected)
+        endpoint = protocol.ClientCreator(reactor, lambda: client)
+        await endpoint.connectTCP("127.0.0.1", port.getHost().port)
+        self.addCleanup(lambda: client.transport.loseConnection())
+        return client
+
+    async def test_the_reactor_turn_skips_the_log_context(self) -> None:
+        """
+        Without install every event goes through callWithLogger (which
+        shows that this test can see it); once installed, reads and
+        writes of real sockets (a megabyte both ways, so that the writes
+        wait for the socket to be writable) are all handled without it.
+        """
+        port, _ = self.serve()
+        data = bytes(range(256)) * 4096
+        client = await self.connect(port, len(data))
+        client.transport.write(b"x")
+        await wait_for(lambda: len(client.received) == 1, timeout=30)
+        self.assertGreater(self.contexts, 0)
+
+        self.install()
+        client.received = b""
+        client.expected = len(data)
+        self.contexts = 0
+        client.transport.write(data)
+        echoed = await client.done
+        self.assertEqual(echoed, data)
+        self.assertEqual(self.contexts, 0)
+
+    async def test_a_handler_that_raises_loses_only_its_connection(self) -> None:
+        """
+        A protocol whose dataReceived raises is disconnected with that
+        error (as Twisted's own turn does), the error is logged, and the
+        other connections keep working.
+        """
+        self.install()
+        port, server_lost = self.serve()
+        other_port, _ = self.serve()
+        victim = await self.connect(port, 1)
+        bystander = await self.connect(other_port, 5)
+        victim.transport.write(b"boom")
+        bystander.transport.write(b"hello")
+        [reason] = await server_lost
+        self.assertTrue(reason.check(ZeroDivisionError))
+        await victim.lost
+        self.assertEqual(await bystander.done, b"hello")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.contexts, 0)
+
+    def test_uninstall_restores_the_reactors_own_turn(self) -> None:
+        """
+        uninstall gives the reactor back its class's doIteration.
+        """
+        poll.install(reactor)
+        self.assertIn("doIteration", reactor.__dict__)
+        poll.uninstall(reactor)
+        self.assertNotIn("doIteration", reactor.__dict__)
+        self.assertEqual(reactor.doIteration, reactor.doPoll)  # type: ignore[attr-defined]
+
+    def test_the_daemon_installs_it_once_running(self) -> None:
+        """
+        A ProxyService built with lean_poll (as twistd's and every worker's
+        are) installs the lean turn once the reactor runs; one built
+        without it (as in tests) leaves the reactor alone.
+        """
+        plain = ProxyService(FakeProxy(), object(), FakeEndpoint(defer.Deferred()),  # type: ignore[arg-type]
+                             reactor)
+        plain._running()
+        self.assertNotIn("doIteration", reactor.__dict__)
+        lean = ProxyService(FakeProxy(), object(), FakeEndpoint(defer.Deferred()),  # type: ignore[arg-type]
+                            reactor, lean_poll=True)
+        self.addCleanup(poll.uninstall, reactor)
+        lean._running()
+        self.assertIn("doIteration", reactor.__dict__)

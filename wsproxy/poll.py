@@ -1,0 +1,89 @@
+"""
+The reactor's dispatch of ready sockets, without a log context per event.
+
+Twisted's epoll reactor hands every ready socket to its handler through
+C{twisted.python.log.callWithLogger}: it asks the socket for its log prefix
+and pushes a context of the legacy logging system around the call (five
+Python calls and a dictionary copy per event). When each Redis read and
+each client frame is an event of its own (messages that come one at a
+time, not in bursts), that is a tenth of the proxy's Python time per
+message.
+
+wsproxy logs through C{twisted.logger}, whose events never read that
+context. The only lines that carried it are the legacy ones Twisted itself
+writes when a read or write handler raises: they now say C{[-]} where they
+said the connection's class and address. L{install} gives a running epoll
+reactor a C{doIteration} that handles the turn's events in the same order,
+and the commonest one itself: a socket that is readable and nothing else
+gets its C{doRead} called, and loses its connection as Twisted's
+C{_doReadOrWrite} would make it if C{doRead} says so or raises (logged).
+Every other event (writable, hung up, in error) goes to the reactor's own
+C{_doReadOrWrite}, without the log context. An error while losing a
+connection is logged here, and the turn's other events are still handled.
+Any other reactor, or a Twisted whose epoll reactor no longer has the parts
+used here, is left as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.logger import Logger
+
+_log = Logger()
+
+
+def install(reactor: Any) -> bool:
+    """
+    Make C{reactor} dispatch ready sockets without a log context, if it is
+    an epoll reactor; C{True} if it now does.
+    """
+    try:
+        from select import EPOLLIN
+
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        return False
+    if not isinstance(reactor, EPollReactor):
+        return False
+    if type(reactor).doIteration is not EPollReactor.doPoll:
+        return False  # a subclass with a loop of its own
+    poller = getattr(reactor, "_poller", None)
+    selectables = getattr(reactor, "_selectables", None)
+    handle = getattr(reactor, "_doReadOrWrite", None)
+    disconnect = getattr(reactor, "_disconnectSelectable", None)
+    if (poller is None or not isinstance(selectables, dict) or handle is None
+            or disconnect is None):
+        return False
+
+    def doPoll(timeout: Optional[float]) -> None:
+        # epoll.poll retries by itself when a signal interrupts it (PEP 475)
+        events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+        get = selectables.get
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is None:
+                continue  # removed by an earlier event of this turn
+            try:
+                if event == EPOLLIN:
+                    try:
+                        why = selectable.doRead()
+                    except Exception as e:
+                        _log.failure("reading {selectable!r} failed", selectable=selectable)
+                        why = e
+                    if why:
+                        disconnect(selectable, why, True)
+                else:
+                    handle(selectable, fd, event)
+            except Exception:
+                _log.failure("handling an event of {selectable!r} failed", selectable=selectable)
+
+    reactor.doIteration = doPoll  # type: ignore[method-assign]
+    return True
+
+
+def uninstall(reactor: Any) -> None:
+    """
+    Give C{reactor} back its own C{doIteration}.
+    """
+    reactor.__dict__.pop("doIteration", None)
