@@ -4,15 +4,19 @@
 # alternated so that both see the same machine noise.
 #
 #   bench/compare.sh REV [ROUNDS]      e.g. bench/compare.sh 402d325 3
+#   SCENARIOS="down-turn up-turn" bench/compare.sh 402d325 3
 #
 # Each round runs the "down" (1,000 sessions x 100 downstream 100-byte
 # messages) and "up" (1,000 clients x 100 upstream messages) scenarios of
-# bench/run.sh against each proxy. Prints one JSON line per run and a summary:
+# bench/run.sh against each proxy; SCENARIOS may add or choose "down-turn"
+# and "up-turn" (10,000 messages/s over 1,000 sessions for 10 s: about one
+# message per socket per reactor turn, as bench.versus runs them). Prints one JSON line per run and a summary:
 # the median proxy CPU per message (us) of each revision and their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REV=${1:?usage: bench/compare.sh REV [ROUNDS]}
 ROUNDS=${2:-3}
+SCENARIOS=${SCENARIOS:-down up}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
 REDIS_BIN=$(command -v redis-server)
@@ -55,10 +59,13 @@ for round in $(seq "$ROUNDS"); do
     for side in head other; do
         dir=$(pwd); [ "$side" = other ] && dir=$other
         start_proxy "$dir"
-        for scenario in down up; do
+        for scenario in $SCENARIOS; do
             case $scenario in
                 down) args=(--clients 1000 --burst 100 --phases connect,down) ;;
                 up)   args=(--clients 1000 --upstream 100 --phases connect,up) ;;
+                down-turn) args=(--clients 1000 --rate 10000 --duration 10 --phases connect,paced) ;;
+                up-turn)   args=(--clients 1000 --rate 10000 --duration 10 --phases connect,uppaced) ;;
+                *) echo "unknown scenario $scenario" >&2; exit 2 ;;
             esac
             line=$("$PY" -m bench.loadtest --url "ws://127.0.0.1:$PPORT" \
                 --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" --json-only "${args[@]}")
@@ -66,7 +73,7 @@ for round in $(seq "$ROUNDS"); do
 import json, sys
 side, scenario, round_ = sys.argv[1:4]
 data = json.loads(sys.stdin.read())
-phase = data["phases"][scenario]
+phase = data["phases"][{"down-turn": "paced", "up-turn": "uppaced"}.get(scenario, scenario)]
 cpu = phase.get("proxy_cpu_us_per_msg")
 print(json.dumps({"side": side, "scenario": scenario, "round": int(round_),
                   "cpu_us_per_msg": cpu, "lost": phase.get("lost")}))
@@ -75,10 +82,10 @@ print(json.dumps({"side": side, "scenario": scenario, "round": int(round_),
         stop_proxy
     done
 done
-"$PY" - "$results" "$REV" <<'PY'
+"$PY" - "$results" "$REV" "$SCENARIOS" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-for scenario in ("down", "up"):
+for scenario in sys.argv[3].split():
     med = {}
     for side in ("head", "other"):
         values = [r["cpu_us_per_msg"] for r in rows
