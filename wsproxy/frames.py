@@ -67,28 +67,41 @@ def up_tagged(message: bytes, is_binary: bool) -> bytes:
     return (BINARY_TAG if is_binary else TEXT_TAG) + message
 
 
+#: the two header bytes of an unfragmented, unmasked text or binary frame
+#: of each length that fits in them
+_SHORT_HEADS = {
+    binary: [bytes((0x82 if binary else 0x81, n)) for n in range(126)]
+    for binary in (False, True)
+}
+
+
+def frame(message: bytes, binary: bool) -> bytes:
+    """
+    C{message} as one unfragmented, unmasked frame (RFC 6455 section 5.2),
+    as Autobahn's C{prepareMessage} builds it at a fifth of the cost.
+    """
+    n = len(message)
+    if n < 126:
+        return _SHORT_HEADS[binary][n] + message
+    first = 0x82 if binary else 0x81
+    if n < 65536:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + message
+    return bytes((first, 127)) + n.to_bytes(8, "big") + message
+
+
 class Prepared:
     """
-    A message for clients, framed once for every socket that sends it: one
-    unfragmented, unmasked frame (RFC 6455 section 5.2), as Autobahn's
-    C{prepareMessage} builds it at a fifth of the cost. C{message} and
-    C{binary} are kept for connections that compress.
+    A message for clients, framed once (L{frame}) for every socket that
+    sends it. C{message} and C{binary} are kept for connections that
+    compress.
     """
 
     __slots__ = ("message", "binary", "frame")
 
-    def __init__(self, message: bytes, binary: bool) -> None:
+    def __init__(self, message: bytes, binary: bool, framed: Optional[bytes] = None) -> None:
         self.message = message
         self.binary = binary
-        n = len(message)
-        first = 0x82 if binary else 0x81
-        if n < 126:
-            head = bytes((first, n))
-        elif n < 65536:
-            head = bytes((first, 126)) + n.to_bytes(2, "big")
-        else:
-            head = bytes((first, 127)) + n.to_bytes(8, "big")
-        self.frame = head + message
+        self.frame = frame(message, binary) if framed is None else framed
 
 
 def codec(

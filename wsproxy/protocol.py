@@ -730,18 +730,13 @@ class ProxyProtocol(WebSocketServerProtocol):
             return
         factory = self.factory
         if payload is factory.last_payload:
-            prepared = factory.last_prepared
-            size = factory.last_size
+            outgoing, framed = factory.last_outgoing, factory.last_frame
         else:
             outgoing = self._down(payload)
-            if outgoing is None:
-                prepared, size = None, 0
-            else:
-                message, binary = outgoing
-                prepared, size = frames.Prepared(message, binary), len(message)
-            factory.last_payload, factory.last_prepared = payload, prepared
-            factory.last_size = size
-        if prepared is None:
+            framed = None if outgoing is None else frames.frame(*outgoing)
+            factory.last_payload, factory.last_outgoing = payload, outgoing
+            factory.last_frame = framed
+        if outgoing is None or framed is None:
             self._proxy.stats.dropped_down += 1
             if not self._warned_drop:
                 # once per connection; the metric counts every one
@@ -752,14 +747,16 @@ class ProxyProtocol(WebSocketServerProtocol):
                     session_id=self.session_id,
                 )
             return
+        message, binary = outgoing
+        size = len(message)
         out = self._out
         if (out is None or self._paused or self._perMessageCompress is not None
                 or self.send_queue):
-            self._send_prepared(prepared, size)
+            self._send_prepared(frames.Prepared(message, binary, framed), size)
             return
         # _send_prepared and _write, inline for the common case: a plain
         # socket, writing, no compression
-        out.send(prepared.frame)
+        out.send(framed)
         self.messages_out += 1
         self.bytes_out += size
         stats = self._proxy.stats
@@ -1019,8 +1016,8 @@ class ProxyFactory(WebSocketServerFactory):
         self.frame_limit = settings.max_message_size
         #: the last backend payload and its frame, shared by a session's sockets
         self.last_payload: Optional[bytes] = None
-        self.last_prepared: Optional[frames.Prepared] = None
-        self.last_size = 0
+        self.last_outgoing: frames.Outgoing = None
+        self.last_frame: Optional[bytes] = None
         self.last_built: Optional[ProxyProtocol] = None
         #: (session id, token, Compared) of the upgrade being handed over by
         #: the site, whose token it already compared (Root._compare_first)
