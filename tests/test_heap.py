@@ -313,6 +313,20 @@ class PolicyTests(SynchronousTestCase):
         fake.run(2, took=2.0)
         self.assertEqual(observed, [("0", 0.5), ("2", 2.0)])
 
+    def test_thresholds(self) -> None:
+        """
+        Installed, the policy collects the young generation after
+        L{heap.THRESHOLDS} new objects (fewer collections during connection
+        storms); uninstalled, the thresholds are what they were.
+        """
+        fake = FakeGc()
+        policy = heap.CollectorPolicy(Clock(), fake)
+        policy.install()
+        self.assertEqual(fake.thresholds, heap.THRESHOLDS)
+        self.assertGreater(heap.THRESHOLDS[0], 700)
+        policy.uninstall()
+        self.assertEqual(fake.thresholds, (700, 10, 10))
+
     def test_uninstall(self) -> None:
         """
         Uninstalling removes the callback, stops the hourly collection and
@@ -337,6 +351,13 @@ class FakeGc:
         self.frozen = self.unfrozen = self.collected = 0
         self.now = 0.0
         self.took = took
+        self.thresholds: tuple[int, ...] = (700, 10, 10)
+
+    def get_threshold(self) -> tuple[int, ...]:
+        return self.thresholds
+
+    def set_threshold(self, *thresholds: int) -> None:
+        self.thresholds = thresholds
 
     def timer(self) -> float:
         return self.now

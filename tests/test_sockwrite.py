@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import Any, Optional
 
-from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet import defer, protocol, reactor, ssl, task, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
@@ -409,3 +409,33 @@ class CommandWriteTests(RedisTestCase):
         self.assertIn(await pong, (b"PONG", "PONG"))
         await wait_for(lambda: len(replies) == 2)
         self.assertEqual(replies, [0, b"after"])
+
+
+class HandshakeWriteTests(RedisTestCase):
+    timeout = 60
+
+    async def test_101_written_by_the_proxy_itself(self) -> None:
+        """
+        On a plain TCP connection the 101 is sent to the socket by the
+        proxy as soon as the admission is over (L{sockwrite.write_now}),
+        not handed to the transport for the reactor's next pass; the
+        client opens and receives as usual.
+        """
+        written: list[bytes] = []
+        write = tcp.Connection.write
+
+        def recording(transport: Any, data: bytes) -> None:
+            written.append(bytes(data))
+            write(transport, data)
+
+        self.patch(tcp.Connection, "write", recording)
+        proxy = RunningProxy(settings_for(self.redis.url))
+        self.addCleanup(proxy.stop)
+        await proxy.ready()
+        self.r.set("session:s1:auth", "tok", ex=300)
+        client = await connect(proxy.url("s1"), token="tok")
+        self.addCleanup(client.close_and_wait)
+        self.assertFalse([data for data in written if data.startswith(b"HTTP/1.1 101")])
+        self.r.publish("session:s1:down", b"hello")
+        await client.wait_messages(1)
+        self.assertEqual(client.messages, [(b"hello", False)])

@@ -44,7 +44,7 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
-from .sockwrite import BATCH, Pending, plain_socket
+from .sockwrite import BATCH, Pending, plain_socket, write_now
 from .timers import BucketTimer
 from .upstream import Appender, InvalidEnvelope
 
@@ -57,6 +57,7 @@ INTERNAL_ERROR = 1011
 
 _HANDSHAKE, _OPEN, _CLOSED = range(3)
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
+STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 
 def _redact(reason: str) -> str:
@@ -805,7 +806,27 @@ class ProxyProtocol(WebSocketServerProtocol):
         out = self._out
         if out is not None and out.frames:
             out.flush()
+        elif out is None and self.state == STATE_CONNECTING and not (sync or chopsize
+                                                                      or self.send_queue):
+            self._send_handshake_response(data)
+            return
         super().sendData(data, sync, chopsize)
+
+    def _send_handshake_response(self, data: bytes) -> None:
+        """
+        The opening handshake's answer (the 101, or a refusal) on a plain
+        TCP socket straight away (L{wsproxy.sockwrite.write_now}), rather
+        than on the reactor's next pass: each set-up then costs no
+        C{epoll_ctl} to register the socket for writing and none to
+        unregister it. Autobahn's C{sendData} would do nothing more than
+        that write, a debug line no log level shows and a count nothing
+        reads. Over TLS, Autobahn's way.
+        """
+        direct = plain_socket(self.transport)
+        if direct is None:
+            super().sendData(data)
+        else:
+            write_now(direct, data)
 
     # Resumable sessions (see wsproxy.resume): every data frame is
     # "<position>\n<message>" (an empty position for plain :down messages),
