@@ -5,6 +5,7 @@ real reactor and real loopback sockets.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
@@ -117,6 +118,54 @@ class EpollTests(TestCase):
         echoed = await client.done
         self.assertEqual(echoed, data)
         self.assertEqual(self.contexts, 0)
+
+    async def test_waits_again_without_the_reactors_loop(self) -> None:
+        """
+        Installed, the turn waits for the next events itself while the
+        reactor's loop would have nothing to do (no timed call due or
+        added, no call from a thread): 100 round trips one at a time take
+        far fewer passes of that loop than without it, which takes at
+        least one per round trip. Timed calls and calls from threads are
+        still run, by the reactor's loop.
+        """
+        port, _ = self.serve()
+        client = await self.connect(port, 1)
+        passes = 0
+        original = reactor.runUntilCurrent  # type: ignore[attr-defined]
+
+        def counting() -> None:
+            nonlocal passes
+            passes += 1
+            original()
+
+        self.patch(reactor, "runUntilCurrent", counting)
+
+        async def round_trips() -> None:
+            # each waits on the echo itself (no timed call to poll with)
+            for i in range(100):
+                client.received = b""
+                client.done = defer.Deferred()
+                client.transport.write(b"%d" % (i % 10))
+                await client.done
+
+        await round_trips()
+        without = passes
+        self.assertGreaterEqual(without, 100)
+        self.install()
+        passes = 0
+        await round_trips()
+        self.assertLess(passes, without // 2)
+
+        timed: defer.Deferred[str] = defer.Deferred()
+        reactor.callLater(0.05, timed.callback, "timed")  # type: ignore[attr-defined]
+        self.assertEqual(await timed, "timed")
+        threaded: defer.Deferred[str] = defer.Deferred()
+        thread = threading.Thread(
+            target=reactor.callFromThread,  # type: ignore[attr-defined]
+            args=(threaded.callback, "from a thread"))
+        thread.start()
+        self.assertEqual(await threaded, "from a thread")
+        thread.join()
 
     async def test_a_handler_that_raises_loses_only_its_connection(self) -> None:
         """

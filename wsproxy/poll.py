@@ -20,6 +20,15 @@ C{_doReadOrWrite} would make it if C{doRead} says so or raises (logged).
 Every other event (writable, hung up, in error) goes to the reactor's own
 C{_doReadOrWrite}, without the log context. An error while losing a
 connection is logged here, and the turn's other events are still handled.
+
+After the events, the turn waits for the next ones itself unless the
+reactor's loop has something to do first (a call from a thread or a
+signal queued, a timed call added or due, the reactor stopping): the
+loop's pass (running due timed calls, computing the wait, its error
+handler) would only have come back here with the same timeout. Timed calls
+run as before, at their time. A pass asked not to wait (C{timeout} 0: timed
+calls due, or C{reactor.iterate()}) is one pass.
+
 Any other reactor, or a Twisted whose epoll reactor no longer has the parts
 used here, is left as it is.
 """
@@ -31,6 +40,11 @@ from typing import Any, Optional
 from twisted.logger import Logger
 
 _log = Logger()
+
+#: what the turn reads of the reactor to tell whether its loop has anything
+#: to do before the next wait (twisted.internet.base.ReactorBase)
+_TURN_STATE = ("threadCallQueue", "_newTimedCalls", "_pendingTimedCalls", "_justStopped",
+               "running")
 
 
 def install(reactor: Any) -> bool:
@@ -56,27 +70,49 @@ def install(reactor: Any) -> bool:
             or disconnect is None):
         return False
 
+    loops = all(hasattr(reactor, name) for name in _TURN_STATE)
+    seconds = reactor.seconds
+
     def doPoll(timeout: Optional[float]) -> None:
-        # epoll.poll retries by itself when a signal interrupts it (PEP 475)
-        events = poller.poll(-1 if timeout is None else timeout, len(selectables))
         get = selectables.get
-        for fd, event in events:
-            selectable = get(fd)
-            if selectable is None:
-                continue  # removed by an earlier event of this turn
-            try:
-                if event == EPOLLIN:
-                    try:
-                        why = selectable.doRead()
-                    except Exception as e:
-                        _log.failure("reading {selectable!r} failed", selectable=selectable)
-                        why = e
-                    if why:
-                        disconnect(selectable, why, True)
-                else:
-                    handle(selectable, fd, event)
-            except Exception:
-                _log.failure("handling an event of {selectable!r} failed", selectable=selectable)
+        # a pass that must not wait (reactor.iterate(), timed calls due)
+        # is one pass
+        again = loops and timeout != 0
+        while True:
+            # epoll.poll retries by itself when a signal interrupts it (PEP 475)
+            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+            for fd, event in events:
+                selectable = get(fd)
+                if selectable is None:
+                    continue  # removed by an earlier event of this turn
+                try:
+                    if event == EPOLLIN:
+                        try:
+                            why = selectable.doRead()
+                        except Exception as e:
+                            _log.failure("reading {selectable!r} failed", selectable=selectable)
+                            why = e
+                        if why:
+                            disconnect(selectable, why, True)
+                    else:
+                        handle(selectable, fd, event)
+                except Exception:
+                    _log.failure("handling an event of {selectable!r} failed",
+                                 selectable=selectable)
+            # Back to the reactor's loop if its next pass would do anything
+            # but wait again: calls from threads (and signals) queued, timed
+            # calls added or due, stopping. Else wait again from here, for
+            # as long as it would have.
+            if (not again or reactor.threadCallQueue or reactor._newTimedCalls
+                    or reactor._justStopped or not reactor.running):
+                return
+            pending = reactor._pendingTimedCalls
+            if pending:
+                timeout = pending[0].time - seconds()
+                if timeout <= 0:
+                    return
+            else:
+                timeout = None
 
     reactor.doIteration = doPoll  # type: ignore[method-assign]
     return True
