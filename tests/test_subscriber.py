@@ -3,7 +3,7 @@ The subscriber connection's lean SUBSCRIBE/UNSUBSCRIBE (written as they
 are, confirmations matched in order, one Deferred per command) against a
 real redis-server: confirmations, an error reply answering its own command
 and no other, many commands in one write, a connection lost with commands
-waiting.
+waiting; and which reads hold their frames for one write.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from wsproxy.redisendpoint import client_endpoint
 from wsproxy.redislink import RedisLink, RedisUnavailable
+from wsproxy.sockwrite import BATCH
 
 from .support import RedisServer, settings_for, wait_for
 
@@ -136,3 +137,30 @@ class ErrorReplyTests(SubscriberTestCase):
         self.assertEqual(self.r.publish("allowed:2", b"still"), 1)
         await wait_for(lambda: self.messages)
         self.assertEqual(self.messages, [(b"allowed:2", b"still")])
+
+
+class ReadBatchTests(SubscriberTestCase):
+    async def test_a_read_of_one_message_holds_nothing(self) -> None:
+        """
+        A read that is one message and nothing else is delivered with no
+        batch held (its frames go out at once: nothing else in the read to
+        send them with); the messages of a read of many are delivered with
+        the batch held (their frames leave together once the read is
+        handled).
+        """
+        held: list[tuple[bytes, int]] = []
+        self.link.on_message = lambda channel, payload: held.append((payload, BATCH.held))
+        await self.link.subscribe("s:batch:down")
+        self.r.publish("s:batch:down", b"alone")
+        await wait_for(lambda: held)
+        self.assertEqual(held, [(b"alone", 0)])
+
+        pipeline = self.r.pipeline(transaction=False)
+        for i in range(50):
+            pipeline.publish("s:batch:down", b"many %d" % i)
+        pipeline.execute()
+        await wait_for(lambda: len(held) == 51)
+        self.assertEqual([payload for payload, _ in held[1:]], [b"many %d" % i for i in range(50)])
+        # Redis answers a pipeline in one write: its first read has many
+        self.assertEqual(held[1], (b"many 0", 1))
+        self.assertEqual(BATCH.held, 0)

@@ -304,12 +304,38 @@ class _SubscriberProtocol(_Fed, _Counting, txredisapi.SubscriberProtocol):  # ty
         )
         return d
 
-    def _replies(self) -> None:
+    def received_into(self, buffer: bytearray, n: int) -> None:
+        """
+        C{n} bytes read (L{_read_into}). A read that is one message and
+        nothing else (messages that come one at a time) is delivered without
+        holding the frames it causes (L{BATCH}): there is nothing else to
+        send them with.
+        """
+        parser = self._parser
+        parser.feed(buffer, 0, n)  # type: ignore[arg-type]
+        reply = parser.gets()
+        if (reply is not False and not parser.has_data() and type(reply) is list
+                and len(reply) == 3 and reply[0] == self._message):
+            self.link.on_message(reply[1], reply[2])
+            return
+        batch = BATCH
+        batch.held += 1
+        try:
+            self._replies(reply)
+        finally:
+            batch.release()
+
+    def _replies(self, reply: Any = False) -> None:
+        """
+        Handle every reply parsed, C{reply} (already taken from the parser)
+        first.
+        """
         parser = self._parser
         on_message = self.link.on_message
         message = self._message
         pending = self._pending
-        reply = parser.gets()
+        if reply is False:
+            reply = parser.gets()
         while reply is not False:
             if type(reply) is list and len(reply) == 3 and reply[0] == message:
                 on_message(reply[1], reply[2])
