@@ -291,6 +291,20 @@ class _RecordingSocket:
         return getattr(self._sock, name)
 
 
+async def open_session(test: RedisTestCase) -> tuple[RunningProxy, Any]:
+    """
+    A proxy on C{test}'s Redis and a client open on its session C{s1}
+    (stopped and closed after the test).
+    """
+    proxy = RunningProxy(settings_for(test.redis.url))
+    test.addCleanup(proxy.stop)
+    await proxy.ready()
+    test.r.set("session:s1:auth", "tok", ex=300)
+    client = await connect(proxy.url("s1"), token="tok")
+    test.addCleanup(client.close_and_wait)
+    return proxy, client
+
+
 class ProxyOrderTests(RedisTestCase):
     timeout = 60
 
@@ -301,12 +315,7 @@ class ProxyOrderTests(RedisTestCase):
         close, and the message was written to its socket by the proxy
         itself (a plain TCP connection).
         """
-        proxy = RunningProxy(settings_for(self.redis.url))
-        self.addCleanup(proxy.stop)
-        await proxy.ready()
-        self.r.set("session:s1:auth", "tok", ex=300)
-        client = await connect(proxy.url("s1"), token="tok")
-        self.addCleanup(client.close_and_wait)
+        proxy, client = await open_session(self)
         (opened,) = [c for c in proxy.proxy.connections]
         self.assertIsNotNone(opened._out)
         pipe = self.r.pipeline(transaction=False)
@@ -429,12 +438,7 @@ class HandshakeWriteTests(RedisTestCase):
             write(transport, data)
 
         self.patch(tcp.Connection, "write", recording)
-        proxy = RunningProxy(settings_for(self.redis.url))
-        self.addCleanup(proxy.stop)
-        await proxy.ready()
-        self.r.set("session:s1:auth", "tok", ex=300)
-        client = await connect(proxy.url("s1"), token="tok")
-        self.addCleanup(client.close_and_wait)
+        proxy, client = await open_session(self)
         self.assertFalse([data for data in written if data.startswith(b"HTTP/1.1 101")])
         self.r.publish("session:s1:down", b"hello")
         await client.wait_messages(1)
