@@ -45,6 +45,8 @@ _log = Logger()
 #: to do before the next wait (twisted.internet.base.ReactorBase)
 _TURN_STATE = ("threadCallQueue", "_newTimedCalls", "_pendingTimedCalls", "_justStopped",
                "running")
+#: the longest wait epoll_wait takes, in seconds (2**31 ms)
+_LONGEST_WAIT = 2147483
 
 
 def install(reactor: Any) -> bool:
@@ -108,7 +110,9 @@ def install(reactor: Any) -> bool:
                 return
             pending = reactor._pendingTimedCalls
             if pending:
-                timeout = pending[0].time - seconds()
+                # capped as ReactorBase.timeout caps it: epoll_wait takes
+                # a signed 32-bit count of milliseconds
+                timeout = min(pending[0].time - seconds(), _LONGEST_WAIT)
                 if timeout <= 0:
                     return
             else:
