@@ -103,6 +103,8 @@ def tokens_match(stored: object, presented: str) -> bool:
 
 #: the 401 refusal's code, reason and headers
 MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
+#: a token that is not the stored one, or none stored (expired, never set)
+INVALID_TOKEN = (403, "Invalid or expired token")
 
 #: sends one Redis command on the command connection's lean path, like
 #: L{wsproxy.redislink.RedisLink.send}: C{send(on_reply, *args)}; the reply
@@ -315,10 +317,10 @@ async def check_token(
     if not compared:
         found = await verify_token(send, session_id, credentials.token, grace_period, script)
         if found == DIFFERENT:
-            raise Refusal(403, "Invalid or expired token")
+            raise Refusal(*INVALID_TOKEN)
         if found == RENEWED:
             return
     renewed = await _call(send, b"EXPIRE", auth_key(session_id).encode(), b"%d" % grace_period)
     if renewed in (0, b"0"):
         # the key expired between GET and EXPIRE
-        raise Refusal(403, "Invalid or expired token")
+        raise Refusal(*INVALID_TOKEN)

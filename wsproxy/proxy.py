@@ -116,6 +116,22 @@ class Compared:
     renewed: bool = False
 
 
+#: how Redis fails a token check or an admission
+REDIS_FAILURES = (RedisUnavailable, RedisTimeout, txredisapi.ResponseError)
+
+
+def redis_refusal(error: Exception) -> Refusal:
+    """
+    What a Redis failure (one of L{REDIS_FAILURES}) during a token check or
+    an admission is answered with: 504 if Redis did not answer in time, else
+    503 (unreachable, or answering with an error: NOAUTH, NOPERM after an
+    ACL change, ...). The server side's problem, never the client's.
+    """
+    if isinstance(error, RedisTimeout):
+        return Refusal(504, "Redis timeout")
+    return Refusal(503, "Redis unavailable")
+
+
 class Comparison:
     """
     A header token compared before the WebSocket handshake (L{Proxy.compare}),
@@ -150,7 +166,7 @@ class Comparison:
         C{AUTH_TIMEOUT_SECS} passed without an answer: 504.
         """
         self._check.cancel()
-        self._end(Refusal(504, "Redis timeout"))
+        self._end(redis_refusal(RedisTimeout("no answer in time")))
 
     def cancel(self) -> None:
         """
@@ -163,11 +179,9 @@ class Comparison:
         result: Compared | Refusal
         if found == auth.DIFFERENT:
             self._proxy.stats.auth_latency.observe(time.perf_counter() - self._perf)
-            result = Refusal(403, "Invalid or expired token")
-        elif isinstance(found, RedisTimeout):
-            result = Refusal(504, "Redis timeout")
-        elif isinstance(found, (RedisUnavailable, txredisapi.ResponseError)):
-            result = Refusal(503, "Redis unavailable")
+            result = Refusal(*auth.INVALID_TOKEN)
+        elif isinstance(found, REDIS_FAILURES):
+            result = redis_refusal(found)
         elif isinstance(found, BaseException):
             result = refusal_for(Failure(found), self._log, "checking a token")
         else:
@@ -611,12 +625,8 @@ class Proxy:
                 self.clock,
             )
             return recovery
-        except (RedisUnavailable, txredisapi.ResponseError):
-            # a Redis error (NOAUTH, NOPERM after an ACL change, ...) is the
-            # server side's problem, never the client's
-            raise Refusal(503, "Redis unavailable") from None
-        except RedisTimeout:
-            raise Refusal(504, "Redis timeout") from None
+        except REDIS_FAILURES as e:
+            raise redis_refusal(e) from None
 
     async def _authorize(
         self,
