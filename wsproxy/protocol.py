@@ -749,33 +749,21 @@ class ProxyProtocol(WebSocketServerProtocol):
                 )
             return
         message, binary = outgoing
-        size = len(message)
-        out = self._out
-        if (out is None or self._paused or self._perMessageCompress is not None
-                or self.send_queue):
-            self._send_prepared(frames.Prepared(message, binary, framed), size)
-            return
-        # _send_prepared and _write, inline for the common case: a plain
-        # socket, writing, no compression
-        out.send(framed)
-        self.messages_out += 1
-        self.bytes_out += size
-        stats = self._proxy.stats
-        stats.messages_down += 1
-        stats.bytes_down += size
+        self._send_message(message, binary, framed, len(message))
 
-    def _send_prepared(self, prepared: frames.Prepared, size: int) -> None:
+    def _send_message(self, message: bytes, binary: bool, framed: bytes, size: int) -> None:
         """
-        Send a prepared message; count C{size} payload bytes (what the
+        Send one message: C{framed}, its frame (L{frames.frame}), or
+        compressed from C{message}; count C{size} payload bytes (what the
         client's application receives, not the frame header nor the
         compressed size); close a client that stopped reading.
         """
         if self._perMessageCompress is None:
-            data = prepared.frame
+            data = framed
             self._write(data)
         else:
-            data = prepared.message
-            self._send_compressed(data, prepared.binary)
+            data = message
+            self._send_compressed(data, binary)
         self.messages_out += 1
         self.bytes_out += size
         stats = self._proxy.stats
@@ -845,8 +833,8 @@ class ProxyProtocol(WebSocketServerProtocol):
             # declared text but not UTF-8: browsers would fail the connection
             self._proxy.stats.dropped_down += 1
             return
-        prepared = frames.Prepared(position + b"\n" + message, binary)
-        self._send_prepared(prepared, len(message))
+        data = position + b"\n" + message
+        self._send_message(data, binary, frames.frame(data, binary), len(message))
 
     def _send_control(self, event: dict[str, object]) -> None:
         if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
