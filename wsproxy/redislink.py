@@ -122,22 +122,20 @@ class _Fed:
         """
         # hiredis takes any buffer (its stubs say bytes)
         self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
-        # _answer and Batch.hold, inline: this runs once per read
-        batch = BATCH
-        batch.held += 1
-        try:
-            self._replies()
-        finally:
-            batch.release()
+        self._answer()
 
-    def _answer(self) -> None:
+    def _answer(self, reply: Any = False) -> None:
         BATCH.hold()
         try:
-            self._replies()
+            self._replies(reply)
         finally:
             BATCH.release()
 
-    def _replies(self) -> None:
+    def _replies(self, reply: Any = False) -> None:
+        """
+        Handle every reply parsed, C{reply} (if one was already taken from
+        the parser) first.
+        """
         raise NotImplementedError
 
 
@@ -220,10 +218,11 @@ class _Protocol(_Fed, _Counting, txredisapi.RedisProtocol):  # type: ignore[misc
         self._fifo.append(on_reply)
         self.sent += 1
 
-    def _replies(self) -> None:
+    def _replies(self, reply: Any = False) -> None:
         parser = self._parser
         fifo = self._fifo
-        reply = parser.gets()
+        if reply is False:
+            reply = parser.gets()
         while reply is not False:
             handler = fifo.popleft() if fifo else None
             if handler is None:
@@ -318,18 +317,9 @@ class _SubscriberProtocol(_Fed, _Counting, txredisapi.SubscriberProtocol):  # ty
                 and len(reply) == 3 and reply[0] == self._message):
             self.link.on_message(reply[1], reply[2])
             return
-        batch = BATCH
-        batch.held += 1
-        try:
-            self._replies(reply)
-        finally:
-            batch.release()
+        self._answer(reply)
 
     def _replies(self, reply: Any = False) -> None:
-        """
-        Handle every reply parsed, C{reply} (already taken from the parser)
-        first.
-        """
         parser = self._parser
         on_message = self.link.on_message
         message = self._message
