@@ -569,9 +569,7 @@ class _DeadlineChannel(http.HTTPChannel):
             if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
                 return
         super().dataReceived(data)
-        upgraded = self.upgraded_to
-        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
-            self._hand_over()
+        self._hand_over_if_upgraded()
 
     def _lean(self, data: bytes, end: int) -> bool:
         """
@@ -589,9 +587,7 @@ class _DeadlineChannel(http.HTTPChannel):
         self._disarm()
         self.persistent = False
         root.upgrade(self, upgrade)
-        upgraded = self.upgraded_to
-        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
-            self._hand_over()
+        self._hand_over_if_upgraded()
         return True
 
     def refuse(self, refusal: Refusal) -> None:
@@ -667,6 +663,16 @@ class _DeadlineChannel(http.HTTPChannel):
             self.upgraded_to.dataReceived(data)
         else:
             super().rawDataReceived(data)
+
+    def _hand_over_if_upgraded(self) -> None:
+        """
+        L{_hand_over}, once a request read here made the connection a
+        WebSocket (not while its token is being compared: then the
+        comparison's end hands it over).
+        """
+        upgraded = self.upgraded_to
+        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
+            self._hand_over()
 
     def _hand_over(self) -> None:
         """
