@@ -5,6 +5,7 @@ real reactor and real loopback sockets.
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any
 
@@ -212,3 +213,49 @@ class EpollTests(TestCase):
         self.addCleanup(poll.uninstall, reactor)
         lean._running()
         self.assertIn("doIteration", reactor.__dict__)
+
+
+class LongWaitTests(SynchronousTestCase):
+    def test_a_timed_call_weeks_away_is_waited_for_in_bounds(self) -> None:
+        """
+        The turn's own wait is capped as the reactor's loop caps it:
+        epoll_wait takes at most 2**31 ms, and with a timed call 40 days
+        away an uncapped wait would raise OverflowError. Here on a reactor
+        of its own, marked running: a socket event, then the turn waits
+        again (the far call is the only one) until a thread's write makes
+        the next event, whose handler adds a timed call: back to the loop.
+        """
+        from twisted.internet.epollreactor import EPollReactor
+
+        own = EPollReactor()
+        self.addCleanup(own._poller.close)
+        self.addCleanup(own.waker.connectionLost, None)  # its pipe
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reads: list[bytes] = []
+
+        class Reader:
+            def fileno(self) -> int:
+                return ours.fileno()
+
+            def doRead(self) -> None:
+                reads.append(ours.recv(100))
+                if len(reads) == 2:
+                    own.callLater(0, lambda: None)
+
+            def logPrefix(self) -> str:
+                return "reader"
+
+        own.addReader(Reader())  # type: ignore[arg-type]
+        far = own.callLater(40 * 86400, lambda: None)
+        self.addCleanup(far.cancel)
+        own._insertNewDelayedCalls()
+        own.running = True
+        self.assertTrue(poll.install(own))
+        theirs.send(b"first")
+        later = threading.Timer(0.2, theirs.send, (b"second",))
+        later.start()
+        self.addCleanup(later.join)
+        own.doIteration(None)
+        self.assertEqual(reads, [b"first", b"second"])
