@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Optional, cast
+from typing import IO, Any, Optional, cast
 
 import txaio
 from twisted.internet.interfaces import IReactorTime
