@@ -8,7 +8,7 @@
 #   bench/run.sh [scenario ...]        default: smoke down up paced conn10k
 #   WORKERS=2 bench/run.sh down up     the same with two worker processes
 #
-# Scenarios (the targets in README "Performance"):
+# Scenarios (the targets in docs/benchmarks.md):
 #   smoke    200 clients, 5 msgs down/up, paced 200/s for 3 s
 #   down     1,000 sessions x 100 downstream 100-byte messages (burst)
 #   up       1,000 clients x 100 upstream 100-byte messages (burst)

@@ -11,7 +11,7 @@ the host's load hits both. Printed per scenario: one JSON line on stdout with
 each round's figures for both targets and their ratio wsproxy/node (a ratio
 is taken within a round), and a table on stderr.
 
-The scenarios (sizes are options; the defaults are the README's):
+The scenarios (sizes are options; the defaults are those of docs/benchmarks.md):
 
   down-burst  --sessions x --burst messages of --size bytes published as
               fast as Redis takes them: the proxy reads Redis in large

@@ -1,5 +1,5 @@
 """
-Handshake floods (README "Handshake floods"): the per-address limit on
+Handshake floods (docs/operations/floods.md): the per-address limit on
 failed authorization, who the client is behind trusted proxies, refusal
 log lines budgeted per address, and what a refusal no longer costs.
 

@@ -1,5 +1,5 @@
 """
-The load-test tool behind the README's performance table and ``bench/run.sh``:
+The load-test tool behind docs/benchmarks.md's figures and ``bench/run.sh``:
 ``python -m bench.loadtest --help``.
 
 One process drives the run (``runner``: set-up, the phases in order,

@@ -78,7 +78,7 @@
 //   Blobs cannot be sent this way (ArrayBuffers and typed arrays can).
 // - After every (re)connect, every unacknowledged message is sent again, in
 //   the order first sent, with the same id; after a nack it is sent again
-//   nackRetryMs later. Backends drop the copies by id (the README's recipe):
+//   nackRetryMs later. Backends drop the copies by id (docs/guide/durable-upstream.md's recipe):
 //   delivery to the backend is at least once, and in order except for
 //   messages sent again.
 // - At most maxUnacked messages wait; beyond that send() returns false.
