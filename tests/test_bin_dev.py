@@ -3,6 +3,12 @@ C{bin/dev run} with no Redis configured: it starts a private redis-server
 (on C{WSPROXY_DEV_REDIS_PORT}, a free port here, instead of 6379) for the
 proxy, and stops it however the proxy ends; a SIGTERM to C{bin/dev} is
 passed on to the proxy, which shuts down gracefully.
+
+The dependency policy: pyproject.toml caps Twisted, Autobahn and txaio at
+the releases the fast path is verified against, the lock
+(requirements/constraints.txt, written by C{bin/dev lock}) runs exactly
+those and satisfies every range, and C{bin/dev setup} (so CI) installed
+the lock's versions.
 """
 
 from __future__ import annotations
@@ -11,18 +17,28 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
+import tomllib
+from importlib import metadata
 from typing import Optional
 
 import redis as redispy
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from twisted.internet import error
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from wsproxy.config import SETTINGS
 
 from .support import ROOT, Daemon, clean_autobahn_timers, connect, free_port, wait_for
 
 BIN_DEV = os.path.join(ROOT, "bin", "dev")
+LOCK = os.path.join(ROOT, "requirements", "constraints.txt")
+#: capped at the releases the fast path is verified against
+BOUNDED = ("twisted", "autobahn", "txaio")
 
 
 def pids_of(*needles: bytes, where: str = "cmdline") -> list[int]:
@@ -174,3 +190,123 @@ class BinDevRunTests(TestCase):
             self.fail(f"bin/dev run has not exited within {timeout}s: "
                       f"{daemon.out.output[-2000:]!r}")
         return daemon.out.status
+
+
+def project_requirements() -> list[Requirement]:
+    """
+    What C{bin/dev setup} installs: the project's dependencies and its
+    C{dev} extra, as pyproject.toml declares them.
+    """
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    return [Requirement(line) for line in declared]
+
+
+def locked() -> dict[str, Version]:
+    """
+    The lock's pins, by canonical name.
+    """
+    pins: dict[str, Version] = {}
+    with open(LOCK) as f:
+        for line in f:
+            if line.strip() and not line.lstrip().startswith("#"):
+                requirement = Requirement(line.strip())
+                [pin] = requirement.specifier
+                pins[canonicalize_name(requirement.name)] = Version(pin.version)
+    return pins
+
+
+class DependencyPolicyTests(SynchronousTestCase):
+    def upper_bound(self, requirement: Requirement) -> Version:
+        [cap] = [s for s in requirement.specifier if s.operator == "<="]
+        return Version(cap.version)
+
+    def test_bounded_packages_are_capped(self) -> None:
+        """
+        pyproject.toml names Twisted, Autobahn and txaio, each with a lower
+        bound and an inclusive upper bound (the verified release) and no
+        other clause.
+        """
+        by_name: dict[str, Requirement] = {
+            canonicalize_name(r.name): r for r in project_requirements()}
+        for name in BOUNDED:
+            self.assertIn(name, by_name)
+            operators = sorted(s.operator for s in by_name[name].specifier)
+            self.assertEqual(operators, ["<=", ">="], str(by_name[name]))
+
+    def test_lock_runs_the_upper_bounds(self) -> None:
+        """
+        The lock pins Twisted, Autobahn and txaio at exactly their upper
+        bounds: what CI runs is what the fast path is verified against
+        (C{bin/dev lock} re-resolves them every time).
+        """
+        pins = locked()
+        for requirement in project_requirements():
+            name = canonicalize_name(requirement.name)
+            if name in BOUNDED:
+                self.assertEqual(pins.get(name), self.upper_bound(requirement),
+                                 f"{name}: run bin/dev lock")
+
+    def test_lock_satisfies_pyproject(self) -> None:
+        """
+        Every package pyproject.toml names (dependencies and the dev extra)
+        is in the lock, at a version inside its range: after a change to
+        pyproject.toml, C{bin/dev lock} has been run.
+        """
+        pins = locked()
+        wrong = {}
+        for requirement in project_requirements():
+            name = canonicalize_name(requirement.name)
+            if name not in pins:
+                wrong[str(requirement)] = "not in the lock"
+            elif pins[name] not in requirement.specifier:
+                wrong[str(requirement)] = f"the lock has {pins[name]}"
+        self.assertEqual(wrong, {}, "run bin/dev lock")
+
+    def test_lock_is_pins_only(self) -> None:
+        """
+        The lock holds only C{name==version} lines (no extras, options,
+        markers or hashes), so pip takes it as constraints (C{-c}) for the
+        editable install, and a container build can take it too; and it says
+        it was made by C{bin/dev lock} for the Python that bin/dev locks for.
+        """
+        with open(LOCK) as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                self.assertRegex(line, r"^[a-z0-9][a-z0-9.-]*==[0-9][^\s;\\]*$")
+        with open(BIN_DEV) as f:
+            [python] = re.findall(r"(?m)^LOCK_PYTHON=(\S+)$", f.read())
+        self.assertIn(f"autogenerated by pip-compile with Python {python}\n", text)
+        self.assertIn("#    bin/dev lock\n", text)
+
+    def test_venv_has_the_locked_versions(self) -> None:
+        """
+        The checkout's .venv (the one bin/dev, and so CI, runs the suite in)
+        has every package of the lock installed at the lock's version: the
+        suite really ran on the lock.
+        """
+        venv = os.path.realpath(os.path.join(ROOT, ".venv"))
+        if os.path.realpath(sys.prefix) != venv:
+            raise self.skipTest(f"not running in bin/dev's venv ({venv})")
+        wrong = {}
+        for name, version in locked().items():
+            try:
+                installed = Version(metadata.version(name))
+            except metadata.PackageNotFoundError:
+                wrong[name] = f"{version} locked, not installed"
+                continue
+            if installed != version:
+                wrong[name] = f"{version} locked, {installed} installed"
+        self.assertEqual(wrong, {}, "run bin/dev setup")
+
+    def test_help_lists_lock_and_latest(self) -> None:
+        """
+        C{bin/dev} with no command prints its header, which documents
+        C{lock} and C{latest} like the other commands, and exits 2.
+        """
+        done = subprocess.run([BIN_DEV], capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        for command in ("lock [pip-compile args]", "latest", "setup", "run", "test"):
+            self.assertRegex(done.stdout, rf"(?m)^  bin/dev {re.escape(command)}\s")
