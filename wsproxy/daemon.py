@@ -34,9 +34,9 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from . import poll
+from .fast import poll
 from .fdlimit import DescriptorLimit, raise_soft_limit
-from .heap import CollectorPolicy
+from .fast.heap import CollectorPolicy
 from .proxy import Proxy
 
 
@@ -119,10 +119,10 @@ class ProxyService(DaemonService):
     @param worker: the worker's index, if this process is one of several
         (only named in the log).
     @param manage_heap: keep long-lived objects out of the cycle
-        collector's scans once running (L{wsproxy.heap}); for a process of
+        collector's scans once running (L{wsproxy.fast.heap}); for a process of
         its own, not for a proxy inside a test run.
     @param lean_poll: once running, have the reactor dispatch ready sockets
-        without a legacy log context (L{wsproxy.poll}); also for a process
+        without a legacy log context (L{wsproxy.fast.poll}); also for a process
         of its own.
     """
 

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames, upstream
-from .inframes import simple_frame
+from .fast.inframes import simple_frame
 from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
@@ -44,8 +44,8 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
-from .sockwrite import BATCH, Pending, plain_socket, write_now
-from .timers import BucketTimer
+from .fast.sockwrite import BATCH, Pending, plain_socket, write_now
+from .fast.timers import BucketTimer
 from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -297,7 +297,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         grows with every object alive; with thousands of connections that
         is a pause of a second or more, during which no session receives
         anything. So the daemon keeps long-lived objects out of its scans
-        (L{wsproxy.heap}), which is only safe if closed connections leave no
+        (L{wsproxy.fast.heap}), which is only safe if closed connections leave no
         reference cycles behind: the ones a connection holds while open
         (bound methods of itself, a pending timer's callback, Autobahn's
         C{is_closed} resolved with the protocol) are cut here.
@@ -535,7 +535,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         Bytes from the client. On an open connection with no frame in
         progress, whole single-frame messages are read here
-        (L{wsproxy.inframes}) and go straight to L{onMessage}; from the
+        (L{wsproxy.fast.inframes}) and go straight to L{onMessage}; from the
         first frame that is anything else, the bytes go to Autobahn. (Its
         own C{dataReceived} only adds a debug line no log level shows.)
         """
@@ -777,7 +777,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _write(self, data: bytes) -> None:
         """
         Write a whole frame of an open connection: straight to the socket
-        (L{wsproxy.sockwrite}) when it is plain TCP, else as Autobahn
+        (L{wsproxy.fast.sockwrite}) when it is plain TCP, else as Autobahn
         does. Autobahn's C{sendData} does nothing more for an open
         connection but format a debug line no log level shows and count
         octets nothing reads.
@@ -803,7 +803,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _send_handshake_response(self, data: bytes) -> None:
         """
         The opening handshake's answer (the 101, or a refusal) on a plain
-        TCP socket straight away (L{wsproxy.sockwrite.write_now}), rather
+        TCP socket straight away (L{wsproxy.fast.sockwrite.write_now}), rather
         than on the reactor's next pass: each set-up then costs no
         C{epoll_ctl} to register the socket for writing and none to
         unregister it. Autobahn's C{sendData} would do nothing more than

@@ -46,7 +46,7 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
-from .sockwrite import BATCH, Pending, TurnPending, plain_socket
+from .fast.sockwrite import BATCH, Pending, TurnPending, plain_socket
 
 
 #: write-buffer high-water mark of the command connection (Twisted's
@@ -55,7 +55,7 @@ TRANSPORT_BUFFER_SIZE = 1 << 22
 
 #: bytes read from a Redis connection at a time: the subscriber reads a
 #: burst in large chunks, so that each socket gets many messages per read
-#: and one send() for all of them (L{wsproxy.sockwrite}). On plain TCP each
+#: and one send() for all of them (L{wsproxy.fast.sockwrite}). On plain TCP each
 #: connection reads into a buffer of its own, reused (L{_read_into}):
 #: Twisted allocates a new one of C{bufferSize} per read, which above the C
 #: library's mmap threshold (128 KiB) cost an mmap, an mremap and a munmap
@@ -148,7 +148,7 @@ class _Protocol(_Fed, _Counting, txredisapi.RedisProtocol):  # type: ignore[misc
     kinds of reply apart (C{None} marks a txredisapi command).
 
     On a plain TCP connection, lean commands are written straight to the
-    socket (L{wsproxy.sockwrite}), all those of one reactor turn with one
+    socket (L{wsproxy.fast.sockwrite}), all those of one reactor turn with one
     send() when the turn's events have been handled.
     """
 

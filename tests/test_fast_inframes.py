@@ -1,5 +1,5 @@
 """
-Client frames read without Autobahn (L{wsproxy.inframes}): which frames
+Client frames read without Autobahn (L{wsproxy.fast.inframes}): which frames
 the lean reader takes and which it leaves to Autobahn, and, through the
 in-memory proxy, a read that mixes both kinds keeping every message, its
 order and RFC 6455's answers.
@@ -12,7 +12,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memory import BINARY, CLOSE, TEXT, Frame, MemoryTestCase, client_frame
-from wsproxy.inframes import simple_frame, unmask
+from wsproxy.fast.inframes import simple_frame, unmask
 
 PING, PONG, CONTINUATION = 0x9, 0xA, 0x0
 

@@ -1,5 +1,5 @@
 """
-Writing frames straight to a client's socket (L{wsproxy.sockwrite}), with
+Writing frames straight to a client's socket (L{wsproxy.fast.sockwrite}), with
 real sockets over loopback: written at once when nothing waits, the rest
 handed to the transport (partial writes, a full socket, a reset one) in
 order and with its producer told, TLS left to the transport, frames held
@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from wsproxy import redislink, sockwrite
-from wsproxy.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
+from wsproxy import redislink
+from wsproxy.fast import sockwrite
+from wsproxy.fast.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
 
 from .certs import CertDir, self_signed
 from .memory import client_frame

@@ -1,5 +1,5 @@
 """
-wsproxy.poll: the epoll reactor's turn without a legacy log context, on the
+wsproxy.fast.poll: the epoll reactor's turn without a legacy log context, on the
 real reactor and real loopback sockets.
 """
 
@@ -17,7 +17,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from wsproxy import poll
+from wsproxy.fast import poll
 from wsproxy.daemon import ProxyService
 
 from .support import wait_for

@@ -1,5 +1,5 @@
 """
-L{wsproxy.timers.BucketTimer}, the timer Autobahn's per-connection
+L{wsproxy.fast.timers.BucketTimer}, the timer Autobahn's per-connection
 deadlines run on, with a L{Clock}.
 """
 
@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import timers
-from wsproxy.timers import BucketTimer
+from wsproxy.fast import timers
+from wsproxy.fast.timers import BucketTimer
 
 
 class TurnClock(Clock):
