@@ -171,6 +171,27 @@ class WriteNowTests(SocketTestCase):
         await server.lost
         write_now(transport, b"z")
 
+    async def test_nothing_written_after_abort(self) -> None:
+        """
+        Once abortConnection was called, write_now sends nothing (Twisted's
+        own write drops what is written then): neither a frame written
+        directly nor the command connection's writes held for the end of
+        the turn (TurnPending flushes after the deadline sweep aborted the
+        connection must not reach Redis). The peer sees the connection end
+        with none of those bytes.
+        """
+        transport, server, peer = await self.pair()
+        held = TurnPending(transport, reactor)
+        held.send(b"PUBLISH late")
+        transport.abortConnection()
+        write_now(transport, b"after abort")
+        await server.lost
+        try:
+            peer.read()
+        except ConnectionResetError:
+            pass  # an aborted connection may end with a reset
+        self.assertEqual(peer.received, b"")
+
     async def test_tls_untouched(self) -> None:
         """
         A TLS connection is never written to directly: plain_socket says no

@@ -48,9 +48,14 @@ def write_now(transport: tcp.Connection, data: bytes) -> None:
 
     A failed send is left to the transport: its own next write meets the
     same error and loses the connection the usual way (C{connectionLost}).
+    So is a connection being aborted (C{abortConnection}, e.g. the deadline
+    sweep giving up on the command connection): Twisted drops what is
+    written to it then, and so must this, or commands flushed after the
+    abort would still reach Redis.
     """
     if (transport._tempDataBuffer or transport.dataBuffer or transport.disconnecting
-            or not transport.connected or transport._writeDisconnected or transport.TLS):
+            or transport._aborting or not transport.connected
+            or transport._writeDisconnected or transport.TLS):
         transport.write(data)
         return
     try:
