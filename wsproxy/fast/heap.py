@@ -57,6 +57,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+#: cleared by the start-up check (L{wsproxy.fast.borrowed}) if the
+#: collector's API lacks what the policy uses: the daemon then installs no
+#: policy (CPython's collector as it comes)
+ENABLED = True
+
 #: seconds between the full collections of everything, frozen objects too
 FULL_COLLECTION_INTERVAL = 3600.0
 

@@ -11,24 +11,91 @@ reserved bits, a 64-bit length, a frame over the size limit, one not yet
 complete, text that is not UTF-8) it returns C{None} and the connection
 hands the bytes from that frame on to Autobahn, which applies RFC 6455 in
 full (closing with 1002, 1007 or 1009 where it must).
+
+Whether a connection may read a frame here at all is told from Autobahn's
+own state of it (C{state}, C{current_frame}, C{data}, C{inside_message},
+C{autoPingTimeoutCall}, C{_perMessageCompress}: no frame or message in
+progress, no pong awaited); L{ENABLED} is cleared by the start-up check
+(L{wsproxy.fast.borrowed}) if those no longer mean what they meant, and
+every read then goes to Autobahn's own C{dataReceived}.
+
+Large payloads are unmasked with Autobahn's native (NVX) masker when
+Autobahn itself uses NVX (C{autobahn.websocket.USES_NVX}: built, and not
+switched off with C{AUTOBAHN_USE_NVX=0}), else in pure Python like small
+ones; the start-up check also falls back to pure Python if the native
+masker fails on a known vector.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-from autobahn.nvx._xormasker import XorMaskerShifted1
+#: cleared by the start-up check if Autobahn's connection state can no
+#: longer tell that a read may be taken here (see the module docstring)
+ENABLED = True
 
 #: payloads up to this size are unmasked with Python integers (a fraction
 #: of a microsecond for 100 bytes); larger ones with Autobahn's SIMD masker
-#: (whose set-up costs a few microseconds)
+#: (whose set-up costs a few microseconds) when it is in use
 _SMALL = 2048
+
+
+def unmask_pure(masked: bytes, mask: bytes) -> bytes:
+    """
+    C{masked} XORed with the 4-byte C{mask} repeated, with Python integers.
+    """
+    n = len(masked)
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(masked, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little"
+    )
+
+
+def native_masker() -> Optional[Callable[[bytes, bytes], bytes]]:
+    """
+    Autobahn's native masker as C{unmask(masked, mask)}, if Autobahn uses
+    NVX; else C{None}.
+    """
+    try:
+        from autobahn.websocket import USES_NVX
+
+        if not USES_NVX:
+            return None
+        from autobahn.nvx._xormasker import XorMaskerShifted1
+    except ImportError:
+        return None
+
+    def unmask_native(masked: bytes, mask: bytes) -> bytes:
+        return bytes(XorMaskerShifted1(mask).process(masked))
+
+    return unmask_native
+
+
+#: how payloads over _SMALL bytes are unmasked (L{use_masker})
+_unmask_large: Callable[[bytes, bytes], bytes] = native_masker() or unmask_pure
+
+
+def use_masker(unmask_large: Callable[[bytes, bytes], bytes]) -> None:
+    """
+    Unmask payloads over C{_SMALL} bytes with C{unmask_large} from now on
+    (the start-up check's fallback: L{unmask_pure}).
+    """
+    global _unmask_large
+    _unmask_large = unmask_large
+
+
+def large_masker() -> Callable[[bytes, bytes], bytes]:
+    """
+    What payloads over C{_SMALL} bytes are unmasked with.
+    """
+    return _unmask_large
 
 
 def unmask(masked: bytes, mask: bytes) -> bytes:
     n = len(masked)
     if n > _SMALL:
-        return bytes(XorMaskerShifted1(mask).process(masked))
+        return _unmask_large(masked, mask)
+    # unmask_pure, inline: once per client frame
     key = (mask * ((n >> 2) + 1))[:n]
     return (int.from_bytes(masked, "little") ^ int.from_bytes(key, "little")).to_bytes(
         n, "little"

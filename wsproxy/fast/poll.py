@@ -58,11 +58,19 @@ _TURN_STATE = ("threadCallQueue", "_newTimedCalls", "_pendingTimedCalls", "_just
 _LONGEST_WAIT = 2147483
 
 
+#: cleared by the start-up check (L{wsproxy.fast.borrowed}) if the epoll
+#: reactor no longer behaves as this turn expects: L{install} then leaves
+#: every reactor alone
+ENABLED = True
+
+
 def install(reactor: Any) -> bool:
     """
     Make C{reactor} dispatch ready sockets without a log context, if it is
     an epoll reactor; C{True} if it now does.
     """
+    if not ENABLED:
+        return False
     try:
         from select import EPOLLIN
 

@@ -30,12 +30,18 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 
+#: cleared by the start-up check (L{wsproxy.fast.borrowed}) if Twisted's
+#: transport no longer has the state L{write_now} reads: every write then
+#: goes through C{transport.write} (L{plain_socket} says no)
+ENABLED = True
+
+
 def plain_socket(transport: Any) -> Optional[tcp.Connection]:
     """
     The transport if L{write_now} may write to its socket itself: a TCP (or
     Unix) connection without TLS; else C{None}.
     """
-    if isinstance(transport, tcp.Connection) and not transport.TLS:
+    if ENABLED and isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport
     return None
 
