@@ -601,16 +601,17 @@ class Result:
                 f"[{i.used_by}]")
 
 
-def check(reactor: Any = None, internals: tuple[Internal, ...] = INTERNALS) -> list[Result]:
+def check(reactor: Any = None, internals: Optional[tuple[Internal, ...]] = None) -> list[Result]:
     """
     Probe every borrowed internal; fall back (and log one warning naming
     it) for each that is missing or misbehaves.
 
     @param reactor: the reactor the proxy runs on (the epoll turn is only
         used on an epoll reactor); C{None}: not checked.
+    @param internals: those to check; C{None}: L{INTERNALS}.
     """
     results = []
-    for internal in internals:
+    for internal in INTERNALS if internals is None else internals:
         note = None
         try:
             note = internal.probe(reactor)
@@ -628,9 +629,9 @@ def check(reactor: Any = None, internals: tuple[Internal, ...] = INTERNALS) -> l
     return results
 
 
-def restore(internals: tuple[Internal, ...] = INTERNALS) -> None:
+def restore() -> None:
     """
     Use every internal again (after a check that fell back: tests).
     """
-    for internal in internals:
+    for internal in INTERNALS:
         internal.restore()
