@@ -28,6 +28,7 @@ masker fails on a known vector.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple
 
 #: cleared by the start-up check if Autobahn's connection state can no
@@ -51,10 +52,11 @@ def unmask_pure(masked: bytes, mask: bytes) -> bytes:
     )
 
 
+@functools.cache
 def native_masker() -> Optional[Callable[[bytes, bytes], bytes]]:
     """
     Autobahn's native masker as C{unmask(masked, mask)}, if Autobahn uses
-    NVX; else C{None}.
+    NVX; else C{None}. (The same function at every call.)
     """
     try:
         from autobahn.websocket import USES_NVX
