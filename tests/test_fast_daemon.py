@@ -126,6 +126,7 @@ class FullFastPathTests(RedisTestCase):
         commands = daemon.proxy.commands.ready
         self.assertIsInstance(commands._out, TurnPending, "commands are held for the turn")
         await self.exchange(daemon, burst=2000)
+        self.assertEqual(len(daemon.proxy.connections), 2)
         for connection in daemon.proxy.connections:
             self.assertIsInstance(connection._out, Pending, "frames go straight to the socket")
         gc.collect()  # a full collection under the policy, mid-run
@@ -159,6 +160,7 @@ class FullFastPathTests(RedisTestCase):
         self.assertIsNone(commands._out)
         self.assertNotIn("doRead", commands.transport.__dict__)
         await self.exchange(daemon, burst=300)
+        self.assertEqual(len(daemon.proxy.connections), 2)
         for connection in daemon.proxy.connections:
             self.assertIsNone(connection._out)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
