@@ -6,9 +6,9 @@ the sockets and held for one send per read or turn; a real redis-server and
 real WebSocket clients over loopback. The other test harnesses run with the
 turn and the policy off.
 
-Also the fallbacks that need real sockets: with Twisted's transport
-internals reported missing, the same exchange works through
-C{transport.write} and Twisted's own reads.
+Also the fallbacks that need real sockets: with Twisted's transport write
+or read internals reported missing, or every borrowed internal, the same
+exchange works on the frameworks' own paths.
 """
 
 from __future__ import annotations
@@ -142,28 +142,57 @@ class FullFastPathTests(RedisTestCase):
         client.sendMessage(b"after-up")
         await wait_for(lambda: received() == [b"after-up"])
 
-    async def test_transport_internals_missing_falls_back_to_transport_write(self) -> None:
+    async def serve_with_missing(self, *names: str) -> FastDaemon:
         """
-        With Twisted's TCP transport internals reported missing (both the
-        write state and the reads), the daemon still serves: no frame or
-        command is written past transport.write, Redis is read with
-        Twisted's doRead, and the same exchange succeeds.
+        The daemon, its start-up check finding C{names} missing, after the
+        same exchange as above (fewer messages).
         """
-        missing = tuple(
-            _broken(i) if i.name in ("twisted.tcp-write", "twisted.tcp-read") else i
-            for i in borrowed.INTERNALS
-        )
+        missing = tuple(_broken(i) if i.name in names else i for i in borrowed.INTERNALS)
         self.patch(borrowed, "INTERNALS", missing)
         daemon = await self.start()
         await daemon.ready()
-        commands = daemon.proxy.commands.ready
-        self.assertIsNone(commands._out)
-        self.assertNotIn("doRead", commands.transport.__dict__)
         await self.exchange(daemon, burst=300)
         self.assertEqual(len(daemon.proxy.connections), 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        return daemon
+
+    async def test_transport_write_internals_missing(self) -> None:
+        """
+        With Twisted's TCP write state reported missing, the daemon still
+        serves: no frame or command is written past transport.write (no
+        Pending, no TurnPending), while Redis is still read into the
+        reused buffer.
+        """
+        daemon = await self.serve_with_missing("twisted.tcp-write")
+        commands = daemon.proxy.commands.ready
+        self.assertIsNone(commands._out)
+        self.assertIn("doRead", commands.transport.__dict__)
         for connection in daemon.proxy.connections:
             self.assertIsNone(connection._out)
-        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    async def test_transport_read_internals_missing(self) -> None:
+        """
+        With Twisted's TCP reads reported changed, Redis is read with
+        Twisted's own doRead; the writes still go straight to the sockets.
+        """
+        daemon = await self.serve_with_missing("twisted.tcp-read")
+        commands = daemon.proxy.commands.ready
+        self.assertNotIn("doRead", commands.transport.__dict__)
+        self.assertIsInstance(commands._out, TurnPending)
+
+    async def test_every_internal_missing(self) -> None:
+        """
+        With every borrowed internal reported missing, the daemon serves
+        on the frameworks' own paths alone: Twisted's turn, no collector
+        policy, transport.write and Twisted's reads, Autobahn's reads and
+        timer.
+        """
+        daemon = await self.serve_with_missing(*[i.name for i in borrowed.INTERNALS])
+        self.assertNotIn("doIteration", reactor.__dict__)
+        self.assertIsNone(daemon.service.heap)
+        self.assertIsNone(daemon.proxy.commands.ready._out)
+        factory = daemon.service.site.ws_factory
+        self.assertIs(factory._batched_timer, factory._autobahn_timer)
 
 
 def _broken(internal: borrowed.Internal) -> borrowed.Internal:

@@ -615,9 +615,10 @@ class RedisLink:
         transport = proto.transport
         if transport is not None:
             direct = plain_socket(transport)
-            if direct is not None:
-                read_into(direct, proto, SUBSCRIBER_READ_SIZE if self._subscriber
-                          else COMMANDS_READ_SIZE)
+            # (plain TCP only; decided apart from the writes: the start-up
+            # check may leave one on and the other off)
+            read_into(transport, proto, SUBSCRIBER_READ_SIZE if self._subscriber
+                      else COMMANDS_READ_SIZE)
             if self._subscriber:
                 # TLS: Twisted's reads, large ones (see SUBSCRIBER_READ_SIZE)
                 transport.bufferSize = SUBSCRIBER_READ_SIZE

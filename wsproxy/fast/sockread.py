@@ -30,15 +30,17 @@ from twisted.internet import main, tcp
 ENABLED = True
 
 
-def read_into(transport: tcp.Connection, proto: Any, size: int) -> bool:
+def read_into(transport: Any, proto: Any, size: int) -> bool:
     """
     Make a plain TCP transport read into one buffer of C{size} bytes,
     reused, and hand C{proto.received_into(buffer, n)} each read (what
     Twisted's C{doRead} does, without a new buffer per read); C{True} if
-    it now does.
+    it now does. Any other transport (TLS: its bytes must go through the
+    TLS layer) keeps Twisted's reads.
     """
-    if not ENABLED or type(transport).doRead is not tcp.Connection.doRead:
-        return False  # a Unix socket (recvmsg) keeps Twisted's reads
+    if (not ENABLED or not isinstance(transport, tcp.Connection) or transport.TLS
+            or type(transport).doRead is not tcp.Connection.doRead):
+        return False  # a Unix socket (recvmsg) keeps Twisted's reads too
     sock = transport.socket
     buffer = bytearray(size)
     received = proto.received_into
