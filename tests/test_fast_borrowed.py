@@ -183,6 +183,18 @@ class CheckTests(Checking):
             if i.name != "autobahn.nvx-masker" or inframes.native_masker() is not None:
                 self.assertFalse(FALLEN_BACK[i.name](), i.name)
 
+    def test_checking_again_gives_the_same_answer(self) -> None:
+        """
+        A second check after every internal fell back finds them all in
+        use again (each is probed switched on, not as the last check left
+        it).
+        """
+        borrowed.check(reactor, tuple(broken(i) for i in borrowed.INTERNALS))
+        self.warnings.clear()
+        results = borrowed.check(reactor)
+        self.assertEqual([r.problem for r in results], [None] * len(results))
+        self.assertEqual(self.warnings, [])
+
     def test_a_probe_that_raises_anything_is_a_failure(self) -> None:
         """
         A probe that raises something other than Broken (an AttributeError

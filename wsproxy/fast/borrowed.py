@@ -604,7 +604,9 @@ class Result:
 def check(reactor: Any = None, internals: Optional[tuple[Internal, ...]] = None) -> list[Result]:
     """
     Probe every borrowed internal; fall back (and log one warning naming
-    it) for each that is missing or misbehaves.
+    it) for each that is missing or misbehaves, use it otherwise. The
+    outcome depends only on the installed libraries: checking again after
+    a fallback gives the same answer.
 
     @param reactor: the reactor the proxy runs on (the epoll turn is only
         used on an epoll reactor); C{None}: not checked.
@@ -612,6 +614,8 @@ def check(reactor: Any = None, internals: Optional[tuple[Internal, ...]] = None)
     """
     results = []
     for internal in INTERNALS if internals is None else internals:
+        # probed as used, whatever an earlier check decided
+        internal.restore()
         note = None
         try:
             note = internal.probe(reactor)
