@@ -374,13 +374,13 @@ def status_of(response: bytes) -> int:
 def clean_autobahn_timers() -> None:
     """
     Autobahn schedules its handshake and close timeouts on a batched timer
-    (txaio's, or the proxy's L{wsproxy.timers.BucketTimer}), whose delayed
+    (txaio's, or the proxy's L{wsproxy.fast.timers.BucketTimer}), whose delayed
     calls outlive the connections; cancel them so the test reactor is left
     clean.
     """
     for call in reactor.getDelayedCalls():
         module = getattr(call.func, "__module__", "") or ""
-        if module.startswith(("txaio", "autobahn", "wsproxy.timers")) and call.active():
+        if module.startswith(("txaio", "autobahn", "wsproxy.fast.timers")) and call.active():
             call.cancel()
 
 

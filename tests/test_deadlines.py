@@ -8,7 +8,7 @@ Every bound is of the form "not before the deadline (less 0.1 s of clock
 granularity), and not more than a generous margin after it": the machine
 running the suite may be busy, so lateness is allowed for, earliness never.
 Autobahn's timers may be up to a second late (see
-L{wsproxy.timers.BucketTimer}), which the margins include.
+L{wsproxy.fast.timers.BucketTimer}), which the margins include.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from wsproxy.redisendpoint import client_endpoint
 from wsproxy.redislink import RedisLink, RedisUnavailable
-from wsproxy.sockwrite import BATCH
+from wsproxy.fast.sockwrite import BATCH
 
 from .support import RedisServer, settings_for, wait_for
 

@@ -34,9 +34,9 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from . import poll
+from .fast import borrowed, heap, poll
+from .fast.heap import CollectorPolicy
 from .fdlimit import DescriptorLimit, raise_soft_limit
-from .heap import CollectorPolicy
 from .proxy import Proxy
 
 
@@ -119,11 +119,17 @@ class ProxyService(DaemonService):
     @param worker: the worker's index, if this process is one of several
         (only named in the log).
     @param manage_heap: keep long-lived objects out of the cycle
-        collector's scans once running (L{wsproxy.heap}); for a process of
+        collector's scans once running (L{wsproxy.fast.heap}); for a process of
         its own, not for a proxy inside a test run.
     @param lean_poll: once running, have the reactor dispatch ready sockets
-        without a legacy log context (L{wsproxy.poll}); also for a process
+        without a legacy log context (L{wsproxy.fast.poll}); also for a process
         of its own.
+
+    A service with either of those (a process of its own) first checks
+    every internal of Twisted, Autobahn and CPython the fast path borrows
+    (L{wsproxy.fast.borrowed}): one that is missing or changed is logged
+    once and replaced by the framework's own path, before any connection
+    is accepted.
     """
 
     name = "wsproxy"
@@ -147,10 +153,12 @@ class ProxyService(DaemonService):
         self.log_observer = log_observer
         self.handle_signals = handle_signals
         self.worker = worker
+        if manage_heap or lean_poll:
+            borrowed.check(reactor if lean_poll else None)
         self.heap = (
             CollectorPolicy(reactor, interval=proxy.settings.gc_full_collection,
                             observe=proxy.stats.gc_pause.labels)
-            if manage_heap else None
+            if manage_heap and heap.ENABLED else None
         )
         self.lean_poll = lean_poll
         self.port: Optional[IListeningPort] = None

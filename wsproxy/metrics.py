@@ -72,7 +72,7 @@ class Stats:
             registry=self.registry,
         )
         #: every garbage collection's pause, by generation (observed by
-        #: the daemon's wsproxy.heap.CollectorPolicy)
+        #: the daemon's wsproxy.fast.heap.CollectorPolicy)
         self.gc_pause = Histogram(
             "wsproxy_gc_pause_seconds",
             "Time the process stood still in each garbage collection",

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from pprint import pformat
 from typing import Any, Literal, Optional, Sequence, cast
 
-import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
@@ -36,7 +34,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import auth, frames, upstream
-from .inframes import simple_frame
+from .fast import inframes, lazyformat, timers
+from .fast.inframes import simple_frame
+from .fast.sockwrite import BATCH, Pending, plain_socket, write_now
+from .fast.timers import BucketTimer
 from .control import ClosedBy, connection_event
 from .logs import BudgetedLog
 from .names import down_channel, live_channel, up_channel
@@ -44,8 +45,6 @@ from .pubsub import Listener
 from .proxy import Proxy
 from .refusal import CLIENT_LEFT, Refusal, refusal_for
 from .resume import Recovery, Resumer
-from .sockwrite import BATCH, Pending, plain_socket, write_now
-from .timers import BucketTimer
 from .upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -71,35 +70,10 @@ def _redact(reason: str) -> str:
     return reason.strip().rstrip(":-").strip() or "Bad request"
 
 
-class _LazyPformat(str):
-    """
-    C{pprint.pformat(obj)}, computed only when the text is used.
-
-    Autobahn pretty-prints every protocol option for a debug line in each
-    connection's C{connectionMade}, before the logger decides to drop it
-    (its namespace never logs below C{info}: L{wsproxy.logs}). That was a
-    fifth of the CPU a refused upgrade cost. A C{str} (empty) so that
-    callers that need one still get one; formatting it gives the text.
-    """
-
-    _obj: Any
-
-    def __new__(cls, obj: Any) -> "_LazyPformat":
-        text = super().__new__(cls, "")
-        text._obj = obj
-        return text
-
-    def __str__(self) -> str:
-        return pformat(self._obj)
-
-    def __format__(self, spec: str) -> str:
-        return format(pformat(self._obj), spec)
-
-    def __repr__(self) -> str:
-        return pformat(self._obj)
-
-
-setattr(_autobahn_protocol, "pformat", _LazyPformat)
+# Autobahn's debug pretty-printing of every option per connection, made
+# lazy (wsproxy.fast.lazyformat; the start-up check undoes it if Autobahn
+# no longer formats that way)
+lazyformat.install()
 
 
 class _BudgetedAutobahnLog:
@@ -297,7 +271,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         grows with every object alive; with thousands of connections that
         is a pause of a second or more, during which no session receives
         anything. So the daemon keeps long-lived objects out of its scans
-        (L{wsproxy.heap}), which is only safe if closed connections leave no
+        (L{wsproxy.fast.heap}), which is only safe if closed connections leave no
         reference cycles behind: the ones a connection holds while open
         (bound methods of itself, a pending timer's callback, Autobahn's
         C{is_closed} resolved with the protocol) are cut here.
@@ -535,7 +509,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         Bytes from the client. On an open connection with no frame in
         progress, whole single-frame messages are read here
-        (L{wsproxy.inframes}) and go straight to L{onMessage}; from the
+        (L{wsproxy.fast.inframes}) and go straight to L{onMessage}; from the
         first frame that is anything else, the bytes go to Autobahn. (Its
         own C{dataReceived} only adds a debug line no log level shows.)
         """
@@ -544,6 +518,11 @@ class ProxyProtocol(WebSocketServerProtocol):
         # PUBLISHes wait for the end of the turn (sockwrite.TurnPending)
         BATCH.hold()
         try:
+            if not inframes.ENABLED:
+                # the start-up check found Autobahn's state changed
+                # (wsproxy.fast.borrowed): every read is Autobahn's
+                super().dataReceived(data)
+                return
             if (self.state == STATE_OPEN and self.current_frame is None and not self.data
                     and not self.inside_message and self.autoPingTimeoutCall is None
                     and self._perMessageCompress is None):
@@ -777,7 +756,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _write(self, data: bytes) -> None:
         """
         Write a whole frame of an open connection: straight to the socket
-        (L{wsproxy.sockwrite}) when it is plain TCP, else as Autobahn
+        (L{wsproxy.fast.sockwrite}) when it is plain TCP, else as Autobahn
         does. Autobahn's C{sendData} does nothing more for an open
         connection but format a debug line no log level shows and count
         octets nothing reads.
@@ -803,7 +782,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def _send_handshake_response(self, data: bytes) -> None:
         """
         The opening handshake's answer (the 101, or a refusal) on a plain
-        TCP socket straight away (L{wsproxy.sockwrite.write_now}), rather
+        TCP socket straight away (L{wsproxy.fast.sockwrite.write_now}), rather
         than on the reactor's next pass: each set-up then costs no
         C{epoll_ctl} to register the socket for writing and none to
         unregister it. Autobahn's C{sendData} would do nothing more than
@@ -1015,7 +994,7 @@ class ProxyFactory(WebSocketServerFactory):
         settings = proxy.settings
         super().__init__(server=None)
         # Autobahn's deadlines (pings, handshakes) on buckets with O(1) cancel
-        self._batched_timer = BucketTimer(proxy.clock)
+        self._buckets = BucketTimer(proxy.clock)
         self.proxy = proxy
         self.down_codec, self.up_codec = frames.codec(settings.frame_mode)
         self.require_json = settings.require_json
@@ -1059,6 +1038,21 @@ class ProxyFactory(WebSocketServerFactory):
             (ProxyProtocol,),
             {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
         )
+
+    @property
+    def _batched_timer(self) -> Any:
+        """
+        The timer Autobahn's connections schedule their deadlines on
+        (Autobahn's private name): the proxy's L{BucketTimer}, or
+        Autobahn's own if the start-up check found that Autobahn no longer
+        schedules through this name (L{wsproxy.fast.timers.ENABLED}).
+        """
+        return self._buckets if timers.ENABLED else self._autobahn_timer
+
+    @_batched_timer.setter
+    def _batched_timer(self, timer: Any) -> None:
+        # Autobahn's factory sets its own in __init__
+        self._autobahn_timer = timer
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = cast(ProxyProtocol, super().buildProtocol(addr))

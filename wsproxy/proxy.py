@@ -611,7 +611,7 @@ class Proxy:
         if credentials is None:
             # refused here rather than inside the deadline's Deferred: a
             # Failure raised while that is being set up holds the frames
-            # that hold it (a reference cycle; see wsproxy.heap)
+            # that hold it (a reference cycle; see wsproxy.fast.heap)
             raise Refusal(*auth.MISSING_TOKEN)
         timeout = self.settings.auth_timeout
         if compared is not None:

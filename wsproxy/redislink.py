@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import os
 import time
-from errno import EWOULDBLOCK
 from collections import Counter, deque
 from typing import Any, Callable, Deque, Optional, Protocol, cast
 
 import hiredis
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet import defer, main, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -46,7 +45,9 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
-from .sockwrite import BATCH, Pending, TurnPending, plain_socket
+from .fast import sockread
+from .fast.sockread import read_into
+from .fast.sockwrite import BATCH, Pending, TurnPending, plain_socket
 
 
 #: write-buffer high-water mark of the command connection (Twisted's
@@ -55,8 +56,8 @@ TRANSPORT_BUFFER_SIZE = 1 << 22
 
 #: bytes read from a Redis connection at a time: the subscriber reads a
 #: burst in large chunks, so that each socket gets many messages per read
-#: and one send() for all of them (L{wsproxy.sockwrite}). On plain TCP each
-#: connection reads into a buffer of its own, reused (L{_read_into}):
+#: and one send() for all of them (L{wsproxy.fast.sockwrite}). On plain TCP each
+#: connection reads into a buffer of its own, reused (L{wsproxy.fast.sockread}):
 #: Twisted allocates a new one of C{bufferSize} per read, which above the C
 #: library's mmap threshold (128 KiB) cost an mmap, an mremap and a munmap
 #: per read, three system calls for a read of a message or two.
@@ -95,7 +96,7 @@ class _Counting:
     def connectionLost(self, reason: Failure) -> None:
         transport = self.transport  # type: ignore[attr-defined]
         if transport is not None:
-            transport.__dict__.pop("doRead", None)  # _read_into
+            sockread.forget(transport)
         try:
             super().connectionLost(reason)  # type: ignore[misc]
         finally:
@@ -105,7 +106,7 @@ class _Counting:
 class _Fed:
     """
     A connection whose replies a hiredis reader parses, fed by Twisted's
-    C{dataReceived} or straight from a reused read buffer (L{_read_into});
+    C{dataReceived} or straight from a reused read buffer (L{wsproxy.fast.sockread});
     what the replies of one read cause (frames to clients, acks) is sent
     once the whole read has been handled (L{BATCH}), one write per socket.
     """
@@ -118,7 +119,7 @@ class _Fed:
 
     def received_into(self, buffer: bytearray, n: int) -> None:
         """
-        C{n} bytes read into C{buffer} (L{_read_into}).
+        C{n} bytes read into C{buffer} (L{wsproxy.fast.sockread}).
         """
         # hiredis takes any buffer (its stubs say bytes)
         self._parser.feed(buffer, 0, n)  # type: ignore[arg-type]
@@ -148,7 +149,7 @@ class _Protocol(_Fed, _Counting, txredisapi.RedisProtocol):  # type: ignore[misc
     kinds of reply apart (C{None} marks a txredisapi command).
 
     On a plain TCP connection, lean commands are written straight to the
-    socket (L{wsproxy.sockwrite}), all those of one reactor turn with one
+    socket (L{wsproxy.fast.sockwrite}), all those of one reactor turn with one
     send() when the turn's events have been handled.
     """
 
@@ -305,7 +306,7 @@ class _SubscriberProtocol(_Fed, _Counting, txredisapi.SubscriberProtocol):  # ty
 
     def received_into(self, buffer: bytearray, n: int) -> None:
         """
-        C{n} bytes read (L{_read_into}). A read that is one message and
+        C{n} bytes read (L{wsproxy.fast.sockread}). A read that is one message and
         nothing else (messages that come one at a time) is delivered without
         holding the frames it causes (L{BATCH}): there is nothing else to
         send them with.
@@ -614,9 +615,10 @@ class RedisLink:
         transport = proto.transport
         if transport is not None:
             direct = plain_socket(transport)
-            if direct is not None:
-                _read_into(direct, proto, SUBSCRIBER_READ_SIZE if self._subscriber
-                           else COMMANDS_READ_SIZE)
+            # (plain TCP only; decided apart from the writes: the start-up
+            # check may leave one on and the other off)
+            read_into(transport, proto, SUBSCRIBER_READ_SIZE if self._subscriber
+                      else COMMANDS_READ_SIZE)
             if self._subscriber:
                 # TLS: Twisted's reads, large ones (see SUBSCRIBER_READ_SIZE)
                 transport.bufferSize = SUBSCRIBER_READ_SIZE
@@ -803,35 +805,6 @@ class RedisLink:
         proto = self.ready
         if proto is not None:
             proto.transport.abortConnection()
-
-
-def _read_into(transport: tcp.Connection, proto: Any, size: int) -> None:
-    """
-    Make a plain TCP transport read into one buffer of C{size} bytes,
-    reused, and hand C{proto.received_into} each read (what Twisted's
-    C{doRead} does, without a new buffer per read).
-    """
-    if type(transport).doRead is not tcp.Connection.doRead:
-        return  # a Unix socket (recvmsg) keeps Twisted's reads
-    sock = transport.socket
-    buffer = bytearray(size)
-    received = proto.received_into
-
-    def doRead() -> Any:
-        try:
-            n = sock.recv_into(buffer)
-        except OSError as error:
-            if error.args[0] == EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
-        if not n:
-            return main.CONNECTION_DONE
-        received(buffer, n)
-        return None
-
-    # an attribute of the transport (a reference cycle through the
-    # protocol): dropped when the connection is lost (_Counting.connectionLost)
-    transport.doRead = doRead  # type: ignore[method-assign]
 
 
 def process_token() -> str:

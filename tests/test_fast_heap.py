@@ -2,7 +2,7 @@
 A closed connection is freed by reference counting alone: it leaves no
 reference cycle for Python's cycle collector, whatever way it ended. The
 daemon relies on this to keep long-lived objects out of the collector's
-scans (L{wsproxy.heap}).
+scans (L{wsproxy.fast.heap}).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import heap
+from wsproxy.fast import heap
 from wsproxy import protocol as protocol_module
 from wsproxy.protocol import ProxyProtocol
 from wsproxy.site import _DeadlineChannel

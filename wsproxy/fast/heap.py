@@ -39,7 +39,7 @@ The policy here, installed by the daemon in each proxy process:
     set-up's CPU; the longest pause was at most 25-100 ms either way.
   - a closed connection leaves no reference cycle
     (L{wsproxy.protocol.ProxyProtocol._break_cycles},
-    L{wsproxy.site._DeadlineChannel._hand_over}; C{tests/test_heap.py}
+    L{wsproxy.site._DeadlineChannel._hand_over}; C{tests/test_fast_heap.py}
     checks every way a connection ends), so frozen connections are freed
     when they close. What else frozen ends up in a cycle is reclaimed once
     an hour by a collection of everything (unfreeze, collect, freeze),
@@ -56,6 +56,11 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+#: cleared by the start-up check (L{wsproxy.fast.borrowed}) if the
+#: collector's API lacks what the policy uses: the daemon then installs no
+#: policy (CPython's collector as it comes)
+ENABLED = True
 
 #: seconds between the full collections of everything, frozen objects too
 FULL_COLLECTION_INTERVAL = 3600.0

@@ -1,11 +1,12 @@
 """
-Writing frames straight to a client's socket (L{wsproxy.sockwrite}), with
+Writing frames straight to a client's socket (L{wsproxy.fast.sockwrite}), with
 real sockets over loopback: written at once when nothing waits, the rest
 handed to the transport (partial writes, a full socket, a reset one) in
 order and with its producer told, TLS left to the transport, frames held
 while a Redis read is dispatched and sent with one write; and through the
 proxy, a close that follows a message in the same read reaches the client
-after it.
+after it. The tests named after the invariants of the module's docstring
+pin those.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from wsproxy import redislink, sockwrite
-from wsproxy.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
+from wsproxy import redislink
+from wsproxy.fast import sockwrite
+from wsproxy.fast.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
 
 from .certs import CertDir, self_signed
 from .memory import client_frame
@@ -116,7 +118,7 @@ class WriteNowTests(SocketTestCase):
         self.assertNotIn(transport, reactor.getWriters())
         await wait_for(lambda: peer.read() == b"hello")
 
-    async def test_partial_write_rest_buffered_in_order(self) -> None:
+    async def test_never_overtakes_the_transports_buffer(self) -> None:
         """
         What the socket does not take goes to the transport: counted
         against its bufferSize (its producer is paused), sent later, and
@@ -170,6 +172,36 @@ class WriteNowTests(SocketTestCase):
         await server.lost
         write_now(transport, b"z")
 
+    async def test_never_past_a_closing_connection(self) -> None:
+        """
+        Once abortConnection was called, write_now sends nothing (Twisted's
+        own write drops what is written then): neither a frame written
+        directly nor the command connection's writes held for the end of
+        the turn (TurnPending flushes after the deadline sweep aborted the
+        connection must not reach Redis). The peer sees the connection end
+        with none of those bytes. After loseConnection, what is written is
+        buffered by the transport and sent before the close, as Twisted
+        does. (TLS: test_tls_untouched.)
+        """
+        closing, closing_server, closing_peer = await self.pair()
+        closing.loseConnection()
+        write_now(closing, b"before the close")
+        self.assertEqual(closing._tempDataBuffer, [b"before the close"])
+        await closing_server.lost
+        await wait_for(lambda: closing_peer.read() == b"before the close")
+
+        transport, server, peer = await self.pair()
+        held = TurnPending(transport, reactor)
+        held.send(b"PUBLISH late")
+        transport.abortConnection()
+        write_now(transport, b"after abort")
+        await server.lost
+        try:
+            peer.read()
+        except ConnectionResetError:
+            pass  # an aborted connection may end with a reset
+        self.assertEqual(peer.received, b"")
+
     async def test_tls_untouched(self) -> None:
         """
         A TLS connection is never written to directly: plain_socket says no
@@ -204,7 +236,7 @@ class _Failing:
 
 
 class BatchTests(SocketTestCase):
-    async def test_held_frames_sent_together_at_release(self) -> None:
+    async def test_held_while_a_read_is_dispatched(self) -> None:
         """
         While a batch is held (however deeply), a connection's frames are
         kept; when it is released they are sent in order with one write.
@@ -229,8 +261,18 @@ class BatchTests(SocketTestCase):
         out.send(b"c")
         self.assertEqual(sent, [b"ab", b"c"])
         await wait_for(lambda: peer.read() == b"abc")
+        # connections flush in the order they first kept a frame
+        other, _, _ = await self.pair()
+        first, second = Pending(other, batch), Pending(transport, batch)
+        batch.hold()
+        second.send(b"d")
+        first.send(b"e")
+        second.send(b"f")
+        self.assertEqual(batch.waiting, [second, first])
+        batch.release()
+        self.assertEqual(sent[-1], b"df")
 
-    async def test_turn_pending_sends_once_per_turn(self) -> None:
+    async def test_commands_held_for_the_turn(self) -> None:
         """
         The command connection's writes are held until the reactor's turn
         ends, then sent with one write; the next turn's likewise.
@@ -250,6 +292,30 @@ class BatchTests(SocketTestCase):
         self.assertEqual(sent, [b"ab", b"c"])
         await wait_for(lambda: peer.read() == b"abc")
 
+    async def test_a_lost_connection_loses_its_held_writes_and_only_its_own(self) -> None:
+        """
+        Frames kept for a connection that is aborted before the batch ends
+        are dropped with it (nothing raised, nothing sent); another
+        connection's kept frames are still sent at release.
+        """
+        lost, lost_server, lost_peer = await self.pair()
+        kept, _, kept_peer = await self.pair()
+        batch = Batch()
+        doomed, alive = Pending(lost, batch), Pending(kept, batch)
+        batch.hold()
+        doomed.send(b"never")
+        alive.send(b"still")
+        lost.abortConnection()
+        await lost_server.lost
+        batch.release()
+        await wait_for(lambda: kept_peer.read() == b"still")
+        try:
+            lost_peer.read()
+        except ConnectionResetError:
+            pass
+        self.assertEqual(lost_peer.received, b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_failing_flush_contained(self) -> None:
         """
         A connection whose flush raises is logged; the others are flushed.
@@ -266,6 +332,21 @@ class BatchTests(SocketTestCase):
         batch.release()
         self.assertEqual(flushed, ["ok"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_every_invariant_has_its_test(self) -> None:
+        """
+        Each invariant the module's docstring names (I{...}) has a test of
+        the same name in this module.
+        """
+        import re
+
+        names = re.findall(r"I\{([^}]+)\}", sockwrite.__doc__ or "")
+        self.assertEqual(len(names), 6)
+        tests = {name for cls in (WriteNowTests, BatchTests, ProxyOrderTests)
+                 for name in dir(cls) if name.startswith("test_")}
+        for name in names:
+            test = "test_" + re.sub(r"[^a-z]+", "_", name.replace("'", "")).strip("_")
+            self.assertIn(test, tests, name)
 
     def test_process_batch(self) -> None:
         """
@@ -308,12 +389,13 @@ async def open_session(test: RedisTestCase) -> tuple[RunningProxy, Any]:
 class ProxyOrderTests(RedisTestCase):
     timeout = 60
 
-    async def test_close_after_message_of_the_same_read(self) -> None:
+    async def test_kept_frames_stay_ahead(self) -> None:
         """
         A backend message and a close request for the same session sent
-        together (one Redis read): the client gets the message, then the
-        close, and the message was written to its socket by the proxy
-        itself (a plain TCP connection).
+        together (one Redis read): the message is kept for the end of the
+        read, Autobahn's close frame (sendData) flushes it first, so the
+        client gets the message, then the close; and the message was
+        written to its socket by the proxy itself (a plain TCP connection).
         """
         proxy, client = await open_session(self)
         (opened,) = [c for c in proxy.proxy.connections]

@@ -1,5 +1,5 @@
 """
-L{wsproxy.timers.BucketTimer}, the timer Autobahn's per-connection
+L{wsproxy.fast.timers.BucketTimer}, the timer Autobahn's per-connection
 deadlines run on, with a L{Clock}.
 """
 
@@ -11,8 +11,12 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import timers
-from wsproxy.timers import BucketTimer
+from wsproxy.fast import timers
+from wsproxy.fast.timers import BucketTimer
+
+from .memory import MemoryTestCase
+
+PING = 0x9
 
 
 class TurnClock(Clock):
@@ -125,3 +129,36 @@ class BucketTimerTests(SynchronousTestCase):
         self.assertEqual(self.ran, ["after"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertTrue(any(e.get("log_format") == "a timed call failed" for e in events))
+
+
+class AutobahnSchedulesOnItTests(MemoryTestCase):
+    """
+    The proxy's Autobahn connections really schedule their deadlines on
+    the factory's BucketTimer (not txaio's): the auto-ping, the pong's
+    deadline, the closing handshake's deadline.
+    """
+
+    def test_ping_pong_and_close_deadlines(self) -> None:
+        """
+        An open connection's next ping waits on the BucketTimer; once sent,
+        so does the pong's deadline, and the closing handshake's; when
+        they run out the connection is closed and nothing is left.
+        """
+        memory = self.start(ping_interval=10.0, ping_timeout=5.0)
+        client = memory.open()
+        factory = memory.site.ws_factory
+        timer = factory._batched_timer
+        self.assertIsInstance(timer, BucketTimer)
+        protocol = client.protocol
+        self.assertIsInstance(protocol.autoPingPendingCall, timers.BucketCall)
+        self.assertEqual(len(timer), 1, "the next ping")
+        memory.clock.advance(11)
+        self.assertIn(PING, [f.opcode for f in client.frames()], "the ping was sent")
+        self.assertIsInstance(protocol.autoPingTimeoutCall, timers.BucketCall)
+        self.assertTrue(protocol.autoPingTimeoutCall.active())
+        self.assertEqual(len(timer), 1, "the pong's deadline")
+        protocol.sendClose(1000)
+        self.assertIsInstance(protocol.closeHandshakeTimeoutCall, timers.BucketCall)
+        memory.clock.advance(6)  # no pong, no close answered: the deadlines run
+        self.assertTrue(client.closed)
+        self.assertEqual(len(timer), 0)

@@ -15,11 +15,15 @@ writes when a read or write handler raises: they now say C{[-]} where they
 said the connection's class and address. L{install} gives a running epoll
 reactor a C{doIteration} that handles the turn's events in the same order,
 and the commonest one itself: a socket that is readable and nothing else
-gets its C{doRead} called, and loses its connection as Twisted's
-C{_doReadOrWrite} would make it if C{doRead} says so or raises (logged).
-Every other event (writable, hung up, in error) goes to the reactor's own
-C{_doReadOrWrite}, without the log context. An error while losing a
-connection is logged here, and the turn's other events are still handled.
+is handled exactly as Twisted's C{_doReadOrWrite} handles it (a closed
+descriptor, C{fileno()} -1, loses its connection with
+C{ConnectionFdescWentAway}; else C{doRead} is called, and the connection
+lost if it says so or raises anything, C{BaseException} included, which
+is logged). Every other event (writable, hung up, in error) goes to the
+reactor's own C{_doReadOrWrite}, without the log context. Anything raised
+while losing a connection is logged here, as C{callWithLogger} logs it
+(C{KeyboardInterrupt} excepted), and the turn's other events are still
+handled.
 
 After the events, the turn waits for the next ones itself unless the
 reactor's loop has something to do first (a call from a thread or a
@@ -37,9 +41,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.internet.error import ConnectionFdescWentAway
 from twisted.logger import Logger
 
 _log = Logger()
+
+#: why a selectable whose fileno() is -1 loses its connection (the value
+#: of twisted.internet.posixbase._NO_FILEDESC, built from public parts)
+_NO_FILEDESC = ConnectionFdescWentAway("File descriptor lost")
 
 #: what the turn reads of the reactor to tell whether its loop has anything
 #: to do before the next wait (twisted.internet.base.ReactorBase)
@@ -49,11 +58,19 @@ _TURN_STATE = ("threadCallQueue", "_newTimedCalls", "_pendingTimedCalls", "_just
 _LONGEST_WAIT = 2147483
 
 
+#: cleared by the start-up check (L{wsproxy.fast.borrowed}) if the epoll
+#: reactor no longer behaves as this turn expects: L{install} then leaves
+#: every reactor alone
+ENABLED = True
+
+
 def install(reactor: Any) -> bool:
     """
     Make C{reactor} dispatch ready sockets without a log context, if it is
     an epoll reactor; C{True} if it now does.
     """
+    if not ENABLED:
+        return False
     try:
         from select import EPOLLIN
 
@@ -87,18 +104,31 @@ def install(reactor: Any) -> bool:
                 selectable = get(fd)
                 if selectable is None:
                     continue  # removed by an earlier event of this turn
+                # as callWithLogger around _doReadOrWrite: anything raised
+                # (but KeyboardInterrupt) is logged, the turn goes on
                 try:
                     if event == EPOLLIN:
+                        # _doReadOrWrite for a read event alone: a closed
+                        # descriptor (fileno() -1) or anything doRead raises
+                        # (BaseException, as Twisted) loses the connection
+                        inRead = False
+                        why: Any
                         try:
-                            why = selectable.doRead()
-                        except Exception as e:
+                            if selectable.fileno() == -1:
+                                why = _NO_FILEDESC
+                            else:
+                                why = selectable.doRead()
+                                inRead = True
+                        except BaseException as e:
                             _log.failure("reading {selectable!r} failed", selectable=selectable)
                             why = e
                         if why:
-                            disconnect(selectable, why, True)
+                            disconnect(selectable, why, inRead)
                     else:
                         handle(selectable, fd, event)
-                except Exception:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
                     _log.failure("handling an event of {selectable!r} failed",
                                  selectable=selectable)
             # Back to the reactor's loop if its next pass would do anything

@@ -1,23 +1,27 @@
 """
-wsproxy.poll: the epoll reactor's turn without a legacy log context, on the
+wsproxy.fast.poll: the epoll reactor's turn without a legacy log context, on the
 real reactor and real loopback sockets.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
-from wsproxy import poll
+from wsproxy.fast import poll
 from wsproxy.daemon import ProxyService
 
 from .support import wait_for
@@ -257,5 +261,211 @@ class LongWaitTests(SynchronousTestCase):
         later = threading.Timer(0.2, theirs.send, (b"second",))
         later.start()
         self.addCleanup(later.join)
-        own.doIteration(None)
+        with _bounded(own, 10):
+            own.doIteration(None)
         self.assertEqual(reads, [b"first", b"second"])
+
+
+class _TurnTookTooLong(Exception):
+    pass
+
+
+@contextmanager
+def _bounded(own: Any, seconds: float) -> Iterator[None]:
+    """
+    Fail (rather than hang the suite) if C{own}'s turn has not come back
+    within C{seconds}: SIGALRM breaks the wait with L{_TurnTookTooLong},
+    and marks the reactor stopped so that a turn that caught it returns
+    at its next check.
+    """
+    fired = []
+
+    def alarm(signum: int, frame: Any) -> None:
+        fired.append(True)
+        own.running = False
+        raise _TurnTookTooLong(f"the turn did not come back within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if fired:
+        raise _TurnTookTooLong(f"the turn did not come back within {seconds} s")
+
+
+class BoundedWaitTests(SynchronousTestCase):
+    def test_a_turn_that_never_returns_fails(self) -> None:
+        """
+        The bound of the long-wait test works: a turn with nothing to wake
+        it fails with _TurnTookTooLong after the bound instead of hanging.
+        """
+        from twisted.internet.epollreactor import EPollReactor
+
+        own = EPollReactor()
+        self.addCleanup(own._poller.close)
+        self.addCleanup(own.waker.connectionLost, None)
+        own.running = True
+        self.assertTrue(poll.install(own))
+        with self.assertRaises(_TurnTookTooLong):
+            with _bounded(own, 0.3):
+                own.doIteration(None)
+
+
+class _Abort(BaseException):
+    """Not an Exception: Twisted's turn catches it all the same."""
+
+
+class _Selectable:
+    """
+    One end of a socket pair as a reactor selectable that records what
+    the reactor does to it; C{behaviour} says what doRead does.
+    """
+
+    def __init__(self, sock: socket.socket, record: list[Any], behaviour: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.record = record
+        self.behaviour = behaviour
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1 if self.closed else self.fd
+
+    def logPrefix(self) -> str:
+        return "selectable"
+
+    def doRead(self) -> Any:
+        self.record.append("doRead")
+        self.sock.recv(100)
+        if self.behaviour == "abort":
+            raise _Abort()
+        if self.behaviour == "done":
+            raise error.ConnectionDone()
+        if self.behaviour == "says-lost":
+            return error.ConnectionLost()
+        return None
+
+    def doWrite(self) -> None:
+        self.record.append("doWrite")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.record.append(("connectionLost", reason.type))
+
+
+@implementer(IHalfCloseableDescriptor)
+class _HalfCloseable(_Selectable):
+    def readConnectionLost(self, reason: Failure) -> None:
+        self.record.append(("readConnectionLost", reason.type))
+
+
+class TwistedSemanticsMixin:
+    """
+    A readable socket's event under the lean turn is handled as Twisted's
+    own turn handles it; each test runs under both (the subclasses).
+    """
+
+    lean: bool
+
+    def turn(self, behaviour: str, closed: bool = False,
+             kind: type[_Selectable] = _Selectable) -> list[Any]:
+        from twisted.internet.epollreactor import EPollReactor
+
+        case: Any = self
+        own = EPollReactor()
+        case.addCleanup(own._poller.close)
+        case.addCleanup(own.waker.connectionLost, None)
+        ours, theirs = socket.socketpair()
+        case.addCleanup(ours.close)
+        case.addCleanup(theirs.close)
+        record: list[Any] = []
+        selectable = kind(ours, record, behaviour)
+        own.addReader(selectable)  # type: ignore[arg-type]
+        selectable.closed = closed
+        if self.lean:
+            case.assertTrue(poll.install(own))
+        theirs.send(b"x")
+        with _bounded(own, 10):
+            own.doIteration(0)
+        return record
+
+    def test_closed_descriptor_loses_its_connection(self) -> None:
+        """
+        A readable selectable whose fileno() is -1 is not read: its
+        connection is lost with ConnectionFdescWentAway.
+        """
+        case: Any = self
+        case.assertEqual(self.turn("ok", closed=True),
+                         [("connectionLost", error.ConnectionFdescWentAway)])
+
+    def test_base_exception_from_doRead_loses_the_connection(self) -> None:
+        """
+        doRead raising a BaseException that is not an Exception loses the
+        connection with it, and is logged.
+        """
+        case: Any = self
+        case.assertEqual(self.turn("abort"), ["doRead", ("connectionLost", _Abort)])
+        case.assertEqual(len(case.flushLoggedErrors(_Abort)), 1)
+
+    def test_doRead_saying_lost(self) -> None:
+        """
+        doRead returning a reason loses the connection with it.
+        """
+        case: Any = self
+        case.assertEqual(self.turn("says-lost"),
+                         ["doRead", ("connectionLost", error.ConnectionLost)])
+
+    def test_raised_connection_done_is_not_a_half_close(self) -> None:
+        """
+        ConnectionDone I{raised} by doRead of a half-closeable selectable
+        loses the whole connection (Twisted's inRead is still False then),
+        where one I{returned} would only close the read side.
+        """
+        case: Any = self
+        case.assertEqual(self.turn("done", kind=_HalfCloseable),
+                         ["doRead", ("connectionLost", error.ConnectionDone)])
+        case.flushLoggedErrors(error.ConnectionDone)
+
+    def test_error_while_losing_the_connection_is_logged(self) -> None:
+        """
+        connectionLost raising is logged; the turn ends normally.
+        """
+        case: Any = self
+        case.assertEqual(self.turn("says-lost", kind=_LostRaises),
+                         ["doRead", ("connectionLost", error.ConnectionLost)])
+        case.assertEqual(len(case.flushLoggedErrors(ValueError)), 1)
+
+    def test_keyboard_interrupt_while_losing_the_connection_propagates(self) -> None:
+        """
+        KeyboardInterrupt raised while losing the connection leaves the
+        turn (callWithLogger re-raises it).
+        """
+        case: Any = self
+        with case.assertRaises(KeyboardInterrupt):
+            self.turn("says-lost", kind=_LostInterrupts)
+
+
+class _LostRaises(_Selectable):
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        raise ValueError("connectionLost failed")
+
+
+class _LostInterrupts(_Selectable):
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        raise KeyboardInterrupt()
+
+
+class TwistedTurnSemanticsTests(TwistedSemanticsMixin, SynchronousTestCase):
+    """The reference: Twisted's own doPoll."""
+
+    lean = False
+
+
+class LeanTurnSemanticsTests(TwistedSemanticsMixin, SynchronousTestCase):
+    """The lean turn, expected to do exactly the same."""
+
+    lean = True

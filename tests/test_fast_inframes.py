@@ -1,5 +1,5 @@
 """
-Client frames read without Autobahn (L{wsproxy.inframes}): which frames
+Client frames read without Autobahn (L{wsproxy.fast.inframes}): which frames
 the lean reader takes and which it leaves to Autobahn, and, through the
 in-memory proxy, a read that mixes both kinds keeping every message, its
 order and RFC 6455's answers.
@@ -12,7 +12,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.memory import BINARY, CLOSE, TEXT, Frame, MemoryTestCase, client_frame
-from wsproxy.inframes import simple_frame, unmask
+from wsproxy.fast.inframes import simple_frame, unmask
 
 PING, PONG, CONTINUATION = 0x9, 0xA, 0x0
 
@@ -29,6 +29,24 @@ class UnmaskTests(SynchronousTestCase):
             masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             self.assertEqual(unmask(masked, mask), payload, n)
 
+    def test_both_maskers_agree(self) -> None:
+        """
+        The pure-Python masker and Autobahn's native one (when Autobahn
+        uses it) give the same bytes at every length; unmask uses the
+        native one above _SMALL only when Autobahn does.
+        """
+        from wsproxy.fast import inframes
+
+        native = inframes.native_masker()
+        maskers = [inframes.unmask_pure] + ([native] if native is not None else [])
+        self.assertIs(inframes.large_masker(), native or inframes.unmask_pure)
+        mask = b"\x01\x80\x7f\xfe"
+        for n in (0, 1, 5, 2049, 4099, 65535):
+            payload = os.urandom(n)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            for masker in maskers:
+                self.assertEqual(masker(masked, mask), payload, (masker, n))
+
 
 class SimpleFrameTests(SynchronousTestCase):
     def test_whole_messages(self) -> None:
@@ -37,10 +55,10 @@ class SimpleFrameTests(SynchronousTestCase):
         length are read, one after the other, with the offset of the next.
         """
         messages = [(b"", False), (b"hello", False), (b"x" * 125, False), (b"y" * 126, False),
-                    ("é".encode() * 2000, False), (b"\x00\xff" * 40000, True), (b"\x00", True)]
+                    ("é".encode() * 2000, False), (b"\x00\xff" * 32767 + b"!", True),
+                    (b"\x00", True)]
         data = b"".join(
             client_frame(payload, BINARY if binary else TEXT) for payload, binary in messages
-            if len(payload) < 65536
         )
         at, read = 0, []
         while at < len(data):
@@ -48,7 +66,8 @@ class SimpleFrameTests(SynchronousTestCase):
             assert frame is not None
             payload, binary, at = frame
             read.append((payload, binary))
-        self.assertEqual(read, [m for m in messages if len(m[0]) < 65536])
+        self.assertEqual(read, messages)
+        self.assertEqual(len(messages[-2][0]), 65535, "the largest 16-bit length")
 
     def test_left_to_autobahn(self) -> None:
         """
@@ -68,7 +87,7 @@ class SimpleFrameTests(SynchronousTestCase):
             "rsv1": bytes([ok[0] | 0x40]) + ok[1:],
             "reserved opcode": bytes([0x83]) + ok[1:],
             "unmasked": bytes([0x81, 5]) + b"hello",
-            "64-bit length": client_frame(b"z" * 70000, BINARY),
+            "64-bit length": client_frame(b"z" * 80000, BINARY),
             "non-minimal length": bytes([0x81, 0xFE, 0, 5]) + ok[2:],
             "incomplete payload": ok[:-1],
             "incomplete header": ok[:5],
@@ -119,6 +138,18 @@ class MixedReadTests(MemoryTestCase):
         client.send(data[100:])
         client.send(client_frame(b"c"))
         self.assertEqual([p for _, p in memory.redis.published], [b"a" * 300, b"b", b"c"])
+
+    def test_64_bit_length_through_autobahn(self) -> None:
+        """
+        An 80,000-byte message (a 64-bit length, which the lean reader
+        leaves to Autobahn) between two small ones in one read: all three
+        are published intact and in order.
+        """
+        memory = self.start()
+        client = memory.open()
+        big = os.urandom(80000)
+        client.send(client_frame(b"before") + client_frame(big, BINARY) + client_frame(b"after"))
+        self.assertEqual([p for _, p in memory.redis.published], [b"before", big, b"after"])
 
     def test_invalid_utf8_closes_1007(self) -> None:
         """
