@@ -1,8 +1,9 @@
 """
 A small helper for Python backends that talk to their clients through
 wsproxy: authorize a session, publish to it (plain or recoverable), read
-what its clients send. It only spells the Redis commands the README
-documents; backends in other languages send the same commands.
+what its clients send. It only spells the Redis commands that
+docs/guide/backends.md documents; backends in other languages send the same
+commands.
 
     import redis
     from wsproxy.backend import Backend
@@ -328,7 +329,7 @@ class UpMessage:
 class DurableConsumer:
     """
     One consumer of a consumer group over every partition stream of
-    durable upstream, as the README's recipe spells it: C{XGROUP CREATE …
+    durable upstream, as the docs' recipe (docs/guide/durable-upstream.md) spells it: C{XGROUP CREATE …
     MKSTREAM}, C{XREADGROUP} over all partitions, C{XACK}, C{XAUTOCLAIM}
     of a dead consumer's pending entries, and the record of client message
     ids handled, to drop the copies a client sent again.

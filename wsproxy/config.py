@@ -520,7 +520,7 @@ class Settings:
         "3600",
         _non_negative_float,
         "seconds between full garbage collections of every object, long-lived ones "
-        "too (0 = never; see README 'Garbage collection')",
+        "too (0 = never; see the docs, Deployment › Garbage collection)",
     )
     auth_fail_limit: int = setting(
         "AUTH_FAIL_LIMIT",

@@ -238,7 +238,7 @@ def connection_event(
     **close: Any,
 ) -> dict[str, Any]:
     """
-    One event's JSON object (the README documents each field).
+    One event's JSON object (docs/reference/protocol.md documents each field).
     """
     event: dict[str, Any] = {
         "event": kind,
