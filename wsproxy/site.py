@@ -228,9 +228,12 @@ class Root(resource.Resource):
                 self._to_websocket(channel, upgrade.raw + b"".join(early.data))
             finally:
                 self._factory.compared = None
-            # not inside the channel's dataReceived: the channel lets go of
-            # the connection here
-            channel._hand_over()
+            # the channel lets go of the connection here, unless twisted.web
+            # is still reading the request (an answer in the same turn):
+            # the bytes it holds behind it go to the WebSocket first, and
+            # the channel lets go once it has passed them on (_parse)
+            if not channel._reading:
+                channel._hand_over()
 
         def refused(refusal: Refusal) -> None:
             transport: Any = channel.transport
@@ -454,6 +457,8 @@ class _DeadlineChannel(http.HTTPChannel):
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
+    #: twisted.web is reading bytes (L{_parse})
+    _reading = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._admitted:
@@ -490,7 +495,11 @@ class _DeadlineChannel(http.HTTPChannel):
             self._head = None
             if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
                 return
-        super().dataReceived(data)
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
         self._hand_over_if_upgraded()
 
     def _lean(self, data: bytes, end: int) -> bool:
