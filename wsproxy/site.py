@@ -618,6 +618,15 @@ class _DeadlineChannel(http.HTTPChannel):
             request.channel = None
         self.requests = []
 
+    def allHeadersReceived(self) -> None:
+        if self.length == 0:
+            # no body, nothing to continue to: no "100 Continue" (RFC 9110
+            # section 10.1.1 lets a server leave it out), which would come
+            # before a 101 and break the client's handshake (the lean
+            # parser never sends one either)
+            self.requests[-1].requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """
         A request line or header line over 16 KiB (C{MAX_LENGTH}): Twisted
