@@ -587,6 +587,7 @@ class _DeadlineChannel(http.HTTPChannel):
         # the deadline covers the whole request: a head that announces a
         # body and then trickles it in is a slowloris too
         self._disarm()
+        self._head_size = self._head_lines = 0
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -618,6 +619,26 @@ class _DeadlineChannel(http.HTTPChannel):
             request.channel = None
         self.requests = []
 
+    #: the current request head's bytes (without line ends) and non-empty
+    #: lines so far, as twisted.web counts them against its limits
+    _head_size = 0
+    _head_lines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        A request head over twisted.web's limits (C{totalHeadersSize}, 16
+        KiB over all its lines; C{maxHeaders}): 431, as for one line too
+        long (L{lineLengthExceeded}), where twisted.web would answer an
+        empty 400.
+        """
+        self._head_size += len(line)
+        if line:
+            self._head_lines += 1
+        if self._head_size > self.totalHeadersSize or self._head_lines > self.maxHeaders + 1:
+            self.lineLengthExceeded(line)
+            return
+        super().lineReceived(line)
+
     def allHeadersReceived(self) -> None:
         if self.length == 0:
             # no body, nothing to continue to: no "100 Continue" (RFC 9110
@@ -629,9 +650,12 @@ class _DeadlineChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """
-        A request line or header line over 16 KiB (C{MAX_LENGTH}): Twisted
-        would close without a word; answer 431 and ignore the rest.
+        A request line or header line over 16 KiB (C{MAX_LENGTH}), or a
+        request head too large (L{lineReceived}): Twisted would close
+        without a word, or with an empty 400; answer 431 and ignore the
+        rest.
         """
+        self._discard = True
         self._disarm()
         transport: Any = self.transport
         if transport is None:
