@@ -699,6 +699,29 @@ class _Request(server.Request):
 
     max_body = 64 * 1024
 
+    def process(self) -> None:
+        """
+        A request for C{*} (asterisk-form, RFC 9112 section 3.2.4) is only
+        meaningful as C{OPTIONS}, about the server as a whole: 200 with the
+        methods it serves; 400 for any other method. Answered here, as
+        every other request is by L{Root}, without a C{Server} header
+        (twisted.web's own answers carry one, with its version).
+        """
+        if self.path != b"*":
+            super().process()
+            return
+        self.site = cast(Any, self.channel).site
+        self.setHeader(b"date", http.datetimeToString())
+        if self.method == b"OPTIONS":
+            self.setResponseCode(200)
+            self.setHeader(b"allow", b"GET, HEAD")
+            self.setHeader(b"content-length", b"0")
+        else:
+            body = _plain(self, 400, "Bad Request")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+        self.finish()
+
     def gotLength(self, length: Any) -> None:
         if length is not None and length > self.max_body:
             channel: Any = self.channel
