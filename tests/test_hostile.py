@@ -816,7 +816,7 @@ class TokenLogTests(DaemonTestCase):
             self.assertTrue(response.startswith(b"HTTP/1.1 4"), (request, response))
             self.assertNotIn(b"SECRET", response)
         await wait_for(lambda: self.log.count(b"refused 400") >= 3)
-        self.assertIn(b"refused 400 duplicate protocol", self.log)
+        self.assertIn(b"refused 400 Duplicate subprotocol", self.log)
         self.assert_still_fine()
 
 
