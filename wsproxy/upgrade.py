@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -54,15 +55,20 @@ from .refusal import Refusal
 LEAN_HEAD_MAX = 8192
 #: the most header lines it reads
 LEAN_HEADERS_MAX = 64
-#: a header name: an RFC 9110 token (no whitespace before the colon)
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-#: bytes never accepted in a request head (CR and LF but as line ends,
-#: other controls but HTAB, DEL, and NEL, which str.splitlines() also
-#: splits on); the lean parser leaves heads with them to twisted.web, and
-#: L{refusal} refuses header values with them
+#: a request head the lean parser reads: C{GET}, an origin-form target of
+#: visible ASCII, HTTP/1.1, then header lines with token names (no blank
+#: before the colon) and values without control bytes (but HTAB), DEL or
+#: NEL (which str.splitlines() splits on); one pass, linear (a value cannot
+#: hold the CR that starts the next line)
+_LEAN_HEAD = re.compile(
+    rb"GET (/[\x21-\x7e]*) HTTP/1\.1"
+    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\x84\x86-\xff]*)*)\Z"
+)
+#: one header line of a head L{_LEAN_HEAD} matched: name, value
+_LEAN_LINE = re.compile(rb"\r\n([^:]+):([^\r]*)")
+#: bytes never accepted in a header value: controls (CR and LF included)
+#: but HTAB, DEL, and NEL (see L{_LEAN_HEAD})
 _UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
-#: a request target the lean parser reads: origin-form, visible ASCII
-_LEAN_TARGET = re.compile(rb"/[\x21-\x7e]*\Z")
 #: what no request target may hold: anything but visible ASCII, a fragment
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|#")
 #: RFC 9112 section 3.2 / RFC 3986 section 3.2.2: an IP literal or a
@@ -136,18 +142,14 @@ def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
     in this form: reading them here spares each one twisted.web's request
     and header objects (a third of a refused upgrade's CPU).
     """
-    lines = head.split(b"\r\n")
-    if len(lines) > LEAN_HEADERS_MAX + 1 or _UNSAFE.search(head.replace(b"\r\n", b"")):
+    match = _LEAN_HEAD.match(head)
+    if match is None:
         return None
-    request_line = lines[0].split(b" ")
-    if (len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1"
-            or not _LEAN_TARGET.match(request_line[1])):
+    lines = _LEAN_LINE.findall(match.group(2))
+    if len(lines) > LEAN_HEADERS_MAX:
         return None
     headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            return None
+    for name, value in lines:
         headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
     if b"content-length" in headers or b"transfer-encoding" in headers:
         # the body's framing (and its errors) are twisted.web's
@@ -155,7 +157,7 @@ def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
     upgrade = headers.get(b"upgrade")
     if upgrade is None or not names_websocket(upgrade):
         return None
-    return Upgrade(request_line[1], headers, raw)
+    return Upgrade(match.group(1), headers, raw)
 
 
 def _bad(reason: str, *headers: tuple[str, str]) -> Refusal:
@@ -186,6 +188,7 @@ def _valid_host(value: bytes) -> bool:
     return True
 
 
+@lru_cache(maxsize=64)
 def _valid_origin(value: str) -> bool:
     """
     Whether Autobahn reads C{value} as an origin (C{_url_to_origin}): C{null},
@@ -230,10 +233,14 @@ def _extension_offers(header: str) -> list[tuple[str, dict[str, list[Any]]]]:
     return offers
 
 
-def _valid_extensions(values: list[bytes]) -> bool:
-    if len(values) > 1:
-        return False
-    for name, params in _extension_offers(values[0].decode("latin-1")):
+@lru_cache(maxsize=64)
+def _valid_extensions(value: bytes) -> bool:
+    """
+    Whether Autobahn accepts C{Sec-WebSocket-Extensions: value}: its
+    compression offers parse. (Browsers send a few values over and over:
+    the answers are kept.)
+    """
+    for name, params in _extension_offers(value.decode("latin-1")):
         compression = PERMESSAGE_COMPRESSION_EXTENSION.get(name)
         if compression is not None:
             offer: Any = compression["Offer"]
@@ -263,7 +270,7 @@ def refusal(upgrade: Upgrade) -> Optional[Refusal]:
         except ValueError:
             return _bad("Invalid request target")
     headers = upgrade.headers
-    if _UNSAFE.search(b"".join(v for values in headers.values() for v in values)):
+    if _UNSAFE.search(b"".join(map(b"".join, headers.values()))):
         return _bad("Invalid header")
     if b"content-length" in headers or b"transfer-encoding" in headers:
         return _bad("Upgrade request with a body")
@@ -297,7 +304,7 @@ def refusal(upgrade: Upgrade) -> Optional[Refusal]:
     if key is None or len(key) != 1 or not _KEY.match(key[0]):
         return _bad("Invalid Sec-WebSocket-Key")
     extensions = headers.get(b"sec-websocket-extensions")
-    if extensions is not None and not _valid_extensions(extensions):
+    if extensions is not None and (len(extensions) != 1 or not _valid_extensions(extensions[0])):
         return _bad("Invalid Sec-WebSocket-Extensions")
     authorization = headers.get(b"authorization", [])
     _, _, query = target.partition(b"?")
