@@ -190,7 +190,6 @@ def corpus(seed: int = 22) -> Iterator[tuple[str, bytes]]:
         ("Transfer-Encoding: gzip", FRAME),
         (f"Transfer-Encoding: chunked\r\nContent-Length: {len(FRAME)}", FRAME),
     ):
-        name, value = announced.split("\r\n")[0].split(": ", 1)
         for version in ("HTTP/1.1", "HTTP/1.0"):
             raw = Request(version=version).encode().replace(
                 b"\r\n\r\n", b"\r\n" + announced.encode() + b"\r\n\r\n", 1) + body

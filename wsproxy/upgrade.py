@@ -66,8 +66,8 @@ _LEAN_HEAD = re.compile(
 )
 #: one header line of a head L{_LEAN_HEAD} matched: name, value
 _LEAN_LINE = re.compile(rb"\r\n([^:]+):([^\r]*)")
-#: bytes never accepted in a header value: controls (CR and LF included)
-#: but HTAB, DEL, and NEL (see L{_LEAN_HEAD})
+#: bytes never accepted in a header value: any control byte but HTAB (CR
+#: and LF included), DEL, and NEL (as L{_LEAN_HEAD})
 _UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
 #: what no request target may hold: anything but visible ASCII, a fragment
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|#")
