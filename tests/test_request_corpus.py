@@ -297,6 +297,18 @@ class Site:
             return factory(*args, **kwargs)
 
         site.requestFactory = counting  # type: ignore[assignment]
+        #: handshakes Autobahn refused on its own (not an admission's
+        #: Refusal): the site's rules are to leave it none
+        self.autobahn_refused: list[str] = []
+        protocol = site.ws_factory.protocol
+        fail = protocol.failHandshake
+
+        def failHandshake(proto: Any, reason: str, code: int = 400, headers: Any = None) -> None:
+            if proto._refusal is None:
+                self.autobahn_refused.append(f"{code} {reason}")
+            fail(proto, reason, code, headers)
+
+        protocol.failHandshake = failHandshake  # type: ignore[method-assign]
 
     def send(self, data: bytes, chunk: int = 0) -> Outcome:
         memory = self.memory
@@ -390,8 +402,9 @@ class RequestCorpusTests(MemoryTestCase):
     def test_corpus(self) -> None:
         """
         Over a thousand requests: identical outcomes with and without the
-        lean parser, every one by the rules; and a spread of statuses (the
-        corpus does reach the 101, every refusal and twisted.web's own
+        lean parser, every one by the rules, none refused by Autobahn
+        itself (the site's decision comes first); and a spread of statuses
+        (the corpus does reach the 101, every refusal and twisted.web's own
         answers).
         """
         statuses: dict[Optional[int], int] = {}
@@ -403,6 +416,8 @@ class RequestCorpusTests(MemoryTestCase):
         self.assertGreater(count, 1500)
         for status in (101, 200, 400, 401, 403, 404, 413, 426, 431, 505):
             self.assertIn(status, statuses)
+        # Autobahn never had to refuse a request itself
+        self.assertEqual(self.lean.autobahn_refused + self.full.autobahn_refused, [])
         # twisted.web read every request of one, a share of the other's
         self.assertGreaterEqual(self.full.read_by_twisted, count)
         self.assertLess(self.lean.read_by_twisted, self.full.read_by_twisted - 1000)
