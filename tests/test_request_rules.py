@@ -250,7 +250,7 @@ class RequestRulesTests(MemoryTestCase):
         """
         A request head over 16 KiB in lines of 1 KiB each, and one of more
         header lines than twisted.web takes, are answered 431 (as one line
-        over 16 KiB is), not an empty 400.
+        over 16 KiB is), not an empty 400; each is counted as a refusal.
         """
         lines = {f"X-Pad-{i}": "p" * 1000 for i in range(17)}
         many = {f"X-{i}": "" for i in range(501)}
@@ -261,3 +261,4 @@ class RequestRulesTests(MemoryTestCase):
                                  "HTTP/1.1 431 Request Header Fields Too Large")
                 self.assertTrue(client.closed)
                 self.assertEqual(memory.redis.log, [])
+                self.assertEqual(memory.proxy.stats.outcomes, {"431": 1})

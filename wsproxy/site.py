@@ -662,9 +662,13 @@ class _DeadlineChannel(http.HTTPChannel):
             return
         # read nothing more: the answer is final
         transport.pauseProducing()
-        self._log.info("refused 431 request head too large: peer={peer}",
-                       peer=transport.getPeer())
-        transport.write(Refusal(431, "Request Header Fields Too Large").response())
+        refusal = Refusal(431, "Request Header Fields Too Large")
+        if self.proxy is not None:
+            # counted and logged as every refusal, within the address's
+            # budget of lines (a flood of huge heads is not a line each)
+            host = getattr(transport.getPeer(), "host", None) or ""
+            self.proxy.refused(refusal, host, peer2str(transport))
+        transport.write(refusal.response())
         self.loseConnection()
 
     def requestDone(self, request: server.Request) -> None:
