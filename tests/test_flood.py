@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import autobahn.websocket.protocol as autobahn_protocol
 from wsproxy.limits import FailedAuthLimit, client_address
 from wsproxy.proxy import REFUSAL_LINES
-from wsproxy.site import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
+from wsproxy.upgrade import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
 
 from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
 from .support import Daemon, RedisTestCase, free_port, wait_for
@@ -628,9 +628,9 @@ class LeanPathTests(MemoryTestCase):
 
     def test_other_forms_through_twisted(self) -> None:
         """
-        An HTTP/1.0 upgrade, one with a folded header, and one whose head is
-        longer than the lean parser reads are read by twisted.web and
-        admitted as before; an upgrade on /health is the health check; an
+        An upgrade with an absolute target, one with a folded header, and
+        one whose head is longer than the lean parser reads are read by
+        twisted.web and admitted as before; an upgrade on /health is the health check; an
         upgrade after a first request on a keep-alive connection is read
         by twisted.web too.
         """
@@ -640,7 +640,7 @@ class LeanPathTests(MemoryTestCase):
         auth = {"Authorization": "Bearer tok"}
         plain = upgrade_request("/agent/ws/s1", auth)
         for request in (
-            plain.replace(b"HTTP/1.1", b"HTTP/1.0"),
+            plain.replace(b"GET /", b"GET http://proxy.example/"),
             plain.replace(b"Connection: Upgrade", b"Connection:\r\n Upgrade"),
             upgrade_request("/agent/ws/s1", {**auth, "X-Pad": "p" * LEAN_HEAD_MAX}),
         ):

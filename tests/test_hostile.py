@@ -32,6 +32,7 @@ from .support import (
     connect,
     raw_exchange,
     status_of,
+    up_listener,
     upgrade_request,
     wait_for,
 )
@@ -815,7 +816,7 @@ class TokenLogTests(DaemonTestCase):
             self.assertTrue(response.startswith(b"HTTP/1.1 4"), (request, response))
             self.assertNotIn(b"SECRET", response)
         await wait_for(lambda: self.log.count(b"refused 400") >= 3)
-        self.assertIn(b"refused 400 duplicate protocol", self.log)
+        self.assertIn(b"refused 400 Duplicate subprotocol", self.log)
         self.assert_still_fine()
 
 
@@ -1228,3 +1229,98 @@ class RequestShapeTests(ProxyTestCase):
             b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n" + b"x" * 1000,
         )
         self.assertEqual(status_of(response), 413)
+
+
+class RequestRuleTests(DaemonTestCase):
+    """
+    The request rules of issue 22 against the real daemon and redis-server,
+    over raw sockets, as the outside checks found them broken (the same on
+    both parsers, in memory: tests/test_request_rules.py).
+    """
+
+    async def exchange(self, request: bytes) -> bytes:
+        """
+        Everything the daemon answers to C{request} until it closes the
+        connection, or within 3 s (a 101 keeps it open).
+        """
+        response: bytes = await raw_exchange(self.port, request, close_after=3.0)
+        return response
+
+    async def test_refused_requests_never_touch_the_token(self) -> None:
+        """
+        A token stored with SETEX 600: an upgrade carrying a masked frame
+        as its body, and upgrades the WebSocket handshake refuses (two
+        Hosts, Upgrade: websocketx, Connection: xupgrade, a key that is not
+        base64 of 16 bytes, a Host with a bad port), with the good token
+        and with a wrong one, are all answered 400. Nothing is published on
+        the session's :up channel, the token's TTL is not reset to the
+        grace period, no failed authorization is counted, and the good
+        token still opens the session afterwards.
+        """
+        self.r.setex("session:s1:auth", 600, "SECRET-good")
+        received = up_listener(self.r, "s1", self)
+        body = frame(OP_TEXT, b"smuggled")
+        plain = upgrade_request("/a/ws/s1").decode()
+        malformed = [
+            plain.replace("Host:", "Host: a.example\r\nHost:"),
+            plain.replace("Upgrade: websocket", "Upgrade: websocketx"),
+            plain.replace("Connection: Upgrade", "Connection: xupgrade"),
+            plain.replace("dGhlIHNhbXBsZSBub25jZQ==", "x" * 24),
+            plain.replace("Host: 127.0.0.1", "Host: proxy.example:abc"),
+        ]
+        for token in ("SECRET-good", "SECRET-bad"):
+            auth = f"Authorization: Bearer {token}\r\n"
+            requests = [
+                (plain.replace("\r\n\r\n", f"\r\n{auth}Content-Length: {len(body)}\r\n\r\n")
+                 .encode() + body),
+            ] + [text.replace("\r\n\r\n", f"\r\n{auth}\r\n").encode() for text in malformed]
+            for request in requests:
+                response = await self.exchange(request)
+                self.assertEqual(status_of(response), 400, (request[:120], response[:200]))
+                self.assertNotIn(b"SECRET", response)
+        ttl = self.r.ttl("session:s1:auth")
+        self.assertTrue(0 < ttl <= 600, ttl)
+        self.assertEqual(received(), [])
+        self.assertEqual(await self.metric("wsproxy_auth_failures_total"), 0)
+        c = await self.client("s1", "SECRET-good")
+        c.sendMessage(b"real")
+        await wait_for(lambda: received() == [b"real"])
+        self.assert_still_fine()
+
+    async def test_request_rules(self) -> None:
+        """
+        HTTP/1.0 upgrades get 505 (one Host or two); an unsupported
+        Sec-WebSocket-Version gets 400 naming 13; Host: a b gets 400; a
+        token presented twice (two parameters, two headers) gets 400 before
+        any token check; GET * gets 400 and OPTIONS * 200, neither with a
+        Server header; a head over 16 KiB in many lines gets 431.
+        """
+        self.r.setex("session:s1:auth", 600, "SECRET-good")
+        good = {"Authorization": "Bearer SECRET-good"}
+        plain = upgrade_request("/a/ws/s1", good)
+        cases: list[tuple[bytes, int, bytes]] = [
+            (plain.replace(b"HTTP/1.1", b"HTTP/1.0"), 505, b""),
+            (plain.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\nHost: b.example\r\n"), 505, b""),
+            (plain.replace(b"Version: 13", b"Version: 99"), 400,
+             b"\r\nSec-WebSocket-Version: 13, 8\r\n"),
+            (plain.replace(b"Host: 127.0.0.1", b"Host: a b"), 400, b""),
+            (upgrade_request("/a/ws/s1?access_token=SECRET-good&access_token=SECRET-bad"),
+             400, b"Token presented more than once"),
+            (plain.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer SECRET-bad\r\n\r\n"), 400,
+             b"Token presented more than once"),
+            (b"GET * HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 400, b""),
+            (b"OPTIONS * HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 200,
+             b"\r\nAllow: GET, HEAD\r\n"),
+            (upgrade_request("/a/ws/s1", {f"X-Pad-{i}": "p" * 1000 for i in range(17)}), 431,
+             b""),
+        ]
+        for request, status, expected in cases:
+            response = await self.exchange(request)
+            self.assertEqual(status_of(response), status, (request[:100], response[:300]))
+            head = response.partition(b"\r\n\r\n")[0] + b"\r\n"
+            self.assertNotIn(b"\r\nserver:", head.lower(), response[:300])
+            self.assertIn(expected, response)
+        ttl = self.r.ttl("session:s1:auth")
+        self.assertTrue(0 < ttl <= 600, ttl)
+        self.assertEqual(await self.metric("wsproxy_auth_failures_total"), 0)
+        self.assert_still_fine()

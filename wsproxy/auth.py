@@ -5,6 +5,9 @@ backend stored in C{session:{id}:auth}.
     ====================================  ======
     no token presented                     401 (with WWW-Authenticate: Bearer)
     key missing, expired or different      403
+    token presented more than once         400 (L{repeated_token}, decided
+                                           with the request's other rules
+                                           before any Redis command)
     ====================================  ======
 
 A failed check never touches the key; a successful one sets its TTL to the
@@ -36,6 +39,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Optional, Sequence
+from urllib.parse import parse_qsl, unquote
 
 import txredisapi
 from twisted.internet import defer
@@ -90,6 +94,48 @@ def extract_token(
     if tokens and tokens[0]:
         return Credentials(tokens[0], "query")
     return None
+
+
+#: a token presented more than once (RFC 6750 section 3.1, C{invalid_request})
+REPEATED_TOKEN = (400, "Token presented more than once")
+
+
+def repeated_token(
+    authorization: Sequence[str], protocols: Sequence[str], query: str
+) -> bool:
+    """
+    Whether a request presents a token more than once, which makes it a
+    malformed request (RFC 6750 section 2: one method per request; section
+    3.1: C{invalid_request}, 400), decided before any token is looked at:
+    more than one C{Authorization} header line, more than one
+    C{access_token} query parameter (empty ones included), or tokens by
+    more than one of the three means L{extract_token} knows (a bearer
+    C{Authorization} header, the C{bearer, <token>} subprotocol pair, the
+    query parameter). An empty or non-bearer C{Authorization} header, a
+    C{bearer} subprotocol with no token after it and an empty
+    C{access_token} are no token (L{extract_token} ignores them).
+
+    @param authorization: the C{Authorization} header lines' values.
+    @param protocols: the offered subprotocols, as Autobahn lists them.
+    @param query: the request target's query (after C{?}), as sent.
+    """
+    if len(authorization) > 1:
+        return True
+    tokens: list[str] = []
+    if query and "access_token" in unquote(query):
+        tokens = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "access_token"]
+        if len(tokens) > 1:
+            return True
+    ways = 1 if tokens and tokens[0] else 0
+    if authorization:
+        scheme, _, value = authorization[0].strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            ways += 1
+    if BEARER_SUBPROTOCOL in protocols:
+        index = protocols.index(BEARER_SUBPROTOCOL)
+        if index + 1 < len(protocols) and protocols[index + 1]:
+            ways += 1
+    return ways > 1
 
 
 def tokens_match(stored: object, presented: str) -> bool:

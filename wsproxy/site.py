@@ -23,11 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from . import upstream
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import ProxyFactory
 from .names import parse_ws_path
 from .proxy import Compared, Comparison, Proxy
 from .refusal import CLIENT_LEFT, Refusal
+from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
+from . import upgrade as handshake
 
 
 def _plain(
@@ -62,97 +65,6 @@ def _single_lines(request: server.Request) -> bool:
     return not _LINE_BREAKS.search(request.uri)
 
 
-#: the longest request head the lean parser reads (longer ones, rare and
-#: legitimate or not, are twisted.web's, with its limits and its 431)
-LEAN_HEAD_MAX = 8192
-#: the most header lines it reads
-LEAN_HEADERS_MAX = 64
-#: a header name: an RFC 7230 token (no whitespace before the colon)
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-#: bytes the lean parser never accepts in a head (CR and LF but as line
-#: ends, other controls, and what str.splitlines() also splits on)
-_UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
-
-
-def _handshake_headers(headers: dict[bytes, list[bytes]]) -> bool:
-    """
-    Whether the WebSocket handshake's own headers are there as Autobahn
-    requires them (C{Host}, C{Connection: Upgrade}, one 24-character
-    C{Sec-WebSocket-Key}, C{Sec-WebSocket-Version} 13 or 8): a request it
-    would refuse (400) is left to it, before any Redis command (the token
-    check's script would renew the TTL of a matching token).
-    """
-    key = headers.get(b"sec-websocket-key")
-    return (b"host" in headers and key is not None and len(key) == 1 and len(key[0]) == 24
-            and headers.get(b"sec-websocket-version") in ([b"13"], [b"8"])
-            and b"upgrade" in b",".join(headers.get(b"connection", ())).lower())
-
-
-class Upgrade:
-    """
-    A WebSocket upgrade request as the site decides on it.
-
-    @ivar target: the request target (path and query), as sent.
-    @ivar headers: values by lower-case name, in the order sent.
-    @ivar raw: the request as Autobahn is to read it, and whatever the
-        client sent behind it.
-    """
-
-    __slots__ = ("target", "headers", "raw")
-
-    def __init__(self, target: bytes, headers: dict[bytes, list[bytes]], raw: bytes) -> None:
-        self.target = target
-        self.headers = headers
-        self.raw = raw
-
-    @property
-    def path(self) -> str:
-        return self.target.partition(b"?")[0].decode("latin-1")
-
-    def header(self, name: str) -> Optional[str]:
-        """
-        A header's value by lower-case name (repeated headers joined with
-        commas), or C{None}.
-        """
-        values = self.headers.get(name.encode("latin-1"))
-        return b",".join(values).decode("latin-1") if values else None
-
-
-def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
-    """
-    Read a request head (up to its blank line, excluded) if it is a plain
-    WebSocket upgrade: C{GET <origin-form target> HTTP/1.1}, header lines
-    C{name: value} with token names, no control bytes, no body (no
-    C{Content-Length}, no C{Transfer-Encoding}), an C{Upgrade} header
-    naming C{websocket}, at most L{LEAN_HEADERS_MAX} headers. Anything
-    else, valid or not (HTTP/1.0, obsolete line folding, a body, odd
-    bytes), is C{None}: twisted.web reads it, as every other request.
-
-    Browsers, apps and the load balancers in front of them send upgrades
-    in this form: reading them here spares each one twisted.web's request
-    and header objects (a third of a refused upgrade's CPU).
-    """
-    lines = head.split(b"\r\n")
-    if len(lines) > LEAN_HEADERS_MAX + 1 or _UNSAFE.search(head.replace(b"\r\n", b"")):
-        return None
-    request_line = lines[0].split(b" ")
-    if (len(request_line) != 3 or request_line[0] != b"GET" or request_line[2] != b"HTTP/1.1"
-            or not request_line[1].startswith(b"/")):
-        return None
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            return None
-        headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    if b"content-length" in headers or b"transfer-encoding" in headers:
-        return None
-    upgrade = headers.get(b"upgrade")
-    if upgrade is None or b"websocket" not in b",".join(upgrade).lower():
-        return None
-    return Upgrade(request_line[1], headers, raw)
-
-
 class Root(resource.Resource):
     """
     Routes on the whole path, so that the WebSocket route is matched
@@ -179,21 +91,19 @@ class Root(resource.Resource):
             if path == "/ready":
                 return self._ready(request)
             return self._metrics(request)
-        upgrade = request.getHeader(b"upgrade") or b""
-        if upgrade and not _single_lines(request):
-            # Autobahn re-reads the request with str.splitlines(), which also
-            # splits on these bytes: a header could be smuggled past any
-            # filtering proxy in front of us
-            request.channel.persistent = False
-            return _plain(request, 400, "Invalid header")
-        if request.method == b"GET" and b"websocket" in upgrade.lower():
+        upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
+        if request.method == b"GET" and upgrade is not None and names_websocket(upgrade):
             # a refused upgrade ends the connection (clients do not reuse
-            # it); everything about it (path, session id, origin, token) is
-            # decided, counted and logged by its admission (wsproxy.protocol,
-            # wsproxy.proxy)
+            # it); everything about it is decided, counted and logged as for
+            # a request the lean parser read (upgrade)
             request.channel.persistent = False
             request.setHeader(b"connection", b"close")
             return self._upgrade_request(request)
+        if upgrade is not None and not _single_lines(request):
+            # an upgrade to something else: a header that str.splitlines()
+            # would split must not reach anything that might
+            request.channel.persistent = False
+            return _plain(request, 400, "Invalid header")
         if parse_ws_path(path) is None:
             return _plain(request, 404, "Not Found")
         return _plain(
@@ -213,33 +123,40 @@ class Root(resource.Resource):
         """
         An upgrade request twisted.web parsed (a form the lean parser
         leaves to it, L{lean_upgrade}): decided as any other (L{upgrade}),
-        Autobahn reading it as twisted.web understood it.
+        Autobahn reading it as twisted.web understood it, one line per
+        header line. Its body, if it had one, is read by nobody: the
+        request is refused for it (L{wsproxy.upgrade.refusal}).
         """
-        headers = list(request.requestHeaders.getAllRawHeaders())
+        headers = {name.lower(): list(values)
+                   for name, values in request.requestHeaders.getAllRawHeaders()}
         raw = b"".join(
-            [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
-            + [name + b": " + b",".join(values) + b"\r\n" for name, values in headers]
-            + [b"\r\n", request.content.read() if request.content is not None else b""]
+            [request.method, b" ", request.uri, b" ", request.clientproto, b"\r\n"]
+            + [name + b": " + value + b"\r\n" for name, values in headers.items()
+               for value in values]
+            + [b"\r\n"]
         )
         self.upgrade(
             cast(_DeadlineChannel, request.channel),
-            Upgrade(request.uri, {name.lower(): list(values) for name, values in headers}, raw),
+            Upgrade(request.uri, headers, raw, request.clientproto),
         )
         return server.NOT_DONE_YET
 
     def upgrade(self, channel: "_DeadlineChannel", upgrade: "Upgrade") -> None:
         """
-        Decide an upgrade request, in order: the per-address limit (429),
-        then a header token compared before the WebSocket handshake, then
-        the WebSocket protocol (whose admission decides everything else).
+        Decide an upgrade request, in order: the per-address limit (429);
+        the request itself, as a WebSocket handshake
+        (L{wsproxy.upgrade.refusal}: 400 mostly, 505); then a header token
+        compared before the WebSocket handshake; then the WebSocket
+        protocol (whose admission decides everything else). Nothing before
+        the token comparison sends a Redis command.
         """
         proxy = self._proxy
         transport: Any = channel.transport
         peer = getattr(transport.getPeer(), "host", None) or ""
         header = upgrade.header
-        refusal = proxy.screen(peer, header)
+        refusal = proxy.screen(peer, header) or handshake.refusal(upgrade)
         if refusal is not None:
-            # limited: answered here, before Autobahn or Redis do any work
+            # answered here, before Autobahn or Redis do any work
             agent_id, session_id = parse_ws_path(upgrade.path) or (None, None)
             proxy.refused(
                 refusal, proxy.client_address(peer, header), peer2str(transport),
@@ -258,17 +175,20 @@ class Root(resource.Resource):
         Whether the token can be compared before the WebSocket handshake:
         one C{Authorization: Bearer} header with an ASCII token, a path and
         headers that pass L{Proxy.route} and L{Proxy.precheck}, no resume
-        request. Anything else goes through the admission as it is (which
-        refuses it, or checks its token there).
+        request, no acknowledgements refused (every refusal the admission
+        decides before its token check, so that a request it refuses never
+        has its token looked at). Anything else goes through the admission
+        as it is (which refuses it, or checks its token there).
 
         @return: (session id, agent id, token), or C{None}.
         """
         headers = upgrade.headers
         authorization = headers.get(b"authorization")
         origin = headers.get(b"origin")
-        if (authorization is None or len(authorization) != 1 or b"resume" in upgrade.target
-                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()
-                or not _handshake_headers(headers)):
+        # (one Authorization at most: the request was accepted as a
+        # handshake)
+        if (authorization is None or b"resume" in upgrade.target
+                or (origin is not None and len(origin) != 1) or not authorization[0].isascii()):
             return None
         scheme, _, value = authorization[0].decode("ascii").strip().partition(" ")
         token = value.strip()
@@ -278,6 +198,8 @@ class Root(resource.Resource):
         try:
             agent_id, session_id = proxy.route(upgrade.path)
             proxy.precheck({} if origin is None else {"origin": origin[0].decode("latin-1")})
+            upstream.ack_request(upgrade.target.decode("latin-1"),
+                                 proxy.settings.upstream == "stream")
         except Refusal:
             return None
         return session_id, agent_id, token
@@ -306,9 +228,12 @@ class Root(resource.Resource):
                 self._to_websocket(channel, upgrade.raw + b"".join(early.data))
             finally:
                 self._factory.compared = None
-            # not inside the channel's dataReceived: the channel lets go of
-            # the connection here
-            channel._hand_over()
+            # the channel lets go of the connection here, unless twisted.web
+            # is still reading the request (an answer in the same turn):
+            # the bytes it holds behind it go to the WebSocket first, and
+            # the channel lets go once it has passed them on (_parse)
+            if not channel._reading:
+                channel._hand_over()
 
         def refused(refusal: Refusal) -> None:
             transport: Any = channel.transport
@@ -532,6 +457,8 @@ class _DeadlineChannel(http.HTTPChannel):
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
+    #: twisted.web is reading bytes (L{_parse})
+    _reading = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._admitted:
@@ -568,7 +495,11 @@ class _DeadlineChannel(http.HTTPChannel):
             self._head = None
             if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
                 return
-        super().dataReceived(data)
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
         self._hand_over_if_upgraded()
 
     def _lean(self, data: bytes, end: int) -> bool:
@@ -656,6 +587,7 @@ class _DeadlineChannel(http.HTTPChannel):
         # the deadline covers the whole request: a head that announces a
         # body and then trickles it in is a slowloris too
         self._disarm()
+        self._head_size = self._head_lines = 0
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -687,20 +619,56 @@ class _DeadlineChannel(http.HTTPChannel):
             request.channel = None
         self.requests = []
 
+    #: the current request head's bytes (without line ends) and non-empty
+    #: lines so far, as twisted.web counts them against its limits
+    _head_size = 0
+    _head_lines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        A request head over twisted.web's limits (C{totalHeadersSize}, 16
+        KiB over all its lines; C{maxHeaders}): 431, as for one line too
+        long (L{lineLengthExceeded}), where twisted.web would answer an
+        empty 400.
+        """
+        self._head_size += len(line)
+        if line:
+            self._head_lines += 1
+        if self._head_size > self.totalHeadersSize or self._head_lines > self.maxHeaders + 1:
+            self.lineLengthExceeded(line)
+            return
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        if self.length == 0:
+            # no body, nothing to continue to: no "100 Continue" (RFC 9110
+            # section 10.1.1 lets a server leave it out), which would come
+            # before a 101 and break the client's handshake (the lean
+            # parser never sends one either)
+            self.requests[-1].requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """
-        A request line or header line over 16 KiB (C{MAX_LENGTH}): Twisted
-        would close without a word; answer 431 and ignore the rest.
+        A request line or header line over 16 KiB (C{MAX_LENGTH}), or a
+        request head too large (L{lineReceived}): Twisted would close
+        without a word, or with an empty 400; answer 431 and ignore the
+        rest.
         """
+        self._discard = True
         self._disarm()
         transport: Any = self.transport
         if transport is None:
             return
         # read nothing more: the answer is final
         transport.pauseProducing()
-        self._log.info("refused 431 request head too large: peer={peer}",
-                       peer=transport.getPeer())
-        transport.write(Refusal(431, "Request Header Fields Too Large").response())
+        refusal = Refusal(431, "Request Header Fields Too Large")
+        if self.proxy is not None:
+            # counted and logged as every refusal, within the address's
+            # budget of lines (a flood of huge heads is not a line each)
+            host = getattr(transport.getPeer(), "host", None) or ""
+            self.proxy.refused(refusal, host, peer2str(transport))
+        transport.write(refusal.response())
         self.loseConnection()
 
     def requestDone(self, request: server.Request) -> None:
@@ -735,6 +703,29 @@ class _Request(server.Request):
 
     max_body = 64 * 1024
 
+    def process(self) -> None:
+        """
+        A request for C{*} (asterisk-form, RFC 9112 section 3.2.4) is only
+        meaningful as C{OPTIONS}, about the server as a whole: 200 with the
+        methods it serves; 400 for any other method. Answered here, as
+        every other request is by L{Root}, without a C{Server} header
+        (twisted.web's own answers carry one, with its version).
+        """
+        if self.path != b"*":
+            super().process()
+            return
+        self.site = cast(Any, self.channel).site
+        self.setHeader(b"date", http.datetimeToString())
+        if self.method == b"OPTIONS":
+            self.setResponseCode(200)
+            self.setHeader(b"allow", b"GET, HEAD")
+            self.setHeader(b"content-length", b"0")
+        else:
+            body = _plain(self, 400, "Bad Request")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+        self.finish()
+
     def gotLength(self, length: Any) -> None:
         if length is not None and length > self.max_body:
             channel: Any = self.channel
@@ -758,6 +749,10 @@ class ProxySite(server.Site):
     protocol = _DeadlineChannel  # type: ignore[assignment]
     requestFactory = _Request
     noisy = False
+    #: whether plain upgrade requests are read by L{lean_upgrade}; off,
+    #: twisted.web reads every request (both decide alike:
+    #: tests/test_request_corpus.py compares them)
+    lean = True
 
     def __init__(self, proxy: Proxy, metrics: Optional[MetricsSource] = None) -> None:
         self.proxy = proxy
@@ -779,6 +774,8 @@ class ProxySite(server.Site):
         channel.proxy = self.proxy
         channel.root = self.root
         channel.callLater = self.proxy.clock.callLater
+        if not self.lean:
+            channel._head = None
         return channel
 
     def log(self, request: http.Request) -> None:
