@@ -356,7 +356,8 @@ class Site:
 
 def announces_body(data: bytes) -> bool:
     head = data.partition(b"\r\n\r\n")[0].lower()
-    return b"\ncontent-length:" in head or b"\ntransfer-encoding:" in head
+    lengths = re.findall(rb"\ncontent-length:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|$)", head)
+    return lengths not in ([], [b"0"]) or b"\ntransfer-encoding:" in head
 
 
 def check_rules(test: SynchronousTestCase, name: str, data: bytes, outcome: Outcome) -> None:

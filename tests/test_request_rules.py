@@ -63,7 +63,8 @@ class RequestRulesTests(MemoryTestCase):
     def test_upgrade_with_a_body(self) -> None:
         """
         An upgrade request with a body (here a masked frame, announced by
-        Content-Length, or chunked) is refused 400 before any Redis
+        Content-Length, or chunked; any Content-Length but a single C{0},
+        see L{test_content_length_zero}) is refused 400 before any Redis
         command: the body is never read as WebSocket frames, never
         published.
         """
@@ -71,13 +72,28 @@ class RequestRulesTests(MemoryTestCase):
         for announced, body in ((b"Content-Length: %d" % len(frame), frame),
                                 (b"Transfer-Encoding: chunked",
                                  b"%x\r\n" % len(frame) + frame + b"\r\n0\r\n\r\n"),
-                                (b"Content-Length: 0", b"")):
+                                (b"Content-Length: 00", b"")):
             for memory in self.both():
                 request = upgrade_request(PATH, GOOD).replace(
                     b"\r\n\r\n", b"\r\n" + announced + b"\r\n\r\n") + body
                 client = self.send(memory, request)
                 self.assert_refused_untouched(
                     memory, client, "HTTP/1.1 400 Upgrade request with a body")
+
+    def test_content_length_zero(self) -> None:
+        """
+        One C{Content-Length: 0} announces no body (some HTTP client
+        libraries add it to every request): the upgrade is admitted by
+        either parser, and a frame sent right behind the request is the
+        WebSocket's, published as the client's first message.
+        """
+        frame = client_frame(b"first")
+        for memory in self.both():
+            request = upgrade_request(PATH, GOOD).replace(
+                b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n")
+            client = self.send(memory, request + frame)
+            self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+            self.assertEqual(memory.redis.published, [(b"session:s1:up", b"first")])
 
     # -- finding 2 ---------------------------------------------------------
 

@@ -19,8 +19,10 @@ that:
 
   - HTTP/1.1 only (RFC 6455 section 4.1): 505, as Autobahn answers an
     HTTP/1.0 request line;
-  - no body: no C{Content-Length} and no C{Transfer-Encoding} (the body
-    would otherwise be read as WebSocket frames; RFC 9112 section 6);
+  - no body: no C{Transfer-Encoding} and no C{Content-Length} but a
+    single C{Content-Length: 0} (which some HTTP client libraries add to
+    every request, and which announces no body); a body would otherwise be
+    read as WebSocket frames (RFC 9112 section 6);
   - a request target of visible ASCII without a fragment;
   - no control bytes (but HTAB) in header values, nor NEL (Python's
     C{str.splitlines()} splits on it);
@@ -160,6 +162,10 @@ def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
     return Upgrade(match.group(1), headers, raw)
 
 
+#: the one C{Content-Length} an upgrade may carry: it announces no body
+_NO_BODY = [b"0"]
+
+
 def _bad(reason: str, *headers: tuple[str, str]) -> Refusal:
     return Refusal(400, reason, headers)
 
@@ -272,7 +278,7 @@ def refusal(upgrade: Upgrade) -> Optional[Refusal]:
     headers = upgrade.headers
     if _UNSAFE.search(b"".join(map(b"".join, headers.values()))):
         return _bad("Invalid header")
-    if b"content-length" in headers or b"transfer-encoding" in headers:
+    if b"transfer-encoding" in headers or headers.get(b"content-length", _NO_BODY) != _NO_BODY:
         return _bad("Upgrade request with a body")
     host = headers.get(b"host")
     if host is None:
