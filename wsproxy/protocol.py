@@ -10,6 +10,26 @@ published on C{:up}, messages from the hub are sent as frames.
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
 the client left), this protocol from then on (released in L{_finish}).
+
+Closing. What the TCP connection does:
+
+  - the client closed (a valid close frame): the proxy answers and closes
+    the TCP connection, what is written first, then FIN;
+  - the client sent an invalid close frame (FIN unset, RSV bits, unmasked,
+    a payload of 1 byte or over 125, code 1005, 1006, below 1000, 1004,
+    1014-2999 or 5000 and up, a reason that is not UTF-8): close 1002, then
+    the TCP connection is closed the same way; the client's close frame was
+    its last word, nothing is waited for (L{ProxyProtocol.onCloseFrame});
+  - the proxy closes (a backend's close request, 1011, 1008 for an invalid
+    envelope or a slow consumer, 1002/1007/1009 for a protocol error, 1001
+    at shutdown): it waits for the client's close frame for
+    C{closeHandshakeTimeout} (5 s; at shutdown the grace period, then the
+    shutdown drops it), then drops the connection.
+
+A TCP connection closed after its closing handshake (the first two cases,
+and after the client's answer) that is still there C{closeHandshakeTimeout}
+later, because the client does not take what is left, is dropped
+(L{ProxyProtocol.dropConnection}).
 """
 
 from __future__ import annotations
@@ -52,12 +72,34 @@ INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
 #: close codes used by the proxy
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
 _HANDSHAKE, _OPEN, _CLOSED = range(3)
+#: close codes a client may send (RFC 6455 7.4): as Autobahn judges them
+_CLIENT_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | frozenset(
+    range(3000, 5000)
+)
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
+STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
+
+
+def _valid_close(frame: Any, code: Optional[int], reason: Optional[bytes]) -> bool:
+    """
+    Whether a client's close frame is valid (RFC 6455 5.5, 5.5.1, 7.4):
+    one masked frame (FIN set, no RSV bits) with no payload or 2 to 125
+    bytes of it, a code a client may send (not below 1000, 1004-1006,
+    1014-2999, 5000 and up) and a UTF-8 reason.
+    """
+    if (frame is None or not frame.fin or frame.rsv or frame.mask is None
+            or frame.length == 1 or frame.length > 125):
+        return False
+    if code is not None and code not in _CLIENT_CLOSE_CODES:
+        return False
+    return reason is None or frames.is_utf8(reason)
 
 
 def _redact(reason: str) -> str:
@@ -528,6 +570,67 @@ class ProxyProtocol(WebSocketServerProtocol):
                 bytes_out=self.bytes_out,
             )
         self.closed.callback(None)
+
+    # -- closing (the rules: the module docstring) ----------------------------
+
+    def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
+        """
+        The client's close frame. A valid one on an open connection is
+        answered by Autobahn, which then closes the TCP connection. An
+        invalid one (L{_valid_close}) gets close 1002. Any close frame after
+        the proxy's own (the answer to it, or an invalid close frame whose
+        header made Autobahn send 1002) ends the closing handshake: the TCP
+        connection is closed after the proxy's close frame. (Autobahn would
+        reset it, throwing away a 1002 written in the same turn, and answer
+        a reason that is not UTF-8 with 1007.)
+        """
+        if self.state == STATE_CLOSED:
+            # (Autobahn's annotation forgets the frame without a code)
+            return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
+        valid = _valid_close(self.current_frame, code, reasonRaw)
+        if self.state == STATE_OPEN:
+            if valid:
+                return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
+            self._fail_connection(PROTOCOL_ERROR, "invalid close frame")
+            if self.state == STATE_CLOSED:
+                return True
+        call = self.closeHandshakeTimeoutCall
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+        if valid:
+            self.remoteCloseCode = code
+            self.remoteCloseReason = None if reasonRaw is None else reasonRaw.decode("utf-8")
+            self.wasClean = True
+        else:
+            self.wasClean = False
+            self.wasNotCleanReason = "invalid close frame"
+        self.dropConnection(abort=False)
+        return True
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        As Autobahn's, and a connection closed after its closing handshake
+        (what is written goes out first, then FIN) is aborted if it is
+        still there C{closeHandshakeTimeout} later: a client that does not
+        read what is left can hold it no longer than one that does not
+        answer a close frame.
+        """
+        lingers = not abort and self.state in (STATE_OPEN, STATE_CLOSING)
+        super().dropConnection(abort)
+        if lingers and self.closeHandshakeTimeout > 0:
+            call = self.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
+            self.closeHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.closeHandshakeTimeout, self._linger_over,
+            )
+
+    def _linger_over(self) -> None:
+        self.closeHandshakeTimeoutCall = None
+        transport: Any = self.transport
+        if transport is not None and getattr(transport, "connected", False):
+            transport.abortConnection()
 
     # -- client -> Redis -----------------------------------------------------
 

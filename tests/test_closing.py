@@ -1,0 +1,228 @@
+"""
+How a connection closes (the rules: L{wsproxy.protocol}'s docstring): the
+close code an invalid close frame gets and when the TCP connection is
+dropped.
+
+In memory (L{tests.memory}: a L{Clock}, no socket) for the rules; over
+loopback against a real redis-server for what a client's socket sees (a
+close frame, then FIN or a reset).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Optional
+
+from twisted.internet import error, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from tests.memory import (
+    CLOSE,
+    Frame,
+    MemoryClient,
+    MemoryProxy,
+    MemoryTestCase,
+    client_frame,
+    close_payload,
+    upgrade_request,
+)
+
+from .support import RedisTestCase, RunningProxy, settings_for, wait_for
+from .test_control import EventLog
+from .test_hostile import RawClient, frame
+
+#: longer than any bound below: a drop that waits for it comes far too late
+LONG_TIMEOUT = 30
+
+#: (name, an invalid close frame from the client), each answered with 1002
+INVALID_CLOSES: list[tuple[str, bytes]] = [
+    ("fin_unset", client_frame(close_payload(1000), CLOSE, fin=False)),
+    ("payload_of_126_bytes", client_frame(close_payload(1000, b"x" * 124), CLOSE)),
+    ("payload_of_1_byte", client_frame(b"\x03", CLOSE)),
+    ("code_1005", client_frame(close_payload(1005), CLOSE)),
+    ("code_1006", client_frame(close_payload(1006), CLOSE)),
+    ("code_999", client_frame(close_payload(999), CLOSE)),
+    ("code_5000", client_frame(close_payload(5000), CLOSE)),
+    ("reason_not_utf8", client_frame(close_payload(1000, b"bye \xff\xfe"), CLOSE)),
+]
+
+
+def events(memory: MemoryProxy, kind: str = "close") -> list[dict[str, Any]]:
+    """
+    The lifecycle events of that kind the proxy published (EVENTS=all).
+    """
+    found = []
+    for channel, payload in memory.redis.published:
+        if channel == b"wsproxy:events":
+            event = json.loads(payload)
+            if event["event"] == kind:
+                found.append(event)
+    return found
+
+
+class ClosingTestCase(MemoryTestCase):
+    def open(self, **settings: Any) -> tuple[MemoryProxy, MemoryClient]:
+        """
+        A proxy publishing events and one open client of session s1, whose
+        closing-handshake timeout is L{LONG_TIMEOUT}.
+        """
+        settings.setdefault("events", ("all",))
+        memory = self.start(**settings)
+        client = memory.open()
+        client.protocol.closeHandshakeTimeout = LONG_TIMEOUT
+        return memory, client
+
+    def assertSessionEnded(self, memory: MemoryProxy, code: int, closed_by: str) -> None:
+        """
+        The session's part is over: one close event with that code and
+        cause, not counted as open, the subscription released.
+        """
+        self.assertEqual([(e["code"], e["closed_by"]) for e in events(memory)],
+                         [(code, closed_by)])
+        self.assertEqual(memory.proxy.stats.open_connections, 0)
+        self.assertEqual(memory.redis.sent("UNSUBSCRIBE"), [("UNSUBSCRIBE", "session:s1:down")])
+
+    def assertGone(self, memory: MemoryProxy) -> None:
+        memory.clock.advance(0)
+        self.assertEqual(memory.proxy.connections, set())
+        self.assertEqual(memory.proxy.sessions, {})
+
+
+class InvalidCloseFrameTests(ClosingTestCase):
+    """
+    An invalid close frame from the client is answered with close 1002
+    (protocol error); the TCP connection is then closed after it (FIN), not
+    reset: the 1002 is not thrown away.
+    """
+
+    def check(self, data: bytes) -> None:
+        memory, client = self.open()
+        client.send(data)
+        frames = client.frames()
+        self.assertEqual([f.opcode for f in frames], [CLOSE], frames)
+        self.assertEqual(frames[0].close_code, 1002, frames)
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.aborted, "reset: the 1002 may be lost")
+        self.assertGone(memory)
+        self.assertSessionEnded(memory, 1002, "protocol_error")
+
+    def test_valid_close_answered(self) -> None:
+        """
+        (For comparison) a valid close frame is answered with close 1000,
+        the TCP connection closed after it; the event has the client's code
+        and reason.
+        """
+        memory, client = self.open()
+        client.send_frame(close_payload(4100, b"bye"), CLOSE)
+        self.assertEqual(client.frames(), [Frame(CLOSE, close_payload(1000))])
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.aborted)
+        self.assertEqual([(e["code"], e["reason"], e["closed_by"]) for e in events(memory)],
+                         [(4100, "bye", "client")])
+        self.assertGone(memory)
+
+    def test_after_the_proxys_own_close(self) -> None:
+        """
+        An invalid close frame answering the proxy's close (here a
+        backend's 4001) ends the closing handshake all the same: the TCP
+        connection is closed, not held for the timeout; the event says the
+        proxy's code.
+        """
+        memory, client = self.open()
+        client.protocol.server_close(4001, "banned")
+        self.assertEqual(client.frames(), [Frame(CLOSE, close_payload(4001, b"banned"))])
+        client.send_frame(close_payload(1005), CLOSE)
+        self.assertEqual(client.frames(), [])
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.aborted)
+        self.assertGone(memory)
+        self.assertSessionEnded(memory, 4001, "server")
+
+
+def _invalid_close_test(name: str, data: bytes) -> Any:
+    def test(self: InvalidCloseFrameTests) -> None:
+        self.check(data)
+
+    test.__name__ = f"test_{name}"
+    test.__doc__ = f"A close frame with {name.replace('_', ' ')}: close 1002, then FIN."
+    return test
+
+
+for _name, _data in INVALID_CLOSES:
+    setattr(InvalidCloseFrameTests, f"test_{_name}", _invalid_close_test(_name, _data))
+del _name, _data
+
+
+# -- real sockets ------------------------------------------------------------
+
+
+class _Client(RawClient):
+    """
+    A raw client that also keeps why its connection ended.
+    """
+
+    reason: Optional[Any] = None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.reason = reason
+        super().connectionLost(reason)
+
+
+class SocketTestCase(RedisTestCase):
+    timeout = 60
+
+    def start_proxy(self, **settings: Any) -> RunningProxy:
+        values: dict[str, Any] = {"events": ("all",)}
+        values.update(settings)
+        proxy = RunningProxy(settings_for(self.redis.url, **values))
+        self.addCleanup(proxy.stop)
+        # the closing-handshake timeout, on the factory's protocol class
+        proxy.site.ws_factory.protocol.closeHandshakeTimeout = LONG_TIMEOUT
+        return proxy
+
+    async def upgraded(self, proxy: RunningProxy, session: str) -> _Client:
+        """
+        A raw client of C{session} whose opening handshake succeeded.
+        """
+        self.r.set(f"session:{session}:auth", "tok", ex=300)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port)
+        c: _Client = await endpoint.connect(protocol.Factory.forProtocol(_Client))
+        self.addCleanup(c.abort)
+        c.send(upgrade_request(f"/a/ws/{session}", {"Authorization": "Bearer tok"}))
+        await wait_for(lambda: c.head is not None)
+        self.assertEqual(c.status, 101, c.data)
+        return c
+
+
+class SocketInvalidCloseTests(SocketTestCase):
+    async def test_every_invalid_close_frame_gets_1002(self) -> None:
+        """
+        Over loopback, each invalid close frame form (FIN unset, 126-byte
+        payload, 1-byte payload, codes 1005, 1006, 999, 5000, a reason that
+        is not UTF-8, and an unmasked close): the client's socket receives
+        a close frame with 1002 and then the end of the connection (FIN,
+        not a reset), within a few seconds (the closing-handshake timeout is
+        30 s); each has its close event.
+        """
+        proxy = self.start_proxy()
+        await proxy.ready()
+        log = EventLog(self.r, self)
+        cases = INVALID_CLOSES + [("unmasked", frame(CLOSE, struct.pack("!H", 1000),
+                                                     mask=False))]
+        clients = []
+        for i, (name, data) in enumerate(cases):
+            c = await self.upgraded(proxy, f"bad{i}")
+            c.send(data)
+            clients.append((name, c))
+        for name, c in clients:
+            await wait_for(lambda: c.lost_at is not None, timeout=10)
+            closing = c.close_code()
+            self.assertIsNotNone(closing, f"{name}: no close frame in {c.data!r}")
+            assert closing is not None
+            self.assertEqual(closing[0], 1002, f"{name}: {closing}")
+            self.assertEqual(c.frames()[-1][2], CLOSE, name)
+            self.assertIsInstance(c.reason.value, error.ConnectionDone, f"{name}: {c.reason}")
+        await wait_for(lambda: len(log.of("close")) == len(cases))
+        self.assertEqual({(e["code"], e["closed_by"]) for e in log.of("close")},
+                         {(1002, "protocol_error")})
