@@ -1,17 +1,19 @@
 """
 How a connection closes (the rules: L{wsproxy.protocol}'s docstring): the
-close code an invalid close frame gets and when the TCP connection is
-dropped.
+close code an invalid close frame gets, when the session ends (close event,
+log line, metrics, subscription) and when the TCP connection is dropped.
 
-In memory (L{tests.memory}: a L{Clock}, no socket) for the rules; over
-loopback against a real redis-server for what a client's socket sees (a
-close frame, then FIN or a reset).
+In memory (L{tests.memory}: a L{Clock}, no socket) for the rules and their
+timing; over loopback against a real redis-server for what a client's
+socket sees (a close frame, then FIN or a reset) and for the close event's
+timing, with wide margins.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from typing import Any, Optional
 
 from twisted.internet import error, protocol, reactor
@@ -19,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.memory import (
     CLOSE,
+    TEXT,
     Frame,
     MemoryClient,
     MemoryProxy,
@@ -32,7 +35,8 @@ from .support import RedisTestCase, RunningProxy, settings_for, wait_for
 from .test_control import EventLog
 from .test_hostile import RawClient, frame
 
-#: longer than any bound below: a drop that waits for it comes far too late
+#: longer than any bound below: a close event or a drop that waits for it
+#: comes far too late
 LONG_TIMEOUT = 30
 
 #: (name, an invalid close frame from the client), each answered with 1002
@@ -154,6 +158,85 @@ for _name, _data in INVALID_CLOSES:
 del _name, _data
 
 
+class DecisionTests(ClosingTestCase):
+    """
+    The session ends when the proxy decides to close, not when the TCP
+    connection ends; the connection waits for the client's answer (up to
+    the closing-handshake timeout).
+    """
+
+    def test_protocol_error_event_at_once_then_wait_for_the_answer(self) -> None:
+        """
+        A protocol error from a reading client: close 1002 and the event at
+        once; the connection is held for the client's answer, at most the
+        closing-handshake timeout (then dropped).
+        """
+        memory, client = self.open()
+        client.send(client_frame(b"x", opcode=0x3))
+        self.assertEqual([f.close_code for f in client.frames()], [1002])
+        self.assertSessionEnded(memory, 1002, "protocol_error")
+        memory.clock.advance(LONG_TIMEOUT - 1)
+        self.assertFalse(client.closed)
+        self.assertEqual(len(memory.proxy.connections), 1)
+        memory.clock.advance(2)
+        self.assertTrue(client.transport.aborted)
+        self.assertGone(memory)
+        self.assertEqual(len(events(memory)), 1)
+
+    def test_protocol_error_answered(self) -> None:
+        """
+        The client answers the proxy's 1002: the TCP connection is closed
+        at once, after the proxy's close frame (FIN, not a reset).
+        """
+        memory, client = self.open()
+        client.send(client_frame(b"x", opcode=0x3))
+        self.assertEqual([f.close_code for f in client.frames()], [1002])
+        client.send_frame(close_payload(1002), CLOSE)
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.aborted)
+        self.assertGone(memory)
+        self.assertEqual(len(events(memory)), 1)
+
+    def test_server_close_waits_for_the_answer(self) -> None:
+        """
+        A backend's close request to a client that is not reading is not
+        the client's fault: the event goes out at once, the connection waits
+        for the answer; once it comes, the TCP connection is closed (FIN).
+        """
+        memory, client = self.open()
+        client.protocol.pauseProducing()
+        client.protocol.server_close(1000, "done")
+        self.assertEqual(client.frames(), [Frame(CLOSE, close_payload(1000, b"done"))])
+        self.assertSessionEnded(memory, 1000, "server")
+        memory.clock.advance(LONG_TIMEOUT - 1)
+        self.assertFalse(client.closed)
+        client.protocol.resumeProducing()
+        client.send_frame(close_payload(1000), CLOSE)
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.aborted)
+        self.assertGone(memory)
+
+    def test_going_away_logged_at_once(self) -> None:
+        """
+        At shutdown the session ends with the 1001 (event and log line with
+        code 1001); the connection itself stays for the client's answer (the
+        shutdown's grace period decides how long), and its C{closed} fires
+        when it is gone.
+        """
+        memory, client = self.open()
+        (protocol,) = memory.proxy.connections
+        protocol.going_away()
+        self.assertSessionEnded(memory, 1001, "shutdown")
+        memory.clock.advance(LONG_TIMEOUT * 10)
+        self.assertFalse(client.closed)
+        self.assertFalse(protocol.closed.called)
+        client.send_frame(close_payload(1001), CLOSE)
+        self.assertTrue(client.closed)
+        memory.clock.advance(0)
+        self.assertTrue(protocol.closed.called)
+        self.assertGone(memory)
+
+
 # -- real sockets ------------------------------------------------------------
 
 
@@ -226,3 +309,31 @@ class SocketInvalidCloseTests(SocketTestCase):
         await wait_for(lambda: len(log.of("close")) == len(cases))
         self.assertEqual({(e["code"], e["closed_by"]) for e in log.of("close")},
                          {(1002, "protocol_error")})
+
+
+class SocketTimingTests(SocketTestCase):
+    """
+    With a 30 s closing-handshake timeout, the close event of a client
+    that will never answer comes at the decision (bounds of a few
+    seconds on a busy machine; the old behaviour took the full 30 s).
+    """
+
+    async def test_protocol_error_event_at_the_decision(self) -> None:
+        """
+        A client that sends an unmasked frame and never answers the 1002:
+        its close event (1002, protocol_error) within 5 s, though the proxy
+        may hold the connection for the 30 s closing-handshake timeout.
+        """
+        proxy = self.start_proxy()
+        await proxy.ready()
+        log = EventLog(self.r, self)
+        c = await self.upgraded(proxy, "bad")
+        c.send(frame(TEXT, b"hello", mask=False))
+        sent = time.monotonic()
+        await wait_for(lambda: c.close_code() is not None, timeout=5)
+        self.assertEqual(c.close_code(), (1002, c.close_code()[1]))  # type: ignore[index]
+        await wait_for(lambda: log.of("close"), timeout=5)
+        self.assertLess(time.monotonic() - sent, 5)
+        self.assertEqual([(e["code"], e["closed_by"]) for e in log.of("close")],
+                         [(1002, "protocol_error")])
+        self.assertEqual(proxy.proxy.stats.open_connections, 0)

@@ -9,9 +9,13 @@ published on C{:up}, messages from the hub are sent as frames.
 
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
-the client left), this protocol from then on (released in L{_finish}).
+the client left), this protocol from then on (released in L{_end_session}).
 
-Closing. What the TCP connection does:
+Closing. The session ends (subscriptions released, the close event and
+the C{closed:} log line out, no longer counted as open) at the decision: the
+first close frame the proxy sends, its own or its answer to the client's
+(L{ProxyProtocol.sendCloseFrame}), or the TCP connection's end, whichever
+comes first. What the TCP connection does after that:
 
   - the client closed (a valid close frame): the proxy answers and closes
     the TCP connection, what is written first, then FIN;
@@ -328,8 +332,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self._finish(None)
+            self._end_session(None)
+            self._proxy.connections.discard(self)
             self._break_cycles()
+            self.closed.callback(None)
 
     def _break_cycles(self) -> None:
         """
@@ -360,7 +366,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
-        # kept so that a client leaving mid-admission cancels it (_finish)
+        # kept so that a client leaving mid-admission cancels it (_end_session)
         self._admission = defer.ensureDeferred(self._admit(request))
         return self._admission.addErrback(self._refuse)
 
@@ -506,7 +512,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._resumer.start(self._recovery)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._finish(code, reason)
+        self._end_session(code, reason)
 
     def onAutoPingTimeout(self) -> None:
         self._closed_by = "timeout"
@@ -520,13 +526,23 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.instance, getattr(peer, "host", None), self._opened_at, **close,
         )
 
-    def _finish(self, code: Optional[int], reason: Optional[str] = None) -> None:
+    def _end_session(self, code: Optional[int], reason: Optional[str] = None) -> None:
+        """
+        The connection's part in its session is over: what it subscribed
+        is released, it no longer counts as open, and its close event and
+        log line go out. Called once, at the first of: the proxy sends a
+        close frame (its own, or its answer to the client's:
+        L{sendCloseFrame}), or the TCP connection is gone (L{onClose},
+        L{connectionLost}). The TCP connection itself may live on for the
+        closing handshake; it stays in C{proxy.connections} (a descriptor
+        held; shutdown waits for it) until C{connectionLost}. (The rules:
+        the module docstring.)
+        """
         if self._state is _CLOSED:
             return
         was_open = self._state is _OPEN
         self._state = _CLOSED
         proxy = self._proxy
-        proxy.connections.discard(self)
         admission = self._admission
         if admission is not None and not admission.called:
             # the client left mid-admission: nothing stays subscribed
@@ -540,17 +556,19 @@ class ProxyProtocol(WebSocketServerProtocol):
             proxy.stats.open_connections -= 1
             assert self.session_id is not None
             proxy.closed(self.session_id, self)
+            if self.closedByMe and self.localCloseCode is not None:
+                # the proxy's own close frame (the client may echo 1000)
+                code = self.localCloseCode
+                reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+            elif code is None:
+                code = self.remoteCloseCode
             if proxy.events.enabled:
                 closed_by = self._closed_by or (
                     "protocol_error" if self.failedByMe else "client"
                 )
-                if self.closedByMe and self.localCloseCode is not None:
-                    # the proxy's own close frame (the client may echo 1000)
-                    code = self.localCloseCode
-                    reason = (self.localCloseReason or b"").decode("utf-8", "replace")
                 proxy.events.publish(self.session_id, self._event(
                     "close",
-                    code=self.remoteCloseCode if code is None else code,
+                    code=code,
                     reason=reason or self.remoteCloseReason or "",
                     closed_by=closed_by,
                     duration=round(time.time() - self._opened_at, 6),
@@ -563,15 +581,33 @@ class ProxyProtocol(WebSocketServerProtocol):
                 session_id=self.session_id,
                 agent_id=self.agent_id,
                 peer=self.peer,
-                code=self.remoteCloseCode if code is None else code,
+                code=code,
                 messages_in=self.messages_in,
                 bytes_in=self.bytes_in,
                 messages_out=self.messages_out,
                 bytes_out=self.bytes_out,
             )
-        self.closed.callback(None)
 
     # -- closing (the rules: the module docstring) ----------------------------
+
+    def sendCloseFrame(self, code: Optional[int] = None, reasonUtf8: Optional[bytes] = None,
+                       isReply: bool = False) -> None:
+        """
+        Every close frame the proxy sends goes through here (Autobahn's
+        failures, its answer to a client's close, the proxy's own closes).
+        The first one is the decision: the session ends now
+        (L{_end_session}), not when the TCP connection is gone.
+        """
+        opening = self.state == STATE_OPEN
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        if not opening or self._state is not _OPEN:
+            return
+        if isReply:
+            self._end_session(self.remoteCloseCode, self.remoteCloseReason)
+            return
+        if self._closed_by is None and self.failedByMe:
+            self._closed_by = "protocol_error"
+        self._end_session(code)
 
     def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
         """
@@ -812,7 +848,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
             self._flight_paused = False
             transport: Any = self.transport
-            if (self._state is _OPEN and transport is not None
+            if (self._state is not _HANDSHAKE and transport is not None
                     and not self._proxy.valve.paused):
                 transport.resumeProducing()
 
@@ -967,14 +1003,17 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     # Upstream backpressure (see UpstreamValve)
 
+    # (also while the connection closes after its session ended: the
+    # client's answer to a close frame must be read)
+
     def pause_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is _OPEN and transport is not None:
+        if self._state is not _HANDSHAKE and transport is not None:
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is _OPEN and transport is not None and not self._flight_paused:
+        if self._state is not _HANDSHAKE and transport is not None and not self._flight_paused:
             transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
