@@ -12,11 +12,12 @@ timing, with wide margins.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import time
 from typing import Any, Optional
 
-from twisted.internet import error, protocol, reactor
+from twisted.internet import error, protocol, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.memory import (
@@ -33,7 +34,7 @@ from tests.memory import (
 
 from .support import RedisTestCase, RunningProxy, settings_for, wait_for
 from .test_control import EventLog
-from .test_hostile import RawClient, frame
+from .test_hostile import RawClient, frame, stalled_socket
 
 #: longer than any bound below: a close event or a drop that waits for it
 #: comes far too late
@@ -161,9 +162,27 @@ del _name, _data
 class DecisionTests(ClosingTestCase):
     """
     The session ends when the proxy decides to close, not when the TCP
-    connection ends; the connection waits for the client's answer (up to
-    the closing-handshake timeout).
+    connection ends; a client closed for its own fault that is not reading
+    is dropped at once, any other waits for its answer (up to the
+    closing-handshake timeout).
     """
+
+    def test_slow_consumer_dropped_at_once(self) -> None:
+        """
+        A slow consumer: close 1008 "slow consumer", and in the same turn
+        the event, the log line, the metrics, the subscription released,
+        and the connection dropped (reset), although the closing-handshake
+        timeout is 30 s.
+        """
+        memory, client = self.open(max_send_buffer=1000)
+        client.protocol.pauseProducing()
+        for i in range(8):
+            memory.redis.publish("session:s1:down", b"%03d" % i + b"." * 197)
+        self.assertEqual(client.frames()[-1], Frame(CLOSE, close_payload(1008, b"slow consumer")))
+        self.assertSessionEnded(memory, 1008, "slow_consumer")
+        self.assertEqual(memory.proxy.stats.slow_consumer_closes, 1)
+        self.assertTrue(client.transport.aborted)
+        self.assertGone(memory)
 
     def test_protocol_error_event_at_once_then_wait_for_the_answer(self) -> None:
         """
@@ -196,6 +215,20 @@ class DecisionTests(ClosingTestCase):
         self.assertFalse(client.transport.aborted)
         self.assertGone(memory)
         self.assertEqual(len(events(memory)), 1)
+
+    def test_protocol_error_from_a_client_not_reading(self) -> None:
+        """
+        A protocol error from a client that is not reading (its transport
+        paused the protocol): close 1002 written, the event out and the
+        connection dropped at once.
+        """
+        memory, client = self.open()
+        client.protocol.pauseProducing()
+        client.send(client_frame(b"x", opcode=0x3))
+        self.assertEqual([f.close_code for f in client.frames()], [1002])
+        self.assertSessionEnded(memory, 1002, "protocol_error")
+        self.assertTrue(client.transport.aborted)
+        self.assertGone(memory)
 
     def test_server_close_waits_for_the_answer(self) -> None:
         """
@@ -318,6 +351,48 @@ class SocketTimingTests(SocketTestCase):
     seconds on a busy machine; the old behaviour took the full 30 s).
     """
 
+    async def test_slow_consumer_event_and_drop_at_the_decision(self) -> None:
+        """
+        A socket that never reads after its 101: closed as a slow consumer,
+        its close event (1008, slow_consumer) within 5 s of the decision,
+        and the proxy lets go of the connection as quickly.
+        """
+        proxy = self.start_proxy(max_send_buffer=64 * 1024)
+        await proxy.ready()
+        log = EventLog(self.r, self)
+        self.r.set("session:slow:auth", "tok", ex=300)
+        stalled = stalled_socket(proxy.port, "/a/ws/slow", "tok")
+        self.addCleanup(stalled.close)
+        head = [b""]
+
+        def read_head() -> bool:
+            try:
+                head[0] += stalled.recv(4096)
+            except BlockingIOError:
+                pass
+            return b"\r\n\r\n" in head[0]
+
+        await wait_for(read_head)
+        self.assertTrue(head[0].startswith(b"HTTP/1.1 101 "), head[0])
+        stats = proxy.proxy.stats
+        big = b"\xff" * 60000
+        for _ in range(400):
+            self.r.publish("session:slow:down", big)
+            await task.deferLater(reactor, 0.01, lambda: None)
+            if stats.slow_consumer_closes:
+                break
+        await wait_for(lambda: stats.slow_consumer_closes == 1, timeout=10)
+        decided = time.monotonic()
+        await wait_for(lambda: [e for e in log.of("close") if e["session_id"] == "slow"],
+                       timeout=5)
+        self.assertLess(time.monotonic() - decided, 5)
+        (event,) = [e for e in log.of("close") if e["session_id"] == "slow"]
+        self.assertEqual((event["code"], event["closed_by"]), (1008, "slow_consumer"))
+        await wait_for(lambda: not proxy.proxy.connections, timeout=5)
+        # the client's end: what its socket had, then a reset
+        ended = await threads.deferToThread(_read_to_end, stalled, 10.0)
+        self.assertEqual(ended, "reset")
+
     async def test_protocol_error_event_at_the_decision(self) -> None:
         """
         A client that sends an unmasked frame and never answers the 1002:
@@ -337,3 +412,41 @@ class SocketTimingTests(SocketTestCase):
         self.assertEqual([(e["code"], e["closed_by"]) for e in log.of("close")],
                          [(1002, "protocol_error")])
         self.assertEqual(proxy.proxy.stats.open_connections, 0)
+
+    async def test_not_reading_gets_its_close_frame_if_the_socket_takes_it(self) -> None:
+        """
+        A protocol error from a client the proxy takes as not reading (its
+        transport paused the protocol) whose socket still has room: the
+        1002 goes out and the connection is closed after it (FIN, not a
+        reset) at once, not after the 30 s closing-handshake timeout.
+        """
+        proxy = self.start_proxy()
+        await proxy.ready()
+        c = await self.upgraded(proxy, "bad")
+        (server,) = proxy.proxy.connections
+        server.pauseProducing()
+        c.send(frame(TEXT, b"hello", mask=False))
+        await wait_for(lambda: c.lost_at is not None, timeout=5)
+        self.assertEqual(c.close_code(), (1002, c.close_code()[1]))  # type: ignore[index]
+        self.assertIsInstance(c.reason.value, error.ConnectionDone, str(c.reason))
+
+
+def _read_to_end(s: socket.socket, seconds: float) -> str:
+    """
+    (In a thread.) Read C{s} until it ends: "eof", "reset", or "open" if
+    it is still open after C{seconds}.
+    """
+    s.setblocking(True)
+    s.settimeout(0.5)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = s.recv(1 << 20)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return "reset"
+        if not data:
+            return "eof"
+    return "open"
+

@@ -25,10 +25,16 @@ comes first. What the TCP connection does after that:
     the TCP connection is closed the same way; the client's close frame was
     its last word, nothing is waited for (L{ProxyProtocol.onCloseFrame});
   - the proxy closes (a backend's close request, 1011, 1008 for an invalid
-    envelope or a slow consumer, 1002/1007/1009 for a protocol error, 1001
-    at shutdown): it waits for the client's close frame for
-    C{closeHandshakeTimeout} (5 s; at shutdown the grace period, then the
-    shutdown drops it), then drops the connection.
+    envelope, 1002/1007/1009 for a protocol error, 1001 at shutdown): it
+    waits for the client's close frame for C{closeHandshakeTimeout} (5 s;
+    at shutdown the grace period, then the shutdown drops it), then drops
+    the connection;
+  - except a client closed for its own fault (a slow consumer, a protocol
+    error) that is not reading (its transport paused the protocol: the
+    socket did not take what was written before the close frame): dropped
+    at once, with no wait. It gets its close frame only if its socket takes
+    it then, with all that waited before it (the connection is then closed
+    after it, else reset). A slow consumer is not reading by definition.
 
 A TCP connection closed after its closing handshake (the first two cases,
 and after the client's answer) that is still there C{closeHandshakeTimeout}
@@ -81,6 +87,9 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
 _HANDSHAKE, _OPEN, _CLOSED = range(3)
+#: who closed a connection for the client's own fault: such a client, if it
+#: is not reading, is dropped right after the close frame
+_CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})
 #: close codes a client may send (RFC 6455 7.4): as Autobahn judges them
 _CLIENT_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | frozenset(
     range(3000, 5000)
@@ -596,7 +605,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         Every close frame the proxy sends goes through here (Autobahn's
         failures, its answer to a client's close, the proxy's own closes).
         The first one is the decision: the session ends now
-        (L{_end_session}), not when the TCP connection is gone.
+        (L{_end_session}), not when the TCP connection is gone. A client
+        closed for its own fault (a protocol error, a slow consumer) that is
+        not reading (the transport paused this producer: what was written
+        before the close frame is still waiting) is dropped at once.
         """
         opening = self.state == STATE_OPEN
         super().sendCloseFrame(code, reasonUtf8, isReply)
@@ -608,6 +620,26 @@ class ProxyProtocol(WebSocketServerProtocol):
         if self._closed_by is None and self.failedByMe:
             self._closed_by = "protocol_error"
         self._end_session(code)
+        if self._paused and self._closed_by in _CLIENTS_FAULT:
+            self._drop_not_reading()
+
+    def _drop_not_reading(self) -> None:
+        """
+        Drop a client that is not reading, right after its close frame.
+        On a plain TCP socket what waits for it, the close frame last, is
+        offered to the socket once more: if the socket takes all of it, the
+        connection is closed after it (FIN: the kernel delivers it if the
+        client reads again); otherwise, and over TLS, it is reset.
+        """
+        self.wasClean = False
+        self.wasNotCleanReason = "not reading: dropped after its close frame"
+        direct = plain_socket(self.transport)
+        if direct is not None and not direct.disconnecting:
+            failed = direct.doWrite()
+            if failed is None and not (direct.dataBuffer or direct._tempDataBuffer):
+                self.dropConnection(abort=False)
+                return
+        self.dropConnection(abort=True)
 
     def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
         """
@@ -991,6 +1023,12 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.maxMessagePayloadSize = limit
 
     def _slow_consumer(self) -> None:
+        """
+        More than C{max_send_buffer} waits for a client that is not reading:
+        close 1008, the session ends now, and the connection is dropped at
+        once (L{_drop_not_reading}): the close frame is written behind what
+        is waiting, so the client gets it only if its socket takes all that.
+        """
         self._stopped_sending = True
         self._closed_by = "slow_consumer"
         self._proxy.stats.slow_consumer_closes += 1
