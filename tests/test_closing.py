@@ -430,6 +430,50 @@ class SocketTimingTests(SocketTestCase):
         self.assertEqual(c.close_code(), (1002, c.close_code()[1]))  # type: ignore[index]
         self.assertIsInstance(c.reason.value, error.ConnectionDone, str(c.reason))
 
+    async def test_client_closing_without_reading_is_not_held(self) -> None:
+        """
+        A client that sends its close frame but no longer reads, while the
+        proxy has more for it than its socket takes (not a slow consumer:
+        the cap is far away): the proxy's answer cannot get out, and the
+        connection is dropped once the closing-handshake timeout (2 s here)
+        has passed, not held until the client reads again; its close event
+        comes at once.
+        """
+        proxy = self.start_proxy(max_send_buffer=256 * 1024 * 1024)
+        proxy.site.ws_factory.protocol.closeHandshakeTimeout = 2
+        await proxy.ready()
+        log = EventLog(self.r, self)
+        self.r.set("session:deaf:auth", "tok", ex=300)
+        stalled = stalled_socket(proxy.port, "/a/ws/deaf", "tok")
+        self.addCleanup(stalled.close)
+        head = [b""]
+
+        def read_head() -> bool:
+            try:
+                head[0] += stalled.recv(4096)
+            except BlockingIOError:
+                pass
+            return b"\r\n\r\n" in head[0]
+
+        await wait_for(read_head)
+        self.assertTrue(head[0].startswith(b"HTTP/1.1 101 "), head[0])
+        (server,) = proxy.proxy.connections
+        for _ in range(100):
+            self.r.publish("session:deaf:down", b"\xff" * 60000)
+            await task.deferLater(reactor, 0.01, lambda: None)
+            if server._paused:
+                break
+        await wait_for(lambda: server._paused, timeout=10)
+        stalled.setblocking(True)
+        stalled.sendall(client_frame(close_payload(1000), CLOSE))
+        closed_at = time.monotonic()
+        await wait_for(lambda: log.of("close"), timeout=5)
+        self.assertEqual([(e["code"], e["closed_by"]) for e in log.of("close")],
+                         [(1000, "client")])
+        await wait_for(lambda: not proxy.proxy.connections, timeout=10)
+        self.assertLess(time.monotonic() - closed_at, 10)
+        self.assertEqual(proxy.proxy.stats.slow_consumer_closes, 0)
+
 
 def _read_to_end(s: socket.socket, seconds: float) -> str:
     """
