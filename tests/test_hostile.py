@@ -422,15 +422,13 @@ VIOLATIONS: list[tuple[str, bytes, int]] = [
 ]
 
 #: A bad close frame from the client is its half of the closing handshake:
-#: the server fails the connection, and Autobahn then takes that close frame
-#: as the answer to its own and drops the TCP connection at once (its 1002 or
-#: 1007 close frame may not get out first). Either is fine (RFC 6455 7.1.7,
-#: and what the Autobahn test suite accepts for cases 7.3 and 7.9).
+#: the server answers it with 1002 and closes the TCP connection after that
+#: close frame (every form: tests.test_closing).
 BAD_CLOSES: list[tuple[str, bytes, int]] = [
     ("close_with_one_byte_payload", frame(OP_CLOSE, b"\x03"), 1002),
     ("close_with_reserved_code", close_frame(1005), 1002),
     ("close_with_invalid_code", close_frame(999), 1002),
-    ("close_reason_invalid_utf8", close_frame(1000, b"\xff\xfe"), 1007),
+    ("close_reason_invalid_utf8", close_frame(1000, b"\xff\xfe"), 1002),
 ]
 
 
@@ -482,7 +480,7 @@ for _case in VIOLATIONS:
     _t = _violation_test(*_case, drop_ok=False)
     setattr(ProtocolViolationTests, _t.__name__, _t)
 for _case in BAD_CLOSES:
-    _t = _violation_test(*_case, drop_ok=True)
+    _t = _violation_test(*_case, drop_ok=False)
     setattr(ProtocolViolationTests, _t.__name__, _t)
 del _case, _t
 
@@ -880,10 +878,11 @@ class SlowConsumerTests(DaemonTestCase):
         ~50 MiB are published to a session one of whose sockets never reads
         (a tiny receive buffer, and no recv after the 101), while another
         socket of the same session and a socket of another session read
-        normally: the stalled one is closed with 1008 "slow consumer", the
-        proxy's resident memory never grows more than a few MiB, the
-        readers get every message in order, and the close is logged and
-        counted.
+        normally: the stalled one is closed with 1008 "slow consumer" and
+        dropped at once (it gets what its socket took: a prefix of the
+        stream, the close frame only if it fitted), the proxy's resident
+        memory never grows more than a few MiB, the readers get every
+        message in order, and the close is logged and counted.
         """
         pid = self.daemon.process.pid
         sibling = await self.client("slow", "slow-tok")
@@ -924,13 +923,9 @@ class SlowConsumerTests(DaemonTestCase):
             self.assertEqual(other.messages[batch], (f"other-{batch}".encode(), False))
             peak_sampled = max(peak_sampled, proc_status(pid)["VmRSS"])
             if drained is None and b"slow consumer" in self.log:
-                # the proxy has given up on the stalled socket: read what it
-                # had sent before (the kernel's buffers and the proxy's
-                # capped one) and its close frame, and answer the close
+                # the proxy has given up on the stalled socket and dropped
+                # it: read what had reached it (the kernel's buffers)
                 drained = await threads.deferToThread(drain_until_close, stalled, 10.0)
-                code = close_of(drained[0])
-                if code is not None:
-                    stalled.sendall(close_frame(code[0]))
         self.assertEqual(seen, self.MESSAGES)
         self.assertEqual(len(other.messages), self.MESSAGES // self.BATCH)
 
@@ -940,14 +935,13 @@ class SlowConsumerTests(DaemonTestCase):
                         f"RSS grew by {growth / MiB:.1f} MiB (baseline {baseline / MiB:.1f} MiB)")
 
         # what the stalled client got: a prefix of the stream, in order,
-        # then close 1008 "slow consumer"
+        # and close 1008 "slow consumer" only if its socket took it all
         self.assertIsNotNone(drained, "the proxy never gave up on the stalled client")
         frames, rest = drained
-        self.assertEqual(close_of(frames), (1008, b"slow consumer"))
+        self.assertIn(close_of(frames), (None, (1008, b"slow consumer")))
         data = [payload for _, _, opcode, payload in frames if opcode != OP_CLOSE]
         self.assertEqual(data, [self.payload(i) for i in range(len(data))])
         self.assertLess(len(data) * self.SIZE, 20 * MiB)
-        self.assertEqual(frames[-1][2], OP_CLOSE)
 
         await wait_for(lambda: re.search(rb"closed: session=slow .* code=1008", self.log))
         self.assertEqual(self.log.count(b"slow consumer"), 1)

@@ -9,7 +9,37 @@ published on C{:up}, messages from the hub are sent as frames.
 
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
-the client left), this protocol from then on (released in L{_finish}).
+the client left), this protocol from then on (released in L{_end_session}).
+
+Closing. The session ends (subscriptions released, the close event and
+the C{closed:} log line out, no longer counted as open) at the decision: the
+first close frame the proxy sends, its own or its answer to the client's
+(L{ProxyProtocol.sendCloseFrame}), or the TCP connection's end, whichever
+comes first. What the TCP connection does after that:
+
+  - the client closed (a valid close frame): the proxy answers and closes
+    the TCP connection, what is written first, then FIN;
+  - the client sent an invalid close frame (FIN unset, RSV bits, unmasked,
+    a payload of 1 byte or over 125, code 1005, 1006, below 1000, 1004,
+    1014-2999 or 5000 and up, a reason that is not UTF-8): close 1002, then
+    the TCP connection is closed the same way; the client's close frame was
+    its last word, nothing is waited for (L{ProxyProtocol.onCloseFrame});
+  - the proxy closes (a backend's close request, 1011, 1008 for an invalid
+    envelope, 1002/1007/1009 for a protocol error, 1001 at shutdown): it
+    waits for the client's close frame for C{closeHandshakeTimeout} (5 s;
+    at shutdown the grace period, then the shutdown drops it), then drops
+    the connection;
+  - except a client closed for its own fault (a slow consumer, a protocol
+    error) that is not reading (its transport paused the protocol: the
+    socket did not take what was written before the close frame): dropped
+    at once, with no wait. It gets its close frame only if its socket takes
+    it then, with all that waited before it (the connection is then closed
+    after it, else reset). A slow consumer is not reading by definition.
+
+A TCP connection closed after its closing handshake (the first two cases,
+and after the client's answer) that is still there C{closeHandshakeTimeout}
+later, because the client does not take what is left, is dropped
+(L{ProxyProtocol.dropConnection}).
 """
 
 from __future__ import annotations
@@ -51,12 +81,37 @@ INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
 #: close codes used by the proxy
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
 _HANDSHAKE, _OPEN, _CLOSED = range(3)
+#: who closed a connection for the client's own fault: such a client, if it
+#: is not reading, is dropped right after the close frame
+_CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})
+#: close codes a client may send (RFC 6455 7.4): as Autobahn judges them
+_CLIENT_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | frozenset(
+    range(3000, 5000)
+)
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
+STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
+
+
+def _valid_close(frame: Any, code: Optional[int], reason: Optional[bytes]) -> bool:
+    """
+    Whether a client's close frame is valid (RFC 6455 5.5, 5.5.1, 7.4):
+    one masked frame (FIN set, no RSV bits) with no payload or 2 to 125
+    bytes of it, a code a client may send (not below 1000, 1004-1006,
+    1014-2999, 5000 and up) and a UTF-8 reason.
+    """
+    if (frame is None or not frame.fin or frame.rsv or frame.mask is None
+            or frame.length == 1 or frame.length > 125):
+        return False
+    if code is not None and code not in _CLIENT_CLOSE_CODES:
+        return False
+    return reason is None or frames.is_utf8(reason)
 
 
 def _redact(reason: str) -> str:
@@ -260,8 +315,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self._finish(None)
+            self._end_session(None)
+            self._proxy.connections.discard(self)
             self._break_cycles()
+            self.closed.callback(None)
 
     def _break_cycles(self) -> None:
         """
@@ -292,7 +349,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
-        # kept so that a client leaving mid-admission cancels it (_finish)
+        # kept so that a client leaving mid-admission cancels it (_end_session)
         self._admission = defer.ensureDeferred(self._admit(request))
         return self._admission.addErrback(self._refuse)
 
@@ -438,7 +495,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._resumer.start(self._recovery)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._finish(code, reason)
+        self._end_session(code, reason)
 
     def onAutoPingTimeout(self) -> None:
         self._closed_by = "timeout"
@@ -452,13 +509,23 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.instance, getattr(peer, "host", None), self._opened_at, **close,
         )
 
-    def _finish(self, code: Optional[int], reason: Optional[str] = None) -> None:
+    def _end_session(self, code: Optional[int], reason: Optional[str] = None) -> None:
+        """
+        The connection's part in its session is over: what it subscribed
+        is released, it no longer counts as open, and its close event and
+        log line go out. Called once, at the first of: the proxy sends a
+        close frame (its own, or its answer to the client's:
+        L{sendCloseFrame}), or the TCP connection is gone (L{onClose},
+        L{connectionLost}). The TCP connection itself may live on for the
+        closing handshake; it stays in C{proxy.connections} (a descriptor
+        held; shutdown waits for it) until C{connectionLost}. (The rules:
+        the module docstring.)
+        """
         if self._state is _CLOSED:
             return
         was_open = self._state is _OPEN
         self._state = _CLOSED
         proxy = self._proxy
-        proxy.connections.discard(self)
         admission = self._admission
         if admission is not None and not admission.called:
             # the client left mid-admission: nothing stays subscribed
@@ -472,17 +539,19 @@ class ProxyProtocol(WebSocketServerProtocol):
             proxy.stats.open_connections -= 1
             assert self.session_id is not None
             proxy.closed(self.session_id, self)
+            if self.closedByMe and self.localCloseCode is not None:
+                # the proxy's own close frame (the client may echo 1000)
+                code = self.localCloseCode
+                reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+            elif code is None:
+                code = self.remoteCloseCode
             if proxy.events.enabled:
                 closed_by = self._closed_by or (
                     "protocol_error" if self.failedByMe else "client"
                 )
-                if self.closedByMe and self.localCloseCode is not None:
-                    # the proxy's own close frame (the client may echo 1000)
-                    code = self.localCloseCode
-                    reason = (self.localCloseReason or b"").decode("utf-8", "replace")
                 proxy.events.publish(self.session_id, self._event(
                     "close",
-                    code=self.remoteCloseCode if code is None else code,
+                    code=code,
                     reason=reason or self.remoteCloseReason or "",
                     closed_by=closed_by,
                     duration=round(time.time() - self._opened_at, 6),
@@ -495,13 +564,115 @@ class ProxyProtocol(WebSocketServerProtocol):
                 session_id=self.session_id,
                 agent_id=self.agent_id,
                 peer=self.peer,
-                code=self.remoteCloseCode if code is None else code,
+                code=code,
                 messages_in=self.messages_in,
                 bytes_in=self.bytes_in,
                 messages_out=self.messages_out,
                 bytes_out=self.bytes_out,
             )
-        self.closed.callback(None)
+
+    # -- closing (the rules: the module docstring) ----------------------------
+
+    def sendCloseFrame(self, code: Optional[int] = None, reasonUtf8: Optional[bytes] = None,
+                       isReply: bool = False) -> None:
+        """
+        Every close frame the proxy sends goes through here (Autobahn's
+        failures, its answer to a client's close, the proxy's own closes).
+        The first one is the decision: the session ends now
+        (L{_end_session}), not when the TCP connection is gone. A client
+        closed for its own fault (a protocol error, a slow consumer) that is
+        not reading (the transport paused this producer: what was written
+        before the close frame is still waiting) is dropped at once.
+        """
+        opening = self.state == STATE_OPEN
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        if not opening or self._state is not _OPEN:
+            return
+        if isReply:
+            self._end_session(self.remoteCloseCode, self.remoteCloseReason)
+            return
+        if self._closed_by is None and self.failedByMe:
+            self._closed_by = "protocol_error"
+        self._end_session(code)
+        if self._paused and self._closed_by in _CLIENTS_FAULT:
+            self._drop_not_reading()
+
+    def _drop_not_reading(self) -> None:
+        """
+        Drop a client that is not reading, right after its close frame.
+        On a plain TCP socket what waits for it, the close frame last, is
+        offered to the socket once more: if the socket takes all of it, the
+        connection is closed after it (FIN: the kernel delivers it if the
+        client reads again); otherwise, and over TLS, it is reset.
+        """
+        self.wasClean = False
+        self.wasNotCleanReason = "not reading: dropped after its close frame"
+        direct = plain_socket(self.transport)
+        if direct is not None and not direct.disconnecting:
+            failed = direct.doWrite()
+            if failed is None and not (direct.dataBuffer or direct._tempDataBuffer):
+                self.dropConnection(abort=False)
+                return
+        self.dropConnection(abort=True)
+
+    def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
+        """
+        The client's close frame. A valid one on an open connection is
+        answered by Autobahn, which then closes the TCP connection. An
+        invalid one (L{_valid_close}) gets close 1002. Any close frame after
+        the proxy's own (the answer to it, or an invalid close frame whose
+        header made Autobahn send 1002) ends the closing handshake: the TCP
+        connection is closed after the proxy's close frame. (Autobahn would
+        reset it, throwing away a 1002 written in the same turn, and answer
+        a reason that is not UTF-8 with 1007.)
+        """
+        if self.state == STATE_CLOSED:
+            # (Autobahn's annotation forgets the frame without a code)
+            return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
+        valid = _valid_close(self.current_frame, code, reasonRaw)
+        if self.state == STATE_OPEN:
+            if valid:
+                return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
+            self._fail_connection(PROTOCOL_ERROR, "invalid close frame")
+            if self.state == STATE_CLOSED:
+                return True
+        call = self.closeHandshakeTimeoutCall
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+        if valid:
+            self.remoteCloseCode = code
+            self.remoteCloseReason = None if reasonRaw is None else reasonRaw.decode("utf-8")
+            self.wasClean = True
+        else:
+            self.wasClean = False
+            self.wasNotCleanReason = "invalid close frame"
+        self.dropConnection(abort=False)
+        return True
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        As Autobahn's, and a connection closed after its closing handshake
+        (what is written goes out first, then FIN) is aborted if it is
+        still there C{closeHandshakeTimeout} later: a client that does not
+        read what is left can hold it no longer than one that does not
+        answer a close frame.
+        """
+        lingers = not abort and self.state in (STATE_OPEN, STATE_CLOSING)
+        super().dropConnection(abort)
+        if lingers and self.closeHandshakeTimeout > 0:
+            call = self.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
+            self.closeHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.closeHandshakeTimeout, self._linger_over,
+            )
+
+    def _linger_over(self) -> None:
+        self.closeHandshakeTimeoutCall = None
+        transport: Any = self.transport
+        if transport is not None and getattr(transport, "connected", False):
+            transport.abortConnection()
 
     # -- client -> Redis -----------------------------------------------------
 
@@ -688,7 +859,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
             self._flight_paused = False
             transport: Any = self.transport
-            if (self._state is _OPEN and transport is not None
+            if (self._state is not _HANDSHAKE and transport is not None
                     and not self._proxy.valve.paused):
                 transport.resumeProducing()
 
@@ -831,6 +1002,12 @@ class ProxyProtocol(WebSocketServerProtocol):
             self.maxMessagePayloadSize = limit
 
     def _slow_consumer(self) -> None:
+        """
+        More than C{max_send_buffer} waits for a client that is not reading:
+        close 1008, the session ends now, and the connection is dropped at
+        once (L{_drop_not_reading}): the close frame is written behind what
+        is waiting, so the client gets it only if its socket takes all that.
+        """
         self._stopped_sending = True
         self._closed_by = "slow_consumer"
         self._proxy.stats.slow_consumer_closes += 1
@@ -843,14 +1020,17 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     # Upstream backpressure (see UpstreamValve)
 
+    # (also while the connection closes after its session ended: the
+    # client's answer to a close frame must be read)
+
     def pause_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is _OPEN and transport is not None:
+        if self._state is not _HANDSHAKE and transport is not None:
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is _OPEN and transport is not None and not self._flight_paused:
+        if self._state is not _HANDSHAKE and transport is not None and not self._flight_paused:
             transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
