@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .errors import Fatal
+from bench.errors import Fatal
 from .ipc import DELIVERED, DROPPED, FAILED, OPENED, SharedCounters
 from .messages import PHASE_TAGS
 from .options import Options

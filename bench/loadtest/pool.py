@@ -15,7 +15,7 @@ from multiprocessing.context import ForkContext
 from multiprocessing.process import BaseProcess
 from typing import Generic, TypeVar
 
-from .errors import Fatal
+from bench.errors import Fatal
 from .ipc import Exit, SharedCounters
 from .redis_io import (PublisherCommand, PublisherReply, SubscriberCommand, SubscriberReply,
                        publisher_main, subscriber_main)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from .errors import Fatal
+from bench.errors import Fatal
 from .messages import MIN_SIZE
 from .options import Options
 from .procstat import cpu_seconds

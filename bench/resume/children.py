@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
-from bench.loadtest.errors import Fatal
+from bench.errors import Fatal
 from .ipc import ChildFailed, Counters, Exit
 from .publisher import PublisherCommand, PublisherReply, Published, publisher_main
 from .workers import SessionSpec, WorkerCommand, WorkerConfig, WorkerReply, worker_main

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from .children import Children
-from bench.loadtest.errors import Fatal
+from bench.errors import Fatal
 from .ipc import DELIVERED
 from .options import CostOptions
 from .publisher import Burst, Mode, Paced
 from .report import Console, Report, latency_ms, merge_counts
-from .servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, wait_for_functions
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
 from .sessions import authorize, make_sessions
 from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
                       WorkerReport)
@@ -44,7 +44,7 @@ SUMMARY_KEYS = ("sessions", "messages_per_session", "rate", "plain", "resume", "
 
 def run_cost(options: CostOptions, workdir: Path, console: Console) -> Report:
     common = options.common
-    redis = RedisServer(find_redis_server(common.redis_server), workdir)
+    redis = RedisServer(workdir, common.redis_server)
     rows: list[Report] = []
     try:
         for round_number in range(options.rounds):

@@ -6,18 +6,16 @@ restarted one at a time; at the end, every session's numbers are checked.
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
 from pathlib import Path
 
 from .children import Children
-from bench.loadtest.errors import Fatal
+from bench.errors import Fatal
 from .ipc import CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS
 from .options import FailoverOptions
 from .publisher import Paced, Prime, Published
 from .report import Console, Report, latency_ms, merge_counts
-from .servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, wait_for_functions
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
 from .sessions import authorize, make_sessions
 from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
                       WorkerReport)
@@ -33,7 +31,7 @@ SUMMARY_KEYS = ("sessions", "proxies", "kills", "sent", "delivered", "gaps", "du
 
 def run_failover(options: FailoverOptions, workdir: Path, console: Console) -> Report:
     common = options.common
-    redis = RedisServer(find_redis_server(common.redis_server), workdir)
+    redis = RedisServer(workdir, common.redis_server)
     proxies = [ProxyProcess(f"proxy{i}", redis.url, workdir, {
         "RESUME": "true",
         "HISTORY_MAX_LENGTH": str(options.history_max_length),
@@ -121,16 +119,8 @@ def _publish_and_kill(options: FailoverOptions, children: Children, proxies: lis
 
 def _active_connections(proxy: ProxyProcess) -> int | None:
     """The victim's open connections just before the kill (its /health says)."""
-    connection = http.client.HTTPConnection(LOOPBACK, proxy.port, timeout=2)
-    try:
-        connection.request("GET", "/health")
-        body = json.loads(connection.getresponse().read())
-        count = body.get("active_connections") if isinstance(body, dict) else None
-        return count if isinstance(count, int) else None
-    except (OSError, ValueError):
-        return None
-    finally:
-        connection.close()
+    count = (proxy.health() or {}).get("active_connections")
+    return count if isinstance(count, int) else None
 
 
 def _settle(options: FailoverOptions, children: Children, sent: int, console: Console) -> float:
