@@ -9,8 +9,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cost import SUMMARY_KEYS as COST_KEYS, run_cost
 from bench.errors import Fatal
+
+from .cost import SUMMARY_KEYS as COST_KEYS, run_cost
 from .failover import SUMMARY_KEYS as FAILOVER_KEYS, run_failover
 from .options import PROG, FailoverOptions, parse_args
 from .report import Console, emit, summary

@@ -22,15 +22,15 @@ import statistics
 import time
 from pathlib import Path
 
-from .children import Children
 from bench.errors import Fatal
-from .ipc import DELIVERED
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
+
+from .children import Children
 from .options import CostOptions
 from .publisher import Burst, Mode, Paced
 from .report import Console, Report, latency_ms, merge_counts
-from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
 from .sessions import authorize, make_sessions
-from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
+from .workers import (DELIVERED, CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
                       WorkerReport)
 
 TOKEN_TTL = 6 * 3600
@@ -139,7 +139,7 @@ def _wait_for(children: Children, sent: int, settle_max: float) -> float:
     """When the last of C{sent} messages arrived (or C{settle_max} seconds passed)."""
     deadline = time.monotonic() + settle_max
     while time.monotonic() < deadline:
-        if children.counters.total(DELIVERED) >= sent:
+        if children.counters.worker_total(DELIVERED) >= sent:
             break
         time.sleep(0.01)
     return time.monotonic()

@@ -9,16 +9,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .children import Children
 from bench.errors import Fatal
-from .ipc import CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
+
+from .children import Children
 from .options import FailoverOptions
 from .publisher import Paced, Prime, Published
 from .report import Console, Report, latency_ms, merge_counts
-from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
 from .sessions import authorize, make_sessions
-from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
-                      WorkerReport)
+from .workers import (CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS, CloseAll,
+                      Closed, Collect, Connect, Connected, WorkerConfig, WorkerReport)
 
 # tokens outlive any run
 TOKEN_TTL = 6 * 3600
@@ -108,11 +108,11 @@ def _publish_and_kill(options: FailoverOptions, children: Children, proxies: lis
                              force=True)
             next_kill = max(next_kill + options.kill_every, time.monotonic())
         console.progress(
-            f"t={now - start:.0f}s published {counters.published()} "
-            f"delivered {counters.total(DELIVERED)} open {counters.total(OPEN)} "
-            f"reconnects {counters.total(RECONNECTS)} "
-            f"failed attempts {counters.total(CONNECT_FAILURES)} "
-            f"incomplete {counters.total(INCOMPLETE)}")
+            f"t={now - start:.0f}s published {counters.published_total()} "
+            f"delivered {counters.worker_total(DELIVERED)} open {counters.worker_total(OPEN)} "
+            f"reconnects {counters.worker_total(RECONNECTS)} "
+            f"failed attempts {counters.worker_total(CONNECT_FAILURES)} "
+            f"incomplete {counters.worker_total(INCOMPLETE)}")
         published = children.published(0.1)
     return kills, published
 
@@ -136,8 +136,8 @@ def _settle(options: FailoverOptions, children: Children, sent: int, console: Co
     last = -1
     while True:
         now = time.monotonic()
-        delivered = counters.total(DELIVERED)
-        open_now = counters.total(OPEN)
+        delivered = counters.worker_total(DELIVERED)
+        open_now = counters.worker_total(OPEN)
         if delivered != last:
             last, last_change = delivered, now
         if open_now >= sessions and (delivered >= sent or now - last_change >= options.settle):
