@@ -23,38 +23,20 @@ ROUNDS=${2:-3}
 SCENARIOS=${3:-${SCENARIOS:-down up}}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-servers() { "$PY" -m bench.servers "$@"; }
-tmp=$(mktemp -d)
+. bench/servers.sh
 other="$tmp/other"
-rpid=""
-ppid=""
-cleanup() {
-    [ -z "$ppid" ] || servers stop "$ppid"
-    [ -z "$rpid" ] || servers stop "$rpid"
-    git worktree remove --force "$other" 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+trap 'stop_proxy; git worktree remove --force "$other" 2>/dev/null || true; stop_servers' EXIT
 git worktree add -q --detach "$other" "$REV"
-out=$(servers redis --dir "$tmp")
-read -r RPORT rpid <<<"$out"
-
-# start_proxy DIR: the proxy whose code is in DIR (bench.servers puts DIR
-# first on its sys.path, so DIR's wsproxy package and twisted plugin are the
-# ones used), once it answers /health
-start_proxy() {
-    local out
-    out=$(servers proxy --dir "$tmp" --redis-url "redis://127.0.0.1:$RPORT" --checkout "$1")
-    read -r PPORT ppid <<<"$out"
-}
-stop_proxy() { servers stop "$ppid"; ppid=""; }
+start_redis
 
 echo "bench/compare: $(nproc) cores, HEAD $(git rev-parse --short HEAD) vs $REV, $ROUNDS rounds" >&2
 results="$tmp/results.jsonl"
 for round in $(seq "$ROUNDS"); do
     for side in head other; do
         dir=$(pwd); [ "$side" = other ] && dir=$other
-        start_proxy "$dir"
+        # the proxy whose code is in $dir: bench.servers puts it first on the
+        # proxy's sys.path (its wsproxy package and twisted plugin are used)
+        start_proxy --checkout "$dir"
         for scenario in $SCENARIOS; do
             case $scenario in
                 down) args=(--clients 1000 --burst 100 --phases connect,down) ;;

@@ -16,26 +16,15 @@ ROUNDS=${1:-3}
 EVENTS_ON=${2:-all,stream}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-servers() { "$PY" -m bench.servers "$@"; }
-tmp=$(mktemp -d)
-rpid=""
-ppid=""
-cleanup() {
-    [ -z "$ppid" ] || servers stop "$ppid"
-    [ -z "$rpid" ] || servers stop "$rpid"
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-out=$(servers redis --dir "$tmp")
-read -r RPORT rpid <<<"$out"
+. bench/servers.sh
+start_redis
 cpu_seconds() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$1/stat"; }
 
 echo "bench/events: $(nproc) cores, HEAD $(git rev-parse --short HEAD), EVENTS off vs $EVENTS_ON, $ROUNDS rounds" >&2
 results="$tmp/results.jsonl"
 for round in $(seq "$ROUNDS"); do
     for events in "" "$EVENTS_ON"; do
-        out=$(servers proxy --dir "$tmp" --redis-url "redis://127.0.0.1:$RPORT" EVENTS="$events")
-        read -r PPORT ppid <<<"$out"
+        start_proxy EVENTS="$events"
         before=$(cpu_seconds "$ppid")
         line=$("$PY" -m bench.loadtest --url "ws://127.0.0.1:$PPORT" \
             --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" --json-only \
@@ -47,7 +36,7 @@ for round in $(seq "$ROUNDS"); do
             sleep 0.1
         done
         after=$(cpu_seconds "$ppid")
-        servers stop "$ppid"; ppid=""
+        stop_proxy
         echo "$line" | "$PY" -c '
 import json, sys
 events, rnd, before, after = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])

@@ -65,35 +65,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-# the private redis-server and proxies: python -m bench.servers (see there)
-servers() { $PY -m bench.servers "$@"; }
-ppid=""; rpid=""; tmp=""
-cleanup() {
-    [ -z "$ppid" ] || servers stop "$ppid"
-    [ -z "$rpid" ] || servers stop "$rpid"
-    [ -z "$tmp" ] || rm -rf "$tmp"
-}
-trap cleanup EXIT
-# the proxy on the shared Redis, once it answers /health
-start_proxy() {
-    local out
-    out=$(servers proxy --dir "$tmp" --redis-url "redis://127.0.0.1:$RPORT" WORKERS="${WORKERS:-1}")
-    read -r PPORT ppid <<<"$out"
-}
+. bench/servers.sh
 # the redis-server and proxy the load-test tool's scenarios share, started once
 start_shared() {
     [ -z "$ppid" ] || return 0
-    local out
-    tmp=$(mktemp -d)
-    out=$(servers redis --dir "$tmp")
-    read -r RPORT rpid <<<"$out"
-    start_proxy
+    start_redis
+    start_proxy WORKERS="${WORKERS:-1}"
 }
 # a fresh proxy on the shared Redis (RSS per connection from a clean heap)
 restart_proxy() {
     start_shared
-    servers stop "$ppid"
-    start_proxy
+    stop_proxy
+    start_proxy WORKERS="${WORKERS:-1}"
 }
 # the proxy's garbage-collection pauses so far, from /metrics (one JSON line)
 gc_report() {
