@@ -19,6 +19,7 @@ import asyncio
 import ctypes
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -85,6 +86,29 @@ class Counters:
 
     def arrived(self) -> int:
         return int(self._values[self._subscriber])
+
+
+def raise_open_files_limit(needed: int = 0) -> str | None:
+    """
+    The soft limit of open files up to the hard one (and the hard one to
+    C{needed}, where the process may): client workers hold one descriptor
+    per connection, and the proxies a run starts inherit the limit. Why
+    C{needed} could not be had, or None.
+    """
+    problem = None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return None
+        except (ValueError, OSError):
+            problem = f"RLIMIT_NOFILE hard limit {hard} < {needed} descriptors needed"
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return problem
 
 
 # -- the parent's side

@@ -12,8 +12,9 @@ from bench.children import ChildPool, Counters, expect, reply_within
 from bench.errors import Fatal
 
 from .publisher import PublisherCommand, PublisherReply, Published, publisher_main
-from .workers import (COUNTERS_PER_WORKER, SessionSpec, WorkerCommand, WorkerConfig,
-                      WorkerReply, worker_main)
+from .report import merge_counts
+from .workers import (COUNTERS_PER_WORKER, Connect, Connected, SessionSpec, WorkerCommand,
+                      WorkerConfig, WorkerReply, worker_main)
 
 T = TypeVar("T")
 
@@ -36,6 +37,15 @@ class Children(ChildPool):
     def ask_workers(self, command: WorkerCommand, reply_type: type[T], timeout: float) -> list[T]:
         """Sends C{command} to every worker; their replies, in worker order."""
         return self.ask(self._workers, command, reply_type, timeout, what="the workers")
+
+    def connect(self, sessions: int, what: str) -> int:
+        """Opens every session's first connection; how many opened, all of them or L{Fatal}."""
+        connected = self.ask_workers(Connect(), Connected, 600)
+        opened = sum(c.opened for c in connected)
+        if opened < sessions:
+            failures = merge_counts(c.failures for c in connected)
+            raise Fatal(f"{what}only {opened} of {sessions} sessions connected: {failures}")
+        return opened
 
     def publish(self, command: PublisherCommand) -> None:
         """Starts C{command}; L{published} waits for its reply."""

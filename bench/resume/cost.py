@@ -22,16 +22,14 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.errors import Fatal
 from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
 
 from .children import Children
 from .options import CostOptions
 from .publisher import Burst, Mode, Paced
-from .report import Console, Report, latency_ms, merge_counts
+from .report import Console, Report, latency_ms
 from .sessions import authorize, make_sessions
-from .workers import (DELIVERED, CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
-                      WorkerReport)
+from .workers import DELIVERED, CloseAll, Closed, Collect, WorkerConfig, WorkerReport
 
 TOKEN_TTL = 6 * 3600
 
@@ -77,11 +75,7 @@ def _measure(options: CostOptions, redis: RedisServer, workdir: Path, mode: Mode
         time.sleep(0.5)
         rss_before = proxy.rss()
         memory_before = redis.used_memory()
-        connected = children.ask_workers(Connect(), Connected, 600)
-        opened = sum(c.opened for c in connected)
-        if opened < common.sessions:
-            failures = merge_counts(c.failures for c in connected)
-            raise Fatal(f"{mode}: only {opened} of {common.sessions} connected: {failures}")
+        opened = children.connect(common.sessions, f"{mode}: ")
         time.sleep(options.idle_settle)
         rss_idle = proxy.rss()
         memory_idle = redis.used_memory()

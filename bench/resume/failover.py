@@ -18,7 +18,7 @@ from .publisher import Paced, Prime, Published
 from .report import Console, Report, latency_ms, merge_counts
 from .sessions import authorize, make_sessions
 from .workers import (CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS, CloseAll,
-                      Closed, Collect, Connect, Connected, WorkerConfig, WorkerReport)
+                      Closed, Collect, WorkerConfig, WorkerReport)
 
 # tokens outlive any run
 TOKEN_TTL = 6 * 3600
@@ -56,11 +56,7 @@ def run_failover(options: FailoverOptions, workdir: Path, console: Console) -> R
         children.publish(Prime(session_ids, common.size))
         if children.published(120) is None:
             raise Fatal("priming the sessions' histories took more than 120 s")
-        connected = children.ask_workers(Connect(), Connected, 600)
-        opened = sum(c.opened for c in connected)
-        if opened < common.sessions:
-            failures = merge_counts(c.failures for c in connected)
-            raise Fatal(f"only {opened} of {common.sessions} sessions connected: {failures}")
+        opened = children.connect(common.sessions, "")
         console.progress(f"{opened} sessions connected to {len(proxies)} proxies", force=True)
         kills, published = _publish_and_kill(options, children, proxies, session_ids, console)
         sent = sum(published.sent)
