@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -182,42 +183,43 @@ def snapshot(target: Target) -> dict[tuple[str, int], tuple[float, int]]:
     return {m: node_stats(m) for m in target.masters()}
 
 
+def _per_master(target: Target, sessions: list[str],
+                key: Callable[[str], str]) -> Iterator[tuple[Any, list[str]]]:
+    """
+    The sessions whose C{key} each master holds, with a pipeline to that
+    master (executed after the caller's turn).
+    """
+    by_node: dict[tuple[str, int], list[str]] = {}
+    for session in sessions:
+        by_node.setdefault(target.owner(key(session)), []).append(session)
+    for (host, port), group in by_node.items():
+        client = redis.Redis(host=host, port=port)
+        try:
+            pipe = client.pipeline(transaction=False)
+            yield pipe, group
+            pipe.execute()
+        finally:
+            client.close()
+
+
 def publish_down(target: Target, sessions: list[str], messages: int) -> None:
     """
     C{messages} per session on its :down channel, pipelined per master.
     """
-    by_node: dict[tuple[str, int], list[str]] = {}
-    for session in sessions:
-        by_node.setdefault(target.owner(down_channel(session)), []).append(session)
-    for (host, port), group in by_node.items():
-        client = redis.Redis(host=host, port=port)
-        try:
-            pipe = client.pipeline(transaction=False)
-            n = 0
-            for _ in range(messages):
-                for session in group:
-                    pipe.execute_command(target.publish_command, down_channel(session), PAYLOAD)
-                    n += 1
-                    if n % 2000 == 0:
-                        pipe.execute()
-            pipe.execute()
-        finally:
-            client.close()
+    for pipe, group in _per_master(target, sessions, down_channel):
+        n = 0
+        for _ in range(messages):
+            for session in group:
+                pipe.execute_command(target.publish_command, down_channel(session), PAYLOAD)
+                n += 1
+                if n % 2000 == 0:
+                    pipe.execute()
 
 
 def authorize(target: Target, sessions: list[str]) -> None:
-    by_node: dict[tuple[str, int], list[str]] = {}
-    for session in sessions:
-        by_node.setdefault(target.owner(auth_key(session)), []).append(session)
-    for (host, port), group in by_node.items():
-        client = redis.Redis(host=host, port=port)
-        try:
-            pipe = client.pipeline(transaction=False)
-            for session in group:
-                pipe.set(auth_key(session), "tok", ex=600)
-            pipe.execute()
-        finally:
-            client.close()
+    for pipe, group in _per_master(target, sessions, auth_key):
+        for session in group:
+            pipe.set(auth_key(session), "tok", ex=600)
 
 
 def run_once(target: Target, sessions: list[str], messages: int, directory: str,
