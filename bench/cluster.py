@@ -317,8 +317,10 @@ def main(argv: list[str]) -> int:
         }
     for direction in ("down", "up"):
         key = f"{direction}_us_per_msg"
-        summary[f"ratio_{direction}_cluster_to_single"] = round(
-            summary["cluster"][key] / summary["single"][key], 2)
+        # (a run too small for the CPU clock's 10 ms ticks has no ratio)
+        single = summary["single"][key]
+        summary[f"ratio_{direction}_cluster_to_single"] = (
+            round(summary["cluster"][key] / single, 2) if single else None)
     last = [r for r in results if r["target"] == "cluster"][-1]["redis"]
     total = sum(n["down_publishes"] + n["up_publishes"] for n in last.values()) or 1
     cpu = sum(n["cpu_s"] for n in last.values()) or 1
