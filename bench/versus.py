@@ -64,10 +64,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from bench import nodebridge
-from bench.loadtest.errors import Fatal, exit_status
+from bench.errors import Fatal, exit_status
 from bench.loadtest.procstat import rss_bytes
 from bench.nodebridge import NodeBridge
-from bench.resume.servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer
 
 TARGETS = ("wsproxy", "node")
 RUNS = ("down-burst", "down-turn", "up-burst", "up-turn", "conn", "storm")
@@ -247,14 +247,7 @@ def start(target: str, redis_url: str, workdir: Path, opts: argparse.Namespace) 
     if target == "node":
         return NodeBridge(opts.bridge, opts.node_modules, redis_url, workdir)
     # defaults, LOG_LEVEL=warn, WORKERS=1 (ProxyProcess's own)
-    proxy = ProxyProcess("wsproxy", redis_url, workdir, {})
-    proxy.start()
-    try:
-        proxy.wait_healthy()
-    except Fatal:
-        proxy.stop()
-        raise
-    return proxy
+    return ProxyProcess("wsproxy", redis_url, workdir).started()
 
 
 # the system calls --syscalls counts, by what they are
@@ -439,7 +432,7 @@ def run(opts: argparse.Namespace) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        redis_server = RedisServer(find_redis_server(opts.redis_server), workdir)
+        redis_server = RedisServer(workdir, opts.redis_server)
         try:
             for round_no in range(opts.rounds):
                 order = targets if round_no % 2 == 0 else targets[::-1]

@@ -21,12 +21,12 @@ from typing import Any, Optional
 import redis
 import redis.asyncio
 
-from bench.loadtest.errors import Fatal, exit_status
+from bench.errors import Fatal, exit_status
 from bench.loadtest.procstat import cpu_seconds
 from bench import nodebridge
 from bench.loadtest.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
 from bench.nodebridge import NodeBridge
-from bench.resume.servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer
 
 HEALTHY_SESSION = "flood-healthy"
 HEALTHY_TOKEN = "flood-healthy-token"
@@ -256,7 +256,7 @@ def run(opts: argparse.Namespace) -> int:
           f"every {opts.interval:g} ms", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        server = RedisServer(find_redis_server(opts.redis_server), workdir)
+        server = RedisServer(workdir, opts.redis_server)
         try:
             for name in targets:
                 if name == "node":
@@ -275,10 +275,8 @@ def run(opts: argparse.Namespace) -> int:
                     env = {"LOG_LEVEL": "info", **extra}
                     if name == "wsproxy-nolimit":
                         env["AUTH_FAIL_LIMIT"] = "0"
-                    proxy = ProxyProcess(name, server.url, workdir, env)
-                    proxy.start()
+                    proxy = ProxyProcess(name, server.url, workdir, env).started()
                     try:
-                        proxy.wait_healthy()
                         report = asyncio.run(measure(name, proxy.port, proxy.pid,
                                                      server.port, opts))
                     finally:

@@ -12,8 +12,9 @@ teardown); the load itself comes from child processes it forks:
   phases) and the subscriber process (PSUBSCRIBE for the upstream phase).
 
 They talk over pipes (typed command and reply objects) and report progress
-through counters in shared memory (``ipc``). ``phases`` runs each phase and
-turns what came back into figures, ``procstat`` reads CPU and memory from
+through counters in shared memory (``bench.children``; ``pool`` names the
+run's children); the publishers write through ``bench.pipeline``.
+``phases`` runs each phase and turns what came back into figures, ``procstat`` reads CPU and memory from
 ``/proc``, ``target`` checks the proxy and Redis before anything starts,
 ``messages`` is the payload format, and ``report`` prints the table and the
 JSON line and decides the exit status. ``options`` holds the command line.

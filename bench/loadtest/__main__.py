@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from .errors import Fatal
+from bench.errors import Fatal
 from .options import parse_args
 from .report import PROG, Console, emit
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import Fatal
+from bench.errors import Fatal
 from .messages import MIN_SIZE
 
 PROG = "python -m bench.loadtest"

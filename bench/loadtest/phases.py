@@ -14,19 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .errors import Fatal
-from .ipc import DELIVERED, DROPPED, FAILED, OPENED, SharedCounters
+from bench.children import ChildFailed, Counters, PendingReplies, expect, gather
+from bench.errors import Fatal
+
 from .messages import PHASE_TAGS
 from .options import Options
-from .pool import ChildProcesses, PendingReplies, expect, gather
+from .pool import ChildProcesses
 from .procstat import (CpuSample, Sampler, add_cpu_cost, add_cpu_load, cpu_seconds,
                        listen_overflows, rss_bytes, runnable)
-from .redis_io import (Arrivals, Burst, Paced, Published, StopSubscriber, Subscribe,
-                       SubscriberFailed, Subscribed)
+from .redis_io import Arrivals, Burst, Paced, Published, StopSubscriber, Subscribe, Subscribed
 from .report import Console, PhaseReport, latency_summary
 from .target import Sessions
-from .workers import (CloseAll, CloseResult, Collect, Connect, ConnectResult, Deliveries,
-                      PhaseStarted, SendPaced, SendUpstream, StartPhase, UpstreamSent)
+from .workers import (DELIVERED, DROPPED, FAILED, OPENED, CloseAll, CloseResult, Collect,
+                      Connect, ConnectResult, Deliveries, PhaseStarted, SendPaced, SendUpstream,
+                      StartPhase, UpstreamSent)
 
 SendT = TypeVar("SendT")
 ReplyT = TypeVar("ReplyT")
@@ -49,7 +50,7 @@ class Run:
     proxy_is_local: bool
     sessions: Sessions
     children: ChildProcesses
-    counters: SharedCounters
+    counters: Counters
     sampler: Sampler
     problems: list[str] = field(default_factory=list)
 
@@ -307,7 +308,7 @@ def downstream(run: Run, kind: str) -> PhaseReport:
         reply = pending.reply(conn)
         if not isinstance(reply, Published):
             raise Fatal("Redis error while publishing: "
-                        f"{reply.error if reply is not None else None}")
+                        f"{reply.message if isinstance(reply, ChildFailed) else reply}")
         published.append(reply)
     deliveries = run.children.ask_workers(Collect(), Deliveries, 60)
     delivered = _downstream_figures(run, kind, report, published, deliveries)
@@ -392,10 +393,7 @@ def upstream(run: Run, kind: str) -> PhaseReport:
     channels = {index: f"session:{run.sessions.ids[index]}:up".encode() for index in sessions}
     subscriber.send(Subscribe(f"session:lt-{run.sessions.run_id}-*:up", options.clients, tag,
                               channels, options.phase_timeout + 60))
-    ready = gather([subscriber], 15, None, "subscriber start")[0]
-    if not isinstance(ready, Subscribed):
-        error = ready.error if isinstance(ready, SubscriberFailed) else ready
-        raise Fatal(f"Redis error in the subscriber: {error}")
+    expect(Subscribed, gather([subscriber], 15, None, "subscriber start")[0], "subscriber start")
     start = run.sampler.sample()
     started = time.monotonic()
     workers = run.children.workers
@@ -416,10 +414,8 @@ def upstream(run: Run, kind: str) -> PhaseReport:
     sent_replies = [expect(UpstreamSent, pending.reply(conn), "upstream results")
                     for conn in workers]
     subscriber.send(StopSubscriber())
-    reply = gather([subscriber], 60, None, "subscriber results")[0]
-    if isinstance(reply, SubscriberFailed):
-        raise Fatal(f"Redis error in the subscriber: {reply.error}")
-    arrivals = expect(Arrivals, reply, "subscriber results")
+    arrivals = expect(Arrivals, gather([subscriber], 60, None, "subscriber results")[0],
+                      "subscriber results")
     _upstream_figures(run, kind, report, sent_replies, arrivals)
     run.add_cpu_figures(report, start, active_end, end, "msg", arrivals.arrived)
     return report

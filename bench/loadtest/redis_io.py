@@ -8,22 +8,17 @@ counts and times what the proxy publishes.
 
 from __future__ import annotations
 
-import signal
 import time
 from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Protocol, Union
+from typing import Union
 
-import redis
+from bench.children import ChildFailed, Counters, Exit, child_main, serve
+from bench.pipeline import Pipeline, RedisConnection, Schedule, bulk, redis_connection
 
-from .ipc import Exit, SharedCounters
 from .messages import HEADER_LEN, SENT_AT, SESSION_INDEX, header, padding
 
-# PUBLISH commands per pipelined write; one batch's replies are read while the next is in flight
-BATCH = 256
-# a paced publisher stops this long after its duration even if the machine stalls
-PACED_GRACE_SECS = 30.0
 # how long the subscriber waits for a message before looking at its pipe again
 SUBSCRIBER_POLL_SECS = 0.05
 
@@ -67,12 +62,7 @@ class Published:
     max_lag_ms: float  # how far a paced publisher fell behind its schedule
 
 
-@dataclass(frozen=True)
-class PublisherFailed:
-    error: str
-
-
-PublisherReply = Union[Published, PublisherFailed]
+PublisherReply = Union[Published, ChildFailed]
 
 
 # -- subscriber commands and replies
@@ -114,50 +104,7 @@ class Arrivals:
     last_ns: int
 
 
-@dataclass(frozen=True)
-class SubscriberFailed:
-    error: str
-
-
-SubscriberReply = Union[Subscribed, Arrivals, SubscriberFailed]
-
-
-class RedisConnection(Protocol):
-    """
-    The low-level part of a redis-py connection used here: packed commands
-    out, replies in one by one. (redis-py leaves these methods unannotated.)
-    """
-
-    def connect(self) -> None: ...
-
-    def send_packed_command(self, command: list[bytes], check_health: bool = True) -> None: ...
-
-    def send_command(self, *args: bytes | str) -> None: ...
-
-    def read_response(self) -> object: ...
-
-    def can_read(self, timeout: float = 0) -> bool: ...
-
-    def disconnect(self) -> None: ...
-
-
-def redis_connection(url: str) -> RedisConnection:
-    """
-    One raw connection, outside any client object: commands go out packed,
-    replies are read one by one.
-    """
-    pool = redis.ConnectionPool.from_url(url, socket_connect_timeout=5, socket_timeout=30,
-                                         protocol=2)  # RESP2: pmessages as plain replies
-    connection = _take_connection(pool)
-    connection.connect()
-    return connection
-
-
-def _take_connection(pool: redis.ConnectionPool) -> RedisConnection:
-    try:
-        return pool.get_connection()
-    except TypeError:  # redis-py < 5.3 wants a command name
-        return pool.get_connection("PUBLISH")
+SubscriberReply = Union[Subscribed, Arrivals, ChildFailed]
 
 
 # -- publishers
@@ -166,121 +113,67 @@ def _take_connection(pool: redis.ConnectionPool) -> RedisConnection:
 def publish_prefix(session_id: str, size: int) -> bytes:
     """A PUBLISH command to the session's :down channel, up to its ``size``-byte message."""
     channel = f"session:{session_id}:down".encode()
-    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n" % (len(channel), channel, size)
+    return b"*3\r\n" + bulk(b"PUBLISH") + bulk(channel) + b"$%d\r\n" % size
 
 
-class PublishPipeline:
-    """Writes batches of PUBLISH commands, reading each batch's replies once the next is sent."""
-
-    def __init__(self, connection: RedisConnection) -> None:
-        self.sent = 0
-        self.no_receivers = 0
-        self._connection = connection
-        self._in_flight = 0
-
-    def send(self, batch: list[bytes]) -> None:
-        self._connection.send_packed_command([b"".join(batch)], check_health=False)
-        self._read_replies()
-        self._in_flight = len(batch)
-        self.sent += len(batch)
-
-    def finish(self) -> None:
-        """Reads the last batch's replies."""
-        self._read_replies()
-        self._in_flight = 0
-
-    def _read_replies(self) -> None:
-        read = self._connection.read_response
-        for _ in range(self._in_flight):
-            if read() == 0:
-                self.no_receivers += 1
+def _check(pipeline: Pipeline) -> None:
+    """A refused PUBLISH fails the phase."""
+    if pipeline.errors:
+        raise RuntimeError(f"{pipeline.errors} PUBLISH refused: {pipeline.error_example}")
 
 
-def publish_burst(connection: RedisConnection, command: Burst, counters: SharedCounters,
+def publish_burst(connection: RedisConnection, command: Burst, counters: Counters,
                   publisher_id: int) -> Published:
     pad = padding(command.size, command.binary)
     prefixes = [(index, publish_prefix(sid, command.size)) for index, sid in command.sessions]
-    pipeline = PublishPipeline(connection)
-    batch: list[bytes] = []
+    pipeline = Pipeline(connection)
     started = time.time_ns()
-    for sequence in range(command.count):
-        for index, prefix in prefixes:
-            batch.append(prefix + header(command.tag, index, sequence) + pad + b"\r\n")
-            if len(batch) >= BATCH:
-                pipeline.send(batch)
-                counters.set_published(publisher_id, pipeline.sent)
-                batch = []
-    if batch:
-        pipeline.send(batch)
-    pipeline.finish()
-    counters.set_published(publisher_id, pipeline.sent)
+    pipeline.burst((prefix + header(command.tag, index, sequence) + pad + b"\r\n"
+                    for sequence in range(command.count) for index, prefix in prefixes),
+                   lambda sent: counters.set_published(publisher_id, sent))
+    _check(pipeline)
     return Published(pipeline.sent, pipeline.no_receivers, started, time.time_ns(),
                      {index: command.count for index, _ in command.sessions}, 0.0)
 
 
-def publish_paced(connection: RedisConnection, command: Paced, counters: SharedCounters,
+def publish_paced(connection: RedisConnection, command: Paced, counters: Counters,
                   publisher_id: int) -> Published:
     pad = padding(command.size, command.binary)
     prefixes = [(index, publish_prefix(sid, command.size)) for index, sid in command.sessions]
-    rate = command.rate
-    total = int(rate * command.duration)
     sequences = [0] * len(prefixes)
-    pipeline = PublishPipeline(connection)
     next_session = 0
-    max_lag = 0.0
-    start = time.monotonic()
+
+    def next_command() -> bytes:
+        """The next session's next message, round-robin."""
+        nonlocal next_session
+        turn = next_session
+        next_session = (turn + 1) % len(prefixes)
+        index, prefix = prefixes[turn]
+        sequence = sequences[turn]
+        sequences[turn] = sequence + 1
+        return prefix + header(command.tag, index, sequence) + pad + b"\r\n"
+
+    pipeline = Pipeline(connection)
     started = time.time_ns()
-    deadline = start + command.duration + PACED_GRACE_SECS
-    while pipeline.sent < total:
-        now = time.monotonic()
-        if now > deadline:
-            break
-        due = min(total, int((now - start) * rate) + 1)
-        if due > pipeline.sent:
-            max_lag = max(max_lag, now - (start + pipeline.sent / rate))
-            batch = []
-            for _ in range(due - pipeline.sent):
-                index, prefix = prefixes[next_session]
-                batch.append(prefix + header(command.tag, index, sequences[next_session])
-                             + pad + b"\r\n")
-                sequences[next_session] += 1
-                next_session = (next_session + 1) % len(prefixes)
-            pipeline.send(batch)
-            pipeline.finish()
-            counters.set_published(publisher_id, pipeline.sent)
-        wait = start + pipeline.sent / rate - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+    schedule = Schedule(command.rate, int(command.rate * command.duration), command.duration)
+    pipeline.paced(schedule, next_command, lambda sent: counters.set_published(publisher_id, sent))
+    _check(pipeline)
     return Published(pipeline.sent, pipeline.no_receivers, started, time.time_ns(),
                      {index: sequences[i] for i, (index, _) in enumerate(prefixes)},
-                     round(max_lag * 1000, 3))
+                     schedule.max_lag_ms)
 
 
 def publisher_main(publisher_id: int, redis_url: str,
                    conn: Connection[PublisherReply, PublisherCommand],
-                   counters: SharedCounters) -> None:
+                   counters: Counters) -> None:
     """A publisher process: one reply per command, a Redis error included, until told to exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    connection: RedisConnection | None = None
-    while True:
-        try:
-            command = conn.recv()
-        except (EOFError, OSError):
-            return
-        if isinstance(command, Exit):
-            return
-        reply: PublisherReply
-        try:
-            if connection is None:
-                connection = redis_connection(redis_url)
-            if isinstance(command, Burst):
-                reply = publish_burst(connection, command, counters, publisher_id)
-            else:
-                reply = publish_paced(connection, command, counters, publisher_id)
-        except Exception as e:  # noqa: BLE001 - reported to the parent
-            reply = PublisherFailed(f"{type(e).__name__}: {e}")
-            connection = None
-        conn.send(reply)
+
+    def publish(connection: RedisConnection, command: Burst | Paced) -> Published:
+        if isinstance(command, Burst):
+            return publish_burst(connection, command, counters, publisher_id)
+        return publish_paced(connection, command, counters, publisher_id)
+
+    child_main(conn, lambda: serve(conn, lambda: redis_connection(redis_url), publish))
 
 
 # -- the subscriber
@@ -329,7 +222,7 @@ class ArrivalCounter:
 
 def count_arrivals(connection: RedisConnection, command: Subscribe,
                    conn: Connection[SubscriberReply, SubscriberCommand],
-                   counters: SharedCounters) -> Arrivals:
+                   counters: Counters) -> Arrivals:
     """Reads pmessages until the parent says stop (or ``max_seconds`` pass)."""
     counter = ArrivalCounter(command)
     deadline = time.monotonic() + command.max_seconds
@@ -358,10 +251,10 @@ def count_arrivals(connection: RedisConnection, command: Subscribe,
 
 
 def subscriber_main(redis_url: str, conn: Connection[SubscriberReply, SubscriberCommand],
-                    counters: SharedCounters) -> None:
+                    counters: Counters) -> None:
     """The subscriber process: one subscription, then its counts, then it ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+
+    def subscribe() -> None:
         command = conn.recv()
         if not isinstance(command, Subscribe):
             return
@@ -375,8 +268,5 @@ def subscriber_main(redis_url: str, conn: Connection[SubscriberReply, Subscriber
         except Exception:  # noqa: BLE001
             pass
         conn.send(arrivals)
-    except Exception as e:  # noqa: BLE001 - reported to the parent
-        try:
-            conn.send(SubscriberFailed(f"{type(e).__name__}: {e}"))
-        except Exception:  # noqa: BLE001
-            pass
+
+    child_main(conn, subscribe)

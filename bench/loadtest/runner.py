@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 
-from .ipc import SharedCounters
+from bench.children import Counters
+
 from .options import Options, selected_phases, source_addresses
 from .phases import Run, close, connect, downstream, idle, upstream
 from .pool import ChildProcesses
 from .procstat import Sampler
 from .report import Console, PhaseReport, RunResult
 from .target import Sessions, Target, preflight, raise_open_files_limit
-from .workers import ClientSpec, WorkerConfig
+from .workers import COUNTERS_PER_WORKER, ClientSpec, WorkerConfig
 from .wsclient import UpgradeRequest
 
 
@@ -28,7 +29,8 @@ def run(options: Options, console: Console) -> RunResult:
     children = ChildProcesses()
     try:
         sessions.authorize(target.redis, options.token_ttl)
-        counters = SharedCounters(children.context, options.procs, options.publishers)
+        counters = Counters(children.context, options.procs, COUNTERS_PER_WORKER,
+                            options.publishers, subscriber=True)
         children.start(_client_specs(options, sessions), _worker_config(options, target),
                        publishers=options.publishers if {"down", "paced"} & set(phases) else 0,
                        subscriber=bool({"up", "uppaced"} & set(phases)),

@@ -7,7 +7,6 @@ sessions and tokens the run authorizes, and enough file descriptors.
 from __future__ import annotations
 
 import json
-import resource
 import secrets
 import socket
 import time
@@ -16,7 +15,9 @@ from urllib.parse import urlsplit
 
 import redis
 
-from .errors import Fatal
+from bench.children import raise_open_files_limit as open_files_limit
+from bench.errors import Fatal
+
 from .messages import MIN_SIZE
 from .options import Options
 from .procstat import cpu_seconds
@@ -169,20 +170,9 @@ def _dechunk(body: bytes) -> bytes:
 
 def raise_open_files_limit(options: Options, console: Console) -> None:
     """Soft RLIMIT_NOFILE up to the hard limit (and the hard one too if root and needed)."""
-    needed = -(-options.clients // options.procs) + 256
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and needed > hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-            return
-        except (ValueError, OSError):
-            console.warn(f"RLIMIT_NOFILE hard limit {hard} < {needed} descriptors needed per "
-                         "worker; use more --procs or raise the limit")
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+    problem = open_files_limit(-(-options.clients // options.procs) + 256)
+    if problem:
+        console.warn(f"{problem} per worker; use more --procs or raise the limit")
 
 
 class Sessions:

@@ -13,7 +13,6 @@ frame type and size.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from array import array
 from collections import Counter
@@ -21,11 +20,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Union
 
-from .ipc import DELIVERED, DROPPED, FAILED, OPENED, Exit, SharedCounters
+from bench.children import ChildFailed, Counters, Exit, child_main, commands
+from bench.pipeline import Schedule
+
 from .messages import HEADER_LEN, SEQUENCE, SENT_AT, SESSION_INDEX, header, padding
-from .redis_io import PACED_GRACE_SECS
 from .wsclient import (OP_BINARY, OP_CLOSE, OP_TEXT, UpgradeRequest, WebSocketClient,
                        client_frame, error_name)
+
+# a client worker's counters (L{Counters}), in this order
+OPENED, FAILED, DELIVERED, DROPPED = range(4)
+COUNTERS_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -161,13 +165,8 @@ class CloseResult:
     server_close_codes: dict[int, int]
 
 
-@dataclass(frozen=True)
-class WorkerFailed:
-    message: str
-
-
 WorkerReply = Union[ConnectResult, PhaseStarted, Deliveries, UpstreamSent, CloseResult,
-                    WorkerFailed]
+                    ChildFailed]
 
 
 # -- the worker process
@@ -248,7 +247,7 @@ class SessionClient(WebSocketClient):
 
 class Worker:
     def __init__(self, worker_id: int, specs: list[ClientSpec], config: WorkerConfig,
-                 conn: Connection[WorkerReply, WorkerCommand], counters: SharedCounters,
+                 conn: Connection[WorkerReply, WorkerCommand], counters: Counters,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
@@ -270,18 +269,7 @@ class Worker:
 
     async def serve(self) -> None:
         """Answers the parent's commands until told to exit or the pipe closes."""
-        commands: asyncio.Queue[WorkerCommand] = asyncio.Queue()
-
-        def on_readable() -> None:
-            try:
-                commands.put_nowait(self._conn.recv())
-            except (EOFError, OSError):
-                self.loop.remove_reader(self._conn.fileno())
-                commands.put_nowait(Exit())
-
-        self.loop.add_reader(self._conn.fileno(), on_readable)
-        while True:
-            command = await commands.get()
+        async for command in commands(self.loop, self._conn):
             if isinstance(command, Connect):
                 self._conn.send(await self.connect_all())
             elif isinstance(command, StartPhase):
@@ -391,21 +379,15 @@ class Worker:
         pad = padding(command.size, command.binary)
         clients = [client for client in self._clients.values() if client.can_send()]
         per_session = {client.index: 0 for client in clients}
-        total = int(command.rate * command.duration) if clients else 0
-        rate = command.rate
         due_count = 0  # messages whose time has come, sent or skipped (client gone)
         turn = 0
-        max_lag = 0.0
         started = time.time_ns()
-        start = time.monotonic()
-        deadline = start + command.duration + PACED_GRACE_SECS
-        while due_count < total:
-            now = time.monotonic()
-            if now > deadline:
+        schedule = Schedule(command.rate, int(command.rate * command.duration) if clients else 0,
+                            command.duration)
+        while due_count < schedule.total:
+            due = schedule.due(due_count)
+            if due is None:
                 break
-            due = min(total, int((now - start) * rate) + 1)
-            if due > due_count:
-                max_lag = max(max_lag, now - (start + due_count / rate))
             while due_count < due:
                 client = clients[turn]
                 turn = (turn + 1) % len(clients)
@@ -415,9 +397,9 @@ class Worker:
                     client.write(client_frame(
                         opcode, header(command.tag, client.index, sequence) + pad))
                     per_session[client.index] = sequence + 1
-            await asyncio.sleep(max(0.0, start + due_count / rate - time.monotonic()))
+            await asyncio.sleep(schedule.wait(due_count))
         return UpstreamSent(sum(per_session.values()), started, time.time_ns(), per_session,
-                            round(max_lag * 1000, 3))
+                            schedule.max_lag_ms)
 
     async def close_all(self, timeout: float) -> CloseResult:
         """Closes every open client (code 1000) and waits for the server's side."""
@@ -470,17 +452,10 @@ class Worker:
 
 
 def worker_main(worker_id: int, specs: list[ClientSpec], config: WorkerConfig,
-                conn: Connection[WorkerReply, WorkerCommand], counters: SharedCounters) -> None:
+                conn: Connection[WorkerReply, WorkerCommand], counters: Counters) -> None:
     """The worker process: serves until told to exit; a crash is reported to the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def serve() -> None:
         await Worker(worker_id, specs, config, conn, counters, asyncio.get_running_loop()).serve()
 
-    try:
-        asyncio.run(serve())
-    except Exception as e:  # noqa: BLE001 - reported to the parent
-        try:
-            conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
-        except Exception:  # noqa: BLE001
-            pass
+    child_main(conn, lambda: asyncio.run(serve()))

@@ -6,7 +6,7 @@ under a steady numbered stream and checks that every resuming session got
 every message once and in order; C{cost} (L{bench.resume.cost}) measures
 what recovery costs per message and per connection next to the plain path.
 
-Both start their own servers (L{bench.resume.servers}: redis-server and
+Both start their own servers (L{bench.servers}: redis-server and
 C{python -m wsproxy} processes) and fork their load: client worker
 processes (L{bench.resume.workers}, holding the sessions of
 L{bench.resume.client} on the load-test tool's raw WebSocket client) and

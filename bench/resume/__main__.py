@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import resource
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.children import raise_open_files_limit
+from bench.errors import Fatal
+
 from .cost import SUMMARY_KEYS as COST_KEYS, run_cost
-from bench.loadtest.errors import Fatal
 from .failover import SUMMARY_KEYS as FAILOVER_KEYS, run_failover
 from .options import PROG, FailoverOptions, parse_args
 from .report import Console, emit, summary
-
-
-def raise_open_files_limit() -> None:
-    """
-    The soft limit of open files up to the hard one: the client workers
-    and the proxies (which inherit it) hold one descriptor per connection.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

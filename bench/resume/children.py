@@ -1,83 +1,51 @@
 """
-The parent's side of the child processes: the client workers and the
-publisher, forked once per measurement, their pipes, and stopping them.
+The parent's side of the child processes (L{bench.children}): the client
+workers and the publisher, forked once per measurement.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import multiprocessing.connection as mpc
-import time
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
-from bench.loadtest.errors import Fatal
-from .ipc import ChildFailed, Counters, Exit
+from bench.children import ChildPool, Counters, expect, reply_within
+from bench.errors import Fatal
+
 from .publisher import PublisherCommand, PublisherReply, Published, publisher_main
-from .workers import SessionSpec, WorkerCommand, WorkerConfig, WorkerReply, worker_main
+from .report import merge_counts
+from .workers import (COUNTERS_PER_WORKER, Connect, Connected, SessionSpec, WorkerCommand,
+                      WorkerConfig, WorkerReply, worker_main)
 
 T = TypeVar("T")
 
-# how long the children have to exit before they are terminated
-EXIT_GRACE_SECS = 5
 
-
-def _expect(reply_type: type[T], reply: object, what: str) -> T:
-    if isinstance(reply, ChildFailed):
-        raise Fatal(f"{what} failed: {reply.message}")
-    if not isinstance(reply, reply_type):
-        raise Fatal(f"unexpected reply from {what}: {reply!r:.200}")
-    return reply
-
-
-class Children:
+class Children(ChildPool):
     """The client workers (a slice of the sessions each) and one publisher."""
 
     def __init__(self, specs: list[SessionSpec], procs: int, config: WorkerConfig,
                  redis_url: str) -> None:
-        context = mp.get_context("fork")
+        super().__init__()
         procs = max(1, min(procs, len(specs)))
-        self.counters = Counters(context, procs)
-        self._processes: list[BaseProcess] = []
-        self._workers: list[Connection[WorkerCommand, WorkerReply]] = []
-        for worker_id in range(procs):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=worker_main, name=f"resume-worker-{worker_id}", daemon=True,
-                args=(worker_id, specs[worker_id::procs], config, child_end, self.counters))
-            process.start()
-            child_end.close()
-            self._processes.append(process)
-            self._workers.append(parent_end)
-        parent_end, child_end = context.Pipe()
-        process = context.Process(target=publisher_main, name="resume-publisher", daemon=True,
-                                  args=(redis_url, child_end, self.counters))
-        process.start()
-        child_end.close()
-        self._processes.append(process)
-        self._publisher: Connection[PublisherCommand, PublisherReply] = parent_end
+        self.counters = Counters(self.context, procs, COUNTERS_PER_WORKER, publishers=1)
+        self._workers: list[Connection[WorkerCommand, WorkerReply]] = [
+            self.fork(f"resume-worker-{worker_id}", f"worker{worker_id}", worker_main,
+                      (worker_id, specs[worker_id::procs], config), self.counters)
+            for worker_id in range(procs)]
+        self._publisher: Connection[PublisherCommand, PublisherReply] = self.fork(
+            "resume-publisher", "publisher", publisher_main, (redis_url,), self.counters)
 
     def ask_workers(self, command: WorkerCommand, reply_type: type[T], timeout: float) -> list[T]:
         """Sends C{command} to every worker; their replies, in worker order."""
-        for conn in self._workers:
-            conn.send(command)
-        replies: dict[int, T] = {}
-        deadline = time.monotonic() + timeout
-        while len(replies) < len(self._workers):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Fatal(f"timed out after {timeout:.0f}s waiting for the workers")
-            waiting = {id(c): i for i, c in enumerate(self._workers) if i not in replies}
-            ready = mpc.wait([self._workers[i] for i in waiting.values()], timeout=min(left, 0.5))
-            for answered in ready:
-                i = waiting[id(answered)]
-                try:
-                    reply = self._workers[i].recv()
-                except (EOFError, OSError):
-                    raise Fatal("a worker process died") from None
-                replies[i] = _expect(reply_type, reply, "a worker")
-        return [replies[i] for i in range(len(self._workers))]
+        return self.ask(self._workers, command, reply_type, timeout, what="the workers")
+
+    def connect(self, sessions: int, what: str) -> int:
+        """Opens every session's first connection; how many opened, all of them or L{Fatal}."""
+        connected = self.ask_workers(Connect(), Connected, 600)
+        opened = sum(c.opened for c in connected)
+        if opened < sessions:
+            failures = merge_counts(c.failures for c in connected)
+            raise Fatal(f"{what}only {opened} of {sessions} sessions connected: {failures}")
+        return opened
 
     def publish(self, command: PublisherCommand) -> None:
         """Starts C{command}; L{published} waits for its reply."""
@@ -85,29 +53,10 @@ class Children:
 
     def published(self, timeout: float) -> Published | None:
         """The publisher's reply, or None if it has not come within C{timeout} seconds."""
-        if not self._publisher.poll(timeout):
+        reply = reply_within(self._publisher, timeout, "publisher")
+        if reply is None:
             return None
-        try:
-            reply = self._publisher.recv()
-        except (EOFError, OSError):
-            raise Fatal("the publisher process died") from None
-        published = _expect(Published, reply, "the publisher")
+        published = expect(Published, reply, "the publisher")
         if published.errors:
             raise Fatal(f"{published.errors} publish commands failed: {published.error_example}")
         return published
-
-    def shutdown(self) -> None:
-        """Tells every child to exit, then terminates those still running after a grace period."""
-        conns: list[Connection[Exit, object]] = [*self._workers, self._publisher]
-        for conn in conns:
-            try:
-                conn.send(Exit())
-            except Exception:  # noqa: BLE001 - it may have exited already
-                pass
-        deadline = time.monotonic() + EXIT_GRACE_SECS
-        for process in self._processes:
-            process.join(max(0.05, deadline - time.monotonic()))
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()  # one of our own children, by its own handle
-                process.join(2)

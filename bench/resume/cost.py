@@ -22,16 +22,14 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
+
 from .children import Children
-from bench.loadtest.errors import Fatal
-from .ipc import DELIVERED
 from .options import CostOptions
 from .publisher import Burst, Mode, Paced
-from .report import Console, Report, latency_ms, merge_counts
-from .servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, wait_for_functions
+from .report import Console, Report, latency_ms
 from .sessions import authorize, make_sessions
-from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
-                      WorkerReport)
+from .workers import DELIVERED, CloseAll, Closed, Collect, WorkerConfig, WorkerReport
 
 TOKEN_TTL = 6 * 3600
 
@@ -44,7 +42,7 @@ SUMMARY_KEYS = ("sessions", "messages_per_session", "rate", "plain", "resume", "
 
 def run_cost(options: CostOptions, workdir: Path, console: Console) -> Report:
     common = options.common
-    redis = RedisServer(find_redis_server(common.redis_server), workdir)
+    redis = RedisServer(workdir, common.redis_server)
     rows: list[Report] = []
     try:
         for round_number in range(options.rounds):
@@ -77,11 +75,7 @@ def _measure(options: CostOptions, redis: RedisServer, workdir: Path, mode: Mode
         time.sleep(0.5)
         rss_before = proxy.rss()
         memory_before = redis.used_memory()
-        connected = children.ask_workers(Connect(), Connected, 600)
-        opened = sum(c.opened for c in connected)
-        if opened < common.sessions:
-            failures = merge_counts(c.failures for c in connected)
-            raise Fatal(f"{mode}: only {opened} of {common.sessions} connected: {failures}")
+        opened = children.connect(common.sessions, f"{mode}: ")
         time.sleep(options.idle_settle)
         rss_idle = proxy.rss()
         memory_idle = redis.used_memory()
@@ -139,7 +133,7 @@ def _wait_for(children: Children, sent: int, settle_max: float) -> float:
     """When the last of C{sent} messages arrived (or C{settle_max} seconds passed)."""
     deadline = time.monotonic() + settle_max
     while time.monotonic() < deadline:
-        if children.counters.total(DELIVERED) >= sent:
+        if children.counters.worker_total(DELIVERED) >= sent:
             break
         time.sleep(0.01)
     return time.monotonic()

@@ -6,21 +6,19 @@ restarted one at a time; at the end, every session's numbers are checked.
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
 from pathlib import Path
 
+from bench.errors import Fatal
+from bench.servers import LOOPBACK, ProxyProcess, RedisServer, wait_for_functions
+
 from .children import Children
-from bench.loadtest.errors import Fatal
-from .ipc import CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS
 from .options import FailoverOptions
 from .publisher import Paced, Prime, Published
 from .report import Console, Report, latency_ms, merge_counts
-from .servers import LOOPBACK, ProxyProcess, RedisServer, find_redis_server, wait_for_functions
 from .sessions import authorize, make_sessions
-from .workers import (CloseAll, Closed, Collect, Connect, Connected, WorkerConfig,
-                      WorkerReport)
+from .workers import (CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS, CloseAll,
+                      Closed, Collect, WorkerConfig, WorkerReport)
 
 # tokens outlive any run
 TOKEN_TTL = 6 * 3600
@@ -33,7 +31,7 @@ SUMMARY_KEYS = ("sessions", "proxies", "kills", "sent", "delivered", "gaps", "du
 
 def run_failover(options: FailoverOptions, workdir: Path, console: Console) -> Report:
     common = options.common
-    redis = RedisServer(find_redis_server(common.redis_server), workdir)
+    redis = RedisServer(workdir, common.redis_server)
     proxies = [ProxyProcess(f"proxy{i}", redis.url, workdir, {
         "RESUME": "true",
         "HISTORY_MAX_LENGTH": str(options.history_max_length),
@@ -58,11 +56,7 @@ def run_failover(options: FailoverOptions, workdir: Path, console: Console) -> R
         children.publish(Prime(session_ids, common.size))
         if children.published(120) is None:
             raise Fatal("priming the sessions' histories took more than 120 s")
-        connected = children.ask_workers(Connect(), Connected, 600)
-        opened = sum(c.opened for c in connected)
-        if opened < common.sessions:
-            failures = merge_counts(c.failures for c in connected)
-            raise Fatal(f"only {opened} of {common.sessions} sessions connected: {failures}")
+        opened = children.connect(common.sessions, "")
         console.progress(f"{opened} sessions connected to {len(proxies)} proxies", force=True)
         kills, published = _publish_and_kill(options, children, proxies, session_ids, console)
         sent = sum(published.sent)
@@ -110,27 +104,19 @@ def _publish_and_kill(options: FailoverOptions, children: Children, proxies: lis
                              force=True)
             next_kill = max(next_kill + options.kill_every, time.monotonic())
         console.progress(
-            f"t={now - start:.0f}s published {counters.published()} "
-            f"delivered {counters.total(DELIVERED)} open {counters.total(OPEN)} "
-            f"reconnects {counters.total(RECONNECTS)} "
-            f"failed attempts {counters.total(CONNECT_FAILURES)} "
-            f"incomplete {counters.total(INCOMPLETE)}")
+            f"t={now - start:.0f}s published {counters.published_total()} "
+            f"delivered {counters.worker_total(DELIVERED)} open {counters.worker_total(OPEN)} "
+            f"reconnects {counters.worker_total(RECONNECTS)} "
+            f"failed attempts {counters.worker_total(CONNECT_FAILURES)} "
+            f"incomplete {counters.worker_total(INCOMPLETE)}")
         published = children.published(0.1)
     return kills, published
 
 
 def _active_connections(proxy: ProxyProcess) -> int | None:
     """The victim's open connections just before the kill (its /health says)."""
-    connection = http.client.HTTPConnection(LOOPBACK, proxy.port, timeout=2)
-    try:
-        connection.request("GET", "/health")
-        body = json.loads(connection.getresponse().read())
-        count = body.get("active_connections") if isinstance(body, dict) else None
-        return count if isinstance(count, int) else None
-    except (OSError, ValueError):
-        return None
-    finally:
-        connection.close()
+    count = (proxy.health() or {}).get("active_connections")
+    return count if isinstance(count, int) else None
 
 
 def _settle(options: FailoverOptions, children: Children, sent: int, console: Console) -> float:
@@ -146,8 +132,8 @@ def _settle(options: FailoverOptions, children: Children, sent: int, console: Co
     last = -1
     while True:
         now = time.monotonic()
-        delivered = counters.total(DELIVERED)
-        open_now = counters.total(OPEN)
+        delivered = counters.worker_total(DELIVERED)
+        open_now = counters.worker_total(OPEN)
         if delivered != last:
             last, last_change = delivered, now
         if open_now >= sessions and (delivered >= sent or now - last_change >= options.settle):

@@ -14,17 +14,14 @@ that gives every session a history before its clients connect).
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal, Union
 
-import redis
+from bench.children import ChildFailed, Counters, Exit, child_main, serve
+from bench.pipeline import Pipeline, RedisConnection, Schedule, bulk, redis_connection
 
-from bench.loadtest.redis_io import RedisConnection, redis_connection
-
-from .ipc import ChildFailed, Counters, Exit
 from .stream import message
 
 #: plain: PUBLISH :down; resume: FCALL wsproxy_publish; live: PUBLISH :live
@@ -34,11 +31,6 @@ Mode = Literal["plain", "resume", "live"]
 
 #: the epoch of the "live" messages' positions
 LIVE_EPOCH = b"0bench"
-
-# commands per pipelined write in a burst
-BATCH = 256
-# a paced publisher stops this long after its duration even if the machine stalls
-PACED_GRACE_SECS = 30.0
 
 
 @dataclass(frozen=True)
@@ -86,10 +78,6 @@ class Published:
 PublisherReply = Union[Published, ChildFailed]
 
 
-def _bulk(part: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(part), part)
-
-
 class Commands:
     """Each session's command, packed up to its message."""
 
@@ -97,17 +85,17 @@ class Commands:
         self._live = mode == "live"
         self._ms = time.time_ns() // 1_000_000
         if mode == "live":
-            self._prefixes = [b"*3\r\n" + _bulk(b"PUBLISH") + _bulk(f"session:{sid}:live".encode())
+            self._prefixes = [b"*3\r\n" + bulk(b"PUBLISH") + bulk(f"session:{sid}:live".encode())
                               for sid in sessions]
             self._suffix = b""
         elif mode == "resume":
             self._prefixes = [
-                b"*7\r\n" + _bulk(b"FCALL") + _bulk(b"wsproxy_publish") + _bulk(b"2")
-                + _bulk(f"session:{sid}:history".encode()) + _bulk(f"session:{sid}:meta".encode())
+                b"*7\r\n" + bulk(b"FCALL") + bulk(b"wsproxy_publish") + bulk(b"2")
+                + bulk(f"session:{sid}:history".encode()) + bulk(f"session:{sid}:meta".encode())
                 for sid in sessions]
-            self._suffix = _bulk(b"text")
+            self._suffix = bulk(b"text")
         else:
-            self._prefixes = [b"*3\r\n" + _bulk(b"PUBLISH") + _bulk(f"session:{sid}:down".encode())
+            self._prefixes = [b"*3\r\n" + bulk(b"PUBLISH") + bulk(f"session:{sid}:down".encode())
                               for sid in sessions]
             self._suffix = b""
 
@@ -116,47 +104,15 @@ class Commands:
         if self._live:
             # wsproxy_publish's live format: <epoch> <ms>-<seq> <kind><message>
             payload = b"%s %d-%d t%s" % (LIVE_EPOCH, self._ms, number, payload)
-        return self._prefixes[index] + _bulk(payload) + self._suffix
-
-
-class Pipeline:
-    """Writes batches of commands; reads a batch's replies once the next one is out."""
-
-    def __init__(self, connection: RedisConnection) -> None:
-        self.sent = 0
-        self.errors = 0
-        self.error_example = ""
-        self._connection = connection
-        self._in_flight = 0
-
-    def send(self, batch: list[bytes]) -> None:
-        self._connection.send_packed_command([b"".join(batch)], check_health=False)
-        self._read_replies()
-        self._in_flight = len(batch)
-        self.sent += len(batch)
-
-    def finish(self) -> None:
-        self._read_replies()
-        self._in_flight = 0
-
-    def _read_replies(self) -> None:
-        read = self._connection.read_response
-        for _ in range(self._in_flight):
-            try:
-                read()
-            except redis.ResponseError as e:
-                self.errors += 1
-                self.error_example = self.error_example or str(e)
+        return self._prefixes[index] + bulk(payload) + self._suffix
 
 
 def prime(connection: RedisConnection, command: Prime) -> Published:
     commands = Commands(command.sessions, "resume")
     pipeline = Pipeline(connection)
     started = time.time_ns()
-    for start in range(0, len(command.sessions), BATCH):
-        pipeline.send([commands.pack(index, 0, message(index, 0, command.size))
-                       for index in range(start, min(start + BATCH, len(command.sessions)))])
-    pipeline.finish()
+    pipeline.burst((commands.pack(index, 0, message(index, 0, command.size))
+                    for index in range(len(command.sessions))), lambda sent: None)
     return Published((0,) * len(command.sessions), pipeline.errors, pipeline.error_example,
                      started, time.time_ns(), 0.0)
 
@@ -165,82 +121,46 @@ def publish_burst(connection: RedisConnection, command: Burst, counters: Counter
     commands = Commands(command.sessions, command.mode)
     pipeline = Pipeline(connection)
     sessions = range(len(command.sessions))
-    batch: list[bytes] = []
     started = time.time_ns()
-    for number in range(1, command.count + 1):
-        for index in sessions:
-            batch.append(commands.pack(index, number, message(index, number, command.size)))
-            if len(batch) >= BATCH:
-                pipeline.send(batch)
-                counters.set_published(pipeline.sent)
-                batch = []
-    if batch:
-        pipeline.send(batch)
-    pipeline.finish()
-    counters.set_published(pipeline.sent)
+    pipeline.burst((commands.pack(index, number, message(index, number, command.size))
+                    for number in range(1, command.count + 1) for index in sessions),
+                   lambda sent: counters.set_published(0, sent))
     return Published((command.count,) * len(command.sessions), pipeline.errors,
                      pipeline.error_example, started, time.time_ns(), 0.0)
 
 
 def publish_paced(connection: RedisConnection, command: Paced, counters: Counters) -> Published:
     commands = Commands(command.sessions, command.mode)
-    pipeline = Pipeline(connection)
     sessions = len(command.sessions)
     numbers = [0] * sessions
-    rate = command.rate
-    total = round(rate * command.duration)
     next_session = 0
-    max_lag = 0.0
-    start = time.monotonic()
+
+    def next_command() -> bytes:
+        """The next session's next number, round-robin."""
+        nonlocal next_session
+        index = next_session
+        next_session = (index + 1) % sessions
+        number = numbers[index] + 1
+        numbers[index] = number
+        return commands.pack(index, number, message(index, number, command.size))
+
+    pipeline = Pipeline(connection)
+    schedule = Schedule(command.rate, round(command.rate * command.duration), command.duration)
     started = time.time_ns()
-    deadline = start + command.duration + PACED_GRACE_SECS
-    while pipeline.sent < total:
-        now = time.monotonic()
-        if now > deadline:
-            break
-        due = min(total, int((now - start) * rate) + 1)
-        if due > pipeline.sent:
-            max_lag = max(max_lag, now - (start + pipeline.sent / rate))
-            batch = []
-            for _ in range(due - pipeline.sent):
-                number = numbers[next_session] + 1
-                numbers[next_session] = number
-                batch.append(commands.pack(next_session, number,
-                                           message(next_session, number, command.size)))
-                next_session = (next_session + 1) % sessions
-            pipeline.send(batch)
-            pipeline.finish()
-            counters.set_published(pipeline.sent)
-        wait = start + pipeline.sent / rate - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+    pipeline.paced(schedule, next_command, lambda sent: counters.set_published(0, sent))
     return Published(tuple(numbers), pipeline.errors, pipeline.error_example, started,
-                     time.time_ns(), round(max_lag * 1000, 3))
+                     time.time_ns(), schedule.max_lag_ms)
 
 
 def publisher_main(redis_url: str, conn: Connection[PublisherReply, PublisherCommand],
                    counters: Counters) -> None:
     """The publisher process: one reply per command until told to exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    connection: RedisConnection | None = None
-    while True:
-        try:
-            command = conn.recv()
-        except (EOFError, OSError):
-            return
-        if isinstance(command, Exit):
-            return
-        reply: PublisherReply
-        try:
-            if connection is None:
-                connection = redis_connection(redis_url)
-            if isinstance(command, Prime):
-                reply = prime(connection, command)
-            elif isinstance(command, Burst):
-                reply = publish_burst(connection, command, counters)
-            else:
-                reply = publish_paced(connection, command, counters)
-        except Exception as e:  # noqa: BLE001 - reported to the parent
-            reply = ChildFailed(f"{type(e).__name__}: {e}")
-            connection = None
-        conn.send(reply)
+
+    def publish(connection: RedisConnection, command: Prime | Burst | Paced) -> Published:
+        if isinstance(command, Prime):
+            return prime(connection, command)
+        if isinstance(command, Burst):
+            return publish_burst(connection, command, counters)
+        return publish_paced(connection, command, counters)
+
+    child_main(conn, lambda: serve(conn, lambda: redis_connection(redis_url), publish))

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 from array import array
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Coroutine, Union
 
+from bench.children import ChildFailed, Counters, Exit, child_main, commands
 from bench.loadtest.wsclient import OP_CLOSE, client_frame, error_name
 
 from .client import QueryUpgrade, Session, StreamClient, resume_query
-from .ipc import (CONNECT_FAILURES, DELIVERED, INCOMPLETE, OPEN, RECONNECTS, ChildFailed,
-                  Counters, Exit)
+
+# a client worker's counters (L{Counters}), in this order
+OPEN, DELIVERED, RECONNECTS, CONNECT_FAILURES, INCOMPLETE = range(5)
+COUNTERS_PER_WORKER = 5
 
 # sessions of a worker whose missing numbers are listed in its report
 GAP_EXAMPLES = 5
@@ -147,18 +149,7 @@ class Worker:
 
     async def serve(self) -> None:
         """Answers the parent's commands until told to exit or the pipe closes."""
-        commands: asyncio.Queue[WorkerCommand] = asyncio.Queue()
-
-        def on_readable() -> None:
-            try:
-                commands.put_nowait(self._conn.recv())
-            except (EOFError, OSError):
-                self.loop.remove_reader(self._conn.fileno())
-                commands.put_nowait(Exit())
-
-        self.loop.add_reader(self._conn.fileno(), on_readable)
-        while True:
-            command = await commands.get()
+        async for command in commands(self.loop, self._conn):
             if isinstance(command, Connect):
                 self._conn.send(await self.connect_all())
             elif isinstance(command, Collect):
@@ -222,10 +213,11 @@ class Worker:
             if failure is None:
                 session.reconnects += 1
                 self._reconnects += 1
-                self._counters.set(self._id, RECONNECTS, self._reconnects)
+                self._counters.set_worker(self._id, RECONNECTS, self._reconnects)
                 return
             self._connect_failures[failure] += 1
-            self._counters.set(self._id, CONNECT_FAILURES, sum(self._connect_failures.values()))
+            self._counters.set_worker(self._id, CONNECT_FAILURES,
+                                      sum(self._connect_failures.values()))
             backoff = min(config.retry_max * 2 ** failed, RETRY_CAP_SECS)
             failed += 1
             await asyncio.sleep(self._random.uniform(0, backoff))
@@ -261,11 +253,11 @@ class Worker:
 
     def opened(self, client: StreamClient) -> None:
         self._open += 1
-        self._counters.set(self._id, OPEN, self._open)
+        self._counters.set_worker(self._id, OPEN, self._open)
 
     def lost(self, client: StreamClient) -> None:
         self._open -= 1
-        self._counters.set(self._id, OPEN, self._open)
+        self._counters.set_worker(self._id, OPEN, self._open)
         if self._open == 0 and self._all_closed is not None:
             self._all_closed.set()
         session = client.session
@@ -284,7 +276,7 @@ class Worker:
 
     def delivered(self, count: int) -> None:
         self._delivered += count
-        self._counters.set(self._id, DELIVERED, self._delivered)
+        self._counters.set_worker(self._id, DELIVERED, self._delivered)
 
     def recovery(self, recovered: bool, replayed: int, reason: str) -> None:
         self._recoveries += 1
@@ -292,7 +284,7 @@ class Worker:
         if not recovered:
             self._incomplete += 1
             self._incomplete_reasons[reason] += 1
-            self._counters.set(self._id, INCOMPLETE, self._incomplete)
+            self._counters.set_worker(self._id, INCOMPLETE, self._incomplete)
 
     # -- the report
 
@@ -340,15 +332,8 @@ class Worker:
 def worker_main(worker_id: int, specs: list[SessionSpec], config: WorkerConfig,
                 conn: Connection[WorkerReply, WorkerCommand], counters: Counters) -> None:
     """The worker process: serves until told to exit; a crash is reported to the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def serve() -> None:
         await Worker(worker_id, specs, config, conn, counters, asyncio.get_running_loop()).serve()
 
-    try:
-        asyncio.run(serve())
-    except Exception as e:  # noqa: BLE001 - reported to the parent
-        try:
-            conn.send(ChildFailed(f"{type(e).__name__}: {e}"))
-        except Exception:  # noqa: BLE001
-            pass
+    child_main(conn, lambda: asyncio.run(serve()))
