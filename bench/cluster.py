@@ -43,7 +43,7 @@ from typing import Any, Optional
 import redis
 
 from bench.servers import LOOPBACK as HOST, ProxyProcess, RedisServer
-from wsproxy.cluster import key_slot
+from wsproxy.redis.cluster import key_slot
 from wsproxy.names import auth_key, down_channel
 
 PAYLOAD = b"x" * 100

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import redis as redispy
 
-from wsproxy.cluster import SLOTS, key_slot
+from wsproxy.redis.cluster import SLOTS, key_slot
 
 from .sentinel import (HOST, Address, Node, _distinct_free_ports, run_dev_setup, wait,
                        wait_blocking)

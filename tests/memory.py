@@ -14,7 +14,7 @@ The pieces:
   - L{FakeRedis}: one Redis server (keys, channels, every command received)
     that can hold its replies back or fail commands by name.
   - L{FakeLink}: what L{Proxy} and L{Hub} use of a
-    L{wsproxy.redislink.RedisLink}, talking to a L{FakeRedis}.
+    L{wsproxy.redis.redislink.RedisLink}, talking to a L{FakeRedis}.
   - L{MemoryClient}: one client connection to the site: raw bytes, a
     response parser and WebSocket frames.
   - L{MemoryProxy}: all of the above wired together.
@@ -38,12 +38,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase
 
-from wsproxy.auth import CHECK_SCRIPT, CHECK_SHA
+from wsproxy.session.auth import CHECK_SCRIPT, CHECK_SHA
 from wsproxy.config import Settings
 from wsproxy.names import auth_key
-from wsproxy.proxy import Proxy
-from wsproxy.redislink import ConnectFailures, RedisUnavailable
-from wsproxy.site import ProxySite
+from wsproxy.session.proxy import Proxy
+from wsproxy.redis.redislink import ConnectFailures, RedisUnavailable
+from wsproxy.edge.site import ProxySite
 
 # -- Redis -------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ class FakeRedis:
     @ivar log: every command received, from both links, in order.
     @ivar published: (channel, payload) of every PUBLISH, in order.
     @ivar scripts: the SHA-1s of the scripts Redis has cached; the token
-        check's (L{wsproxy.auth.CHECK_SCRIPT}, the only script it runs) from
+        check's (L{wsproxy.session.auth.CHECK_SCRIPT}, the only script it runs) from
         the start, as after its first C{EVAL} (clear it: C{NOSCRIPT}).
     """
 
@@ -216,7 +216,7 @@ class FakeRedis:
     def _check_script(self, name: str, script: str, numkeys: int, key: str, digest: str,
                       grace: int) -> Any:
         """
-        What L{wsproxy.auth.CHECK_SCRIPT} does, run by C{EVAL} or (cached)
+        What L{wsproxy.session.auth.CHECK_SCRIPT} does, run by C{EVAL} or (cached)
         C{EVALSHA}.
         """
         if name == "EVAL":
@@ -255,7 +255,7 @@ class _Connection:
 class FakeLink:
     """
     The interface L{Proxy} and L{Hub} use of a
-    L{wsproxy.redislink.RedisLink}, on a L{FakeRedis}.
+    L{wsproxy.redis.redislink.RedisLink}, on a L{FakeRedis}.
 
     L{start} connects at once; L{lose} and L{connect} make the connection
     go and come back. Commands sent while not connected fail at once with
@@ -338,7 +338,7 @@ class FakeLink:
 
     def send(self, on_reply: Callable[[Any], None], *args: bytes) -> None:
         """
-        The lean path (L{wsproxy.redislink.RedisLink.send}): the reply, or
+        The lean path (L{wsproxy.redis.redislink.RedisLink.send}): the reply, or
         the exception, goes to C{on_reply}; arguments are logged as text.
         """
         if self.ready is None:

@@ -28,9 +28,9 @@ from twisted.trial.unittest import TestCase
 
 from bench.ports import free_port
 from wsproxy.config import Settings, parse_redis_url
-from wsproxy.proxy import build_proxy
-from wsproxy.daemon import ProxyService
-from wsproxy.site import ProxySite
+from wsproxy.process.build import build_proxy
+from wsproxy.process.daemon import ProxyService
+from wsproxy.edge.site import ProxySite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy import auth, names
-from wsproxy.redislink import RedisTimeout, RedisUnavailable, with_deadline
+from wsproxy.redis.redislink import RedisTimeout, RedisUnavailable, with_deadline
 from wsproxy.refusal import Refusal
 
 

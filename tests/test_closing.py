@@ -1,5 +1,5 @@
 """
-How a connection closes (the rules: L{wsproxy.protocol}'s docstring): the
+How a connection closes (the rules: L{wsproxy.websocket.protocol}'s docstring): the
 close code an invalid close frame gets, when the session ends (close event,
 log line, metrics, subscription) and when the TCP connection is dropped.
 

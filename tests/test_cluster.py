@@ -24,7 +24,7 @@ from twisted.python import log
 from twisted.trial.unittest import TestCase
 
 from wsproxy.backend import DurableConsumer
-from wsproxy.cluster import key_slot
+from wsproxy.redis.cluster import key_slot
 from wsproxy.config import SETTINGS
 from wsproxy.names import auth_key, down_channel, up_channel
 

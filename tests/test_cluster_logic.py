@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.cluster import SLOTS, _command_key, key_slot, parse_redirect, parse_shards
+from wsproxy.redis.cluster import SLOTS, _command_key, key_slot, parse_redirect, parse_shards
 from wsproxy.names import (
     auth_key,
     canary_channel,

@@ -8,7 +8,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import ConfigError, load_settings, parse_redis_url
-from wsproxy.tap import Options
+from wsproxy.process.tap import Options
 
 
 class DefaultsTests(SynchronousTestCase):

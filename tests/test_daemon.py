@@ -17,7 +17,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.daemon import ListenError, ProxyService, StartupError
+from wsproxy.process.daemon import ListenError, ProxyService, StartupError
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "wsproxy")
 

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from wsproxy.backend import DurableConsumer
 from wsproxy.names import upstream_partition, upstream_stream
 from wsproxy.refusal import Refusal
-from wsproxy.upstream import InvalidEnvelope, ack_frame, ack_request, split_envelope
+from wsproxy.session.upstream import InvalidEnvelope, ack_frame, ack_request, split_envelope
 
 from bench.loadtest.wsclient import OP_TEXT, client_frame
 

@@ -24,7 +24,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from wsproxy.daemon import ProxyService
+from wsproxy.process.daemon import ProxyService
 from wsproxy.fast import borrowed, heap, inframes, lazyformat, poll, sockread, sockwrite, timers
 from wsproxy.fast.__main__ import main
 

@@ -20,11 +20,11 @@ from twisted.internet import reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.epollreactor import EPollReactor
 
-from wsproxy.daemon import ProxyService
+from wsproxy.process.daemon import ProxyService
 from wsproxy.fast import borrowed
 from wsproxy.fast.sockwrite import Pending, TurnPending
-from wsproxy.proxy import build_proxy
-from wsproxy.site import ProxySite
+from wsproxy.process.build import build_proxy
+from wsproxy.edge.site import ProxySite
 
 from .support import RedisTestCase, connect, settings_for, up_listener, wait_for
 

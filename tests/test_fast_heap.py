@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.fast import heap
 from wsproxy import protocol as protocol_module
-from wsproxy.protocol import ProxyProtocol
-from wsproxy.site import _DeadlineChannel
+from wsproxy.websocket.protocol import ProxyProtocol
+from wsproxy.edge.site import _DeadlineChannel
 
 from twisted.logger import capturedLogs, formatEvent
 

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from wsproxy.fast import poll
-from wsproxy.daemon import ProxyService
+from wsproxy.process.daemon import ProxyService
 
 from .support import wait_for
 from .test_daemon import FakeEndpoint, FakeProxy

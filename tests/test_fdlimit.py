@@ -1,6 +1,6 @@
 """
 The descriptor limit: raised to the hard limit at start, logged, and the
-connection cap kept below it (L{wsproxy.fdlimit}).
+connection cap kept below it (L{wsproxy.process.fdlimit}).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.fdlimit import RESERVE, DescriptorLimit, raise_soft_limit
+from wsproxy.process.fdlimit import RESERVE, DescriptorLimit, raise_soft_limit
 
 from .support import status_of, wait_for
 from .test_daemon_env import EnvTestCase

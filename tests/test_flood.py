@@ -3,7 +3,7 @@ Handshake floods (docs/operations/floods.md): the per-address limit on
 failed authorization, who the client is behind trusted proxies, refusal
 log lines budgeted per address, and what a refusal no longer costs.
 
-Unit tests on L{wsproxy.limits} with a L{Clock}; the real site and
+Unit tests on L{wsproxy.session.limits} with a L{Clock}; the real site and
 admission in memory (L{tests.memory}); and a real daemon against a real
 redis-server, whose C{INFO commandstats} proves that a limited upgrade sends
 no Redis command. Client addresses are told apart by binding the client's
@@ -24,9 +24,9 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 import autobahn.websocket.protocol as autobahn_protocol
-from wsproxy.limits import FailedAuthLimit, client_address
-from wsproxy.proxy import REFUSAL_LINES
-from wsproxy.upgrade import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
+from wsproxy.session.limits import FailedAuthLimit, client_address
+from wsproxy.session.proxy import REFUSAL_LINES
+from wsproxy.edge.upgrade import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
 
 from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
 from .support import Daemon, RedisTestCase, free_port, wait_for
@@ -169,7 +169,7 @@ class ClientAddressTests(SynchronousTestCase):
 class LazyPformatTests(SynchronousTestCase):
     def test_formats_when_used(self) -> None:
         """
-        Autobahn's C{pformat} (made lazy by wsproxy.protocol) gives the
+        Autobahn's C{pformat} (made lazy by wsproxy.websocket.protocol) gives the
         same text as pprint's once it is formatted or turned into a str.
         """
         value = [("autoPingInterval", 30, "ProxyFactory")] * 4
@@ -469,7 +469,7 @@ class TurnBudgetTests(MemoryTestCase):
 class CompareFirstTests(MemoryTestCase):
     """
     A token in the Authorization header is compared with the stored one
-    before Autobahn builds anything (wsproxy.site.Root._compare_first).
+    before Autobahn builds anything (wsproxy.edge.site.Root._compare_first).
     """
 
     def test_wrong_token_refused_before_autobahn(self) -> None:
@@ -522,7 +522,7 @@ class CompareFirstTests(MemoryTestCase):
 
 class LeanUpgradeTests(SynchronousTestCase):
     """
-    wsproxy.site.lean_upgrade: which request heads the site reads itself,
+    wsproxy.edge.site.lean_upgrade: which request heads the site reads itself,
     and that everything else is left to twisted.web.
     """
 
@@ -580,7 +580,7 @@ class LeanUpgradeTests(SynchronousTestCase):
 
 class LeanPathTests(MemoryTestCase):
     """
-    The site reads plain upgrade requests itself (wsproxy.site.lean_upgrade)
+    The site reads plain upgrade requests itself (wsproxy.edge.site.lean_upgrade)
     and leaves every other request to twisted.web: both decide the same.
     """
 

@@ -26,9 +26,9 @@ from tests.memory import (
     MemoryTestCase,
     close_payload,
 )
-from wsproxy.auth import CHECK_SHA, token_digest
+from wsproxy.session.auth import CHECK_SHA, token_digest
 from wsproxy.names import upstream_partition, upstream_stream
-from wsproxy.redislink import RedisTimeout, RedisUnavailable
+from wsproxy.redis.redislink import RedisTimeout, RedisUnavailable
 
 GRACE = 10800  # the default AUTH_GRACE_PERIOD_SECS
 
@@ -502,7 +502,7 @@ class ClientLeavesTests(AdmissionTestCase):
 
 class TokenScriptTests(AdmissionTestCase):
     """
-    The token check's one round trip (wsproxy.auth.CHECK_SCRIPT), and what
+    The token check's one round trip (wsproxy.session.auth.CHECK_SCRIPT), and what
     happens when Redis has not cached it or refuses scripts.
     """
 

@@ -8,8 +8,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.pubsub import Hub
-from wsproxy.redislink import RedisUnavailable
+from wsproxy.redis.pubsub import Hub
+from wsproxy.redis.redislink import RedisUnavailable
 
 
 class FakeLink:

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.redisendpoint import ConnectFailures, describe_failure
-from wsproxy.redislink import RedisLink, RedisUnavailable
+from wsproxy.redis.redisendpoint import ConnectFailures, describe_failure
+from wsproxy.redis.redislink import RedisLink, RedisUnavailable
 
 
 class FakeTransport:
@@ -229,7 +229,7 @@ class DeadlineTests(SynchronousTestCase):
 
         from twisted.internet import reactor
 
-        from wsproxy.redislink import with_deadline
+        from wsproxy.redis.redislink import with_deadline
 
         redis_end, proxy_end = socket.socketpair()
         trigger, stalled = socket.socketpair()
@@ -271,7 +271,7 @@ class DeadlineTests(SynchronousTestCase):
 
         from twisted.internet import reactor
 
-        from wsproxy.redislink import RedisTimeout, with_deadline
+        from wsproxy.redis.redislink import RedisTimeout, with_deadline
 
         outcome: list[Any] = []
         with_deadline(defer.Deferred(), 0.05, reactor).addBoth(outcome.append)  # type: ignore[arg-type]
@@ -287,7 +287,7 @@ class DeadlineTests(SynchronousTestCase):
         and the deadline's timer goes with it.
         """
         clock = Clock()
-        from wsproxy.redislink import with_deadline
+        from wsproxy.redis.redislink import with_deadline
 
         d = with_deadline(defer.Deferred(), 5, clock)
         d.cancel()

@@ -6,7 +6,7 @@ missing, repeated, in other cases and spacings, with invalid values;
 reordered headers; other HTTP versions and methods; bodies; fragments and
 odd targets; tokens presented once, twice, in several ways; control bytes;
 heads over the lean parser's and twisted.web's limits) goes through the
-in-memory proxy twice: with the lean parser (L{wsproxy.upgrade.lean_upgrade})
+in-memory proxy twice: with the lean parser (L{wsproxy.edge.upgrade.lean_upgrade})
 and with it switched off (twisted.web reads every request). Everything the
 client and Redis see must be identical: the response (all of it but
 C{Date}), whether the connection was closed, every Redis command, every

@@ -1,5 +1,5 @@
 """
-Resumable sessions' bookkeeping (wsproxy.resume), without Redis or
+Resumable sessions' bookkeeping (wsproxy.session.resume), without Redis or
 sockets: positions, the recovery plan, and the Resumer's exactly-once,
 in-order delivery across the seam and live gaps.
 """
@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.metrics import Stats
-from wsproxy.resume import (
+from wsproxy.session.resume import (
     Entry,
     History,
     InvalidPosition,

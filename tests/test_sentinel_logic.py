@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy import sentinel
 from wsproxy.config import Settings
-from wsproxy.redisendpoint import SentinelError
+from wsproxy.redis.redisendpoint import SentinelError
 
 
 class FindMasterTests(SynchronousTestCase):

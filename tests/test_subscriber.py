@@ -14,8 +14,8 @@ import txredisapi
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from wsproxy.redisendpoint import client_endpoint
-from wsproxy.redislink import RedisLink, RedisUnavailable
+from wsproxy.redis.redisendpoint import client_endpoint
+from wsproxy.redis.redislink import RedisLink, RedisUnavailable
 from wsproxy.fast.sockwrite import BATCH
 
 from .support import RedisServer, settings_for, wait_for

@@ -34,8 +34,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from wsproxy.config import Settings
 from wsproxy.metrics import Stats, merge, monotonic_part, render
-from wsproxy.site import Root
-from wsproxy.workers import Supervisor, SupervisorLink, _Worker, _WorkerLink
+from wsproxy.edge.site import Root
+from wsproxy.process.workers import Supervisor, SupervisorLink, _Worker, _WorkerLink
 
 from .support import Daemon, RedisTestCase, connect, status_of, upgrade_request, wait_for
 from .test_hostile import RawClient
@@ -222,7 +222,7 @@ class SupervisorLinkTests(SynchronousTestCase):
         per reactor turn, counted per address; a "limit" from the supervisor
         limits the address in this worker's table.
         """
-        from wsproxy.limits import FailedAuthLimit
+        from wsproxy.session.limits import FailedAuthLimit
 
         table = FailedAuthLimit(self.clock, 5, 60, 100)
         self.link.auth_limit = table

@@ -20,7 +20,10 @@ from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
-from .frames import FRAME_MODES, FrameMode
+#: how messages map to frames (L{wsproxy.session.frames}); declared here, the
+#: bottom of the package, so that settings import nothing above them
+FrameMode = Literal["auto", "tagged"]
+FRAME_MODES: tuple[FrameMode, ...] = get_args(FrameMode)
 
 EventTarget = Literal["session", "all", "stream"]
 LogLevelName = Literal["debug", "info", "warn", "error"]

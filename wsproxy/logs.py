@@ -7,7 +7,7 @@ to fill the log).
 Third-party namespaces never log below C{info}: Autobahn's debug output
 prints whole HTTP requests, Authorization header included. twisted.web's
 access log (which prints query strings, C{access_token} included) is turned
-off in L{wsproxy.site}.
+off in L{wsproxy.edge.site}.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObser
     predicate.setLogLevelForNamespace("wsproxy", wanted)
     # ClientService announces every reconnection attempt ("Scheduling retry
     # 1 to connect <...Endpoint object at 0x...>"), saying neither where nor
-    # why; wsproxy.redislink logs the failure itself, rate-limited
+    # why; wsproxy.redis.redislink logs the failure itself, rate-limited
     predicate.setLogLevelForNamespace(
         "twisted.application._client_service", max(wanted, LogLevel.warn)
     )

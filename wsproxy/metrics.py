@@ -5,7 +5,7 @@ The hot path only increments plain integer attributes of L{Stats}; the
 Prometheus registry reads them when C{/metrics} is scraped, through a custom
 collector. No locks, labels or objects are touched per message.
 
-With several worker processes (L{wsproxy.workers}) each worker's registry is
+With several worker processes (L{wsproxy.process.workers}) each worker's registry is
 read into a L{Snapshot} at scrape time, and the supervisor adds the
 snapshots up (L{merge}) and renders the sum (L{render}): a scrape describes
 the whole instance, whichever worker answers it.

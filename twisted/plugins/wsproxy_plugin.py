@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 wsproxy = ServiceMaker(
     "wsproxy",
-    "wsproxy.tap",
+    "wsproxy.process.tap",
     "WebSocket proxy bridging clients to Redis Pub/Sub",
     "wsproxy",
 )

@@ -12,7 +12,7 @@ connection. L{check} runs every probe once; for each that fails it logs
 one warning naming the internal and switches its module to the fallback
 (a module-level flag or function read where the piece is used, so the hot
 paths decide nothing per message). The daemon runs it at start-up
-(L{wsproxy.daemon.ProxyService}); C{python -m wsproxy.fast} runs it and
+(L{wsproxy.process.daemon.ProxyService}); C{python -m wsproxy.fast} runs it and
 prints one line per internal, with exit status 1 if any failed.
 
 The pins of the same behaviour, one test per internal named after it, are
@@ -527,7 +527,7 @@ INTERNALS: tuple[Internal, ...] = (
         "EPollReactor.doPoll/doIteration, _poller, _selectables, _doReadOrWrite, "
         "_disconnectSelectable, threadCallQueue, _newTimedCalls, _pendingTimedCalls, "
         "_justStopped",
-        "wsproxy.fast.poll (installed by wsproxy.daemon)",
+        "wsproxy.fast.poll (installed by wsproxy.process.daemon)",
         "Twisted's own doPoll",
         _probe_epoll_turn, _disable_epoll_turn, _enable_epoll_turn,
     ),
@@ -542,7 +542,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "twisted.tcp-read",
         "tcp.Connection.doRead replaced on the instance, tcp.Connection.socket",
-        "wsproxy.fast.sockread (the Redis connections, wsproxy.redislink)",
+        "wsproxy.fast.sockread (the Redis connections, wsproxy.redis.redislink)",
         "Twisted's own doRead",
         _probe_tcp_read, _disable_tcp_read, _enable_tcp_read,
     ),
@@ -550,21 +550,21 @@ INTERNALS: tuple[Internal, ...] = (
         "autobahn.connection-state",
         "WebSocketProtocol.state, current_frame, data, inside_message, "
         "autoPingTimeoutCall, _perMessageCompress, _dataReceived",
-        "wsproxy.protocol.ProxyProtocol.dataReceived (wsproxy.fast.inframes)",
+        "wsproxy.websocket.protocol.ProxyProtocol.dataReceived (wsproxy.fast.inframes)",
         "Autobahn's own dataReceived for every client read",
         _probe_autobahn_state, _disable_autobahn_state, _enable_autobahn_state,
     ),
     Internal(
         "autobahn.batched-timer",
         "WebSocketServerFactory._batched_timer (call_later)",
-        "wsproxy.protocol.ProxyFactory (wsproxy.fast.timers.BucketTimer)",
+        "wsproxy.websocket.protocol.ProxyFactory (wsproxy.fast.timers.BucketTimer)",
         "Autobahn's own batched timer",
         _probe_batched_timer, _disable_batched_timer, _enable_batched_timer,
     ),
     Internal(
         "autobahn.pformat",
         "autobahn.websocket.protocol.pformat (replaced process-wide)",
-        "wsproxy.fast.lazyformat (installed by wsproxy.protocol)",
+        "wsproxy.fast.lazyformat (installed by wsproxy.websocket.protocol)",
         "Autobahn's eager pprint.pformat",
         _probe_pformat, _disable_pformat, _enable_pformat,
     ),
@@ -578,7 +578,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "cpython.gc-freeze",
         "gc.freeze, unfreeze, get_freeze_count, callbacks, get_threshold, set_threshold",
-        "wsproxy.fast.heap.CollectorPolicy (installed by wsproxy.daemon)",
+        "wsproxy.fast.heap.CollectorPolicy (installed by wsproxy.process.daemon)",
         "no collector policy (CPython's collector as it comes)",
         _probe_gc, _disable_gc, _enable_gc,
     ),

@@ -34,7 +34,7 @@ C{tests/test_fast_sockwrite.py}:
      (C{abortConnection}: dropped, as Twisted does), write-closed or lost.
   3. I{held while a read is dispatched}: the process has one L{BATCH},
      held while a Redis read is dispatched (subscriber and command
-     connection: C{wsproxy.redislink._Fed}) and while a client read is
+     connection: C{wsproxy.redis.redislink._Fed}) and while a client read is
      (C{ProxyProtocol.dataReceived}); holds nest. While it is held, a
      client connection's frames (L{Pending.send}) are kept; when the
      outermost hold is released, every connection that kept frames sends

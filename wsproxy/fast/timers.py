@@ -29,7 +29,7 @@ from twisted.logger import Logger
 #: cleared by the start-up check (L{wsproxy.fast.borrowed}) if Autobahn no
 #: longer schedules its connections' deadlines on its factory's
 #: C{_batched_timer}: the proxy's factory then hands Autobahn its own timer
-#: back (L{wsproxy.protocol.ProxyFactory._batched_timer})
+#: back (L{wsproxy.websocket.protocol.ProxyFactory._batched_timer})
 ENABLED = True
 
 #: calls run per reactor turn when a bucket falls due; the rest in the next

@@ -16,10 +16,11 @@ C{tagged} (frame-exact)
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Tuple, get_args
+from typing import Callable, Optional, Tuple
 
-FrameMode = Literal["auto", "tagged"]
-FRAME_MODES: tuple[FrameMode, ...] = get_args(FrameMode)
+from ..config import FRAME_MODES, FrameMode
+
+__all__ = ["FRAME_MODES", "FrameMode"]
 
 TEXT_TAG = b"t"
 BINARY_TAG = b"b"

@@ -6,7 +6,7 @@ L{SentinelEndpoint}: each connection attempt asks the sentinels (in turn,
 skipping those that do not answer) for the address of
 C{REDIS_SENTINEL_MASTER}, then connects there with C{REDIS_URL}'s
 credentials, database and TLS. A connection is only used once C{ROLE}
-says that server really is a master (L{wsproxy.redislink}): a stale
+says that server really is a master (L{wsproxy.redis.redislink}): a stale
 address, or an old master that came back as a replica, is never written
 to.
 
@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import Settings
+from ..config import Settings
 from .redisendpoint import SentinelError, encode_command, tls_options
 
 #: how long one sentinel has to answer a question

@@ -35,7 +35,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import Settings
+from ..config import Settings
 from .sentinel import SentinelEndpoint
 from .redisendpoint import (
     ConnectFailures,
@@ -45,9 +45,9 @@ from .redisendpoint import (
     encode_command,
     setup_category,
 )
-from .fast import sockread
-from .fast.sockread import read_into
-from .fast.sockwrite import BATCH, Pending, TurnPending, plain_socket
+from ..fast import sockread
+from ..fast.sockread import read_into
+from ..fast.sockwrite import BATCH, Pending, TurnPending, plain_socket
 
 
 #: write-buffer high-water mark of the command connection (Twisted's
@@ -421,7 +421,7 @@ class Link(Protocol):
     """
     What the proxy needs of its command or subscriber connection: one
     L{RedisLink}, or a Redis Cluster's connections to every master
-    (L{wsproxy.cluster}).
+    (L{wsproxy.redis.cluster}).
     """
 
     on_ready: Callable[[Any], None]

@@ -60,12 +60,12 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
-from .config import Settings
+from ..config import Settings
 from .daemon import DaemonService, ProxyService, StartupError
-from .limits import FailedAuthLimit
-from .metrics import Snapshot, merge, monotonic_part, render, snapshot_of
-from .proxy import Proxy
-from .site import ProxySite
+from ..session.limits import FailedAuthLimit
+from ..metrics import Snapshot, merge, monotonic_part, render, snapshot_of
+from ..session.proxy import Proxy
+from ..edge.site import ProxySite
 
 #: environment variables that make a process a worker (see L{Seat})
 INDEX_ENV = "WSPROXY_WORKER_INDEX"

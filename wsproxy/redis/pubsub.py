@@ -78,7 +78,7 @@ class Hub:
         on_redirect: Optional[Callable[[], None]] = None,
     ) -> None:
         self._link = link
-        #: Redis Cluster shards (L{wsproxy.cluster}): a subscription refused
+        #: Redis Cluster shards (L{wsproxy.redis.cluster}): a subscription refused
         #: with MOVED/ASK stays waiting and this is called (the cluster then
         #: moves the channel to the shard that owns it); otherwise it fails
         self._on_redirect = on_redirect

@@ -34,10 +34,10 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from .fast import borrowed, heap, poll
-from .fast.heap import CollectorPolicy
+from ..fast import borrowed, heap, poll
+from ..fast.heap import CollectorPolicy
 from .fdlimit import DescriptorLimit, raise_soft_limit
-from .proxy import Proxy
+from ..session.proxy import Proxy
 
 
 class ListenError(Exception):
@@ -115,7 +115,7 @@ class ProxyService(DaemonService):
     Listens on C{endpoint} with C{site} and runs C{proxy}.
 
     @param endpoint: where to listen: C{serverFromString(LISTEN)}, or in a
-        worker the socket inherited from the supervisor (L{wsproxy.workers}).
+        worker the socket inherited from the supervisor (L{wsproxy.process.workers}).
     @param worker: the worker's index, if this process is one of several
         (only named in the log).
     @param manage_heap: keep long-lived objects out of the cycle
@@ -220,7 +220,7 @@ class ProxyService(DaemonService):
     def _fit_descriptor_limit(self) -> None:
         """
         Raise the soft descriptor limit to the hard one and cap connections
-        below it (L{wsproxy.fdlimit}); logged with the listening line.
+        below it (L{wsproxy.process.fdlimit}); logged with the listening line.
         """
         self.descriptors = raise_soft_limit()
         self.proxy.connection_cap = self.descriptors.cap(self.proxy.settings.max_connections)
@@ -242,7 +242,7 @@ class ProxyService(DaemonService):
     def _accept_when_ready(self, port: IListeningPort) -> None:
         """
         A worker's socket is its own (C{SO_REUSEPORT}, see
-        L{wsproxy.workers}): what the kernel queued on it while the worker
+        L{wsproxy.process.workers}): what the kernel queued on it while the worker
         (re)started waits there, not taken by another worker, so accepting
         it before Redis is connected would answer it 503. Accept once the
         command and subscriber connections are ready, or after

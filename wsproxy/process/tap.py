@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .config import SETTINGS, ConfigError, Settings, load_settings
+from ..config import SETTINGS, ConfigError, Settings, load_settings
 
 
 class Options(usage.Options):
@@ -51,7 +51,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """
     Build the service for parsed C{options}: the supervisor of C{WORKERS}
     worker processes, one of those workers (started by the supervisor,
-    L{wsproxy.workers.Seat}), or a single proxy listening on C{LISTEN} or
+    L{wsproxy.process.workers.Seat}), or a single proxy listening on C{LISTEN} or
     C{HOST}/C{PORT}. This is the only place that tells them apart.
     """
     if reactor is None:
@@ -61,9 +61,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from twisted.internet.endpoints import serverFromString
 
     from .daemon import ProxyService
-    from .logs import make_observer
-    from .proxy import build_proxy
-    from .site import ProxySite
+    from ..logs import make_observer
+    from .build import build_proxy
+    from ..edge.site import ProxySite
     from .workers import Seat, Supervisor, worker_service
 
     settings = options.settings

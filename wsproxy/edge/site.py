@@ -23,12 +23,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from . import upstream
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .protocol import ProxyFactory
-from .names import parse_ws_path
-from .proxy import Compared, Comparison, Proxy
-from .refusal import CLIENT_LEFT, Refusal
+from ..session import upstream
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..websocket.protocol import ProxyFactory
+from ..names import parse_ws_path
+from ..session.proxy import Compared, Comparison, Proxy
+from ..refusal import CLIENT_LEFT, Refusal
 from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
 from . import upgrade as handshake
 
@@ -125,7 +125,7 @@ class Root(resource.Resource):
         leaves to it, L{lean_upgrade}): decided as any other (L{upgrade}),
         Autobahn reading it as twisted.web understood it, one line per
         header line. Its body, if it had one, is read by nobody: the
-        request is refused for it (L{wsproxy.upgrade.refusal}).
+        request is refused for it (L{wsproxy.edge.upgrade.refusal}).
         """
         headers = {name.lower(): list(values)
                    for name, values in request.requestHeaders.getAllRawHeaders()}
@@ -145,7 +145,7 @@ class Root(resource.Resource):
         """
         Decide an upgrade request, in order: the per-address limit (429);
         the request itself, as a WebSocket handshake
-        (L{wsproxy.upgrade.refusal}: 400 mostly, 505); then a header token
+        (L{wsproxy.edge.upgrade.refusal}: 400 mostly, 505); then a header token
         compared before the WebSocket handshake; then the WebSocket
         protocol (whose admission decides everything else). Nothing before
         the token comparison sends a Redis command.
@@ -278,7 +278,7 @@ class Root(resource.Resource):
         """
         Hand the connection to a new WebSocket protocol, which reads the
         request (C{data}, with whatever the client sent behind it) again
-        and runs its admission (L{wsproxy.protocol.ProxyProtocol._admit}).
+        and runs its admission (L{wsproxy.websocket.protocol.ProxyProtocol._admit}).
         """
         # the HTTP channel's idle timer must not fire on it later
         channel.setTimeout(None)
@@ -612,7 +612,7 @@ class _DeadlineChannel(http.HTTPChannel):
         on: the WebSocket protocol owns the transport from here on. Let go
         of it and of the request (which points back at this channel), so
         that nothing of the HTTP exchange waits for Python's cycle
-        collector (see L{wsproxy.protocol.ProxyProtocol._break_cycles}).
+        collector (see L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles}).
         """
         self.upgraded_to = None
         for request in self.requests:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from .metrics import Stats
+    from ..metrics import Stats
 
 #: the client's opt-in: C{?resume=} (fresh) or C{?resume=<position>}
 RESUME_PARAM = "resume"

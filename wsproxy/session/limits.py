@@ -4,7 +4,7 @@ behind trusted reverse proxies.
 
 After C{AUTH_FAIL_LIMIT} failed token checks (401 or 403) from one address
 within C{AUTH_FAIL_WINDOW_SECS}, further upgrades from it are answered 429
-with C{Retry-After} by L{wsproxy.site} before anything else is done (no
+with C{Retry-After} by L{wsproxy.edge.site} before anything else is done (no
 Autobahn, no Redis), until the window that began with its first failure has
 passed. Valid tokens never count: a reconnect storm of legitimate clients
 is never limited, however large.
@@ -128,7 +128,7 @@ class FailedAuthLimit:
         self.limited = 0
         self.failures = 0
         #: with WORKERS > 1, told of every failure counted here, so that the
-        #: supervisor counts them over all workers (L{wsproxy.workers})
+        #: supervisor counts them over all workers (L{wsproxy.process.workers})
         self.relay: Optional[Callable[[str], None]] = None
 
     def __len__(self) -> int:
@@ -176,7 +176,7 @@ class FailedAuthLimit:
         """
         Upgrades from C{address} are refused for the next C{left} seconds:
         another worker of this instance saw it reach the limit (see
-        L{wsproxy.workers}).
+        L{wsproxy.process.workers}).
         """
         now = self._clock.seconds()
         entry = self._entry(address, now)

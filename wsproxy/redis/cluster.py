@@ -42,8 +42,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import Settings
-from .names import canary_channel
+from ..config import Settings
+from ..names import canary_channel
 from .pubsub import Hub, Listener
 from .redisendpoint import ConnectFailures, client_endpoint, describe_failure, encode_command
 from .redislink import RedisLink, RedisUnavailable
@@ -304,7 +304,7 @@ class Shard:
 class Cluster:
     """
     The slot map and a L{Shard} per master; L{commands}, L{subscribers}
-    and L{hub} are what L{wsproxy.proxy.Proxy} uses instead of one Redis
+    and L{hub} are what L{wsproxy.session.proxy.Proxy} uses instead of one Redis
     connection pair and one hub.
     """
 
@@ -605,7 +605,7 @@ class Cluster:
 
 class _Counts:
     """
-    Connection failures over every node (L{wsproxy.redislink.FailureCounts}).
+    Connection failures over every node (L{wsproxy.redis.redislink.FailureCounts}).
     """
 
     def __init__(self, cluster: Cluster) -> None:
@@ -658,7 +658,7 @@ def _encoded_key(command: bytes) -> bytes:
 class ClusterCommands:
     """
     The command side of a cluster, with the interface of one command
-    L{RedisLink} (L{wsproxy.redislink.Commands}): every command goes to its
+    L{RedisLink} (L{wsproxy.redis.redislink.Commands}): every command goes to its
     key's master, redirections are followed.
     """
 
@@ -826,7 +826,7 @@ class ClusterCommands:
 
 class ClusterSubscribers:
     """
-    The subscriber side's lifecycle (L{wsproxy.redislink.Link}): every
+    The subscriber side's lifecycle (L{wsproxy.redis.redislink.Link}): every
     shard's subscriber connection.
     """
 

@@ -63,19 +63,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import auth, frames, upstream
-from .fast import inframes, lazyformat, timers
-from .fast.inframes import simple_frame
-from .fast.sockwrite import BATCH, Pending, plain_socket, write_now
-from .fast.timers import BucketTimer
-from .control import ClosedBy, connection_event
-from .logs import BudgetedLog
-from .names import down_channel, live_channel, up_channel
-from .pubsub import Listener
-from .proxy import Proxy
-from .refusal import CLIENT_LEFT, Refusal, refusal_for
-from .resume import Recovery, Resumer
-from .upstream import Appender, InvalidEnvelope
+from ..session import auth, frames, upstream
+from ..fast import inframes, lazyformat, timers
+from ..fast.inframes import simple_frame
+from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
+from ..fast.timers import BucketTimer
+from ..session.control import ClosedBy, connection_event
+from ..logs import BudgetedLog
+from ..names import down_channel, live_channel, up_channel
+from ..redis.pubsub import Listener
+from ..session.proxy import Proxy
+from ..refusal import CLIENT_LEFT, Refusal, refusal_for
+from ..session.resume import Recovery, Resumer
+from ..session.upstream import Appender, InvalidEnvelope
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -771,7 +771,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False
         )
 
-    # Durable upstream (UPSTREAM=stream, see wsproxy.upstream)
+    # Durable upstream (UPSTREAM=stream, see wsproxy.session.upstream)
 
     def _append(self, appender: Appender, payload: bytes, binary: bool) -> None:
         message_id = b""
@@ -966,7 +966,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             write_now(direct, data)
 
-    # Resumable sessions (see wsproxy.resume): every data frame is
+    # Resumable sessions (see wsproxy.session.resume): every data frame is
     # "<position>\n<message>" (an empty position for plain :down messages),
     # control frames are "!" + JSON.
 

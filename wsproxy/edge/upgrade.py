@@ -4,7 +4,7 @@ on whether it is an acceptable opening handshake (L{refusal}).
 
 Two parsers read requests on the proxy's port: L{lean_upgrade}, for the
 plain upgrades browsers, apps and load balancers send, and twisted.web for
-everything else (L{wsproxy.site}). Both make an L{Upgrade}, and L{refusal}
+everything else (L{wsproxy.edge.site}). Both make an L{Upgrade}, and L{refusal}
 decides on it the same way, right after the failed-authorization screen
 (429) and before the token is looked at: a refused request costs no Redis
 command, never renews a token's TTL and never counts as a failed
@@ -33,7 +33,7 @@ that:
   - no subprotocol offered twice; at most one, valid, C{Origin};
   - one C{Sec-WebSocket-Key}, the base64 form of 16 bytes;
   - at most one C{Sec-WebSocket-Extensions}, whose compression offers parse;
-  - the token presented at most once (L{wsproxy.auth.repeated_token}).
+  - the token presented at most once (L{wsproxy.session.auth.repeated_token}).
 
 Which requests are upgrades at all (L{names_websocket}) is decided once too:
 a C{GET} whose C{Upgrade} header lines mention C{websocket}.
@@ -49,8 +49,8 @@ from urllib.parse import urlsplit
 
 from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION
 
-from .auth import REPEATED_TOKEN, repeated_token
-from .refusal import Refusal
+from ..session.auth import REPEATED_TOKEN, repeated_token
+from ..refusal import Refusal
 
 #: the longest request head the lean parser reads (longer ones, rare and
 #: legitimate or not, are twisted.web's, with its limits and its 431)
@@ -199,7 +199,7 @@ def _valid_origin(value: str) -> bool:
     """
     Whether Autobahn reads C{value} as an origin (C{_url_to_origin}): C{null},
     a C{file:} URL, or a URL with a host and a valid port. Which origins are
-    allowed is L{wsproxy.proxy.Proxy.precheck}'s (403).
+    allowed is L{wsproxy.session.proxy.Proxy.precheck}'s (403).
     """
     if value.lower() == "null":
         return True
@@ -263,7 +263,7 @@ def refusal(upgrade: Upgrade) -> Optional[Refusal]:
     handshake, and how (see the module docstring for the rules, in the
     order they are applied); C{None} if it is acceptable, which leaves the
     path, the origin's policy, the token and everything else that needs
-    state to the admission (L{wsproxy.proxy.Proxy}).
+    state to the admission (L{wsproxy.session.proxy.Proxy}).
     """
     if upgrade.version != b"HTTP/1.1":
         return Refusal(505, "HTTP Version Not Supported")

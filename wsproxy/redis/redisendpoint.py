@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import RedisAddress, Settings
+from ..config import RedisAddress, Settings
 
 
 def encode_command(*args: bytes | str) -> bytes:
@@ -30,7 +30,7 @@ def encode_command(*args: bytes | str) -> bytes:
 
 class SentinelError(Exception):
     """
-    The sentinels could not name a usable master (see L{wsproxy.sentinel}).
+    The sentinels could not name a usable master (see L{wsproxy.redis.sentinel}).
     """
 
 

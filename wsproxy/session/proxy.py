@@ -21,12 +21,12 @@ from twisted.python.failure import Failure
 
 from . import auth
 from .backpressure import Readable, UpstreamValve
-from .config import Settings
+from ..config import Settings
 from .control import Control, Events, Heartbeat
 from .limits import FailedAuthLimit, client_address
-from .logs import LogBudget
-from .metrics import Stats
-from .names import (
+from ..logs import LogBudget
+from ..metrics import Stats
+from ..names import (
     CONTROL_CHANNEL,
     canary_channel,
     history_key,
@@ -35,21 +35,20 @@ from .names import (
     use_hash_tags,
     valid_session_id,
 )
-from .cluster import Cluster, ClusterHub
-from .pubsub import Hub, Listener
-from .redislink import (
+from ..redis.cluster import Cluster, ClusterHub
+from ..redis.pubsub import Hub, Listener
+from ..redis.redislink import (
     Commands,
     FailureCounts,
     Link,
     RedisLink,
     RedisTimeout,
     RedisUnavailable,
-    build_links,
     process_token,
     with_deadline,
 )
-from .refusal import CLIENT_LEFT, Refusal, refusal_for
-from .sentinel import SentinelWatcher
+from ..refusal import CLIENT_LEFT, Refusal, refusal_for
+from ..redis.sentinel import SentinelWatcher
 from .resume import (
     RESUME_PARAM,
     library,
@@ -200,7 +199,7 @@ class Comparison:
 class Connection(Readable, Protocol):
     """
     What the proxy needs of an open connection (a
-    L{wsproxy.protocol.ProxyProtocol}) besides pausing its reading.
+    L{wsproxy.websocket.protocol.ProxyProtocol}) besides pausing its reading.
 
     @ivar closed: fires once the connection has closed.
     """
@@ -268,7 +267,7 @@ class Proxy:
         #: connections from upgrade request to close
         self.connections: Set[Connection] = set()
         #: C{MAX_CONNECTIONS}, lowered by the daemon to what the process's
-        #: descriptor limit allows (L{wsproxy.fdlimit}); 0 = no cap
+        #: descriptor limit allows (L{wsproxy.process.fdlimit}); 0 = no cap
         self.connection_cap = settings.max_connections
         self.valve = UpstreamValve(self.connections)
         commands.on_ready = self._commands_ready
@@ -671,7 +670,7 @@ class Proxy:
     ) -> "Comparison":
         """
         The token check before the WebSocket handshake (see
-        L{wsproxy.site.Root}), to be started: whether the stored token
+        L{wsproxy.edge.site.Root}), to be started: whether the stored token
         equals C{token} (and, with the token check's script, in the same
         round trip, its TTL reset). C{done} gets a L{Compared}, or the
         L{Refusal}: 403, 503, 504 as L{authorize}, L{CLIENT_LEFT} if
@@ -740,14 +739,3 @@ def _merged(reporters: Iterable[FailureCounts]) -> Counter[str]:
     for reporter in reporters:
         total.update(reporter.counts)
     return total
-
-
-def build_proxy(reactor: IReactorTime, settings: Settings) -> Proxy:
-    """
-    A L{Proxy} with real Redis links for C{settings}.
-    """
-    if settings.redis_cluster:
-        cluster = Cluster(reactor, settings, process_token())
-        return Proxy(settings, reactor, cluster.commands, cluster.subscribers, cluster=cluster)
-    commands, subscriber = build_links(reactor, settings)
-    return Proxy(settings, reactor, commands, subscriber)

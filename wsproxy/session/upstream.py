@@ -15,7 +15,7 @@ for an entry id Redis returned. A nack means "not known to be stored": the
 client sends the message again with the same id, and backends drop the
 duplicates by id.
 
-This module only encodes; L{wsproxy.protocol.ProxyProtocol} sends the
+This module only encodes; L{wsproxy.websocket.protocol.ProxyProtocol} sends the
 commands on the command connection (the lean, callback path PUBLISH uses)
 and keeps the count of appends in flight per connection.
 """
@@ -28,9 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
 
-from .names import upstream_partition, upstream_stream
-from .redislink import RedisTimeout, RedisUnavailable
-from .refusal import Refusal
+from ..names import upstream_partition, upstream_stream
+from ..redis.redislink import RedisTimeout, RedisUnavailable
+from ..refusal import Refusal
 
 #: the query parameter by which a client opts in to acknowledgements
 ACK_PARAM = "ack"

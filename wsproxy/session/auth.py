@@ -13,7 +13,7 @@ backend stored in C{session:{id}:auth}.
 A failed check never touches the key; a successful one sets its TTL to the
 grace period, which is what lets a client reconnect with the same token
 until the grace period runs out. Redis errors are not decided here: they
-propagate to the admission (L{wsproxy.proxy.Proxy.admit}), which answers
+propagate to the admission (L{wsproxy.session.proxy.Proxy.admit}), which answers
 503 or 504.
 
 One round trip: the comparison and the TTL reset are one Lua script
@@ -46,8 +46,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .names import auth_key
-from .refusal import Refusal
+from ..names import auth_key
+from ..refusal import Refusal
 
 #: the subprotocol name that marks a token in Sec-WebSocket-Protocol
 BEARER_SUBPROTOCOL = "bearer"
@@ -153,7 +153,7 @@ MISSING_TOKEN = (401, "Missing bearer token", (REALM_HEADER,))
 INVALID_TOKEN = (403, "Invalid or expired token")
 
 #: sends one Redis command on the command connection's lean path, like
-#: L{wsproxy.redislink.RedisLink.send}: C{send(on_reply, *args)}; the reply
+#: L{wsproxy.redis.redislink.RedisLink.send}: C{send(on_reply, *args)}; the reply
 #: (or the exception: a Redis error, L{RedisUnavailable}, L{RedisTimeout})
 #: goes to C{on_reply}
 Send = Callable[..., None]

@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 class Readable(Protocol):
     """
-    A connection whose reading can be paused (L{wsproxy.protocol.ProxyProtocol}).
+    A connection whose reading can be paused (L{wsproxy.websocket.protocol.ProxyProtocol}).
     """
 
     def pause_reading(self) -> None: ...

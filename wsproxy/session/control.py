@@ -21,16 +21,16 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .config import EventTarget
-from .metrics import Stats
-from .names import (
+from ..config import EventTarget
+from ..metrics import Stats
+from ..names import (
     ALL_EVENTS_CHANNEL,
     EVENTS_STREAM,
     events_channel,
     instance_key,
     valid_session_id,
 )
-from .redislink import Commands
+from ..redis.redislink import Commands
 
 #: who ended a connection, as close events say
 ClosedBy = Literal[

@@ -1,0 +1,141 @@
+"""
+The package's layout is its architecture: each room imports only the rooms
+below it, so that a change to one can be understood by reading it and what
+lies under it.
+
+From the top: the process (C{wsproxy.process}), the edge (C{wsproxy.edge}),
+the WebSocket protocol (C{wsproxy.websocket}), session decisions
+(C{wsproxy.session}), Redis (C{wsproxy.redis}), the fast path's borrowed
+internals (C{wsproxy.fast}), and at the bottom the shared base modules at
+the package's top level (settings, names, refusals, metrics, logs).
+C{wsproxy.backend} is the public library for backends: it stands apart and
+the proxy never imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Iterator
+
+from twisted.trial.unittest import SynchronousTestCase
+
+PACKAGE = Path(__file__).resolve().parent.parent / "wsproxy"
+
+#: each room's height: a module may import its own room and lower ones
+RANK = {"": 0, "fast": 1, "redis": 2, "session": 3, "websocket": 4, "edge": 5, "process": 6}
+#: the rooms a newcomer finds by name, with the modules each must hold
+ROOMS = {
+    "process": {"tap", "daemon", "workers", "build", "fdlimit"},
+    "edge": {"site", "upgrade"},
+    "websocket": {"protocol"},
+    "session": {"proxy", "auth", "limits", "resume", "upstream", "control", "frames",
+                "backpressure"},
+    "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster"},
+    "fast": {"__main__", "borrowed", "poll", "sockwrite", "sockread", "inframes", "timers", "heap",
+             "lazyformat"},
+    "": {"config", "names", "refusal", "metrics", "logs", "backend"},
+}
+#: top-level modules that are not part of the base: the entry point and the
+#: public library
+OUTSIDE = {"__main__", "backend"}
+
+
+def modules() -> Iterator[tuple[str, Path]]:
+    """
+    Every module of the package, as a dotted name below C{wsproxy}.
+    """
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        yield ".".join(parts), path
+
+
+def imported(name: str, path: Path) -> Iterator[tuple[int, str]]:
+    """
+    (line, module below C{wsproxy}) of every import of the package in a
+    module, relative or absolute, at any depth in the file.
+    """
+    # the package a relative import starts from (for an __init__, its own)
+    package = name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if node.module is None:
+                    for alias in node.names:
+                        yield node.lineno, ".".join(base + [alias.name])
+                    continue
+                yield node.lineno, target
+            elif node.module and (node.module == "wsproxy" or node.module.startswith("wsproxy.")):
+                yield node.lineno, node.module.removeprefix("wsproxy").lstrip(".")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("wsproxy."):
+                    yield node.lineno, alias.name.removeprefix("wsproxy.")
+
+
+def room_of(module: str) -> str:
+    """
+    The room of a module below C{wsproxy} (C{""}: the base).
+    """
+    head = module.split(".")[0]
+    return head if head in RANK and head != "" else ""
+
+
+class LayoutTests(SynchronousTestCase):
+
+    def test_rooms_hold_their_modules(self) -> None:
+        """
+        Each room is a subpackage holding the modules the architecture
+        names for it, and nothing sits at the top level but the base, the
+        public library and the entry point.
+        """
+        found: dict[str, set[str]] = {}
+        for name, _ in modules():
+            parts = name.split(".")
+            if parts[-1] == "__init__":
+                continue
+            found.setdefault(parts[0] if len(parts) > 1 else "", set()).add(parts[-1])
+        self.assertEqual(found.pop("", set()) - {"__main__"}, ROOMS[""])
+        self.assertEqual(found, {r: m for r, m in ROOMS.items() if r})
+
+    def test_imports_point_down(self) -> None:
+        """
+        No module imports a room above its own: the process may use the
+        edge, the edge the WebSocket protocol, and so on down to the base,
+        never the other way.
+        """
+        upward = []
+        for name, path in modules():
+            if name.split(".")[-1] in OUTSIDE and "." not in name:
+                continue
+            mine = RANK[room_of(name)]
+            for line, target in imported(name, path):
+                if RANK[room_of(target)] > mine:
+                    upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
+        self.assertEqual(upward, [])
+
+    def test_backend_stands_apart(self) -> None:
+        """
+        C{wsproxy.backend}, the library backends import, uses only the key
+        and channel names; and the proxy never imports it.
+        """
+        for name, path in modules():
+            targets = {target for _, target in imported(name, path)}
+            if name == "backend":
+                self.assertEqual(targets, {"names"})
+            else:
+                self.assertNotIn("backend", targets, name)
+
+    def test_imported_modules_exist(self) -> None:
+        """
+        Every import this test reads resolves to a module of the package
+        (the test reads the layout it checks).
+        """
+        names = {name for name, _ in modules()} | {
+            name.rpartition(".")[0] for name, _ in modules() if name.endswith("__init__")}
+        names |= {n.removesuffix(".__init__") for n in names}
+        missing = [(name, target) for name, path in modules() for _, target in imported(name, path)
+                   if target and target not in names]
+        self.assertEqual(missing, [])
