@@ -8,7 +8,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import auth, names
+from wsproxy.session import auth
+
+from wsproxy import names
 from wsproxy.redis.redislink import RedisTimeout, RedisUnavailable, with_deadline
 from wsproxy.refusal import Refusal
 

@@ -1,13 +1,11 @@
 """
 The daemon's plumbing, without processes: how L{ProxyService} listens on
-the endpoint it is given and reports a failure, and the package's import
-graph.
+the endpoint it is given and reports a failure (the package's import graph
+is checked by test_layout).
 """
 
 from __future__ import annotations
 
-import ast
-import os
 from typing import Any
 
 from twisted.internet import defer
@@ -18,8 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
 from wsproxy.process.daemon import ListenError, ProxyService, StartupError
-
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "wsproxy")
 
 
 class FakeEndpoint:
@@ -140,76 +136,3 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual(
             [e["where"] for e in events if "where" in e], ["127.0.0.1:8080"]
         )
-
-
-def import_graph() -> dict[str, set[str]]:
-    """
-    Which wsproxy modules each wsproxy module imports, including imports
-    inside functions.
-    """
-    modules = {name[:-3] for name in os.listdir(PACKAGE) if name.endswith(".py")}
-    graph: dict[str, set[str]] = {}
-    for module in modules:
-        with open(os.path.join(PACKAGE, module + ".py")) as f:
-            tree = ast.parse(f.read())
-        imported: set[str] = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1 and node.module:
-                    imported.add(node.module.split(".")[0])
-                elif node.level == 1:
-                    imported.update(alias.name for alias in node.names)
-                elif node.module and node.module.startswith("wsproxy."):
-                    imported.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                imported.update(
-                    alias.name.split(".")[1] for alias in node.names
-                    if alias.name.startswith("wsproxy.")
-                )
-        graph[module] = imported & modules
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str]:
-    """
-    One import cycle of C{graph} (as the list of modules along it), or [].
-    """
-    done: set[str] = set()
-
-    def visit(module: str, path: list[str]) -> list[str]:
-        if module in path:
-            return path[path.index(module):] + [module]
-        if module in done:
-            return []
-        for imported in sorted(graph[module]):
-            cycle = visit(imported, path + [module])
-            if cycle:
-                return cycle
-        done.add(module)
-        return []
-
-    for module in sorted(graph):
-        cycle = visit(module, [])
-        if cycle:
-            return cycle
-    return []
-
-
-class ImportGraphTests(SynchronousTestCase):
-    def test_no_import_cycles(self) -> None:
-        """
-        No wsproxy module imports, even lazily inside a function, a module
-        that imports it back (directly or through others).
-        """
-        graph = import_graph()
-        self.assertIn("workers", graph["tap"])
-        self.assertEqual(find_cycle(graph), [])
-
-    def test_cycle_finder_finds_cycles(self) -> None:
-        """
-        The check above can fail: a lazy import of workers from daemon (as
-        there used to be) is a cycle.
-        """
-        graph = import_graph()
-        graph["daemon"] = graph["daemon"] | {"workers"}
-        self.assertEqual(find_cycle(graph), ["daemon", "workers", "daemon"])

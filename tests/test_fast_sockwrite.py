@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from wsproxy import redislink
+from wsproxy.redis import redislink
 from wsproxy.fast import sockwrite
 from wsproxy.fast.sockwrite import BATCH, Batch, Pending, TurnPending, plain_socket, write_now
 

@@ -4,7 +4,7 @@ Frame modes: how Redis payloads map to WebSocket frames and back.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import frames
+from wsproxy.session import frames
 
 
 class AutoModeTests(SynchronousTestCase):

@@ -53,26 +53,67 @@ def modules() -> Iterator[tuple[str, Path]]:
 def imported(name: str, path: Path) -> Iterator[tuple[int, str]]:
     """
     (line, module below C{wsproxy}) of every import of the package in a
-    module, relative or absolute, at any depth in the file.
+    module, relative or absolute, at any depth in the file (lazy imports
+    inside functions included). C{from package import module} names the
+    module.
     """
+    known = {other for other, _ in modules()}
     # the package a relative import starts from (for an __init__, its own)
     package = name.split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-                if node.module is None:
-                    for alias in node.names:
-                        yield node.lineno, ".".join(base + [alias.name])
-                    continue
-                yield node.lineno, target
-            elif node.module and (node.module == "wsproxy" or node.module.startswith("wsproxy.")):
-                yield node.lineno, node.module.removeprefix("wsproxy").lstrip(".")
+                start = package[: len(package) - (node.level - 1)]
+                target = ".".join(start + ([node.module] if node.module else []))
+            elif node.module == "wsproxy" or (node.module or "").startswith("wsproxy."):
+                target = (node.module or "").removeprefix("wsproxy").lstrip(".")
+            else:
+                continue
+            for alias in node.names:
+                module = f"{target}.{alias.name}" if target else alias.name
+                yield node.lineno, module if module in known else target
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("wsproxy."):
                     yield node.lineno, alias.name.removeprefix("wsproxy.")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """
+    Which modules of the package each module imports (packages' own
+    C{__init__} modules included under the package's name).
+    """
+    graph: dict[str, set[str]] = {}
+    for name, path in modules():
+        node = name.removesuffix(".__init__") if name.endswith(".__init__") else name
+        graph[node] = {target for _, target in imported(name, path)
+                       if target and target != node}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """
+    One import cycle of C{graph} (as the list of modules along it), or [].
+    """
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for target in sorted(graph.get(module, ())):
+            cycle = visit(target, path + [module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return []
 
 
 def room_of(module: str) -> str:
@@ -139,3 +180,23 @@ class LayoutTests(SynchronousTestCase):
         missing = [(name, target) for name, path in modules() for _, target in imported(name, path)
                    if target and target not in names]
         self.assertEqual(missing, [])
+
+    def test_no_import_cycles(self) -> None:
+        """
+        No module imports, even lazily inside a function, a module that
+        imports it back (directly or through others), within a room too.
+        """
+        graph = import_graph()
+        self.assertIn("process.workers", graph["process.tap"])
+        self.assertIn("session.auth", graph["websocket.protocol"])
+        self.assertEqual(find_cycle(graph), [])
+
+    def test_cycle_finder_finds_cycles(self) -> None:
+        """
+        The check above can fail: a lazy import of workers from daemon (as
+        there used to be) is a cycle.
+        """
+        graph = import_graph()
+        graph["process.daemon"] = graph["process.daemon"] | {"process.workers"}
+        self.assertEqual(find_cycle(graph),
+                         ["process.daemon", "process.workers", "process.daemon"])

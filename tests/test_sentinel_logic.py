@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy import sentinel
+from wsproxy.redis import sentinel
 from wsproxy.config import Settings
 from wsproxy.redis.redisendpoint import SentinelError
 
