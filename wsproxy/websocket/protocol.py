@@ -7,6 +7,19 @@ Data flows one way through a connection: upgrade request → admission
 confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
 published on C{:up}, messages from the hub are sent as frames.
 
+The connection's states (L{wsproxy.websocket.states}, one attribute,
+C{_state}; every transition goes through L{states.advance}):
+
+    ADMITTING ──▶ OPEN ──▶ CLOSING ──▶ ENDED ──▶ CLOSED
+        └────────────┴────────────────▶ ┘ (ENDED from each)
+
+ADMITTING until the 101 (messages for the client kept for the open), OPEN
+while the session is open, CLOSING once the proxy decided to close (nothing
+more sent or published), ENDED once the session is over (the TCP
+connection may live on for the closing handshake), CLOSED when the TCP
+connection is gone. Autobahn's own C{state} stays Autobahn's: a frame is
+sent only when both say open.
+
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
 the client left), this protocol from then on (released in L{_end_session}).
@@ -76,6 +89,8 @@ from ..session.proxy import Proxy
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender, InvalidEnvelope
+from . import states
+from .states import ADMITTING, CLOSED, CLOSING, ENDED, OPEN, SESSION_OPEN, State
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -85,7 +100,6 @@ PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
-_HANDSHAKE, _OPEN, _CLOSED = range(3)
 #: who closed a connection for the client's own fault: such a client, if it
 #: is not reading, is dropped right after the close frame
 _CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})
@@ -197,7 +211,9 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._state = _HANDSHAKE
+        #: the proxy's state of the connection (L{wsproxy.websocket.states}:
+        #: its transitions happen there only)
+        self._state: State = ADMITTING
         self._proxy: Proxy = None  # type: ignore[assignment]
         self._subscriptions: list[tuple[str, Listener]] = []
         self._resumer: Optional[Resumer] = None
@@ -208,7 +224,6 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._compared: Optional[tuple[str, str, Any]] = None
         self._paused = False
         self._unsent = 0
-        self._stopped_sending = False
         self._warned_drop = False
         #: durable upstream (UPSTREAM=stream): the connection's XADD, the
         #: ids of its appends awaiting Redis's answer (b"" without ?ack=1;
@@ -316,6 +331,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             super().connectionLost(reason)
         finally:
             self._end_session(None)
+            states.advance(self, CLOSED)
             self._proxy.connections.discard(self)
             self._break_cycles()
             self.closed.callback(None)
@@ -444,9 +460,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
-        if self._state is _CLOSED or not self._subscriptions:
+        if not self._subscriptions or not states.advance(self, OPEN):
             return
-        self._state = _OPEN
         proxy = self._proxy
         proxy.stats.open_connections += 1
         proxy.stats.outcomes["accepted"] += 1
@@ -521,10 +536,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         held; shutdown waits for it) until C{connectionLost}. (The rules:
         the module docstring.)
         """
-        if self._state is _CLOSED:
+        was_open = self._state in SESSION_OPEN
+        if not states.advance(self, ENDED):
             return
-        was_open = self._state is _OPEN
-        self._state = _CLOSED
         proxy = self._proxy
         admission = self._admission
         if admission is not None and not admission.called:
@@ -586,7 +600,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         opening = self.state == STATE_OPEN
         super().sendCloseFrame(code, reasonUtf8, isReply)
-        if not opening or self._state is not _OPEN:
+        if not opening or self._state not in SESSION_OPEN:
             return
         if isReply:
             self._end_session(self.remoteCloseCode, self.remoteCloseReason)
@@ -596,6 +610,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._end_session(code)
         if self._paused and self._closed_by in _CLIENTS_FAULT:
             self._drop_not_reading()
+
+    def _closing(self, closed_by: ClosedBy) -> None:
+        """
+        The proxy decided to close this open connection (L{CLOSING}): it
+        sends and publishes nothing more, and its close event says
+        C{closed_by}. Its close frame follows.
+        """
+        states.advance(self, CLOSING)
+        self._closed_by = closed_by
 
     def _drop_not_reading(self) -> None:
         """
@@ -726,7 +749,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.message_data = None  # type: ignore[assignment]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._state is not _OPEN or self._stopped_sending:
+        if self._state is not OPEN:
             return
         appender = self._appender
         if appender is not None:
@@ -756,10 +779,9 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.unheard(self.session_id)
 
     def _publish_failed(self, error: Any) -> None:
-        if self._state is not _OPEN or self._stopped_sending:
+        if self._state is not OPEN:
             return
-        self._stopped_sending = True
-        self._closed_by = "error"
+        self._closing("error")
         self._proxy.stats.publish_failures += 1
         self._log.error(
             "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
@@ -779,8 +801,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             try:
                 message_id, payload = upstream.split_envelope(payload)
             except InvalidEnvelope:
-                self._stopped_sending = True
-                self._closed_by = "protocol_error"
+                self._closing("protocol_error")
                 self._log.info(
                     "invalid message envelope, closing with 1008: session={session_id} "
                     "peer={peer}", session_id=self.session_id, peer=self.peer,
@@ -817,7 +838,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         )
 
     def _send_ack(self, frame: bytes) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+        if self._state is not OPEN or self.state != STATE_OPEN:
             return
         if self._perMessageCompress is None:
             # one unfragmented text frame, written as is (no masking from a
@@ -859,7 +880,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
             self._flight_paused = False
             transport: Any = self.transport
-            if (self._state is not _HANDSHAKE and transport is not None
+            if (self._state is not ADMITTING and transport is not None
                     and not self._proxy.valve.paused):
                 transport.resumeProducing()
 
@@ -873,11 +894,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         the session (the hub hands each of them the same bytes object).
         Backend messages are not limited by MAX_MESSAGE_SIZE_BYTES.
         """
-        if self._state is not _OPEN or self.state != STATE_OPEN:
-            if self._state is _HANDSHAKE:
+        if self._state is not OPEN or self.state != STATE_OPEN:
+            if self._state is ADMITTING:
                 self._keep_early(payload)
-            return
-        if self._stopped_sending:
             return
         factory = self.factory
         if payload is factory.last_payload:
@@ -971,7 +990,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     # control frames are "!" + JSON.
 
     def _send_resumable(self, position: bytes, message: bytes, kind: bytes) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+        if self._state is not OPEN or self.state != STATE_OPEN:
             return
         if kind == b"b":
             binary = True
@@ -987,7 +1006,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._send_message(data, binary, frames.frame(data, binary), len(message))
 
     def _send_control(self, event: dict[str, object]) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
+        if self._state is not OPEN or self.state != STATE_OPEN:
             return
         self.sendMessage(b"!" + json.dumps(event, separators=(",", ":")).encode(), False)
 
@@ -1008,8 +1027,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         once (L{_drop_not_reading}): the close frame is written behind what
         is waiting, so the client gets it only if its socket takes all that.
         """
-        self._stopped_sending = True
-        self._closed_by = "slow_consumer"
+        self._closing("slow_consumer")
         self._proxy.stats.slow_consumer_closes += 1
         self._log.warn(
             "slow consumer, closing with 1008: session={session_id} peer={peer} "
@@ -1025,12 +1043,12 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def pause_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is not _HANDSHAKE and transport is not None:
+        if self._state is not ADMITTING and transport is not None:
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is not _HANDSHAKE and transport is not None and not self._flight_paused:
+        if self._state is not ADMITTING and transport is not None and not self._flight_paused:
             transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
@@ -1054,15 +1072,14 @@ class ProxyProtocol(WebSocketServerProtocol):
         Tell the client the server is going away (1001), or drop a
         connection still in its opening handshake.
         """
-        if self._state is _OPEN:
-            self._stopped_sending = True
-            self._closed_by = "shutdown"
+        if self._state in SESSION_OPEN:
+            self._closing("shutdown")
             # the shutdown's grace period decides how long the client has to
             # answer (it then drops what is left), not Autobahn's 5 s
             # closing-handshake timeout
             self.closeHandshakeTimeout = 0
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
-        elif self._state is _HANDSHAKE:
+        elif self._state is ADMITTING:
             self.dropConnection(abort=True)
 
     def server_close(self, code: int, reason: str) -> None:
@@ -1070,10 +1087,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         A backend asked for this session's sockets to be closed
         (wsproxy:control): a close frame with its code and reason.
         """
-        if self._state is not _OPEN or self._stopped_sending:
+        if self._state is not OPEN:
             return
-        self._stopped_sending = True
-        self._closed_by = "server"
+        self._closing("server")
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def drop(self, why: str) -> defer.Deferred[None]:
@@ -1090,8 +1106,9 @@ class ProxyProtocol(WebSocketServerProtocol):
 #: see ProxyProtocol._valid_events
 _SHARED = frozenset({"_valid_events", "_results", "websocket_extensions_in_use"})
 
-#: attribute values _compact may share through a class default
-_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes})
+#: attribute values _compact may share through a class default (a State
+#: is one immutable object per state)
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, State})
 _NUMBERS = frozenset({int, float})
 
 #: Autobahn's attributes that only its opening handshake reads
@@ -1134,7 +1151,7 @@ class _PrefixedSink:
 
     def deliver(self, payload: bytes) -> None:
         protocol = self._protocol
-        if protocol._state is _HANDSHAKE:
+        if protocol._state is ADMITTING:
             protocol._keep_early(payload)
             return
         out = protocol._down(payload)
