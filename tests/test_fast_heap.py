@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.fast import heap
-from wsproxy import protocol as protocol_module
+from wsproxy.websocket import protocol as protocol_module
 from wsproxy.websocket.protocol import ProxyProtocol
 from wsproxy.edge.site import _DeadlineChannel
 
