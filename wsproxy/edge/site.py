@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional, Union, cast
 from autobahn.twisted.util import peer2str
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -27,8 +26,9 @@ from ..session import upstream
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..websocket.protocol import ProxyFactory
 from ..names import parse_ws_path
-from ..session.proxy import Compared, Comparison, Proxy
+from ..session.proxy import Proxy
 from ..refusal import CLIENT_LEFT, Refusal
+from .handoff import WEBSOCKET, HandOff
 from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
 from . import upgrade as handshake
 
@@ -164,11 +164,14 @@ class Root(resource.Resource):
             )
             channel.refuse(refusal)
             return
-        early = self._comparable(upgrade)
-        if early is not None:
-            self._compare_first(channel, upgrade, peer, *early)
+        hand_off = channel.hand_off = HandOff(channel, self._factory, upgrade.raw)
+        comparable = self._comparable(upgrade)
+        if comparable is None:
+            hand_off.to_websocket()
         else:
-            self._to_websocket(channel, upgrade.raw)
+            session_id, agent_id, token = comparable
+            hand_off.compare(proxy, session_id, agent_id, token,
+                             lambda: proxy.client_address(peer, header))
 
     def _comparable(self, upgrade: "Upgrade") -> Optional[tuple[str, str, str]]:
         """
@@ -203,106 +206,6 @@ class Root(resource.Resource):
         except Refusal:
             return None
         return session_id, agent_id, token
-
-    def _compare_first(
-        self, channel: "_DeadlineChannel", upgrade: "Upgrade", peer: str,
-        session_id: str, agent_id: str, token: str,
-    ) -> None:
-        """
-        Compare the token with the stored one (and reset its TTL, in the
-        same round trip) before Autobahn builds anything: a wrong token, or
-        a Redis failure, is refused here for the cost of reading the
-        request and the round trip; an equal one is handed over to the
-        WebSocket admission, which only subscribes (within what is left of
-        the same C{AUTH_TIMEOUT_SECS}).
-        """
-        proxy = self._proxy
-        settings = proxy.settings
-        channel.setTimeout(None)
-        early = _EarlyBytes()
-        channel.upgraded_to = early
-
-        def equal(compared: Compared) -> None:
-            self._factory.compared = (session_id, token, compared)
-            try:
-                self._to_websocket(channel, upgrade.raw + b"".join(early.data))
-            finally:
-                self._factory.compared = None
-            # the channel lets go of the connection here, unless twisted.web
-            # is still reading the request (an answer in the same turn):
-            # the bytes it holds behind it go to the WebSocket first, and
-            # the channel lets go once it has passed them on (_parse)
-            if not channel._reading:
-                channel._hand_over()
-
-        def refused(refusal: Refusal) -> None:
-            transport: Any = channel.transport
-            client = proxy.client_address(peer, upgrade.header)
-            if refusal.code in (401, 403):
-                proxy.auth_failed(client)
-            proxy.refused(refusal, client, peer2str(transport) if transport else "unknown",
-                          session_id, agent_id)
-            if refusal is not CLIENT_LEFT:
-                channel.refuse(refusal)
-
-        def decided(result: Compared | Refusal) -> None:
-            channel.comparing = None
-            if timer.active():
-                timer.cancel()
-            if isinstance(result, Refusal):
-                refused(result)
-            else:
-                equal(result)
-
-        comparison = channel.comparing = proxy.compare(session_id, token, decided)
-        # one timer: the token check's deadline (AUTH_TIMEOUT_SECS, 504) or,
-        # if it is shorter, the handshake's (HANDSHAKE_TIMEOUT_SECS: dropped,
-        # as Autobahn does for the admission)
-        auth_first = settings.auth_timeout <= settings.handshake_timeout
-
-        def expired() -> None:
-            if auth_first:
-                comparison.expired()
-            else:
-                # the channel's connectionLost cancels the comparison
-                transport: Any = channel.transport
-                if transport is not None:
-                    transport.abortConnection()
-
-        timer = proxy.clock.callLater(
-            min(settings.auth_timeout, settings.handshake_timeout), expired
-        )
-        comparison.start()
-
-    def _to_websocket(self, channel: "_DeadlineChannel", data: bytes) -> None:
-        """
-        Hand the connection to a new WebSocket protocol, which reads the
-        request (C{data}, with whatever the client sent behind it) again
-        and runs its admission (L{wsproxy.websocket.protocol.ProxyProtocol._admit}).
-        """
-        # the HTTP channel's idle timer must not fire on it later
-        channel.setTimeout(None)
-        transport: Any = channel.transport
-        protocol = self._factory.buildProtocol(transport.getPeer())
-        self._factory.last_built = None
-        channel.transport = None
-        # TLS wraps the TCP transport in a protocol of its own
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = protocol
-        elif isinstance(transport.protocol, ProtocolWrapper):
-            transport.protocol.wrappedProtocol = protocol
-        else:
-            transport.protocol = protocol
-        protocol.makeConnection(transport)
-        # twisted.web may have paused reading while it served the request
-        # (as Autobahn's WebSocketResource does, resumed)
-        producer = getattr(transport, "_networkProducer", transport)
-        if hasattr(producer, "resumeProducing"):
-            producer.resumeProducing()
-        # bytes the client sent right behind a request twisted.web parsed
-        # reach the channel after this returns: they are the WebSocket's
-        channel.upgraded_to = protocol
-        protocol.dataReceived(data)
 
     def _health(self, request: server.Request) -> int:
         finished = request.notifyFinish()
@@ -414,19 +317,6 @@ class TurnBudget:
             self._turn = self._clock.callLater(0, self._next_turn)
 
 
-class _EarlyBytes:
-    """
-    What the client sends behind its upgrade request while its token is
-    compared: kept for the WebSocket protocol.
-    """
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-
 def _no_header(name: str) -> Optional[str]:
     return None
 
@@ -440,8 +330,9 @@ class _DeadlineChannel(http.HTTPChannel):
     _log = Logger()
     head_deadline = 5.0
     _deadline: Any = None
-    #: the WebSocket protocol this connection was handed to, if any
-    upgraded_to: Any = None
+    #: the connection's way to the WebSocket protocol, from the upgrade's
+    #: decision until the channel lets go (L{wsproxy.edge.handoff})
+    hand_off: Optional[HandOff] = None
     budget: Optional[TurnBudget] = None
     #: bytes received while waiting for a turn, or None once it had one
     _held: Optional[list[bytes]] = None
@@ -451,9 +342,6 @@ class _DeadlineChannel(http.HTTPChannel):
     proxy: Optional[Proxy] = None
     #: the site's resource, which decides upgrades
     root: Optional[Root] = None
-    #: the token comparison under way (Root._compare_first), cancelled if
-    #: the client leaves
-    comparing: Optional[Comparison] = None
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
@@ -480,9 +368,9 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.pauseProducing()
 
     def _parse(self, data: bytes) -> None:
-        if isinstance(self.upgraded_to, _EarlyBytes):
+        if self.hand_off is not None:
             # behind a request whose token is being compared
-            self.upgraded_to.dataReceived(data)
+            self.hand_off.received(data)
             return
         head = self._head
         if head is not None:
@@ -591,30 +479,33 @@ class _DeadlineChannel(http.HTTPChannel):
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self.upgraded_to is not None:
-            self.upgraded_to.dataReceived(data)
+        if self.hand_off is not None:
+            self.hand_off.received(data)
         else:
             super().rawDataReceived(data)
 
     def _hand_over_if_upgraded(self) -> None:
         """
-        L{_hand_over}, once a request read here made the connection a
+        L{release_hand_off}, once a request read here made the connection a
         WebSocket (not while its token is being compared: then the
         comparison's end hands it over).
         """
-        upgraded = self.upgraded_to
-        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
-            self._hand_over()
+        hand_off = self.hand_off
+        if hand_off is not None and hand_off.owner is WEBSOCKET:
+            self.release_hand_off()
 
-    def _hand_over(self) -> None:
+    def release_hand_off(self) -> None:
         """
         The upgrade request and the bytes behind it have all been passed
         on: the WebSocket protocol owns the transport from here on. Let go
-        of it and of the request (which points back at this channel), so
-        that nothing of the HTTP exchange waits for Python's cycle
-        collector (see L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles}).
+        of the hand-off and of the request (which points back at this
+        channel), so that nothing of the HTTP exchange waits for Python's
+        cycle collector (see
+        L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles}).
         """
-        self.upgraded_to = None
+        hand_off, self.hand_off = self.hand_off, None
+        if hand_off is not None:
+            hand_off.release()
         for request in self.requests:
             request.channel = None
         self.requests = []
@@ -688,10 +579,10 @@ class _DeadlineChannel(http.HTTPChannel):
         self._gone = True
         self._held = None
         self._disarm()
-        comparing = self.comparing
-        if comparing is not None:
+        hand_off = self.hand_off
+        if hand_off is not None:
             # the client left while its token was being compared
-            comparing.cancel()
+            hand_off.client_left()
         super().connectionLost(reason)
 
 

@@ -238,6 +238,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
 
+    def compared_by_site(self, compared: tuple[str, str, Any]) -> None:
+        """
+        The site already compared this connection's header token
+        (L{wsproxy.edge.handoff.HandOff.compare}): (session id, token,
+        L{wsproxy.session.proxy.Compared}). The admission then only
+        subscribes, if its request names that session and token.
+        """
+        self._compared = compared
+
     def _keep_early(self, payload: bytes) -> None:
         """
         A message for the client before the 101: sent once open.
@@ -316,7 +325,6 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         self._proxy = self.factory.proxy
-        self._compared = self.factory.compared
         self._down = self.factory.down_codec
         self._up = self.factory.up_codec
         self._proxy.connections.add(self)
@@ -1203,10 +1211,6 @@ class ProxyFactory(WebSocketServerFactory):
         self.last_payload: Optional[bytes] = None
         self.last_outgoing: frames.Outgoing = None
         self.last_frame: Optional[bytes] = None
-        self.last_built: Optional[ProxyProtocol] = None
-        #: (session id, token, Compared) of the upgrade being handed over by
-        #: the site, whose token it already compared (Root._compare_first)
-        self.compared: Optional[tuple[str, str, Any]] = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,
@@ -1250,12 +1254,6 @@ class ProxyFactory(WebSocketServerFactory):
     def _batched_timer(self, timer: Any) -> None:
         # Autobahn's factory sets its own in __init__
         self._autobahn_timer = timer
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = cast(ProxyProtocol, super().buildProtocol(addr))
-        #: read by the site right after handing a request over
-        self.last_built = protocol
-        return protocol
 
     def _accept_deflate(self, offers: list[Any]) -> Any:
         for offer in offers:
