@@ -27,7 +27,7 @@ from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..websocket.protocol import ProxyFactory
 from ..names import parse_ws_path
 from ..session.proxy import Proxy
-from ..refusal import CLIENT_LEFT, Refusal
+from ..refusal import Refusal
 from .handoff import WEBSOCKET, HandOff
 from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
 from . import upgrade as handshake

@@ -22,37 +22,10 @@ sent only when both say open.
 
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
-the client left), this protocol from then on (released in L{_end_session}).
+the client left), this protocol from then on (released in L{closing.end_session}).
 
-Closing. The session ends (subscriptions released, the close event and
-the C{closed:} log line out, no longer counted as open) at the decision: the
-first close frame the proxy sends, its own or its answer to the client's
-(L{ProxyProtocol.sendCloseFrame}), or the TCP connection's end, whichever
-comes first. What the TCP connection does after that:
-
-  - the client closed (a valid close frame): the proxy answers and closes
-    the TCP connection, what is written first, then FIN;
-  - the client sent an invalid close frame (FIN unset, RSV bits, unmasked,
-    a payload of 1 byte or over 125, code 1005, 1006, below 1000, 1004,
-    1014-2999 or 5000 and up, a reason that is not UTF-8): close 1002, then
-    the TCP connection is closed the same way; the client's close frame was
-    its last word, nothing is waited for (L{ProxyProtocol.onCloseFrame});
-  - the proxy closes (a backend's close request, 1011, 1008 for an invalid
-    envelope, 1002/1007/1009 for a protocol error, 1001 at shutdown): it
-    waits for the client's close frame for C{closeHandshakeTimeout} (5 s;
-    at shutdown the grace period, then the shutdown drops it), then drops
-    the connection;
-  - except a client closed for its own fault (a slow consumer, a protocol
-    error) that is not reading (its transport paused the protocol: the
-    socket did not take what was written before the close frame): dropped
-    at once, with no wait. It gets its close frame only if its socket takes
-    it then, with all that waited before it (the connection is then closed
-    after it, else reset). A slow consumer is not reading by definition.
-
-A TCP connection closed after its closing handshake (the first two cases,
-and after the client's answer) that is still there C{closeHandshakeTimeout}
-later, because the client does not take what is left, is dropped
-(L{ProxyProtocol.dropConnection}).
+Closing: when the session ends and what the TCP connection does after
+that, L{wsproxy.websocket.closing}.
 """
 
 from __future__ import annotations
@@ -89,8 +62,8 @@ from ..session.proxy import Proxy
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender, InvalidEnvelope
-from . import states
-from .states import ADMITTING, CLOSED, CLOSING, ENDED, OPEN, SESSION_OPEN, State
+from . import closing, states
+from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
 
@@ -100,32 +73,10 @@ PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
-#: who closed a connection for the client's own fault: such a client, if it
-#: is not reading, is dropped right after the close frame
-_CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})
-#: close codes a client may send (RFC 6455 7.4): as Autobahn judges them
-_CLIENT_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | frozenset(
-    range(3000, 5000)
-)
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
-
-
-def _valid_close(frame: Any, code: Optional[int], reason: Optional[bytes]) -> bool:
-    """
-    Whether a client's close frame is valid (RFC 6455 5.5, 5.5.1, 7.4):
-    one masked frame (FIN set, no RSV bits) with no payload or 2 to 125
-    bytes of it, a code a client may send (not below 1000, 1004-1006,
-    1014-2999, 5000 and up) and a UTF-8 reason.
-    """
-    if (frame is None or not frame.fin or frame.rsv or frame.mask is None
-            or frame.length == 1 or frame.length > 125):
-        return False
-    if code is not None and code not in _CLIENT_CLOSE_CODES:
-        return False
-    return reason is None or frames.is_utf8(reason)
 
 
 def _redact(reason: str) -> str:
@@ -338,7 +289,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self._end_session(None)
+            closing.end_session(self, None, None)
             states.advance(self, CLOSED)
             self._proxy.connections.discard(self)
             self._break_cycles()
@@ -373,7 +324,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
-        # kept so that a client leaving mid-admission cancels it (_end_session)
+        # kept so that a client leaving mid-admission cancels it (closing.end_session)
         self._admission = defer.ensureDeferred(self._admit(request))
         return self._admission.addErrback(self._refuse)
 
@@ -518,7 +469,7 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._resumer.start(self._recovery)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._end_session(code, reason)
+        closing.end_session(self, code, reason)
 
     def onAutoPingTimeout(self) -> None:
         self._closed_by = "timeout"
@@ -532,92 +483,20 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.instance, getattr(peer, "host", None), self._opened_at, **close,
         )
 
-    def _end_session(self, code: Optional[int], reason: Optional[str] = None) -> None:
-        """
-        The connection's part in its session is over: what it subscribed
-        is released, it no longer counts as open, and its close event and
-        log line go out. Called once, at the first of: the proxy sends a
-        close frame (its own, or its answer to the client's:
-        L{sendCloseFrame}), or the TCP connection is gone (L{onClose},
-        L{connectionLost}). The TCP connection itself may live on for the
-        closing handshake; it stays in C{proxy.connections} (a descriptor
-        held; shutdown waits for it) until C{connectionLost}. (The rules:
-        the module docstring.)
-        """
-        was_open = self._state in SESSION_OPEN
-        if not states.advance(self, ENDED):
-            return
-        proxy = self._proxy
-        admission = self._admission
-        if admission is not None and not admission.called:
-            # the client left mid-admission: nothing stays subscribed
-            admission.cancel()
-        subscriptions, self._subscriptions = self._subscriptions, []
-        proxy.release(subscriptions)
-        if self._resumer is not None:
-            self._resumer.closed = True
-        self.__dict__.pop("_early", None)
-        if was_open:
-            proxy.stats.open_connections -= 1
-            assert self.session_id is not None
-            proxy.closed(self.session_id, self)
-            if self.closedByMe and self.localCloseCode is not None:
-                # the proxy's own close frame (the client may echo 1000)
-                code = self.localCloseCode
-                reason = (self.localCloseReason or b"").decode("utf-8", "replace")
-            elif code is None:
-                code = self.remoteCloseCode
-            if proxy.events.enabled:
-                closed_by = self._closed_by or (
-                    "protocol_error" if self.failedByMe else "client"
-                )
-                proxy.events.publish(self.session_id, self._event(
-                    "close",
-                    code=code,
-                    reason=reason or self.remoteCloseReason or "",
-                    closed_by=closed_by,
-                    duration=round(time.time() - self._opened_at, 6),
-                    messages_in=self.messages_in, bytes_in=self.bytes_in,
-                    messages_out=self.messages_out, bytes_out=self.bytes_out,
-                ))
-            self._log.info(
-                "closed: session={session_id} agent={agent_id} peer={peer} "
-                "code={code} in={messages_in}/{bytes_in}B out={messages_out}/{bytes_out}B",
-                session_id=self.session_id,
-                agent_id=self.agent_id,
-                peer=self.peer,
-                code=code,
-                messages_in=self.messages_in,
-                bytes_in=self.bytes_in,
-                messages_out=self.messages_out,
-                bytes_out=self.bytes_out,
-            )
-
-    # -- closing (the rules: the module docstring) ----------------------------
+    # -- closing (the rules: wsproxy.websocket.closing) ----------------------------
 
     def sendCloseFrame(self, code: Optional[int] = None, reasonUtf8: Optional[bytes] = None,
                        isReply: bool = False) -> None:
         """
         Every close frame the proxy sends goes through here (Autobahn's
         failures, its answer to a client's close, the proxy's own closes).
-        The first one is the decision: the session ends now
-        (L{_end_session}), not when the TCP connection is gone. A client
-        closed for its own fault (a protocol error, a slow consumer) that is
-        not reading (the transport paused this producer: what was written
-        before the close frame is still waiting) is dropped at once.
+        The first one is the decision
+        (L{wsproxy.websocket.closing.after_close_frame}).
         """
         opening = self.state == STATE_OPEN
         super().sendCloseFrame(code, reasonUtf8, isReply)
-        if not opening or self._state not in SESSION_OPEN:
-            return
-        if isReply:
-            self._end_session(self.remoteCloseCode, self.remoteCloseReason)
-            return
-        if self._closed_by is None and self.failedByMe:
-            self._closed_by = "protocol_error"
-        self._end_session(code)
-        if self._paused and self._closed_by in _CLIENTS_FAULT:
-            self._drop_not_reading()
+        if opening and self._state in SESSION_OPEN:
+            closing.after_close_frame(self, code, isReply)
 
     def _closing(self, closed_by: ClosedBy) -> None:
         """
@@ -628,57 +507,25 @@ class ProxyProtocol(WebSocketServerProtocol):
         states.advance(self, CLOSING)
         self._closed_by = closed_by
 
-    def _drop_not_reading(self) -> None:
-        """
-        Drop a client that is not reading, right after its close frame.
-        On a plain TCP socket what waits for it, the close frame last, is
-        offered to the socket once more: if the socket takes all of it, the
-        connection is closed after it (FIN: the kernel delivers it if the
-        client reads again); otherwise, and over TLS, it is reset.
-        """
-        self.wasClean = False
-        self.wasNotCleanReason = "not reading: dropped after its close frame"
-        direct = plain_socket(self.transport)
-        if direct is not None and not direct.disconnecting:
-            failed = direct.doWrite()
-            if failed is None and not (direct.dataBuffer or direct._tempDataBuffer):
-                self.dropConnection(abort=False)
-                return
-        self.dropConnection(abort=True)
-
     def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
         """
         The client's close frame. A valid one on an open connection is
         answered by Autobahn, which then closes the TCP connection. An
-        invalid one (L{_valid_close}) gets close 1002. Any close frame after
-        the proxy's own (the answer to it, or an invalid close frame whose
-        header made Autobahn send 1002) ends the closing handshake: the TCP
-        connection is closed after the proxy's close frame. (Autobahn would
-        reset it, throwing away a 1002 written in the same turn, and answer
-        a reason that is not UTF-8 with 1007.)
+        invalid one (L{wsproxy.websocket.closing.valid_close}) gets close
+        1002. Any close frame after the proxy's own ends the closing
+        handshake (L{wsproxy.websocket.closing.closing_handshake_over}).
         """
         if self.state == STATE_CLOSED:
             # (Autobahn's annotation forgets the frame without a code)
             return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
-        valid = _valid_close(self.current_frame, code, reasonRaw)
+        valid = closing.valid_close(self.current_frame, code, reasonRaw)
         if self.state == STATE_OPEN:
             if valid:
                 return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
             self._fail_connection(PROTOCOL_ERROR, "invalid close frame")
             if self.state == STATE_CLOSED:
                 return True
-        call = self.closeHandshakeTimeoutCall
-        if call is not None:
-            call.cancel()
-            self.closeHandshakeTimeoutCall = None
-        if valid:
-            self.remoteCloseCode = code
-            self.remoteCloseReason = None if reasonRaw is None else reasonRaw.decode("utf-8")
-            self.wasClean = True
-        else:
-            self.wasClean = False
-            self.wasNotCleanReason = "invalid close frame"
-        self.dropConnection(abort=False)
+        closing.closing_handshake_over(self, valid, code, reasonRaw)
         return True
 
     def dropConnection(self, abort: bool = False) -> None:
@@ -1032,7 +879,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         More than C{max_send_buffer} waits for a client that is not reading:
         close 1008, the session ends now, and the connection is dropped at
-        once (L{_drop_not_reading}): the close frame is written behind what
+        once (L{closing.drop_not_reading}): the close frame is written behind what
         is waiting, so the client gets it only if its socket takes all that.
         """
         self._closing("slow_consumer")
