@@ -203,7 +203,7 @@ class HandOff:
         """
         Hand the connection to a new WebSocket protocol, which reads the
         request (with whatever the client sent behind it) again and runs
-        its admission (L{wsproxy.websocket.protocol.ProxyProtocol._admit}).
+        its admission (L{wsproxy.websocket.admission.admit}).
         """
         channel = self._channel
         assert channel is not None

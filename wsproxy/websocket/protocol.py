@@ -2,8 +2,17 @@
 The WebSocket side: one L{ProxyProtocol} per client connection, and the
 factory that configures Autobahn for a proxy.
 
+The protocol is the Autobahn-facing shell; the cold work is done by its
+collaborators, module functions taking the protocol (no object per
+connection): L{wsproxy.websocket.admission} (the admission and the open),
+L{wsproxy.websocket.downstream} (the listeners besides the protocol
+itself), L{wsproxy.websocket.closing} (ending the session). The
+per-message paths stay here, with no call layer added: C{deliver},
+C{_send_message}, C{_write} (backend messages out), C{dataReceived},
+C{onMessage} (client messages in).
+
 Data flows one way through a connection: upgrade request → admission
-(L{ProxyProtocol._admit}: route, precheck, token check, subscription
+(L{admission.admit}: route, precheck, token check, subscription
 confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
 published on C{:up}, messages from the hub are sent as frames.
 
@@ -31,9 +40,8 @@ that, L{wsproxy.websocket.closing}.
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
-from typing import Any, Literal, Optional, Sequence, cast
+from typing import Any, Callable, Literal, Optional, Sequence, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -41,7 +49,6 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOfferAccept,
 )
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
@@ -49,20 +56,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..session import auth, frames, upstream
+from ..session import frames, upstream
 from ..fast import inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
 from ..fast.timers import BucketTimer
 from ..session.control import ClosedBy, connection_event
 from ..logs import BudgetedLog
-from ..names import down_channel, live_channel, up_channel
 from ..redis.pubsub import Listener
 from ..session.proxy import Proxy
-from ..refusal import CLIENT_LEFT, Refusal, refusal_for
+from ..refusal import Refusal
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender, InvalidEnvelope
-from . import closing, states
+from . import admission, closing, states
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
 
 INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
@@ -77,17 +83,6 @@ STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
-
-
-def _redact(reason: str) -> str:
-    """
-    Autobahn's own refusal reasons quote request headers and the request
-    line (which may carry a token); keep only the text before the first
-    quoted value.
-    """
-    for mark in ('"', "'"):
-        reason = reason.split(mark, 1)[0]
-    return reason.strip().rstrip(":-").strip() or "Bad request"
 
 
 # Autobahn's debug pretty-printing of every option per connection, made
@@ -159,6 +154,11 @@ class ProxyProtocol(WebSocketServerProtocol):
     _opened_at = 0.0
     _connection_id = ""
     agent_id: Optional[str] = None
+    # (set per connection, never on the class: _compact learns what it shares)
+    #: the session's :up channel, once admitted
+    _up_channel: bytes
+    #: bound once, with the appender: handed to the command connection with every XADD
+    _on_append_reply: Callable[[Any], None]
 
     def __init__(self) -> None:
         super().__init__()
@@ -324,149 +324,18 @@ class ProxyProtocol(WebSocketServerProtocol):
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
-        # kept so that a client leaving mid-admission cancels it (closing.end_session)
-        self._admission = defer.ensureDeferred(self._admit(request))
-        return self._admission.addErrback(self._refuse)
-
-    async def _admit(self, request: Any) -> Optional[str]:
-        """
-        The whole admission, in order; each step raises its L{Refusal}.
-
-        @return: the subprotocol to answer with, if any.
-        """
-        proxy = self._proxy
-        self.agent_id, session_id = proxy.route(request.path)
-        self.session_id = session_id
-        proxy.precheck(request.headers)
-        resume = proxy.resume_request(self.http_request_uri)
-        acked = self._acked = upstream.ack_request(
-            self.http_request_uri, proxy.settings.upstream == "stream"
-        )
-        credentials = auth.extract_token(request.headers, request.params, request.protocols)
-        subscriptions: list[tuple[str, Listener]]
-        if resume is None and acked:
-            # control frames go to this client: data frames down get the
-            # resumable sessions' envelope (an empty position) so that no
-            # backend message can pass for one
-            subscriptions = [(down_channel(session_id), _PrefixedSink(self))]
-        elif resume is None:
-            subscriptions = [(down_channel(session_id), self)]
-        else:
-            resumer = self._resumer = Resumer(
-                self._send_resumable,
-                self._send_control,
-                lambda after: proxy.read_history(session_id, after),
-                proxy.stats,
-            )
-            subscriptions = [
-                (down_channel(session_id), _PlainSink(resumer, self._down)),
-                (live_channel(session_id), _LiveSink(resumer)),
-            ]
-        # consumed here: the connection keeps no token
-        compared, self._compared = self._compared, None
-        if compared is not None and (
-            credentials is None or compared[:2] != (session_id, credentials.token)
-        ):
-            compared = None
-        try:
-            self._recovery = await proxy.authorize(
-                session_id, credentials, subscriptions, resume,
-                None if compared is None else compared[2],
-            )
-        except Refusal as refusal:
-            if refusal.code in (401, 403):
-                # the token check failed: counts towards AUTH_FAIL_LIMIT
-                proxy.auth_failed(self._client(request.headers))
-            raise
-        if self.state == WebSocketProtocol.STATE_CLOSED or self.droppedByMe:
-            # Autobahn dropped the connection (its opening-handshake deadline)
-            # in the very turn the admission finished: the drop has not
-            # reached us yet, and opening now would revive a dead connection
-            proxy.release(subscriptions)
-            raise CLIENT_LEFT
-        # admitted: the subscriptions are ours from here on
-        self._subscriptions = subscriptions
-        self._up_channel = up_channel(session_id)
-        assert credentials is not None
-        return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
-
-    def _refuse(self, failure: Failure) -> None:
-        refusal = refusal_for(failure, self._log, "admitting a connection")
-        # kept for failHandshake without the frames it was raised through
-        # (they hold this protocol: a reference cycle), and the shared
-        # refusals (CLIENT_LEFT) must not keep the last connection alive
-        refusal.with_traceback(None)
-        self._refusal = refusal
-        raise ConnectionDeny(refusal.code, refusal.reason)
+        # the admission (wsproxy.websocket.admission), kept so that a client
+        # leaving mid-admission cancels it (closing.end_session)
+        self._admission = defer.ensureDeferred(admission.admit(self, request))
+        return self._admission.addErrback(admission.refuse, self)
 
     def failHandshake(
         self, reason: str, code: int = 400, responseHeaders: Any = None
     ) -> None:
-        """
-        Refuse the upgrade with a complete plain-text HTTP response and one
-        log line (no token, no query string).
-        """
-        refusal = self._refusal
-        if refusal is None or refusal.code != code:
-            refusal = Refusal(code, _redact(reason))
-        self._proxy.refused(
-            refusal, self._client(getattr(self, "http_headers", None)), self.peer, self.session_id, self.agent_id
-        )
-        self.wasNotCleanReason = refusal.reason
-        self.sendData(refusal.response())
-        # a deliberate, complete refusal: not worth Autobahn's own warning
-        self.wasClean = True
-        self.dropConnection(abort=False)
+        admission.fail_handshake(self, reason, code)
 
     def onOpen(self) -> None:
-        if not self._subscriptions or not states.advance(self, OPEN):
-            return
-        proxy = self._proxy
-        proxy.stats.open_connections += 1
-        proxy.stats.outcomes["accepted"] += 1
-        assert self.session_id is not None
-        proxy.opened(self.session_id, self)
-        settings = proxy.settings
-        if proxy.events.enabled or settings.upstream == "stream":
-            self._opened_at = time.time()
-            self._connection_id = proxy.next_connection_id()
-        if proxy.events.enabled:
-            proxy.events.publish(self.session_id, self._event("open"))
-        if settings.upstream == "stream":
-            self._appender = Appender(
-                self.session_id, self.agent_id or "", self._connection_id,
-                settings.upstream_partitions, settings.upstream_stream_max_length,
-            )
-            self._in_flight = deque()
-            self._on_append_reply = self._append_replied
-        # Under twisted.web the HTTP channel is still the transport's
-        # producer; ours decides about slow consumers from here on.
-        transport: Any = self.transport
-        transport.unregisterProducer()
-        transport.registerProducer(self, True)
-        direct = plain_socket(transport)
-        if direct is not None:
-            self._out = Pending(direct)
-        if proxy.valve.paused:
-            self.pause_reading()
-        self._log.info(
-            "opened: session={session_id} agent={agent_id} peer={peer}",
-            session_id=self.session_id,
-            agent_id=self.agent_id,
-            peer=self.peer,
-        )
-        # the admission is over, and frames that came before the 101 are
-        # sent now: neither needs a place in the connection any more
-        self._admission = None
-        early = self.__dict__.pop("_early")
-        self._compact()
-        for payload in early:
-            if self._acked and self._resumer is None:
-                _PrefixedSink(self).deliver(payload)
-            else:
-                self.deliver(payload)
-        if self._resumer is not None and self._recovery is not None:
-            self._resumer.start(self._recovery)
+        admission.open_session(self)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         closing.end_session(self, code, reason)
@@ -972,62 +841,6 @@ _HANDSHAKE_ONLY = (
     "http_request_params", "http_request_path", "http_request_host", "http_request_uri",
     "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
 )
-
-
-class _PlainSink:
-    """
-    A resuming connection's listener on the plain C{:down} channel.
-    """
-
-    __slots__ = ("_resumer", "_down")
-
-    def __init__(self, resumer: Resumer, down: Any) -> None:
-        self._resumer = resumer
-        self._down = down
-
-    def deliver(self, payload: bytes) -> None:
-        out = self._down(payload)
-        if out is not None:
-            self._resumer.plain(out[0], b"b" if out[1] else b"t")
-
-
-class _PrefixedSink:
-    """
-    The C{:down} listener of an acknowledging client that does not resume:
-    each message is sent as C{\\n<message>} (an empty position), the data
-    frame form of resumable sessions, so it cannot be read as a control
-    frame.
-    """
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol: ProxyProtocol) -> None:
-        self._protocol = protocol
-
-    def deliver(self, payload: bytes) -> None:
-        protocol = self._protocol
-        if protocol._state is ADMITTING:
-            protocol._keep_early(payload)
-            return
-        out = protocol._down(payload)
-        if out is None:
-            protocol._proxy.stats.dropped_down += 1
-        else:
-            protocol._send_resumable(b"", out[0], b"b" if out[1] else b"t")
-
-
-class _LiveSink:
-    """
-    A resuming connection's listener on C{session:S:live}.
-    """
-
-    __slots__ = ("_resumer",)
-
-    def __init__(self, resumer: Resumer) -> None:
-        self._resumer = resumer
-
-    def deliver(self, payload: bytes) -> None:
-        self._resumer.live(payload)
 
 
 def _class_attribute(value: Any) -> Any:
