@@ -50,6 +50,12 @@ from .states import ENDED, SESSION_OPEN
 if TYPE_CHECKING:
     from .protocol import ProxyProtocol
 
+#: close codes the proxy sends
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+
 #: who closed a connection for the client's own fault: such a client, if it
 #: is not reading, is dropped right after the close frame
 CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})

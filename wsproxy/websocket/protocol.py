@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..session import frames, upstream
+from ..session import frames
 from ..fast import inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
@@ -67,17 +67,12 @@ from ..redis.pubsub import Listener
 from ..session.proxy import Proxy
 from ..refusal import Refusal
 from ..session.resume import Recovery, Resumer
-from ..session.upstream import Appender, InvalidEnvelope
-from . import admission, closing, states
+from ..session.upstream import Appender
+from . import admission, closing, downstream, states
+from .closing import GOING_AWAY, PROTOCOL_ERROR
+from . import upstream as client_messages
+from .upstream import INVALID_JSON_REPLY
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
-
-INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
-
-#: close codes used by the proxy
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -494,6 +489,14 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._up_channel, self._up(payload, isBinary), self._on_publish_reply
         )
 
+    # Client messages beyond the common case (wsproxy.websocket.upstream): a
+    # failed publish, durable upstream's XADD and its acks. Its functions
+    # are bound as methods, so calling them adds no call layer.
+    _publish_failed = client_messages.publish_failed
+    _append = client_messages.append
+    _append_replied = client_messages.append_replied
+    _send_ack = client_messages.send_ack
+
     def _publish_replied(self, reply: Any) -> None:
         if reply.__class__ is not int:
             self._publish_failed(reply)
@@ -501,112 +504,6 @@ class ProxyProtocol(WebSocketServerProtocol):
             # nobody subscribed to :up: the message is gone (a backend
             # outage or deploy); counted, and said once a minute
             self._proxy.unheard(self.session_id)
-
-    def _publish_failed(self, error: Any) -> None:
-        if self._state is not OPEN:
-            return
-        self._closing("error")
-        self._proxy.stats.publish_failures += 1
-        self._log.error(
-            "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
-            session_id=self.session_id,
-            peer=self.peer,
-            why=str(error),
-        )
-        self.sendCloseFrame(
-            code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False
-        )
-
-    # Durable upstream (UPSTREAM=stream, see wsproxy.session.upstream)
-
-    def _append(self, appender: Appender, payload: bytes, binary: bool) -> None:
-        message_id = b""
-        if self._acked:
-            try:
-                message_id, payload = upstream.split_envelope(payload)
-            except InvalidEnvelope:
-                self._closing("protocol_error")
-                self._log.info(
-                    "invalid message envelope, closing with 1008: session={session_id} "
-                    "peer={peer}", session_id=self.session_id, peer=self.peer,
-                )
-                self.sendCloseFrame(code=POLICY_VIOLATION,
-                                    reasonUtf8=b"a message must start with its id and a newline",
-                                    isReply=False)
-                return
-        if self.factory.require_json and not binary:
-            try:
-                json.loads(payload)
-            except ValueError:
-                if message_id:
-                    self._send_control(upstream.nack(message_id, "invalid JSON"))
-                else:
-                    self.sendMessage(INVALID_JSON_REPLY, False)
-                return
-        self.messages_in += 1
-        self.bytes_in += len(payload)
-        proxy = self._proxy
-        stats = proxy.stats
-        stats.messages_up += 1
-        stats.bytes_up += len(payload)
-        stats.upstream_in_flight += 1
-        in_flight = self._in_flight
-        in_flight.append(message_id)
-        if len(in_flight) >= self.factory.max_in_flight and not self._flight_paused:
-            # Redis is slower than this client: stop reading from it
-            self._flight_paused = True
-            transport: Any = self.transport
-            transport.pauseProducing()
-        proxy.commands.send_encoded(
-            appender.command(payload, binary, message_id), self._on_append_reply
-        )
-
-    def _send_ack(self, frame: bytes) -> None:
-        if self._state is not OPEN or self.state != STATE_OPEN:
-            return
-        if self._perMessageCompress is None:
-            # one unfragmented text frame, written as is (no masking from a
-            # server): Autobahn's sendMessage costs more than the append
-            size = len(frame)
-            if size < 126:
-                self._write(b"\x81%c%b" % (size, frame))
-            else:
-                self._write(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
-        else:
-            self.sendMessage(frame, False)
-        if self._paused:
-            # a client that sends but does not read its acks is a slow consumer too
-            self._unsent += len(frame)
-            if self._unsent > self.factory.max_send_buffer:
-                self._slow_consumer()
-
-    def _append_replied(self, reply: Any) -> None:
-        in_flight = self._in_flight
-        message_id = in_flight.popleft()
-        stats = self._proxy.stats
-        stats.upstream_in_flight -= 1
-        position = upstream.entry_id(reply)
-        if position is not None:
-            stats.upstream_appended += 1
-            if message_id:
-                stats.upstream_acks += 1
-                self._send_ack(upstream.ack_frame(message_id, position))
-        else:
-            stats.upstream_append_failures += 1
-            if message_id:
-                stats.upstream_nacks += 1
-                reason = upstream.failure_reason(reply)
-                self._send_control(upstream.nack(message_id, reason))
-                self._proxy.append_failed(self.session_id, reason)
-            else:
-                # no way to tell this client which message failed
-                self._publish_failed(reply)
-        if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
-            self._flight_paused = False
-            transport: Any = self.transport
-            if (self._state is not ADMITTING and transport is not None
-                    and not self._proxy.valve.paused):
-                transport.resumeProducing()
 
     # -- Redis -> client -----------------------------------------------------
 
@@ -709,56 +606,13 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             write_now(direct, data)
 
-    # Resumable sessions (see wsproxy.session.resume): every data frame is
-    # "<position>\n<message>" (an empty position for plain :down messages),
-    # control frames are "!" + JSON.
-
-    def _send_resumable(self, position: bytes, message: bytes, kind: bytes) -> None:
-        if self._state is not OPEN or self.state != STATE_OPEN:
-            return
-        if kind == b"b":
-            binary = True
-        elif kind == b"a":
-            binary = not frames.is_utf8(message)
-        elif frames.is_utf8(message):
-            binary = False
-        else:
-            # declared text but not UTF-8: browsers would fail the connection
-            self._proxy.stats.dropped_down += 1
-            return
-        data = position + b"\n" + message
-        self._send_message(data, binary, frames.frame(data, binary), len(message))
-
-    def _send_control(self, event: dict[str, object]) -> None:
-        if self._state is not OPEN or self.state != STATE_OPEN:
-            return
-        self.sendMessage(b"!" + json.dumps(event, separators=(",", ":")).encode(), False)
-
-    def _send_compressed(self, data: bytes, is_binary: bool) -> None:
-        # Autobahn applies maxMessagePayloadSize to what it sends, too; the
-        # limit is meant for clients only.
-        limit: int = getattr(self, "maxMessagePayloadSize")
-        self.maxMessagePayloadSize = 0
-        try:
-            self.sendMessage(data, is_binary)
-        finally:
-            self.maxMessagePayloadSize = limit
-
-    def _slow_consumer(self) -> None:
-        """
-        More than C{max_send_buffer} waits for a client that is not reading:
-        close 1008, the session ends now, and the connection is dropped at
-        once (L{closing.drop_not_reading}): the close frame is written behind what
-        is waiting, so the client gets it only if its socket takes all that.
-        """
-        self._closing("slow_consumer")
-        self._proxy.stats.slow_consumer_closes += 1
-        self._log.warn(
-            "slow consumer, closing with 1008: session={session_id} peer={peer} "
-            "unsent={unsent}B", session_id=self.session_id, peer=self.peer,
-            unsent=self._unsent,
-        )
-        self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
+    # Backend messages beyond the common case (wsproxy.websocket.downstream):
+    # resumable and control frames, compressed sends, the slow consumer. Its
+    # functions are bound as methods, so calling them adds no call layer.
+    _send_resumable = downstream.send_resumable
+    _send_control = downstream.send_control
+    _send_compressed = downstream.send_compressed
+    _slow_consumer = downstream.slow_consumer
 
     # Upstream backpressure (see UpstreamValve)
 
