@@ -214,3 +214,75 @@ class HandOffTests(MemoryTestCase):
             {handoff.CHANNEL, COMPARING, WEBSOCKET, RELEASED, REFUSED, LEFT},
             {"channel", "comparing", "websocket", "released", "refused", "left"},
         )
+
+
+class ChannelPhaseTests(MemoryTestCase):
+    """
+    What the HTTP channel does with the bytes it receives before any
+    hand-off (L{_DeadlineChannel}'s phase): new, waiting for its turn,
+    reading, answered, gone.
+    """
+
+    def test_new_reading(self) -> None:
+        """
+        A connection that gets its turn at once reads its first bytes.
+        """
+        memory = self.start(handshakes_per_turn=1)
+        client = memory.connect()
+        channel = client.protocol
+        self.assertEqual(channel._phase, "new")
+        client.transport.receive(b"GET /agent/ws/s1 HTTP/1.1\r\n")
+        self.assertEqual(channel._phase, "reading")
+
+    def test_waiting_then_reading(self) -> None:
+        """
+        Past the turn's budget a connection's first bytes are kept (and its
+        socket no longer read) until its turn; then they are read.
+        """
+        memory = self.start(handshakes_per_turn=1)
+        memory.redis.authorize("s1", "tok")
+        first, second = memory.connect(), memory.connect()
+        first.transport.receive(b"GET / HTTP/1.1\r\n")
+        request = upgrade_request("/agent/ws/s1", BEARER)
+        second.transport.receive(request)
+        channel = second.protocol
+        self.assertEqual(channel._phase, "waiting")
+        self.assertEqual(channel._held, [request])
+        memory.clock.advance(0)
+        self.assertEqual(second.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(channel._phase, "reading")
+        self.assertIsNone(channel._held)
+
+    def test_waiting_then_gone(self) -> None:
+        """
+        A client that leaves while waiting for its turn is gone: its turn
+        reads nothing.
+        """
+        memory = self.start(handshakes_per_turn=1)
+        first, second = memory.connect(), memory.connect()
+        first.transport.receive(b"GET / HTTP/1.1\r\n")
+        second.transport.receive(b"GET / HTTP/1.1\r\n")
+        channel = second.protocol
+        self.assertEqual(channel._phase, "waiting")
+        second.leave()
+        self.assertEqual(channel._phase, "gone")
+        self.assertIsNone(channel._held)
+        self.assertEqual(second.read(), b"")
+
+    def test_answered_ignores_the_rest(self) -> None:
+        """
+        Once a refusal is written, what the client sends is ignored.
+        """
+        memory = self.start()
+        memory.redis.authorize("s1", "other")
+        memory.redis.hold("EVALSHA")
+        client = memory.request("/agent/ws/s1", BEARER)
+        channel = client.protocol
+        memory.redis.release()
+        self.assertEqual(channel._phase, "answered")
+        client.transport.receive(upgrade_request("/agent/ws/s1", BEARER))
+        self.assertEqual(client.response().status, "HTTP/1.1 403 Invalid or expired token")
+        self.assertEqual(client.read(), b"")
+        memory.clock.advance(0)
+        self.assertEqual(channel._phase, "gone")
+        self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA"])

@@ -321,10 +321,30 @@ def _no_header(name: str) -> Optional[str]:
     return None
 
 
+#: what a channel does with the bytes it receives (L{_DeadlineChannel._phase}):
+#: nothing received yet
+_NEW = "new"
+#: waiting for its turn (L{TurnBudget}): kept, unread
+_WAITING = "waiting"
+#: read: by the lean parser or twisted.web, or passed to the hand-off
+_READING = "reading"
+#: answered with a refusal (the connection ends): ignored
+_ANSWERED = "answered"
+#: the connection is gone
+_GONE = "gone"
+
+
 class _DeadlineChannel(http.HTTPChannel):
     """
     An HTTP channel with an absolute deadline for each request (head and
     body), whose first request waits for its turn (L{TurnBudget}).
+
+    What it does with the bytes it receives is its phase (C{_phase}):
+    C{new} → C{waiting} (no turn yet: kept) → C{reading} (parsed; or
+    passed to the hand-off, L{wsproxy.edge.handoff}) → C{answered} (a
+    refusal written: ignored), and C{gone} from any of them when the
+    connection is lost. A connection that gets its turn at once goes from
+    C{new} to C{reading}.
     """
 
     _log = Logger()
@@ -334,10 +354,10 @@ class _DeadlineChannel(http.HTTPChannel):
     #: decision until the channel lets go (L{wsproxy.edge.handoff})
     hand_off: Optional[HandOff] = None
     budget: Optional[TurnBudget] = None
-    #: bytes received while waiting for a turn, or None once it had one
+    #: what the channel does with the bytes it receives (_NEW, ...)
+    _phase = _NEW
+    #: bytes received while waiting for a turn (_WAITING), else None
     _held: Optional[list[bytes]] = None
-    _admitted = False
-    _gone = False
 
     proxy: Optional[Proxy] = None
     #: the site's resource, which decides upgrades
@@ -349,13 +369,17 @@ class _DeadlineChannel(http.HTTPChannel):
     _reading = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._admitted:
-            if not self._discard:
-                self._parse(data)
-        elif self._held is not None:
+        phase = self._phase
+        if phase is _READING:
+            self._parse(data)
+        elif phase is _WAITING:
+            assert self._held is not None
             self._held.append(data)
+        elif phase is not _NEW:
+            # answered, or gone: ignored
+            return
         elif self.budget is None or self.budget.take(self._turn_came):
-            self._admitted = True
+            self._phase = _READING
             if not self._refused_early(data):
                 self._parse(data)
         else:
@@ -363,6 +387,7 @@ class _DeadlineChannel(http.HTTPChannel):
             # head deadline stops here and starts again, whole, at the turn
             # (a reconnect storm must not time out requests sent in time)
             self._disarm()
+            self._phase = _WAITING
             self._held = [data]
             transport: Any = self.transport
             transport.pauseProducing()
@@ -414,7 +439,7 @@ class _DeadlineChannel(http.HTTPChannel):
         Answer the upgrade request with C{refusal} and end the connection;
         anything more the client sends is ignored.
         """
-        self._discard = True
+        self._answered()
         self._disarm()
         transport: Any = self.transport
         if transport is not None:
@@ -438,20 +463,27 @@ class _DeadlineChannel(http.HTTPChannel):
         refusal = proxy.screen(host, _no_header) if host else None
         if refusal is None or b"websocket" not in data.lower():
             return False
-        self._admitted = self._discard = True
+        self._answered()
         self._disarm()
         proxy.refused(refusal, host, peer2str(transport))
         transport.write(refusal.response())
         transport.loseConnection()
         return True
 
-    _discard = False
+    def _answered(self) -> None:
+        """
+        A refusal was written: what the client sends from now on is ignored.
+        """
+        if self._phase is not _GONE:
+            self._phase = _ANSWERED
 
     def _turn_came(self) -> None:
         held, self._held = self._held or [], None
-        self._admitted = True
+        if self._phase is _GONE:
+            return
+        self._phase = _READING
         transport: Any = self.transport
-        if transport is None or self._gone or transport.disconnecting:
+        if transport is None or transport.disconnecting:
             return
         data = b"".join(held)
         self._arm()
@@ -546,7 +578,7 @@ class _DeadlineChannel(http.HTTPChannel):
         without a word, or with an empty 400; answer 431 and ignore the
         rest.
         """
-        self._discard = True
+        self._answered()
         self._disarm()
         transport: Any = self.transport
         if transport is None:
@@ -576,7 +608,7 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._gone = True
+        self._phase = _GONE
         self._held = None
         self._disarm()
         hand_off = self.hand_off
