@@ -28,7 +28,8 @@ RANK = {"": 0, "fast": 1, "redis": 2, "session": 3, "websocket": 4, "edge": 5, "
 ROOMS = {
     "process": {"tap", "daemon", "workers", "build", "fdlimit"},
     "edge": {"site", "upgrade", "handoff"},
-    "websocket": {"protocol", "states", "closing", "admission", "downstream", "upstream"},
+    "websocket": {"protocol", "states", "closing", "admission", "downstream", "upstream",
+                  "footprint"},
     "session": {"proxy", "auth", "limits", "resume", "upstream", "control", "frames",
                 "backpressure"},
     "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster"},

@@ -68,7 +68,9 @@ from ..session.proxy import Proxy
 from ..refusal import Refusal
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender
-from . import admission, closing, downstream, states
+from . import admission, closing, downstream, footprint, states
+# (the tables _compact works from, under their former names for tests/test_fast_heap.py)
+from .footprint import HANDSHAKE_ONLY as _HANDSHAKE_ONLY, SHARED as _SHARED
 from .closing import GOING_AWAY, PROTOCOL_ERROR
 from . import upstream as client_messages
 from .upstream import INVALID_JSON_REPLY
@@ -201,58 +203,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         assert isinstance(early, list)  # the connection's own, until open
         early.append(payload)
 
-    def _compact(self) -> None:
-        """
-        Make the open connection's attribute dictionary small.
-
-        An open Autobahn protocol holds about 90 attributes in its instance
-        dictionary, a 3 KiB table per connection, most of them flags and
-        counters at the same value on every idle connection. Those whose
-        value is immutable and equal to the class's default are dropped
-        from the instance (reads find the default; an assignment puts the
-        attribute back), what only the opening handshake read is dropped
-        (the request and response, the headers parsed from them), and the
-        dictionary is rebuilt at its new size (a dictionary never shrinks
-        by itself). A few containers only read once open, equal on every
-        connection, are the class's (C{_valid_events} and others).
-
-        The defaults belong to the connection's own class (each factory
-        makes one, with its options as class attributes), so what a read
-        finds is exactly what was dropped: the first connection of that
-        class to open sets them from its own values, for attributes the
-        class does not have; an attribute the class has (an option, a
-        default, a method the instance shadows) is never replaced and only
-        dropped when the instance holds that very value. Measured with a
-        fresh proxy and 10,000 idle connections: 12.2 KiB of RSS per
-        connection before (with Autobahn's per-connection TrafficStats and
-        an empty deque of durable-upstream appends), 5.7 KiB after.
-        """
-        cls = type(self)
-        defaults = cls.__dict__.get("_learnt")
-        if defaults is None:
-            defaults = {}
-            cls._learnt = defaults
-        kept = {}
-        for name, value in self.__dict__.items():
-            if name in _HANDSHAKE_ONLY:
-                continue
-            if name in _SHARED and getattr(cls, name) == value:
-                continue
-            if type(value) in _IMMUTABLE:
-                if name not in defaults:
-                    if hasattr(cls, name):
-                        defaults[name] = getattr(cls, name)
-                    else:
-                        defaults[name] = value
-                        setattr(cls, name, value)
-                default = defaults[name]
-                # the same object; or the same number (identity of strings
-                # and bytes may matter to a reader, equality of numbers not)
-                if value is default or (type(value) in _NUMBERS and type(default) is type(value)
-                                        and value == default):
-                    continue
-            kept[name] = value
-        self.__dict__ = kept
+    # an open connection's memory and a closed one's cycles
+    # (wsproxy.websocket.footprint), bound as methods
+    _compact = footprint.compact
+    _break_cycles = footprint.break_cycles
 
     def _peer_host(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -289,32 +243,6 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.connections.discard(self)
             self._break_cycles()
             self.closed.callback(None)
-
-    def _break_cycles(self) -> None:
-        """
-        Make a closed connection free by reference counting alone.
-
-        Python's cycle collector pauses the whole process for a time that
-        grows with every object alive; with thousands of connections that
-        is a pause of a second or more, during which no session receives
-        anything. So the daemon keeps long-lived objects out of its scans
-        (L{wsproxy.fast.heap}), which is only safe if closed connections leave no
-        reference cycles behind: the ones a connection holds while open
-        (bound methods of itself, a pending timer's callback, Autobahn's
-        C{is_closed} resolved with the protocol) are cut here.
-        """
-        self.__dict__.pop("_on_publish_reply", None)
-        self.__dict__.pop("_on_append_reply", None)
-        self.__dict__.pop("_out", None)
-        self._resumer = None
-        # Autobahn resolves is_closed with the protocol itself
-        self.is_closed = defer.succeed(None)
-        for timer in ("autoPingPendingCall", "autoPingTimeoutCall", "openHandshakeTimeoutCall",
-                      "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-            call = getattr(self, timer, None)
-            if call is not None:
-                call.cancel()
-                setattr(self, timer, None)
 
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
@@ -679,22 +607,6 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.wasNotCleanReason = why
         self.dropConnection(abort=True)
         return self.closed
-
-
-#: see ProxyProtocol._valid_events
-_SHARED = frozenset({"_valid_events", "_results", "websocket_extensions_in_use"})
-
-#: attribute values _compact may share through a class default (a State
-#: is one immutable object per state)
-_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, State})
-_NUMBERS = frozenset({int, float})
-
-#: Autobahn's attributes that only its opening handshake reads
-_HANDSHAKE_ONLY = (
-    "http_headers", "http_request_data", "http_response_data", "http_status_line",
-    "http_request_params", "http_request_path", "http_request_host", "http_request_uri",
-    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
-)
 
 
 def _class_attribute(value: Any) -> Any:
