@@ -2,14 +2,25 @@
 The WebSocket side: one L{ProxyProtocol} per client connection, and the
 factory that configures Autobahn for a proxy.
 
-The protocol is the Autobahn-facing shell; the cold work is done by its
-collaborators, module functions taking the protocol (no object per
-connection): L{wsproxy.websocket.admission} (the admission and the open),
-L{wsproxy.websocket.downstream} (the listeners besides the protocol
-itself), L{wsproxy.websocket.closing} (ending the session). The
-per-message paths stay here, with no call layer added: C{deliver},
-C{_send_message}, C{_write} (backend messages out), C{dataReceived},
-C{onMessage} (client messages in).
+The protocol is the Autobahn-facing shell. The rest of the work is done by
+its collaborators, module functions taking the protocol (no object per
+connection; those called per message are bound as methods, so no call
+layer is added):
+
+  - L{wsproxy.websocket.states}: the connection's states and transitions;
+  - L{wsproxy.websocket.admission}: the admission in order, and the open;
+  - L{wsproxy.websocket.downstream}: backend messages beyond the common
+    case (resumable and control frames, compression, the slow consumer);
+  - L{wsproxy.websocket.upstream}: client messages beyond the common case
+    (a failed publish, durable upstream's XADD, acks and nacks);
+  - L{wsproxy.websocket.closing}: ending the session, and what the TCP
+    connection does after;
+  - L{wsproxy.websocket.footprint}: an open connection's memory, a closed
+    one's cycles.
+
+The per-message paths stay here: C{deliver}, C{_send_message}, C{_write}
+(backend messages out), C{dataReceived}, C{onMessage} (client messages
+in).
 
 Data flows one way through a connection: upgrade request → admission
 (L{admission.admit}: route, precheck, token check, subscription
@@ -56,25 +67,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..session import frames
 from ..fast import inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
 from ..fast.timers import BucketTimer
-from ..session.control import ClosedBy, connection_event
 from ..logs import BudgetedLog
 from ..redis.pubsub import Listener
-from ..session.proxy import Proxy
 from ..refusal import Refusal
+from ..session import frames
+from ..session.control import ClosedBy, connection_event
+from ..session.proxy import Proxy
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender
 from . import admission, closing, downstream, footprint, states
-# (the tables _compact works from, under their former names for tests/test_fast_heap.py)
-from .footprint import HANDSHAKE_ONLY as _HANDSHAKE_ONLY, SHARED as _SHARED
-from .closing import GOING_AWAY, PROTOCOL_ERROR
 from . import upstream as client_messages
-from .upstream import INVALID_JSON_REPLY
+from .closing import GOING_AWAY, PROTOCOL_ERROR
+# (the tables _compact works from, under their former names: tests/test_fast_heap.py)
+from .footprint import HANDSHAKE_ONLY as _HANDSHAKE_ONLY, SHARED as _SHARED
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
+from .upstream import INVALID_JSON_REPLY
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
