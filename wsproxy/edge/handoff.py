@@ -181,7 +181,7 @@ class HandOff:
         # still reading the request (an answer in the same turn): the bytes
         # it holds behind it go to the WebSocket first, and the channel
         # lets go once it has passed them on (its _parse)
-        if not channel._reading:
+        if not channel.reading:
             channel.release_hand_off()
 
     def _refused(self, proxy: Proxy, refusal: Refusal, client: str, session_id: str,

@@ -365,8 +365,10 @@ class _DeadlineChannel(http.HTTPChannel):
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
-    #: twisted.web is reading bytes (L{_parse})
-    _reading = False
+    #: twisted.web is reading bytes (L{_parse}): a hand-off that reaches the
+    #: WebSocket meanwhile is released at the read's end, not before
+    #: (L{wsproxy.edge.handoff})
+    reading = False
 
     def dataReceived(self, data: bytes) -> None:
         phase = self._phase
@@ -408,11 +410,11 @@ class _DeadlineChannel(http.HTTPChannel):
             self._head = None
             if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
                 return
-        self._reading = True
+        self.reading = True
         try:
             super().dataReceived(data)
         finally:
-            self._reading = False
+            self.reading = False
         self._hand_over_if_upgraded()
 
     def _lean(self, data: bytes, end: int) -> bool:
