@@ -36,8 +36,9 @@ Who owns the socket, step by step (L{HandOff.owner}):
      (twisted.web pauses it while it handles a request). The protocol then
      reads the request and the kept bytes, in order, and runs its
      admission. From here on new reads go to the protocol directly; bytes
-     twisted.web still holds from the read that made the upgrade reach the
-     channel and are passed on (L{received}) until that read ends.
+     twisted.web still holds from the read that made the upgrade still
+     reach the channel, which passes them on (L{received}) until that read
+     ends.
   4. C{RELEASED} (L{release}): the channel's read is over; it lets go of
      the hand-off and of its requests (which point back at it), so that
      nothing of the HTTP exchange waits for the cycle collector. The
