@@ -469,7 +469,7 @@ class TurnBudgetTests(MemoryTestCase):
 class CompareFirstTests(MemoryTestCase):
     """
     A token in the Authorization header is compared with the stored one
-    before Autobahn builds anything (wsproxy.edge.site.Root._compare_first).
+    before Autobahn builds anything (wsproxy.edge.handoff.HandOff.compare).
     """
 
     def test_wrong_token_refused_before_autobahn(self) -> None:
@@ -479,10 +479,14 @@ class CompareFirstTests(MemoryTestCase):
         """
         memory = self.start()
         memory.redis.authorize("s1", "tok")
+        built: list[object] = []
+        factory = memory.site.ws_factory
+        build = factory.buildProtocol
+        self.patch(factory, "buildProtocol", lambda addr: built.append(addr) or build(addr))
         client = memory.request("/agent/ws/s1", {"Authorization": "Bearer nope"})
         self.assertEqual(client.response().status, "HTTP/1.1 403 Invalid or expired token")
         self.assertTrue(client.closed)
-        self.assertIsNone(memory.site.ws_factory.last_built)
+        self.assertEqual(built, [])
         self.assertEqual([c.name for c in memory.redis.log], ["EVALSHA"])
         self.assertEqual(memory.redis.ttl["session:s1:auth"], 60)
         self.assertEqual(memory.proxy.stats.outcomes, {"403": 1})

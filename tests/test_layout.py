@@ -27,8 +27,9 @@ RANK = {"": 0, "fast": 1, "redis": 2, "session": 3, "websocket": 4, "edge": 5, "
 #: the rooms a newcomer finds by name, with the modules each must hold
 ROOMS = {
     "process": {"tap", "daemon", "workers", "build", "fdlimit"},
-    "edge": {"site", "upgrade"},
-    "websocket": {"protocol"},
+    "edge": {"site", "upgrade", "handoff"},
+    "websocket": {"protocol", "states", "closing", "admission", "downstream", "upstream",
+                  "footprint"},
     "session": {"proxy", "auth", "limits", "resume", "upstream", "control", "frames",
                 "backpressure"},
     "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster"},

@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional, Union, cast
 from autobahn.twisted.util import peer2str
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -27,8 +26,9 @@ from ..session import upstream
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..websocket.protocol import ProxyFactory
 from ..names import parse_ws_path
-from ..session.proxy import Compared, Comparison, Proxy
-from ..refusal import CLIENT_LEFT, Refusal
+from ..session.proxy import Proxy
+from ..refusal import Refusal
+from .handoff import WEBSOCKET, HandOff
 from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
 from . import upgrade as handshake
 
@@ -164,11 +164,14 @@ class Root(resource.Resource):
             )
             channel.refuse(refusal)
             return
-        early = self._comparable(upgrade)
-        if early is not None:
-            self._compare_first(channel, upgrade, peer, *early)
+        hand_off = channel.hand_off = HandOff(channel, self._factory, upgrade.raw)
+        comparable = self._comparable(upgrade)
+        if comparable is None:
+            hand_off.to_websocket()
         else:
-            self._to_websocket(channel, upgrade.raw)
+            session_id, agent_id, token = comparable
+            hand_off.compare(proxy, session_id, agent_id, token,
+                             lambda: proxy.client_address(peer, header))
 
     def _comparable(self, upgrade: "Upgrade") -> Optional[tuple[str, str, str]]:
         """
@@ -203,106 +206,6 @@ class Root(resource.Resource):
         except Refusal:
             return None
         return session_id, agent_id, token
-
-    def _compare_first(
-        self, channel: "_DeadlineChannel", upgrade: "Upgrade", peer: str,
-        session_id: str, agent_id: str, token: str,
-    ) -> None:
-        """
-        Compare the token with the stored one (and reset its TTL, in the
-        same round trip) before Autobahn builds anything: a wrong token, or
-        a Redis failure, is refused here for the cost of reading the
-        request and the round trip; an equal one is handed over to the
-        WebSocket admission, which only subscribes (within what is left of
-        the same C{AUTH_TIMEOUT_SECS}).
-        """
-        proxy = self._proxy
-        settings = proxy.settings
-        channel.setTimeout(None)
-        early = _EarlyBytes()
-        channel.upgraded_to = early
-
-        def equal(compared: Compared) -> None:
-            self._factory.compared = (session_id, token, compared)
-            try:
-                self._to_websocket(channel, upgrade.raw + b"".join(early.data))
-            finally:
-                self._factory.compared = None
-            # the channel lets go of the connection here, unless twisted.web
-            # is still reading the request (an answer in the same turn):
-            # the bytes it holds behind it go to the WebSocket first, and
-            # the channel lets go once it has passed them on (_parse)
-            if not channel._reading:
-                channel._hand_over()
-
-        def refused(refusal: Refusal) -> None:
-            transport: Any = channel.transport
-            client = proxy.client_address(peer, upgrade.header)
-            if refusal.code in (401, 403):
-                proxy.auth_failed(client)
-            proxy.refused(refusal, client, peer2str(transport) if transport else "unknown",
-                          session_id, agent_id)
-            if refusal is not CLIENT_LEFT:
-                channel.refuse(refusal)
-
-        def decided(result: Compared | Refusal) -> None:
-            channel.comparing = None
-            if timer.active():
-                timer.cancel()
-            if isinstance(result, Refusal):
-                refused(result)
-            else:
-                equal(result)
-
-        comparison = channel.comparing = proxy.compare(session_id, token, decided)
-        # one timer: the token check's deadline (AUTH_TIMEOUT_SECS, 504) or,
-        # if it is shorter, the handshake's (HANDSHAKE_TIMEOUT_SECS: dropped,
-        # as Autobahn does for the admission)
-        auth_first = settings.auth_timeout <= settings.handshake_timeout
-
-        def expired() -> None:
-            if auth_first:
-                comparison.expired()
-            else:
-                # the channel's connectionLost cancels the comparison
-                transport: Any = channel.transport
-                if transport is not None:
-                    transport.abortConnection()
-
-        timer = proxy.clock.callLater(
-            min(settings.auth_timeout, settings.handshake_timeout), expired
-        )
-        comparison.start()
-
-    def _to_websocket(self, channel: "_DeadlineChannel", data: bytes) -> None:
-        """
-        Hand the connection to a new WebSocket protocol, which reads the
-        request (C{data}, with whatever the client sent behind it) again
-        and runs its admission (L{wsproxy.websocket.protocol.ProxyProtocol._admit}).
-        """
-        # the HTTP channel's idle timer must not fire on it later
-        channel.setTimeout(None)
-        transport: Any = channel.transport
-        protocol = self._factory.buildProtocol(transport.getPeer())
-        self._factory.last_built = None
-        channel.transport = None
-        # TLS wraps the TCP transport in a protocol of its own
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = protocol
-        elif isinstance(transport.protocol, ProtocolWrapper):
-            transport.protocol.wrappedProtocol = protocol
-        else:
-            transport.protocol = protocol
-        protocol.makeConnection(transport)
-        # twisted.web may have paused reading while it served the request
-        # (as Autobahn's WebSocketResource does, resumed)
-        producer = getattr(transport, "_networkProducer", transport)
-        if hasattr(producer, "resumeProducing"):
-            producer.resumeProducing()
-        # bytes the client sent right behind a request twisted.web parsed
-        # reach the channel after this returns: they are the WebSocket's
-        channel.upgraded_to = protocol
-        protocol.dataReceived(data)
 
     def _health(self, request: server.Request) -> int:
         finished = request.notifyFinish()
@@ -414,60 +317,71 @@ class TurnBudget:
             self._turn = self._clock.callLater(0, self._next_turn)
 
 
-class _EarlyBytes:
-    """
-    What the client sends behind its upgrade request while its token is
-    compared: kept for the WebSocket protocol.
-    """
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-
 def _no_header(name: str) -> Optional[str]:
     return None
+
+
+#: what a channel does with the bytes it receives (L{_DeadlineChannel._phase}):
+#: nothing received yet
+_NEW = "new"
+#: waiting for its turn (L{TurnBudget}): kept, unread
+_WAITING = "waiting"
+#: read: by the lean parser or twisted.web, or passed to the hand-off
+_READING = "reading"
+#: answered with a refusal (the connection ends): ignored
+_ANSWERED = "answered"
+#: the connection is gone
+_GONE = "gone"
 
 
 class _DeadlineChannel(http.HTTPChannel):
     """
     An HTTP channel with an absolute deadline for each request (head and
     body), whose first request waits for its turn (L{TurnBudget}).
+
+    What it does with the bytes it receives is its phase (C{_phase}):
+    C{new} → C{waiting} (no turn yet: kept) → C{reading} (parsed; or
+    passed to the hand-off, L{wsproxy.edge.handoff}) → C{answered} (a
+    refusal written: ignored), and C{gone} from any of them when the
+    connection is lost. A connection that gets its turn at once goes from
+    C{new} to C{reading}.
     """
 
     _log = Logger()
     head_deadline = 5.0
     _deadline: Any = None
-    #: the WebSocket protocol this connection was handed to, if any
-    upgraded_to: Any = None
+    #: the connection's way to the WebSocket protocol, from the upgrade's
+    #: decision until the channel lets go (L{wsproxy.edge.handoff})
+    hand_off: Optional[HandOff] = None
     budget: Optional[TurnBudget] = None
-    #: bytes received while waiting for a turn, or None once it had one
+    #: what the channel does with the bytes it receives (_NEW, ...)
+    _phase = _NEW
+    #: bytes received while waiting for a turn (_WAITING), else None
     _held: Optional[list[bytes]] = None
-    _admitted = False
-    _gone = False
 
     proxy: Optional[Proxy] = None
     #: the site's resource, which decides upgrades
     root: Optional[Root] = None
-    #: the token comparison under way (Root._compare_first), cancelled if
-    #: the client leaves
-    comparing: Optional[Comparison] = None
     #: the first request's bytes until its head is complete (the lean
     #: parser's), None once it was decided who reads it
     _head: Optional[bytes] = b""
-    #: twisted.web is reading bytes (L{_parse})
-    _reading = False
+    #: twisted.web is reading bytes (L{_parse}): a hand-off that reaches the
+    #: WebSocket meanwhile is released at the read's end, not before
+    #: (L{wsproxy.edge.handoff})
+    reading = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._admitted:
-            if not self._discard:
-                self._parse(data)
-        elif self._held is not None:
+        phase = self._phase
+        if phase is _READING:
+            self._parse(data)
+        elif phase is _WAITING:
+            assert self._held is not None
             self._held.append(data)
+        elif phase is not _NEW:
+            # answered, or gone: ignored
+            return
         elif self.budget is None or self.budget.take(self._turn_came):
-            self._admitted = True
+            self._phase = _READING
             if not self._refused_early(data):
                 self._parse(data)
         else:
@@ -475,14 +389,15 @@ class _DeadlineChannel(http.HTTPChannel):
             # head deadline stops here and starts again, whole, at the turn
             # (a reconnect storm must not time out requests sent in time)
             self._disarm()
+            self._phase = _WAITING
             self._held = [data]
             transport: Any = self.transport
             transport.pauseProducing()
 
     def _parse(self, data: bytes) -> None:
-        if isinstance(self.upgraded_to, _EarlyBytes):
+        if self.hand_off is not None:
             # behind a request whose token is being compared
-            self.upgraded_to.dataReceived(data)
+            self.hand_off.received(data)
             return
         head = self._head
         if head is not None:
@@ -495,11 +410,11 @@ class _DeadlineChannel(http.HTTPChannel):
             self._head = None
             if 0 <= end <= LEAN_HEAD_MAX and self._lean(data, end):
                 return
-        self._reading = True
+        self.reading = True
         try:
             super().dataReceived(data)
         finally:
-            self._reading = False
+            self.reading = False
         self._hand_over_if_upgraded()
 
     def _lean(self, data: bytes, end: int) -> bool:
@@ -526,7 +441,7 @@ class _DeadlineChannel(http.HTTPChannel):
         Answer the upgrade request with C{refusal} and end the connection;
         anything more the client sends is ignored.
         """
-        self._discard = True
+        self._answered()
         self._disarm()
         transport: Any = self.transport
         if transport is not None:
@@ -550,20 +465,27 @@ class _DeadlineChannel(http.HTTPChannel):
         refusal = proxy.screen(host, _no_header) if host else None
         if refusal is None or b"websocket" not in data.lower():
             return False
-        self._admitted = self._discard = True
+        self._answered()
         self._disarm()
         proxy.refused(refusal, host, peer2str(transport))
         transport.write(refusal.response())
         transport.loseConnection()
         return True
 
-    _discard = False
+    def _answered(self) -> None:
+        """
+        A refusal was written: what the client sends from now on is ignored.
+        """
+        if self._phase is not _GONE:
+            self._phase = _ANSWERED
 
     def _turn_came(self) -> None:
         held, self._held = self._held or [], None
-        self._admitted = True
+        if self._phase is _GONE:
+            return
+        self._phase = _READING
         transport: Any = self.transport
-        if transport is None or self._gone or transport.disconnecting:
+        if transport is None or transport.disconnecting:
             return
         data = b"".join(held)
         self._arm()
@@ -591,30 +513,33 @@ class _DeadlineChannel(http.HTTPChannel):
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self.upgraded_to is not None:
-            self.upgraded_to.dataReceived(data)
+        if self.hand_off is not None:
+            self.hand_off.received(data)
         else:
             super().rawDataReceived(data)
 
     def _hand_over_if_upgraded(self) -> None:
         """
-        L{_hand_over}, once a request read here made the connection a
+        L{release_hand_off}, once a request read here made the connection a
         WebSocket (not while its token is being compared: then the
         comparison's end hands it over).
         """
-        upgraded = self.upgraded_to
-        if upgraded is not None and not isinstance(upgraded, _EarlyBytes):
-            self._hand_over()
+        hand_off = self.hand_off
+        if hand_off is not None and hand_off.owner is WEBSOCKET:
+            self.release_hand_off()
 
-    def _hand_over(self) -> None:
+    def release_hand_off(self) -> None:
         """
         The upgrade request and the bytes behind it have all been passed
         on: the WebSocket protocol owns the transport from here on. Let go
-        of it and of the request (which points back at this channel), so
-        that nothing of the HTTP exchange waits for Python's cycle
-        collector (see L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles}).
+        of the hand-off and of the request (which points back at this
+        channel), so that nothing of the HTTP exchange waits for Python's
+        cycle collector (see
+        L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles}).
         """
-        self.upgraded_to = None
+        hand_off, self.hand_off = self.hand_off, None
+        if hand_off is not None:
+            hand_off.release()
         for request in self.requests:
             request.channel = None
         self.requests = []
@@ -655,7 +580,7 @@ class _DeadlineChannel(http.HTTPChannel):
         without a word, or with an empty 400; answer 431 and ignore the
         rest.
         """
-        self._discard = True
+        self._answered()
         self._disarm()
         transport: Any = self.transport
         if transport is None:
@@ -685,13 +610,13 @@ class _DeadlineChannel(http.HTTPChannel):
             transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._gone = True
+        self._phase = _GONE
         self._held = None
         self._disarm()
-        comparing = self.comparing
-        if comparing is not None:
+        hand_off = self.hand_off
+        if hand_off is not None:
             # the client left while its token was being compared
-            comparing.cancel()
+            hand_off.client_left()
         super().connectionLost(reason)
 
 

@@ -39,7 +39,7 @@ The policy here, installed by the daemon in each proxy process:
     set-up's CPU; the longest pause was at most 25-100 ms either way.
   - a closed connection leaves no reference cycle
     (L{wsproxy.websocket.protocol.ProxyProtocol._break_cycles},
-    L{wsproxy.edge.site._DeadlineChannel._hand_over}; C{tests/test_fast_heap.py}
+    L{wsproxy.edge.site._DeadlineChannel.release_hand_off}; C{tests/test_fast_heap.py}
     checks every way a connection ends), so frozen connections are freed
     when they close. What else frozen ends up in a cycle is reclaimed once
     an hour by a collection of everything (unfreeze, collect, freeze),

@@ -449,7 +449,7 @@ class Proxy:
 
     # -- admission ---------------------------------------------------------
     #
-    # The site calls screen (429) before anything else; ProxyProtocol._admit
+    # The site calls screen (429) before anything else; admission.admit (websocket)
     # then calls these in order: route -> precheck -> authorize (token,
     # then subscription) -> open. Each raises the Refusal it decides;
     # nothing else refuses a WebSocket upgrade, and every refusal is

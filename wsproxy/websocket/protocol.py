@@ -2,52 +2,57 @@
 The WebSocket side: one L{ProxyProtocol} per client connection, and the
 factory that configures Autobahn for a proxy.
 
+The protocol is the Autobahn-facing shell. The rest of the work is done by
+its collaborators, module functions taking the protocol (no object per
+connection; those called per message are bound as methods, so no call
+layer is added):
+
+  - L{wsproxy.websocket.states}: the connection's states and transitions;
+  - L{wsproxy.websocket.admission}: the admission in order, and the open;
+  - L{wsproxy.websocket.downstream}: backend messages beyond the common
+    case (resumable and control frames, compression, the slow consumer);
+  - L{wsproxy.websocket.upstream}: client messages beyond the common case
+    (a failed publish, durable upstream's XADD, acks and nacks);
+  - L{wsproxy.websocket.closing}: ending the session, and what the TCP
+    connection does after;
+  - L{wsproxy.websocket.footprint}: an open connection's memory, a closed
+    one's cycles.
+
+The per-message paths stay here: C{deliver}, C{_send_message}, C{_write}
+(backend messages out), C{dataReceived}, C{onMessage} (client messages
+in).
+
 Data flows one way through a connection: upgrade request → admission
-(L{ProxyProtocol._admit}: route, precheck, token check, subscription
+(L{admission.admit}: route, precheck, token check, subscription
 confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
 published on C{:up}, messages from the hub are sent as frames.
 
+The connection's states (L{wsproxy.websocket.states}, one attribute,
+C{_state}; every transition goes through L{states.advance}):
+
+    ADMITTING ──▶ OPEN ──▶ CLOSING ──▶ ENDED ──▶ CLOSED
+        └────────────┴────────────────▶ ┘ (ENDED from each)
+
+ADMITTING until the 101 (messages for the client kept for the open), OPEN
+while the session is open, CLOSING once the proxy decided to close (nothing
+more sent or published), ENDED once the session is over (the TCP
+connection may live on for the closing handshake), CLOSED when the TCP
+connection is gone. Autobahn's own C{state} stays Autobahn's: a frame is
+sent only when both say open.
+
 Who owns the session's subscription: the hub while it is being confirmed
 (it releases it on any failure, or when the admission is cancelled because
-the client left), this protocol from then on (released in L{_end_session}).
+the client left), this protocol from then on (released in L{closing.end_session}).
 
-Closing. The session ends (subscriptions released, the close event and
-the C{closed:} log line out, no longer counted as open) at the decision: the
-first close frame the proxy sends, its own or its answer to the client's
-(L{ProxyProtocol.sendCloseFrame}), or the TCP connection's end, whichever
-comes first. What the TCP connection does after that:
-
-  - the client closed (a valid close frame): the proxy answers and closes
-    the TCP connection, what is written first, then FIN;
-  - the client sent an invalid close frame (FIN unset, RSV bits, unmasked,
-    a payload of 1 byte or over 125, code 1005, 1006, below 1000, 1004,
-    1014-2999 or 5000 and up, a reason that is not UTF-8): close 1002, then
-    the TCP connection is closed the same way; the client's close frame was
-    its last word, nothing is waited for (L{ProxyProtocol.onCloseFrame});
-  - the proxy closes (a backend's close request, 1011, 1008 for an invalid
-    envelope, 1002/1007/1009 for a protocol error, 1001 at shutdown): it
-    waits for the client's close frame for C{closeHandshakeTimeout} (5 s;
-    at shutdown the grace period, then the shutdown drops it), then drops
-    the connection;
-  - except a client closed for its own fault (a slow consumer, a protocol
-    error) that is not reading (its transport paused the protocol: the
-    socket did not take what was written before the close frame): dropped
-    at once, with no wait. It gets its close frame only if its socket takes
-    it then, with all that waited before it (the connection is then closed
-    after it, else reset). A slow consumer is not reading by definition.
-
-A TCP connection closed after its closing handshake (the first two cases,
-and after the client's answer) that is still there C{closeHandshakeTimeout}
-later, because the client does not take what is left, is dropped
-(L{ProxyProtocol.dropConnection}).
+Closing: when the session ends and what the TCP connection does after
+that, L{wsproxy.websocket.closing}.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
-from typing import Any, Literal, Optional, Sequence, cast
+from typing import Any, Callable, Literal, Optional, Sequence, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -55,7 +60,6 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOfferAccept,
 )
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
@@ -63,66 +67,30 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..session import auth, frames, upstream
 from ..fast import inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
 from ..fast.timers import BucketTimer
-from ..session.control import ClosedBy, connection_event
 from ..logs import BudgetedLog
-from ..names import down_channel, live_channel, up_channel
 from ..redis.pubsub import Listener
+from ..refusal import Refusal
+from ..session import frames
+from ..session.control import ClosedBy, connection_event
 from ..session.proxy import Proxy
-from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..session.resume import Recovery, Resumer
-from ..session.upstream import Appender, InvalidEnvelope
+from ..session.upstream import Appender
+from . import admission, closing, downstream, footprint, states
+from . import upstream as client_messages
+from .closing import GOING_AWAY, PROTOCOL_ERROR
+# (the tables _compact works from, under their former names: tests/test_fast_heap.py)
+from .footprint import HANDSHAKE_ONLY as _HANDSHAKE_ONLY, SHARED as _SHARED
+from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
+from .upstream import INVALID_JSON_REPLY
 
-INVALID_JSON_REPLY = b'{"error":"Invalid JSON format"}'
-
-#: close codes used by the proxy
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
-
-_HANDSHAKE, _OPEN, _CLOSED = range(3)
-#: who closed a connection for the client's own fault: such a client, if it
-#: is not reading, is dropped right after the close frame
-_CLIENTS_FAULT = frozenset({"slow_consumer", "protocol_error"})
-#: close codes a client may send (RFC 6455 7.4): as Autobahn judges them
-_CLIENT_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | frozenset(
-    range(3000, 5000)
-)
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
-
-
-def _valid_close(frame: Any, code: Optional[int], reason: Optional[bytes]) -> bool:
-    """
-    Whether a client's close frame is valid (RFC 6455 5.5, 5.5.1, 7.4):
-    one masked frame (FIN set, no RSV bits) with no payload or 2 to 125
-    bytes of it, a code a client may send (not below 1000, 1004-1006,
-    1014-2999, 5000 and up) and a UTF-8 reason.
-    """
-    if (frame is None or not frame.fin or frame.rsv or frame.mask is None
-            or frame.length == 1 or frame.length > 125):
-        return False
-    if code is not None and code not in _CLIENT_CLOSE_CODES:
-        return False
-    return reason is None or frames.is_utf8(reason)
-
-
-def _redact(reason: str) -> str:
-    """
-    Autobahn's own refusal reasons quote request headers and the request
-    line (which may carry a token); keep only the text before the first
-    quoted value.
-    """
-    for mark in ('"', "'"):
-        reason = reason.split(mark, 1)[0]
-    return reason.strip().rstrip(":-").strip() or "Bad request"
 
 
 # Autobahn's debug pretty-printing of every option per connection, made
@@ -194,10 +162,17 @@ class ProxyProtocol(WebSocketServerProtocol):
     _opened_at = 0.0
     _connection_id = ""
     agent_id: Optional[str] = None
+    # (set per connection, never on the class: _compact learns what it shares)
+    #: the session's :up channel, once admitted
+    _up_channel: bytes
+    #: bound once, with the appender: handed to the command connection with every XADD
+    _on_append_reply: Callable[[Any], None]
 
     def __init__(self) -> None:
         super().__init__()
-        self._state = _HANDSHAKE
+        #: the proxy's state of the connection (L{wsproxy.websocket.states}:
+        #: its transitions happen there only)
+        self._state: State = ADMITTING
         self._proxy: Proxy = None  # type: ignore[assignment]
         self._subscriptions: list[tuple[str, Listener]] = []
         self._resumer: Optional[Resumer] = None
@@ -208,7 +183,6 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._compared: Optional[tuple[str, str, Any]] = None
         self._paused = False
         self._unsent = 0
-        self._stopped_sending = False
         self._warned_drop = False
         #: durable upstream (UPSTREAM=stream): the connection's XADD, the
         #: ids of its appends awaiting Redis's answer (b"" without ?ack=1;
@@ -223,6 +197,15 @@ class ProxyProtocol(WebSocketServerProtocol):
         # bound once: handed to the command connection with every publish
         self._on_publish_reply = self._publish_replied
 
+    def compared_by_site(self, compared: tuple[str, str, Any]) -> None:
+        """
+        The site already compared this connection's header token
+        (L{wsproxy.edge.handoff.HandOff.compare}): (session id, token,
+        L{wsproxy.session.proxy.Compared}). The admission then only
+        subscribes, if its request names that session and token.
+        """
+        self._compared = compared
+
     def _keep_early(self, payload: bytes) -> None:
         """
         A message for the client before the 101: sent once open.
@@ -231,58 +214,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         assert isinstance(early, list)  # the connection's own, until open
         early.append(payload)
 
-    def _compact(self) -> None:
-        """
-        Make the open connection's attribute dictionary small.
-
-        An open Autobahn protocol holds about 90 attributes in its instance
-        dictionary, a 3 KiB table per connection, most of them flags and
-        counters at the same value on every idle connection. Those whose
-        value is immutable and equal to the class's default are dropped
-        from the instance (reads find the default; an assignment puts the
-        attribute back), what only the opening handshake read is dropped
-        (the request and response, the headers parsed from them), and the
-        dictionary is rebuilt at its new size (a dictionary never shrinks
-        by itself). A few containers only read once open, equal on every
-        connection, are the class's (C{_valid_events} and others).
-
-        The defaults belong to the connection's own class (each factory
-        makes one, with its options as class attributes), so what a read
-        finds is exactly what was dropped: the first connection of that
-        class to open sets them from its own values, for attributes the
-        class does not have; an attribute the class has (an option, a
-        default, a method the instance shadows) is never replaced and only
-        dropped when the instance holds that very value. Measured with a
-        fresh proxy and 10,000 idle connections: 12.2 KiB of RSS per
-        connection before (with Autobahn's per-connection TrafficStats and
-        an empty deque of durable-upstream appends), 5.7 KiB after.
-        """
-        cls = type(self)
-        defaults = cls.__dict__.get("_learnt")
-        if defaults is None:
-            defaults = {}
-            cls._learnt = defaults
-        kept = {}
-        for name, value in self.__dict__.items():
-            if name in _HANDSHAKE_ONLY:
-                continue
-            if name in _SHARED and getattr(cls, name) == value:
-                continue
-            if type(value) in _IMMUTABLE:
-                if name not in defaults:
-                    if hasattr(cls, name):
-                        defaults[name] = getattr(cls, name)
-                    else:
-                        defaults[name] = value
-                        setattr(cls, name, value)
-                default = defaults[name]
-                # the same object; or the same number (identity of strings
-                # and bytes may matter to a reader, equality of numbers not)
-                if value is default or (type(value) in _NUMBERS and type(default) is type(value)
-                                        and value == default):
-                    continue
-            kept[name] = value
-        self.__dict__ = kept
+    # an open connection's memory and a closed one's cycles
+    # (wsproxy.websocket.footprint), bound as methods
+    _compact = footprint.compact
+    _break_cycles = footprint.break_cycles
 
     def _peer_host(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -301,7 +236,6 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         self._proxy = self.factory.proxy
-        self._compared = self.factory.compared
         self._down = self.factory.down_codec
         self._up = self.factory.up_codec
         self._proxy.connections.add(self)
@@ -315,187 +249,30 @@ class ProxyProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self._end_session(None)
+            closing.end_session(self, None, None)
+            states.advance(self, CLOSED)
             self._proxy.connections.discard(self)
             self._break_cycles()
             self.closed.callback(None)
 
-    def _break_cycles(self) -> None:
-        """
-        Make a closed connection free by reference counting alone.
-
-        Python's cycle collector pauses the whole process for a time that
-        grows with every object alive; with thousands of connections that
-        is a pause of a second or more, during which no session receives
-        anything. So the daemon keeps long-lived objects out of its scans
-        (L{wsproxy.fast.heap}), which is only safe if closed connections leave no
-        reference cycles behind: the ones a connection holds while open
-        (bound methods of itself, a pending timer's callback, Autobahn's
-        C{is_closed} resolved with the protocol) are cut here.
-        """
-        self.__dict__.pop("_on_publish_reply", None)
-        self.__dict__.pop("_on_append_reply", None)
-        self.__dict__.pop("_out", None)
-        self._resumer = None
-        # Autobahn resolves is_closed with the protocol itself
-        self.is_closed = defer.succeed(None)
-        for timer in ("autoPingPendingCall", "autoPingTimeoutCall", "openHandshakeTimeoutCall",
-                      "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-            call = getattr(self, timer, None)
-            if call is not None:
-                call.cancel()
-                setattr(self, timer, None)
-
     # Autobahn takes a Deferred here too (txaio.as_future); its annotation
     # only names the synchronous answers
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
-        # kept so that a client leaving mid-admission cancels it (_end_session)
-        self._admission = defer.ensureDeferred(self._admit(request))
-        return self._admission.addErrback(self._refuse)
-
-    async def _admit(self, request: Any) -> Optional[str]:
-        """
-        The whole admission, in order; each step raises its L{Refusal}.
-
-        @return: the subprotocol to answer with, if any.
-        """
-        proxy = self._proxy
-        self.agent_id, session_id = proxy.route(request.path)
-        self.session_id = session_id
-        proxy.precheck(request.headers)
-        resume = proxy.resume_request(self.http_request_uri)
-        acked = self._acked = upstream.ack_request(
-            self.http_request_uri, proxy.settings.upstream == "stream"
-        )
-        credentials = auth.extract_token(request.headers, request.params, request.protocols)
-        subscriptions: list[tuple[str, Listener]]
-        if resume is None and acked:
-            # control frames go to this client: data frames down get the
-            # resumable sessions' envelope (an empty position) so that no
-            # backend message can pass for one
-            subscriptions = [(down_channel(session_id), _PrefixedSink(self))]
-        elif resume is None:
-            subscriptions = [(down_channel(session_id), self)]
-        else:
-            resumer = self._resumer = Resumer(
-                self._send_resumable,
-                self._send_control,
-                lambda after: proxy.read_history(session_id, after),
-                proxy.stats,
-            )
-            subscriptions = [
-                (down_channel(session_id), _PlainSink(resumer, self._down)),
-                (live_channel(session_id), _LiveSink(resumer)),
-            ]
-        # consumed here: the connection keeps no token
-        compared, self._compared = self._compared, None
-        if compared is not None and (
-            credentials is None or compared[:2] != (session_id, credentials.token)
-        ):
-            compared = None
-        try:
-            self._recovery = await proxy.authorize(
-                session_id, credentials, subscriptions, resume,
-                None if compared is None else compared[2],
-            )
-        except Refusal as refusal:
-            if refusal.code in (401, 403):
-                # the token check failed: counts towards AUTH_FAIL_LIMIT
-                proxy.auth_failed(self._client(request.headers))
-            raise
-        if self.state == WebSocketProtocol.STATE_CLOSED or self.droppedByMe:
-            # Autobahn dropped the connection (its opening-handshake deadline)
-            # in the very turn the admission finished: the drop has not
-            # reached us yet, and opening now would revive a dead connection
-            proxy.release(subscriptions)
-            raise CLIENT_LEFT
-        # admitted: the subscriptions are ours from here on
-        self._subscriptions = subscriptions
-        self._up_channel = up_channel(session_id)
-        assert credentials is not None
-        return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
-
-    def _refuse(self, failure: Failure) -> None:
-        refusal = refusal_for(failure, self._log, "admitting a connection")
-        # kept for failHandshake without the frames it was raised through
-        # (they hold this protocol: a reference cycle), and the shared
-        # refusals (CLIENT_LEFT) must not keep the last connection alive
-        refusal.with_traceback(None)
-        self._refusal = refusal
-        raise ConnectionDeny(refusal.code, refusal.reason)
+        # the admission (wsproxy.websocket.admission), kept so that a client
+        # leaving mid-admission cancels it (closing.end_session)
+        self._admission = defer.ensureDeferred(admission.admit(self, request))
+        return self._admission.addErrback(admission.refuse, self)
 
     def failHandshake(
         self, reason: str, code: int = 400, responseHeaders: Any = None
     ) -> None:
-        """
-        Refuse the upgrade with a complete plain-text HTTP response and one
-        log line (no token, no query string).
-        """
-        refusal = self._refusal
-        if refusal is None or refusal.code != code:
-            refusal = Refusal(code, _redact(reason))
-        self._proxy.refused(
-            refusal, self._client(getattr(self, "http_headers", None)), self.peer, self.session_id, self.agent_id
-        )
-        self.wasNotCleanReason = refusal.reason
-        self.sendData(refusal.response())
-        # a deliberate, complete refusal: not worth Autobahn's own warning
-        self.wasClean = True
-        self.dropConnection(abort=False)
+        admission.fail_handshake(self, reason, code)
 
     def onOpen(self) -> None:
-        if self._state is _CLOSED or not self._subscriptions:
-            return
-        self._state = _OPEN
-        proxy = self._proxy
-        proxy.stats.open_connections += 1
-        proxy.stats.outcomes["accepted"] += 1
-        assert self.session_id is not None
-        proxy.opened(self.session_id, self)
-        settings = proxy.settings
-        if proxy.events.enabled or settings.upstream == "stream":
-            self._opened_at = time.time()
-            self._connection_id = proxy.next_connection_id()
-        if proxy.events.enabled:
-            proxy.events.publish(self.session_id, self._event("open"))
-        if settings.upstream == "stream":
-            self._appender = Appender(
-                self.session_id, self.agent_id or "", self._connection_id,
-                settings.upstream_partitions, settings.upstream_stream_max_length,
-            )
-            self._in_flight = deque()
-            self._on_append_reply = self._append_replied
-        # Under twisted.web the HTTP channel is still the transport's
-        # producer; ours decides about slow consumers from here on.
-        transport: Any = self.transport
-        transport.unregisterProducer()
-        transport.registerProducer(self, True)
-        direct = plain_socket(transport)
-        if direct is not None:
-            self._out = Pending(direct)
-        if proxy.valve.paused:
-            self.pause_reading()
-        self._log.info(
-            "opened: session={session_id} agent={agent_id} peer={peer}",
-            session_id=self.session_id,
-            agent_id=self.agent_id,
-            peer=self.peer,
-        )
-        # the admission is over, and frames that came before the 101 are
-        # sent now: neither needs a place in the connection any more
-        self._admission = None
-        early = self.__dict__.pop("_early")
-        self._compact()
-        for payload in early:
-            if self._acked and self._resumer is None:
-                _PrefixedSink(self).deliver(payload)
-            else:
-                self.deliver(payload)
-        if self._resumer is not None and self._recovery is not None:
-            self._resumer.start(self._recovery)
+        admission.open_session(self)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._end_session(code, reason)
+        closing.end_session(self, code, reason)
 
     def onAutoPingTimeout(self) -> None:
         self._closed_by = "timeout"
@@ -509,145 +286,49 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._proxy.instance, getattr(peer, "host", None), self._opened_at, **close,
         )
 
-    def _end_session(self, code: Optional[int], reason: Optional[str] = None) -> None:
-        """
-        The connection's part in its session is over: what it subscribed
-        is released, it no longer counts as open, and its close event and
-        log line go out. Called once, at the first of: the proxy sends a
-        close frame (its own, or its answer to the client's:
-        L{sendCloseFrame}), or the TCP connection is gone (L{onClose},
-        L{connectionLost}). The TCP connection itself may live on for the
-        closing handshake; it stays in C{proxy.connections} (a descriptor
-        held; shutdown waits for it) until C{connectionLost}. (The rules:
-        the module docstring.)
-        """
-        if self._state is _CLOSED:
-            return
-        was_open = self._state is _OPEN
-        self._state = _CLOSED
-        proxy = self._proxy
-        admission = self._admission
-        if admission is not None and not admission.called:
-            # the client left mid-admission: nothing stays subscribed
-            admission.cancel()
-        subscriptions, self._subscriptions = self._subscriptions, []
-        proxy.release(subscriptions)
-        if self._resumer is not None:
-            self._resumer.closed = True
-        self.__dict__.pop("_early", None)
-        if was_open:
-            proxy.stats.open_connections -= 1
-            assert self.session_id is not None
-            proxy.closed(self.session_id, self)
-            if self.closedByMe and self.localCloseCode is not None:
-                # the proxy's own close frame (the client may echo 1000)
-                code = self.localCloseCode
-                reason = (self.localCloseReason or b"").decode("utf-8", "replace")
-            elif code is None:
-                code = self.remoteCloseCode
-            if proxy.events.enabled:
-                closed_by = self._closed_by or (
-                    "protocol_error" if self.failedByMe else "client"
-                )
-                proxy.events.publish(self.session_id, self._event(
-                    "close",
-                    code=code,
-                    reason=reason or self.remoteCloseReason or "",
-                    closed_by=closed_by,
-                    duration=round(time.time() - self._opened_at, 6),
-                    messages_in=self.messages_in, bytes_in=self.bytes_in,
-                    messages_out=self.messages_out, bytes_out=self.bytes_out,
-                ))
-            self._log.info(
-                "closed: session={session_id} agent={agent_id} peer={peer} "
-                "code={code} in={messages_in}/{bytes_in}B out={messages_out}/{bytes_out}B",
-                session_id=self.session_id,
-                agent_id=self.agent_id,
-                peer=self.peer,
-                code=code,
-                messages_in=self.messages_in,
-                bytes_in=self.bytes_in,
-                messages_out=self.messages_out,
-                bytes_out=self.bytes_out,
-            )
-
-    # -- closing (the rules: the module docstring) ----------------------------
+    # -- closing (the rules: wsproxy.websocket.closing) ----------------------------
 
     def sendCloseFrame(self, code: Optional[int] = None, reasonUtf8: Optional[bytes] = None,
                        isReply: bool = False) -> None:
         """
         Every close frame the proxy sends goes through here (Autobahn's
         failures, its answer to a client's close, the proxy's own closes).
-        The first one is the decision: the session ends now
-        (L{_end_session}), not when the TCP connection is gone. A client
-        closed for its own fault (a protocol error, a slow consumer) that is
-        not reading (the transport paused this producer: what was written
-        before the close frame is still waiting) is dropped at once.
+        The first one is the decision
+        (L{wsproxy.websocket.closing.after_close_frame}).
         """
         opening = self.state == STATE_OPEN
         super().sendCloseFrame(code, reasonUtf8, isReply)
-        if not opening or self._state is not _OPEN:
-            return
-        if isReply:
-            self._end_session(self.remoteCloseCode, self.remoteCloseReason)
-            return
-        if self._closed_by is None and self.failedByMe:
-            self._closed_by = "protocol_error"
-        self._end_session(code)
-        if self._paused and self._closed_by in _CLIENTS_FAULT:
-            self._drop_not_reading()
+        if opening and self._state in SESSION_OPEN:
+            closing.after_close_frame(self, code, isReply)
 
-    def _drop_not_reading(self) -> None:
+    def _closing(self, closed_by: ClosedBy) -> None:
         """
-        Drop a client that is not reading, right after its close frame.
-        On a plain TCP socket what waits for it, the close frame last, is
-        offered to the socket once more: if the socket takes all of it, the
-        connection is closed after it (FIN: the kernel delivers it if the
-        client reads again); otherwise, and over TLS, it is reset.
+        The proxy decided to close this open connection (L{CLOSING}): it
+        sends and publishes nothing more, and its close event says
+        C{closed_by}. Its close frame follows.
         """
-        self.wasClean = False
-        self.wasNotCleanReason = "not reading: dropped after its close frame"
-        direct = plain_socket(self.transport)
-        if direct is not None and not direct.disconnecting:
-            failed = direct.doWrite()
-            if failed is None and not (direct.dataBuffer or direct._tempDataBuffer):
-                self.dropConnection(abort=False)
-                return
-        self.dropConnection(abort=True)
+        states.advance(self, CLOSING)
+        self._closed_by = closed_by
 
     def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Optional[bool]:
         """
         The client's close frame. A valid one on an open connection is
         answered by Autobahn, which then closes the TCP connection. An
-        invalid one (L{_valid_close}) gets close 1002. Any close frame after
-        the proxy's own (the answer to it, or an invalid close frame whose
-        header made Autobahn send 1002) ends the closing handshake: the TCP
-        connection is closed after the proxy's close frame. (Autobahn would
-        reset it, throwing away a 1002 written in the same turn, and answer
-        a reason that is not UTF-8 with 1007.)
+        invalid one (L{wsproxy.websocket.closing.valid_close}) gets close
+        1002. Any close frame after the proxy's own ends the closing
+        handshake (L{wsproxy.websocket.closing.closing_handshake_over}).
         """
         if self.state == STATE_CLOSED:
             # (Autobahn's annotation forgets the frame without a code)
             return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
-        valid = _valid_close(self.current_frame, code, reasonRaw)
+        valid = closing.valid_close(self.current_frame, code, reasonRaw)
         if self.state == STATE_OPEN:
             if valid:
                 return super().onCloseFrame(cast(int, code), cast(bytes, reasonRaw))
             self._fail_connection(PROTOCOL_ERROR, "invalid close frame")
             if self.state == STATE_CLOSED:
                 return True
-        call = self.closeHandshakeTimeoutCall
-        if call is not None:
-            call.cancel()
-            self.closeHandshakeTimeoutCall = None
-        if valid:
-            self.remoteCloseCode = code
-            self.remoteCloseReason = None if reasonRaw is None else reasonRaw.decode("utf-8")
-            self.wasClean = True
-        else:
-            self.wasClean = False
-            self.wasNotCleanReason = "invalid close frame"
-        self.dropConnection(abort=False)
+        closing.closing_handshake_over(self, valid, code, reasonRaw)
         return True
 
     def dropConnection(self, abort: bool = False) -> None:
@@ -726,7 +407,7 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.message_data = None  # type: ignore[assignment]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._state is not _OPEN or self._stopped_sending:
+        if self._state is not OPEN:
             return
         appender = self._appender
         if appender is not None:
@@ -747,6 +428,14 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._up_channel, self._up(payload, isBinary), self._on_publish_reply
         )
 
+    # Client messages beyond the common case (wsproxy.websocket.upstream): a
+    # failed publish, durable upstream's XADD and its acks. Its functions
+    # are bound as methods, so calling them adds no call layer.
+    _publish_failed = client_messages.publish_failed
+    _append = client_messages.append
+    _append_replied = client_messages.append_replied
+    _send_ack = client_messages.send_ack
+
     def _publish_replied(self, reply: Any) -> None:
         if reply.__class__ is not int:
             self._publish_failed(reply)
@@ -754,114 +443,6 @@ class ProxyProtocol(WebSocketServerProtocol):
             # nobody subscribed to :up: the message is gone (a backend
             # outage or deploy); counted, and said once a minute
             self._proxy.unheard(self.session_id)
-
-    def _publish_failed(self, error: Any) -> None:
-        if self._state is not _OPEN or self._stopped_sending:
-            return
-        self._stopped_sending = True
-        self._closed_by = "error"
-        self._proxy.stats.publish_failures += 1
-        self._log.error(
-            "publish failed, closing with 1011: session={session_id} peer={peer}: {why}",
-            session_id=self.session_id,
-            peer=self.peer,
-            why=str(error),
-        )
-        self.sendCloseFrame(
-            code=INTERNAL_ERROR, reasonUtf8=b"message could not be delivered", isReply=False
-        )
-
-    # Durable upstream (UPSTREAM=stream, see wsproxy.session.upstream)
-
-    def _append(self, appender: Appender, payload: bytes, binary: bool) -> None:
-        message_id = b""
-        if self._acked:
-            try:
-                message_id, payload = upstream.split_envelope(payload)
-            except InvalidEnvelope:
-                self._stopped_sending = True
-                self._closed_by = "protocol_error"
-                self._log.info(
-                    "invalid message envelope, closing with 1008: session={session_id} "
-                    "peer={peer}", session_id=self.session_id, peer=self.peer,
-                )
-                self.sendCloseFrame(code=POLICY_VIOLATION,
-                                    reasonUtf8=b"a message must start with its id and a newline",
-                                    isReply=False)
-                return
-        if self.factory.require_json and not binary:
-            try:
-                json.loads(payload)
-            except ValueError:
-                if message_id:
-                    self._send_control(upstream.nack(message_id, "invalid JSON"))
-                else:
-                    self.sendMessage(INVALID_JSON_REPLY, False)
-                return
-        self.messages_in += 1
-        self.bytes_in += len(payload)
-        proxy = self._proxy
-        stats = proxy.stats
-        stats.messages_up += 1
-        stats.bytes_up += len(payload)
-        stats.upstream_in_flight += 1
-        in_flight = self._in_flight
-        in_flight.append(message_id)
-        if len(in_flight) >= self.factory.max_in_flight and not self._flight_paused:
-            # Redis is slower than this client: stop reading from it
-            self._flight_paused = True
-            transport: Any = self.transport
-            transport.pauseProducing()
-        proxy.commands.send_encoded(
-            appender.command(payload, binary, message_id), self._on_append_reply
-        )
-
-    def _send_ack(self, frame: bytes) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
-            return
-        if self._perMessageCompress is None:
-            # one unfragmented text frame, written as is (no masking from a
-            # server): Autobahn's sendMessage costs more than the append
-            size = len(frame)
-            if size < 126:
-                self._write(b"\x81%c%b" % (size, frame))
-            else:
-                self._write(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), frame))
-        else:
-            self.sendMessage(frame, False)
-        if self._paused:
-            # a client that sends but does not read its acks is a slow consumer too
-            self._unsent += len(frame)
-            if self._unsent > self.factory.max_send_buffer:
-                self._slow_consumer()
-
-    def _append_replied(self, reply: Any) -> None:
-        in_flight = self._in_flight
-        message_id = in_flight.popleft()
-        stats = self._proxy.stats
-        stats.upstream_in_flight -= 1
-        position = upstream.entry_id(reply)
-        if position is not None:
-            stats.upstream_appended += 1
-            if message_id:
-                stats.upstream_acks += 1
-                self._send_ack(upstream.ack_frame(message_id, position))
-        else:
-            stats.upstream_append_failures += 1
-            if message_id:
-                stats.upstream_nacks += 1
-                reason = upstream.failure_reason(reply)
-                self._send_control(upstream.nack(message_id, reason))
-                self._proxy.append_failed(self.session_id, reason)
-            else:
-                # no way to tell this client which message failed
-                self._publish_failed(reply)
-        if self._flight_paused and len(in_flight) <= self.factory.max_in_flight // 2:
-            self._flight_paused = False
-            transport: Any = self.transport
-            if (self._state is not _HANDSHAKE and transport is not None
-                    and not self._proxy.valve.paused):
-                transport.resumeProducing()
 
     # -- Redis -> client -----------------------------------------------------
 
@@ -873,11 +454,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         the session (the hub hands each of them the same bytes object).
         Backend messages are not limited by MAX_MESSAGE_SIZE_BYTES.
         """
-        if self._state is not _OPEN or self.state != STATE_OPEN:
-            if self._state is _HANDSHAKE:
+        if self._state is not OPEN or self.state != STATE_OPEN:
+            if self._state is ADMITTING:
                 self._keep_early(payload)
-            return
-        if self._stopped_sending:
             return
         factory = self.factory
         if payload is factory.last_payload:
@@ -966,57 +545,13 @@ class ProxyProtocol(WebSocketServerProtocol):
         else:
             write_now(direct, data)
 
-    # Resumable sessions (see wsproxy.session.resume): every data frame is
-    # "<position>\n<message>" (an empty position for plain :down messages),
-    # control frames are "!" + JSON.
-
-    def _send_resumable(self, position: bytes, message: bytes, kind: bytes) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
-            return
-        if kind == b"b":
-            binary = True
-        elif kind == b"a":
-            binary = not frames.is_utf8(message)
-        elif frames.is_utf8(message):
-            binary = False
-        else:
-            # declared text but not UTF-8: browsers would fail the connection
-            self._proxy.stats.dropped_down += 1
-            return
-        data = position + b"\n" + message
-        self._send_message(data, binary, frames.frame(data, binary), len(message))
-
-    def _send_control(self, event: dict[str, object]) -> None:
-        if self._state is not _OPEN or self.state != STATE_OPEN or self._stopped_sending:
-            return
-        self.sendMessage(b"!" + json.dumps(event, separators=(",", ":")).encode(), False)
-
-    def _send_compressed(self, data: bytes, is_binary: bool) -> None:
-        # Autobahn applies maxMessagePayloadSize to what it sends, too; the
-        # limit is meant for clients only.
-        limit: int = getattr(self, "maxMessagePayloadSize")
-        self.maxMessagePayloadSize = 0
-        try:
-            self.sendMessage(data, is_binary)
-        finally:
-            self.maxMessagePayloadSize = limit
-
-    def _slow_consumer(self) -> None:
-        """
-        More than C{max_send_buffer} waits for a client that is not reading:
-        close 1008, the session ends now, and the connection is dropped at
-        once (L{_drop_not_reading}): the close frame is written behind what
-        is waiting, so the client gets it only if its socket takes all that.
-        """
-        self._stopped_sending = True
-        self._closed_by = "slow_consumer"
-        self._proxy.stats.slow_consumer_closes += 1
-        self._log.warn(
-            "slow consumer, closing with 1008: session={session_id} peer={peer} "
-            "unsent={unsent}B", session_id=self.session_id, peer=self.peer,
-            unsent=self._unsent,
-        )
-        self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
+    # Backend messages beyond the common case (wsproxy.websocket.downstream):
+    # resumable and control frames, compressed sends, the slow consumer. Its
+    # functions are bound as methods, so calling them adds no call layer.
+    _send_resumable = downstream.send_resumable
+    _send_control = downstream.send_control
+    _send_compressed = downstream.send_compressed
+    _slow_consumer = downstream.slow_consumer
 
     # Upstream backpressure (see UpstreamValve)
 
@@ -1025,12 +560,12 @@ class ProxyProtocol(WebSocketServerProtocol):
 
     def pause_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is not _HANDSHAKE and transport is not None:
+        if self._state is not ADMITTING and transport is not None:
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if self._state is not _HANDSHAKE and transport is not None and not self._flight_paused:
+        if self._state is not ADMITTING and transport is not None and not self._flight_paused:
             transport.resumeProducing()
 
     # IPushProducer: Twisted tells us when the socket's send buffer is full.
@@ -1054,15 +589,14 @@ class ProxyProtocol(WebSocketServerProtocol):
         Tell the client the server is going away (1001), or drop a
         connection still in its opening handshake.
         """
-        if self._state is _OPEN:
-            self._stopped_sending = True
-            self._closed_by = "shutdown"
+        if self._state in SESSION_OPEN:
+            self._closing("shutdown")
             # the shutdown's grace period decides how long the client has to
             # answer (it then drops what is left), not Autobahn's 5 s
             # closing-handshake timeout
             self.closeHandshakeTimeout = 0
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
-        elif self._state is _HANDSHAKE:
+        elif self._state is ADMITTING:
             self.dropConnection(abort=True)
 
     def server_close(self, code: int, reason: str) -> None:
@@ -1070,10 +604,9 @@ class ProxyProtocol(WebSocketServerProtocol):
         A backend asked for this session's sockets to be closed
         (wsproxy:control): a close frame with its code and reason.
         """
-        if self._state is not _OPEN or self._stopped_sending:
+        if self._state is not OPEN:
             return
-        self._stopped_sending = True
-        self._closed_by = "server"
+        self._closing("server")
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def drop(self, why: str) -> defer.Deferred[None]:
@@ -1085,77 +618,6 @@ class ProxyProtocol(WebSocketServerProtocol):
         self.wasNotCleanReason = why
         self.dropConnection(abort=True)
         return self.closed
-
-
-#: see ProxyProtocol._valid_events
-_SHARED = frozenset({"_valid_events", "_results", "websocket_extensions_in_use"})
-
-#: attribute values _compact may share through a class default
-_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes})
-_NUMBERS = frozenset({int, float})
-
-#: Autobahn's attributes that only its opening handshake reads
-_HANDSHAKE_ONLY = (
-    "http_headers", "http_request_data", "http_response_data", "http_status_line",
-    "http_request_params", "http_request_path", "http_request_host", "http_request_uri",
-    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
-)
-
-
-class _PlainSink:
-    """
-    A resuming connection's listener on the plain C{:down} channel.
-    """
-
-    __slots__ = ("_resumer", "_down")
-
-    def __init__(self, resumer: Resumer, down: Any) -> None:
-        self._resumer = resumer
-        self._down = down
-
-    def deliver(self, payload: bytes) -> None:
-        out = self._down(payload)
-        if out is not None:
-            self._resumer.plain(out[0], b"b" if out[1] else b"t")
-
-
-class _PrefixedSink:
-    """
-    The C{:down} listener of an acknowledging client that does not resume:
-    each message is sent as C{\\n<message>} (an empty position), the data
-    frame form of resumable sessions, so it cannot be read as a control
-    frame.
-    """
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol: ProxyProtocol) -> None:
-        self._protocol = protocol
-
-    def deliver(self, payload: bytes) -> None:
-        protocol = self._protocol
-        if protocol._state is _HANDSHAKE:
-            protocol._keep_early(payload)
-            return
-        out = protocol._down(payload)
-        if out is None:
-            protocol._proxy.stats.dropped_down += 1
-        else:
-            protocol._send_resumable(b"", out[0], b"b" if out[1] else b"t")
-
-
-class _LiveSink:
-    """
-    A resuming connection's listener on C{session:S:live}.
-    """
-
-    __slots__ = ("_resumer",)
-
-    def __init__(self, resumer: Resumer) -> None:
-        self._resumer = resumer
-
-    def deliver(self, payload: bytes) -> None:
-        self._resumer.live(payload)
 
 
 def _class_attribute(value: Any) -> Any:
@@ -1186,10 +648,6 @@ class ProxyFactory(WebSocketServerFactory):
         self.last_payload: Optional[bytes] = None
         self.last_outgoing: frames.Outgoing = None
         self.last_frame: Optional[bytes] = None
-        self.last_built: Optional[ProxyProtocol] = None
-        #: (session id, token, Compared) of the upgrade being handed over by
-        #: the site, whose token it already compared (Root._compare_first)
-        self.compared: Optional[tuple[str, str, Any]] = None
         options: dict[str, Any] = dict(
             webStatus=False,
             maxMessagePayloadSize=settings.max_message_size,
@@ -1233,12 +691,6 @@ class ProxyFactory(WebSocketServerFactory):
     def _batched_timer(self, timer: Any) -> None:
         # Autobahn's factory sets its own in __init__
         self._autobahn_timer = timer
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = cast(ProxyProtocol, super().buildProtocol(addr))
-        #: read by the site right after handing a request over
-        self.last_built = protocol
-        return protocol
 
     def _accept_deflate(self, offers: list[Any]) -> Any:
         for offer in offers:
