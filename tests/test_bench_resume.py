@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from bench.resume.client import QueryUpgrade, Session, StreamClient, resume_query
@@ -20,7 +18,7 @@ from bench.resume.publisher import Commands
 from bench.resume.stream import Ledger, message, parse
 from bench.loadtest.wsclient import OP_BINARY, OP_TEXT
 
-from .support import ROOT, _Output
+from .support import run_process
 
 
 class LedgerTests(SynchronousTestCase):
@@ -191,9 +189,8 @@ class RunTests(TestCase):
     timeout = 180
 
     async def run_bench(self, *args: str) -> tuple[int, dict[str, Any], str]:
-        out = _Output()
         argv = [sys.executable, "-m", "bench.resume", *args]
-        reactor.spawnProcess(out, argv[0], argv, env=dict(os.environ), path=ROOT)
+        out = run_process(argv)
         status = await out.ended
         text = out.output.decode(errors="replace")
         lines = [line for line in text.splitlines() if line.startswith("{")]

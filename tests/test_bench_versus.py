@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from bench import nodebridge
 from bench.versus import SCENARIOS
 
-from .support import ROOT, _Output
+from .support import ROOT, run_process
 
 MODULES = os.environ.get("NODE_BRIDGE_MODULES") or str(Path(ROOT) / ".cache" / "node-bridge")
 
@@ -29,12 +28,11 @@ class VersusTests(TestCase):
     timeout = 300
 
     async def run_versus(self, *extra: str) -> tuple[int, list[dict[str, Any]], str]:
-        out = _Output()
         argv = [sys.executable, "-m", "bench.versus", "--rounds", "1", "--sessions", "20",
                 "--burst", "5", "--rate", "200", "--duration", "1", "--conn-clients", "50",
                 "--concurrency", "10", "--idle", "0.5", "--storm-clients", "60",
                 "--storm-sources", "2", "--procs", "1", "--node-modules", MODULES, *extra]
-        reactor.spawnProcess(out, argv[0], argv, env=dict(os.environ), path=ROOT)
+        out = run_process(argv)
         status = await out.ended
         text = out.output.decode(errors="replace")
         lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]

@@ -13,10 +13,9 @@ import os
 import re
 import sys
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, _Output
+from .support import ROOT, run_process
 
 SUMMARY = re.compile(
     rb"OK (\d+), NON-STRICT (\d+), INFORMATIONAL (\d+), UNIMPLEMENTED (\d+), FAILED (\d+)"
@@ -27,10 +26,9 @@ class ConformanceTests(TestCase):
     timeout = 900
 
     async def run_suite(self, *args: str) -> tuple[int, ...]:
-        out = _Output()
         argv = [sys.executable, os.path.join(ROOT, "tests", "conformance", "run.py"),
                 "--no-progress", "--jobs", "2", *args]
-        reactor.spawnProcess(out, argv[0], argv, env=dict(os.environ), path=ROOT)
+        out = run_process(argv)
         status = await out.ended
         tail = out.output.decode(errors="replace")[-3000:]
         self.assertEqual(status, 0, tail)

@@ -8,13 +8,11 @@ belongs in bench/run.sh, not in tests.)
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, Daemon, RedisServer, _Output
+from .support import redis_server, run_process, start_daemon
 
 
 class LoadSmokeTests(TestCase):
@@ -25,15 +23,9 @@ class LoadSmokeTests(TestCase):
         python -m bench.loadtest with 200 clients exits 0: every client
         connected and every message arrived, in order, both ways.
         """
-        redis = RedisServer()
-        self.addCleanup(redis.cleanup)
-        daemon = Daemon(
-            [sys.executable, "-m", "wsproxy"],
-            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": redis.url},
-        )
-        self.addCleanup(daemon.stop)
+        redis = redis_server(self)
+        daemon = start_daemon(self, {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": redis.url})
         port = await daemon.port()
-        out = _Output()
         args = [
             sys.executable, "-m", "bench.loadtest",
             "--url", f"ws://127.0.0.1:{port}", "--redis-url", redis.url,
@@ -41,7 +33,7 @@ class LoadSmokeTests(TestCase):
             "--clients", "200", "--burst", "5", "--upstream", "5",
             "--rate", "200", "--duration", "2",
         ]
-        reactor.spawnProcess(out, args[0], args, env=dict(os.environ), path=ROOT)
+        out = run_process(args)
         status = await out.ended
         lines = [line for line in out.output.splitlines() if line.startswith(b"{")]
         self.assertEqual(status, 0, out.output.decode(errors="replace")[-3000:])
@@ -61,10 +53,9 @@ class LoadSmokeTests(TestCase):
         message appended, 100 entries retained in the stream modes) and a
         summary with the ratios to Pub/Sub.
         """
-        out = _Output()
         args = [sys.executable, "-m", "bench.upstream", "--clients", "20", "--messages", "5",
                 "--rounds", "1"]
-        reactor.spawnProcess(out, args[0], args, env=dict(os.environ), path=ROOT)
+        out = run_process(args)
         status = await out.ended
         self.assertEqual(status, 0, out.output.decode(errors="replace")[-3000:])
         rows = [json.loads(line) for line in out.output.splitlines() if line.startswith(b"{")]
