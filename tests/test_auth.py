@@ -1,11 +1,12 @@
 """
 Names, token extraction and the token check's
-decision table, with a fake Redis.
+decision table, with the fake Redis link.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.session import auth
@@ -13,6 +14,8 @@ from wsproxy.session import auth
 from wsproxy import names
 from wsproxy.redis.redislink import RedisTimeout, RedisUnavailable, with_deadline
 from wsproxy.refusal import Refusal
+
+from .support.fakes import FakeLink, FakeRedis
 
 
 class PathTests(SynchronousTestCase):
@@ -77,39 +80,39 @@ class ExtractTests(SynchronousTestCase):
         self.assertIsNone(auth.extract_token({}, {"access_token": [""]}, ["bearer"]))
 
 
-class FakeRedis:
+def fake_link(data: dict[str, bytes], error: Any = None,
+              expire_result: Optional[int] = None) -> FakeLink:
     """
-    Answers GET/EXPIRE from a dict, or fails every command with C{error}
-    (the token check without its script: see test_memory's TokenScriptTests
-    for the script).
+    A connected fake Redis link whose server holds C{data}; every command
+    fails with C{error} if one is given, and EXPIRE answers
+    C{expire_result} if one is given (the token check without its script:
+    see test_memory's TokenScriptTests for the script).
     """
+    redis = FakeRedis()
+    redis.data.update(data)
+    if error is not None:
+        for name in ("GET", "EXPIRE"):
+            redis.fail(name, error)
+    if expire_result is not None:
+        redis.reply("EXPIRE", expire_result)
+    link = FakeLink("commands", redis, Clock())
+    link.start()
+    return link
 
-    def __init__(self, data: dict, error: Any = None, expire_result: int = 1) -> None:
-        self.data = data
-        self.error = error
-        self.calls: list[tuple] = []
-        self.expire_result = expire_result
 
-    def send(self, on_reply: Any, *args: bytes) -> None:
-        """The lean path: the reply (or the error) to C{on_reply}; calls logged as text."""
-        args = tuple(a.decode() for a in args)
-        self.calls.append(args[:2] + tuple(int(a) for a in args[2:]))
-        if self.error is not None:
-            on_reply(self.error)
-        elif args[0] == "GET":
-            on_reply(self.data.get(args[1]))
-        elif args[0] == "EXPIRE":
-            on_reply(self.expire_result)
-        else:
-            raise AssertionError(args)
+def calls(link: FakeLink) -> list[tuple[Any, ...]]:
+    """
+    The commands the link sent, numbers as numbers.
+    """
+    return [args[:2] + tuple(int(a) for a in args[2:]) for args in link.sent()]
 
 
 class CheckTests(SynchronousTestCase):
-    def check(self, redis: FakeRedis, token: Any) -> Any:
+    def check(self, redis: FakeLink, token: Any) -> Any:
         creds = None if token is None else auth.Credentials(token, "header")
         return defer.ensureDeferred(auth.check_token(redis.send, "s1", creds, 10800))
 
-    def refusal(self, redis: FakeRedis, token: Any) -> Refusal:
+    def refusal(self, redis: FakeLink, token: Any) -> Refusal:
         f = self.failureResultOf(self.check(redis, token), Refusal)
         return f.value
 
@@ -118,34 +121,34 @@ class CheckTests(SynchronousTestCase):
         The right token is accepted and the key's TTL is set to the grace
         period.
         """
-        redis = FakeRedis({"session:s1:auth": b"tok"})
+        redis = fake_link({"session:s1:auth": b"tok"})
         self.successResultOf(self.check(redis, "tok"))
-        self.assertEqual(redis.calls[-1], ("EXPIRE", "session:s1:auth", 10800))
+        self.assertEqual(calls(redis)[-1], ("EXPIRE", "session:s1:auth", 10800))
 
     def test_missing_token_401(self) -> None:
         """
         No token: 401 with WWW-Authenticate, and Redis is not asked.
         """
-        redis = FakeRedis({})
+        redis = fake_link({})
         r = self.refusal(redis, None)
         self.assertEqual(r.code, 401)
         self.assertIn(("WWW-Authenticate", 'Bearer realm="wsproxy"'), r.headers)
-        self.assertEqual(redis.calls, [])
+        self.assertEqual(calls(redis), [])
 
     def test_wrong_or_unknown_token_403_without_expire(self) -> None:
         """
         A wrong token or a missing key is 403 and the key is not touched.
         """
         for data in ({"session:s1:auth": b"tok"}, {}):
-            redis = FakeRedis(data)
+            redis = fake_link(data)
             self.assertEqual(self.refusal(redis, "nope").code, 403)
-            self.assertEqual([c[0] for c in redis.calls], ["GET"])
+            self.assertEqual([c[0] for c in calls(redis)], ["GET"])
 
     def test_key_expired_between_get_and_expire(self) -> None:
         """
         If EXPIRE finds no key, the token has just expired: 403.
         """
-        redis = FakeRedis({"session:s1:auth": b"tok"}, expire_result=0)
+        redis = fake_link({"session:s1:auth": b"tok"}, expire_result=0)
         self.assertEqual(self.refusal(redis, "tok").code, 403)
 
     def test_redis_errors_propagate(self) -> None:
@@ -153,8 +156,8 @@ class CheckTests(SynchronousTestCase):
         Redis failures are not the token check's to decide: they propagate
         unchanged (the admission answers 503/504, see test_admission).
         """
-        self.failureResultOf(self.check(FakeRedis({}, RedisUnavailable()), "t"), RedisUnavailable)
-        self.failureResultOf(self.check(FakeRedis({}, RedisTimeout()), "t"), RedisTimeout)
+        self.failureResultOf(self.check(fake_link({}, RedisUnavailable()), "t"), RedisUnavailable)
+        self.failureResultOf(self.check(fake_link({}, RedisTimeout()), "t"), RedisTimeout)
 
     def test_deadline(self) -> None:
         """

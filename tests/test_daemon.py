@@ -6,50 +6,14 @@ is checked by test_layout).
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.config import Settings
 from wsproxy.process.daemon import ListenError, ProxyService, StartupError
 
-
-class FakeEndpoint:
-    """
-    An endpoint whose listen() returns C{result} (a Deferred the test fires,
-    or an already fired one).
-    """
-
-    def __init__(self, result: defer.Deferred) -> None:
-        self.result = result
-        self.factories: list[Any] = []
-
-    def listen(self, factory: Any) -> defer.Deferred:
-        self.factories.append(factory)
-        return self.result
-
-
-class FakePort:
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 8080)
-
-
-class FakeReactor:
-    running = True
-
-    def __init__(self) -> None:
-        self.stopped = 0
-
-    def stop(self) -> None:
-        self.stopped += 1
-
-
-class FakeProxy:
-    settings = Settings()
+from .support.fakes import FakeEndpoint, FakePort, FakeProxy, FakeReactor
 
 
 def service(result: defer.Deferred) -> tuple[ProxyService, FakeReactor]:

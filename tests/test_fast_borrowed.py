@@ -30,7 +30,7 @@ from wsproxy.fast.__main__ import main
 
 from .memory import BINARY, TEXT, Frame, MemoryTestCase
 from .support import ROOT
-from .test_daemon import FakeEndpoint, FakeProxy
+from .support.fakes import FakeEndpoint, FakeProxy
 
 
 def internal(name: str) -> borrowed.Internal:

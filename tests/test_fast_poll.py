@@ -25,7 +25,7 @@ from wsproxy.fast import poll
 from wsproxy.process.daemon import ProxyService
 
 from .support import wait_for
-from .test_daemon import FakeEndpoint, FakeProxy
+from .support.fakes import FakeEndpoint, FakeProxy
 
 
 class Echo(protocol.Protocol):

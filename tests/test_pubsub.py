@@ -1,5 +1,5 @@
 """
-The subscription hub, against a fake Redis link and a fake clock.
+The subscription hub, against the fake Redis link and a fake clock.
 """
 
 from typing import Any
@@ -11,45 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from wsproxy.redis.pubsub import Hub
 from wsproxy.redis.redislink import RedisUnavailable
 
-
-class FakeLink:
-    """
-    Records (UN)SUBSCRIBE commands; each returns a Deferred the test fires.
-    """
-
-    def __init__(self) -> None:
-        self.ready: Any = None
-        self.commands: list[tuple[str, str, defer.Deferred]] = []
-        self.killed = 0
-
-    def subscribe(self, channel: str) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.commands.append(("SUBSCRIBE", channel, d))
-        return d
-
-    def unsubscribe(self, channel: str) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.commands.append(("UNSUBSCRIBE", channel, d))
-        return d
-
-    def kill(self) -> None:
-        self.killed += 1
-
-    def sent(self) -> list[tuple[str, str]]:
-        return [(c, ch) for c, ch, _ in self.commands]
-
-    def confirm_all(self) -> None:
-        for _, _, d in self.commands:
-            if not d.called:
-                d.callback(None)
-
-    def connect(self) -> None:
-        self.ready = object()
-        self.on_ready(self.ready)
-
-    def lose(self) -> None:
-        self.ready = None
-        self.on_lost()
+from .support.fakes import FakeLink, FakeRedis
 
 
 class Listener:
@@ -67,14 +29,19 @@ class Broken:
 
 class HubTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.link = FakeLink()
         self.clock = Clock()
+        # (UN)SUBSCRIBE wait until the test answers them (self.redis.flush());
+        # a kill leaves the old connection closing until the test loses it
+        self.redis = FakeRedis()
+        self.redis.hold("SUBSCRIBE", "UNSUBSCRIBE")
+        self.link = FakeLink("subscriber", self.redis, self.clock)
+        self.link.lose_on_kill = False
         self.published: list[tuple[str, bytes]] = []
         self.hub = Hub(self.link, self.clock, self.publish, "canary", canary_interval=2,
                        canary_timeout=3)
         self.link.connect()
-        self.link.confirm_all()
-        del self.link.commands[:]
+        self.redis.flush()
+        del self.redis.log[:]
 
     def publish(self, channel: bytes, payload: bytes, on_reply: Any) -> None:
         """
@@ -95,7 +62,7 @@ class RefCountTests(HubTestCase):
         db = self.hub.subscribe("session:s:down", b)
         self.assertEqual(self.link.sent(), [("SUBSCRIBE", "session:s:down")])
         self.assertNoResult(da)
-        self.link.confirm_all()
+        self.redis.flush()
         self.successResultOf(da)
         self.successResultOf(db)
         self.successResultOf(self.hub.subscribe("session:s:down", Listener()))
@@ -114,7 +81,7 @@ class RefCountTests(HubTestCase):
         a, b, other = Listener(), Listener(), Listener()
         for listener, channel in ((a, "c1"), (b, "c1"), (other, "c2")):
             self.hub.subscribe(channel, listener)
-        self.link.confirm_all()
+        self.redis.flush()
         self.hub.dispatch(b"c1", b"1")
         self.hub.dispatch(b"c1", b"2")
         self.assertEqual((a.got, b.got, other.got), ([b"1", b"2"], [b"1", b"2"], []))
@@ -127,7 +94,7 @@ class RefCountTests(HubTestCase):
         good = Listener()
         self.hub.subscribe("c", Broken())
         self.hub.subscribe("c", good)
-        self.link.confirm_all()
+        self.redis.flush()
         self.hub.dispatch(b"c", b"x")
         self.assertEqual(good.got, [b"x"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -163,7 +130,7 @@ class RefCountTests(HubTestCase):
         d = self.hub.subscribe("c", listener)
         d.addErrback(lambda f: None)
         self.hub.unsubscribe("c", listener)
-        self.link.confirm_all()
+        self.redis.flush()
         self.assertEqual(self.link.sent(), [("SUBSCRIBE", "c"), ("UNSUBSCRIBE", "c")])
         self.assertEqual(self.hub.channel_count(), 0)
 
@@ -180,15 +147,15 @@ class ReconnectTests(HubTestCase):
         self.hub.subscribe("c2", b)
         self.hub.subscribe("c3", Listener()).addErrback(lambda f: None)
         self.hub.unsubscribe("c3", self.hub._channels[b"c3"].listeners[0])
-        self.link.confirm_all()
-        del self.link.commands[:]
+        self.redis.flush()
+        del self.redis.log[:]
         self.link.lose()
         self.link.connect()
         self.assertEqual(
             sorted(self.link.sent()),
             [("SUBSCRIBE", "c1"), ("SUBSCRIBE", "c2"), ("SUBSCRIBE", "canary")],
         )
-        self.link.confirm_all()
+        self.redis.flush()
         self.hub.dispatch(b"c1", b"again")
         self.assertEqual(a.got, [b"again"])
 
@@ -216,14 +183,14 @@ class CanaryTests(HubTestCase):
         self.clock.advance(3.5)
         self.assertFalse(self.hub.healthy)
         self.hub.check_canary()
-        self.assertEqual(self.link.killed, 1)
+        self.assertEqual(self.link.kills, 1)
         # the old connection is still closing: not healthy until a new one
         # has confirmed the canary channel
         self.assertFalse(self.hub.healthy)
         self.link.lose()
         self.link.connect()
         self.assertFalse(self.hub.healthy)
-        self.link.confirm_all()
+        self.redis.flush()
         self.assertTrue(self.hub.healthy)
 
     def test_canary_behind_backlog_is_not_a_failure(self) -> None:
@@ -232,17 +199,17 @@ class CanaryTests(HubTestCase):
         queued behind a burst: no rebuild, and the hub stays healthy.
         """
         self.hub.subscribe("c", Listener())
-        self.link.confirm_all()
+        self.redis.flush()
         self.hub.check_canary()
         for _ in range(4):
             self.clock.advance(2)
             self.hub.dispatch(b"c", b"burst")
             self.hub.check_canary()
             self.assertTrue(self.hub.healthy)
-        self.assertEqual(self.link.killed, 0)
+        self.assertEqual(self.link.kills, 0)
         self.clock.advance(3.5)
         self.hub.check_canary()
-        self.assertEqual(self.link.killed, 1)
+        self.assertEqual(self.link.kills, 1)
 
     def test_unaccepted_canary_is_not_the_subscribers_fault(self) -> None:
         """
@@ -256,7 +223,7 @@ class CanaryTests(HubTestCase):
         self.clock.advance(3.5)
         self.assertTrue(self.hub.healthy)
         self.hub.check_canary()
-        self.assertEqual(self.link.killed, 0)
+        self.assertEqual(self.link.kills, 0)
 
     def test_no_receiver_means_subscriber_gone(self) -> None:
         """
@@ -265,7 +232,7 @@ class CanaryTests(HubTestCase):
         """
         self.hub._publish = lambda channel, payload, on_reply: on_reply(0)
         self.hub.check_canary()
-        self.assertEqual(self.link.killed, 1)
+        self.assertEqual(self.link.kills, 1)
         self.assertFalse(self.hub.healthy)
 
     def test_busy_process_is_not_a_failure(self) -> None:
@@ -276,4 +243,4 @@ class CanaryTests(HubTestCase):
         self.hub.check_canary()
         self.clock.advance(10)
         self.hub.check_canary()
-        self.assertEqual(self.link.killed, 0)
+        self.assertEqual(self.link.kills, 0)
