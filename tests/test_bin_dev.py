@@ -31,9 +31,15 @@ from packaging.version import Version
 from twisted.internet import error
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from wsproxy.config import SETTINGS
-
-from .support import ROOT, Daemon, clean_autobahn_timers, connect, free_port, wait_for
+from .support import (
+    ROOT,
+    Daemon,
+    clean_autobahn_timers,
+    connect,
+    free_port,
+    start_daemon,
+    wait_for,
+)
 
 BIN_DEV = os.path.join(ROOT, "bin", "dev")
 LOCK = os.path.join(ROOT, "requirements", "constraints.txt")
@@ -87,8 +93,7 @@ class BinDevRunTests(TestCase):
                 "PORT": "0", "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5",
                 "WSPROXY_TEST_MARK": self.mark}
         full.update(env)
-        daemon = Daemon([BIN_DEV, "run"], full, unset=tuple(s.env for s in SETTINGS))
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, full, (BIN_DEV, "run"))
         # whatever happens to the test, nothing it started outlives it
         self.addCleanup(self.kill_leftovers)
         return daemon

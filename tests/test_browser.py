@@ -29,8 +29,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from .support import ROOT, RedisServer, free_port, wait_for
-from .support import TWISTD, Daemon
+from .support import ROOT, TWISTD_WSPROXY, Daemon, free_port, redis_server, start_daemon, wait_for
 
 try:
     from selenium import webdriver
@@ -330,8 +329,7 @@ class BrowserTests(TestCase):
 
     def setUp(self) -> None:
         require_browser()
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
+        self.redis = redis_server(self)
         self.static = StaticServer(PAGE_DIR)
         self.addCleanup(self.static.stop)
         self.driver: Any = None
@@ -348,8 +346,7 @@ class BrowserTests(TestCase):
             "AUTH_GRACE_PERIOD_SECS": "600",
             **extra_env,
         }
-        daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], env)
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, env, TWISTD_WSPROXY)
         self.daemons.append(daemon)
         return daemon
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 from typing import Any
 
@@ -21,30 +20,30 @@ import redis as redispy
 from redis.cluster import ClusterNode, RedisCluster
 from twisted.internet import reactor, task
 from twisted.python import log
-from twisted.trial.unittest import TestCase
 
 from wsproxy.backend import DurableConsumer
 from wsproxy.redis.cluster import key_slot
-from wsproxy.config import SETTINGS
 from wsproxy.names import auth_key, down_channel, up_channel
 
-from .cluster import HOST, ClusterSetup
-from .sentinel import Node
 from .support import (
     ROOT,
     Client,
     Daemon,
-    RedisServer,
     RunningProxy,
-    clean_autobahn_timers,
     connect,
     free_port,
     raw_exchange,
+    redis_server,
     settings_for,
+    start_daemon,
+    start_proxy,
+    start_rig,
     status_of,
     upgrade_request,
     wait_for,
 )
+from .support.cluster import HOST, ClusterSetup
+from .support.sentinel import Node, RigTestCase
 
 #: from the kill of a master to a message delivered through its replica
 #: (cluster-node-timeout is 1 s; promotion takes 2-4 s here)
@@ -99,17 +98,9 @@ class _Sessions:
                        timeout)
 
 
-class ClusterTestCase(TestCase):
-    timeout = 180
-
-    def setUp(self) -> None:
-        self.addCleanup(clean_autobahn_timers)
-
+class ClusterTestCase(RigTestCase):
     def start_cluster(self, **options: Any) -> ClusterSetup:
-        setup = ClusterSetup(**options)
-        self.addCleanup(setup.cleanup)
-        setup.start()
-        return setup
+        return start_rig(self, ClusterSetup(**options))
 
     def backend(self, setup: ClusterSetup) -> RedisCluster:
         nodes = [ClusterNode(HOST, n.port) for n in setup.nodes]
@@ -119,9 +110,7 @@ class ClusterTestCase(TestCase):
         return client
 
     async def start_proxy(self, setup: ClusterSetup, **overrides: Any) -> RunningProxy:
-        settings = settings_for(setup.url, redis_cluster=True, **overrides)
-        proxy = RunningProxy(settings)
-        self.addCleanup(proxy.stop)
+        proxy = start_proxy(self, setup.url, redis_cluster=True, **overrides)
         await proxy.ready()
         return proxy
 
@@ -369,9 +358,7 @@ class ConfigurationTests(ClusterTestCase):
     def daemon(self, **env: str) -> Daemon:
         full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
                 "REDIS_CLUSTER": "true", **env}
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], full,
-                        unset=tuple(s.env for s in SETTINGS))
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, full)
         return daemon
 
     async def refused_and_unhealthy(self, daemon: Daemon, reason: bytes) -> None:
@@ -392,8 +379,7 @@ class ConfigurationTests(ClusterTestCase):
         support: the proxy runs, /health and upgrades are 503, and one log
         line says why (no traceback).
         """
-        redis = RedisServer()
-        self.addCleanup(redis.cleanup)
+        redis = redis_server(self)
         daemon = self.daemon(REDIS_URL=redis.url)
         await self.refused_and_unhealthy(daemon, b"not a cluster node (cluster support disabled)")
 
@@ -473,8 +459,7 @@ class BinDevClusterTests(ClusterTestCase):
         SIGTERM stops bin/dev (exit 0) and all six redis-servers, and its
         directory is gone.
         """
-        dev = Daemon([os.path.join(ROOT, "bin", "dev"), "cluster", "--free-ports"], {})
-        self.addCleanup(dev.stop)
+        dev = start_daemon(self, {}, (os.path.join(ROOT, "bin", "dev"), "cluster", "--free-ports"))
         await wait_for(lambda: b"Ctrl-C stops everything" in dev.out.output
                        or dev.out.ended.called, timeout=60)
         text = dev.out.output.decode()
@@ -516,7 +501,7 @@ class ResumeTests(ClusterTestCase):
         """
         from wsproxy.backend import Backend
 
-        from .test_resume import Received
+        from .support.clients import Received
 
         setup = self.start_cluster()
         proxy = await self.start_proxy(setup, resume=True, key_hash_tags=True)

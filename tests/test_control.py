@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from typing import Any
 
 import redis as redispy
@@ -22,13 +21,15 @@ from .support import (
     RedisTestCase,
     RunningProxy,
     connect,
+    daemon_env,
     raw_exchange,
-    settings_for,
+    raw_upgrade,
+    start_daemon,
+    start_proxy,
     status_of,
     upgrade_request,
     wait_for,
 )
-from .test_hostile import raw_upgrade
 
 
 class EventLog:
@@ -60,9 +61,7 @@ class ControlTestCase(RedisTestCase):
     def start_proxy(self, **settings: Any) -> RunningProxy:
         values: dict[str, Any] = {"events": ("all", "session")}
         values.update(settings)
-        proxy = RunningProxy(settings_for(self.redis.url, **values))
-        self.addCleanup(proxy.stop)
-        return proxy
+        return start_proxy(self, self.redis.url, **values)
 
     async def client(self, proxy: RunningProxy, session: str = "s1", **kwargs: Any) -> Any:
         self.r.set(f"session:{session}:auth", "tok", ex=300)
@@ -286,13 +285,8 @@ class DaemonControlTests(RedisTestCase):
     timeout = 90
 
     def start(self, **env: str) -> Daemon:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5",
-                "EVENTS": "all"}
-        base.update(env)
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
-        self.addCleanup(daemon.stop)
-        return daemon
+        return start_daemon(self, daemon_env(self.redis.url, SHUTDOWN_GRACE_PERIOD_SECS="5",
+                                             EVENTS="all", **env))
 
     async def test_close_on_two_processes(self) -> None:
         """

@@ -23,130 +23,39 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import redis as redispy
-from twisted.internet import defer, error, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, error, reactor, task
 from twisted.trial.unittest import SynchronousTestCase
-
-from wsproxy.config import SETTINGS
 
 from .certs import Authority, CertDir
 from .support import (
-    Daemon,
+    SETTING_VARIABLES,
     RedisTestCase,
+    SentinelServer,
+    TlsRedisServer,
+    attempt,
     connect,
     free_port,
     raw_exchange,
-    redis_server_binary,
+    raw_upgrade,
+    redis_server,
+    stalled_socket,
+    start_daemon,
+    start_rig,
     status_of,
     up_listener,
-    upgrade_request,
     wait_for,
 )
-from .test_hostile import RawClient, raw_upgrade, stalled_socket
-from .test_tls import TlsRedisServer
+from .support.daemon import EnvTestCase
 
 #: how late an effect may show on a busy 2-core machine
 MARGIN = 3.0
-
-ALL_VARIABLES = tuple(s.env for s in SETTINGS)
-
-
-class EnvTestCase(RedisTestCase):
-    timeout = 60
-
-    async def start(self, reach: Optional[tuple[str, int]] = None,
-                    launcher: tuple[str, ...] = (), **env: str) -> Daemon:
-        """
-        Start the daemon on a free port of 127.0.0.1 with C{env} on top of
-        the defaults below, and wait until C{/health} answers 200 at
-        C{reach} (HOST:PORT by default): listening, Redis connected. (The
-        port is chosen here, not read from the log, which LOG_LEVEL=warn
-        and LOG_FORMAT=json change.) C{launcher} is a command line put in
-        front of the daemon's (e.g. C{prlimit}).
-        """
-        full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "REDIS_URL": self.redis.url,
-                "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "2"}
-        full.update(env)
-        self.daemon = Daemon([*launcher, sys.executable, "-m", "wsproxy"], full,
-                             unset=ALL_VARIABLES)
-        self.addCleanup(self.daemon.stop)
-        self.host, self.port = reach or (full["HOST"], int(full["PORT"]))
-        deadline = time.monotonic() + 20
-        while await self.health() != 200:
-            self.assertIsNone(self.daemon.out.status, self.log)
-            self.assertLess(time.monotonic(), deadline, f"not healthy within 20s: {self.log}")
-            await task.deferLater(reactor, 0.05, lambda: None)
-        return self.daemon
-
-    @property
-    def log(self) -> str:
-        return self.daemon.out.output.decode(errors="replace")
-
-    def endpoint(self, host: Optional[str] = None, port: Optional[int] = None) -> Any:
-        return TCP4ClientEndpoint(reactor, host or self.host, port or self.port)
-
-    async def get(self, path: str, host: Optional[str] = None,
-                  port: Optional[int] = None) -> bytes:
-        return await raw_exchange(0, f"GET {path} HTTP/1.0\r\n\r\n".encode(),
-                                  endpoint=self.endpoint(host, port))
-
-    async def health(self) -> Optional[int]:
-        try:
-            return status_of(await self.get("/health"))
-        except (error.ConnectionRefusedError, IndexError, ValueError):
-            return None
-
-    def url(self, session: str = "s1") -> str:
-        return f"ws://{self.host}:{self.port}/a/ws/{session}"
-
-    async def client(self, session: str = "s1", token: str = "tok", **kwargs: Any) -> Any:
-        """
-        An Autobahn client of C{session}, whose token is stored first.
-        """
-        self.r.set(f"session:{session}:auth", token, ex=300)
-        c = await connect(self.url(session), token=token, endpoint=self.endpoint(), **kwargs)
-        self.addCleanup(c.close_and_wait)
-        return c
-
-    async def upgrade(self, headers: Optional[dict[str, str]] = None, session: str = "s1") -> Any:
-        """
-        A raw upgrade with the session's (stored) token; the raw client,
-        once the response head is in.
-        """
-        self.r.set(f"session:{session}:auth", "tok", ex=300)
-        c = await raw_upgrade(self.port, f"/a/ws/{session}",
-                              {"Authorization": "Bearer tok", **(headers or {})})
-        self.addCleanup(c.abort)
-        return c
-
-
-async def attempt(port: int, source: str, token: Optional[str], session: str = "s1",
-                  extra: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
-    """
-    One raw upgrade to 127.0.0.1:C{port} from the client address
-    C{source} (127.0.0.2, ...): its status and response head.
-    """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
-    client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
-    fields = dict(extra or {})
-    if token is not None:
-        fields["Authorization"] = f"Bearer {token}"
-    client.send(upgrade_request(f"/a/ws/{session}", fields))
-    await wait_for(lambda: client.head is not None or client.lost_at is not None, 20)
-    client.transport.abortConnection()
-    head = client.head or b""
-    return status_of(head), head
 
 
 # -- what each variable does, observed from outside ---------------------------
@@ -223,9 +132,9 @@ async def redis_tls(t: EnvTestCase, client_auth: bool, separate_key: bool) -> No
                     with open(path, "rb") as f:
                         out.write(f.read())
             env = {"REDIS_TLS_CERT_FILE": combined}
-    server = TlsRedisServer(ca.ca_file, cert, key, auth_clients="yes" if client_auth else "no",
-                            client_cert=client_cert)
-    t.addCleanup(server.cleanup)
+    server = redis_server(t, TlsRedisServer(ca.ca_file, cert, key,
+                                            auth_clients="yes" if client_auth else "no",
+                                            client_cert=client_cert))
     r = server.client()
     t.addCleanup(r.close)
     await t.start(REDIS_URL=server.url("localhost"), REDIS_TLS_CA_FILE=ca.ca_file, **env)
@@ -264,48 +173,15 @@ async def redis_tls_key_file(t: EnvTestCase) -> None:
     await redis_tls(t, client_auth=True, separate_key=True)
 
 
-class OneSentinel:
+class OneSentinel(SentinelServer):
     """
-    A redis-server in Sentinel mode watching the test's Redis as master
-    C{wsp}, on a free port, stopped at clean-up; C{password} is asked of
-    its clients.
+    A sentinel watching the test's Redis as master C{wsp}, stopped at
+    clean-up; C{password} is asked of its clients.
     """
 
-    def __init__(self, t: EnvTestCase, password: Optional[str] = None) -> None:
-        self.dir = tempfile.mkdtemp(prefix="wsproxy-sentinel-")
-        self.port = free_port()
-        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
-                 f"sentinel monitor wsp 127.0.0.1 {t.redis.port} 1"]
-        if password:
-            lines.append(f"requirepass {password}")
-        conf = os.path.join(self.dir, "sentinel.conf")
-        with open(conf, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        self.process = subprocess.Popen(
-            [redis_server_binary(), conf, "--sentinel"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        t.addCleanup(self.stop)
-        client = redispy.Redis(port=self.port, password=password, socket_timeout=5)
-        t.addCleanup(client.close)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "wsp"):
-                    break
-            except redispy.RedisError:
-                pass
-            t.assertLess(time.monotonic(), deadline, "sentinel did not start")
-            time.sleep(0.05)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def __init__(self, t: "EnvTestCase", password: Optional[str] = None) -> None:
+        super().__init__("wsp", t.redis.port, password)
+        t.addCleanup(self.cleanup)
 
 
 async def sentinel_session(t: EnvTestCase) -> None:
@@ -343,8 +219,7 @@ async def redis_sentinel_master(t: EnvTestCase) -> None:
     env = {"REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINELS": sentinel.address}
     full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
             "REDIS_SENTINEL_MASTER": "nosuch", **env}
-    wrong = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
-    t.addCleanup(wrong.stop)
+    wrong = start_daemon(t, full)
     await wait_for(lambda: b"sentinels do not know master 'nosuch'" in wrong.out.output,
                    timeout=20)
     t.assertIsNone(wrong.out.status)
@@ -374,8 +249,7 @@ async def redis_sentinel_username(t: EnvTestCase) -> None:
             "REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINEL_MASTER": "wsp",
             "REDIS_SENTINELS": sentinel.address, "REDIS_SENTINEL_USERNAME": "nobody",
             "REDIS_SENTINEL_PASSWORD": "s3ntinel"}
-    daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
-    t.addCleanup(daemon.stop)
+    daemon = start_daemon(t, full)
     await wait_for(lambda: b"refused" in daemon.out.output and b"sentinel" in daemon.out.output,
                    timeout=20)
 
@@ -390,8 +264,7 @@ async def redis_sentinel_tls(t: EnvTestCase) -> None:
     full = {"HOST": "127.0.0.1", "PORT": str(free_port()), "SHUTDOWN_DRAIN_SECS": "0",
             "REDIS_URL": "redis://127.0.0.1:1", "REDIS_SENTINEL_MASTER": "wsp",
             "REDIS_SENTINELS": sentinel.address, "REDIS_SENTINEL_TLS": "true"}
-    daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
-    t.addCleanup(daemon.stop)
+    daemon = start_daemon(t, full)
     await wait_for(lambda: b"no sentinel answered" in daemon.out.output, timeout=20)
     t.assertIsNone(daemon.out.status)
 
@@ -917,7 +790,7 @@ async def cluster_session(t: EnvTestCase, setup: Any) -> None:
     """
     from wsproxy.names import auth_key, down_channel, up_channel
 
-    from .cluster import HOST
+    from .support.cluster import HOST
 
     backend = redispy.cluster.RedisCluster(host=HOST, port=setup.nodes[0].port)
     t.addCleanup(backend.close)
@@ -945,12 +818,9 @@ async def cluster_session(t: EnvTestCase, setup: Any) -> None:
 
 
 def start_cluster(t: EnvTestCase) -> Any:
-    from .cluster import ClusterSetup
+    from .support.cluster import ClusterSetup
 
-    setup = ClusterSetup()
-    t.addCleanup(setup.cleanup)
-    setup.start()
-    return setup
+    return start_rig(t, ClusterSetup())
 
 
 async def redis_cluster(t: EnvTestCase) -> None:
@@ -1246,8 +1116,7 @@ class InvalidValueTests(RedisTestCase):
         for case in INVALID:
             env = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
                    **case.context, case.variable: case.value}
-            daemon = Daemon([sys.executable, "-m", "wsproxy"], env, unset=ALL_VARIABLES)
-            self.addCleanup(daemon.stop)
+            daemon = start_daemon(self, env)
             daemons.append((case, daemon))
         try:
             await wait_for(lambda: all(d.out.status is not None for _, d in daemons), timeout=40)
@@ -1271,5 +1140,5 @@ class CoverageTests(SynchronousTestCase):
         """
         valid = [case.variable for case in VALID]
         invalid = [case.variable for case in INVALID]
-        self.assertEqual(sorted(valid), sorted(ALL_VARIABLES))
-        self.assertEqual(sorted(invalid), sorted(ALL_VARIABLES))
+        self.assertEqual(sorted(valid), sorted(SETTING_VARIABLES))
+        self.assertEqual(sorted(invalid), sorted(SETTING_VARIABLES))

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import time
 from typing import Any
 
-from .support import Daemon, RedisTestCase, connect, wait_for
-from .test_hostile import raw_upgrade
+from .support import (
+    Daemon,
+    RedisTestCase,
+    connect,
+    daemon_env,
+    raw_upgrade,
+    start_daemon,
+    wait_for,
+)
 
 #: how late a deadline may be met on a busy 2-core machine
 MARGIN = 3.0
@@ -30,12 +36,7 @@ class DeadlineTestCase(RedisTestCase):
     timeout = 60
 
     def start(self, **env: str) -> Daemon:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_DRAIN_SECS": "0"}
-        base.update(env)
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
-        self.addCleanup(daemon.stop)
-        return daemon
+        return start_daemon(self, daemon_env(self.redis.url, **env))
 
 
 class ShutdownGraceTests(DeadlineTestCase):

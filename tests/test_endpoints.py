@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import shutil
 import tempfile
 import time
 
-import redis as redispy
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial.unittest import TestCase
@@ -22,47 +20,25 @@ from twisted.trial.unittest import TestCase
 from .certs import CertDir, self_signed
 from .support import (
     Daemon,
-    RedisServer,
     RedisTestCase,
+    UnixRedisServer,
     clean_autobahn_timers,
+    daemon_env,
     exchange_messages,
     raw_exchange,
+    redis_server,
+    start_daemon,
     status_of,
+    tls_endpoint,
     wait_for,
 )
-from .test_tls import tls_endpoint
-
-
-class UnixRedisServer(RedisServer):
-    """
-    A redis-server listening on a Unix socket only (no TCP port at all).
-    """
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.dir, "redis.sock")
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.path}"
-
-    def listen_args(self) -> list[str]:
-        return ["--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700"]
-
-    def client(self, db: int = 0) -> redispy.Redis:
-        return redispy.Redis(unix_socket_path=self.path, db=db, socket_timeout=5)
 
 
 class EndpointTests(RedisTestCase):
     timeout = 60
 
     def start(self, **env: str) -> Daemon:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_DRAIN_SECS": "0"}
-        base.update(env)
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
-        self.addCleanup(daemon.stop)
-        return daemon
+        return start_daemon(self, daemon_env(self.redis.url, **env))
 
     async def test_listen_unix_socket(self) -> None:
         """
@@ -118,8 +94,7 @@ class UnixRedisTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.unix_redis = UnixRedisServer()
-        self.addCleanup(self.unix_redis.cleanup)
+        self.unix_redis = redis_server(self, UnixRedisServer())
         self.addCleanup(clean_autobahn_timers)
 
     async def test_redis_over_unix_socket(self) -> None:
@@ -129,10 +104,7 @@ class UnixRedisTests(TestCase):
         both ways, and on SIGTERM the process exits 0.
         """
         server = self.unix_redis
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], {
-            "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": f"{server.url}?db=2",
-            "SHUTDOWN_DRAIN_SECS": "0"})
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, daemon_env(f"{server.url}?db=2"))
         port = await daemon.ready()
         await wait_for(lambda: f"(redis unix://{server.path}/2)".encode() in daemon.out.output)
         r = server.client(db=2)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer, protocol, reactor
 
-from .support import ROOT, Daemon, RedisTestCase, wait_for
+from .support import ROOT, Daemon, RedisTestCase, daemon_env, start_daemon, wait_for
 
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
@@ -81,10 +81,8 @@ class ExampleTestCase(RedisTestCase):
         return script
 
     async def proxy(self, **env: str) -> tuple[Daemon, int]:
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], {
-            "HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-            "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5", **env})
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, daemon_env(self.redis.url, SHUTDOWN_GRACE_PERIOD_SECS="5",
+                                               **env))
         return daemon, await daemon.ready()
 
 

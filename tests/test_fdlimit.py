@@ -12,9 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.process.fdlimit import RESERVE, DescriptorLimit, raise_soft_limit
 
-from .support import status_of, wait_for
-from .test_daemon_env import EnvTestCase
-from .test_hostile import raw_upgrade
+from .support import raw_upgrade, status_of, wait_for
+from .support.daemon import EnvTestCase
 
 PRLIMIT = shutil.which("prlimit") or "prlimit"
 

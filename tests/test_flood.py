@@ -13,7 +13,6 @@ end to 127.0.0.2, 127.0.0.3, ...
 from __future__ import annotations
 
 import ipaddress
-import sys
 import time
 from pprint import pformat
 from typing import Any
@@ -29,9 +28,7 @@ from wsproxy.session.proxy import REFUSAL_LINES
 from wsproxy.edge.upgrade import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
 
 from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
-from .support import Daemon, RedisTestCase, free_port, wait_for
-from .test_daemon_env import ALL_VARIABLES, attempt
-from .test_hostile import http_get
+from .support import RedisTestCase, attempt, free_port, http_get, start_daemon, wait_for
 
 NETWORKS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
 
@@ -270,8 +267,7 @@ class DaemonLimitTests(RedisTestCase):
         self.port = free_port()
         full = {"HOST": "127.0.0.1", "PORT": str(self.port), "REDIS_URL": self.redis.url,
                 "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "1", **env}
-        self.daemon = Daemon([sys.executable, "-m", "wsproxy"], full, unset=ALL_VARIABLES)
-        self.addCleanup(self.daemon.stop)
+        self.daemon = start_daemon(self, full)
         self.r.set("session:s1:auth", "tok", ex=300)
         deadline = time.monotonic() + 30
         while True:

@@ -26,182 +26,37 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from .support import (
-    TWISTD,
-    Daemon,
+    TWISTD_WSPROXY,
+    ProxyTestCase,
+    RawClient,
     RedisTestCase,
     connect,
+    daemon_env,
+    http_get,
+    open_raw,
     raw_exchange,
+    raw_upgrade,
+    stalled_socket,
+    start_daemon,
     status_of,
     up_listener,
     upgrade_request,
     wait_for,
 )
-from .test_integration import ProxyTestCase
+from .support.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    close_frame,
+    close_of,
+    frame,
+    parse_frames,
+)
 
 MiB = 1024 * 1024
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-# -- frames ------------------------------------------------------------------
-
-
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bool = True,
-    length: Optional[int] = None,
-    key: bytes = b"\x37\xfa\x21\x3d",
-) -> bytes:
-    """
-    One WebSocket frame as a client would send it (masked), or not quite:
-    every field can be set to something invalid. C{length} declares a
-    payload length other than the real one; C{rsv} is the 3-bit RSV field.
-    """
-    first = (0x80 if fin else 0) | ((rsv & 7) << 4) | (opcode & 0xF)
-    n = len(payload) if length is None else length
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = bytes([first, bit | n])
-    elif n < 1 << 16:
-        head = bytes([first, bit | 126]) + struct.pack("!H", n)
-    else:
-        head = bytes([first, bit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-
-
-def close_frame(code: int, reason: bytes = b"", **kwargs: Any) -> bytes:
-    return frame(OP_CLOSE, struct.pack("!H", code) + reason, **kwargs)
-
-
-def parse_frames(data: bytes) -> tuple[list[tuple[bool, int, int, bytes]], bytes]:
-    """
-    Split C{data} into complete frames (fin, rsv, opcode, payload) and the
-    incomplete rest.
-    """
-    frames = []
-    at = 0
-    while True:
-        if len(data) - at < 2:
-            break
-        b0, b1 = data[at], data[at + 1]
-        n = b1 & 0x7F
-        pos = at + 2
-        if n == 126:
-            if len(data) - pos < 2:
-                break
-            (n,) = struct.unpack_from("!H", data, pos)
-            pos += 2
-        elif n == 127:
-            if len(data) - pos < 8:
-                break
-            (n,) = struct.unpack_from("!Q", data, pos)
-            pos += 8
-        key = b""
-        if b1 & 0x80:
-            if len(data) - pos < 4:
-                break
-            key = data[pos : pos + 4]
-            pos += 4
-        if len(data) - pos < n:
-            break
-        payload = data[pos : pos + n]
-        if key:
-            payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-        frames.append((bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0xF, payload))
-        at = pos + n
-    return frames, data[at:]
-
-
-def close_of(frames: list[tuple[bool, int, int, bytes]]) -> Optional[tuple[int, bytes]]:
-    """
-    (code, reason) of the first close frame, if any (code 1005 if empty).
-    """
-    for _, _, opcode, payload in frames:
-        if opcode == OP_CLOSE:
-            if len(payload) < 2:
-                return 1005, b""
-            return struct.unpack("!H", payload[:2])[0], payload[2:]
-    return None
-
-
-# -- raw clients ---------------------------------------------------------------
-
-
-class RawClient(protocol.Protocol):
-    """
-    A TCP client that records everything the server sends, when it
-    connected and when the connection ended.
-    """
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.connected_at = 0.0
-        self.lost_at: Optional[float] = None
-        self.lost: defer.Deferred = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.connected_at = time.monotonic()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.lost_at = time.monotonic()
-        self.lost.callback(None)
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    @property
-    def head(self) -> Optional[bytes]:
-        """
-        The HTTP response head, once complete.
-        """
-        head, sep, _ = self.data.partition(b"\r\n\r\n")
-        return head if sep else None
-
-    @property
-    def status(self) -> Optional[int]:
-        head = self.head
-        return None if head is None else status_of(head)
-
-    def frames(self) -> list[tuple[bool, int, int, bytes]]:
-        _, _, rest = self.data.partition(b"\r\n\r\n")
-        return parse_frames(rest)[0]
-
-    def close_code(self) -> Optional[tuple[int, bytes]]:
-        return close_of(self.frames())
-
-    def abort(self) -> None:
-        if self.lost_at is None:
-            self.transport.abortConnection()
-
-    def close(self) -> defer.Deferred:
-        if self.lost_at is None:
-            self.transport.loseConnection()
-        return self.lost
-
-
-async def open_raw(port: int) -> RawClient:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    return await endpoint.connect(protocol.Factory.forProtocol(RawClient))
-
-
-async def raw_upgrade(port: int, path: str, headers: Optional[dict[str, str]] = None,
-                      timeout: float = 10.0) -> RawClient:
-    """
-    A raw client that sent an upgrade request and has the complete
-    response head.
-    """
-    c = await open_raw(port)
-    c.send(upgrade_request(path, headers))
-    await wait_for(lambda: c.head is not None or c.lost_at is not None, timeout)
-    return c
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -216,11 +71,6 @@ def proc_status(pid: int) -> dict[str, int]:
             if len(parts) == 2 and parts[1] == "kB":
                 values[name] = int(parts[0]) * 1024
     return values
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    response = await raw_exchange(port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
-    return status_of(response), response.partition(b"\r\n\r\n")[2]
 
 
 # -- in-process proxy: handshake deadlines, protocol violations ---------------
@@ -686,11 +536,9 @@ class DaemonTestCase(RedisTestCase):
         return defer.ensureDeferred(self.start(**self.env))
 
     async def start(self, **env: str) -> None:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_GRACE_PERIOD_SECS": "2", "SHUTDOWN_DRAIN_SECS": "0", "LOG_LEVEL": "info"}
+        base = daemon_env(self.redis.url, SHUTDOWN_GRACE_PERIOD_SECS="2", LOG_LEVEL="info")
         base.update(env)
-        self.daemon = Daemon([TWISTD, "-n", "--pidfile=", "wsproxy"], base)
-        self.addCleanup(self.daemon.stop)
+        self.daemon = start_daemon(self, base, TWISTD_WSPROXY)
         self.port = await self.daemon.port()
         deadline = time.monotonic() + 10
         while not await self.is_healthy():
@@ -816,19 +664,6 @@ class TokenLogTests(DaemonTestCase):
         await wait_for(lambda: self.log.count(b"refused 400") >= 3)
         self.assertIn(b"refused 400 Duplicate subprotocol", self.log)
         self.assert_still_fine()
-
-
-def stalled_socket(port: int, path: str, token: str) -> socket.socket:
-    """
-    A plain socket with a tiny receive buffer that sends an upgrade request;
-    the caller reads the response head and then nothing more.
-    """
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    s.sendall(upgrade_request(path, {"Authorization": f"Bearer {token}"}))
-    s.setblocking(False)
-    return s
 
 
 def drain_until_close(s: socket.socket, seconds: float) -> tuple[list[Any], bytes]:

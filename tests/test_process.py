@@ -15,10 +15,13 @@ from twisted.internet import error
 
 from .support import (
     TWISTD,
+    TWISTD_WSPROXY,
     Daemon,
     RedisTestCase,
     connect,
+    daemon_env,
     raw_exchange,
+    start_daemon,
     status_of,
     upgrade_request,
     wait_for,
@@ -41,13 +44,8 @@ class ProcessTests(RedisTestCase):
     timeout = 90
 
     def start(self, *args: str, **env: str) -> Daemon:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": self.redis.url,
-                "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0"}
-        base.update(env)
-        argv = list(args) or [TWISTD, "-n", "--pidfile=", "wsproxy"]
-        daemon = Daemon(argv, base)
-        self.addCleanup(daemon.stop)
-        return daemon
+        base = daemon_env(self.redis.url, SHUTDOWN_GRACE_PERIOD_SECS="5", **env)
+        return start_daemon(self, base, args or TWISTD_WSPROXY)
 
     async def test_sigterm_gives_1001_and_exit_0(self) -> None:
         """

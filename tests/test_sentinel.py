@@ -14,32 +14,29 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 from typing import Any
 
 import redis as redispy
 from twisted.internet import reactor, task
 from twisted.python import log
-from twisted.trial.unittest import TestCase
 
-from wsproxy.config import SETTINGS
-
-from .sentinel import Node, SentinelSetup, wait
 from .support import (
     ROOT,
     Client,
     Daemon,
-    clean_autobahn_timers,
     connect,
     exchange_messages,
     free_port,
     raw_exchange,
+    start_daemon,
+    start_rig,
     status_of,
     up_listener,
     upgrade_request,
     wait_for,
 )
+from .support.sentinel import Node, RigTestCase, SentinelSetup, wait
 
 #: the most a failover may take, from the fault to a message delivered
 #: through the new master (Sentinel alone needs 2-6 s here)
@@ -71,17 +68,9 @@ def record(text: str) -> None:
     log.msg(text)
 
 
-class SentinelTestCase(TestCase):
-    timeout = 180
-
-    def setUp(self) -> None:
-        self.addCleanup(clean_autobahn_timers)
-
+class SentinelTestCase(RigTestCase):
     def start_sentinels(self, **options: Any) -> SentinelSetup:
-        setup = SentinelSetup(**options)
-        self.addCleanup(setup.cleanup)
-        setup.start()
-        return setup
+        return start_rig(self, SentinelSetup(**options))
 
     def start_proxy(self, sentinels: str, master: str, **env: str) -> Daemon:
         full = {
@@ -91,9 +80,7 @@ class SentinelTestCase(TestCase):
             "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "5",
         }
         full.update(env)
-        daemon = Daemon([sys.executable, "-m", "wsproxy"], full,
-                        unset=tuple(s.env for s in SETTINGS))
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, full)
         return daemon
 
     def proxy_for(self, setup: SentinelSetup, **env: str) -> Daemon:
@@ -563,8 +550,7 @@ class BinDevSentinelTests(SentinelTestCase):
         bin/dev sentinel, once it has printed the variables; returns them,
         every port it announced and its directory.
         """
-        dev = Daemon([os.path.join(ROOT, "bin", "dev"), "sentinel", "--free-ports"], {})
-        self.addCleanup(dev.stop)
+        dev = start_daemon(self, {}, (os.path.join(ROOT, "bin", "dev"), "sentinel", "--free-ports"))
         await wait_for(lambda: b"Ctrl-C stops everything" in dev.out.output
                        or dev.out.ended.called, timeout=60)
         text = dev.out.output.decode()

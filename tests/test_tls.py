@@ -19,13 +19,11 @@ import json
 import re
 import socket
 import ssl as stdlib_ssl
-import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import redis as redispy
-from twisted.internet import defer, reactor, ssl, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -33,78 +31,22 @@ from .certs import Authority, CertDir, self_signed
 from .support import (
     RedisServer,
     RunningProxy,
+    TlsRedisServer,
     clean_autobahn_timers,
     connect,
+    daemon_env,
     exchange_messages,
+    free_port,
     raw_exchange,
+    redis_server,
     settings_for,
+    start_daemon,
     status_of,
+    tls_endpoint,
     up_listener,
     upgrade_request,
     wait_for,
 )
-
-
-class TlsRedisServer(RedisServer):
-    """
-    A redis-server that accepts only TLS connections, on C{self.port}.
-
-    @param auth_clients: C{--tls-auth-clients} (C{"yes"} demands a client
-        certificate signed by C{ca_file}).
-    @param client_cert: (certificate, key) the test's own redis-py client
-        presents.
-    """
-
-    def __init__(
-        self,
-        ca_file: str,
-        cert_file: str,
-        key_file: str,
-        auth_clients: str = "no",
-        client_cert: Optional[tuple[str, str]] = None,
-    ) -> None:
-        self.ca_file = ca_file
-        self.cert_file = cert_file
-        self.key_file = key_file
-        self.auth_clients = auth_clients
-        self.client_cert = client_cert
-        super().__init__()
-
-    def url(self, host: str = "localhost") -> str:  # type: ignore[override]
-        return f"rediss://{host}:{self.port}"
-
-    def listen_args(self) -> list[str]:
-        return [
-            "--port", "0",
-            "--tls-port", str(self.port),
-            "--tls-cert-file", self.cert_file,
-            "--tls-key-file", self.key_file,
-            "--tls-ca-cert-file", self.ca_file,
-            "--tls-auth-clients", self.auth_clients,
-        ]
-
-    def client(self) -> redispy.Redis:
-        certfile, keyfile = self.client_cert or (None, None)
-        return redispy.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            socket_timeout=5,
-            ssl=True,
-            ssl_ca_certs=self.ca_file,
-            # the test's own client does not care about the name; the proxy must
-            ssl_check_hostname=False,
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
-        )
-
-
-def tls_endpoint(port: int, trust_file: str, hostname: str = "localhost") -> Any:
-    with open(trust_file, "rb") as f:
-        trust = ssl.Certificate.loadPEM(f.read())
-    return wrapClientTLS(
-        ssl.optionsForClientTLS(hostname, trustRoot=trust),
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port),
-    )
 
 
 def tls_exchange(port: int, trust_file: str, data: bytes) -> defer.Deferred:
@@ -162,8 +104,7 @@ class TlsTestCase(TestCase):
         return time.monotonic() - started
 
     def start_redis(self, server: RedisServer) -> redispy.Redis:
-        self.addCleanup(server.cleanup)
-        r = server.client()
+        r = redis_server(self, server).client()
         self.addCleanup(r.close)
         return r
 
@@ -458,14 +399,7 @@ class RedisFailureReportTests(TlsTestCase):
         Run the daemon until at least 6 connection attempts have failed
         with C{reason}; return its output so far.
         """
-        from .support import Daemon
-
-        daemon = Daemon(
-            [sys.executable, "-m", "wsproxy"],
-            {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": redis_url,
-             "SHUTDOWN_DRAIN_SECS": "0", "LOG_LEVEL": "debug", **env},
-        )
-        self.addCleanup(daemon.stop)
+        daemon = start_daemon(self, daemon_env(redis_url, LOG_LEVEL="debug", **env))
         port = await daemon.port()
         pattern = re.compile(
             rb'wsproxy_redis_connect_failures_total\{reason="%s"\} (\d+)' % reason.encode()

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
 from collections import Counter
 from typing import Any, Optional
@@ -37,8 +36,17 @@ from wsproxy.metrics import Stats, merge, monotonic_part, render
 from wsproxy.edge.site import Root
 from wsproxy.process.workers import Supervisor, SupervisorLink, _Worker, _WorkerLink
 
-from .support import Daemon, RedisTestCase, connect, status_of, upgrade_request, wait_for
-from .test_hostile import RawClient
+from .support import (
+    RawClient,
+    RedisTestCase,
+    attempt,
+    connect,
+    daemon_env,
+    start_daemon,
+    status_of,
+    upgrade_request,
+    wait_for,
+)
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -422,18 +430,6 @@ def owner(server_port: int, client_port: int, pids: set[int]) -> Optional[int]:
     return None
 
 
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.data)
-
-
 class WorkerDaemon:
     """
     C{python -m wsproxy} with C{WORKERS=2}, and every worker process seen
@@ -442,10 +438,9 @@ class WorkerDaemon:
     """
 
     def __init__(self, test: RedisTestCase, **env: str) -> None:
-        base = {"HOST": "127.0.0.1", "PORT": "0", "REDIS_URL": test.redis.url, "WORKERS": "2",
-                "SHUTDOWN_GRACE_PERIOD_SECS": "5", "SHUTDOWN_DRAIN_SECS": "0"}
+        base = daemon_env(test.redis.url, WORKERS="2", SHUTDOWN_GRACE_PERIOD_SECS="5")
         base.update(env)
-        self.daemon = Daemon([sys.executable, "-m", "wsproxy"], base)
+        self.daemon = start_daemon(test, base)
         self.pid = int(self.daemon.process.pid)
         self.seen: set[tuple[int, int]] = set()
         self.port = 0
@@ -483,12 +478,12 @@ class WorkerDaemon:
         GET C{path} over a fresh connection: the status, the body and the
         worker that answered.
         """
-        proto = _Collect()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
-        connected = await endpoint.connect(protocol.Factory.forProtocol(lambda: proto))
-        pid = await self.owner_of(connected.transport.getHost().port)
-        connected.transport.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        response = await proto.done
+        client = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
+        pid = await self.owner_of(client.transport.getHost().port)
+        client.send(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        await client.lost
+        response = client.data
         return status_of(response), response.partition(b"\r\n\r\n")[2], pid
 
     async def clients_on_every_worker(self, r: Any, per_worker: int,
@@ -569,8 +564,6 @@ class WorkerProcessTests(RedisTestCase):
         a valid token. (Counting per worker, a valid token would be admitted
         by any worker that saw fewer than six.)
         """
-        from .test_daemon_env import attempt
-
         daemon = WorkerDaemon(self, AUTH_FAIL_LIMIT="6")
         port = await daemon.start()
         self.r.set("session:s1:auth", "tok", ex=300)
