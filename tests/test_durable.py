@@ -26,7 +26,6 @@ from wsproxy.session.upstream import InvalidEnvelope, ack_frame, ack_request, sp
 
 from bench.loadtest.wsclient import OP_TEXT, client_frame
 
-from .test_hostile import stalled_socket
 from .support import (
     Daemon,
     RedisServer,
@@ -34,7 +33,9 @@ from .support import (
     RunningProxy,
     connect,
     raw_exchange,
-    settings_for,
+    redis_server,
+    stalled_socket,
+    start_proxy,
     status_of,
     upgrade_request,
     wait_for,
@@ -92,9 +93,7 @@ class DurableTestCase(RedisTestCase):
     def start_proxy(self, redis_url: Optional[str] = None, **settings: Any) -> RunningProxy:
         values: dict[str, Any] = {"upstream": "stream", "upstream_partitions": self.partitions}
         values.update(settings)
-        proxy = RunningProxy(settings_for(redis_url or self.redis.url, **values))
-        self.addCleanup(proxy.stop)
-        return proxy
+        return start_proxy(self, redis_url or self.redis.url, **values)
 
     async def client(self, proxy: RunningProxy, session: str, query: str = "?ack=1",
                      r: Optional[redispy.Redis] = None) -> Any:
@@ -382,8 +381,7 @@ class RestartTests(DurableTestCase):
         acked to the client, before or after the restart, is in the stream
         afterwards.
         """
-        server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-        self.addCleanup(server.cleanup)
+        server = redis_server(self, RedisServer("--appendonly", "yes", "--appendfsync", "always"))
         r = server.client()
         self.addCleanup(r.close)
         proxy = self.start_proxy(server.url)

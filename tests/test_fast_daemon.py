@@ -17,61 +17,40 @@ import gc
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.epollreactor import EPollReactor
 
-from wsproxy.process.daemon import ProxyService
 from wsproxy.fast import borrowed
 from wsproxy.fast.sockwrite import Pending, TurnPending
-from wsproxy.process.build import build_proxy
-from wsproxy.edge.site import ProxySite
 
-from .support import RedisTestCase, connect, settings_for, up_listener, wait_for
+from .support import RedisTestCase, RunningProxy, connect, settings_for, up_listener, wait_for
 
 
-class FastDaemon:
+def fast_daemon(redis_url: str) -> RunningProxy:
     """
     A ProxyService built as twistd builds it (lean_poll, manage_heap), on
     the test's reactor.
     """
-
-    def __init__(self, redis_url: str) -> None:
-        settings = settings_for(redis_url)
-        self.proxy = build_proxy(reactor, settings)
-        self.service = ProxyService(
-            self.proxy, ProxySite(self.proxy), serverFromString(reactor, settings.listen),
-            reactor, manage_heap=True, lean_poll=True,
-        )
-        self.service.startService()  # the reactor runs: _running now
-        assert self.service.port is not None
-        self.port = self.service.port.getHost().port
-
-    def url(self, session_id: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/agent/ws/{session_id}"
-
-    def ready(self) -> Any:
-        return wait_for(lambda: self.proxy.hub.healthy and self.proxy.commands.ready is not None)
-
-    def stop(self) -> Any:
-        return self.service.stopService()
+    proxy = RunningProxy(settings_for(redis_url), manage_heap=True, lean_poll=True)
+    assert proxy.service.port is not None
+    return proxy
 
 
 class FullFastPathTests(RedisTestCase):
     timeout = 120
 
-    async def start(self) -> FastDaemon:
+    async def start(self) -> RunningProxy:
         self.assertIsInstance(reactor, EPollReactor, "the suite runs on the epoll reactor")
         # whatever the daemon's check fell back from is used again after
         self.addCleanup(borrowed.restore)
         # from inside the running reactor, as twistd starts it
         await task.deferLater(reactor, 0, lambda: None)
         self.assertTrue(reactor.running)
-        daemon = FastDaemon(self.redis.url)
+        daemon = fast_daemon(self.redis.url)
         self.assertTrue(daemon.service._running_now)
         self.addCleanup(daemon.stop)
         return daemon
 
-    async def exchange(self, daemon: FastDaemon, burst: int = 2000) -> Any:
+    async def exchange(self, daemon: RunningProxy, burst: int = 2000) -> Any:
         """
         Two sessions: each gets a burst of C{burst} messages published in
         one pipeline (one Redis read of many), in order and to its own
@@ -132,7 +111,7 @@ class FullFastPathTests(RedisTestCase):
         gc.collect()  # a full collection under the policy, mid-run
         await self.exchange_again(daemon)
 
-    async def exchange_again(self, daemon: FastDaemon) -> None:
+    async def exchange_again(self, daemon: RunningProxy) -> None:
         self.r.set("session:c:auth", "tok", ex=300)
         received = up_listener(self.r, "c", self)
         client = await connect(daemon.url("c"), token="tok")
@@ -142,7 +121,7 @@ class FullFastPathTests(RedisTestCase):
         client.sendMessage(b"after-up")
         await wait_for(lambda: received() == [b"after-up"])
 
-    async def serve_with_missing(self, *names: str) -> FastDaemon:
+    async def serve_with_missing(self, *names: str) -> RunningProxy:
         """
         The daemon, its start-up check finding C{names} missing, after the
         same exchange as above (fewer messages).

@@ -23,9 +23,18 @@ from wsproxy.edge.site import _DeadlineChannel
 
 from twisted.logger import capturedLogs, formatEvent
 
-from .support import (RedisTestCase, RunningProxy, connect, raw_exchange, settings_for,
-                      status_of, upgrade_request, wait_for)
-from .test_hostile import raw_upgrade
+from .support import (
+    RedisTestCase,
+    RunningProxy,
+    connect,
+    raw_exchange,
+    raw_upgrade,
+    settings_for,
+    start_proxy,
+    status_of,
+    upgrade_request,
+    wait_for,
+)
 
 #: objects only the proxy's side of a connection has
 SERVER_SIDE = (ProxyProtocol, _DeadlineChannel)
@@ -43,9 +52,8 @@ class ClosedConnectionsTests(RedisTestCase):
     async def start(self, **overrides: Any) -> RunningProxy:
         # the shortest deadlines, so that cancelled timers leave txaio's
         # buckets (and drop their references) within seconds
-        proxy = RunningProxy(settings_for(self.redis.url, ping_interval=1.0, ping_timeout=1.0,
-                                          handshake_timeout=1.0, **overrides))
-        self.addCleanup(proxy.stop)
+        proxy = start_proxy(self, self.redis.url, ping_interval=1.0, ping_timeout=1.0,
+                            handshake_timeout=1.0, **overrides)
         await proxy.ready()
         self.r.set("session:s1:auth", "tok", ex=300)
         return proxy

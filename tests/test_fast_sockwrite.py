@@ -28,7 +28,15 @@ from wsproxy.fast.sockwrite import BATCH, Batch, Pending, TurnPending, plain_soc
 
 from .certs import CertDir, self_signed
 from .memory import client_frame
-from .support import RedisTestCase, RunningProxy, connect, settings_for, up_listener, wait_for
+from .support import (
+    RedisTestCase,
+    RunningProxy,
+    connect,
+    settings_for,
+    start_proxy,
+    up_listener,
+    wait_for,
+)
 
 
 class _Server(protocol.Protocol):
@@ -426,8 +434,7 @@ class ReadIntoTests(RedisTestCase):
         connection keeps its large write buffer for the upstream valve, and
         the reader is dropped with the connection.
         """
-        proxy = RunningProxy(settings_for(self.redis.url))
-        self.addCleanup(proxy.stop)
+        proxy = start_proxy(self, self.redis.url)
         await proxy.ready()
         commands = proxy.proxy.commands.ready
         subscriber = proxy.proxy.hub._link.ready
@@ -455,8 +462,7 @@ class CommandWriteTests(RedisTestCase):
     timeout = 60
 
     async def start(self) -> RunningProxy:
-        proxy = RunningProxy(settings_for(self.redis.url))
-        self.addCleanup(proxy.stop)
+        proxy = start_proxy(self, self.redis.url)
         await proxy.ready()
         return proxy
 

@@ -12,8 +12,7 @@ from typing import Any
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 
-from .support import raw_exchange, status_of, upgrade_request, wait_for
-from .test_integration import ProxyTestCase
+from .support import ProxyTestCase, raw_exchange, status_of, upgrade_request, wait_for
 
 
 class FaultTests(ProxyTestCase):

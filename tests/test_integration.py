@@ -10,55 +10,7 @@ import os
 import time
 from typing import Any
 
-from twisted.internet import defer
-
-from .support import (
-    RedisTestCase,
-    RunningProxy,
-    connect,
-    raw_exchange,
-    settings_for,
-    status_of,
-    up_listener,
-    upgrade_request,
-    wait_for,
-)
-
-
-class ProxyTestCase(RedisTestCase):
-    """
-    A fresh redis-server and proxy for each test.
-    """
-
-    timeout = 60
-    settings: dict[str, Any] = {}
-
-    async def start(self, **settings: Any) -> None:
-        await self.start_at(self.redis.url, **settings)
-
-    async def start_at(self, redis_url: str, **settings: Any) -> None:
-        self.proxy = RunningProxy(settings_for(redis_url, **settings))
-        await self.proxy.ready()
-
-    def setUp(self) -> defer.Deferred:
-        super().setUp()
-        d = defer.ensureDeferred(self.start(**self.settings))
-        d.addCallback(lambda _: self.addCleanup(lambda: self.proxy.stop()))
-        return d
-
-    def authorize(self, session: str, token: str = "tok", ttl: int = 300) -> None:
-        self.r.set(f"session:{session}:auth", token, ex=ttl)
-
-    async def client(self, session: str, token: str = "tok", **kwargs: Any) -> Any:
-        c = await connect(self.proxy.url(session), token=token, **kwargs)
-        self.addCleanup(c.close_and_wait)
-        return c
-
-    async def request(self, raw: bytes) -> bytes:
-        return await raw_exchange(self.proxy.port, raw)
-
-    def up_listener(self, session: str) -> Any:
-        return up_listener(self.r, session, self)
+from .support import ProxyTestCase, connect, status_of, upgrade_request, wait_for
 
 
 class ConnectTests(ProxyTestCase):

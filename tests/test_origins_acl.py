@@ -23,18 +23,18 @@ from twisted.trial.unittest import TestCase
 from wsproxy.config import load_settings
 
 from .support import (
-    RedisServer,
+    ProxyTestCase,
     RunningProxy,
     clean_autobahn_timers,
     connect,
     exchange_messages,
     raw_exchange,
-    settings_for,
+    redis_server,
+    start_proxy,
     status_of,
     upgrade_request,
     wait_for,
 )
-from .test_integration import ProxyTestCase
 
 ADMIN_PASSWORD = "admin-pw"
 #: the name of the test's own Redis connections (CLIENT LIST tells them apart)
@@ -66,8 +66,7 @@ class CredentialsTestCase(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
+        self.redis = redis_server(self)
         self.addCleanup(clean_autobahn_timers)
         # the default user needs a password from here on (like requirepass)
         with self.redis.client() as bootstrap:
@@ -85,9 +84,7 @@ class CredentialsTestCase(TestCase):
         return f"redis://{userinfo}@127.0.0.1:{self.redis.port}{suffix}"
 
     def start_proxy(self, url: str, **settings: Any) -> RunningProxy:
-        proxy = RunningProxy(settings_for(url, **settings))
-        self.addCleanup(proxy.stop)
-        return proxy
+        return start_proxy(self, url, **settings)
 
     async def health(self, proxy: RunningProxy) -> tuple[int, dict[str, Any]]:
         response = await raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n")

@@ -6,22 +6,22 @@ function, clients reconnect with the last position they received.
 
 from __future__ import annotations
 
-import json
 import signal
 from typing import Any, Optional
 
 import redis as redispy
 from .support import (
-    RedisServer,
+    ROOT,
     RedisTestCase,
     RunningProxy,
     connect,
     raw_exchange,
-    settings_for,
+    start_proxy,
     status_of,
     upgrade_request,
     wait_for,
 )
+from .support.clients import Received
 
 
 def publish(r: redispy.Redis, session: str, message: bytes | str, kind: str = "auto") -> str:
@@ -35,50 +35,13 @@ def publish(r: redispy.Redis, session: str, message: bytes | str, kind: str = "a
     return position.decode() if isinstance(position, bytes) else str(position)
 
 
-class Received:
-    """
-    What a resuming client was sent: data messages (position, message,
-    binary) and control events, in order.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def parsed(self) -> list[tuple[str, Any, bool]]:
-        out: list[tuple[str, Any, bool]] = []
-        for payload, binary in self.client.messages:
-            if payload.startswith(b"!") and not binary:
-                out.append(("control", json.loads(payload[1:]), False))
-            else:
-                position, _, message = payload.partition(b"\n")
-                out.append((position.decode(), message, binary))
-        return out
-
-    def data(self) -> list[tuple[str, bytes, bool]]:
-        return [item for item in self.parsed() if item[0] != "control"]
-
-    def controls(self) -> list[dict[str, Any]]:
-        return [item[1] for item in self.parsed() if item[0] == "control"]
-
-    def messages(self) -> list[bytes]:
-        return [message for _, message, _ in self.data()]
-
-    def last_position(self) -> str:
-        positions = [p for p, _, _ in self.data() if p]
-        if positions:
-            return positions[-1]
-        return self.controls()[0]["position"] or ""
-
-
 class ResumeTestCase(RedisTestCase):
     timeout = 60
 
     def start_proxy(self, redis_url: Optional[str] = None, **settings: Any) -> RunningProxy:
         values: dict[str, Any] = {"resume": True}
         values.update(settings)
-        proxy = RunningProxy(settings_for(redis_url or self.redis.url, **values))
-        self.addCleanup(proxy.stop)
-        return proxy
+        return start_proxy(self, redis_url or self.redis.url, **values)
 
     async def ready(self, proxy: RunningProxy, r: Optional[redispy.Redis] = None) -> None:
         await proxy.ready()
@@ -376,15 +339,8 @@ class ResumeTests(ResumeTestCase):
 
 
 class RedisRestartTests(ResumeTestCase):
-    def setUp(self) -> Any:
-        # a redis-server with append-only persistence, restartable in place
-        self.redis = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-        self.addCleanup(self.redis.cleanup)
-        self.r = self.redis.client()
-        self.addCleanup(self.r.close)
-        from .support import clean_autobahn_timers
-
-        self.addCleanup(clean_autobahn_timers)
+    # a redis-server with append-only persistence, restartable in place
+    redis_args = ("--appendonly", "yes", "--appendfsync", "always")
 
     async def test_resume_across_redis_restart(self) -> None:
         """

@@ -18,7 +18,7 @@ from wsproxy.redis.redisendpoint import client_endpoint
 from wsproxy.redis.redislink import RedisLink, RedisUnavailable
 from wsproxy.fast.sockwrite import BATCH
 
-from .support import RedisServer, settings_for, wait_for
+from .support import redis_server, settings_for, wait_for
 
 
 class SubscriberTestCase(TestCase):
@@ -29,8 +29,7 @@ class SubscriberTestCase(TestCase):
     url_user = ""
 
     def setUp(self) -> Any:
-        self.redis = RedisServer()
-        self.addCleanup(self.redis.cleanup)
+        self.redis = redis_server(self)
         self.r = self.redis.client()
         self.addCleanup(self.r.close)
         self.prepare()
