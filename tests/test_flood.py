@@ -17,7 +17,7 @@ import time
 from pprint import pformat
 from typing import Any
 
-from twisted.internet import defer, error, reactor, task
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,7 +28,7 @@ from wsproxy.session.proxy import REFUSAL_LINES
 from wsproxy.edge.upgrade import LEAN_HEAD_MAX, LEAN_HEADERS_MAX, lean_upgrade
 
 from .memory import MemoryProxy, MemoryTestCase, client_frame, upgrade_request
-from .support import RedisTestCase, attempt, free_port, http_get, start_daemon, wait_for
+from .support import RedisTestCase, attempt, free_port, start_daemon, wait_for
 
 NETWORKS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
 
@@ -269,15 +269,7 @@ class DaemonLimitTests(RedisTestCase):
                 "SHUTDOWN_DRAIN_SECS": "0", "SHUTDOWN_GRACE_PERIOD_SECS": "1", **env}
         self.daemon = start_daemon(self, full)
         self.r.set("session:s1:auth", "tok", ex=300)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if (await http_get(self.port, "/health"))[0] == 200:
-                    break
-            except (error.ConnectionRefusedError, IndexError, ValueError):
-                pass
-            self.assertLess(time.monotonic(), deadline, self.daemon.out.output)
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.daemon.healthy(self.port, timeout=30)
 
     def token_checks(self) -> int:
         """Redis commands a token check sends (EVALSHA, EVAL; GET, EXPIRE), ever."""

@@ -540,10 +540,7 @@ class DaemonTestCase(RedisTestCase):
         base.update(env)
         self.daemon = start_daemon(self, base, TWISTD_WSPROXY)
         self.port = await self.daemon.port()
-        deadline = time.monotonic() + 10
-        while not await self.is_healthy():
-            self.assertLess(time.monotonic(), deadline, "not healthy within 10s")
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.daemon.healthy(self.port, timeout=10)
 
     @property
     def log(self) -> bytes:

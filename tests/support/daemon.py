@@ -19,9 +19,8 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Optional
-
 import time
+from typing import Any, Optional
 
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -132,6 +131,30 @@ class Daemon:
         await self.redis_ready()
         return port
 
+    async def healthy(self, port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+        """
+        Wait until C{GET /health} at C{host:port} answers 200: listening,
+        Redis connected, canary confirmed. (For daemons whose log does not
+        say where they listen: LOG_LEVEL=warn, LOG_FORMAT=json, a port
+        chosen by the test.) Fails with the log if the process ends or
+        C{timeout} passes first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await raw_exchange(
+                    0, b"GET /health HTTP/1.0\r\n\r\n",
+                    endpoint=TCP4ClientEndpoint(reactor, host, port))
+                if status_of(response) == 200:
+                    return
+            except (error.ConnectionRefusedError, IndexError, ValueError):
+                pass
+            if self.out.ended.called:
+                raise AssertionError(f"exited with {self.out.status}: {self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not healthy within {timeout:g}s: {self.log}")
+            await task.deferLater(reactor, 0.05, lambda: None)
+
     def signal(self, signum: int) -> None:
         if not self.out.ended.called:
             self.process.signalProcess(signum)
@@ -193,11 +216,7 @@ class EnvTestCase(RedisTestCase):
         full.update(env)
         self.daemon = start_daemon(self, full, (*launcher, *PYTHON_M_WSPROXY))
         self.host, self.port = reach or (full["HOST"], int(full["PORT"]))
-        deadline = time.monotonic() + 20
-        while await self.health() != 200:
-            self.assertIsNone(self.daemon.out.status, self.log)
-            self.assertLess(time.monotonic(), deadline, f"not healthy within 20s: {self.log}")
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.daemon.healthy(self.port, self.host)
         return self.daemon
 
     @property
