@@ -32,9 +32,16 @@ from tests.memory import (
     upgrade_request,
 )
 
-from .support import RedisTestCase, RunningProxy, settings_for, wait_for
-from .test_control import EventLog
-from .test_hostile import RawClient, frame, stalled_socket
+from .support import (
+    EventLog,
+    RawClient,
+    RedisTestCase,
+    RunningProxy,
+    stalled_socket,
+    start_proxy,
+    wait_for,
+)
+from .support.frames import frame
 
 #: longer than any bound below: a close event or a drop that waits for it
 #: comes far too late
@@ -291,8 +298,7 @@ class SocketTestCase(RedisTestCase):
     def start_proxy(self, **settings: Any) -> RunningProxy:
         values: dict[str, Any] = {"events": ("all",)}
         values.update(settings)
-        proxy = RunningProxy(settings_for(self.redis.url, **values))
-        self.addCleanup(proxy.stop)
+        proxy = start_proxy(self, self.redis.url, **values)
         # the closing-handshake timeout, on the factory's protocol class
         proxy.site.ws_factory.protocol.closeHandshakeTimeout = LONG_TIMEOUT
         return proxy

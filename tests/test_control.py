@@ -12,12 +12,11 @@ import json
 import signal
 from typing import Any
 
-import redis as redispy
-
 from wsproxy.backend import Backend
 
 from .support import (
     Daemon,
+    EventLog,
     RedisTestCase,
     RunningProxy,
     connect,
@@ -30,29 +29,6 @@ from .support import (
     upgrade_request,
     wait_for,
 )
-
-
-class EventLog:
-    """
-    Every event published on wsproxy:events, as parsed JSON.
-    """
-
-    def __init__(self, r: redispy.Redis, test: Any) -> None:
-        self.pubsub = r.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe("wsproxy:events")
-        self.pubsub.get_message(timeout=1)
-        test.addCleanup(self.pubsub.close)
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self) -> list[dict[str, Any]]:
-        while True:
-            message = self.pubsub.get_message(timeout=0)
-            if message is None:
-                return self.events
-            self.events.append(json.loads(message["data"]))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self() if e["event"] == kind]
 
 
 class ControlTestCase(RedisTestCase):

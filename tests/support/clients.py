@@ -2,8 +2,9 @@
 WebSocket clients (Autobahn) over real sockets: L{connect} opens one and
 fires with a L{Client} that records messages and the close;
 L{up_listener} watches what a session publishes upstream;
-L{exchange_messages} checks one message each way; L{Received} reads what
-a resuming client was sent.
+L{exchange_messages} checks one message each way; L{EventLog} reads the
+events the proxy publishes; L{Received} reads what a resuming client was
+sent.
 """
 
 from __future__ import annotations
@@ -156,3 +157,26 @@ class Received:
         if positions:
             return positions[-1]
         return self.controls()[0]["position"] or ""
+
+
+class EventLog:
+    """
+    Every event published on wsproxy:events, as parsed JSON.
+    """
+
+    def __init__(self, r: redispy.Redis, test: Any) -> None:
+        self.pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe("wsproxy:events")
+        self.pubsub.get_message(timeout=1)
+        test.addCleanup(self.pubsub.close)
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self) -> list[dict[str, Any]]:
+        while True:
+            message = self.pubsub.get_message(timeout=0)
+            if message is None:
+                return self.events
+            self.events.append(json.loads(message["data"]))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self() if e["event"] == kind]
