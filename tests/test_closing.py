@@ -37,7 +37,7 @@ from .support import (
     RawClient,
     RedisTestCase,
     RunningProxy,
-    stalled_socket,
+    stalled_upgrade,
     start_proxy,
     wait_for,
 )
@@ -367,19 +367,8 @@ class SocketTimingTests(SocketTestCase):
         await proxy.ready()
         log = EventLog(self.r, self)
         self.r.set("session:slow:auth", "tok", ex=300)
-        stalled = stalled_socket(proxy.port, "/a/ws/slow", "tok")
-        self.addCleanup(stalled.close)
-        head = [b""]
-
-        def read_head() -> bool:
-            try:
-                head[0] += stalled.recv(4096)
-            except BlockingIOError:
-                pass
-            return b"\r\n\r\n" in head[0]
-
-        await wait_for(read_head)
-        self.assertTrue(head[0].startswith(b"HTTP/1.1 101 "), head[0])
+        stalled, head = await stalled_upgrade(self, proxy.port, "/a/ws/slow", "tok")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         stats = proxy.proxy.stats
         big = b"\xff" * 60000
         for _ in range(400):
@@ -450,19 +439,8 @@ class SocketTimingTests(SocketTestCase):
         await proxy.ready()
         log = EventLog(self.r, self)
         self.r.set("session:deaf:auth", "tok", ex=300)
-        stalled = stalled_socket(proxy.port, "/a/ws/deaf", "tok")
-        self.addCleanup(stalled.close)
-        head = [b""]
-
-        def read_head() -> bool:
-            try:
-                head[0] += stalled.recv(4096)
-            except BlockingIOError:
-                pass
-            return b"\r\n\r\n" in head[0]
-
-        await wait_for(read_head)
-        self.assertTrue(head[0].startswith(b"HTTP/1.1 101 "), head[0])
+        stalled, head = await stalled_upgrade(self, proxy.port, "/a/ws/deaf", "tok")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         (server,) = proxy.proxy.connections
         for _ in range(100):
             self.r.publish("session:deaf:down", b"\xff" * 60000)

@@ -36,7 +36,7 @@ from .support import (
     open_raw,
     raw_exchange,
     raw_upgrade,
-    stalled_socket,
+    stalled_upgrade,
     start_daemon,
     status_of,
     up_listener,
@@ -719,19 +719,8 @@ class SlowConsumerTests(DaemonTestCase):
         pid = self.daemon.process.pid
         sibling = await self.client("slow", "slow-tok")
         other = await self.client("other", "other-tok")
-        stalled = stalled_socket(self.port, "/a/ws/slow", "slow-tok")
-        self.addCleanup(stalled.close)
-        head = [b""]
-
-        def read_head() -> bool:
-            try:
-                head[0] += stalled.recv(4096)
-            except BlockingIOError:
-                pass
-            return b"\r\n\r\n" in head[0]
-
-        await wait_for(read_head)
-        self.assertTrue(head[0].startswith(b"HTTP/1.1 101 "), head[0])
+        stalled, head = await stalled_upgrade(self, self.port, "/a/ws/slow", "slow-tok")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         # from here on the stalled socket is not read until the proxy says
         # it has given up on it
         baseline = proc_status(pid)["VmRSS"]

@@ -47,6 +47,7 @@ from .http import (
     raw_exchange,
     raw_upgrade,
     stalled_socket,
+    stalled_upgrade,
     status_of,
     tls_endpoint,
     upgrade_request,
@@ -69,6 +70,6 @@ __all__ = [
     "RedisTestCase", "RunningProxy", "ProcessOutput", "SentinelServer", "TlsRedisServer",
     "UnixRedisServer", "attempt", "clean_autobahn_timers", "clean_environ",
     "connect", "daemon_env", "exchange_messages", "free_port", "http_get", "open_raw",
-    "raw_exchange", "raw_upgrade", "run_process", "redis_server", "redis_server_binary", "start_rig", "settings_for", "stalled_socket",
+    "raw_exchange", "raw_upgrade", "run_process", "redis_server", "redis_server_binary", "start_rig", "settings_for", "stalled_socket", "stalled_upgrade",
     "start_daemon", "start_proxy", "status_of", "tls_endpoint", "up_listener", "upgrade_request", "wait_for",
 ]

@@ -3,7 +3,8 @@ HTTP and raw sockets: L{upgrade_request} (the one valid upgrade request
 the tests start from), L{status_of}, L{raw_exchange} (send bytes, collect
 the answer), L{RawClient} and L{raw_upgrade} (a client that speaks raw
 bytes after the handshake), L{http_get}, L{attempt} (an upgrade from a
-chosen source address), L{stalled_socket} (a reader that stops reading)
+chosen source address), L{stalled_socket} and L{stalled_upgrade} (a reader
+that stops reading)
 and L{tls_endpoint}.
 """
 
@@ -189,6 +190,27 @@ def stalled_socket(port: int, path: str, token: str) -> socket.socket:
     s.sendall(upgrade_request(path, {"Authorization": f"Bearer {token}"}))
     s.setblocking(False)
     return s
+
+
+async def stalled_upgrade(test: Any, port: int, path: str, token: str) -> tuple[socket.socket, bytes]:
+    """
+    A L{stalled_socket}, closed at C{test}'s clean-up, once its response
+    head is in: the socket, and what it read (the head, and perhaps frames
+    behind it). From here on nothing reads it unless the test does.
+    """
+    s = stalled_socket(port, path, token)
+    test.addCleanup(s.close)
+    received = [b""]
+
+    def head_in() -> bool:
+        try:
+            received[0] += s.recv(4096)
+        except BlockingIOError:
+            pass
+        return b"\r\n\r\n" in received[0]
+
+    await wait_for(head_in)
+    return s, received[0]
 
 
 def tls_endpoint(port: int, trust_file: str, hostname: str = "localhost") -> Any:
