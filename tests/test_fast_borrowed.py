@@ -296,6 +296,19 @@ class RealBreakTests(Checking):
         self.assertFellBack("twisted.tcp-write")
         self.assertIn("_aborting", self.warnings[0]["problem"])
 
+    def test_do_write_sends_nothing(self) -> None:
+        """
+        A Twisted whose doWrite no longer sends what the transport holds:
+        the closing path could not offer a client that is not reading its
+        close frame, so plain_socket says no everywhere (the client is
+        reset, and frames go through transport.write).
+        """
+        from twisted.internet import tcp
+
+        self.patch(tcp.Connection, "doWrite", lambda self: None)
+        self.assertFellBack("twisted.tcp-write")
+        self.assertIn("doWrite", self.warnings[0]["problem"])
+
     def test_transport_reads_otherwise(self) -> None:
         """
         A Twisted whose TCP server no longer reads with

@@ -195,8 +195,11 @@ def _probe_tcp_write(reactor: Any) -> Optional[str]:
         sockwrite.write_now(transport, b"after")
         expect(_receive(theirs) == b"" and transport._tempDataBuffer == [b"queued", b"after"],
                "write_now did not queue behind what the transport holds")
-        transport._tempDataBuffer = []
-        transport._tempDataLen = 0
+        # the closing path offers what waits to the socket once more
+        # (wsproxy.websocket.closing.drop_not_reading)
+        expect(transport.doWrite() is None and _receive(theirs) == b"queuedafter"
+               and not transport.dataBuffer and not transport._tempDataBuffer,
+               "tcp.Connection.doWrite does not send what the transport holds")
         transport.abortConnection()
         expect(transport._aborting is True, "abortConnection does not set _aborting")
         sockwrite.write_now(transport, b"aborted")
@@ -534,8 +537,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "twisted.tcp-write",
         "tcp.Connection.socket, TLS, _tempDataBuffer, dataBuffer, _writeDisconnected, "
-        "_aborting, disconnecting, connected",
-        "wsproxy.fast.sockwrite (write_now, Pending, TurnPending)",
+        "_aborting, disconnecting, connected, doWrite",
+        "wsproxy.fast.sockwrite (write_now, Pending, TurnPending), "
+        "wsproxy.websocket.closing.drop_not_reading (through plain_socket)",
         "transport.write for every frame and command",
         _probe_tcp_write, _disable_tcp_write, _enable_tcp_write,
     ),
