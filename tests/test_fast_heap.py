@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.fast import heap
-from wsproxy.websocket import protocol as protocol_module
+from wsproxy.websocket import footprint
 from wsproxy.websocket.protocol import ProxyProtocol
 from wsproxy.edge.site import _DeadlineChannel
 
@@ -224,10 +224,10 @@ class CompactTests(RedisTestCase):
             before.update(protocol.__dict__)
             compact(protocol)
             for name, value in before.items():
-                if name in protocol_module._HANDSHAKE_ONLY:
+                if name in footprint.HANDSHAKE_ONLY:
                     if name in protocol.__dict__:
                         changed.append(f"{name} kept")
-                elif type(value) in (int, float) or name in protocol_module._SHARED:
+                elif type(value) in (int, float) or name in footprint.SHARED:
                     if getattr(protocol, name) != value:
                         changed.append(name)
                 elif getattr(protocol, name) is not value:

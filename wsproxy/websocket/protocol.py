@@ -82,8 +82,6 @@ from ..session.upstream import Appender
 from . import admission, closing, downstream, footprint, states
 from . import upstream as client_messages
 from .closing import GOING_AWAY, PROTOCOL_ERROR
-# (the tables _compact works from, under their former names: tests/test_fast_heap.py)
-from .footprint import HANDSHAKE_ONLY as _HANDSHAKE_ONLY, SHARED as _SHARED
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
 from .upstream import INVALID_JSON_REPLY
 
@@ -146,7 +144,8 @@ class ProxyProtocol(WebSocketServerProtocol):
     #: containers Autobahn makes per connection and, once open, only reads
     #: (txaio's event names and results, with no listener ever registered;
     #: the extensions in use, none without compression): these copies,
-    #: equal to them, stand in for the connection's (_compact, _SHARED)
+    #: equal to them, stand in for the connection's (footprint.compact,
+    #: footprint.SHARED)
     _valid_events = ["message"]
     _results: dict[str, Any] = {"message": None}
     websocket_extensions_in_use: list[Any] = []
