@@ -11,6 +11,7 @@ C{test_integration}, C{test_faults} and C{test_hostile}.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import txredisapi
 from twisted.logger import capturedLogs

@@ -430,8 +430,6 @@ class BackendHelperTests(ResumeTestCase):
         import subprocess
         import sys
 
-        from .support import ROOT
-
         proxy = self.start_proxy()
         await self.ready(proxy)
         self.r.set("session:s1:auth", "tok", ex=300)

@@ -476,8 +476,6 @@ class RedisFailureReportTests(TlsTestCase):
         """
         Nothing listening at REDIS_URL: one "connection refused" line.
         """
-        from .support import free_port
-
         port = free_port()
         output = await self.run_failing(f"redis://127.0.0.1:{port}", "refused")
         lines = self.failure_lines(output)
