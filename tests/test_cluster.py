@@ -30,6 +30,7 @@ from .support import (
     Client,
     Daemon,
     RunningProxy,
+    collector,
     connect,
     free_port,
     raw_exchange,
@@ -134,16 +135,7 @@ class ClusterTestCase(RigTestCase):
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.addCleanup(pubsub.close)
         pubsub.ssubscribe(channel)
-        received: list[bytes] = []
-
-        def poll() -> list[bytes]:
-            while True:
-                message = pubsub.get_sharded_message(timeout=0)
-                if message is None:
-                    return received
-                received.append(message["data"])
-
-        return poll
+        return collector(pubsub.get_sharded_message)
 
 
 class ContractTests(ClusterTestCase):

@@ -23,7 +23,7 @@ Test modules import from here, never from one another.
 """
 
 from .base import ROOT, clean_autobahn_timers, free_port, wait_for
-from .clients import Client, EventLog, connect, exchange_messages, up_listener
+from .clients import Client, EventLog, collector, connect, exchange_messages, up_listener
 from .daemon import (
     LISTENING,
     PYTHON_M_WSPROXY,
@@ -68,7 +68,7 @@ __all__ = [
     "LISTENING", "PYTHON_M_WSPROXY", "ROOT", "SETTING_VARIABLES", "TWISTD", "TWISTD_WSPROXY",
     "WS_ACCEPT", "WS_KEY", "Client", "EventLog", "Daemon", "ProxyTestCase", "RawClient", "RedisServer",
     "RedisTestCase", "RunningProxy", "ProcessOutput", "SentinelServer", "TlsRedisServer",
-    "UnixRedisServer", "attempt", "clean_autobahn_timers", "clean_environ",
+    "UnixRedisServer", "attempt", "clean_autobahn_timers", "clean_environ", "collector",
     "connect", "daemon_env", "exchange_messages", "free_port", "http_get", "open_raw",
     "raw_exchange", "raw_upgrade", "run_process", "redis_server", "redis_server_binary", "start_rig", "settings_for", "stalled_socket", "stalled_upgrade",
     "start_daemon", "start_proxy", "status_of", "tls_endpoint", "up_listener", "upgrade_request", "wait_for",

@@ -96,11 +96,21 @@ def up_listener(r: redispy.Redis, session: str, test: Any) -> Callable[[], list[
     pubsub.subscribe(f"session:{session}:up")
     pubsub.get_message(timeout=1)
     test.addCleanup(pubsub.close)
+    return collector(pubsub.get_message)
+
+
+def collector(get_message: Callable[..., Optional[dict[str, Any]]]) -> Callable[[], list[bytes]]:
+    """
+    What a redis-py Pub/Sub reader's C{get_message} (or
+    C{get_sharded_message}) has delivered: the returned function reads
+    whatever arrived since it was last called and gives every payload so
+    far.
+    """
     received: list[bytes] = []
 
     def poll() -> list[bytes]:
         while True:
-            message = pubsub.get_message(timeout=0)
+            message = get_message(timeout=0)
             if message is None:
                 return received
             received.append(message["data"])
