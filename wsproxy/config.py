@@ -31,6 +31,16 @@ LogFormat = Literal["text", "json"]
 UpstreamMode = Literal["pubsub", "stream"]
 UPSTREAM_MODES: tuple[UpstreamMode, ...] = get_args(UpstreamMode)
 LOG_LEVELS: tuple[LogLevelName, ...] = get_args(LogLevelName)
+#: AUTH_MODE's methods, in the order a token is tried
+AuthMethod = Literal["jwt", "redis"]
+AUTH_METHODS: tuple[AuthMethod, ...] = get_args(AuthMethod)
+DenyList = Literal["off", "session", "jti"]
+DENY_LISTS: tuple[DenyList, ...] = get_args(DenyList)
+#: what JWT_ALGORITHMS may name (wsproxy.session.webtoken checks the same list)
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 
 
@@ -188,6 +198,53 @@ def _event_targets(value: str) -> tuple[EventTarget, ...]:
         if target not in targets:
             targets.append(target)
     return tuple(targets)
+
+
+def _auth_mode(value: str) -> tuple[AuthMethod, ...]:
+    """
+    C{AUTH_MODE}: C{redis}, C{jwt} or C{jwt,redis} (in any order).
+    """
+    items = {item.strip().lower() for item in value.split(",") if item.strip()}
+    if not items or not items <= {"redis", "jwt"}:
+        raise ValueError("must be redis, jwt or jwt,redis")
+    return tuple(m for m in AUTH_METHODS if m in items)
+
+
+def _jwt_algorithms(value: str) -> tuple[str, ...]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must name at least one algorithm")
+    for item in items:
+        if item not in JWT_ALGORITHMS:
+            raise ValueError("each item must be one of " + ", ".join(JWT_ALGORITHMS))
+    return tuple(dict.fromkeys(items))
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _deny_list(value: str) -> DenyList:
+    return cast(DenyList, _choice(value, DENY_LISTS))
+
+
+def _readable_file(value: str) -> str:
+    if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+        raise ValueError("no such readable file")
+    return value
+
+
+def _readable_files(value: str) -> tuple[str, ...]:
+    return tuple(_readable_file(item) for item in _names(value))
+
+
+def _http_url(value: str) -> str:
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
 
 
 def _frame_mode(value: str) -> FrameMode:
@@ -470,6 +527,95 @@ class Settings:
         "10800",
         _positive_int,
         "TTL set on the token after a successful connect",
+    )
+    auth_mode: tuple[AuthMethod, ...] = setting(
+        "AUTH_MODE",
+        "redis",
+        _auth_mode,
+        "how tokens are checked: redis (the token stored in session:{id}:auth), jwt "
+        "(a JSON Web Token, checked on the CPU), or jwt,redis (either: for migrations)",
+    )
+    jwt_secret: str = setting(
+        "JWT_SECRET", "", str, "AUTH_MODE=jwt: an HMAC secret (HS256/384/512), as given",
+        secret=True,
+    )
+    jwt_secret_file: str = setting(
+        "JWT_SECRET_FILE",
+        "",
+        _readable_file,
+        "AUTH_MODE=jwt: HMAC secrets, one per line, all accepted (rotation); "
+        "re-read on SIGHUP",
+    )
+    jwt_public_key_files: tuple[str, ...] = setting(
+        "JWT_PUBLIC_KEY_FILE",
+        "",
+        _readable_files,
+        "AUTH_MODE=jwt: comma list of PEM files of public keys or certificates "
+        "(RSA, EC, Ed25519); re-read on SIGHUP",
+    )
+    jwt_jwks_file: str = setting(
+        "JWT_JWKS_FILE",
+        "",
+        _readable_file,
+        "AUTH_MODE=jwt: a JWK Set file (keys chosen by kid); re-read on SIGHUP",
+    )
+    jwt_jwks_url: str = setting(
+        "JWT_JWKS_URL",
+        "",
+        _http_url,
+        "AUTH_MODE=jwt: a JWK Set URL, fetched every JWT_JWKS_REFRESH_SECS and on "
+        "a token with an unknown kid",
+    )
+    jwt_jwks_refresh: float = setting(
+        "JWT_JWKS_REFRESH_SECS", "300", _positive_float,
+        "how often JWT_JWKS_URL is fetched",
+    )
+    jwt_jwks_min_refresh: float = setting(
+        "JWT_JWKS_MIN_REFRESH_SECS",
+        "30",
+        _non_negative_float,
+        "an unknown kid fetches JWT_JWKS_URL at once, but at most once per this many seconds",
+    )
+    jwt_algorithms: tuple[str, ...] = setting(
+        "JWT_ALGORITHMS",
+        ",".join(JWT_ALGORITHMS),
+        _jwt_algorithms,
+        "comma list of the accepted algorithms (a token's alg also needs a key of its "
+        "kind); none is never accepted",
+    )
+    jwt_require_exp: bool = setting(
+        "JWT_REQUIRE_EXP", "false", _boolean, "refuse tokens without an exp claim"
+    )
+    jwt_leeway: float = setting(
+        "JWT_LEEWAY_SECS", "0", _non_negative_float,
+        "clock skew allowed when checking exp, nbf and iat",
+    )
+    jwt_audience: tuple[str, ...] = setting(
+        "JWT_AUDIENCE",
+        "",
+        _names,
+        "comma list: a token's aud must name one of them (empty: a token with an aud "
+        "is refused)",
+    )
+    jwt_issuer: str = setting(
+        "JWT_ISSUER", "", str, "a token's iss must equal it (empty: iss not checked)"
+    )
+    jwt_max_token_bytes: int = setting(
+        "JWT_MAX_TOKEN_BYTES", "8192", _positive_int, "longer tokens are refused unread"
+    )
+    jwt_expire_connections: bool = setting(
+        "JWT_EXPIRE_CONNECTIONS",
+        "false",
+        _boolean,
+        "close a connection when its token's exp passes (close code 3000, token "
+        "expired); false: a connection outlives its token",
+    )
+    jwt_denylist: DenyList = setting(
+        "JWT_DENYLIST",
+        "off",
+        _deny_list,
+        "off, session (refuse while session:{id}:revoked exists) or jti (refuse while "
+        "jwt:revoked:{jti} exists): one Redis read per JWT connection",
     )
     ping_interval: float = setting(
         "WS_PING_INTERVAL_SECS", "30", _non_negative_float, "server ping interval (0 disables)"
@@ -777,6 +923,13 @@ def load_settings(
                 "RESUME: on a Redis Cluster resumable sessions need KEY_HASH_TAGS=true "
                 "(a session's history, meta and live channel in one slot)"
             )
+    jwt_sources = (settings.jwt_secret or settings.jwt_secret_file or settings.jwt_public_key_files
+                   or settings.jwt_jwks_file or settings.jwt_jwks_url)
+    if "jwt" in settings.auth_mode and not jwt_sources:
+        raise ConfigError(
+            "AUTH_MODE: jwt needs a key: JWT_SECRET, JWT_SECRET_FILE, JWT_PUBLIC_KEY_FILE, "
+            "JWT_JWKS_FILE or JWT_JWKS_URL"
+        )
     if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
         raise ConfigError("REDIS_TLS_KEY_FILE: only valid with REDIS_TLS_CERT_FILE")
     return settings

@@ -99,6 +99,34 @@ def events_channel(session_id: str, tagged: Optional[bool] = None) -> str:
     return _session(session_id, "events", tagged)
 
 
+def ticket_key(session_id: str, ticket: str, tagged: Optional[bool] = None) -> str:
+    """
+    A single-use connect ticket for the session (C{?ticket=}): the proxy
+    consumes it with C{GETDEL}.
+    """
+    return _session(session_id, "ticket:" + ticket, tagged)
+
+
+def revoked_key(session_id: str, tagged: Optional[bool] = None) -> str:
+    """
+    While it exists, no new JWT connection of the session is admitted
+    (C{JWT_DENYLIST=session}).
+    """
+    return _session(session_id, "revoked", tagged)
+
+
+def revoked_jti_key(jti: str) -> str:
+    """
+    While it exists, the JWT with this C{jti} admits no new connection
+    (C{JWT_DENYLIST=jti}).
+    """
+    return "jwt:revoked:" + jti
+
+
+#: a ticket: 16 to 128 characters of the base64url alphabet
+TICKET_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
 #: every session's lifecycle events (EVENTS=all), and the stream (EVENTS=stream)
 ALL_EVENTS_CHANNEL = "wsproxy:events"
 EVENTS_STREAM = "wsproxy:events:stream"

@@ -119,12 +119,13 @@ class HandOff:
     def compare(self, proxy: Proxy, session_id: str, agent_id: str, token: str,
                 client: Callable[[], str]) -> None:
         """
-        Compare the header token with the stored one (and reset its TTL in
-        the same round trip) before Autobahn builds anything: a wrong token,
-        or a Redis failure, is refused by the channel for the cost of the
-        request and the round trip; an equal one goes on to the WebSocket
-        (L{to_websocket}), whose admission then only subscribes, within
-        what is left of the same C{AUTH_TIMEOUT_SECS}.
+        Check the header token (L{Proxy.compare}: compared with the stored
+        one and its TTL reset in the same round trip, or a JWT verified on
+        the CPU, decided at once) before Autobahn builds anything: a wrong
+        token, or a Redis failure, is refused by the channel for the cost of
+        the request (and the round trip); a good one goes on to the
+        WebSocket (L{to_websocket}), whose admission then only subscribes,
+        within what is left of the same C{AUTH_TIMEOUT_SECS}.
 
         @param client: the client's address (for the failed-authorization
             limit and the refusal's log line), asked only on a refusal.
@@ -142,7 +143,11 @@ class HandOff:
             else:
                 self._equal((session_id, token, result))
 
-        comparison = self._comparison = proxy.compare(session_id, token, decided)
+        comparison = self._comparison = proxy.compare(session_id, agent_id, token, decided)
+        comparison.start()
+        if comparison.decided:
+            # a JWT: decided on the CPU, no deadline needed
+            return
         # one timer: the token check's deadline (AUTH_TIMEOUT_SECS, 504) or,
         # if it is shorter, the handshake's (HANDSHAKE_TIMEOUT_SECS: dropped,
         # as Autobahn does for the admission)
@@ -162,7 +167,6 @@ class HandOff:
         self._timer = proxy.clock.callLater(
             min(settings.auth_timeout, settings.handshake_timeout), expired
         )
-        comparison.start()
 
     def client_left(self) -> None:
         """

@@ -94,6 +94,17 @@ class DaemonService(Service):
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+        def hangup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, hangup)
+
+    def reload(self) -> None:
+        """
+        SIGHUP: read the key files again (C{AUTH_MODE=jwt}); nothing else
+        is reloaded.
+        """
+
     def _signalled(self, signum: int) -> None:
         if self.stopping:
             self._log.info("received signal {signum} again: ending the drain window",
@@ -133,6 +144,13 @@ class ProxyService(DaemonService):
     """
 
     name = "wsproxy"
+
+    def reload(self) -> None:
+        if self.proxy.key_source is None:
+            self._log.info("SIGHUP: nothing to reload (no JWT keys: AUTH_MODE={mode})",
+                           mode=",".join(self.proxy.settings.auth_mode))
+            return
+        self.proxy.reload_keys()
 
     def __init__(
         self,

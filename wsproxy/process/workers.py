@@ -517,6 +517,12 @@ class Supervisor(DaemonService):
         """
         self._signal_workers("TERM")
 
+    def reload(self) -> None:
+        """
+        SIGHUP: every worker reloads its keys.
+        """
+        self._signal_workers("HUP")
+
     def _signal_workers(self, name: str) -> None:
         for _, process in list(self.workers.values()):
             try:

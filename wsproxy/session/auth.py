@@ -54,7 +54,7 @@ BEARER_SUBPROTOCOL = "bearer"
 
 REALM_HEADER = ("WWW-Authenticate", 'Bearer realm="wsproxy"')
 
-TokenSource = Literal["header", "subprotocol", "query"]
+TokenSource = Literal["header", "subprotocol", "query", "ticket"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def extract_token(
     """
     Find the bearer token in, by precedence, the C{Authorization} header,
     the C{Sec-WebSocket-Protocol} pair C{bearer, <token>}, or the
-    C{access_token} query parameter (RFC 6750 section 2.3).
+    C{access_token} query parameter (RFC 6750 section 2.3); else a
+    single-use connect ticket, the C{ticket} query parameter
+    (L{wsproxy.session.authn}).
 
     @param headers: request headers with lower-case names.
     """
@@ -93,6 +95,9 @@ def extract_token(
     tokens = params.get("access_token")
     if tokens and tokens[0]:
         return Credentials(tokens[0], "query")
+    tickets = params.get("ticket")
+    if tickets and tickets[0]:
+        return Credentials(tickets[0], "ticket")
     return None
 
 
@@ -108,12 +113,13 @@ def repeated_token(
     malformed request (RFC 6750 section 2: one method per request; section
     3.1: C{invalid_request}, 400), decided before any token is looked at:
     more than one C{Authorization} header line, more than one
-    C{access_token} query parameter (empty ones included), or tokens by
-    more than one of the three means L{extract_token} knows (a bearer
-    C{Authorization} header, the C{bearer, <token>} subprotocol pair, the
-    query parameter). An empty or non-bearer C{Authorization} header, a
-    C{bearer} subprotocol with no token after it and an empty
-    C{access_token} are no token (L{extract_token} ignores them).
+    C{access_token} or C{ticket} query parameter (empty ones included), or
+    tokens by more than one of the four means L{extract_token} knows (a
+    bearer C{Authorization} header, the C{bearer, <token>} subprotocol pair,
+    the C{access_token} parameter, a C{ticket}). An empty or non-bearer
+    C{Authorization} header, a C{bearer} subprotocol with no token after it
+    and an empty C{access_token} or C{ticket} are no token
+    (L{extract_token} ignores them).
 
     @param authorization: the C{Authorization} header lines' values.
     @param protocols: the offered subprotocols, as Autobahn lists them.
@@ -121,12 +127,16 @@ def repeated_token(
     """
     if len(authorization) > 1:
         return True
-    tokens: list[str] = []
-    if query and "access_token" in unquote(query):
-        tokens = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "access_token"]
-        if len(tokens) > 1:
-            return True
-    ways = 1 if tokens and tokens[0] else 0
+    ways = 0
+    if query:
+        unquoted = unquote(query)
+        for name in ("access_token", "ticket"):
+            if name in unquoted:
+                given = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == name]
+                if len(given) > 1:
+                    return True
+                if given and given[0]:
+                    ways += 1
     if authorization:
         scheme, _, value = authorization[0].strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():

@@ -34,7 +34,8 @@ from ..redis.redislink import Commands
 
 #: who ended a connection, as close events say
 ClosedBy = Literal[
-    "client", "server", "timeout", "slow_consumer", "shutdown", "error", "protocol_error"
+    "client", "server", "timeout", "slow_consumer", "shutdown", "error", "protocol_error",
+    "token_expired",
 ]
 
 #: close codes a backend may ask for: normal, going away, policy violation,

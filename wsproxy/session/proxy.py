@@ -20,9 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import auth
+from .authn import Authenticator, CredentialCheck, MISSING_TOKEN
 from .backpressure import Readable, UpstreamValve
 from ..config import Settings
 from .control import Control, Events, Heartbeat
+from .keys import KeySource, build_verifier
 from .limits import FailedAuthLimit, client_address
 from ..logs import LogBudget
 from ..metrics import Stats
@@ -49,6 +51,7 @@ from ..redis.redislink import (
 )
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..redis.sentinel import SentinelWatcher
+from .webtoken import NO_EXPIRY, Grant
 from .resume import (
     RESUME_PARAM,
     library,
@@ -104,15 +107,15 @@ class ResumeRequest:
 @dataclass(frozen=True)
 class Compared:
     """
-    When the stored token was found equal to the presented one, before the
-    WebSocket handshake (L{Proxy.compare}): C{since} on the proxy's clock,
-    C{perf} by C{time.perf_counter}; C{renewed}: its TTL was reset in the
-    same step (the token check's script), else the admission resets it.
+    The credentials were found good before the WebSocket handshake
+    (L{Proxy.compare}): C{since} on the proxy's clock, C{perf} by
+    C{time.perf_counter}, and what they grant (a Redis token's TTL is
+    already reset).
     """
 
     since: float
     perf: float
-    renewed: bool = False
+    grant: Grant = NO_EXPIRY
 
 
 #: how Redis fails a token check or an admission
@@ -133,21 +136,21 @@ def redis_refusal(error: Exception) -> Refusal:
 
 class Comparison:
     """
-    A header token compared before the WebSocket handshake (L{Proxy.compare}),
+    A header token checked before the WebSocket handshake (L{Proxy.compare}),
     on the command connection's lean path: no Deferred, no coroutine, and
-    no timer of its own (the site's handshake timer calls L{expired}).
+    no timer of its own (the site's handshake timer calls L{expired}). A
+    check that needs no Redis command (a JWT) decides within L{start}.
     """
 
     _log = Logger()
     __slots__ = ("_proxy", "_check", "_done", "_since", "_perf", "_started")
 
-    def __init__(self, proxy: "Proxy", session_id: str, token: str,
+    def __init__(self, proxy: "Proxy", session_id: str, agent_id: str, token: str,
                  done: Callable[[Compared | Refusal], None]) -> None:
         self._proxy = proxy
         self._done: Optional[Callable[[Compared | Refusal], None]] = done
-        self._check = auth.TokenCheck(
-            proxy.commands.send, session_id, token, proxy.settings.auth_grace_period,
-            proxy.token_script, self._found,
+        self._check = proxy.authn.check(
+            session_id, agent_id, auth.Credentials(token, "header"), self._found
         )
         self._since = self._perf = 0.0
         self._started = False
@@ -159,6 +162,10 @@ class Comparison:
         self._started = True
         proxy.comparing += 1
         self._check.start()
+
+    @property
+    def decided(self) -> bool:
+        return self._done is None
 
     def expired(self) -> None:
         """
@@ -176,15 +183,15 @@ class Comparison:
 
     def _found(self, found: object) -> None:
         result: Compared | Refusal
-        if found == auth.DIFFERENT:
+        if isinstance(found, Grant):
+            result = Compared(self._since, self._perf, found)
+        elif isinstance(found, Refusal):
             self._proxy.stats.auth_latency.observe(time.perf_counter() - self._perf)
-            result = Refusal(*auth.INVALID_TOKEN)
+            result = found
         elif isinstance(found, REDIS_FAILURES):
             result = redis_refusal(found)
-        elif isinstance(found, BaseException):
-            result = refusal_for(Failure(found), self._log, "checking a token")
         else:
-            result = Compared(self._since, self._perf, renewed=found == auth.RENEWED)
+            result = refusal_for(Failure(found), self._log, "checking a token")
         self._end(result)
 
     def _end(self, result: Compared | Refusal) -> None:
@@ -194,6 +201,25 @@ class Comparison:
         if self._started:
             self._proxy.comparing -= 1
         done(result)
+
+
+def check_credentials(authn: Authenticator, session_id: str, agent_id: str,
+                      credentials: auth.Credentials) -> "defer.Deferred[Grant]":
+    """
+    L{Authenticator.check} as a Deferred (cancellable): a L{Grant}, or the
+    L{Refusal}, or the Redis failure.
+    """
+    check: Optional[CredentialCheck] = None
+    d: defer.Deferred[Grant] = defer.Deferred(lambda _: check.cancel() if check else None)
+
+    def done(result: object) -> None:
+        if isinstance(result, Grant):
+            d.callback(result)
+        else:
+            d.errback(Failure(cast(BaseException, result)))
+
+    check = authn.check(session_id, agent_id, credentials, done).start()
+    return d
 
 
 class Connection(Readable, Protocol):
@@ -292,6 +318,17 @@ class Proxy:
         self.comparing = 0
         #: whether the token check runs as one script (one round trip)
         self.token_script = auth.TokenScript()
+        #: AUTH_MODE=jwt: the verifier and where its keys come from (a bad
+        #: key file fails start-up here, naming the setting)
+        self.key_source: Optional[KeySource] = None
+        verifier = None
+        if "jwt" in settings.auth_mode:
+            verifier = build_verifier(settings, self._log)
+            self.key_source = KeySource(settings, verifier, clock)
+        self.authn = Authenticator(settings, commands.send, self.token_script, verifier)
+        #: JWT_EXPIRE_CONNECTIONS: the timer that closes each connection at
+        #: its token's exp
+        self.expiries: dict[Any, Any] = {}
         self._origins = frozenset(normalize_origin(o) for o in settings.allowed_origins)
         self._any_origin = not self._origins or "*" in settings.allowed_origins
         self._loops: list[task.LoopingCall] = []
@@ -317,6 +354,8 @@ class Proxy:
     def start(self) -> None:
         self.commands.start()
         self.subscriber.start()
+        if self.key_source is not None:
+            self.key_source.start()
         self.hub.keep(CONTROL_CHANNEL, self.control)
         if self.heartbeat is not None:
             self.heartbeat.start()
@@ -389,10 +428,40 @@ class Proxy:
         if self.heartbeat is not None:
             # a clean shutdown: every close event was sent, the instance is gone
             self.heartbeat.stop()
+        if self.key_source is not None:
+            self.key_source.stop()
+        for timer in self.expiries.values():
+            if timer.active():
+                timer.cancel()
+        self.expiries.clear()
         stopping = [self.commands.stop(), self.subscriber.stop()]
         if self.sentinel_watcher is not None:
             stopping.append(self.sentinel_watcher.stop())
         return defer.gatherResults(stopping, consumeErrors=True)
+
+    def expire_at(self, connection: Any, grant: Grant) -> None:
+        """
+        C{JWT_EXPIRE_CONNECTIONS}: close an opened connection when its
+        token's C{exp} passes (L{Connection.token_expired}).
+        """
+        if grant.expires is None or not self.settings.jwt_expire_connections:
+            return
+        delay = max(grant.expires - time.time(), 0.0)
+        self.expiries[connection] = self.clock.callLater(delay, self._expired, connection)
+
+    def _expired(self, connection: Any) -> None:
+        self.expiries.pop(connection, None)
+        self.stats.outcomes["token_expired"] += 1
+        connection.token_expired()
+
+    def reload_keys(self) -> bool:
+        """
+        SIGHUP: read the JWT key files again (C{False}: an error, the keys
+        in use stay; also when there are no JWT keys).
+        """
+        if self.key_source is None:
+            return False
+        return self.key_source.reload()
 
     def unheard(self, session_id: Optional[str]) -> None:
         """
@@ -441,6 +510,10 @@ class Proxy:
         self.sessions.setdefault(session_id, set()).add(connection)
 
     def closed(self, session_id: str, connection: Any) -> None:
+        if self.expiries:
+            timer = self.expiries.pop(connection, None)
+            if timer is not None and timer.active():
+                timer.cancel()
         sockets = self.sessions.get(session_id)
         if sockets is not None:
             sockets.discard(connection)
@@ -584,26 +657,27 @@ class Proxy:
     async def authorize(
         self,
         session_id: str,
+        agent_id: str,
         credentials: Optional[auth.Credentials],
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest] = None,
         compared: Optional["Compared"] = None,
-    ) -> Optional[Recovery]:
+    ) -> tuple[Optional[Recovery], Grant]:
         """
-        The token check, then the subscriptions (channel, listener),
-        confirmed by Redis, then for a resuming client the history after
-        its position: all within one C{AUTH_TIMEOUT_SECS} deadline (one
-        timer per handshake).
+        The credentials' check (L{Authenticator}), then the subscriptions
+        (channel, listener), confirmed by Redis, then for a resuming client
+        the history after its position: all within one C{AUTH_TIMEOUT_SECS}
+        deadline (one timer per handshake).
 
         On success the caller owns the subscriptions (it calls L{release}
         when it closes). Otherwise, and if the caller cancels (the client
         left), nothing stays subscribed.
 
-        @param compared: the stored token was already compared (L{compare},
-            before the WebSocket handshake): its TTL is reset unless that
-            did it already, and the deadline is what is left of the one
-            that began then.
-        @return: for a resuming client, what it will be sent.
+        @param compared: the credentials were already checked (L{compare},
+            before the WebSocket handshake): the deadline is what is left of
+            the one that began then.
+        @return: for a resuming client, what it will be sent; and what the
+            credentials grant.
         @raise Refusal: 401, 403, 503 (Redis unreachable or answering with
             an error) or 504 (no answer in time).
         """
@@ -611,47 +685,47 @@ class Proxy:
             # refused here rather than inside the deadline's Deferred: a
             # Failure raised while that is being set up holds the frames
             # that hold it (a reference cycle; see wsproxy.fast.heap)
-            raise Refusal(*auth.MISSING_TOKEN)
+            raise MISSING_TOKEN
         timeout = self.settings.auth_timeout
         if compared is not None:
             timeout -= self.clock.seconds() - compared.since
         try:
-            recovery: Optional[Recovery] = await with_deadline(
-                defer.ensureDeferred(
-                    self._authorize(session_id, credentials, subscriptions, resume, compared)
-                ),
+            result: tuple[Optional[Recovery], Grant] = await with_deadline(
+                defer.ensureDeferred(self._authorize(
+                    session_id, agent_id, credentials, subscriptions, resume, compared
+                )),
                 max(timeout, 0.0),
                 self.clock,
             )
-            return recovery
+            return result
         except REDIS_FAILURES as e:
             raise redis_refusal(e) from None
 
     async def _authorize(
         self,
         session_id: str,
-        credentials: Optional[auth.Credentials],
+        agent_id: str,
+        credentials: auth.Credentials,
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest],
         compared: Optional["Compared"] = None,
-    ) -> Optional[Recovery]:
-        started = time.perf_counter() if compared is None else compared.perf
-        try:
-            if compared is None or not compared.renewed:
-                await auth.check_token(
-                    self.commands.send, session_id, credentials,
-                    self.settings.auth_grace_period, compared is not None, self.token_script,
-                )
-        finally:
-            if credentials is not None:
+    ) -> tuple[Optional[Recovery], Grant]:
+        if compared is None:
+            started = time.perf_counter()
+            try:
+                grant = await check_credentials(self.authn, session_id, agent_id, credentials)
+            finally:
                 self.stats.auth_latency.observe(time.perf_counter() - started)
+        else:
+            grant = compared.grant
+            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
         subscribed: list[tuple[str, Listener]] = []
         try:
             for channel, listener in subscriptions:
                 await self.hub.subscribe(channel, listener)
                 subscribed.append((channel, listener))
             if resume is None:
-                return None
+                return None, grant
             # subscribed first, history second: whatever is published from
             # now on arrives live, whatever was before is in the history
             position = resume.position
@@ -660,24 +734,25 @@ class Proxy:
                 history = await self._history_chunk(session_id, "0-0", 0)
             else:
                 history = await self.read_history(session_id, position.stream_id)
-            return plan_recovery(position, history)
+            return plan_recovery(position, history), grant
         except BaseException:
             self.release(subscribed)
             raise
 
     def compare(
-        self, session_id: str, token: str, done: Callable[[Compared | Refusal], None]
+        self, session_id: str, agent_id: str, token: str,
+        done: Callable[[Compared | Refusal], None],
     ) -> "Comparison":
         """
-        The token check before the WebSocket handshake (see
-        L{wsproxy.edge.site.Root}), to be started: whether the stored token
-        equals C{token} (and, with the token check's script, in the same
-        round trip, its TTL reset). C{done} gets a L{Compared}, or the
+        The check of a header token before the WebSocket handshake (see
+        L{wsproxy.edge.site.Root}), to be started: the same decision as
+        L{authorize}'s (L{Authenticator}). C{done} gets a L{Compared}, or the
         L{Refusal}: 403, 503, 504 as L{authorize}, L{CLIENT_LEFT} if
-        cancelled. Its deadline is the caller's (L{Comparison.expired});
+        cancelled; within L{Comparison.start} when no Redis command is
+        needed. Its deadline is the caller's (L{Comparison.expired});
         L{authorize} then has what is left of C{AUTH_TIMEOUT_SECS}.
         """
-        return Comparison(self, session_id, token, done)
+        return Comparison(self, session_id, agent_id, token, done)
 
     def release(self, subscriptions: Sequence[tuple[str, Listener]]) -> None:
         for channel, listener in subscriptions:

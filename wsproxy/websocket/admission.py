@@ -92,15 +92,17 @@ async def admit(protocol: ProxyProtocol, request: Any) -> Optional[str]:
     ):
         compared = None
     try:
-        protocol._recovery = await proxy.authorize(
-            session_id, credentials, subscriptions, resume,
+        protocol._recovery, grant = await proxy.authorize(
+            session_id, protocol.agent_id, credentials, subscriptions, resume,
             None if compared is None else compared[2],
         )
     except Refusal as refusal:
         if refusal.code in (401, 403):
-            # the token check failed: counts towards AUTH_FAIL_LIMIT
+            # the credentials were refused: counts towards AUTH_FAIL_LIMIT
             proxy.auth_failed(protocol._client(request.headers))
         raise
+    if grant.expires is not None and proxy.settings.jwt_expire_connections:
+        protocol._grant = grant
     if protocol.state == WebSocketProtocol.STATE_CLOSED or protocol.droppedByMe:
         # Autobahn dropped the connection (its opening-handshake deadline)
         # in the very turn the admission finished: the drop has not
@@ -161,6 +163,9 @@ def open_session(protocol: ProxyProtocol) -> None:
     session_id = protocol.session_id
     assert session_id is not None
     proxy.opened(session_id, protocol)
+    if protocol._grant is not None:
+        proxy.expire_at(protocol, protocol._grant)
+        del protocol._grant
     settings = proxy.settings
     if proxy.events.enabled or settings.upstream == "stream":
         protocol._opened_at = time.time()

@@ -55,6 +55,9 @@ GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
+#: JWT_EXPIRE_CONNECTIONS: the token's exp passed (IANA's 3000,
+#: "Unauthorized"): reconnect with a fresh token
+TOKEN_EXPIRED = 3000
 
 #: who closed a connection for the client's own fault: such a client, if it
 #: is not reading, is dropped right after the close frame

@@ -79,9 +79,10 @@ from ..session.control import ClosedBy, connection_event
 from ..session.proxy import Proxy
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender
+from ..session.webtoken import Grant
 from . import admission, closing, downstream, footprint, states
 from . import upstream as client_messages
-from .closing import GOING_AWAY, PROTOCOL_ERROR
+from .closing import GOING_AWAY, PROTOCOL_ERROR, TOKEN_EXPIRED
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
 from .upstream import INVALID_JSON_REPLY
 
@@ -160,6 +161,9 @@ class ProxyProtocol(WebSocketServerProtocol):
     _closed_by: Optional[ClosedBy] = None
     _opened_at = 0.0
     _connection_id = ""
+    #: JWT_EXPIRE_CONNECTIONS: what the token granted, from the admission
+    #: to the open (then the proxy's expiry timer holds it)
+    _grant: Optional[Grant] = None
     agent_id: Optional[str] = None
     # (set per connection, never on the class: _compact learns what it shares)
     #: the session's :up channel, once admitted
@@ -607,6 +611,16 @@ class ProxyProtocol(WebSocketServerProtocol):
             return
         self._closing("server")
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
+
+    def token_expired(self) -> None:
+        """
+        C{JWT_EXPIRE_CONNECTIONS}: the token's C{exp} passed: close with
+        L{TOKEN_EXPIRED} so that the client reconnects with a fresh token.
+        """
+        if self._state is not OPEN:
+            return
+        self._closing("token_expired")
+        self.sendCloseFrame(code=TOKEN_EXPIRED, reasonUtf8=b"token expired", isReply=False)
 
     def drop(self, why: str) -> defer.Deferred[None]:
         """
