@@ -15,6 +15,13 @@ commands.
     for session_id, message in backend.listen_up("session-1"):
         ...
 
+With C{AUTH_MODE=jwt} there is nothing to store: sign a token instead
+(L{sign_token}, PyJWT), and for URLs (C{EventSource}, links) issue a
+single-use ticket (L{Backend.issue_ticket}):
+
+    token = sign_token(JWT_SECRET, "session-1", expires_in=3600)
+    ticket = backend.issue_ticket("session-1")            # ws://.../ws/session-1?ticket=...
+
 It needs redis-py (C{pip install wsproxy[examples]}, or any redis-py 5 you
 already have); wsproxy itself does not.
 """
@@ -38,6 +45,9 @@ from .names import (
     history_key,
     instance_key,
     meta_key,
+    revoked_jti_key,
+    revoked_key,
+    ticket_key,
     up_channel,
     upstream_partition,
     upstream_seen_key,
@@ -47,6 +57,53 @@ from .names import (
 
 Message = Union[bytes, str]
 Kind = Literal["text", "binary", "auto"]
+
+
+def sign_token(
+    key: Any,
+    session_id: str,
+    agent_id: Optional[str] = None,
+    expires_in: Optional[float] = None,
+    algorithm: str = "HS256",
+    key_id: Optional[str] = None,
+    **claims: Any,
+) -> str:
+    """
+    A JWT for C{AUTH_MODE=jwt}: claims C{session_id} and C{iat} (the
+    original project's shape), C{agent_id} if given (the proxy then admits
+    it only on that agent's path), C{exp} C{expires_in} seconds from now if
+    given, and any other C{claims} (C{aud}, C{iss}, C{jti}, ...).
+
+    @param key: the HMAC secret (C{JWT_SECRET}) for HS256/384/512, or a
+        private key (PEM text or a C{cryptography} key) for RS*, PS*, ES*
+        and EdDSA.
+    @param key_id: the C{kid} header: which key of the proxy's JWK Set
+        verifies it.
+    """
+    import jwt
+
+    now = int(time.time())
+    payload: dict[str, Any] = {"session_id": valid(session_id), "iat": now}
+    if agent_id is not None:
+        payload["agent_id"] = agent_id
+    if expires_in is not None:
+        payload["exp"] = now + int(expires_in)
+    payload.update(claims)
+    headers = {"kid": key_id} if key_id is not None else None
+    return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+def valid(session_id: str) -> str:
+    """
+    The session id, if it is one wsproxy routes.
+
+    @raise ValueError: otherwise.
+    """
+    if not valid_session_id(session_id):
+        raise ValueError(
+            f"invalid session id {session_id!r}: 1 to 128 of [A-Za-z0-9._~-]"
+        )
+    return session_id
 
 
 class Backend:
@@ -68,13 +125,7 @@ class Backend:
         #: a Redis Cluster client: sharded Pub/Sub
         self.sharded = hasattr(redis, "get_node_from_key")
 
-    @staticmethod
-    def _checked(session_id: str) -> str:
-        if not valid_session_id(session_id):
-            raise ValueError(
-                f"invalid session id {session_id!r}: 1 to 128 of [A-Za-z0-9._~-]"
-            )
-        return session_id
+    _checked = staticmethod(valid)
 
     def authorize(self, session_id: str, token: Optional[str] = None, ttl: int = 300) -> str:
         """
@@ -93,6 +144,35 @@ class Backend:
         Delete the token: the session's clients cannot reconnect with it.
         """
         self.redis.delete(auth_key(self._checked(session_id), self.hash_tags))
+
+    def issue_ticket(self, session_id: str, ttl: int = 30) -> str:
+        """
+        A single-use connect ticket (C{?ticket=}, in any C{AUTH_MODE}): the
+        proxy admits one connection with it within C{ttl} seconds, and
+        deletes it as it does (C{GETDEL}). For URLs, where a token would end
+        up in access logs and browser history.
+
+        @return: the ticket (32 random base64url characters).
+        """
+        ticket = secrets.token_urlsafe(24)
+        self.redis.set(ticket_key(self._checked(session_id), ticket, self.hash_tags), "1", ex=ttl)
+        return ticket
+
+    def deny_session(self, session_id: str, ttl: int = 3600) -> None:
+        """
+        C{JWT_DENYLIST=session}: no new connection of the session is
+        admitted with any JWT for C{ttl} seconds (set it to the longest
+        lifetime of the tokens you issued). Live sockets stay: close them
+        with L{close}.
+        """
+        self.redis.set(revoked_key(self._checked(session_id), self.hash_tags), "1", ex=ttl)
+
+    def deny_token(self, jti: str, ttl: int = 3600) -> None:
+        """
+        C{JWT_DENYLIST=jti}: the JWT with this C{jti} admits no new
+        connection for C{ttl} seconds (until it would have expired).
+        """
+        self.redis.set(revoked_jti_key(jti), "1", ex=ttl)
 
     def publish(self, session_id: str, message: Message) -> int:
         """
