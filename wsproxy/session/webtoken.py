@@ -297,48 +297,37 @@ class Verifier:
         return self._claims(claims, session_id, agent_id)
 
     def _claims(self, claims: Mapping[str, Any], session_id: str, agent_id: str) -> Grant:
+        # the types first: a claim of the wrong type is that, whatever else
+        exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
+        jti, aud = claims.get("jti"), claims.get("aud")
+        claimed, claimed_agent = claims.get("session_id"), claims.get("agent_id")
+        named = [aud] if isinstance(aud, str) else aud
+        if (
+            any(value is not None and not _number(value) for value in (exp, nbf, iat))
+            or any(value is not None and not isinstance(value, str)
+                   for value in (jti, claimed, claimed_agent))
+            or (named is not None and not (
+                isinstance(named, list) and all(isinstance(a, str) for a in named)))
+        ):
+            raise TokenRefused("claim_type")
         now = self.clock()
         leeway = self.leeway
-        exp = claims.get("exp")
-        for name in ("exp", "nbf", "iat"):
-            value = claims.get(name)
-            if value is not None and not _number(value):
-                raise TokenRefused("claim_type")
         if exp is None:
             if self.require_exp:
                 raise TokenRefused("no_exp")
         elif exp <= now - leeway:
             raise TokenRefused("expired")
-        nbf = claims.get("nbf")
-        if nbf is not None and nbf > now + leeway:
+        if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
             raise TokenRefused("not_yet_valid")
-        iat = claims.get("iat")
-        if iat is not None and iat > now + leeway:
-            raise TokenRefused("not_yet_valid")
-        jti = claims.get("jti")
-        if jti is not None and not isinstance(jti, str):
-            raise TokenRefused("claim_type")
-        aud = claims.get("aud")
-        if aud is not None:
-            named = [aud] if isinstance(aud, str) else aud
-            if not isinstance(named, list) or not all(isinstance(a, str) for a in named):
-                raise TokenRefused("claim_type")
+        if named is not None:
             if not self.audience.intersection(named):
                 raise TokenRefused("audience")
         elif self.audience:
             raise TokenRefused("audience")
-        if self.issuer is not None:
-            iss = claims.get("iss")
-            if iss != self.issuer:
-                raise TokenRefused("issuer")
-        claimed = claims.get("session_id")
+        if self.issuer is not None and claims.get("iss") != self.issuer:
+            raise TokenRefused("issuer")
         if claimed is None:
             raise TokenRefused("no_session")
-        if not isinstance(claimed, str):
-            raise TokenRefused("claim_type")
-        claimed_agent = claims.get("agent_id")
-        if claimed_agent is not None and not isinstance(claimed_agent, str):
-            raise TokenRefused("claim_type")
         if claimed != session_id:
             raise TokenRefused("other_session")
         if claimed_agent is not None and claimed_agent != agent_id:
