@@ -14,7 +14,7 @@ the whole instance, whichever worker answers it.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,6 +62,11 @@ class Stats:
         self.auth_failures: Callable[[], int] = lambda: 0
         self.auth_limited: Callable[[], int] = lambda: 0
         self.auth_limit_addresses: Callable[[], int] = lambda: 0
+        #: AUTH_MODE=jwt: JWTs accepted and refused; key reloads (SIGHUP) and
+        #: JWKS URL fetches by result; the keys in use
+        self.jwt_checks: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.jwt_key_updates: Callable[[], Counter[str]] = Counter
+        self.jwt_keys: Callable[[], Optional[int]] = lambda: None
         self.refusal_lines_suppressed = 0
         self.handshakes_waiting: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -300,6 +305,28 @@ class _Collector:
             for kind in ("moved", "ask", "subscribe", "sunsubscribe"):
                 redirects.add_metric([kind], counted[kind])
             yield redirects
+        keys = s.jwt_keys()
+        if keys is not None:
+            checks = CounterMetricFamily(
+                "wsproxy_jwt_checks", "JWTs checked (AUTH_MODE=jwt), by result",
+                labels=["result"],
+            )
+            accepted, refused = s.jwt_checks()
+            checks.add_metric(["accepted"], accepted)
+            checks.add_metric(["refused"], refused)
+            yield checks
+            updates = CounterMetricFamily(
+                "wsproxy_jwt_key_updates",
+                "JWT key updates: file reloads (SIGHUP) and JWKS URL fetches, by result "
+                "(reload, reload_failed, fetch, fetch_failed)",
+                labels=["result"],
+            )
+            counted = s.jwt_key_updates()
+            for result in ("reload", "reload_failed", "fetch", "fetch_failed"):
+                updates.add_metric([result], counted[result])
+            yield updates
+            yield GaugeMetricFamily("wsproxy_jwt_keys", "JWT verification keys in use",
+                                    value=keys)
         yield GaugeMetricFamily(
             "wsproxy_auth_limit_addresses",
             "Client addresses with recent failed token checks (bounded by AUTH_FAIL_TABLE_SIZE)",

@@ -239,6 +239,7 @@ class KeySource:
         self.fetched = 0
         self.fetch_failed = 0
         self.reloads = 0
+        self.reload_failed = 0
         verifier.on_unknown_kid = self.unknown_kid
 
     @property
@@ -269,6 +270,7 @@ class KeySource:
             keys = load_files(self.settings, self._log)
         except ConfigError as e:
             self._log.error("keys not reloaded, the previous ones stay in use: {why}", why=str(e))
+            self.reload_failed += 1
             return False
         self._file_keys = keys
         self._publish()

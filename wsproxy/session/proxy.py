@@ -325,7 +325,15 @@ class Proxy:
         if "jwt" in settings.auth_mode:
             verifier = build_verifier(settings, self._log)
             self.key_source = KeySource(settings, verifier, clock)
-        self.authn = Authenticator(settings, commands.send, self.token_script, verifier)
+        authn = self.authn = Authenticator(settings, commands.send, self.token_script, verifier)
+        if verifier is not None and self.key_source is not None:
+            source = self.key_source
+            self.stats.jwt_checks = lambda: (authn.jwt_accepted, authn.jwt_refused)
+            self.stats.jwt_keys = lambda: len(verifier.keys)
+            self.stats.jwt_key_updates = lambda: Counter(
+                reload=source.reloads, reload_failed=source.reload_failed,
+                fetch=source.fetched, fetch_failed=source.fetch_failed,
+            )
         #: JWT_EXPIRE_CONNECTIONS: the timer that closes each connection at
         #: its token's exp
         self.expiries: dict[Any, Any] = {}
