@@ -322,6 +322,37 @@ class ProxyService(DaemonService):
             self._log.info("{info}", info=info)
             if warning is not None:
                 self._log.warn("{warning}", warning=warning)
+        self._announce_auth()
+
+    def _announce_auth(self) -> None:
+        """
+        How tokens are checked, and a warning for JWT settings that have no
+        effect (a JWT_SECRET with AUTH_MODE=redis is most likely a
+        configuration carried over from the original project: its tokens
+        would all be refused).
+        """
+        settings = self.proxy.settings
+        mode = ",".join(settings.auth_mode)
+        if "jwt" in settings.auth_mode:
+            verifier = self.proxy.authn.verifier
+            keys = 0 if verifier is None else len(verifier.keys)
+            self._log.info(
+                "tokens: AUTH_MODE={mode}, {keys} JWT keys from files{url}",
+                mode=mode, keys=keys,
+                url=" and a JWKS URL" if settings.jwt_jwks_url else "",
+            )
+            return
+        given = [name for name, value in (
+            ("JWT_SECRET", settings.jwt_secret), ("JWT_SECRET_FILE", settings.jwt_secret_file),
+            ("JWT_PUBLIC_KEY_FILE", settings.jwt_public_key_files),
+            ("JWT_JWKS_FILE", settings.jwt_jwks_file), ("JWT_JWKS_URL", settings.jwt_jwks_url),
+        ) if value]
+        if given:
+            self._log.warn(
+                "{names} set but AUTH_MODE={mode}: JSON Web Tokens are not accepted "
+                "(set AUTH_MODE=jwt, or jwt,redis to accept both)",
+                names=", ".join(given), mode=mode,
+            )
 
     def stop_without_drain(self) -> None:
         """
