@@ -1,9 +1,10 @@
 """
 The browser example (examples/browser/) in a real headless Chromium, driven
 by Selenium, against a real C{twistd -n wsproxy} process and a real
-redis-server; and the client module's resume bookkeeping against a scripted
-WebSocket in the page (what no real server does on purpose: repeating
-messages).
+redis-server (with a static token, JWTs that expire, single-use tickets);
+and the client module's resume bookkeeping and credential callbacks against
+a scripted WebSocket in the page (what no real server does on purpose:
+repeating messages, tokens expiring right after each open).
 
 Needs Debian's C{chromium} and C{chromium-driver} and the C{selenium}
 package; without them the test fails (it never skips), and nothing is ever
@@ -28,6 +29,9 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
+
+from wsproxy.backend import Backend, sign_token
+from wsproxy.names import CONTROL_CHANNEL, ticket_key
 
 from .support import ROOT, TWISTD_WSPROXY, Daemon, free_port, redis_server, start_daemon, wait_for
 
@@ -64,6 +68,10 @@ CHROMIUM_ARGS = [
 MAX_FAILURES = 12
 BACKOFF_MS = 100
 MAX_BACKOFF_MS = 1000
+
+# the JWT test's tokens expire this many seconds after they are signed
+# (exp is whole seconds: 4 to 5 s of life), so the proxy closes with 3000
+JWT_LIFETIME = 5
 
 # the numbered stream of the resume test: one message every 20 ms, at most
 # 400 (the page's log keeps 500 lines: the numbers, and a line per event)
@@ -237,6 +245,130 @@ const [url, session, token, total] = arguments;
 """
 
 
+# wsproxy-client.js's getToken and getTicket against a scripted WebSocket
+# (see test_client_credentials_per_attempt); what each attempt sent comes back
+CREDENTIALS_JS = r"""
+const done = arguments[arguments.length - 1];
+const sockets = [];
+class FakeSocket {
+  static OPEN = 1;
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols === undefined ? null : protocols;
+    this.readyState = 0;
+    sockets.push(this);
+  }
+  open() { this.readyState = 1; this.onopen({}); }
+  drop(code, reason = "") { this.readyState = 3; this.onclose({ code, reason, wasClean: true }); }
+  close(code = 1000) { setTimeout(() => this.drop(code), 0); }
+  send() {}
+}
+async function until(what, check) {
+  const deadline = Date.now() + 5000;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`not ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+const nextSocket = (n) => until(`socket ${n}`, () => sockets.length >= n).then(() => sockets[n - 1]);
+
+async function run() {
+  window.WebSocket = FakeSocket;
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const out = {};
+  const base = { url: "ws://proxy.test", agent: "a", session: "s1", backoffMs: 40, maxBackoffMs: 40 };
+  const delays = (client) => {
+    const list = [];
+    client.onstatechange = (state, d) => { if (state === "reconnecting") list.push({ code: d.code ?? null, delay: d.delay, error: d.error ?? null }); };
+    return list;
+  };
+
+  // getToken: a new token for every attempt, in the subprotocol; a 3000
+  // close reconnects at once, repeated quick ones back off
+  let n = 0;
+  const asked = [];
+  const jwt = new WsProxyClient({ ...base, getToken: async (info) => { asked.push(info); return `h.p${++n}.s`; } });
+  const jwtDelays = delays(jwt);
+  out.jwtUrl = jwt.socketUrl;
+  jwt.connect();
+  for (let i = 1; i <= 3; i++) {
+    const ws = await nextSocket(i);
+    ws.open();
+    ws.drop(3000, "token expired");
+  }
+  const ws4 = await nextSocket(4);
+  ws4.open();
+  ws4.drop(1006);                                  // any other close: backoff, and the count starts over
+  const ws5 = await nextSocket(5);
+  ws5.open();
+  ws5.drop(3000, "token expired");
+  await nextSocket(6);
+  jwt.close();
+  out.jwtSockets = sockets.slice(0, 6).map((ws) => [ws.url, ws.protocols]);
+  out.jwtAsked = asked;
+  out.jwtDelays = jwtDelays;
+
+  // in the query with tokenIn: "query"
+  const query = new WsProxyClient({ ...base, tokenIn: "query", getToken: () => "q.t.k" });
+  query.connect();
+  out.queryUrl = (await nextSocket(7)).url;
+  query.close();
+
+  // getTicket: ?ticket=, no subprotocol; a callback that fails counts as
+  // an attempt that never opened, up to maxFailures
+  let t = 0;
+  const ticket = new WsProxyClient({
+    ...base, maxFailures: 3,
+    getTicket: () => {
+      t += 1;
+      if (t === 2) throw new Error("backend down");
+      if (t === 3) return Promise.reject(new Error("still down"));
+      return `ticket-${t}-0123456789abcdef`;
+    },
+  });
+  const ticketDelays = delays(ticket);
+  ticket.connect();
+  const first = await nextSocket(8);
+  first.open();
+  first.drop(1001);
+  const second = await nextSocket(9);
+  second.drop(1006);                               // refused: the third attempt that never opened
+  await until("failed", () => ticket.state === "failed");
+  out.ticketState = ticket.state;
+  out.ticketSockets = sockets.slice(7).map((ws) => [ws.url, ws.protocols]);
+  out.ticketDelays = ticketDelays;
+
+  // close() while the credential is on its way: no socket is opened
+  let answer;
+  const slow = new WsProxyClient({ ...base, getTicket: () => new Promise((resolve) => { answer = resolve; }) });
+  slow.connect();
+  await until("asked", () => answer !== undefined);
+  slow.close();
+  answer("late-ticket-0123456789abcdef");
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  out.slow = { state: slow.state, sockets: sockets.length };
+
+  // one credential only
+  out.errors = [];
+  for (const bad of [
+    { token: "t0k", getTicket: () => "x" },
+    { getToken: () => "x", getTicket: () => "y" },
+    { getToken: "not a function" },
+    {},
+  ]) {
+    try {
+      new WsProxyClient({ ...base, ...bad });
+      out.errors.push(null);
+    } catch (err) {
+      out.errors.push(err.message);
+    }
+  }
+  return out;
+}
+run().then(done, (err) => done({ error: String(err && err.stack || err) }));
+"""
+
+
 def require_browser() -> None:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
@@ -287,13 +419,32 @@ class NumberedStream(threading.Thread):
 
 class StaticServer:
     """
-    examples/browser/ over HTTP on a loopback port, in a thread.
+    examples/browser/ over HTTP on a loopback port, in a thread; and what a
+    page's own backend would answer: C{routes} maps a path to a function
+    whose string a C{POST} there gets (a fresh token or ticket), as plain
+    text, never cached.
     """
 
     def __init__(self, directory: str) -> None:
+        routes: dict[str, Callable[[], str]] = {}
+        self.routes = routes
+
         class Quiet(http.server.SimpleHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def do_POST(self) -> None:
+                route = routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                body = route().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         handler = functools.partial(Quiet, directory=directory)
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -406,6 +557,15 @@ class BrowserTests(TestCase):
                 return message["data"]
         return None
 
+    async def delivered(self, r: Any, channel: str, message: str, timeout: float = 20.0) -> None:
+        """
+        Publish C{message} until a proxy process takes it (PUBLISH answers
+        1): a short-lived connection may be between two sockets right then
+        (a token that just expired); the socket that took it delivers it
+        before any close frame.
+        """
+        await wait_for(lambda: r.publish(channel, message) == 1, timeout=timeout, interval=0.1)
+
     @staticmethod
     def bodies(snap: dict[str, Any], kind: str) -> list[str]:
         return [entry["body"] for entry in snap["log"] if entry["kind"] == kind]
@@ -467,6 +627,58 @@ class BrowserTests(TestCase):
         for message in out["errors"]:
             self.assertIn("position needs resume: true", message or "")
 
+
+    async def test_client_credentials_per_attempt(self) -> None:
+        """
+        WsProxyClient with C{getToken} or C{getTicket}, against a scripted
+        WebSocket in the page: the callback is asked before every attempt
+        (with the attempt number and the close code that led to it) and
+        its answer is used for that attempt only: a token in the
+        subprotocol (or C{?access_token=} with C{tokenIn: "query"}), a
+        ticket as C{?ticket=} with no subprotocol; C{socketUrl} never shows
+        either. A 3000 close reconnects at once; a second quick one in a row
+        backs off, and any other close starts the count over. A callback
+        that throws or rejects counts as an attempt that never opened, up to
+        C{maxFailures}; C{close()} while a credential is on its way opens no
+        socket; only one of C{token}, C{getToken} and C{getTicket} is taken.
+        """
+        await self.open_browser()
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        out = await self.page(self.driver.execute_async_script, CREDENTIALS_JS)
+        self.assertNotIn("error", out, out.get("error"))
+        url = "ws://proxy.test/a/ws/s1"
+        self.assertEqual(out["jwtUrl"], url)
+        self.assertEqual(out["jwtSockets"], [[url, ["bearer", f"h.p{i}.s"]] for i in range(1, 7)])
+        self.assertEqual(
+            [(a["attempt"], a.get("code")) for a in out["jwtAsked"]],
+            [(1, None), (2, 3000), (3, 3000), (4, 3000), (5, 1006), (6, 3000)],
+        )
+        codes = [d["code"] for d in out["jwtDelays"]]
+        self.assertEqual(codes, [3000, 3000, 3000, 1006, 3000])
+        delays = [d["delay"] for d in out["jwtDelays"]]
+        self.assertEqual(delays[0], 0)  # the first expiry: at once
+        for delay in delays[1:4]:  # quick again, and again; then a 1006
+            self.assertTrue(20 <= delay <= 40, out["jwtDelays"])
+        self.assertEqual(delays[4], 0)  # the count started over after the 1006
+        self.assertEqual(out["queryUrl"], f"{url}?access_token=q.t.k")
+
+        self.assertEqual(
+            out["ticketSockets"],
+            [[f"{url}?ticket=ticket-1-0123456789abcdef", None],
+             [f"{url}?ticket=ticket-4-0123456789abcdef", None]],
+        )
+        self.assertEqual(
+            [(d["code"], d["error"]) for d in out["ticketDelays"]],
+            [(1001, None), (None, "getTicket failed: backend down"), (None, "getTicket failed: still down")],
+        )
+        self.assertEqual(out["ticketState"], "failed")
+        self.assertEqual(out["slow"], {"state": "closed", "sockets": 9})
+        errors = out["errors"]
+        self.assertEqual(len(errors), 4, errors)
+        self.assertIn("give one of token, getToken and getTicket", errors[0] or "")
+        self.assertIn("give one of token, getToken and getTicket", errors[1] or "")
+        self.assertIn("getToken must be a function", errors[2] or "")
+        self.assertIn("are required", errors[3] or "")
 
     async def test_page_talks_reconnects_and_gives_up(self) -> None:
         """
@@ -592,6 +804,149 @@ class BrowserTests(TestCase):
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)
         self.assertLess(time.monotonic() - started, 60)
+
+    async def test_jwt_page_reconnects_with_a_fresh_token_when_it_expires(self) -> None:
+        """
+        The page with C{tokenUrl} (WsProxyClient's C{getToken}), against a
+        proxy with C{AUTH_MODE=jwt} and C{JWT_EXPIRE_CONNECTIONS=true}: its
+        backend signs a new JWT that expires a few seconds later for every
+        attempt. When the token's exp passes the proxy closes with 3000
+        "token expired"; the page asks for a new token and reconnects by
+        itself at once, and messages published after that arrive. No token
+        shows up in the proxy's output, the page or the browser's console.
+        """
+        session, agent = "browser-jwt", "browser-test"
+        secret = secrets.token_urlsafe(32)
+        issued: list[str] = []
+
+        def fresh_token() -> str:
+            token = sign_token(secret, session, agent_id=agent, expires_in=JWT_LIFETIME,
+                               jti=secrets.token_hex(8))
+            issued.append(token)
+            return token
+
+        self.static.routes["/ws-token"] = fresh_token
+        r = self.redis.client()
+        self.addCleanup(r.close)
+        daemon = self.start_proxy(free_port(), AUTH_MODE="jwt", JWT_SECRET=secret,
+                                  JWT_EXPIRE_CONNECTIONS="true")
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+
+        fragment = (
+            f"session={session}&tokenUrl=/ws-token&agent={agent}&url=ws://127.0.0.1:{port}"
+            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        snap = await self.until(lambda s: s["state"] == "open", "open", timeout=20)
+        self.assertEqual(snap["reconnects"], 0)
+        self.assertIn('subprotocol "bearer"', " ".join(self.bodies(snap, "event")))
+        target = await self.page(lambda: self.driver.find_element(By.ID, "target").text)
+        self.assertIn("a fresh token per attempt via subprotocol", target)
+        down = f"session:{session}:down"
+        await self.delivered(r, down, "with the first token")
+        await self.until(lambda s: "with the first token" in self.bodies(s, "text"), "showing it")
+
+        # the token expires: 3000, and at once a new attempt with a new token
+        def expired(s: dict[str, Any]) -> list[str]:
+            return [b for b in self.bodies(s, "event") if b.startswith("3000 ")]
+
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] >= 1 and expired(s),
+            "reconnected after the token expired", timeout=30,
+        )
+        self.assertEqual(expired(snap)[0], "3000 token expired; retrying in 0 ms", snap["log"])
+        self.assertGreaterEqual(len(issued), 2)
+        self.assertEqual(len(set(issued)), len(issued))
+        self.assertIn(b"code=3000", daemon.out.output)
+
+        await self.delivered(r, down, "after the fresh token")
+        snap = await self.until(
+            lambda s: "after the fresh token" in self.bodies(s, "text"), "showing a message after the reconnect"
+        )
+        self.assertEqual(snap["failures"], 0)
+        self.assertEqual(self.bodies(snap, "error"), [])
+        await self.save_screenshot("browser-jwt-renewed.png")
+
+        console = str(await self.page(self.driver.get_log, "browser"))
+        page_text = await self.page(lambda: self.driver.find_element(By.TAG_NAME, "body").text)
+        for token in issued:
+            for d in self.daemons:
+                self.assertNotIn(token.encode(), d.out.output)
+            self.assertNotIn(token, console)
+            self.assertNotIn(token, page_text)
+
+    async def test_ticket_page_reconnects_with_a_new_ticket(self) -> None:
+        """
+        The page with C{ticketUrl} (WsProxyClient's C{getTicket}): its
+        backend issues a single-use ticket (C{Backend.issue_ticket}) for
+        every attempt, and the session has no stored token at all. The page
+        connects with C{?ticket=}, which the proxy consumes; when the
+        backend closes the session (C{PUBLISH wsproxy:control}, code 4001)
+        the page reconnects by itself with a new ticket (the first one is
+        gone), never presenting a used one, and messages published after
+        that arrive.
+        """
+        session = "browser-ticket"
+        r = self.redis.client()
+        self.addCleanup(r.close)
+        backend = Backend(self.redis.client())
+        self.addCleanup(backend.redis.close)
+        tickets: list[str] = []
+
+        def fresh_ticket() -> str:
+            ticket = backend.issue_ticket(session, ttl=30)
+            tickets.append(ticket)
+            return ticket
+
+        self.static.routes["/ws-ticket"] = fresh_ticket
+        daemon = self.start_proxy(free_port())
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+
+        fragment = (
+            f"session={session}&ticketUrl=/ws-ticket&agent=browser-test&url=ws://127.0.0.1:{port}"
+            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        snap = await self.until(lambda s: s["state"] == "open", "open", timeout=20)
+        self.assertEqual(snap["reconnects"], 0)
+        self.assertEqual(len(tickets), 1)
+        self.assertEqual(r.exists(ticket_key(session, tickets[0])), 0)  # used up
+        self.assertFalse(r.exists(f"session:{session}:auth"))
+        target = await self.page(lambda: self.driver.find_element(By.ID, "target").text)
+        self.assertIn("a new ticket per attempt via ?ticket=", target)
+        down = f"session:{session}:down"
+        await self.delivered(r, down, "with the first ticket")
+        await self.until(lambda s: "with the first ticket" in self.bodies(s, "text"), "showing it")
+
+        # the backend closes the session on every proxy process (which
+        # listens on the control channel once its subscriber is ready)
+        await wait_for(lambda: r.pubsub_numsub(CONTROL_CHANNEL)[0][1] >= 1, timeout=20)
+        self.assertEqual(backend.close(session, 4001, "test drop"), 1)
+        snap = await self.until(
+            lambda s: s["state"] == "open" and s["reconnects"] == 1, "reconnected", timeout=30
+        )
+        self.assertTrue(
+            any(body.startswith("4001 test drop; retrying in ") for body in self.bodies(snap, "event")),
+            snap["log"],
+        )
+        self.assertEqual(len(tickets), 2, "one ticket per attempt, and one attempt was enough")
+        self.assertNotEqual(tickets[0], tickets[1])
+        self.assertEqual(r.exists(ticket_key(session, tickets[1])), 0)
+        self.assertNotIn(b"refused 403", daemon.out.output)  # no ticket presented twice
+
+        await self.delivered(r, down, "after the new ticket")
+        snap = await self.until(
+            lambda s: "after the new ticket" in self.bodies(s, "text"), "showing a message after the reconnect"
+        )
+        self.assertEqual(self.bodies(snap, "error"), [])
+        console = str(await self.page(self.driver.get_log, "browser"))
+        for ticket in tickets:
+            self.assertNotIn(ticket.encode(), daemon.out.output)
+            self.assertNotIn(ticket, console)
 
     async def test_resume_across_proxy_restart(self) -> None:
         """

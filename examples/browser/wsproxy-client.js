@@ -5,6 +5,9 @@
 //   const client = new WsProxyClient({
 //     url: "wss://proxy.example.com",   // the proxy's base URL, no path
 //     agent: "app", session: sessionId, token,
+//     // or, for JWTs and connect tickets, fresh ones per attempt (see below):
+//     // getToken: async () => (await fetch("/ws-token", { method: "POST" })).text(),
+//     // getTicket: async () => (await fetch("/ws-ticket", { method: "POST" })).text(),
 //   });
 //   client.onmessage = (data, isBinary) => { ... };   // string, or ArrayBuffer if isBinary
 //   client.onstatechange = (state, detail) => { ... };
@@ -22,6 +25,38 @@
 // server restart (1001 "going away"), 1011, ... - the client reconnects with
 // the same token after an exponential backoff with jitter (backoffMs doubling
 // up to maxBackoffMs; each delay is drawn from [d/2, d]).
+//
+// Fresh credentials per attempt (for AUTH_MODE=jwt and connect tickets).
+// Instead of a static token, give one of:
+//
+//   getToken: async ({ attempt, code }) => jwt,      // sent as the token above
+//   getTicket: async ({ attempt, code }) => ticket,  // sent as ?ticket=<ticket>
+//
+// It is called before every attempt, the first one and every reconnect
+// (attempt: this.attempts; code: the close code that ended the last
+// connection or attempt, undefined after connect()), and must resolve to
+// a non-empty string; the client keeps no credential between attempts.
+// - getToken: the token travels as with token (tokenIn), so under
+//   tokenIn: "subprotocol" it must be an HTTP token (JWTs are). Return a
+//   token that is valid now: cached ones are fine until their exp.
+// - getTicket: a single-use ticket (the backend's Backend.issue_ticket,
+//   session:{id}:ticket:<ticket> with a short TTL); the proxy consumes it
+//   with the first attempt that reaches it, so every attempt needs a new
+//   one. No token is sent with it (the proxy refuses two credentials).
+// - A callback that throws, rejects, returns no string, or has not
+//   resolved within connectTimeoutMs counts as an attempt that never
+//   opened (see maxFailures below); under tokenIn: "subprotocol", a token
+//   that cannot travel there ends the client at once ("failed").
+// - Close 3000 ("token expired": the proxy has JWT_EXPIRE_CONNECTIONS=true
+//   and the token's exp passed): the client asks getToken again and
+//   reconnects at once (delay 0), without counting it against the backoff.
+//   So that a callback that keeps handing out tokens about to expire cannot
+//   make it spin, only the first of consecutive 3000 closes of connections
+//   open less than stableMs is immediate; the following ones wait the usual
+//   backoff. With a static token, 3000 is a close like any other.
+// The client never logs, shows or keeps a token or ticket (socketUrl has
+// none of them with a callback); only the callbacks' error messages end up
+// in the state detail (detail.error).
 //
 // A browser cannot see why a handshake failed: a 401/403 (token unknown,
 // expired or wrong, Origin refused) looks exactly like an unreachable proxy,
@@ -89,6 +124,9 @@ const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110
 // <epoch>:<ms>-<seq>, as wsproxy writes it
 const POSITION = /^([0-9a-f]{1,32}):([0-9]{1,19})-([0-9]{1,19})$/;
 const DECODER = new TextDecoder();
+const TOKEN_EXPIRED = 3000; // JWT_EXPIRE_CONNECTIONS: the token's exp passed
+const SUBPROTOCOL_TOKEN_HELP =
+  "only letters, digits and !#$%&'*+-.^_`|~; use hex, base64url or JWT tokens, or tokenIn: \"query\"";
 
 /** {text, epoch, seq} (seq a BigInt: up to 19 digits), or null if malformed. */
 function parsePosition(text) {
@@ -126,17 +164,23 @@ export class WsProxyClient extends EventTarget {
   constructor(options) {
     super();
     const o = { ...DEFAULTS, ...options };
-    if (!o.url || !o.session || !o.token) {
-      throw new Error("WsProxyClient: url, session and token are required");
+    const given = [o.token, o.getToken, o.getTicket].filter(Boolean).length;
+    if (!o.url || !o.session || given === 0) {
+      throw new Error("WsProxyClient: url, session and token (or getToken, or getTicket) are required");
+    }
+    if (given > 1) {
+      throw new Error("WsProxyClient: give one of token, getToken and getTicket (the proxy refuses two credentials)");
+    }
+    for (const name of ["getToken", "getTicket"]) {
+      if (o[name] && typeof o[name] !== "function") {
+        throw new Error(`WsProxyClient: ${name} must be a function returning a string or a promise of one`);
+      }
     }
     if (o.tokenIn !== "subprotocol" && o.tokenIn !== "query") {
       throw new Error(`WsProxyClient: tokenIn must be "subprotocol" or "query", not ${o.tokenIn}`);
     }
-    if (o.tokenIn === "subprotocol" && !TOKEN_CHARS.test(o.token)) {
-      throw new Error(
-        "WsProxyClient: this token cannot travel as a subprotocol (only letters, digits " +
-          "and !#$%&'*+-.^_`|~); use hex or base64url tokens, or tokenIn: \"query\"",
-      );
+    if (o.token && o.tokenIn === "subprotocol" && !TOKEN_CHARS.test(o.token)) {
+      throw new Error(`WsProxyClient: this token cannot travel as a subprotocol (${SUBPROTOCOL_TOKEN_HELP})`);
     }
     let last = null;
     if (o.position) {
@@ -159,6 +203,8 @@ export class WsProxyClient extends EventTarget {
     this._stopped = true;
     this._everOpened = false;
     this._backoffStep = 0;
+    this._run = 0; // the current attempt's number: a late credential of an older one is dropped
+    this._quickExpiries = 0; // consecutive 3000 closes of connections open less than stableMs
     this.onack = null; // ({id, position}) => void, with ack
     this.onnack = null; // ({id, reason}) => void, with ack
     this._unacked = new Map(); // id -> data, in the order first sent
@@ -171,13 +217,23 @@ export class WsProxyClient extends EventTarget {
     return Array.from(this._unacked.keys());
   }
 
-  /** The WebSocket URL (without the token unless tokenIn is "query"). */
+  /**
+   * The WebSocket URL (without the token unless a static token goes in the
+   * query; never with a token or ticket from getToken or getTicket).
+   */
   get socketUrl() {
+    return this._socketUrl(this.options.token ? { token: this.options.token } : {});
+  }
+
+  // the URL with these credentials: {token} (in the query if tokenIn says
+  // so) or {ticket}
+  _socketUrl({ token, ticket }) {
     const o = this.options;
     const base = String(o.url).replace(/\/+$/, "");
     const url = `${base}/${encodeURIComponent(o.agent)}/ws/${encodeURIComponent(o.session)}`;
     const query = [];
-    if (o.tokenIn === "query") query.push(`access_token=${encodeURIComponent(o.token)}`);
+    if (token && o.tokenIn === "query") query.push(`access_token=${encodeURIComponent(token)}`);
+    if (ticket) query.push(`ticket=${encodeURIComponent(ticket)}`);
     if (o.resume) query.push(`resume=${encodeURIComponent(this.position)}`);
     if (o.ack) query.push("ack=1");
     return query.length ? `${url}?${query.join("&")}` : url;
@@ -194,7 +250,8 @@ export class WsProxyClient extends EventTarget {
     this._stopped = false;
     this.failures = 0;
     this._backoffStep = 0;
-    this._attempt();
+    this._quickExpiries = 0;
+    this._attempt(undefined);
     return this;
   }
 
@@ -245,6 +302,7 @@ export class WsProxyClient extends EventTarget {
   /** Close normally and stop reconnecting. */
   close(code = 1000, reason = "") {
     this._stopped = true;
+    this._run += 1; // an attempt waiting for its credential is dropped
     clearTimeout(this._timer);
     this._timer = null;
     if (this._ws) {
@@ -254,13 +312,67 @@ export class WsProxyClient extends EventTarget {
     }
   }
 
-  _attempt() {
+  // One attempt: with getToken or getTicket, ask for a fresh credential
+  // first (code: the close code that led here), then open the socket.
+  _attempt(code) {
     this._timer = null;
     this.attempts += 1;
     const o = this.options;
+    const fetcher = o.getToken || o.getTicket;
+    if (!fetcher) {
+      this._open({ token: o.token }, 0);
+      return;
+    }
+    const run = ++this._run;
+    const started = Date.now();
+    this._setState(State.CONNECTING, { attempt: this.attempts, url: o.url });
+    let timedOut = false;
+    const deadline = setTimeout(() => {
+      timedOut = true;
+      if (run === this._run && !this._stopped) {
+        this._notOpened({ error: `${o.getToken ? "getToken" : "getTicket"} did not answer within ${o.connectTimeoutMs} ms` });
+      }
+    }, o.connectTimeoutMs);
+    let pending;
+    try {
+      pending = Promise.resolve(fetcher.call(null, { attempt: this.attempts, code }));
+    } catch (err) {
+      pending = Promise.reject(err);
+    }
+    pending.then(
+      (value) => {
+        clearTimeout(deadline);
+        if (timedOut || run !== this._run || this._stopped) return; // closed, or given up on
+        if (typeof value !== "string" || !value) {
+          this._notOpened({ error: `${o.getToken ? "getToken" : "getTicket"} gave no string` });
+        } else if (o.getToken && o.tokenIn === "subprotocol" && !TOKEN_CHARS.test(value)) {
+          this._stopped = true;
+          this._setState(State.FAILED, {
+            error: "getToken gave a token that cannot travel as a subprotocol",
+            message: `getToken gave a token that cannot travel as a subprotocol (${SUBPROTOCOL_TOKEN_HELP})`,
+          });
+        } else {
+          this._open(o.getToken ? { token: value } : { ticket: value }, Date.now() - started);
+        }
+      },
+      (err) => {
+        clearTimeout(deadline);
+        if (timedOut || run !== this._run || this._stopped) return;
+        const name = o.getToken ? "getToken" : "getTicket";
+        this._notOpened({ error: `${name} failed: ${(err && err.message) || err}` });
+      },
+    );
+  }
+
+  // The socket of an attempt, with its credential ({token} or {ticket});
+  // spent: how much of connectTimeoutMs getting the credential took.
+  _open(credential, spent) {
+    const o = this.options;
+    const fresh = Boolean(o.getToken || o.getTicket);
     let ws;
     try {
-      ws = o.tokenIn === "query" ? new WebSocket(this.socketUrl) : new WebSocket(this.socketUrl, ["bearer", o.token]);
+      const url = this._socketUrl(credential);
+      ws = credential.token && o.tokenIn === "subprotocol" ? new WebSocket(url, ["bearer", credential.token]) : new WebSocket(url);
     } catch (err) {
       // a malformed URL: retrying cannot help
       this._stopped = true;
@@ -269,10 +381,11 @@ export class WsProxyClient extends EventTarget {
     }
     ws.binaryType = "arraybuffer";
     this._ws = ws;
-    this._setState(State.CONNECTING, { attempt: this.attempts, url: o.url });
+    if (!fresh) this._setState(State.CONNECTING, { attempt: this.attempts, url: o.url });
 
     let openedAt = 0;
-    const deadline = setTimeout(() => ws.close(), o.connectTimeoutMs); // fails the attempt: 1006
+    // fails the attempt: 1006
+    const deadline = setTimeout(() => ws.close(), Math.max(0, o.connectTimeoutMs - spent));
 
     ws.onopen = () => {
       clearTimeout(deadline);
@@ -305,28 +418,53 @@ export class WsProxyClient extends EventTarget {
         return;
       }
       if (!openedAt) {
-        this.failures += 1;
-        if (this.failures >= o.maxFailures) {
-          this._stopped = true;
-          this._setState(State.FAILED, {
-            ...detail,
-            failures: this.failures,
-            message:
-              `gave up after ${this.failures} attempts that never connected: the token was ` +
-              "refused (401/403: unknown, expired or deleted), the Origin is not allowed, " +
-              (o.resume ? "the proxy does not accept ?resume= (400: RESUME=true not set), " : "") +
-              (o.ack ? "the proxy does not accept ?ack=1 (400: UPSTREAM=stream not set), " : "") +
-              "or the proxy is unreachable",
-          });
+        this._notOpened(detail);
+        return;
+      }
+      const stable = Date.now() - openedAt >= o.stableMs;
+      if (stable) this._backoffStep = 0;
+      if (fresh && event.code === TOKEN_EXPIRED) {
+        // a fresh token at once; only repeated quick expiries back off
+        this._quickExpiries = stable ? 0 : this._quickExpiries + 1;
+        if (this._quickExpiries <= 1) {
+          this._retry({ ...detail, expired: true }, 0);
           return;
         }
-      } else if (Date.now() - openedAt >= o.stableMs) {
-        this._backoffStep = 0;
+      } else {
+        this._quickExpiries = 0;
       }
-      const delay = this._nextDelay();
-      this._setState(State.RECONNECTING, { ...detail, delay, failures: this.failures });
-      this._timer = setTimeout(() => this._attempt(), delay);
+      this._retry(detail, this._nextDelay());
     };
+  }
+
+  // An attempt that never opened (refused, unreachable, timed out, or no
+  // credential): counted; the client gives up after maxFailures in a row.
+  _notOpened(detail) {
+    const o = this.options;
+    this.failures += 1;
+    if (this.failures >= o.maxFailures) {
+      this._stopped = true;
+      this._setState(State.FAILED, {
+        ...detail,
+        failures: this.failures,
+        message:
+          `gave up after ${this.failures} attempts that never connected: ` +
+          (o.getToken ? "getToken failed, or its token was refused (401/403: invalid or expired), " :
+            o.getTicket ? "getTicket failed, or its ticket was refused (403: unknown, used or expired), " :
+              "the token was refused (401/403: unknown, expired or deleted), ") +
+          "the Origin is not allowed, " +
+          (o.resume ? "the proxy does not accept ?resume= (400: RESUME=true not set), " : "") +
+          (o.ack ? "the proxy does not accept ?ack=1 (400: UPSTREAM=stream not set), " : "") +
+          "or the proxy is unreachable",
+      });
+      return;
+    }
+    this._retry(detail, this._nextDelay());
+  }
+
+  _retry(detail, delay) {
+    this._setState(State.RECONNECTING, { ...detail, delay, failures: this.failures });
+    this._timer = setTimeout(() => this._attempt(detail.code), delay);
   }
 
   _deliver(data) {
