@@ -194,7 +194,14 @@ class AcceptedTests(JwtTestCase):
 
         original = pyjwt.encode({"session_id": "s1", "iat": int(time.time())}, SECRET,
                                 algorithm="HS256")
+        self.r.config_resetstat()
         c = await self.jwt_client(original)
+        # no Redis command for the token: only the subscription
+        commands = set(self.r.info("commandstats"))
+        self.assertEqual(commands & {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_get",
+                                     "cmdstat_expire", "cmdstat_exists", "cmdstat_getdel"},
+                         set(), commands)
+        self.assertIn("cmdstat_subscribe", commands)
         self.assertEqual(self.r.exists("session:s1:auth"), 0)
         self.r.publish("session:s1:down", "hello")
         await c.wait_messages(1)

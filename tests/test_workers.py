@@ -594,6 +594,44 @@ class WorkerProcessTests(RedisTestCase):
                          f"failures per worker {dict(failures)}")
         self.assertEqual((await attempt(port, "127.0.0.3", "tok"))[0], 101)
 
+    async def test_sighup_reloads_keys_in_every_worker(self) -> None:
+        """
+        AUTH_MODE=jwt with WORKERS=2: SIGHUP to the supervisor reaches both
+        workers, and each admits tokens signed with the secret added to
+        JWT_SECRET_FILE (whichever worker a connection lands on).
+        """
+        import jwt as pyjwt
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "secrets")
+        with open(path, "w") as f:
+            f.write("old-secret-of-at-least-32-bytes!!!\n")
+        daemon = WorkerDaemon(self, AUTH_MODE="jwt", JWT_SECRET_FILE=path)
+        port = await daemon.start()
+        fresh = pyjwt.encode({"session_id": "s1", "iat": int(time.time())},
+                             "new-secret-of-at-least-32-bytes!!!", algorithm="HS256")
+
+        async def answer() -> tuple[int, int]:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+            client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
+            pid = await daemon.owner_of(client.transport.getHost().port)
+            client.send(upgrade_request("/a/ws/s1", {"Authorization": f"Bearer {fresh}"}))
+            await wait_for(lambda: b"\r\n\r\n" in client.data or client.lost_at is not None, 20)
+            client.transport.abortConnection()
+            return status_of(client.data), pid
+
+        self.assertEqual((await answer())[0], 403)
+        with open(path, "w") as f:
+            f.write("new-secret-of-at-least-32-bytes!!!\n")
+        os.kill(daemon.pid, signal.SIGHUP)
+        await wait_for(lambda: daemon.daemon.out.output.count(b"keys reloaded") >= 2, timeout=20)
+        statuses: dict[int, set[int]] = {}
+        deadline = time.monotonic() + 30
+        while len(statuses) < 2 and time.monotonic() < deadline:
+            status, pid = await answer()
+            statuses.setdefault(pid, set()).add(status)
+        self.assertEqual(statuses, {pid: {101} for pid in daemon.workers()})
+
     async def test_connections_wait_for_a_restarting_worker(self) -> None:
         """
         Each worker has its own listening socket, kept by the supervisor:
