@@ -9,7 +9,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.session import auth
+from wsproxy.config import load_settings
+from wsproxy.session import auth, authn
+from wsproxy.session.proxy import check_credentials
 
 from wsproxy import names
 from wsproxy.redis.redislink import RedisTimeout, RedisUnavailable, with_deadline
@@ -109,8 +111,15 @@ def calls(link: FakeLink) -> list[tuple[Any, ...]]:
 
 class CheckTests(SynchronousTestCase):
     def check(self, redis: FakeLink, token: Any) -> Any:
-        creds = None if token is None else auth.Credentials(token, "header")
-        return defer.ensureDeferred(auth.check_token(redis.send, "s1", creds, 10800))
+        """
+        The admission's check (L{check_credentials}) with Redis tokens, on
+        the GET path (no script); no token is L{Proxy.authorize}'s 401.
+        """
+        if token is None:
+            return defer.fail(authn.MISSING_TOKEN)
+        settings = load_settings({}, environ={}, dotenv_path=None)
+        authenticator = authn.Authenticator(settings, redis.send, None, None)
+        return check_credentials(authenticator, "s1", "a", auth.Credentials(token, "header"))
 
     def refusal(self, redis: FakeLink, token: Any) -> Refusal:
         f = self.failureResultOf(self.check(redis, token), Refusal)

@@ -22,8 +22,9 @@ to a master whose script cache is empty or a C{SCRIPT FLUSH}, as C{EVAL},
 which caches it again). It touches nothing on a mismatch, and its single
 key routes it by slot on a Redis Cluster. Where the ACL user may not run
 scripts (C{NOPERM}) or scripting is disabled, the check falls back to
-C{GET}, a comparison here, then C{EXPIRE} (two round trips), with one
-warning per Redis connection (L{TokenScript}).
+C{GET}, a comparison here, then C{EXPIRE} (two round trips; the
+C{EXPIRE} is L{wsproxy.session.authn}'s), with one warning per Redis
+connection (L{TokenScript}).
 
 Constant time: the script compares SHA-1 digests (the stored token's,
 computed by Redis, and the presented token's, computed here), never the
@@ -42,12 +43,9 @@ from typing import Callable, Literal, Mapping, Optional, Sequence
 from urllib.parse import parse_qsl, unquote
 
 import txredisapi
-from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ..names import auth_key
-from ..refusal import Refusal
 
 #: the subprotocol name that marks a token in Sec-WebSocket-Protocol
 BEARER_SUBPROTOCOL = "bearer"
@@ -308,75 +306,3 @@ class TokenCheck:
             self._finish(reply)
         else:
             self._finish(EQUAL if tokens_match(reply, self._token) else DIFFERENT)
-
-
-def _call(send: Send, *args: bytes) -> "defer.Deferred[object]":
-    """
-    One lean-path command as a Deferred (cancellable: a late reply is
-    dropped).
-    """
-    d: defer.Deferred[object] = defer.Deferred()
-
-    def replied(reply: object) -> None:
-        if d.called:
-            return
-        if isinstance(reply, Exception):
-            d.errback(Failure(reply))
-        else:
-            d.callback(reply)
-
-    send(replied, *args)
-    return d
-
-
-def verify_token(send: Send, session_id: str, token: str, grace_period: int,
-                 script: Optional[TokenScript]) -> "defer.Deferred[object]":
-    """
-    L{TokenCheck} as a Deferred (cancellable): fires with L{RENEWED},
-    L{EQUAL} or L{DIFFERENT}; Redis failures as they are.
-    """
-    check: Optional[TokenCheck] = None
-    d: defer.Deferred[object] = defer.Deferred(lambda _: check.cancel() if check else None)
-
-    def done(result: object) -> None:
-        if isinstance(result, Exception):
-            d.errback(Failure(result))
-        else:
-            d.callback(result)
-
-    check = TokenCheck(send, session_id, token, grace_period, script, done).start()
-    return d
-
-
-async def check_token(
-    send: Send,
-    session_id: str,
-    credentials: Optional[Credentials],
-    grace_period: int,
-    compared: bool = False,
-    script: Optional[TokenScript] = None,
-) -> None:
-    """
-    Check C{credentials} against C{session:{session_id}:auth} and, on
-    success, reset the key's TTL to C{grace_period}: one round trip with
-    C{script} (L{CHECK_SCRIPT}) while Redis allows it, else C{GET} and
-    C{EXPIRE}.
-
-    @param compared: the stored token was already found equal to this one
-        (L{EQUAL}: by C{GET}, before the WebSocket handshake): only the
-        TTL is reset.
-    @raise Refusal: 401 or 403 (see the module docstring); Redis errors
-        propagate as they are.
-    """
-    if credentials is None:
-        raise Refusal(*MISSING_TOKEN)
-    if not compared:
-        found = await verify_token(send, session_id, credentials.token, grace_period, script)
-        if found == DIFFERENT:
-            raise Refusal(*INVALID_TOKEN)
-        if found == RENEWED:
-            return
-    renewed = await _call(send, b"EXPIRE", auth_key(session_id).encode(), b"%d" % grace_period)
-    if renewed in (0, b"0"):
-        # the key expired between GET and EXPIRE
-        raise Refusal(*INVALID_TOKEN)

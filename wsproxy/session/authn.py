@@ -80,12 +80,6 @@ class Authenticator:
         """
         return CredentialCheck(self, session_id, agent_id, credentials, done)
 
-    def needs_redis(self, credentials: auth.Credentials) -> bool:
-        """
-        Whether checking these credentials may send a Redis command.
-        """
-        return (credentials.source == "ticket" or self.redis or self.denylist != "off")
-
 
 class CredentialCheck:
     """

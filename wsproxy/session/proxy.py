@@ -450,11 +450,12 @@ class Proxy:
     def expire_at(self, connection: Any, grant: Grant) -> None:
         """
         C{JWT_EXPIRE_CONNECTIONS}: close an opened connection when its
-        token's C{exp} passes (L{Connection.token_expired}).
+        token's C{exp} (and the leeway) passes (its C{token_expired}).
         """
         if grant.expires is None or not self.settings.jwt_expire_connections:
             return
-        delay = max(grant.expires - time.time(), 0.0)
+        # the token is good until exp + JWT_LEEWAY_SECS, at its admission too
+        delay = max(grant.expires + self.settings.jwt_leeway - time.time(), 0.0)
         self.expiries[connection] = self.clock.callLater(delay, self._expired, connection)
 
     def _expired(self, connection: Any) -> None:
