@@ -20,7 +20,7 @@ from .support import ROOT, Daemon, RedisTestCase, daemon_env, start_daemon, wait
 
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
-           "echo_backend.py", "session_backend.py", "durable_worker.py"]
+           "echo_backend.py", "session_backend.py", "durable_worker.py", "jwt_token.py"]
 
 
 class Script(protocol.ProcessProtocol):
@@ -147,6 +147,35 @@ class SessionTests(ExampleTestCase):
         wrong = await self.finished("ws_client.py", url, "wrong")
         self.assertEqual(wrong.status, 1)
         self.assertIn(b"refused: HTTP 403 Invalid or expired token", wrong.err)
+
+    async def test_jwt_session(self) -> None:
+        """
+        With AUTH_MODE=jwt: jwt_token.py signs a token that ws_client
+        connects with (nothing stored in Redis); a token signed with another
+        secret is refused with its reason; --ticket issues a ticket that
+        admits one connection.
+        """
+        secret = "example-secret-of-at-least-32-bytes"
+        daemon, port = await self.proxy(AUTH_MODE="jwt", JWT_SECRET=secret)
+        url = f"ws://127.0.0.1:{port}/app/ws/demo"
+        signer = await self.finished("jwt_token.py", "demo", "--secret", secret,
+                                     "--expires-in", "300", "--agent", "app")
+        self.assertEqual(signer.status, 0, signer.err)
+        token = signer.out.decode().strip()
+        self.assertEqual(token.count("."), 2)
+        self.assertEqual(self.r.keys("session:*"), [])
+        client = self.script("ws_client.py", url, token)
+        await wait_for(lambda: b"connected" in client.err or client.status is not None)
+        self.assertIsNone(client.status, client.err)
+        client.end_input()
+        self.assertEqual(await client.ended, 0)
+        other = await self.finished("jwt_token.py", "demo", "--secret", "x" * 40)
+        wrong = await self.finished("ws_client.py", url, other.out.decode().strip())
+        self.assertIn(b"refused: HTTP 403 Invalid token signature", wrong.err)
+        issued = await self.finished("jwt_token.py", "demo", "--ticket")
+        ticket = issued.out.decode().strip()
+        self.assertEqual(self.r.exists(f"session:demo:ticket:{ticket}"), 1)
+
 
     async def test_echo_backend(self) -> None:
         """
