@@ -53,6 +53,8 @@ from .support import (
     wait_for,
 )
 from .support.daemon import EnvTestCase
+from .support.http import raw_upgrade
+from .support.jwts import SECRET, Keys, token
 
 #: how late an effect may show on a busy 2-core machine
 MARGIN = 3.0
@@ -956,6 +958,233 @@ async def upstream_max_in_flight(t: EnvTestCase) -> None:
     t.assertLessEqual(in_flight, 2 + 7)
 
 
+# -- JWT settings (docs/guide/authentication.md) -------------------------------
+
+JWT_KEYS = Keys()
+
+
+async def jwt_status(t: EnvTestCase, jwt_: str, session: str = "s1") -> tuple[int, bytes]:
+    """
+    The status and status line of an upgrade presenting C{jwt_} in the header.
+    """
+    c = await raw_upgrade(t.port, f"/a/ws/{session}", {"Authorization": f"Bearer {jwt_}"})
+    t.addCleanup(c.abort)
+    assert c.head is not None
+    return c.status or 0, c.head.split(b"\r\n", 1)[0]
+
+
+def jwks_server(t: EnvTestCase, document: dict[str, bytes]) -> tuple[str, list[float]]:
+    """
+    A JWK Set served over HTTP from this process: its URL and the times it
+    was fetched.
+    """
+    from twisted.web import resource, server
+
+    fetched: list[float] = []
+
+    class Jwks(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            fetched.append(time.monotonic())
+            return document["body"]
+
+    listening = reactor.listenTCP(0, server.Site(Jwks()), interface="127.0.0.1")
+    t.addCleanup(listening.stopListening)
+    return f"http://127.0.0.1:{listening.getHost().port}/jwks", fetched
+
+
+async def auth_mode(t: EnvTestCase) -> None:
+    """
+    AUTH_MODE=jwt: a JWT signed with JWT_SECRET is admitted with nothing in
+    Redis; a token stored in Redis is not a JWT (403 Malformed token).
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET)
+    t.assertEqual((await jwt_status(t, token()))[0], 101)
+    t.r.set("session:s1:auth", "tok", ex=60)
+    t.assertEqual((await jwt_status(t, "tok"))[1], b"HTTP/1.1 403 Malformed token")
+
+
+async def jwt_secret(t: EnvTestCase) -> None:
+    """
+    JWT_SECRET: tokens signed with it are admitted, others refused.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET)
+    t.assertEqual((await jwt_status(t, token()))[0], 101)
+    refused = await jwt_status(t, token(key="another-secret-of-at-least-32-bytes"))
+    t.assertEqual(refused[1], b"HTTP/1.1 403 Invalid token signature")
+
+
+async def jwt_secret_file(t: EnvTestCase) -> None:
+    """
+    JWT_SECRET_FILE: every secret in it is accepted.
+    """
+    path = os.path.abspath(t.mktemp())
+    with open(path, "w") as f:
+        f.write("first-secret-of-at-least-32-bytes!!\n# a comment\n"
+                "second-secret-of-at-least-32-bytes!\n")
+    await t.start(AUTH_MODE="jwt", JWT_SECRET_FILE=path)
+    for secret in ("first-secret-of-at-least-32-bytes!!", "second-secret-of-at-least-32-bytes!"):
+        t.assertEqual((await jwt_status(t, token(key=secret)))[0], 101)
+
+
+async def jwt_public_key_file(t: EnvTestCase) -> None:
+    """
+    JWT_PUBLIC_KEY_FILE: RS256 and ES256 tokens verified with the PEM
+    public keys of two files; an HS256 token is an algorithm without a key.
+    """
+    directory = os.path.abspath(t.mktemp())
+    os.makedirs(directory)
+    rsa = JWT_KEYS.write_pem(directory, JWT_KEYS.rsa)
+    ec = JWT_KEYS.write_pem(directory, JWT_KEYS.ec)
+    await t.start(AUTH_MODE="jwt", JWT_PUBLIC_KEY_FILE=f"{rsa},{ec}")
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.rsa, algorithm="RS256")))[0], 101)
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.ec, algorithm="ES256")))[0], 101)
+    t.assertEqual((await jwt_status(t, token()))[1],
+                  b"HTTP/1.1 403 Token algorithm not allowed")
+
+
+async def jwt_jwks_file(t: EnvTestCase) -> None:
+    """
+    JWT_JWKS_FILE: the token's kid chooses the key; an unknown kid is 403.
+    """
+    directory = os.path.abspath(t.mktemp())
+    os.makedirs(directory)
+    path = JWT_KEYS.write_jwks(directory, ed1=JWT_KEYS.ed, ec1=JWT_KEYS.ec)
+    await t.start(AUTH_MODE="jwt", JWT_JWKS_FILE=path)
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.ed, algorithm="EdDSA",
+                                             kid="ed1")))[0], 101)
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.ec, algorithm="ES256",
+                                             kid="nope")))[1], b"HTTP/1.1 403 Unknown key id")
+
+
+async def jwt_jwks_url(t: EnvTestCase) -> None:
+    """
+    JWT_JWKS_URL: the set is fetched at start; its keys admit tokens.
+    """
+    url, fetched = jwks_server(t, {"body": json.dumps(JWT_KEYS.jwks(k1=JWT_KEYS.ec)).encode()})
+    await t.start(AUTH_MODE="jwt", JWT_JWKS_URL=url)
+    await wait_for(lambda: "JWKS fetched" in t.log)
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.ec, algorithm="ES256",
+                                             kid="k1")))[0], 101)
+
+
+async def jwt_jwks_refresh(t: EnvTestCase) -> None:
+    """
+    JWT_JWKS_REFRESH_SECS=1: the set is fetched again every second, and a
+    key published meanwhile is in use without a token asking for it.
+    """
+    document = {"body": json.dumps(JWT_KEYS.jwks(k1=JWT_KEYS.ec)).encode()}
+    url, fetched = jwks_server(t, document)
+    await t.start(AUTH_MODE="jwt", JWT_JWKS_URL=url, JWT_JWKS_REFRESH_SECS="1",
+                  JWT_JWKS_MIN_REFRESH_SECS="3600")
+    await wait_for(lambda: len(fetched) >= 1)
+    document["body"] = json.dumps(JWT_KEYS.jwks(k1=JWT_KEYS.ec, k2=JWT_KEYS.ed)).encode()
+    seen = len(fetched)
+    await wait_for(lambda: len(fetched) >= seen + 2, timeout=20)
+    t.assertEqual((await jwt_status(t, token(key=JWT_KEYS.ed, algorithm="EdDSA",
+                                             kid="k2")))[0], 101)
+
+
+async def jwt_jwks_min_refresh(t: EnvTestCase) -> None:
+    """
+    JWT_JWKS_MIN_REFRESH_SECS=3600: after the fetch at start, tokens with
+    unknown kids fetch nothing more (refused at once).
+    """
+    url, fetched = jwks_server(t, {"body": json.dumps(JWT_KEYS.jwks(k1=JWT_KEYS.ec)).encode()})
+    await t.start(AUTH_MODE="jwt", JWT_JWKS_URL=url, JWT_JWKS_MIN_REFRESH_SECS="3600")
+    await wait_for(lambda: "JWKS fetched" in t.log)
+    for n in range(5):
+        status = await jwt_status(t, token(key=JWT_KEYS.ec, algorithm="ES256", kid=f"x{n}"))
+        t.assertEqual(status[1], b"HTTP/1.1 403 Unknown key id")
+    t.assertEqual(len(fetched), 1)
+
+
+async def jwt_algorithms(t: EnvTestCase) -> None:
+    """
+    JWT_ALGORITHMS=HS512: an HS256 token is refused, an HS512 one admitted.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET="x" * 64, JWT_ALGORITHMS="HS512")
+    t.assertEqual((await jwt_status(t, token(key="x" * 64, algorithm="HS512")))[0], 101)
+    t.assertEqual((await jwt_status(t, token(key="x" * 64)))[1],
+                  b"HTTP/1.1 403 Token algorithm not allowed")
+
+
+async def jwt_require_exp(t: EnvTestCase) -> None:
+    """
+    JWT_REQUIRE_EXP=true: a token without exp is refused.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_REQUIRE_EXP="true")
+    t.assertEqual((await jwt_status(t, token()))[1], b"HTTP/1.1 403 Token without expiry")
+    t.assertEqual((await jwt_status(t, token({"exp": int(time.time()) + 60})))[0], 101)
+
+
+async def jwt_leeway(t: EnvTestCase) -> None:
+    """
+    JWT_LEEWAY_SECS=60: a token expired 30 s ago is admitted, one expired
+    90 s ago is not.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_LEEWAY_SECS="60")
+    now = int(time.time())
+    t.assertEqual((await jwt_status(t, token({"exp": now - 30})))[0], 101)
+    t.assertEqual((await jwt_status(t, token({"exp": now - 90})))[1],
+                  b"HTTP/1.1 403 Token expired")
+
+
+async def jwt_audience(t: EnvTestCase) -> None:
+    """
+    JWT_AUDIENCE=app,web: a token for web is admitted; one for another
+    audience, or without one, is not.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_AUDIENCE="app,web")
+    t.assertEqual((await jwt_status(t, token({"aud": "web"})))[0], 101)
+    for claims in ({"aud": "other"}, {}):
+        t.assertEqual((await jwt_status(t, token(claims)))[1],
+                      b"HTTP/1.1 403 Invalid token audience")
+
+
+async def jwt_issuer(t: EnvTestCase) -> None:
+    """
+    JWT_ISSUER=auth: only tokens whose iss is auth are admitted.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_ISSUER="auth")
+    t.assertEqual((await jwt_status(t, token({"iss": "auth"})))[0], 101)
+    t.assertEqual((await jwt_status(t, token({"iss": "evil"})))[1],
+                  b"HTTP/1.1 403 Invalid token issuer")
+
+
+async def jwt_max_token_bytes(t: EnvTestCase) -> None:
+    """
+    JWT_MAX_TOKEN_BYTES=300: a longer token is refused unread.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_MAX_TOKEN_BYTES="300")
+    t.assertEqual((await jwt_status(t, token()))[0], 101)
+    t.assertEqual((await jwt_status(t, token({"pad": "x" * 300})))[1],
+                  b"HTTP/1.1 403 Token too large")
+
+
+async def jwt_expire_connections(t: EnvTestCase) -> None:
+    """
+    JWT_EXPIRE_CONNECTIONS=true: the connection is closed with 3000 when
+    its token's exp passes.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_EXPIRE_CONNECTIONS="true")
+    c = await connect(f"ws://127.0.0.1:{t.port}/a/ws/s1", token=token(
+        {"exp": int(time.time()) + 2}), endpoint=t.endpoint())
+    t.assertEqual(await c.factory.closed, (3000, "token expired"))
+
+
+async def jwt_denylist(t: EnvTestCase) -> None:
+    """
+    JWT_DENYLIST=session: while session:s1:revoked exists, s1's tokens are
+    refused; other sessions are not affected.
+    """
+    await t.start(AUTH_MODE="jwt", JWT_SECRET=SECRET, JWT_DENYLIST="session")
+    t.r.set("session:s1:revoked", "1", ex=60)
+    t.assertEqual((await jwt_status(t, token()))[1], b"HTTP/1.1 403 Token revoked")
+    t.assertEqual((await jwt_status(t, token(session="s2"), "s2"))[0], 101)
+
+
 @dataclass(frozen=True)
 class Case:
     variable: str
@@ -1013,6 +1242,22 @@ VALID = [
     Case("WORKERS", workers),
     Case("LOG_LEVEL", log_level),
     Case("LOG_FORMAT", log_format),
+    Case("AUTH_MODE", auth_mode),
+    Case("JWT_SECRET", jwt_secret),
+    Case("JWT_SECRET_FILE", jwt_secret_file),
+    Case("JWT_PUBLIC_KEY_FILE", jwt_public_key_file),
+    Case("JWT_JWKS_FILE", jwt_jwks_file),
+    Case("JWT_JWKS_URL", jwt_jwks_url),
+    Case("JWT_JWKS_REFRESH_SECS", jwt_jwks_refresh),
+    Case("JWT_JWKS_MIN_REFRESH_SECS", jwt_jwks_min_refresh),
+    Case("JWT_ALGORITHMS", jwt_algorithms),
+    Case("JWT_REQUIRE_EXP", jwt_require_exp),
+    Case("JWT_LEEWAY_SECS", jwt_leeway),
+    Case("JWT_AUDIENCE", jwt_audience),
+    Case("JWT_ISSUER", jwt_issuer),
+    Case("JWT_MAX_TOKEN_BYTES", jwt_max_token_bytes),
+    Case("JWT_EXPIRE_CONNECTIONS", jwt_expire_connections),
+    Case("JWT_DENYLIST", jwt_denylist),
 ]
 
 
@@ -1099,6 +1344,23 @@ INVALID = [
     Invalid("WORKERS", "0"),
     Invalid("LOG_LEVEL", "chatty"),
     Invalid("LOG_FORMAT", "xml"),
+    Invalid("AUTH_MODE", "ldap"),
+    # a public key as an HMAC secret: how algorithm confusion is configured
+    Invalid("JWT_SECRET", Keys.public_pem(JWT_KEYS.rsa).decode(), {"AUTH_MODE": "jwt"}),
+    Invalid("JWT_SECRET_FILE", "/nonexistent/secrets", {"AUTH_MODE": "jwt"}),
+    Invalid("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem", {"AUTH_MODE": "jwt"}),
+    Invalid("JWT_JWKS_FILE", "/nonexistent/jwks.json", {"AUTH_MODE": "jwt"}),
+    Invalid("JWT_JWKS_URL", "ftp://keys.example.com/jwks"),
+    Invalid("JWT_JWKS_REFRESH_SECS", "0"),
+    Invalid("JWT_JWKS_MIN_REFRESH_SECS", "-1"),
+    Invalid("JWT_ALGORITHMS", "none"),
+    Invalid("JWT_REQUIRE_EXP", "sometimes"),
+    Invalid("JWT_LEEWAY_SECS", "-1"),
+    Invalid("JWT_AUDIENCE", "app,we\tb"),
+    Invalid("JWT_ISSUER", "auth\nserver"),
+    Invalid("JWT_MAX_TOKEN_BYTES", "0"),
+    Invalid("JWT_EXPIRE_CONNECTIONS", "at-exp"),
+    Invalid("JWT_DENYLIST", "redis"),
 ]
 
 

@@ -224,6 +224,26 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _claim_values(value: str) -> tuple[str, ...]:
+    """
+    C{JWT_AUDIENCE}: a comma list of the values a claim may have, without
+    control characters (a tab or a newline there is a mistake).
+    """
+    names = _names(value)
+    if any(not name.isprintable() for name in names):
+        raise ValueError("must not contain control characters")
+    return names
+
+
+def _claim_value(value: str) -> str:
+    """
+    C{JWT_ISSUER}: the value a claim must have (empty: not checked).
+    """
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
 def _deny_list(value: str) -> DenyList:
     return cast(DenyList, _choice(value, DENY_LISTS))
 
@@ -593,12 +613,12 @@ class Settings:
     jwt_audience: tuple[str, ...] = setting(
         "JWT_AUDIENCE",
         "",
-        _names,
+        _claim_values,
         "comma list: a token's aud must name one of them (empty: a token with an aud "
         "is refused)",
     )
     jwt_issuer: str = setting(
-        "JWT_ISSUER", "", str, "a token's iss must equal it (empty: iss not checked)"
+        "JWT_ISSUER", "", _claim_value, "a token's iss must equal it (empty: iss not checked)"
     )
     jwt_max_token_bytes: int = setting(
         "JWT_MAX_TOKEN_BYTES", "8192", _positive_int, "longer tokens are refused unread"

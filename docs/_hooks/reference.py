@@ -76,6 +76,8 @@ PARSERS: dict[str, str] = {
                        "`PS256`, `PS384`, `PS512`, `ES256`, `ES384`, `ES512`, `EdDSA`",
     "_names": "a comma list of names (empty: none)",
     "_deny_list": "`off`, `session` or `jti`",
+    "_claim_values": "a comma list of claim values, without control characters (empty: none)",
+    "_claim_value": "a claim value, without control characters (empty: not checked)",
 }
 
 

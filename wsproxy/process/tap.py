@@ -67,6 +67,16 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from .workers import Seat, Supervisor, worker_service
 
     settings = options.settings
+    if "jwt" in settings.auth_mode:
+        from ..session.keys import load_files
+
+        try:
+            # the key files, read once here so that a bad one stops even a
+            # supervisor (whose workers would each fail) with one clear line
+            load_files(settings)
+        except ConfigError as e:
+            sys.stderr.write(f"wsproxy: configuration error: {e}\n")
+            raise SystemExit(2)
     observer = make_observer(settings.log_level, settings.log_format, _log_file(options))
     seat = Seat.from_environ(os.environ)
     if seat is None and settings.workers > 1:
