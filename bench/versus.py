@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -77,6 +76,7 @@ from typing import Any, Optional, Union
 
 from bench import nodebridge
 from bench.errors import Fatal, exit_status
+from bench.jwtkeys import JwtKeys
 from bench.children import raise_open_files_limit
 from bench.loadtest.procstat import rss_bytes
 from bench.nodebridge import NodeBridge
@@ -286,56 +286,13 @@ FIGURES: dict[str, Callable[[dict[str, Any], int], dict[str, Figures]]] = {
 Server = Union[ProxyProcess, NodeBridge]
 
 
-@dataclass(frozen=True)
-class JwtKeys:
-    """
-    The keys of the JWT targets, made afresh in the run's folder: an HMAC
-    secret (HS256) and a P-256 key pair (ES256), each as the proxy and the
-    load tool read them.
-    """
-
-    secret: str
-    secret_file: Path  # the load tool's --jwt-key-file for HS256
-    private_key_file: Path  # ... for ES256
-    public_key_file: Path  # the proxy's JWT_PUBLIC_KEY_FILE
-
-    @classmethod
-    def make(cls, workdir: Path) -> JwtKeys:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        secret = secrets.token_urlsafe(32)
-        private = ec.generate_private_key(ec.SECP256R1())
-        paths = (workdir / "jwt-secret", workdir / "jwt-es256.pem",
-                 workdir / "jwt-es256.pub.pem")
-        paths[0].write_text(secret)
-        paths[1].write_bytes(private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        paths[2].write_bytes(private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        return cls(secret, *paths)
-
-    def proxy_env(self, target: str) -> dict[str, str]:
-        """The settings of a JWT target's proxy."""
-        if JWT_TARGETS[target] == "HS256":
-            return {"AUTH_MODE": "jwt", "JWT_SECRET": self.secret}
-        return {"AUTH_MODE": "jwt", "JWT_PUBLIC_KEY_FILE": str(self.public_key_file)}
-
-    def loadtest_args(self, target: str) -> list[str]:
-        """The load tool's options minting the target's JWTs."""
-        algorithm = JWT_TARGETS[target]
-        key = self.secret_file if algorithm == "HS256" else self.private_key_file
-        return ["--jwt-key-file", str(key), "--jwt-algorithm", algorithm]
-
-
 def start(target: str, redis_url: str, workdir: Path, opts: argparse.Namespace,
           keys: Optional[JwtKeys] = None) -> Server:
     """A fresh server of ``target``, answering."""
     if target == "node":
         return NodeBridge(opts.bridge, opts.node_modules, redis_url, workdir)
     # defaults, LOG_LEVEL=warn, WORKERS=1 (ProxyProcess's own)
-    env = keys.proxy_env(target) if keys is not None and target in JWT_TARGETS else {}
+    env = keys.proxy_env(JWT_TARGETS[target]) if keys is not None and target in JWT_TARGETS else {}
     return ProxyProcess(target, redis_url, workdir, env).started()
 
 
@@ -383,7 +340,8 @@ def measure(run: str, target: str, server: Server, redis_url: str,
             opts: argparse.Namespace, workdir: Path, size: int = 0,
             keys: Optional[JwtKeys] = None) -> tuple[dict[str, Figures], list[str]]:
     """One load-tool run at ``server``: each scenario's figures, and the problems it found."""
-    jwt = keys.loadtest_args(target) if keys is not None and target in JWT_TARGETS else []
+    jwt = (keys.loadtest_args(JWT_TARGETS[target])
+           if keys is not None and target in JWT_TARGETS else [])
     rss_start = rss_bytes(server.pid) or 0
     counter = SyscallCounter(server.pid, workdir) if opts.syscalls else None
     argv = [sys.executable, "-m", "bench.loadtest", "--url", f"ws://{LOOPBACK}:{server.port}",
@@ -573,7 +531,7 @@ def run(opts: argparse.Namespace) -> int:
             targets.remove("node")
     # the servers this process starts inherit the limit: one descriptor per connection
     most = max(sizes + [opts.storm_clients] if "storm" in runs else sizes)
-    problem = raise_open_files_limit(most + 1024)
+    problem = raise_open_files_limit(most + 256)
     if problem:
         print(f"bench.versus: {problem}: the largest runs may fail", file=sys.stderr)
     print(f"bench.versus: {os.cpu_count()} cores, targets {', '.join(targets)}, "
