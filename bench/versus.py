@@ -76,8 +76,8 @@ from typing import Any, Optional, Union
 
 from bench import nodebridge
 from bench.errors import Fatal, exit_status
-from bench.jwtkeys import JwtKeys
 from bench.children import raise_open_files_limit
+from bench.jwtkeys import JwtKeys
 from bench.loadtest.procstat import rss_bytes
 from bench.nodebridge import NodeBridge
 from bench.servers import LOOPBACK, ProxyProcess, RedisServer
