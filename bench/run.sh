@@ -47,8 +47,9 @@
 #            from 127.0.0.1-2, idle 1 s), then a 10,000-client reconnect storm; and
 #            python -m bench.flood: 10,000 forged JWTs (HS256, ES256; 200 in flight,
 #            from 250 addresses, so AUTH_FAIL_LIMIT never trips) against wsproxy and
-#            10,000 wrong Redis tokens against the bridge, with a healthy session's
-#            p99. Each prints whether the JWT issue's targets are met
+#            10,000 wrong Redis tokens against the bridge and wsproxy with Redis
+#            tokens, with a healthy session's p99. Each prints whether the JWT
+#            issue's targets are met
 #
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
@@ -161,7 +162,7 @@ PY
                          --targets wsproxy,wsproxy-jwt-hs256,wsproxy-jwt-es256,node \
                          --conn-clients 1000,10000,19000 --conn-sources 2 --idle 1 || status=1
                      $PY -m bench.flood --rounds "${ROUNDS:-3}" --requests 10000 --concurrency 200 \
-                         --sources 250 --targets wsproxy-jwt,wsproxy-jwt-es256,node ;;
+                         --sources 250 --targets wsproxy,wsproxy-jwt,wsproxy-jwt-es256,node ;;
             resume)  $PY -m bench.resume failover --sessions 1000 --proxies 2 --rate 1000 \
                          --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)
