@@ -39,6 +39,17 @@
 #            reconnect storm (10,000 clients all at once). Per scenario both
 #            figures and the ratio wsproxy/node (JSON lines on stdout, a table on
 #            stderr). The bridge and its npm packages as for flood
+#   jwt      JWT authentication (AUTH_MODE=jwt) beside Redis tokens and the Node.js
+#            bridge, ROUNDS=3 rounds, targets alternating (two commands, each its
+#            own redis-server): python -m bench.versus with wsproxy (Redis tokens),
+#            wsproxy-jwt-hs256, wsproxy-jwt-es256 and node: set-up CPU per
+#            connection at 1,000, 10,000 and 19,000 connections (500 in flight,
+#            from 127.0.0.1-2, idle 1 s), then a 10,000-client reconnect storm; and
+#            python -m bench.flood: 10,000 forged JWTs (HS256, ES256; 200 in flight,
+#            from 250 addresses, so AUTH_FAIL_LIMIT never trips) against wsproxy and
+#            10,000 wrong Redis tokens against the bridge and wsproxy with Redis
+#            tokens, with a healthy session's p99. Each prints whether the JWT
+#            issue's targets are met
 #
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
@@ -146,6 +157,12 @@ PY
                      $PY -m bench.flood --targets wsproxy,wsproxy-nolimit,node ;;
             versus)  node_modules
                      $PY -m bench.versus --rounds "${ROUNDS:-2}" ;;
+            jwt)     node_modules
+                     $PY -m bench.versus --rounds "${ROUNDS:-3}" --scenarios conn,storm \
+                         --targets wsproxy,wsproxy-jwt-hs256,wsproxy-jwt-es256,node \
+                         --conn-clients 1000,10000,19000 --conn-sources 2 --idle 1 || status=1
+                     $PY -m bench.flood --rounds "${ROUNDS:-3}" --requests 10000 --concurrency 200 \
+                         --sources 250 --targets wsproxy,wsproxy-jwt,wsproxy-jwt-es256,node ;;
             resume)  $PY -m bench.resume failover --sessions 1000 --proxies 2 --rate 1000 \
                          --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)

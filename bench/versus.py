@@ -36,6 +36,17 @@ The scenarios (sizes are options; the defaults are those of docs/benchmarks.md):
               timeouts), listen-queue overflows, connect p50/p99, total time,
               server CPU.
 
+--conn-clients may list sizes (1000,10000,19000): the conn scenario then
+runs once per size, on a fresh server each, its lines named setup@SIZE and
+rss-idle@SIZE.
+
+The targets: wsproxy (Redis tokens: SETEX session:{id}:auth, checked with
+one EVALSHA), wsproxy-jwt-hs256 and wsproxy-jwt-es256 (AUTH_MODE=jwt with
+JWT_SECRET, or JWT_PUBLIC_KEY_FILE and a P-256 key: the load tool mints
+every client's JWT before its timed phase; keys made afresh for each run),
+and node. Every target but node gets a ratio to node; the JWT targets also
+one to wsproxy (the same proxy with Redis tokens).
+
 With --syscalls, perf stat counts each server's sends, reads and epoll
 waits per message: which regime a scenario really is in.
 
@@ -65,11 +76,15 @@ from typing import Any, Optional, Union
 
 from bench import nodebridge
 from bench.errors import Fatal, exit_status
+from bench.children import raise_open_files_limit
+from bench.jwtkeys import JwtKeys
 from bench.loadtest.procstat import rss_bytes
 from bench.nodebridge import NodeBridge
 from bench.servers import LOOPBACK, ProxyProcess, RedisServer
 
-TARGETS = ("wsproxy", "node")
+TARGETS = ("wsproxy", "wsproxy-jwt-hs256", "wsproxy-jwt-es256", "node")
+#: the JWT targets: their algorithm
+JWT_TARGETS = {"wsproxy-jwt-hs256": "HS256", "wsproxy-jwt-es256": "ES256"}
 RUNS = ("down-burst", "down-turn", "up-burst", "up-turn", "conn", "storm")
 
 Figures = dict[str, Any]
@@ -78,7 +93,7 @@ Figures = dict[str, Any]
 # flag, type, default, help
 OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     # what runs
-    ("--targets", str, ",".join(TARGETS), f"comma list of {', '.join(TARGETS)}"),
+    ("--targets", str, "wsproxy,node", f"comma list of {', '.join(TARGETS)}"),
     ("--scenarios", str, ",".join(RUNS), f"comma list of {', '.join(RUNS)}"),
     ("--rounds", int, 2, "rounds, the targets alternating"),
     ("--procs", int, os.cpu_count() or 2, "load-tool client processes"),
@@ -89,7 +104,10 @@ OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--rate", float, 10000, "messages/s of the one-message-per-turn scenarios, all sessions"),
     ("--duration", float, 10, "seconds of the one-message-per-turn scenarios"),
     # the connection scenarios
-    ("--conn-clients", int, 10000, "connections of the conn scenario"),
+    ("--conn-clients", str, "10000",
+     "connections of the conn scenario; a comma list runs it once per size"),
+    ("--conn-sources", int, 1,
+     "loopback addresses the conn scenario comes from, 127.0.0.1 and up (1: the OS picks)"),
     ("--concurrency", int, 500, "handshakes in flight in the conn scenario"),
     ("--idle", float, 10, "seconds the conn scenario holds its connections idle"),
     ("--storm-clients", int, 10000, "clients of the reconnect storm, all in flight"),
@@ -203,8 +221,32 @@ SCENARIOS = {s.name: s for s in (
 )}
 
 
-def loadtest_args(run: str, opts: argparse.Namespace) -> list[str]:
-    """The load tool's options for one run of a scenario (target and --pid aside)."""
+def _sources(count: int) -> str:
+    return ",".join(f"127.0.0.{1 + i}" for i in range(max(1, count)))
+
+
+def conn_sizes(opts: argparse.Namespace) -> list[int]:
+    """The --conn-clients sizes."""
+    try:
+        sizes = [int(item) for item in str(opts.conn_clients).split(",") if item.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise Fatal(f"--conn-clients must be a comma list of sizes >= 1 (got {opts.conn_clients!r})")
+    return sizes
+
+
+def scenario_of(name: str) -> Scenario:
+    """The scenario a JSON line's name belongs to (C{setup@1000}: C{setup})."""
+    return SCENARIOS[name.partition("@")[0]]
+
+
+def loadtest_args(run: str, opts: argparse.Namespace, size: int = 0) -> list[str]:
+    """
+    The load tool's options for one run of a scenario (target and --pid
+    aside); C{size}: the conn scenario's connections (default: the first
+    --conn-clients).
+    """
     sessions = ["--clients", str(opts.sessions), "--size", str(opts.size)]
     paced = ["--rate", f"{opts.rate:g}", "--duration", f"{opts.duration:g}"]
     if run == "down-burst":
@@ -216,14 +258,16 @@ def loadtest_args(run: str, opts: argparse.Namespace) -> list[str]:
     if run == "up-turn":
         return sessions + paced + ["--phases", "connect,uppaced"]
     if run == "conn":
-        return ["--clients", str(opts.conn_clients), "--concurrency", str(opts.concurrency),
-                "--idle", f"{opts.idle:g}", "--phases", "connect"]
+        sources = (["--source-addresses", _sources(opts.conn_sources)]
+                   if opts.conn_sources > 1 else [])
+        return ["--clients", str(size or conn_sizes(opts)[0]),
+                "--concurrency", str(opts.concurrency),
+                "--idle", f"{opts.idle:g}", "--phases", "connect", *sources]
     if run == "storm":
-        sources = ",".join(f"127.0.0.{1 + i}" for i in range(max(1, opts.storm_sources)))
         return ["--clients", str(opts.storm_clients),
                 "--concurrency", str(opts.storm_clients),
                 "--connect-timeout", f"{opts.connect_timeout:g}",
-                "--source-addresses", sources, "--phases", "connect"]
+                "--source-addresses", _sources(opts.storm_sources), "--phases", "connect"]
     raise Fatal(f"unknown scenario {run!r}; choose from {', '.join(RUNS)}")
 
 
@@ -242,12 +286,14 @@ FIGURES: dict[str, Callable[[dict[str, Any], int], dict[str, Figures]]] = {
 Server = Union[ProxyProcess, NodeBridge]
 
 
-def start(target: str, redis_url: str, workdir: Path, opts: argparse.Namespace) -> Server:
+def start(target: str, redis_url: str, workdir: Path, opts: argparse.Namespace,
+          keys: Optional[JwtKeys] = None) -> Server:
     """A fresh server of ``target``, answering."""
     if target == "node":
         return NodeBridge(opts.bridge, opts.node_modules, redis_url, workdir)
     # defaults, LOG_LEVEL=warn, WORKERS=1 (ProxyProcess's own)
-    return ProxyProcess("wsproxy", redis_url, workdir).started()
+    env = keys.proxy_env(JWT_TARGETS[target]) if keys is not None and target in JWT_TARGETS else {}
+    return ProxyProcess(target, redis_url, workdir, env).started()
 
 
 # the system calls --syscalls counts, by what they are
@@ -291,14 +337,17 @@ class SyscallCounter:
 
 
 def measure(run: str, target: str, server: Server, redis_url: str,
-            opts: argparse.Namespace, workdir: Path) -> tuple[dict[str, Figures], list[str]]:
+            opts: argparse.Namespace, workdir: Path, size: int = 0,
+            keys: Optional[JwtKeys] = None) -> tuple[dict[str, Figures], list[str]]:
     """One load-tool run at ``server``: each scenario's figures, and the problems it found."""
+    jwt = (keys.loadtest_args(JWT_TARGETS[target])
+           if keys is not None and target in JWT_TARGETS else [])
     rss_start = rss_bytes(server.pid) or 0
     counter = SyscallCounter(server.pid, workdir) if opts.syscalls else None
     argv = [sys.executable, "-m", "bench.loadtest", "--url", f"ws://{LOOPBACK}:{server.port}",
             "--redis-url", redis_url, "--pid", str(server.pid), "--procs", str(opts.procs),
             # a starved server on a shared host may need long to work through a burst
-            "--settle-max", "30", "--json-only", *loadtest_args(run, opts)]
+            "--settle-max", "30", "--json-only", *loadtest_args(run, opts, size), *jwt]
     done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
     calls = counter.stop() if counter is not None else None
     lines = [line for line in done.stdout.decode(errors="replace").splitlines()
@@ -330,24 +379,53 @@ def _ratio(ours: Any, theirs: Any) -> Optional[float]:
     return None
 
 
-def summary(scenario: Scenario, rounds: list[dict[str, Figures]], targets: list[str],
+def _references(target: str, targets: list[str]) -> list[str]:
+    """What a target's figures are compared with: node, and wsproxy for a JWT target."""
+    refs = ["node"] if target != "node" and "node" in targets else []
+    if target in JWT_TARGETS and "wsproxy" in targets:
+        refs.append("wsproxy")
+    return refs
+
+
+def summary(name: str, rounds: list[dict[str, Figures]], targets: list[str],
             node_unavailable: Optional[str]) -> dict[str, Any]:
-    """The JSON line of one scenario: every round, the medians and the ratios."""
-    line: dict[str, Any] = {"scenario": scenario.name, "regime": scenario.regime,
+    """
+    The JSON line of one scenario: every round, the medians and the ratios.
+
+    Each round has C{ratios}: target -> reference -> figure -> ratio, taken
+    within the round (reference node for every other target, and wsproxy
+    for the JWT targets); C{ratio} is wsproxy/node's, as before the JWT
+    targets. The line has the medians of the headline figure's ratios the
+    same way (C{ratios}, C{ratio}).
+    """
+    scenario = scenario_of(name)
+    line: dict[str, Any] = {"scenario": name, "regime": scenario.regime,
                             "metric": scenario.metric, "rounds": []}
     for figures in rounds:
         entry: dict[str, Any] = dict(figures)
-        if "wsproxy" in figures and "node" in figures:
-            entry["ratio"] = {key: _ratio(figures["wsproxy"].get(key), figures["node"].get(key))
-                              for key in scenario.ratios}
+        ratios = {target: {ref: {key: _ratio(figures[target].get(key), figures[ref].get(key))
+                                 for key in scenario.ratios}
+                           for ref in _references(target, targets) if ref in figures}
+                  for target in figures}
+        ratios = {target: by_ref for target, by_ref in ratios.items() if by_ref}
+        if ratios:
+            entry["ratios"] = ratios
+        if "node" in ratios.get("wsproxy", {}):
+            entry["ratio"] = ratios["wsproxy"]["node"]
         line["rounds"].append(entry)
     for target in targets:
         line[target] = _median([f[target].get(scenario.metric) for f in rounds if target in f])
     if node_unavailable is not None:
         line["node"] = None
         line["node_unavailable"] = node_unavailable
-    ratios = [r["ratio"].get(scenario.metric) for r in line["rounds"] if "ratio" in r]
-    line["ratio"] = _median(ratios)
+    medians: dict[str, dict[str, Optional[float]]] = {}
+    for target in targets:
+        for ref in _references(target, targets):
+            medians.setdefault(target, {})[ref] = _median(
+                [r["ratios"][target][ref].get(scenario.metric) for r in line["rounds"]
+                 if ref in r.get("ratios", {}).get(target, {})])
+    line["ratios"] = medians
+    line["ratio"] = medians.get("wsproxy", {}).get("node")
     line["tool_saturated"] = sorted({target for f in rounds for target, figs in f.items()
                                      if figs.get("tool_saturated")})
     line["host_saturated"] = sorted({target for f in rounds for target, figs in f.items()
@@ -359,48 +437,75 @@ def _cell(values: list[Any]) -> str:
     return ", ".join("-" if v is None else f"{v:g}" for v in values) or "-"
 
 
+def _notes(scenario: Scenario, figs: Figures) -> list[str]:
+    """What a round's figures say beside the headline: losses, syscalls, latency, storm."""
+    extra = []
+    if figs.get("lost"):
+        extra.append(f"lost {figs['lost']}")
+    if "sends_per_msg" in figs:
+        extra.append(f"per msg {figs['sends_per_msg']} sends, "
+                     f"{figs['reads_per_msg']} reads, {figs['waits_per_msg']} waits")
+    if "p99_ms" in figs and scenario.name not in ("setup", "storm"):
+        extra.append(f"p50/p99 {figs.get('p50_ms')}/{figs.get('p99_ms')} ms")
+    if scenario.name == "setup" and figs.get("failed"):
+        extra.append(f"{figs['failed']} failed")
+    if scenario.name == "storm":
+        extra.append(f"{figs.get('connected')}/{figs.get('clients')} connected, "
+                     f"p50/p99 {figs.get('p50_ms')}/{figs.get('p99_ms')} ms, "
+                     f"overflows {figs.get('listen_overflows')}, CPU {figs.get('cpu_s')} s"
+                     + (f", refused {figs.get('failures')}" if figs.get("refused") else ""))
+    return extra
+
+
 def table(lines: list[dict[str, Any]], targets: list[str]) -> str:
-    """The readable table: each round's figure per target, and the ratios."""
-    rows = [f"{'scenario':<30} {'wsproxy':>16} {'node':>16} {'wsproxy/node':>14}  notes"]
+    """
+    The readable table: per scenario a row per target with each round's
+    headline figure, its ratios (to node; to wsproxy for the JWT targets)
+    and notes.
+    """
+    rows = [f"{'scenario / target':<34} {'per round':>24} {'/node':>18} {'/wsproxy':>18}  notes"]
     for line in lines:
-        scenario = SCENARIOS[line["scenario"]]
-        cells = {}
-        for target in TARGETS:
-            values = [r.get(target, {}).get(scenario.metric) for r in line["rounds"]
-                      if target in r]
+        scenario = scenario_of(line["scenario"])
+        name = line["scenario"]
+        size = f" ({name.partition('@')[2]})" if "@" in name else ""
+        rows.append(f"{scenario.label + size}")
+        for target in targets + (["node"] if line.get("node_unavailable") else []):
             mine = [r[target] for r in line["rounds"] if target in r]
+            values = [f.get(scenario.metric) for f in mine]
             text = (_cell(values) + ("!" if any(f.get("tool_saturated") for f in mine) else "")
                     + ("*" if any(f.get("host_saturated") for f in mine) else ""))
-            cells[target] = text if target in targets else "-"
-        if line.get("node_unavailable"):
-            cells["node"] = "n/a"
-        ratios = [r["ratio"].get(scenario.metric) for r in line["rounds"] if "ratio" in r]
-        notes = []
-        for target in targets:
-            extra = []
-            for r in line["rounds"]:
-                figs = r.get(target, {})
-                if figs.get("lost"):
-                    extra.append(f"lost {figs['lost']}")
-                if "sends_per_msg" in figs:
-                    extra.append(f"per msg {figs['sends_per_msg']} sends, "
-                                 f"{figs['reads_per_msg']} reads, {figs['waits_per_msg']} waits")
-                if "p99_ms" in figs and scenario.name != "setup":
-                    extra.append(f"p50/p99 {figs.get('p50_ms')}/{figs.get('p99_ms')} ms")
-                if scenario.name == "storm":
-                    extra.append(f"{figs.get('connected')}/{figs.get('clients')} connected, "
-                                 f"overflows {figs.get('listen_overflows')}, "
-                                 f"CPU {figs.get('cpu_s')} s"
-                                 + (f", refused {figs.get('failures')}" if figs.get("refused")
-                                    else ""))
-            if extra:
-                notes.append(f"{target}: " + "; ".join(extra))
-        rows.append(f"{scenario.label:<30} {cells['wsproxy']:>16} {cells['node']:>16} "
-                    f"{_cell(ratios):>14}  " + " | ".join(notes))
-    rows.append("(one value per round; ! = the load tool was saturated in a round: the figure "
-                "is a lower bound; * = every core of the host was busy in a round: the proxy, "
-                "Redis, the tool and other work competed for CPU)")
+            if target == "node" and line.get("node_unavailable"):
+                text = "n/a"
+            ratio_cells = []
+            for ref in ("node", "wsproxy"):
+                ratios = [r["ratios"][target][ref].get(scenario.metric) for r in line["rounds"]
+                          if ref in r.get("ratios", {}).get(target, {})]
+                ratio_cells.append(_cell(ratios) if ratios else "")
+            notes = "; ".join(n for f in mine for n in _notes(scenario, f))
+            rows.append(f"  {target:<32} {text:>24} {ratio_cells[0]:>18} {ratio_cells[1]:>18}"
+                        f"  {notes}")
+    rows.append("(one value per round, ratios taken within a round; ! = the load tool was "
+                "saturated in a round: the figure is a lower bound; * = every core of the host "
+                "was busy in a round: the proxy, Redis, the tool and other work competed for CPU)")
+    rows += verdicts(lines)
     return "\n".join(rows)
+
+
+def verdicts(lines: list[dict[str, Any]]) -> list[str]:
+    """
+    The JWT issue's target for set-up, where this run measured it: HS256
+    set-up CPU at most the Node bridge's (the median of the ratios taken
+    within each round).
+    """
+    said = []
+    for line in lines:
+        if scenario_of(line["scenario"]).name != "setup":
+            continue
+        ratio = line.get("ratios", {}).get("wsproxy-jwt-hs256", {}).get("node")
+        if ratio is not None:
+            said.append(f"target HS256 set-up CPU <= Node's ({line['scenario']}): "
+                        f"{'met' if ratio <= 1 else 'NOT met'} (median ratio {ratio:g})")
+    return said
 
 
 # -- the run
@@ -414,6 +519,9 @@ def run(opts: argparse.Namespace) -> int:
             raise Fatal(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
     for name in runs:
         loadtest_args(name, opts)  # unknown names fail here, before anything starts
+    sizes = conn_sizes(opts)
+    # (scenario, size): the conn scenario once per --conn-clients size
+    plan = [(name, size) for name in runs for size in (sizes if name == "conn" else [0])]
     node_unavailable = None
     if "node" in targets:
         node_unavailable = nodebridge.unavailable(opts.bridge, opts.node_modules)
@@ -421,6 +529,11 @@ def run(opts: argparse.Namespace) -> int:
             print(f"bench.versus: the Node.js bridge cannot run here ({node_unavailable}): "
                   "wsproxy only, node figures absent", file=sys.stderr)
             targets.remove("node")
+    # the servers this process starts inherit the limit: one descriptor per connection
+    most = max(sizes + [opts.storm_clients] if "storm" in runs else sizes)
+    problem = raise_open_files_limit(most + 256)
+    if problem:
+        print(f"bench.versus: {problem}: the largest runs may fail", file=sys.stderr)
     print(f"bench.versus: {os.cpu_count()} cores, targets {', '.join(targets)}, "
           f"{opts.rounds} round(s), {opts.sessions} sessions, {opts.size} B messages, "
           f"burst {opts.burst}/session, one-per-turn rate {opts.rate:g}/s for "
@@ -432,30 +545,33 @@ def run(opts: argparse.Namespace) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        keys = JwtKeys.make(workdir) if set(targets) & set(JWT_TARGETS) else None
         redis_server = RedisServer(workdir, opts.redis_server)
         try:
             for round_no in range(opts.rounds):
                 order = targets if round_no % 2 == 0 else targets[::-1]
-                for name in runs:
+                for name, size in plan:
                     rounds: dict[str, dict[str, Figures]] = {}
                     for target in order:
-                        server = start(target, redis_server.url, workdir, opts)
+                        server = start(target, redis_server.url, workdir, opts, keys)
                         try:
                             figures, found = measure(name, target, server, redis_server.url,
-                                                     opts, workdir)
+                                                     opts, workdir, size, keys)
                         finally:
                             server.stop()
                         problems += found
                         for scenario, figs in figures.items():
+                            if len(sizes) > 1 and name == "conn":
+                                scenario = f"{scenario}@{size}"
                             rounds.setdefault(scenario, {})[target] = figs
-                            print(f"  round {round_no + 1} {scenario:<10} {target:<8} "
-                                  f"{SCENARIOS[scenario].metric} "
-                                  f"{figs.get(SCENARIOS[scenario].metric)}", file=sys.stderr)
+                            print(f"  round {round_no + 1} {scenario:<14} {target:<18} "
+                                  f"{scenario_of(scenario).metric} "
+                                  f"{figs.get(scenario_of(scenario).metric)}", file=sys.stderr)
                     for scenario, by_target in rounds.items():
                         results.setdefault(scenario, []).append(by_target)
         finally:
             redis_server.stop()
-    lines = [summary(SCENARIOS[name], rounds_of, targets, node_unavailable)
+    lines = [summary(name, rounds_of, targets, node_unavailable)
              for name, rounds_of in results.items()]
     for line in lines:
         print(json.dumps(line), flush=True)

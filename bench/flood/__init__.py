@@ -2,9 +2,12 @@
 A handshake flood against a proxy while one healthy session receives a
 steady stream: C{python -m bench.flood --help} (C{bench/run.sh flood}).
 
-For each target (wsproxy, and the Node.js bridge of
-C{../shared/peers/node_bridge.js} when it can be started) in one run, on
-one private redis-server:
+For each target (wsproxy; wsproxy with C{AUTH_MODE=jwt}, HS256 or ES256,
+whose flood carries forged JWTs: one per request, for its own session,
+signed with a key of the right kind the proxy does not know; and the
+Node.js bridge of C{../shared/peers/node_bridge.js} when it can be started)
+in one run, on one private redis-server, C{--rounds} times with the order
+swapping every round (then a summary line of medians and ratios to node):
 
   - one healthy session is connected with a valid token and a publisher
     sends it a timestamped, numbered message every C{--interval} ms;

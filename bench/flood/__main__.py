@@ -9,6 +9,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import statistics
 import struct
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import redis
 import redis.asyncio
 
 from bench.errors import Fatal, exit_status
+from bench.jwtkeys import JwtKeys
 from bench.loadtest.procstat import cpu_seconds
 from bench import nodebridge
 from bench.loadtest.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
@@ -39,7 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "Node.js bridge) while one healthy session receives a steady stream.")
     parser.add_argument("--targets", default="wsproxy,node",
                         help="comma-separated: wsproxy, wsproxy-nolimit (AUTH_FAIL_LIMIT=0), "
-                             "node (default: %(default)s)")
+                             "wsproxy-jwt, wsproxy-jwt-es256 (AUTH_MODE=jwt, HS256 or ES256: "
+                             "the flood's tokens are JWTs for their sessions signed with a key "
+                             "the proxy does not know), node (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds, the targets' order swapping every round; with more "
+                             "than one, a summary line of medians and ratios to node within "
+                             "each round (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=10000,
                         help="upgrade requests with a wrong token (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=200,
@@ -66,14 +74,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # -- the flood (a separate process) ------------------------------------------
 
 
-def _request(port: int, n: int) -> bytes:
+WRONG_TOKEN = "wrong-token"
+
+
+def _request(port: int, n: int, token: str = WRONG_TOKEN) -> bytes:
     return (f"GET /flood/ws/flood-{n} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            "Authorization: Bearer wrong-token\r\n\r\n").encode()
+            f"Authorization: Bearer {token}\r\n\r\n").encode()
 
 
-async def _flood(port: int, requests: int, concurrency: int, sources: int) -> dict[str, Any]:
+async def _flood(port: int, requests: int, concurrency: int, sources: int,
+                 tokens: Optional[list[str]] = None) -> dict[str, Any]:
+    """
+    The flood; C{tokens}: request n's token (forged JWTs, made before the
+    flood starts), else the same wrong token for all.
+    """
     statuses: Counter[str] = Counter()
     next_request = 0
 
@@ -89,7 +105,7 @@ async def _flood(port: int, requests: int, concurrency: int, sources: int) -> di
                 statuses[f"connect: {e.strerror or type(e).__name__}"] += 1
                 continue
             try:
-                writer.write(_request(port, n))
+                writer.write(_request(port, n, tokens[n] if tokens else WRONG_TOKEN))
                 data = await asyncio.wait_for(reader.read(), 60)
                 statuses[data[9:12].decode("latin-1") if data[:5] == b"HTTP/" else "no answer"] += 1
             except (OSError, asyncio.TimeoutError) as e:
@@ -104,12 +120,12 @@ async def _flood(port: int, requests: int, concurrency: int, sources: int) -> di
 
 
 def _flooder(port: int, requests: int, concurrency: int, sources: int, nice: int,
-             out: Any) -> None:
+             out: Any, tokens: Optional[list[str]] = None) -> None:
     if nice:
         # the attacker is another machine: on this one it should not take
         # the CPU the measured server and the healthy session need
         os.nice(nice)
-    out.send(asyncio.run(_flood(port, requests, concurrency, sources)))
+    out.send(asyncio.run(_flood(port, requests, concurrency, sources, tokens)))
 
 
 # -- the healthy session ------------------------------------------------------
@@ -124,12 +140,12 @@ class Healthy:
     closed: Optional[str] = None
 
 
-async def _open_healthy(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open_healthy(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     writer.write((f"GET /flood/ws/{HEALTHY_SESSION} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                  f"Authorization: Bearer {HEALTHY_TOKEN}\r\n\r\n").encode())
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
     if not head.startswith(b"HTTP/1.1 101"):
         raise Fatal(f"the healthy session was refused: {head.splitlines()[0]!r}")
@@ -190,10 +206,22 @@ def _percentiles(values: list[int]) -> dict[str, Optional[float]]:
 
 
 async def measure(name: str, port: int, pid: int, redis_port: int,
-                  opts: argparse.Namespace) -> dict[str, Any]:
+                  opts: argparse.Namespace, keys: Optional[JwtKeys] = None) -> dict[str, Any]:
+    """
+    One target's flood and the healthy session's latencies. With C{keys}
+    (a JWT target), the healthy session's token is a valid JWT and the
+    flood's are forged: one per request, each for its own session, signed
+    with a key of the right kind the proxy does not know, minted before the
+    flood.
+    """
     client = redis.asyncio.Redis(host=LOOPBACK, port=redis_port)
     await client.set(f"session:{HEALTHY_SESSION}:auth", HEALTHY_TOKEN, ex=3600)
-    reader, writer = await _open_healthy(port)
+    algorithm = JWT_TARGETS.get(name)
+    healthy_token, tokens = HEALTHY_TOKEN, None
+    if keys is not None and algorithm is not None:
+        healthy_token = keys.sign(HEALTHY_SESSION, algorithm)
+        tokens = [keys.sign(f"flood-{n}", algorithm, forged=True) for n in range(opts.requests)]
+    reader, writer = await _open_healthy(port, healthy_token)
     healthy = Healthy()
     receiving = asyncio.ensure_future(_receive(reader, writer, healthy))
     stop = asyncio.Event()
@@ -203,7 +231,8 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
     loop = asyncio.get_running_loop()
     here, there = multiprocessing.Pipe(duplex=False)
     flooder = multiprocessing.get_context("fork").Process(
-        target=_flooder, args=(port, opts.requests, opts.concurrency, opts.sources, opts.nice, there))
+        target=_flooder,
+        args=(port, opts.requests, opts.concurrency, opts.sources, opts.nice, there, tokens))
     cpu_before = cpu_seconds(pid) or 0.0
     flooder.start()
     flood: dict[str, Any] = await loop.run_in_executor(None, here.recv)
@@ -229,7 +258,7 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
     elapsed = flood["finished"] - flood["started"]
     cpu = cpu_after - cpu_before
     return {
-        "target": name,
+        "target": name, "token": f"forged {algorithm} JWT" if tokens else "wrong Redis token",
         "requests": opts.requests, "concurrency": opts.concurrency, "sources": opts.sources,
         "flooder_nice": opts.nice,
         "statuses": statuses,
@@ -246,53 +275,145 @@ async def measure(name: str, port: int, pid: int, redis_port: int,
 
 # -- the targets --------------------------------------------------------------
 
+#: the JWT targets (AUTH_MODE=jwt): their algorithm
+JWT_TARGETS = {"wsproxy-jwt": "HS256", "wsproxy-jwt-es256": "ES256"}
+PROXY_TARGETS = ("wsproxy", "wsproxy-nolimit", *JWT_TARGETS)
+
+
+def _one(name: str, server: RedisServer, workdir: Path, keys: Optional[JwtKeys],
+         extra: dict[str, str], opts: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """One target's flood on a fresh server; None if the target cannot run here."""
+    if name == "node":
+        why = nodebridge.unavailable(opts.bridge, opts.node_modules)
+        if why:
+            print(f"node: {why}: skipped", file=sys.stderr)
+            return None
+        bridge = NodeBridge(opts.bridge, opts.node_modules, server.url, workdir)
+        try:
+            return asyncio.run(measure(name, bridge.port, bridge.pid, server.port, opts))
+        finally:
+            bridge.stop()
+    # a default installation: LOG_LEVEL=info logs refusals
+    env = {"LOG_LEVEL": "info", **extra}
+    if name == "wsproxy-nolimit":
+        env["AUTH_FAIL_LIMIT"] = "0"
+    if name in JWT_TARGETS:
+        assert keys is not None
+        env.update(keys.proxy_env(JWT_TARGETS[name]))
+    proxy = ProxyProcess(name, server.url, workdir, env).started()
+    try:
+        return asyncio.run(measure(name, proxy.port, proxy.pid, server.port, opts, keys))
+    finally:
+        proxy.stop()
+
+
+def _median(values: list[Any]) -> Optional[float]:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.median(numbers), 3) if numbers else None
+
+
+def summary(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """
+    Medians over the rounds, per target: CPU per refusal, the healthy
+    session's p99 during the flood, and (taken within each round) both as a
+    ratio to node's.
+    """
+    targets = sorted({t for r in rounds for t in r})
+    line: dict[str, Any] = {"summary": "flood", "rounds": len(rounds), "targets": {}}
+    for target in targets:
+        mine = [r[target] for r in rounds if target in r]
+        entry: dict[str, Any] = {
+            "token": mine[0]["token"],
+            "cpu_ms_per_refusal": [m["cpu_ms_per_refusal"] for m in mine],
+            "healthy_p99_ms_during": [m["healthy_during"]["p99_ms"] for m in mine],
+            "healthy_lost": sum(m["healthy_lost"] for m in mine),
+            "statuses": [m["statuses"] for m in mine],
+        }
+        entry["cpu_ms_per_refusal_median"] = _median(entry["cpu_ms_per_refusal"])
+        entry["healthy_p99_ms_during_median"] = _median(entry["healthy_p99_ms_during"])
+        if target != "node":
+            pairs = [(r[target], r["node"]) for r in rounds if target in r and "node" in r]
+            cpu = [_ratio(ours["cpu_ms_per_refusal"], theirs["cpu_ms_per_refusal"])
+                   for ours, theirs in pairs]
+            p99 = [_ratio(ours["healthy_during"]["p99_ms"], theirs["healthy_during"]["p99_ms"])
+                   for ours, theirs in pairs]
+            if pairs:
+                entry.update({"cpu_ratio_to_node": cpu, "cpu_ratio_to_node_median": _median(cpu),
+                              "p99_ratio_to_node": p99,
+                              "p99_ratio_to_node_median": _median(p99)})
+        line["targets"][target] = entry
+    return line
+
+
+def _ratio(ours: Any, theirs: Any) -> Optional[float]:
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0:
+        return round(ours / theirs, 2)
+    return None
+
+
+def _cells(values: list[Any]) -> str:
+    return ", ".join("-" if v is None else f"{v:g}" for v in values)
+
+
+def summary_table(line: dict[str, Any]) -> str:
+    rows = [f"{'target':<18} {'CPU ms/refusal':>24} {'/node':>18} {'healthy p99 ms':>22} "
+            f"{'/node':>18}  token"]
+    for target, e in line["targets"].items():
+        rows.append(f"{target:<18} {_cells(e['cpu_ms_per_refusal']):>24} "
+                    f"{_cells(e.get('cpu_ratio_to_node', [])):>18} "
+                    f"{_cells(e['healthy_p99_ms_during']):>22} "
+                    f"{_cells(e.get('p99_ratio_to_node', [])):>18}  {e['token']}")
+    rows.append("(one value per round; ratios taken within a round)")
+    for target in JWT_TARGETS:
+        ratio = line["targets"].get(target, {}).get("cpu_ratio_to_node_median")
+        if ratio is not None:
+            rows.append(f"target forged-JWT refusal CPU <= half of Node's ({target}): "
+                        f"{'met' if ratio <= 0.5 else 'NOT met'} (median ratio {ratio:g})")
+    return "\n".join(rows)
+
 
 def run(opts: argparse.Namespace) -> int:
     targets = [t.strip() for t in opts.targets.split(",") if t.strip()]
+    for name in targets:
+        if name not in (*PROXY_TARGETS, "node"):
+            raise Fatal(f"unknown target {name!r}")
     extra = dict(item.split("=", 1) for item in opts.proxy_env)
+    if opts.sources > 250:
+        raise Fatal("--sources: at most 250 (127.0.0.2 to 127.0.0.251)")
     print(f"bench.flood: {os.cpu_count()} cores, {opts.requests} requests, "
           f"{opts.concurrency} in flight, {opts.sources} source address(es), flooder nice "
-          f"{opts.nice}, healthy message "
-          f"every {opts.interval:g} ms", file=sys.stderr)
+          f"{opts.nice}, healthy message every {opts.interval:g} ms, {opts.rounds} round(s), "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", file=sys.stderr)
+    rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        keys = JwtKeys.make(workdir) if set(targets) & set(JWT_TARGETS) else None
         server = RedisServer(workdir, opts.redis_server)
         try:
-            for name in targets:
-                if name == "node":
-                    why = nodebridge.unavailable(opts.bridge, opts.node_modules)
-                    if why:
-                        print(f"node: {why}: skipped", file=sys.stderr)
+            for round_no in range(opts.rounds):
+                order = targets if round_no % 2 == 0 else targets[::-1]
+                reports: dict[str, dict[str, Any]] = {}
+                for name in order:
+                    report = _one(name, server, workdir, keys, extra, opts)
+                    if report is None:
                         continue
-                    bridge = NodeBridge(opts.bridge, opts.node_modules, server.url, workdir)
-                    try:
-                        report = asyncio.run(measure(name, bridge.port, bridge.pid,
-                                                     server.port, opts))
-                    finally:
-                        bridge.stop()
-                elif name in ("wsproxy", "wsproxy-nolimit"):
-                    # a default installation: LOG_LEVEL=info logs refusals
-                    env = {"LOG_LEVEL": "info", **extra}
-                    if name == "wsproxy-nolimit":
-                        env["AUTH_FAIL_LIMIT"] = "0"
-                    proxy = ProxyProcess(name, server.url, workdir, env).started()
-                    try:
-                        report = asyncio.run(measure(name, proxy.port, proxy.pid,
-                                                     server.port, opts))
-                    finally:
-                        proxy.stop()
-                else:
-                    raise Fatal(f"unknown target {name!r}")
-                print(json.dumps(report), flush=True)
-                before, during = report["healthy_before"], report["healthy_during"]
-                print(f"{name:>16}: {report['refusals_per_second']} refusals/s, "
-                      f"{report['cpu_ms_per_refusal']} ms CPU/refusal {report['statuses']}; "
-                      f"healthy p50/p99/max {before['p50_ms']}/{before['p99_ms']}/"
-                      f"{before['max_ms']} ms before, {during['p50_ms']}/{during['p99_ms']}/"
-                      f"{during['max_ms']} ms during, lost {report['healthy_lost']}",
-                      file=sys.stderr)
+                    report["round"] = round_no + 1
+                    reports[name] = report
+                    print(json.dumps(report), flush=True)
+                    before, during = report["healthy_before"], report["healthy_during"]
+                    print(f"{name:>18}: {report['refusals_per_second']} refusals/s, "
+                          f"{report['cpu_ms_per_refusal']} ms CPU/refusal {report['statuses']}; "
+                          f"healthy p50/p99/max {before['p50_ms']}/{before['p99_ms']}/"
+                          f"{before['max_ms']} ms before, {during['p50_ms']}/{during['p99_ms']}/"
+                          f"{during['max_ms']} ms during, lost {report['healthy_lost']}",
+                          file=sys.stderr)
+                rounds.append(reports)
         finally:
             server.stop()
+    if opts.rounds > 1 or set(targets) & set(JWT_TARGETS):
+        line = summary(rounds)
+        print(json.dumps(line), flush=True)
+        print(summary_table(line), file=sys.stderr)
     return 0
 
 

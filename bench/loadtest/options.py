@@ -20,8 +20,9 @@ Load test for a running wsproxy (and the Redis it uses).
 Phases (select with --phases, connect always runs because the others need it):
 
   connect  open --clients WebSocket connections, each with its own session and
-           token (SETEX session:{sid}:auth), at most --concurrency handshakes in
-           flight; success count, connect rate, handshake latency p50/p99/max.
+           token (SETEX session:{sid}:auth; with --jwt-key-file a JWT for the
+           session instead, nothing in Redis), at most --concurrency handshakes
+           in flight; success count, connect rate, handshake latency p50/p99/max.
   down     downstream burst: --burst K messages PUBLISHed to every session's
            session:{sid}:down as fast as Redis takes them; delivered/sent,
            delivery rate, latency p50/p99/max (publish time is in the payload).
@@ -97,6 +98,8 @@ class Options:
     saturation: float
     idle: float
     source_addresses: str
+    jwt_key_file: str
+    jwt_algorithm: str
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comma list of local addresses the clients connect from, round-robin "
              "(e.g. 127.0.0.1,127.0.0.2: one loopback address has ~28,000 ephemeral "
              "ports, so more connections need more addresses); default: the OS picks")
+    add("--jwt-key-file", default="",
+        help="mint every client's token as a JWT for its session (claims session_id, iat) "
+             "signed with this key, for a proxy with AUTH_MODE=jwt, instead of storing "
+             "random tokens in Redis: the HMAC secret as given (HS*), else a private key "
+             "in PEM. Minted before the connect phase, so minting is never measured")
+    add("--jwt-algorithm", default="HS256", help="the JWTs' alg (with --jwt-key-file)")
     return parser
 
 

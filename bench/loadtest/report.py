@@ -107,6 +107,7 @@ class RunConfig(TypedDict):
     phases: list[str]
     binary: bool
     auth: str
+    jwt_algorithm: str | None  # the minted JWTs' alg (--jwt-key-file), None: Redis tokens
     pid: int
     idle: float
     source_addresses: list[str]

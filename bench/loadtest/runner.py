@@ -27,6 +27,9 @@ def run(options: Options, console: Console) -> RunResult:
     raise_open_files_limit(options, console)
     sessions = Sessions(options.clients)
     children = ChildProcesses()
+    if options.jwt_key_file:
+        # before any load: minting is the backend's work, never measured
+        sessions.mint_jwts(options.jwt_key_file, options.jwt_algorithm)
     try:
         sessions.authorize(target.redis, options.token_ttl)
         counters = Counters(children.context, options.procs, COUNTERS_PER_WORKER,
@@ -65,6 +68,7 @@ def run(options: Options, console: Console) -> RunResult:
                    "burst": options.burst, "size": options.size, "rate": options.rate,
                    "duration": options.duration, "upstream": options.upstream,
                    "phases": phases, "binary": options.binary, "auth": options.auth,
+                   "jwt_algorithm": options.jwt_algorithm if options.jwt_key_file else None,
                    "pid": options.pid, "idle": options.idle,
                    "source_addresses": list(source_addresses(options))},
         "health": target.health, "phases": reports, "close": close_report,

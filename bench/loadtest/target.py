@@ -11,6 +11,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis
@@ -175,16 +176,59 @@ def raise_open_files_limit(options: Options, console: Console) -> None:
         console.warn(f"{problem} per worker; use more --procs or raise the limit")
 
 
+def jwt_signing_key(key_file: str, algorithm: str) -> object:
+    """
+    What signs the run's JWTs: the HMAC secret in ``key_file`` as given
+    (HS*; one trailing newline dropped, as an editor leaves it), else the
+    private key in it (PEM), parsed once for all tokens.
+
+    @raise Fatal: if the file cannot be read or holds no such key.
+    """
+    try:
+        text = Path(key_file).read_text()
+    except OSError as e:
+        raise Fatal(f"--jwt-key-file {key_file}: {error_name(e)}") from None
+    if algorithm.startswith("HS"):
+        return text.removesuffix("\n")
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    try:
+        return load_pem_private_key(text.encode(), password=None)
+    except (ValueError, TypeError) as e:
+        raise Fatal(f"--jwt-key-file {key_file}: not a private key in PEM ({e})") from None
+
+
 class Sessions:
-    """The run's sessions: ids ``lt-<run id>-<index>``, one random token each."""
+    """
+    The run's sessions: ids ``lt-<run id>-<index>``, one random token each
+    (stored in Redis by L{authorize}), or one JWT each (L{mint_jwts}).
+    """
 
     def __init__(self, count: int) -> None:
         self.run_id = secrets.token_hex(4)
         self.ids = [f"lt-{self.run_id}-{i}" for i in range(count)]
         self.tokens = [secrets.token_urlsafe(18) for _ in range(count)]
+        self.in_redis = True
+
+    def mint_jwts(self, key_file: str, algorithm: str) -> None:
+        """
+        Every session's token becomes a JWT for it (C{AUTH_MODE=jwt}: claims
+        C{session_id} and C{iat}, as L{wsproxy.backend.sign_token} writes
+        them), and nothing goes to Redis.
+
+        @raise Fatal: if the key cannot be read or the algorithm is unknown.
+        """
+        from wsproxy.backend import sign_token
+        key = jwt_signing_key(key_file, algorithm)
+        try:
+            self.tokens = [sign_token(key, sid, algorithm=algorithm) for sid in self.ids]
+        except Exception as e:  # noqa: BLE001 (PyJWT: unknown alg, a key of the wrong kind)
+            raise Fatal(f"cannot sign {algorithm} JWTs with {key_file}: {e}") from None
+        self.in_redis = False
 
     def authorize(self, client: redis.Redis, ttl: int) -> None:
-        """SETEX session:{id}:auth for every session, as a backend would."""
+        """SETEX session:{id}:auth for every session, as a backend would (not for JWTs)."""
+        if not self.in_redis:
+            return
         try:
             pipe = client.pipeline(transaction=False)
             for i, sid in enumerate(self.ids):
@@ -197,6 +241,8 @@ class Sessions:
 
     def revoke(self, client: redis.Redis, ttl: int, console: Console) -> None:
         """Deletes the tokens (they would expire after ``ttl`` seconds anyway)."""
+        if not self.in_redis:
+            return
         try:
             pipe = client.pipeline(transaction=False)
             for i, sid in enumerate(self.ids):
