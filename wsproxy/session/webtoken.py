@@ -44,6 +44,7 @@ simple, strict, and checked against PyJWT's own verdicts by the tests.
 from __future__ import annotations
 
 import binascii
+import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -71,6 +72,20 @@ _ALGORITHMS: dict[str, Algorithm] = {
 }
 
 _REALM = 'Bearer realm="wsproxy"'
+
+#: HS* checked with the standard library's one-shot HMAC (what PyJWT's
+#: HMAC algorithm computes, without its per-call objects)
+_HMAC = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+
+#: decodes UTF-8 JSON text (JWS says UTF-8; json.loads on bytes would also
+#: guess UTF-16 and UTF-32, and costs a guess per call)
+_decode_json = json.JSONDecoder().decode
+
+#: decoded headers by their base64url text: a backend's tokens share one
+#: or a few headers (alg, typ, kid), so most checks decode only the
+#: payload; bounded, and never filled by what fails to decode
+_HEADERS: dict[str, dict[str, Any]] = {}
+_HEADERS_MAX = 64
 
 
 def _refusal(reason: str, error: str = "invalid_token") -> Refusal:
@@ -187,7 +202,7 @@ def _json_object(part: str) -> dict[str, Any]:
     except (ValueError, binascii.Error):
         raise TokenRefused("malformed") from None
     try:
-        value = json.loads(raw)
+        value = _decode_json(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         raise TokenRefused("not_json") from None
     if not isinstance(value, dict):
@@ -258,7 +273,11 @@ class Verifier:
         if len(parts) != 3:
             raise TokenRefused("malformed")
         head, body, signature = parts
-        header = _json_object(head)
+        header = _HEADERS.get(head)
+        if header is None:
+            header = _json_object(head)
+            if len(_HEADERS) < _HEADERS_MAX:
+                _HEADERS[head] = header
         claims = _json_object(body)
         name = header.get("alg")
         if not isinstance(name, str):
@@ -289,8 +308,12 @@ class Verifier:
         except (ValueError, binascii.Error):
             raise TokenRefused("malformed") from None
         signed = token[: len(head) + 1 + len(body)].encode("ascii")
+        digest = _HMAC.get(name)
         for candidate in candidates:
-            if algorithm.verify(signed, candidate.key, raw_signature):
+            if digest is not None:
+                if hmac.compare_digest(raw_signature, hmac.digest(candidate.key, signed, digest)):
+                    break
+            elif algorithm.verify(signed, candidate.key, raw_signature):
                 break
         else:
             raise TokenRefused("signature")
@@ -303,9 +326,12 @@ class Verifier:
         claimed, claimed_agent = claims.get("session_id"), claims.get("agent_id")
         named = [aud] if isinstance(aud, str) else aud
         if (
-            any(value is not None and not _number(value) for value in (exp, nbf, iat))
-            or any(value is not None and not isinstance(value, str)
-                   for value in (jti, claimed, claimed_agent))
+            (exp is not None and not _number(exp))
+            or (nbf is not None and not _number(nbf))
+            or (iat is not None and not _number(iat))
+            or (jti is not None and not isinstance(jti, str))
+            or (claimed is not None and not isinstance(claimed, str))
+            or (claimed_agent is not None and not isinstance(claimed_agent, str))
             or (named is not None and not (
                 isinstance(named, list) and all(isinstance(a, str) for a in named)))
         ):
