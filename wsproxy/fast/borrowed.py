@@ -457,6 +457,52 @@ def _enable_pformat() -> None:
     lazyformat.install()
 
 
+# -- autobahn: its debug highlighting (wsproxy.fast.lazyformat) --------------
+
+
+def _probe_highlight(reactor: Any) -> Optional[str]:
+    import autobahn.util
+
+    for module in lazyformat.HIGHLIGHT_TARGETS:
+        for name in ("hltype", "hlval"):
+            expect(hasattr(module, name), f"{module.__name__} has no {name}")
+    called: list[str] = []
+    previous = {(module, name): getattr(module, name)
+                for module in lazyformat.HIGHLIGHT_TARGETS for name in ("hltype", "hlval")}
+
+    def recording(module: Any, name: str) -> Callable[..., str]:
+        def highlight(*args: Any, **kwargs: Any) -> str:
+            called.append(f"{module.__name__}.{name}")
+            return ""
+        return highlight
+
+    for module, name in previous:
+        setattr(module, name, recording(module, name))
+    session = _Session()
+    try:
+        session.open()
+        expect({f"{m.__name__}.hltype" for m in lazyformat.HIGHLIGHT_TARGETS} <= set(called),
+               "Autobahn's connection set-up no longer highlights with its modules' hltype")
+    finally:
+        for (module, name), function in previous.items():
+            setattr(module, name, function)
+        session.close()
+    lazy = lazyformat.lazy_hlval(7, color="blue")
+    expect(lazy == "" and f"{lazy}" == autobahn.util.hlval(7, color="blue")
+           and str(lazyformat.lazy_hltype(_probe_highlight))
+           == autobahn.util.hltype(_probe_highlight),
+           "LazyText does not format lazily")
+    return None
+
+
+def _disable_highlight() -> None:
+    lazyformat.uninstall_highlight()
+
+
+def _enable_highlight() -> None:
+    lazyformat.install_highlight()
+
+
 # -- autobahn: the native masker (wsproxy.fast.inframes) --------------------
 
 
@@ -571,6 +617,14 @@ INTERNALS: tuple[Internal, ...] = (
         "wsproxy.fast.lazyformat (installed by wsproxy.websocket.protocol)",
         "Autobahn's eager pprint.pformat",
         _probe_pformat, _disable_pformat, _enable_pformat,
+    ),
+    Internal(
+        "autobahn.highlight",
+        "hltype and hlval of autobahn.websocket.protocol and autobahn.twisted.websocket "
+        "(replaced process-wide)",
+        "wsproxy.fast.lazyformat (installed by wsproxy.websocket.protocol)",
+        "Autobahn's eager autobahn.util.hltype and hlval",
+        _probe_highlight, _disable_highlight, _enable_highlight,
     ),
     Internal(
         "autobahn.nvx-masker",

@@ -1,5 +1,6 @@
 """
-Autobahn's debug pretty-printing, computed only when a line is written.
+Autobahn's debug pretty-printing and highlighting, computed only when a
+line is written.
 
 Autobahn pretty-prints every protocol option for a debug line in each
 connection's C{connectionMade} (C{autobahn.websocket.protocol.pformat},
@@ -10,13 +11,24 @@ name, for the whole process, with L{LazyPformat}: a C{str} (empty) so
 that callers that need one still get one, whose formatting gives the
 text. Nothing else in the process is affected: only Autobahn's module
 global is replaced, C{pprint} itself is not.
+
+Likewise its highlighting (C{hltype}, C{hlval}: the qualified name of a
+method and a value, coloured with C{click.style}), which Autobahn computes
+for debug lines in C{connectionMade}, C{_connectionMade},
+C{processHandshake}, C{sendData} and C{connectionLost}, four times per
+connection set-up: about 7% of a set-up's CPU. L{install_highlight}
+replaces those two names in the modules that call them
+(L{HIGHLIGHT_TARGETS}) with L{lazy_hltype} and L{lazy_hlval}, whose
+L{LazyText} is formatted by Autobahn's own function when the text is used.
 """
 
 from __future__ import annotations
 
 import pprint
-from typing import Any
+from typing import Any, Callable
 
+import autobahn.twisted.websocket as _autobahn_twisted
+import autobahn.util as _autobahn_util
 import autobahn.websocket.protocol as _autobahn_protocol
 
 #: the module whose C{pformat} is replaced
@@ -62,3 +74,71 @@ def uninstall() -> None:
     """
     if getattr(TARGET, "pformat", None) is LazyPformat:
         setattr(TARGET, "pformat", pprint.pformat)
+
+
+#: the modules whose C{hltype} and C{hlval} are replaced
+HIGHLIGHT_TARGETS = (_autobahn_protocol, _autobahn_twisted)
+
+
+class LazyText(str):
+    """
+    C{function(*args, **kwargs)}, computed only when the text is used (a
+    C{str}, empty, so that callers that need one still get one).
+    """
+
+    _call: tuple[Callable[..., str], tuple[Any, ...], dict[str, Any]]
+
+    def __new__(cls, function: Callable[..., str], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> "LazyText":
+        text = super().__new__(cls, "")
+        text._call = (function, args, kwargs)
+        return text
+
+    def __str__(self) -> str:
+        function, args, kwargs = self._call
+        return function(*args, **kwargs)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+
+def lazy_hltype(obj: Any) -> str:
+    """Autobahn's C{hltype(obj)}, lazily."""
+    return LazyText(_autobahn_util.hltype, (obj,), {})
+
+
+def lazy_hlval(val: Any, *args: Any, **kwargs: Any) -> str:
+    """Autobahn's C{hlval(val, ...)}, lazily."""
+    return LazyText(_autobahn_util.hlval, (val, *args), kwargs)
+
+
+#: what each replaced name becomes
+_LAZY_HIGHLIGHT: dict[str, Callable[..., str]] = {"hltype": lazy_hltype, "hlval": lazy_hlval}
+
+
+def install_highlight() -> bool:
+    """
+    Replace C{hltype} and C{hlval} in L{HIGHLIGHT_TARGETS}, if each module
+    still has both names (a name a module no longer uses is not created);
+    C{True} if they now are.
+    """
+    if not all(hasattr(module, name)
+               for module in HIGHLIGHT_TARGETS for name in _LAZY_HIGHLIGHT):
+        return False
+    for module in HIGHLIGHT_TARGETS:
+        for name, lazy in _LAZY_HIGHLIGHT.items():
+            setattr(module, name, lazy)
+    return True
+
+
+def uninstall_highlight() -> None:
+    """
+    Give Autobahn's modules back C{autobahn.util}'s C{hltype} and C{hlval}.
+    """
+    for module in HIGHLIGHT_TARGETS:
+        for name, lazy in _LAZY_HIGHLIGHT.items():
+            if getattr(module, name, None) is lazy:
+                setattr(module, name, getattr(_autobahn_util, name))

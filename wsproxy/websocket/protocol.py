@@ -91,10 +91,12 @@ STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 
-# Autobahn's debug pretty-printing of every option per connection, made
-# lazy (wsproxy.fast.lazyformat; the start-up check undoes it if Autobahn
-# no longer formats that way)
+# Autobahn's debug pretty-printing of every option per connection, and its
+# highlighting of names and values for debug lines, made lazy
+# (wsproxy.fast.lazyformat; the start-up check undoes each if Autobahn no
+# longer formats that way)
 lazyformat.install()
+lazyformat.install_highlight()
 
 
 class _BudgetedAutobahnLog:
