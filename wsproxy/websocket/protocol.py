@@ -67,7 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..fast import inframes, lazyformat, timers
+from ..fast import handshake, inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
 from ..fast.timers import BucketTimer
@@ -417,6 +417,22 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._dataReceived(data)
         finally:
             BATCH.release()
+
+    def read_request(self, headers: dict[bytes, list[bytes]], data: bytes) -> None:
+        """
+        The upgrade request the site's lean parser read (C{data}: its
+        bytes, and whatever the client sent behind it; C{headers}: its
+        header lines as read), as L{dataReceived} would take it, without
+        Autobahn parsing it again (L{wsproxy.fast.handshake}) when it reads
+        it exactly as Autobahn would.
+        """
+        BATCH.hold()
+        try:
+            taken = handshake.read(self, headers, data)
+        finally:
+            BATCH.release()
+        if not taken:
+            self.dataReceived(data)
 
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires its "message" event for listeners
