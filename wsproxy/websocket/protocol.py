@@ -707,11 +707,16 @@ class ProxyFactory(WebSocketServerFactory):
         self.noisy = False
         # Autobahn copies each option onto every new protocol instance unless
         # the protocol already has it: as class attributes they cost nothing
-        # per connection (memory and set-up time).
+        # per connection (memory and set-up time). Its connectionMade then
+        # still walks every option (CONFIG_ATTRS) to find it there and list
+        # it for a debug line no level shows; with every option on the
+        # class, the class's list is empty and that walk is skipped.
+        options_as_attributes = {name: _class_attribute(getattr(self, name))
+                                 for name in ProxyProtocol.CONFIG_ATTRS}
         self.protocol = type(  # type: ignore[assignment]
             "ProxyProtocol",
             (ProxyProtocol,),
-            {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
+            {**options_as_attributes, "CONFIG_ATTRS": ()},
         )
 
     @property
