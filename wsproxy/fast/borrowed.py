@@ -488,10 +488,10 @@ def _probe_highlight(reactor: Any) -> Optional[str]:
             setattr(module, name, function)
         session.close()
     lazy = lazyformat.lazy_hlval(7, color="blue")
-    expect(lazy == "" and f"{lazy}" == autobahn.util.hlval(7, color="blue")
+    expect(f"{lazy}" == autobahn.util.hlval(7, color="blue")
            and str(lazyformat.lazy_hltype(_probe_highlight))
            == autobahn.util.hltype(_probe_highlight),
-           "LazyText does not format lazily")
+           "the lazy highlighting does not format as Autobahn's")
     return None
 
 

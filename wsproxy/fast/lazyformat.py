@@ -18,8 +18,8 @@ for debug lines in C{connectionMade}, C{_connectionMade},
 C{processHandshake}, C{sendData} and C{connectionLost}, four times per
 connection set-up: about 7% of a set-up's CPU. L{install_highlight}
 replaces those two names in the modules that call them
-(L{HIGHLIGHT_TARGETS}) with L{lazy_hltype} and L{lazy_hlval}, whose
-L{LazyText} is formatted by Autobahn's own function when the text is used.
+(L{HIGHLIGHT_TARGETS}) with L{LazyHltype} and L{LazyHlval}, formatted by
+Autobahn's own function when the text is used.
 """
 
 from __future__ import annotations
@@ -80,23 +80,21 @@ def uninstall() -> None:
 HIGHLIGHT_TARGETS = (_autobahn_protocol, _autobahn_twisted)
 
 
-class LazyText(str):
+class LazyHltype:
     """
-    C{function(*args, **kwargs)}, computed only when the text is used (a
-    C{str}, empty, so that callers that need one still get one).
+    Autobahn's C{hltype(obj)}, computed only when the text is used (by
+    C{str}, C{format} or C{repr}). Not a C{str}: Autobahn only passes it
+    to its loggers, and an object with one slot is made in a fifth of the
+    time a C{str} subclass with an attribute is.
     """
 
-    _call: tuple[Callable[..., str], tuple[Any, ...], dict[str, Any]]
+    __slots__ = ("_obj",)
 
-    def __new__(cls, function: Callable[..., str], args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> "LazyText":
-        text = super().__new__(cls, "")
-        text._call = (function, args, kwargs)
-        return text
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
 
     def __str__(self) -> str:
-        function, args, kwargs = self._call
-        return function(*args, **kwargs)
+        return str(_autobahn_util.hltype(self._obj))
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
@@ -105,18 +103,35 @@ class LazyText(str):
         return repr(str(self))
 
 
-def lazy_hltype(obj: Any) -> str:
-    """Autobahn's C{hltype(obj)}, lazily."""
-    return LazyText(_autobahn_util.hltype, (obj,), {})
+class LazyHlval:
+    """
+    Autobahn's C{hlval(val, ...)}, computed only when the text is used
+    (as L{LazyHltype}).
+    """
+
+    __slots__ = ("_val", "_args", "_kwargs")
+
+    def __init__(self, val: Any, *args: Any, **kwargs: Any) -> None:
+        self._val = val
+        self._args = args
+        self._kwargs = kwargs
+
+    def __str__(self) -> str:
+        return str(_autobahn_util.hlval(self._val, *self._args, **self._kwargs))
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
 
 
-def lazy_hlval(val: Any, *args: Any, **kwargs: Any) -> str:
-    """Autobahn's C{hlval(val, ...)}, lazily."""
-    return LazyText(_autobahn_util.hlval, (val, *args), kwargs)
+lazy_hltype = LazyHltype
+lazy_hlval = LazyHlval
 
 
 #: what each replaced name becomes
-_LAZY_HIGHLIGHT: dict[str, Callable[..., str]] = {"hltype": lazy_hltype, "hlval": lazy_hlval}
+_LAZY_HIGHLIGHT: dict[str, Callable[..., Any]] = {"hltype": lazy_hltype, "hlval": lazy_hlval}
 
 
 def install_highlight() -> bool:
