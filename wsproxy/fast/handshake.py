@@ -45,8 +45,9 @@ _KEY = re.compile(r"[A-Za-z0-9+/]{22}==\Z")
 
 
 def _lists(value: str | None, word: str) -> bool:
-    # as Autobahn reads Upgrade and Connection
-    return value is not None and any(item.strip().lower() == word for item in value.split(","))
+    # as Autobahn reads Upgrade and Connection (the one word alone first)
+    return value is not None and (value.lower() == word or any(
+        item.strip().lower() == word for item in value.split(",")))
 
 
 def read(protocol: Any, headers: dict[bytes, list[bytes]], data: bytes) -> bool:
@@ -76,7 +77,9 @@ def read(protocol: Any, headers: dict[bytes, list[bytes]], data: bytes) -> bool:
     uri = words[1]
     if uri[:1] != "/" or uri[:2] == "//" or ";" in uri or "#" in uri:
         return False
-    http_headers = {name.decode("latin-1"): ", ".join([v.decode("latin-1") for v in values])
+    # (as parseHttpHeader joins the lines of a repeated header)
+    http_headers = {name.decode("latin-1"): values[0].decode("latin-1") if len(values) == 1
+                    else ", ".join([v.decode("latin-1") for v in values])
                     for name, values in headers.items()}
     host = http_headers.get("host")
     version_value = http_headers.get("sec-websocket-version")
