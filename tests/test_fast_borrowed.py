@@ -25,7 +25,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from wsproxy.process.daemon import ProxyService
-from wsproxy.fast import borrowed, heap, inframes, lazyformat, poll, sockread, sockwrite, timers
+from wsproxy.fast import (
+    borrowed, handshake, heap, inframes, lazyformat, poll, sockread, sockwrite, timers,
+)
 from wsproxy.fast.__main__ import main
 
 from .memory import BINARY, TEXT, Frame, MemoryTestCase
@@ -54,6 +56,9 @@ FALLEN_BACK = {
     "autobahn.batched-timer": lambda: not timers.ENABLED,
     "autobahn.pformat": lambda: getattr(lazyformat.TARGET, "pformat", None)
     is not lazyformat.LazyPformat,
+    "autobahn.highlight": lambda: getattr(lazyformat.TARGET, "hltype", None)
+    is not lazyformat.lazy_hltype,
+    "autobahn.server-handshake": lambda: not handshake.ENABLED,
     "autobahn.nvx-masker": lambda: inframes.large_masker() is inframes.unmask_pure,
     "cpython.gc-freeze": lambda: not heap.ENABLED,
 }
@@ -138,6 +143,21 @@ class PinTests(Checking):
         pformat.
         """
         self.assertInUse("autobahn.pformat")
+
+    def test_autobahn_highlight(self) -> None:
+        """
+        Autobahn's connection set-up highlights names for its debug lines
+        with its modules' hltype.
+        """
+        self.assertInUse("autobahn.highlight")
+
+    def test_autobahn_server_handshake(self) -> None:
+        """
+        Autobahn's server handshake leaves on the connection, and asks
+        onConnect with, what wsproxy.fast.handshake sets from the lean
+        parser's reading, for each sample request; both answer alike.
+        """
+        self.assertInUse("autobahn.server-handshake")
 
     def test_autobahn_nvx_masker(self) -> None:
         """
@@ -443,6 +463,45 @@ class AutobahnFallbackTests(MemoryTestCase):
         self.patch(WebSocketProtocol, "_connectionMade", connectionMade)
         self.check("autobahn.pformat")
         self.assertIs(target.pformat, pprint.pformat)
+        self.assertProxyWorks()
+
+    def test_autobahn_no_longer_highlights_with_hlval(self) -> None:
+        """
+        An Autobahn whose Twisted adapter no longer has hlval (a release
+        that highlights some other way): the probe finds it, the modules get
+        autobahn.util's hltype and hlval back, and the name that is gone is
+        not created.
+        """
+        import autobahn.util
+
+        from autobahn.twisted import websocket as autobahn_twisted
+
+        lazy = autobahn_twisted.hlval
+        del autobahn_twisted.hlval
+        self.addCleanup(setattr, autobahn_twisted, "hlval", lazy)
+        self.check("autobahn.highlight")
+        self.assertFalse(hasattr(autobahn_twisted, "hlval"))
+        self.assertIs(autobahn_twisted.hltype, autobahn.util.hltype)
+        self.assertIs(lazyformat.TARGET.hltype, autobahn.util.hltype)
+        self.assertIs(lazyformat.TARGET.hlval, autobahn.util.hlval)
+        # (this Autobahn's code still calls the name: its own function)
+        autobahn_twisted.hlval = autobahn.util.hlval
+        self.assertProxyWorks()
+
+    def test_autobahn_handshake_sets_more(self) -> None:
+        """
+        An Autobahn whose server handshake leaves something more on the
+        connection than wsproxy.fast.handshake sets: the probe finds it,
+        and Autobahn reads every request again itself.
+        """
+        process = WebSocketServerProtocol.processHandshake
+
+        def processHandshake(self: Any) -> None:
+            process(self)
+            self.http_request_fragment = ""
+
+        self.patch(WebSocketServerProtocol, "processHandshake", processHandshake)
+        self.check("autobahn.server-handshake")
         self.assertProxyWorks()
 
     def test_timer_fallback_uses_autobahns_own(self) -> None:

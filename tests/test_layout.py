@@ -34,7 +34,7 @@ ROOMS = {
                 "control", "frames", "backpressure"},
     "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster"},
     "fast": {"__main__", "borrowed", "poll", "sockwrite", "sockread", "inframes", "timers", "heap",
-             "lazyformat"},
+             "lazyformat", "handshake"},
     "": {"config", "names", "refusal", "metrics", "logs", "backend"},
 }
 #: top-level modules that are not part of the base: the entry point and the

@@ -173,6 +173,26 @@ class AcceptTests(AdmissionTestCase):
         self.assertNothingLeft(memory)
 
 
+    def test_options_are_the_classs(self) -> None:
+        """
+        Every option Autobahn would copy onto a new connection
+        (CONFIG_ATTRS) is an attribute of the factory's protocol class, with
+        the factory's value, so the class's own list of them is empty (its
+        connectionMade walks nothing) and an open connection sees each
+        option as the factory set it.
+        """
+        from autobahn.twisted.websocket import WebSocketServerProtocol
+
+        memory = self.start()
+        factory = memory.site.ws_factory
+        cls = factory.protocol
+        self.assertEqual(cls.CONFIG_ATTRS, ())
+        client = memory.open()
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            self.assertIn(name, cls.__dict__, name)
+            self.assertEqual(getattr(client.protocol, name), getattr(factory, name), name)
+
+
 class SubscribeBeforeOpenTests(AdmissionTestCase):
     def test_no_101_before_the_subscription_is_confirmed(self) -> None:
         """

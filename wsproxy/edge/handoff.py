@@ -6,8 +6,10 @@ request the site decided to pass on.
 
 What it holds:
 
-  - the upgrade request's bytes (the protocol reads the request again:
-    Autobahn parses its own opening handshake);
+  - the upgrade request's bytes, and the header lines the lean parser read
+    from them (the protocol takes those as they are,
+    L{wsproxy.fast.handshake}; else Autobahn parses its own opening
+    handshake from the bytes);
   - the bytes the client sent behind the request before the protocol
     exists (while a header token is compared), in the order they came;
   - the token comparison under way, and its result once equal (the
@@ -83,15 +85,22 @@ class HandOff:
         L{release}.
     """
 
-    __slots__ = ("owner", "protocol", "_channel", "_factory", "_request", "_early",
+    __slots__ = ("owner", "protocol", "_channel", "_factory", "_request", "_headers", "_early",
                  "_compared", "_comparison", "_timer")
 
-    def __init__(self, channel: "_DeadlineChannel", factory: ProxyFactory, request: bytes) -> None:
+    def __init__(self, channel: "_DeadlineChannel", factory: ProxyFactory, request: bytes,
+                 headers: Optional[dict[bytes, list[bytes]]] = None) -> None:
+        """
+        @param headers: the request's header lines as the lean parser read
+            them (L{wsproxy.edge.upgrade.Upgrade.lean}), or C{None}:
+            Autobahn reads them from C{request}.
+        """
         self.owner = CHANNEL
         self.protocol: Optional[ProxyProtocol] = None
         self._channel: Optional[_DeadlineChannel] = channel
         self._factory = factory
         self._request = request
+        self._headers = headers
         self._early: list[bytes] = []
         #: (session id, token, Compared) once the site's comparison found
         #: the token equal
@@ -239,9 +248,13 @@ class HandOff:
         data = self._request
         if self._early:
             data += b"".join(self._early)
+        headers, self._headers = self._headers, None
         self._request = b""
         self._early = []
-        protocol.dataReceived(data)
+        if headers is None:
+            protocol.dataReceived(data)
+        else:
+            protocol.read_request(headers, data)
 
     # -- step 4 ---------------------------------------------------------------
 

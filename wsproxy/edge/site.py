@@ -164,7 +164,8 @@ class Root(resource.Resource):
             )
             channel.refuse(refusal)
             return
-        hand_off = channel.hand_off = HandOff(channel, self._factory, upgrade.raw)
+        hand_off = channel.hand_off = HandOff(channel, self._factory, upgrade.raw,
+                                              upgrade.headers if upgrade.lean else None)
         comparable = self._comparable(upgrade)
         if comparable is None:
             hand_off.to_websocket()

@@ -94,16 +94,20 @@ class Upgrade:
         header line.
     @ivar raw: the request as Autobahn is to read it, and whatever the
         client sent behind it.
+    @ivar lean: read by L{lean_upgrade}: its head is C{raw}'s, and
+        C{headers} is what Autobahn would read from it (the WebSocket
+        protocol then takes them as they are, L{wsproxy.fast.handshake}).
     """
 
-    __slots__ = ("target", "version", "headers", "raw")
+    __slots__ = ("target", "version", "headers", "raw", "lean")
 
     def __init__(self, target: bytes, headers: dict[bytes, list[bytes]], raw: bytes,
-                 version: bytes = b"HTTP/1.1") -> None:
+                 version: bytes = b"HTTP/1.1", lean: bool = False) -> None:
         self.target = target
         self.version = version
         self.headers = headers
         self.raw = raw
+        self.lean = lean
 
     @property
     def path(self) -> str:
@@ -159,7 +163,7 @@ def lean_upgrade(head: bytes, raw: bytes) -> Optional[Upgrade]:
     upgrade = headers.get(b"upgrade")
     if upgrade is None or not names_websocket(upgrade):
         return None
-    return Upgrade(match.group(1), headers, raw)
+    return Upgrade(match.group(1), headers, raw, lean=True)
 
 
 #: the one C{Content-Length} an upgrade may carry: it announces no body

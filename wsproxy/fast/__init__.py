@@ -12,7 +12,9 @@ framework's own path to fall back to.
   - L{sockread}: the Redis connections read into one reused buffer.
   - L{inframes}: the common client frame read without Autobahn.
   - L{timers}: Autobahn's per-connection deadlines on O(1) buckets.
-  - L{lazyformat}: Autobahn's debug pretty-printing made lazy.
+  - L{lazyformat}: Autobahn's debug pretty-printing and highlighting made lazy.
+  - L{handshake}: the opening handshake of a request the site read, without
+    Autobahn parsing it again.
   - L{heap}: the cycle collector kept from pausing the proxy.
 
 Their tests are C{tests/test_fast_*.py}: run them (and

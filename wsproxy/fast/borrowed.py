@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
-from . import heap, inframes, lazyformat, poll, sockread, sockwrite, timers
+from . import handshake, heap, inframes, lazyformat, poll, sockread, sockwrite, timers
 
 _log = Logger()
 
@@ -457,6 +457,141 @@ def _enable_pformat() -> None:
     lazyformat.install()
 
 
+# -- autobahn: its debug highlighting (wsproxy.fast.lazyformat) --------------
+
+
+def _probe_highlight(reactor: Any) -> Optional[str]:
+    import autobahn.util
+
+    for module in lazyformat.HIGHLIGHT_TARGETS:
+        for name in ("hltype", "hlval"):
+            expect(hasattr(module, name), f"{module.__name__} has no {name}")
+    called: list[str] = []
+    previous = {(module, name): getattr(module, name)
+                for module in lazyformat.HIGHLIGHT_TARGETS for name in ("hltype", "hlval")}
+
+    def recording(module: Any, name: str) -> Callable[..., str]:
+        def highlight(*args: Any, **kwargs: Any) -> str:
+            called.append(f"{module.__name__}.{name}")
+            return ""
+        return highlight
+
+    for module, name in previous:
+        setattr(module, name, recording(module, name))
+    session = _Session()
+    try:
+        session.open()
+        expect({f"{m.__name__}.hltype" for m in lazyformat.HIGHLIGHT_TARGETS} <= set(called),
+               "Autobahn's connection set-up no longer highlights with its modules' hltype")
+    finally:
+        for (module, name), function in previous.items():
+            setattr(module, name, function)
+        session.close()
+    lazy = lazyformat.lazy_hlval(7, color="blue")
+    expect(f"{lazy}" == autobahn.util.hlval(7, color="blue")
+           and str(lazyformat.lazy_hltype(_probe_highlight))
+           == autobahn.util.hltype(_probe_highlight),
+           "the lazy highlighting does not format as Autobahn's")
+    return None
+
+
+def _disable_highlight() -> None:
+    lazyformat.uninstall_highlight()
+
+
+def _enable_highlight() -> None:
+    lazyformat.install_highlight()
+
+
+# -- autobahn: the server handshake (wsproxy.fast.handshake) -----------------
+
+#: requests both ways must read alike: a plain one; one with a query, a
+#: port, subprotocols, an origin, a compression offer, a repeated header and
+#: a frame behind it; hybi-10's version 8 with its own origin header
+_HANDSHAKE_SAMPLES = (
+    b"GET /app/ws/s1 HTTP/1.1\r\nHost: probe\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer t0k\r\n\r\n",
+    b"GET /app/ws/s2?access_token=t&x=1&x=2 HTTP/1.1\r\nHost: probe.example:8080\r\n"
+    b"Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+    b"Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: bearer, t0k\r\nOrigin: https://app.example\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    b"X-Thing: one\r\nX-Thing:  two \r\n\r\n\x81\x82abcd\x09\x0b",
+    b"GET /app/ws/s3 HTTP/1.1\r\nHost: [::1]:9000\r\nUpgrade: WebSocket\r\n"
+    b"Connection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Origin: http://[::1]:9000\r\n\r\n",
+)
+
+
+#: what a ConnectionRequest holds (it has slots)
+_REQUEST_FIELDS = ("peer", "headers", "host", "path", "params", "version", "origin", "protocols",
+                   "extensions")
+
+
+def _sample_headers(request: bytes) -> dict[bytes, list[bytes]]:
+    # the header lines, as the site's lean parser reads them
+    headers: dict[bytes, list[bytes]] = {}
+    for line in request.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
+    return headers
+
+
+def _handshake_state(session: "_Session") -> dict[str, Any]:
+    # what the handshake left on the connection that can be compared
+    plain = (str, bytes, int, float, bool, type(None), list, dict, tuple)
+    state = {name: value for name, value in vars(session.protocol).items()
+             if isinstance(value, plain)}
+    state["written"] = session.transport.value()
+    return state
+
+
+def _probe_server_handshake(reactor: Any) -> Optional[str]:
+    from autobahn.websocket.types import ConnectionRequest
+
+    expect(callable(getattr(handshake.AUTOBAHN, "_url_to_origin", None))
+           and callable(getattr(handshake.AUTOBAHN, "_is_same_origin", None)),
+           "Autobahn has no _url_to_origin or _is_same_origin")
+    for request in _HANDSHAKE_SAMPLES:
+        seen: list[dict[str, Any]] = []
+        states = []
+        for by_autobahn in (True, False):
+            session = _Session()
+            protocol = session.protocol
+
+            def connect(request: ConnectionRequest, seen: list[dict[str, Any]] = seen) -> None:
+                seen.append({name: getattr(request, name) for name in _REQUEST_FIELDS})
+
+            protocol.onConnect = connect
+            try:
+                protocol.makeConnection(session.transport)
+                if by_autobahn:
+                    protocol.dataReceived(request)
+                else:
+                    expect(handshake.read(protocol, _sample_headers(request), request),
+                           "the handshake was left to Autobahn")
+                states.append(_handshake_state(session))
+            finally:
+                session.close()
+        expect(seen[0] == seen[1], "Autobahn's connection request differs: "
+               + ", ".join(k for k in seen[0] if seen[0][k] != seen[1].get(k)))
+        expect(states[0] == states[1], "Autobahn's handshake leaves other state: "
+               + ", ".join(sorted(k for k in states[0].keys() | states[1].keys()
+                                  if states[0].get(k) != states[1].get(k))))
+        expect(states[0]["written"].startswith(b"HTTP/1.1 101"),
+               "Autobahn did not accept a sample handshake")
+    return None
+
+
+def _disable_server_handshake() -> None:
+    handshake.ENABLED = False
+
+
+def _enable_server_handshake() -> None:
+    handshake.ENABLED = True
+
+
 # -- autobahn: the native masker (wsproxy.fast.inframes) --------------------
 
 
@@ -571,6 +706,23 @@ INTERNALS: tuple[Internal, ...] = (
         "wsproxy.fast.lazyformat (installed by wsproxy.websocket.protocol)",
         "Autobahn's eager pprint.pformat",
         _probe_pformat, _disable_pformat, _enable_pformat,
+    ),
+    Internal(
+        "autobahn.highlight",
+        "hltype and hlval of autobahn.websocket.protocol and autobahn.twisted.websocket "
+        "(replaced process-wide)",
+        "wsproxy.fast.lazyformat (installed by wsproxy.websocket.protocol)",
+        "Autobahn's eager autobahn.util.hltype and hlval",
+        _probe_highlight, _disable_highlight, _enable_highlight,
+    ),
+    Internal(
+        "autobahn.server-handshake",
+        "what WebSocketServerProtocol.processHandshake sets (http_headers, "
+        "http_request_*, websocket_*, _wskey, data), _url_to_origin, _is_same_origin, "
+        "_parseExtensionsHeader, ConnectionRequest, onConnect/succeedHandshake",
+        "wsproxy.fast.handshake (ProxyProtocol.read_request, from wsproxy.edge.handoff)",
+        "Autobahn parsing the request again (processHandshake)",
+        _probe_server_handshake, _disable_server_handshake, _enable_server_handshake,
     ),
     Internal(
         "autobahn.nvx-masker",

@@ -34,6 +34,9 @@ HANDSHAKE_ONLY = (
     "http_request_params", "http_request_path", "http_request_host", "http_request_uri",
     "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
 )
+_HANDSHAKE_ONLY = frozenset(HANDSHAKE_ONLY)
+#: no default learnt yet
+_UNLEARNT = object()
 
 
 def compact(protocol: ProxyProtocol) -> None:
@@ -69,7 +72,12 @@ def compact(protocol: ProxyProtocol) -> None:
         cls._learnt = defaults
     kept = {}
     for name, value in protocol.__dict__.items():
-        if name in HANDSHAKE_ONLY:
+        # the common case first, decided as below: an immutable value that
+        # is its learnt default (most of the attributes, once a connection
+        # of the class has opened)
+        if value is defaults.get(name, _UNLEARNT) and type(value) in IMMUTABLE:
+            continue
+        if name in _HANDSHAKE_ONLY:
             continue
         if name in SHARED and getattr(cls, name) == value:
             continue

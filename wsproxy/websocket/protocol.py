@@ -67,7 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..fast import inframes, lazyformat, timers
+from ..fast import handshake, inframes, lazyformat, timers
 from ..fast.inframes import simple_frame
 from ..fast.sockwrite import BATCH, Pending, plain_socket, write_now
 from ..fast.timers import BucketTimer
@@ -92,10 +92,12 @@ STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 
-# Autobahn's debug pretty-printing of every option per connection, made
-# lazy (wsproxy.fast.lazyformat; the start-up check undoes it if Autobahn
-# no longer formats that way)
+# Autobahn's debug pretty-printing of every option per connection, and its
+# highlighting of names and values for debug lines, made lazy
+# (wsproxy.fast.lazyformat; the start-up check undoes each if Autobahn no
+# longer formats that way)
 lazyformat.install()
+lazyformat.install_highlight()
 
 
 class _BudgetedAutobahnLog:
@@ -124,13 +126,33 @@ class _BudgetedAutobahnLog:
         return log
 
 
+class _ClassLogger(Logger):
+    """
+    A class's logger, as Twisted's C{Logger()} class attribute (namespace
+    C{module.Class}), made once per class rather than at every access
+    (Twisted's makes a new one each time, with the instance as its
+    source: a fifth of what the open's log line cost, per connection).
+    Its events' C{log_source} is the class, which no observer here reads.
+    """
+
+    def __get__(self, instance: object, owner: Optional[type] = None) -> Logger:
+        owner = owner if owner is not None else type(instance)
+        made = owner.__dict__.get("_class_logger")
+        if made is None:
+            made = Logger(".".join([owner.__module__, owner.__name__]), owner,
+                          observer=self.observer)
+            # (on the class itself: a subclass makes its own)
+            setattr(owner, "_class_logger", made)
+        return cast(Logger, made)
+
+
 @implementer(IPushProducer)
 class ProxyProtocol(WebSocketServerProtocol):
     """
     One client connection of one session.
     """
 
-    _log = Logger()
+    _log = _ClassLogger()
     #: attribute defaults learnt from the first open connection of a class
     #: (_compact; each class has its own, in its __dict__)
     _learnt: dict[str, object] = {}
@@ -399,6 +421,22 @@ class ProxyProtocol(WebSocketServerProtocol):
             self._dataReceived(data)
         finally:
             BATCH.release()
+
+    def read_request(self, headers: dict[bytes, list[bytes]], data: bytes) -> None:
+        """
+        The upgrade request the site's lean parser read (C{data}: its
+        bytes, and whatever the client sent behind it; C{headers}: its
+        header lines as read), as L{dataReceived} would take it, without
+        Autobahn parsing it again (L{wsproxy.fast.handshake}) when it reads
+        it exactly as Autobahn would.
+        """
+        BATCH.hold()
+        try:
+            taken = handshake.read(self, headers, data)
+        finally:
+            BATCH.release()
+        if not taken:
+            self.dataReceived(data)
 
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires its "message" event for listeners
@@ -683,11 +721,16 @@ class ProxyFactory(WebSocketServerFactory):
         self.noisy = False
         # Autobahn copies each option onto every new protocol instance unless
         # the protocol already has it: as class attributes they cost nothing
-        # per connection (memory and set-up time).
+        # per connection (memory and set-up time). Its connectionMade then
+        # still walks every option (CONFIG_ATTRS) to find it there and list
+        # it for a debug line no level shows; with every option on the
+        # class, the class's list is empty and that walk is skipped.
+        options_as_attributes = {name: _class_attribute(getattr(self, name))
+                                 for name in ProxyProtocol.CONFIG_ATTRS}
         self.protocol = type(  # type: ignore[assignment]
             "ProxyProtocol",
             (ProxyProtocol,),
-            {name: _class_attribute(getattr(self, name)) for name in ProxyProtocol.CONFIG_ATTRS},
+            {**options_as_attributes, "CONFIG_ATTRS": ()},
         )
 
     @property
