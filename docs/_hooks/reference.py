@@ -198,6 +198,7 @@ def _families() -> list[tuple[str, str, str, list[str], str]]:
     stats.cluster_shards = lambda: [("127.0.0.1:7000", True, 1)]
     stats.cluster_redirects = lambda: Counter({"moved": 1})
     stats.canary_rtt = lambda: 0.001
+    stats.jwt_keys = lambda: 1
     stats.gc_pause.labels("0").observe(0.001)
     found = [(family, "every process") for family in
              text_string_to_metric_families(stats.render().decode())]
