@@ -285,7 +285,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
         # the admission (wsproxy.websocket.admission), kept so that a client
         # leaving mid-admission cancels it (closing.end_session)
-        self._admission = defer.ensureDeferred(admission.admit(self, request))
+        self._admission = admission.start(self, request)
         return self._admission.addErrback(admission.refuse, self)
 
     def failHandshake(
