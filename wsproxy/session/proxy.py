@@ -541,9 +541,10 @@ class Proxy:
 
     # -- admission ---------------------------------------------------------
     #
-    # The site calls screen (429) before anything else; admission.admit (websocket)
+    # The site calls screen (429) before anything else; admission.start (websocket)
     # then calls these in order: route -> precheck -> authorize (token,
-    # then subscription) -> open. Each raises the Refusal it decides;
+    # then subscription; subscribe_compared for a token the site compared)
+    # -> open. Each raises the Refusal it decides;
     # nothing else refuses a WebSocket upgrade, and every refusal is
     # counted and logged by refused().
 

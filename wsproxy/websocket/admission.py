@@ -4,9 +4,10 @@ The admission of one WebSocket connection, in order, and its open
 C{failHandshake} and C{onOpen} call these: module functions, not an
 object per connection).
 
-Data flows one way: upgrade request → L{admit} (route, precheck, resume
+Data flows one way: upgrade request → L{start} (route, precheck, resume
 plan, acknowledgements, token, subscription confirmed by Redis, each
-decided by L{Proxy}) → 101 and L{open_session}, or a refusal
+decided by L{Proxy}: L{admit} in general, plain callbacks for a header
+token the site already compared) → 101 and L{open_session}, or a refusal
 (L{refuse}, then L{fail_handshake}: one response, one log line).
 
 Who owns the session's subscription: the hub while it is being confirmed

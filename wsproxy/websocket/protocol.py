@@ -23,7 +23,7 @@ The per-message paths stay here: C{deliver}, C{_send_message}, C{_write}
 in).
 
 Data flows one way through a connection: upgrade request → admission
-(L{admission.admit}: route, precheck, token check, subscription
+(L{admission.start}: route, precheck, token check, subscription
 confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
 published on C{:up}, messages from the hub are sent as frames.
 
