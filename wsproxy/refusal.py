@@ -29,8 +29,19 @@ class Refusal(Exception):
     def response(self) -> bytes:
         """
         The complete HTTP response: status line, headers, the reason as a
-        plain-text body, and C{Connection: close}.
+        plain-text body, and C{Connection: close}. Made once per distinct
+        refusal (L{_RESPONSES}): a flood of refused handshakes is answered
+        with the same few responses.
         """
+        key = (self.code, self.reason, self.headers)
+        response = _RESPONSES.get(key)
+        if response is None:
+            response = self._response()
+            if len(_RESPONSES) < _RESPONSES_KEPT:
+                _RESPONSES[key] = response
+        return response
+
+    def _response(self) -> bytes:
         body = (self.reason + "\n").encode("utf-8")
         head = [f"HTTP/1.1 {self.code} {self.reason}"]
         head += [f"{name}: {value}" for name, value in self.headers]
@@ -42,6 +53,14 @@ class Refusal(Exception):
             "",
         ]
         return "\r\n".join(head).encode("utf-8") + body
+
+
+#: each distinct refusal's response (by code, reason and headers: never
+#: the refusal itself, whose traceback may hold a connection), up to
+#: L{_RESPONSES_KEPT} of them (the reasons Autobahn words from a request,
+#: and Retry-After values, may each be new)
+_RESPONSES: dict[tuple[int, str, tuple[tuple[str, str], ...]], bytes] = {}
+_RESPONSES_KEPT = 256
 
 
 #: the refusal of a client that left before its handshake completed (it is

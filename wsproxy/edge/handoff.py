@@ -217,7 +217,7 @@ class HandOff:
         """
         Hand the connection to a new WebSocket protocol, which reads the
         request (with whatever the client sent behind it) again and runs
-        its admission (L{wsproxy.websocket.admission.admit}).
+        its admission (L{wsproxy.websocket.admission.start}).
         """
         channel = self._channel
         assert channel is not None

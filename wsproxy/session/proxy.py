@@ -134,6 +134,16 @@ def redis_refusal(error: Exception) -> Refusal:
     return Refusal(503, "Redis unavailable")
 
 
+def _refused_by_redis(failure: Failure) -> Failure:
+    """
+    L{redis_refusal} of a Redis failure (L{REDIS_FAILURES}); any other
+    failure as it is.
+    """
+    if failure.check(*REDIS_FAILURES):
+        raise redis_refusal(cast(Exception, failure.value))
+    return failure
+
+
 class Comparison:
     """
     A header token checked before the WebSocket handshake (L{Proxy.compare}),
@@ -531,9 +541,10 @@ class Proxy:
 
     # -- admission ---------------------------------------------------------
     #
-    # The site calls screen (429) before anything else; admission.admit (websocket)
+    # The site calls screen (429) before anything else; admission.start (websocket)
     # then calls these in order: route -> precheck -> authorize (token,
-    # then subscription) -> open. Each raises the Refusal it decides;
+    # then subscription; subscribe_compared for a token the site compared)
+    # -> open. Each raises the Refusal it decides;
     # nothing else refuses a WebSocket upgrade, and every refusal is
     # counted and logged by refused().
 
@@ -709,6 +720,22 @@ class Proxy:
             return result
         except REDIS_FAILURES as e:
             raise redis_refusal(e) from None
+
+    def subscribe_compared(self, channel: str, listener: Listener,
+                           compared: "Compared") -> defer.Deferred[Any]:
+        """
+        L{authorize} of credentials already found good (L{compare}) for a
+        plain session, one subscription: the same deadline (what is left
+        of C{AUTH_TIMEOUT_SECS}), the same refusals (503, 504, and
+        L{CLIENT_LEFT} when cancelled), the same release of the
+        subscription on every failure (the hub's: it owns it until Redis
+        confirms it), as the hub's own Deferred with plain callbacks
+        rather than the coroutines of L{authorize}.
+        """
+        timeout = self.settings.auth_timeout - (self.clock.seconds() - compared.since)
+        self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
+        d = with_deadline(self.hub.subscribe(channel, listener), max(timeout, 0.0), self.clock)
+        return d.addErrback(_refused_by_redis)
 
     async def _authorize(
         self,

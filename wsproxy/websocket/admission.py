@@ -4,9 +4,10 @@ The admission of one WebSocket connection, in order, and its open
 C{failHandshake} and C{onOpen} call these: module functions, not an
 object per connection).
 
-Data flows one way: upgrade request → L{admit} (route, precheck, resume
+Data flows one way: upgrade request → L{start} (route, precheck, resume
 plan, acknowledgements, token, subscription confirmed by Redis, each
-decided by L{Proxy}) → 101 and L{open_session}, or a refusal
+decided by L{Proxy}: L{admit} in general, plain callbacks for a header
+token the site already compared) → 101 and L{open_session}, or a refusal
 (L{refuse}, then L{fail_handshake}: one response, one log line).
 
 Who owns the session's subscription: the hub while it is being confirmed
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from ..fast.sockwrite import Pending, plain_socket
@@ -30,8 +32,10 @@ from ..names import down_channel, live_channel, up_channel
 from ..redis.pubsub import Listener
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..session import auth, upstream
+from ..session.proxy import Compared, ResumeRequest
 from ..session.resume import Resumer
 from ..session.upstream import Appender
+from ..session.webtoken import Grant
 from . import states
 from .downstream import LiveSink, PlainSink, PrefixedSink
 from .states import OPEN
@@ -51,14 +55,54 @@ def redact(reason: str) -> str:
     return reason.strip().rstrip(":-").strip() or "Bad request"
 
 
-async def admit(protocol: ProxyProtocol, request: Any) -> Optional[str]:
+def start(protocol: ProxyProtocol, request: Any) -> defer.Deferred[Optional[str]]:
     """
-    The whole admission, in order; each step raises its L{Refusal}.
+    The admission (L{admit}), as the Deferred Autobahn waits on and a
+    client that leaves cancels (L{wsproxy.websocket.closing.end_session}).
 
-    @return: the subprotocol to answer with, if any.
+    The common case, a header token the site already found good
+    (L{ProxyProtocol.compared_by_site}) and a plain session, is only a
+    subscription: it runs as plain callbacks on the hub's Deferred
+    (L{Proxy.subscribe_compared}: the same deadline, the same release of
+    the subscription on every failure, the same cancellation), without
+    the coroutine and Deferred layers of L{admit} and L{Proxy.authorize}
+    (about a tenth of a set-up's CPU).
+    """
+    try:
+        prepared = _prepare(protocol, request)
+    except BaseException:
+        # as the coroutine would: its refusals (and anything unexpected)
+        # fail the admission's Deferred before it waits on anything
+        return defer.fail()
+    session_id, agent_id, credentials, subscriptions, resume, compared = prepared
+    if compared is None or resume is not None or len(subscriptions) != 1:
+        return defer.ensureDeferred(admit(protocol, request, prepared))
+    assert credentials is not None  # compared: the request's own token
+    channel, listener = subscriptions[0]
+    d = protocol._proxy.subscribe_compared(channel, listener, compared[2])
+    return d.addCallback(_subscribed, protocol, compared[2].grant, subscriptions, credentials)
+
+
+def _subscribed(_: object, protocol: ProxyProtocol, grant: Grant,
+                subscriptions: list[tuple[str, Listener]],
+                credentials: auth.Credentials) -> Optional[str]:
+    protocol._recovery = None
+    return _admitted(protocol, grant, subscriptions, credentials)
+
+
+_Prepared = tuple[str, str, Optional[auth.Credentials], list[tuple[str, Listener]],
+                  Optional[ResumeRequest], Optional[tuple[str, str, Compared]]]
+
+
+def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
+    """
+    The admission's steps before Redis: route, precheck, resume plan,
+    acknowledgements, the credentials and the subscriptions to make; each
+    raises its L{Refusal}.
     """
     proxy = protocol._proxy
-    protocol.agent_id, session_id = proxy.route(request.path)
+    agent_id, session_id = proxy.route(request.path)
+    protocol.agent_id = agent_id
     protocol.session_id = session_id
     proxy.precheck(request.headers)
     resume = proxy.resume_request(protocol.http_request_uri)
@@ -91,9 +135,21 @@ async def admit(protocol: ProxyProtocol, request: Any) -> Optional[str]:
         credentials is None or compared[:2] != (session_id, credentials.token)
     ):
         compared = None
+    return session_id, agent_id, credentials, subscriptions, resume, compared
+
+
+async def admit(protocol: ProxyProtocol, request: Any, prepared: _Prepared) -> Optional[str]:
+    """
+    The whole admission, in order (L{_prepare}, then L{Proxy.authorize});
+    each step raises its L{Refusal}.
+
+    @return: the subprotocol to answer with, if any.
+    """
+    proxy = protocol._proxy
+    session_id, agent_id, credentials, subscriptions, resume, compared = prepared
     try:
         protocol._recovery, grant = await proxy.authorize(
-            session_id, protocol.agent_id, credentials, subscriptions, resume,
+            session_id, agent_id, credentials, subscriptions, resume,
             None if compared is None else compared[2],
         )
     except Refusal as refusal:
@@ -101,6 +157,17 @@ async def admit(protocol: ProxyProtocol, request: Any) -> Optional[str]:
             # the credentials were refused: counts towards AUTH_FAIL_LIMIT
             proxy.auth_failed(protocol._client(request.headers))
         raise
+    assert credentials is not None
+    return _admitted(protocol, grant, subscriptions, credentials)
+
+
+def _admitted(protocol: ProxyProtocol, grant: Grant,
+              subscriptions: list[tuple[str, Listener]],
+              credentials: auth.Credentials) -> Optional[str]:
+    """
+    The credentials are good and Redis confirmed the subscriptions.
+    """
+    proxy = protocol._proxy
     if grant.expires is not None and proxy.settings.jwt_expire_connections:
         protocol._grant = grant
     if protocol.state == WebSocketProtocol.STATE_CLOSED or protocol.droppedByMe:
@@ -111,8 +178,7 @@ async def admit(protocol: ProxyProtocol, request: Any) -> Optional[str]:
         raise CLIENT_LEFT
     # admitted: the subscriptions are ours from here on
     protocol._subscriptions = subscriptions
-    protocol._up_channel = up_channel(session_id)
-    assert credentials is not None
+    protocol._up_channel = up_channel(protocol.session_id or "")
     return auth.BEARER_SUBPROTOCOL if credentials.source == "subprotocol" else None
 
 

@@ -23,7 +23,7 @@ The per-message paths stay here: C{deliver}, C{_send_message}, C{_write}
 in).
 
 Data flows one way through a connection: upgrade request → admission
-(L{admission.admit}: route, precheck, token check, subscription
+(L{admission.start}: route, precheck, token check, subscription
 confirmed by Redis, each decided by L{Proxy}) → 101 → frames in are
 published on C{:up}, messages from the hub are sent as frames.
 
@@ -285,7 +285,7 @@ class ProxyProtocol(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> defer.Deferred[Any]:  # type: ignore[override]
         # the admission (wsproxy.websocket.admission), kept so that a client
         # leaving mid-admission cancels it (closing.end_session)
-        self._admission = defer.ensureDeferred(admission.admit(self, request))
+        self._admission = admission.start(self, request)
         return self._admission.addErrback(admission.refuse, self)
 
     def failHandshake(
