@@ -7,6 +7,8 @@ key files, JWK Sets, reloads and the unknown-kid refresh floor.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -126,10 +128,22 @@ class RefusalTests(SynchronousTestCase):
 
     def test_malformed(self) -> None:
         for bad in ("abc", "a.b", "a.b.c.d", "", "..", token() + "=",
-                    token().replace(".", ".!", 1), "é." + token().split(".", 1)[1]):
+                    "é." + token().split(".", 1)[1], token().replace(".", ".é", 1)):
             with self.assertRaises(TokenRefused) as caught:
                 verifier().verify(bad, "s1", "a")
             self.assertIn(caught.exception.why, ("malformed", "not_json"), bad)
+
+    def test_payload_read_only_once_signed(self) -> None:
+        """
+        A payload is parsed only after its signature verified: a forged
+        token whose payload is not even base64 is a bad signature; a
+        correctly signed one of the same shape is malformed.
+        """
+        head, body, sig = token().split(".")
+        self.refused("signature", f"{head}.!{body}.{sig}")
+        text = f"{head}.!!!!"
+        mac = hmac.new(SECRET.encode(), text.encode(), hashlib.sha256).digest()
+        self.refused("malformed", f"{text}.{b64(mac)}")
 
     def test_not_json(self) -> None:
         self.refused("not_json", forge({"alg": "HS256"}, None, raw_payload=b"not json"))

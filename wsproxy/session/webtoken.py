@@ -9,7 +9,7 @@ C{JWT_SECRET}, claims C{session_id} and C{iat}, no C{exp}):
     C{JWT_MAX_TOKEN_BYTES}; a header that is a JSON object with a string
     C{alg}, an optional string C{kid} and no C{crit} (no extension is
     understood, so RFC 7515 section 4.1.11 says refuse); a payload that is
-    a JSON object;
+    a JSON object, read only once the signature holds;
   - an C{alg} in C{JWT_ALGORITHMS} for which a key of its kind is
     configured (HS* secrets, RS*/PS* RSA keys, ES256/ES384/ES512 keys on
     their own curve, EdDSA Ed25519/Ed448 keys): an HS256 token is only ever
@@ -278,7 +278,6 @@ class Verifier:
             header = _json_object(head)
             if len(_HEADERS) < _HEADERS_MAX:
                 _HEADERS[head] = header
-        claims = _json_object(body)
         name = header.get("alg")
         if not isinstance(name, str):
             raise TokenRefused("malformed")
@@ -307,7 +306,10 @@ class Verifier:
             raw_signature = _b64(signature)
         except (ValueError, binascii.Error):
             raise TokenRefused("malformed") from None
-        signed = token[: len(head) + 1 + len(body)].encode("ascii")
+        try:
+            signed = token[: len(head) + 1 + len(body)].encode("ascii")
+        except UnicodeEncodeError:
+            raise TokenRefused("malformed") from None
         digest = _HMAC.get(name)
         for candidate in candidates:
             if digest is not None:
@@ -317,7 +319,9 @@ class Verifier:
                 break
         else:
             raise TokenRefused("signature")
-        return self._claims(claims, session_id, agent_id)
+        # the payload is read only once its signature holds: a forged
+        # token costs no JSON parsing, and nothing unsigned is ever parsed
+        return self._claims(_json_object(body), session_id, agent_id)
 
     def _claims(self, claims: Mapping[str, Any], session_id: str, agent_id: str) -> Grant:
         # the types first: a claim of the wrong type is that, whatever else
