@@ -21,9 +21,9 @@ from redis.cluster import ClusterNode, RedisCluster
 from twisted.internet import reactor, task
 from twisted.python import log
 
-from wsproxy.backend import DurableConsumer
+from wsproxy.backend import Backend, DurableConsumer
 from wsproxy.redis.cluster import key_slot
-from wsproxy.names import auth_key, down_channel, up_channel
+from wsproxy.names import auth_key, down_channel, revoked_key, up_channel
 
 from .support import (
     ROOT,
@@ -44,6 +44,8 @@ from .support import (
     wait_for,
 )
 from .support.cluster import HOST, ClusterSetup
+from .support.http import raw_upgrade
+from .support.jwts import SECRET, token
 from .support.sentinel import Node, RigTestCase
 
 #: from the kill of a master to a message delivered through its replica
@@ -168,6 +170,35 @@ class ContractTests(ClusterTestCase):
         for host, port in setup.masters():
             self.assertIn(f'wsproxy_cluster_shard_up{{shard="{host}:{port}"}} 1.0', metrics)
             self.assertIn(f'wsproxy_cluster_shard_channels{{shard="{host}:{port}"}} 2.0', metrics)
+
+    async def test_jwts_tickets_and_denylist_on_every_shard(self) -> None:
+        """
+        AUTH_MODE=jwt with JWT_DENYLIST=session through a 3-master cluster,
+        two sessions on each shard: a JWT opens each (nothing stored), and
+        the session receives; a ticket stored on the key's master admits
+        once (GETDEL routed by its slot), then 403; a session on the
+        denylist (EXISTS routed by its slot) is refused 403.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, auth_mode=("jwt",), jwt_secret=SECRET,
+                                       jwt_denylist="session")
+        backend = self.backend(setup)
+        sessions = [s for group in setup.sessions_per_shard(2).values() for s in group]
+        for session in sessions:
+            client = await connect(proxy.url(session), token=token(session=session))
+            self.addCleanup(client.close_and_wait)
+            await wait_for(lambda: backend.spublish(down_channel(session), "hi") == 1)
+            await wait_for(lambda: (b"hi", False) in client.messages)
+            ticket = Backend(backend).issue_ticket(session)
+            first = await raw_upgrade(proxy.port, f"/a/ws/{session}?ticket={ticket}")
+            self.addCleanup(first.abort)
+            self.assertEqual(first.status, 101, first.head)
+            again = await raw_exchange(proxy.port, upgrade_request(f"/a/ws/{session}?ticket={ticket}"))
+            self.assertEqual(status_of(again), 403)
+            backend.set(revoked_key(session), "1", ex=60)
+            revoked = await raw_exchange(proxy.port, upgrade_request(
+                f"/a/ws/{session}", {"Authorization": f"Bearer {token(session=session)}"}))
+            self.assertIn(b"403 Token revoked", revoked)
 
     async def test_credentials_apply_to_every_node(self) -> None:
         """
