@@ -509,6 +509,32 @@ class BrowserTests(TestCase):
         self.assertEqual(await new.port(), port)
         return new
 
+    async def proxy_and_browser(self, **extra_env: str) -> tuple[Daemon, int]:
+        """
+        A proxy on a free port and Chromium, started side by side; the
+        proxy and the port it listens on, once both are up.
+        """
+        daemon = self.start_proxy(free_port(), **extra_env)
+        browser = defer.ensureDeferred(self.open_browser())
+        port = await daemon.port()
+        await browser
+        return daemon, port
+
+    async def load_page(self, port: int, params: str, max_failures: int = MAX_FAILURES,
+                        query: str = "") -> str:
+        """
+        Load the example page configured by its fragment: C{params}, the
+        proxy's URL and the retry settings (C{query}: a query string the
+        page must ignore). Returns the page's URL.
+        """
+        fragment = (
+            f"{params}&url=ws://127.0.0.1:{port}"
+            f"&maxFailures={max_failures}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
+        )
+        url = f"http://127.0.0.1:{self.static.port}/index.html{query}#{fragment}"
+        await self.page(self.driver.get, url)
+        return url
+
     async def open_browser(self) -> None:
         profile = tempfile.mkdtemp(prefix="wsproxy-chromium-")
         self.addCleanup(shutil.rmtree, profile, True)
@@ -693,18 +719,10 @@ class BrowserTests(TestCase):
         r = self.redis.client()
         r.set(f"session:{session}:auth", token, ex=60)
 
-        daemon = self.start_proxy(free_port())
-        browser = defer.ensureDeferred(self.open_browser())
-        port = await daemon.port()
-        await browser
-
-        fragment = (
-            f"session={session}&token={token}&agent=browser-test&url=ws://127.0.0.1:{port}"
-            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
-        )
+        daemon, port = await self.proxy_and_browser()
         # a query string that must be ignored: only the fragment configures the page
-        page_url = f"http://127.0.0.1:{self.static.port}/index.html?session=wrong&token=wrong#{fragment}"
-        await self.page(self.driver.get, page_url)
+        page_url = await self.load_page(port, f"session={session}&token={token}&agent=browser-test",
+                                        query="?session=wrong&token=wrong")
 
         # 1. connected with the token from the fragment; the TTL was reset
         snap = await self.until(lambda s: s["state"] == "open", "open")
@@ -828,17 +846,9 @@ class BrowserTests(TestCase):
         self.static.routes["/ws-token"] = fresh_token
         r = self.redis.client()
         self.addCleanup(r.close)
-        daemon = self.start_proxy(free_port(), AUTH_MODE="jwt", JWT_SECRET=secret,
-                                  JWT_EXPIRE_CONNECTIONS="true")
-        browser = defer.ensureDeferred(self.open_browser())
-        port = await daemon.port()
-        await browser
-
-        fragment = (
-            f"session={session}&tokenUrl=/ws-token&agent={agent}&url=ws://127.0.0.1:{port}"
-            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
-        )
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        daemon, port = await self.proxy_and_browser(AUTH_MODE="jwt", JWT_SECRET=secret,
+                                                    JWT_EXPIRE_CONNECTIONS="true")
+        await self.load_page(port, f"session={session}&tokenUrl=/ws-token&agent={agent}")
         snap = await self.until(lambda s: s["state"] == "open", "open", timeout=20)
         self.assertEqual(snap["reconnects"], 0)
         self.assertIn('subprotocol "bearer"', " ".join(self.bodies(snap, "event")))
@@ -901,16 +911,8 @@ class BrowserTests(TestCase):
             return ticket
 
         self.static.routes["/ws-ticket"] = fresh_ticket
-        daemon = self.start_proxy(free_port())
-        browser = defer.ensureDeferred(self.open_browser())
-        port = await daemon.port()
-        await browser
-
-        fragment = (
-            f"session={session}&ticketUrl=/ws-ticket&agent=browser-test&url=ws://127.0.0.1:{port}"
-            f"&maxFailures={MAX_FAILURES}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
-        )
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        daemon, port = await self.proxy_and_browser()
+        await self.load_page(port, f"session={session}&ticketUrl=/ws-ticket&agent=browser-test")
         snap = await self.until(lambda s: s["state"] == "open", "open", timeout=20)
         self.assertEqual(snap["reconnects"], 0)
         self.assertEqual(len(tickets), 1)
@@ -963,20 +965,14 @@ class BrowserTests(TestCase):
         self.addCleanup(r.close)
         r.set(f"session:{session}:auth", token, ex=120)
 
-        daemon = self.start_proxy(free_port(), RESUME="true")
-        browser = defer.ensureDeferred(self.open_browser())
-        port = await daemon.port()
-        await browser
+        daemon, port = await self.proxy_and_browser(RESUME="true")
         # the proxy loads wsproxy_publish into Redis; the backend needs it
         await wait_for(lambda: b"wsproxy" in str(r.function_list()).encode(), timeout=20)
 
         # a margin for a slow restart on a busy machine: 30 failed attempts
         # (about 25 s at 1 s apart) before the page would give up
-        fragment = (
-            f"session={session}&token={token}&agent=browser-test&url=ws://127.0.0.1:{port}"
-            f"&resume=1&maxFailures=30&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
-        )
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html#{fragment}")
+        await self.load_page(port, f"session={session}&token={token}&agent=browser-test&resume=1",
+                             max_failures=30)
         # subscribed: the proxy said where the (empty) history stands
         snap = await self.until(
             lambda s: s["state"] == "open" and s["recovered"] == "true", "open and recovered"
@@ -1042,10 +1038,7 @@ class BrowserTests(TestCase):
         r = self.redis.client()
         self.addCleanup(r.close)
         r.set(f"session:{session}:auth", token, ex=120)
-        daemon = self.start_proxy(free_port(), UPSTREAM="stream")
-        browser = defer.ensureDeferred(self.open_browser())
-        port = await daemon.port()
-        await browser
+        daemon, port = await self.proxy_and_browser(UPSTREAM="stream")
         await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
         started = await self.page(self.driver.execute_async_script, ACK_SENDER_JS,
                                   f"ws://127.0.0.1:{port}", session, token, total)
