@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import signal
 import socket
 import struct
@@ -20,6 +21,7 @@ import time
 from collections import Counter
 from typing import Any, Optional
 
+import jwt as pyjwt
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -486,6 +488,19 @@ class WorkerDaemon:
         response = client.data
         return status_of(response), response.partition(b"\r\n\r\n")[2], pid
 
+    async def upgrade(self, token: str, source: str = "127.0.0.1") -> tuple[int, int]:
+        """
+        The status of one upgrade of session s1 with C{token} from the
+        address C{source}, and the worker that answered it.
+        """
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(source, 0))
+        client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
+        pid = await self.owner_of(client.transport.getHost().port)
+        client.send(upgrade_request("/a/ws/s1", {"Authorization": f"Bearer {token}"}))
+        await wait_for(lambda: b"\r\n\r\n" in client.data or client.lost_at is not None, 20)
+        client.transport.abortConnection()
+        return status_of(client.data), pid
+
     async def clients_on_every_worker(self, r: Any, per_worker: int,
                                       prefix: str = "s") -> dict[Any, int]:
         """
@@ -570,14 +585,7 @@ class WorkerProcessTests(RedisTestCase):
 
         async def answer(token: str) -> tuple[int, int]:
             """The status of one upgrade from 127.0.0.2, and its worker."""
-            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port,
-                                          bindAddress=("127.0.0.2", 0))
-            client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
-            pid = await daemon.owner_of(client.transport.getHost().port)
-            client.send(upgrade_request("/a/ws/s1", {"Authorization": f"Bearer {token}"}))
-            await wait_for(lambda: b"\r\n\r\n" in client.data or client.lost_at is not None, 20)
-            client.transport.abortConnection()
-            return status_of(client.data), pid
+            return await daemon.upgrade(token, "127.0.0.2")
 
         failures: Counter[int] = Counter()
         for _ in range(6):
@@ -600,27 +608,15 @@ class WorkerProcessTests(RedisTestCase):
         workers, and each admits tokens signed with the secret added to
         JWT_SECRET_FILE (whichever worker a connection lands on).
         """
-        import jwt as pyjwt
-        import tempfile
-
         path = os.path.join(tempfile.mkdtemp(), "secrets")
         with open(path, "w") as f:
             f.write("old-secret-of-at-least-32-bytes!!!\n")
         daemon = WorkerDaemon(self, AUTH_MODE="jwt", JWT_SECRET_FILE=path)
-        port = await daemon.start()
+        await daemon.start()
         fresh = pyjwt.encode({"session_id": "s1", "iat": int(time.time())},
                              "new-secret-of-at-least-32-bytes!!!", algorithm="HS256")
 
-        async def answer() -> tuple[int, int]:
-            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-            client: RawClient = await endpoint.connect(protocol.Factory.forProtocol(RawClient))
-            pid = await daemon.owner_of(client.transport.getHost().port)
-            client.send(upgrade_request("/a/ws/s1", {"Authorization": f"Bearer {fresh}"}))
-            await wait_for(lambda: b"\r\n\r\n" in client.data or client.lost_at is not None, 20)
-            client.transport.abortConnection()
-            return status_of(client.data), pid
-
-        self.assertEqual((await answer())[0], 403)
+        self.assertEqual((await daemon.upgrade(fresh))[0], 403)
         with open(path, "w") as f:
             f.write("new-secret-of-at-least-32-bytes!!!\n")
         os.kill(daemon.pid, signal.SIGHUP)
@@ -628,7 +624,7 @@ class WorkerProcessTests(RedisTestCase):
         statuses: dict[int, set[int]] = {}
         deadline = time.monotonic() + 30
         while len(statuses) < 2 and time.monotonic() < deadline:
-            status, pid = await answer()
+            status, pid = await daemon.upgrade(fresh)
             statuses.setdefault(pid, set()).add(status)
         self.assertEqual(statuses, {pid: {101} for pid in daemon.workers()})
 
