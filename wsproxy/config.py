@@ -248,14 +248,8 @@ def _deny_list(value: str) -> DenyList:
     return cast(DenyList, _choice(value, DENY_LISTS))
 
 
-def _readable_file(value: str) -> str:
-    if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
-        raise ValueError("no such readable file")
-    return value
-
-
-def _readable_files(value: str) -> tuple[str, ...]:
-    return tuple(_readable_file(item) for item in _names(value))
+def _optional_files(value: str) -> tuple[str, ...]:
+    return tuple(cast(str, _optional_file(item)) for item in _names(value))
 
 
 def _http_url(value: str) -> str:
@@ -559,24 +553,24 @@ class Settings:
         "JWT_SECRET", "", str, "AUTH_MODE=jwt: an HMAC secret (HS256/384/512), as given",
         secret=True,
     )
-    jwt_secret_file: str = setting(
+    jwt_secret_file: str | None = setting(
         "JWT_SECRET_FILE",
         "",
-        _readable_file,
+        _optional_file,
         "AUTH_MODE=jwt: HMAC secrets, one per line, all accepted (rotation); "
         "re-read on SIGHUP",
     )
     jwt_public_key_files: tuple[str, ...] = setting(
         "JWT_PUBLIC_KEY_FILE",
         "",
-        _readable_files,
+        _optional_files,
         "AUTH_MODE=jwt: comma list of PEM files of public keys or certificates "
         "(RSA, EC, Ed25519); re-read on SIGHUP",
     )
-    jwt_jwks_file: str = setting(
+    jwt_jwks_file: str | None = setting(
         "JWT_JWKS_FILE",
         "",
-        _readable_file,
+        _optional_file,
         "AUTH_MODE=jwt: a JWK Set file (keys chosen by kid); re-read on SIGHUP",
     )
     jwt_jwks_url: str = setting(
@@ -836,6 +830,18 @@ class Settings:
     log_format: LogFormat = setting("LOG_FORMAT", "text", _log_format, "text or json")
 
     @property
+    def jwt_key_sources(self) -> list[str]:
+        """
+        The settings that give JWT keys, of those set (C{AUTH_MODE=jwt}
+        needs one).
+        """
+        return [name for name, given in (
+            ("JWT_SECRET", self.jwt_secret), ("JWT_SECRET_FILE", self.jwt_secret_file),
+            ("JWT_PUBLIC_KEY_FILE", self.jwt_public_key_files),
+            ("JWT_JWKS_FILE", self.jwt_jwks_file), ("JWT_JWKS_URL", self.jwt_jwks_url),
+        ) if given]
+
+    @property
     def redis_description(self) -> str:
         """
         Where Redis is, for logs (never credentials).
@@ -910,7 +916,11 @@ def load_settings(
             "WORKERS: more than one worker needs HOST/PORT (the workers share a "
             "plain TCP socket); unset LISTEN or terminate TLS in front"
         )
-    tls_files = [s.env for s in SETTINGS if s.parse is _optional_file and values[s.attr]]
+    tls_files = [name for name, given in (
+        ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+        ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+        ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file),
+    ) if given]
     if tls_files and not (settings.redis.tls or settings.redis_sentinel_tls):
         raise ConfigError(f"{tls_files[0]}: only valid with a rediss:// REDIS_URL")
     if settings.redis_sentinels and not settings.redis_sentinel_master:
@@ -943,9 +953,7 @@ def load_settings(
                 "RESUME: on a Redis Cluster resumable sessions need KEY_HASH_TAGS=true "
                 "(a session's history, meta and live channel in one slot)"
             )
-    jwt_sources = (settings.jwt_secret or settings.jwt_secret_file or settings.jwt_public_key_files
-                   or settings.jwt_jwks_file or settings.jwt_jwks_url)
-    if "jwt" in settings.auth_mode and not jwt_sources:
+    if "jwt" in settings.auth_mode and not settings.jwt_key_sources:
         raise ConfigError(
             "AUTH_MODE: jwt needs a key: JWT_SECRET, JWT_SECRET_FILE, JWT_PUBLIC_KEY_FILE, "
             "JWT_JWKS_FILE or JWT_JWKS_URL"

@@ -69,8 +69,7 @@ PARSERS: dict[str, str] = {
     "_log_format": "`text` or `json`",
     "_auth_mode": "`redis`, `jwt` or `jwt,redis`",
     "str": "text (empty: none)",
-    "_readable_file": "the path of a readable file (empty: none)",
-    "_readable_files": "a comma list of paths of readable files (empty: none)",
+    "_optional_files": "a comma list of paths of readable files (empty: none)",
     "_http_url": "an `http://` or `https://` URL (empty: none)",
     "_jwt_algorithms": "a comma list of `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, "
                        "`PS256`, `PS384`, `PS512`, `ES256`, `ES384`, `ES512`, `EdDSA`",

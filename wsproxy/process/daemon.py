@@ -342,11 +342,7 @@ class ProxyService(DaemonService):
                 url=" and a JWKS URL" if settings.jwt_jwks_url else "",
             )
             return
-        given = [name for name, value in (
-            ("JWT_SECRET", settings.jwt_secret), ("JWT_SECRET_FILE", settings.jwt_secret_file),
-            ("JWT_PUBLIC_KEY_FILE", settings.jwt_public_key_files),
-            ("JWT_JWKS_FILE", settings.jwt_jwks_file), ("JWT_JWKS_URL", settings.jwt_jwks_url),
-        ) if value]
+        given = settings.jwt_key_sources
         if given:
             self._log.warn(
                 "{names} set but AUTH_MODE={mode}: JSON Web Tokens are not accepted "

@@ -46,6 +46,7 @@ import txredisapi
 from twisted.logger import Logger
 
 from ..names import auth_key
+from ..refusal import Refusal
 
 #: the subprotocol name that marks a token in Sec-WebSocket-Protocol
 BEARER_SUBPROTOCOL = "bearer"
@@ -153,6 +154,17 @@ def tokens_match(stored: object, presented: str) -> bool:
     if not isinstance(stored, bytes):
         return False
     return hmac.compare_digest(stored, presented.encode("utf-8"))
+
+
+def bearer_refusal(reason: str, error: str = "invalid_token") -> Refusal:
+    """
+    A 403 with its RFC 6750 section 3 challenge: C{error} and, as the
+    description, the reason (a fixed text, never anything from the token).
+    The JWT and ticket refusals; the Redis token's 403 has none (its
+    answer is as it always was).
+    """
+    challenge = f'{REALM_HEADER[1]}, error="{error}", error_description="{reason}"'
+    return Refusal(403, reason, (("WWW-Authenticate", challenge),))
 
 
 #: the 401 refusal's code, reason and headers

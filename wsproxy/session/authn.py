@@ -36,14 +36,10 @@ from ..refusal import Refusal
 from . import auth
 from .webtoken import NO_EXPIRY, REFUSALS, Grant, TokenRefused, Verifier, unverified_header
 
-_TICKET_CHALLENGE = 'Bearer realm="wsproxy", error="invalid_token", error_description="{}"'
-
 #: a ticket that does not exist: never stored, used, or past its TTL
-INVALID_TICKET = Refusal(403, "Invalid or used ticket", (
-    ("WWW-Authenticate", _TICKET_CHALLENGE.format("Invalid or used ticket")),))
+INVALID_TICKET = auth.bearer_refusal("Invalid or used ticket")
 #: a ticket that cannot be one (refused without a Redis command)
-MALFORMED_TICKET = Refusal(403, "Malformed ticket", (
-    ("WWW-Authenticate", _TICKET_CHALLENGE.format("Malformed ticket")),))
+MALFORMED_TICKET = auth.bearer_refusal("Malformed ticket")
 #: a Redis token that is not the stored one (as it always was: the plain
 #: path's answers do not change with the JWT modes)
 INVALID_TOKEN = Refusal(*auth.INVALID_TOKEN)

@@ -54,6 +54,7 @@ from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ..config import JWT_ALGORITHMS
 from ..refusal import Refusal
+from .auth import bearer_refusal
 
 #: what C{JWT_ALGORITHMS} may name (PyJWT's, without C{none} and ES256K)
 SUPPORTED_ALGORITHMS = JWT_ALGORITHMS
@@ -71,8 +72,6 @@ _ALGORITHMS: dict[str, Algorithm] = {
     name: alg for name, alg in get_default_algorithms().items() if name in SUPPORTED_ALGORITHMS
 }
 
-_REALM = 'Bearer realm="wsproxy"'
-
 #: HS* checked with the standard library's one-shot HMAC (what PyJWT's
 #: HMAC algorithm computes, without its per-call objects)
 _HMAC = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
@@ -88,34 +87,25 @@ _HEADERS: dict[str, dict[str, Any]] = {}
 _HEADERS_MAX = 64
 
 
-def _refusal(reason: str, error: str = "invalid_token") -> Refusal:
-    """
-    A 403 with its RFC 6750 challenge (the description is the reason: a
-    fixed text, never anything from the token).
-    """
-    challenge = f'{_REALM}, error="{error}", error_description="{reason}"'
-    return Refusal(403, reason, (("WWW-Authenticate", challenge),))
-
-
 #: every JWT refusal, by what went wrong (the docs' table is built from it)
 REFUSALS: dict[str, Refusal] = {
-    "too_large": _refusal("Token too large"),
-    "malformed": _refusal("Malformed token"),
-    "not_json": _refusal("Token is not JSON"),
-    "unsupported_header": _refusal("Unsupported token header"),
-    "algorithm": _refusal("Token algorithm not allowed"),
-    "unknown_kid": _refusal("Unknown key id"),
-    "signature": _refusal("Invalid token signature"),
-    "expired": _refusal("Token expired"),
-    "not_yet_valid": _refusal("Token not yet valid"),
-    "no_exp": _refusal("Token without expiry"),
-    "claim_type": _refusal("Invalid token claims"),
-    "no_session": _refusal("Token without session_id"),
-    "audience": _refusal("Invalid token audience"),
-    "issuer": _refusal("Invalid token issuer"),
-    "other_session": _refusal("Token for another session", "insufficient_scope"),
-    "other_agent": _refusal("Token for another agent", "insufficient_scope"),
-    "revoked": _refusal("Token revoked"),
+    "too_large": bearer_refusal("Token too large"),
+    "malformed": bearer_refusal("Malformed token"),
+    "not_json": bearer_refusal("Token is not JSON"),
+    "unsupported_header": bearer_refusal("Unsupported token header"),
+    "algorithm": bearer_refusal("Token algorithm not allowed"),
+    "unknown_kid": bearer_refusal("Unknown key id"),
+    "signature": bearer_refusal("Invalid token signature"),
+    "expired": bearer_refusal("Token expired"),
+    "not_yet_valid": bearer_refusal("Token not yet valid"),
+    "no_exp": bearer_refusal("Token without expiry"),
+    "claim_type": bearer_refusal("Invalid token claims"),
+    "no_session": bearer_refusal("Token without session_id"),
+    "audience": bearer_refusal("Invalid token audience"),
+    "issuer": bearer_refusal("Invalid token issuer"),
+    "other_session": bearer_refusal("Token for another session", "insufficient_scope"),
+    "other_agent": bearer_refusal("Token for another agent", "insufficient_scope"),
+    "revoked": bearer_refusal("Token revoked"),
 }
 
 
