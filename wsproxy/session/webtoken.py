@@ -213,7 +213,7 @@ def unverified_header(token: str) -> Optional[dict[str, Any]]:
     if len(parts) != 3:
         return None
     try:
-        return _json_object(parts[0])
+        return _HEADERS.get(parts[0]) or _json_object(parts[0])
     except TokenRefused:
         return None
 
