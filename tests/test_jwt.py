@@ -244,6 +244,33 @@ class AcceptedTests(JwtTestCase):
         self.assertEqual(c.status, 403)
 
 
+class ReportingTests(JwtTestCase):
+    async def test_metrics_and_start_up_line(self) -> None:
+        """
+        With AUTH_MODE=jwt the start-up line says how tokens are checked,
+        and /metrics counts JWTs accepted and refused and the keys in use.
+        """
+        await self.start(AUTH_MODE="jwt", JWT_SECRET=SECRET)
+        self.assertIn("tokens: AUTH_MODE=jwt, 1 JWT keys from files", self.log)
+        await self.assertAdmitted(token())
+        c = await self.upgrade_with(token(key="a-wrong-secret-of-32-bytes-or-more"))
+        self.assertEqual(c.status, 403)
+        metrics = (await self.get("/metrics")).decode()
+        self.assertIn('wsproxy_jwt_checks_total{result="accepted"} 1.0', metrics)
+        self.assertIn('wsproxy_jwt_checks_total{result="refused"} 1.0', metrics)
+        self.assertIn("wsproxy_jwt_keys 1.0", metrics)
+
+    async def test_keys_without_jwt_mode_warned(self) -> None:
+        """
+        JWT_SECRET with the default AUTH_MODE=redis (a configuration carried
+        over from the original project): one warning that JWTs are not
+        accepted, and no JWT metrics.
+        """
+        await self.start(JWT_SECRET=SECRET)
+        await wait_for(lambda: "JWT_SECRET set but AUTH_MODE=redis" in self.log)
+        self.assertNotIn("wsproxy_jwt_checks", (await self.get("/metrics")).decode())
+
+
 class ExpiryTests(JwtTestCase):
     async def test_connections_outlive_tokens_by_default(self) -> None:
         """
