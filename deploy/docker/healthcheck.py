@@ -1,0 +1,37 @@
+"""
+The image's HEALTHCHECK: exit 0 when C{GET /health} answers 200, else 1.
+
+It asks the port the proxy listens on: C{HEALTHCHECK_URL} if set, else
+C{http://HOST:PORT/health} from the proxy's own settings (C{HOST} 0.0.0.0
+or :: means loopback). With C{LISTEN} (TLS, a unix socket, another
+endpoint), set C{HEALTHCHECK_URL} or replace the HEALTHCHECK.
+"""
+
+import os
+import sys
+import urllib.request
+
+
+def url() -> str:
+    explicit = os.environ.get("HEALTHCHECK_URL")
+    if explicit:
+        return explicit
+    host = os.environ.get("HOST") or "0.0.0.0"
+    if host in ("0.0.0.0", "::", "*"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{os.environ.get('PORT') or '8080'}/health"
+
+
+def main() -> int:
+    try:
+        with urllib.request.urlopen(url(), timeout=2.5) as response:
+            return 0 if response.status == 200 else 1
+    except Exception as e:  # 503, refused, timeout: all unhealthy
+        print(f"unhealthy: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
