@@ -46,11 +46,31 @@ from twisted.plugin import getPlugins; \
 assert 'wsproxy' in [p.tapname for p in getPlugins(IServiceMaker)]"; \
     # the fast path's borrowed internals are checked against what was installed
     /opt/wsproxy/bin/python -m wsproxy.fast; \
+    # the examples' venv (the `examples` target, compose.yaml's backend):
+    # the same wheels plus the examples extra (redis-py, websockets)
+    /opt/wsproxy/bin/pip wheel --wheel-dir /wheels -c requirements/constraints.txt '.[examples]'; \
+    python3 -m venv /opt/examples; \
+    /opt/examples/bin/pip install -q --no-index --find-links /wheels 'wsproxy[examples]'; \
     # nothing installs packages at run time
-    /opt/wsproxy/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true
+    for venv in /opt/wsproxy /opt/examples; do \
+        $venv/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
+    done
 
-# ---- runtime: the base image, the venv and an unprivileged user; no build tools
-FROM ${BASE}
+# ---- examples: the scripts in examples/ with what they need (compose.yaml's
+# backend service, and `docker compose run examples python examples/…`)
+FROM ${BASE} AS examples
+COPY --from=builder /opt/examples /opt/examples
+COPY examples/ /opt/examples/examples/
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin wsproxy
+WORKDIR /opt/examples
+ENV PATH=/opt/examples/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 10001:10001
+CMD ["python", "examples/session_backend.py"]
+
+# ---- runtime (the default target): the base image, the venv and an
+# unprivileged user; no build tools, no pip
+FROM ${BASE} AS runtime
 COPY --from=builder /opt/wsproxy /opt/wsproxy
 COPY deploy/docker/healthcheck.py /opt/wsproxy/healthcheck.py
 RUN set -eu; \
