@@ -80,8 +80,9 @@ RUN set -eu; \
     mkdir -p /srv/wsproxy
 # a .env mounted at /srv/wsproxy/.env is read too; environment variables win
 WORKDIR /srv/wsproxy
-ENV PATH=/opt/wsproxy/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    HOST=0.0.0.0 PORT=8080
+# (no settings here: wsproxy's defaults, 0.0.0.0:8080 among them, hold, and a
+# mounted .env can still set anything)
+ENV PATH=/opt/wsproxy/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 8080
 # `wsproxy` is `twistd --nodaemon --pidfile= wsproxy` as PID 1 (exec form: no
