@@ -257,7 +257,7 @@ def metrics_page(pages: Mapping[str, str] | None = None) -> str:
         "",
         "`GET /metrics` answers in the Prometheus text format. With `WORKERS` > 1 the",
         "answer is the sum over all workers, whichever worker the scrape reaches (see",
-        "[Deployment](../operations/deployment.md)). This page is generated from the code",
+        "[Running the proxy](../operations/deployment.md)). This page is generated from the code",
         "that exposes the metrics; the help text is the one a scrape shows.",
         "",
         "| metric | type | labels | help |",
