@@ -303,3 +303,92 @@ class NginxTests(BalancerTests, RedisTestCase):
     start_balancer = staticmethod(start_nginx)  # type: ignore[assignment]
     checks_readiness = False
     timeout = 90
+
+
+def seconds(value: str, bare: float) -> float:
+    """
+    A duration in HAProxy's or nginx's notation (C{500ms}, C{30s},
+    C{5m}, C{1h}, C{1d}); a bare number counts in C{bare} seconds
+    (HAProxy: milliseconds, nginx: seconds).
+    """
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value)
+    assert match is not None, f"not a duration: {value!r}"
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    unit = match.group(2)
+    return int(match.group(1)) * (units[unit] if unit else bare)
+
+
+def directives(path: str) -> dict[str, list[str]]:
+    """
+    Each directive of a configuration file (comments dropped, a trailing
+    C{;} too), by its words before the value: C{"timeout tunnel"},
+    C{"proxy_read_timeout"}; the values of repeated ones in order.
+    """
+    found: dict[str, list[str]] = {}
+    with open(path) as f:
+        for line in f:
+            words = line.split("#", 1)[0].strip().rstrip(";").split()
+            if not words:
+                continue
+            key = " ".join(words[:2]) if words[0] in ("timeout", "option", "http-check") else words[0]
+            found.setdefault(key, []).append(" ".join(words[len(key.split()):]))
+    return found
+
+
+class ConfigurationTests(SynchronousTestCase):
+    """
+    The committed configurations against the daemon's defaults: no idle
+    timeout of a balancer can cut a live WebSocket, whose only traffic may
+    be wsproxy's pings.
+    """
+
+    #: how long wsproxy lets a WebSocket go without hearing from it: a
+    #: live one answers every ping; a dead one is dropped by wsproxy
+    #: itself this long after the last ping before it
+    silence = default("WS_PING_INTERVAL_SECS") + default("WS_PING_TIMEOUT_SECS")
+
+    def test_haproxy_timeouts(self) -> None:
+        """
+        HAProxy: C{timeout tunnel} (an upgraded connection's idle limit)
+        is above the ping interval plus the ping timeout, with a wide
+        margin; C{timeout client-fin}, C{server-fin} and C{http-request}
+        are set.
+        """
+        cfg = directives(HAPROXY_CFG)
+        self.assertGreater(seconds(cfg["timeout tunnel"][0], 0.001), 10 * self.silence)
+        for name in ("timeout client-fin", "timeout server-fin", "timeout http-request"):
+            self.assertIn(name, cfg)
+        self.assertEqual(cfg["option forwardfor"], [""])
+
+    def test_haproxy_notices_a_drain_within_the_window(self) -> None:
+        """
+        HAProxy checks /ready and marks an instance down after C{fall}
+        failed checks C{inter} apart: at most C{fall} x C{inter} after the
+        drain began, plus C{timeout check} for an instance slow to answer,
+        which is within the default SHUTDOWN_DRAIN_SECS.
+        """
+        cfg = directives(HAPROXY_CFG)
+        self.assertEqual(cfg["option httpchk"], ["GET /ready"])
+        self.assertEqual(cfg["http-check expect"], ["status 200"])
+        words = cfg["default-server"][0].split()
+        inter = seconds(words[words.index("inter") + 1], 0.001)
+        fall = int(words[words.index("fall") + 1])
+        check = seconds(cfg["timeout check"][0], 0.001)
+        self.assertIn("check", words)
+        self.assertLessEqual(fall * inter + check, default("SHUTDOWN_DRAIN_SECS"))
+
+    def test_nginx_timeouts(self) -> None:
+        """
+        nginx: HTTP/1.1 upstream with the Upgrade and Connection headers
+        passed on (from a map), no buffering, and C{proxy_read_timeout} /
+        C{proxy_send_timeout} above the ping interval plus the ping
+        timeout, with a wide margin.
+        """
+        conf = directives(NGINX_CONF)
+        self.assertEqual(conf["proxy_http_version"], ["1.1"])
+        self.assertEqual(conf["proxy_buffering"], ["off"])
+        self.assertIn("Upgrade $http_upgrade", conf["proxy_set_header"])
+        self.assertIn("Connection $connection_upgrade", conf["proxy_set_header"])
+        self.assertEqual(conf["map"], ["$http_upgrade $connection_upgrade {"])
+        for name in ("proxy_read_timeout", "proxy_send_timeout"):
+            self.assertGreater(seconds(conf[name][0], 1), 10 * self.silence)
