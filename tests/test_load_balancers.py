@@ -298,6 +298,34 @@ class HAProxyTests(BalancerTests, RedisTestCase):
     checks_readiness = True
     timeout = 90
 
+    async def test_idle_websocket_lives_on_pings(self) -> None:
+        """
+        With HAProxy's tunnel timeout shortened to 4 s
+        (WSPROXY_LB_TUNNEL_TIMEOUT), a WebSocket that carries no messages
+        is still open after 12 s when wsproxy pings it every second (up
+        to 2 s apart: one-second buckets) and the client answers; the
+        same WebSocket through a daemon that does not ping
+        (WS_PING_INTERVAL_SECS=0) is cut by HAProxy.
+        """
+        (pinging,) = await self.instances(1, WS_PING_INTERVAL_SECS="1")
+        (silent,) = await self.instances(1, WS_PING_INTERVAL_SECS="0")
+        kept = await start_haproxy(self, (pinging.address,) * 2,
+                                   WSPROXY_LB_TUNNEL_TIMEOUT="4s")
+        cut = await start_haproxy(self, (silent.address,) * 2,
+                                  WSPROXY_LB_TUNNEL_TIMEOUT="4s")
+        alive = await self.client(kept, "idle1")
+        dropped = await self.client(cut, "idle2")
+        started = time.monotonic()
+        await wait_for(lambda: hasattr(dropped, "close_code"), timeout=30)
+        self.assertEqual(dropped.close_code, 1006)
+        self.assertGreaterEqual(time.monotonic() - started, 3)
+        # the timeout has struck; the pinged one must outlive it thrice
+        await task.deferLater(reactor, max(0, 12 - (time.monotonic() - started)), lambda: None)
+        self.assertFalse(hasattr(alive, "close_code"))
+        self.r.publish("session:idle1:down", "still here")
+        await alive.wait_messages(1)
+        self.assertEqual(alive.messages, [(b"still here", False)])
+
 
 class NginxTests(BalancerTests, RedisTestCase):
     start_balancer = staticmethod(start_nginx)  # type: ignore[assignment]
@@ -355,7 +383,9 @@ class ConfigurationTests(SynchronousTestCase):
         are set.
         """
         cfg = directives(HAPROXY_CFG)
-        self.assertGreater(seconds(cfg["timeout tunnel"][0], 0.001), 10 * self.silence)
+        # "${WSPROXY_LB_TUNNEL_TIMEOUT-1h}": the default counts
+        tunnel = re.sub(r'^"\$\{\w+-(\w+)\}"$', r"\1", cfg["timeout tunnel"][0])
+        self.assertGreater(seconds(tunnel, 0.001), 10 * self.silence)
         for name in ("timeout client-fin", "timeout server-fin", "timeout http-request"):
             self.assertIn(name, cfg)
         self.assertEqual(cfg["option forwardfor"], [""])

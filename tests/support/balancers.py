@@ -83,6 +83,15 @@ def envsubst(text: str, values: dict[str, str]) -> str:
     return text
 
 
+def inherited() -> dict[str, str]:
+    """
+    This process's environment without the configurations' own variables
+    (C{WSPROXY_LB_*}, C{WSPROXY_1}, ...): a balancer gets only those its
+    test names.
+    """
+    return {k: v for k, v in os.environ.items() if not re.fullmatch(r"WSPROXY_(LB_\w+|\d+)", k)}
+
+
 class Balancer:
     """
     A load balancer process listening on 127.0.0.1:C{port}, started in
@@ -96,7 +105,7 @@ class Balancer:
         self.logs = logs
         self.out = ProcessOutput()
         self.process = reactor.spawnProcess(
-            self.out, argv[0], argv, env={**os.environ, **env}, path=dir)
+            self.out, argv[0], argv, env={**inherited(), **env}, path=dir)
 
     @property
     def log(self) -> str:
@@ -155,16 +164,17 @@ async def _started(test: TestCase, balancer: Balancer) -> Balancer:
 
 
 async def start_haproxy(test: TestCase, servers: tuple[str, str],
-                        port: Optional[int] = None) -> Balancer:
+                        port: Optional[int] = None, **env: str) -> Balancer:
     """
     HAProxy with C{deploy/haproxy/haproxy.cfg} in front of C{servers}
-    (host:port each), in the foreground; stopped at C{test}'s clean-up.
+    (host:port each), in the foreground, with C{env} (the configuration's
+    optional variables) in its environment; stopped at C{test}'s clean-up.
     """
     binary = balancer_binary("haproxy")
     port = port or free_port()
     dir = tempfile.mkdtemp(prefix="wsproxy-haproxy-")
     env = {"WSPROXY_LB_BIND": f"127.0.0.1:{port}",
-           "WSPROXY_1": servers[0], "WSPROXY_2": servers[1]}
+           "WSPROXY_1": servers[0], "WSPROXY_2": servers[1], **env}
     argv = [binary, "-db", "-f", HAPROXY_CFG, "-p", os.path.join(dir, "haproxy.pid")]
     return await _started(test, Balancer(argv, env, port, dir))
 
