@@ -9,9 +9,10 @@ For each balancer: a WebSocket through it works both ways; connections
 spread over both daemons and a session may be on either or both; a
 draining daemon is taken out and its clients reconnect to the other
 without seeing an error; the client's own address reaches wsproxy in
-X-Forwarded-For. L{TimeoutTests} reads the committed files: their idle
-timeouts are above the daemon's ping interval and HAProxy notices a drain
-within the daemon's drain window.
+X-Forwarded-For. Through HAProxy, with its tunnel timeout made short, an
+idle WebSocket lives on wsproxy's pings alone. L{ConfigurationTests} reads
+the committed files: their idle timeouts are far above the daemon's ping
+interval and HAProxy notices a drain within the daemon's drain window.
 
 A missing haproxy or nginx fails these tests; nothing here is skipped.
 """
@@ -99,20 +100,13 @@ class Instance:
 
 class BalancerTests:
     """
-    What every balancer must do; a subclass names the balancer.
+    What every balancer must do: mixed into a L{RedisTestCase} that names
+    the balancer.
     """
 
     start_balancer: Callable[[Any, tuple[str, str]], Coroutine[Any, Any, Balancer]]
     #: whether the balancer asks /ready itself (an active health check)
     checks_readiness: bool
-
-    # RedisTestCase provides these
-    r: Any
-    redis: Any
-    addCleanup: Any
-    assertEqual: Any
-    assertIn: Any
-    assertGreaterEqual: Any
 
     async def instances(self, n: int = 2, **env: str) -> list[Instance]:
         """
@@ -131,6 +125,10 @@ class BalancerTests:
         return started
 
     async def balancer(self, instances: list[Instance]) -> Balancer:
+        """
+        The balancer in front of the first and the last of C{instances}
+        (of a single one, both server lines name it).
+        """
         servers = (instances[0].address, instances[-1].address)
         return await type(self).start_balancer(self, servers)
 
@@ -196,10 +194,14 @@ class BalancerTests:
         A daemon told to stop (SIGTERM, drain window far longer than the
         test) answers /ready 503 while it keeps listening; its clients get
         1001 and reconnect through the balancer, all of them successfully,
-        to the other daemon. With an active health check (HAProxy), new
-        connections then stop reaching the draining daemon at all, well
-        within the default SHUTDOWN_DRAIN_SECS; without one (nginx), a
-        handshake that reaches it gets 503 and is passed on to the other.
+        to the other daemon: a handshake the balancer still sends to the
+        draining one gets 503 there and is tried on the other. With an
+        active health check (HAProxy), new connections then stop reaching
+        the draining daemon at all (L{ConfigurationTests} checks that the
+        checks' timing fits the default SHUTDOWN_DRAIN_SECS; this test
+        allows a busy machine four times that). Without one (nginx), the
+        503 is all the balancer learns: the first reconnect reaches the
+        draining daemon and is passed on.
         """
         instances = await self.instances(SHUTDOWN_DRAIN_SECS=DRAIN)
         draining, other = instances
@@ -217,8 +219,8 @@ class BalancerTests:
             self.assertEqual(clients[s].close_code, 1001)
         self.assertEqual(status_of(await draining.get("/ready")), 503)
 
-        # the clients come back at once, before a health check can have
-        # noticed: none of them sees the 503, all land on the other daemon
+        # the clients come back at once, most likely before a health check
+        # has noticed: none of them sees a 503, all land on the other daemon
         for s in on_draining:
             await exchange_messages(self, self.r, f"ws://127.0.0.1:{lb.port}/a/ws/{s}", s)
             await landed(instances, s, [1, 1])
