@@ -16,6 +16,8 @@ are re-exported here.
   - L{tests.support.http}: upgrade requests, raw HTTP and raw-socket
     clients.
   - L{tests.support.frames}: WebSocket frames on the wire.
+  - L{tests.support.balancers}: HAProxy and nginx with the committed
+    configurations of C{deploy/}, always stopped at clean-up.
   - L{tests.support.fakes}: the fake Redis (server and links) and the
     other stand-ins for collaborators.
 
