@@ -255,7 +255,7 @@ class BalancerTests:
         failures from 127.0.0.2, its upgrades get 429, even with a
         valid token and a forged X-Forwarded-For of its own, while
         127.0.0.3, through the same balancer, is admitted. The refusal
-        line names the client.
+        lines and the opened line name the client.
         """
         (instance,) = await self.instances(1, AUTH_FAIL_LIMIT="2")
         lb = await self.balancer([instance])
@@ -268,6 +268,8 @@ class BalancerTests:
         self.assertEqual((await attempt(lb.port, "127.0.0.2", "tok", extra=forged))[0], 429)
         self.assertEqual((await attempt(lb.port, "127.0.0.3", "tok"))[0], 101)
         self.assertIn("client=127.0.0.2", instance.daemon.log)
+        await wait_for(lambda: "opened: session=s1" in instance.daemon.log)
+        self.assertRegex(instance.daemon.log, r"opened: session=s1 agent=\S+ peer=\S+ client=127\.0\.0\.3\n")
         self.assertNotIn("198.51.100.7", instance.daemon.log)
 
 

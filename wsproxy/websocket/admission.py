@@ -255,11 +255,20 @@ def open_session(protocol: ProxyProtocol) -> None:
         protocol._out = Pending(direct)
     if proxy.valve.paused:
         protocol.pause_reading()
+    fmt = "opened: session={session_id} agent={agent_id} peer={peer}"
+    client = None
+    if settings.trusted_proxies:
+        # behind a balancer the peer is the balancer: name the client a
+        # trusted proxy named, as refusal lines do
+        client = protocol._client(getattr(protocol, "http_headers", None))
+        if client and client not in str(protocol.peer):
+            fmt += " client={client}"
     protocol._log.info(
-        "opened: session={session_id} agent={agent_id} peer={peer}",
+        fmt,
         session_id=session_id,
         agent_id=protocol.agent_id,
         peer=protocol.peer,
+        client=client,
     )
     # the admission is over, and frames that came before the 101 are
     # sent now: neither needs a place in the connection any more
