@@ -40,7 +40,7 @@ defaults
     option dontlognull
     maxconn 8000
     retries 2
-    option redispatch
+{retry}
     timeout connect 2s
     timeout client 60s
     timeout server 60s
@@ -60,6 +60,16 @@ backend wsproxy
     default-server check inter {inter}ms fall {fall} rise {rise}
 {servers}
 """
+
+
+#: HAProxy's retries of a request that failed (--lb-retry): "conn" its
+#: defaults (a connection refused is retried, the last retry on another
+#: server); "503" also a 503 answer (a draining wsproxy's to an upgrade,
+#: before the health check marked it down), every retry on another server
+RETRY = {
+    "conn": "    option redispatch",
+    "503": "    retry-on conn-failure empty-response 503\n    option redispatch 1",
+}
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -197,13 +207,14 @@ class Containers:
 class HAProxy:
     """HAProxy on a loopback port, a backend server per container slot."""
 
-    def __init__(self, ports: list[int], workdir: Path, binary: str = "haproxy") -> None:
+    def __init__(self, ports: list[int], workdir: Path, binary: str = "haproxy",
+                 retry: str = "503") -> None:
         self.port = free_port()
         self.socket = workdir / "haproxy.sock"
         config = workdir / "haproxy.cfg"
         servers = "\n".join(f"    server p{i} {LOOPBACK}:{port}" for i, port in enumerate(ports))
         config.write_text(HAPROXY_CONFIG.format(
-            socket=self.socket, host=LOOPBACK, port=self.port, inter=CHECK_INTER_MS,
+            socket=self.socket, retry=RETRY[retry], host=LOOPBACK, port=self.port, inter=CHECK_INTER_MS,
             fall=CHECK_FALL, rise=CHECK_RISE, servers=servers))
         self._log = workdir / "haproxy.log"
         try:

@@ -69,6 +69,7 @@ class Options:
     partitions: int
     image: str
     haproxy: str
+    lb_retry: str
     redis_server: str
     procs: int
     concurrency: int
@@ -125,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--partitions", type=int, default=16, help="UPSTREAM_PARTITIONS")
     add("--image", default="wsproxy:dev", help="the wsproxy image (bin/dev image builds it)")
     add("--haproxy", default="haproxy", help="the haproxy binary")
+    add("--lb-retry", choices=("503", "conn"), default="503",
+        help="503: HAProxy retries an upgrade a draining wsproxy answered 503 on another "
+             "server (retry-on conn-failure empty-response 503, option redispatch 1); conn: "
+             "only a refused connection (HAProxy's default retries, option redispatch)")
     add("--redis-server", default="", help="redis-server binary (default: on PATH)")
     add("--procs", type=int, default=os.cpu_count() or 2, help="client worker processes")
     add("--concurrency", type=int, default=200, help="handshakes in flight per worker at start")

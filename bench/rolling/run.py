@@ -52,7 +52,7 @@ def run_mode(options: Options, mode: str, workdir: Path, prefix: str,
             containers.start(slot)
         for slot in range(options.containers):
             containers.wait_ready(slot)
-        haproxy = HAProxy(containers.ports, workdir, options.haproxy)
+        haproxy = HAProxy(containers.ports, workdir, options.haproxy, options.lb_retry)
         for slot in range(options.containers):
             haproxy.wait_up(slot)
         wait_for_functions(redis.client)
@@ -292,6 +292,7 @@ def _report(options: Options, mode: str, steps: list[Report], deploy_s: float,
         "drain_s": options.drain,
         "grace_s": options.grace,
         "stop_timeout_s": options.stop_timeout,
+        "lb_retry": options.lb_retry,
     })
     if deploy_ended_at > duration:
         report["warning"] = "the deploy outlasted the traffic: raise --duration"
