@@ -23,13 +23,13 @@ SUMMARY_KEYS = ("deploy_s", "exit_codes", "shutdown_complete", "down_sent", "dow
                 "up_lost", "up_duplicates_before_dedup", "up_duplicates", "up_reordered",
                 "up_resent", "reconnects", "sessions_reconnected", "reconnect_p50_ms",
                 "reconnect_p99_ms", "reconnect_max_ms", "close_codes", "connect_failures",
-                "ok")
+                "haproxy", "ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     raise_open_files_limit()
-    console = Console()
+    console = Console(prog=PROG)
     workdir = Path(tempfile.mkdtemp(prefix="bench-rolling-"))
     prefix = f"wsproxy-rolling-{os.getpid()}"
     runs: list[Report] = []

@@ -41,7 +41,8 @@ defaults
     maxconn 8000
     retries 2
 {retry}
-    timeout connect 2s
+    # also the pause before a retry (HAProxy waits min(this, 1 s)): loopback servers
+    timeout connect 250ms
     timeout client 60s
     timeout server 60s
     timeout http-request 10s
@@ -231,8 +232,8 @@ class HAProxy:
                 raise Fatal(f"haproxy did not start:\n{self._log.read_text(errors='replace')}")
             time.sleep(0.05)
 
-    def status(self) -> dict[str, str] | None:
-        """Each server's status (C{UP}, C{DOWN}, C{UP 1/2}, ...) from the stats socket."""
+    def _stat(self) -> list[dict[str, str]] | None:
+        """C{show stat} from the stats socket: one row per proxy and server."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2)
@@ -250,13 +251,27 @@ class HAProxy:
         if not lines or not lines[0].startswith("# "):
             return None
         header = lines[0][2:].split(",")
-        proxy, server, status = (header.index(k) for k in ("pxname", "svname", "status"))
-        out = {}
-        for line in lines[1:]:
-            fields = line.split(",")
-            if len(fields) > status and fields[proxy] == "wsproxy" and fields[server] != "BACKEND":
-                out[fields[server]] = fields[status]
-        return out
+        return [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+
+    def status(self) -> dict[str, str] | None:
+        """Each server's status (C{UP}, C{DOWN}, C{UP 1/2}, ...)."""
+        rows = self._stat()
+        if rows is None:
+            return None
+        return {row["svname"]: row["status"] for row in rows
+                if row.get("pxname") == "wsproxy" and row.get("svname") != "BACKEND"}
+
+    def counters(self) -> dict[str, int]:
+        """
+        The backend's totals so far: retries (C{wretr}), redispatches
+        (C{wredis}), connection errors (C{econ}), 5xx answers (C{hrsp_5xx}).
+        """
+        for row in self._stat() or []:
+            if row.get("pxname") == "wsproxy" and row.get("svname") == "BACKEND":
+                return {name: int(row.get(key) or 0) for name, key in (
+                    ("retries", "wretr"), ("redispatches", "wredis"),
+                    ("connection_errors", "econ"), ("http_5xx", "hrsp_5xx"))}
+        return {}
 
     def wait_up(self, slot: int, timeout: float = 30) -> float:
         """Seconds until HAProxy marks the slot's server UP."""

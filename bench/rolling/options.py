@@ -87,10 +87,14 @@ class Options:
 
     @property
     def publish_duration(self) -> float:
-        """--duration, or long enough for the deploy (about 15 s per container) and the tail."""
+        """
+        --duration, or long enough for the warm-up, the deploy (per
+        container: the drain window, the pause and 5 s to exit, start and
+        be marked up) and the tail.
+        """
         if self.duration > 0:
             return self.duration
-        return self.warmup + 15 * self.containers + self.tail
+        return self.warmup + self.containers * (self.drain + self.pause + 5) + self.tail
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--tail", type=float, default=5.0,
         help="seconds of traffic after the deploy (with --duration 0)")
     add("--duration", type=float, default=0,
-        help="seconds of traffic in all (0: warmup + 15 s per container + tail)")
+        help="seconds of traffic in all (0: warmup + (drain + pause + 5) per container + tail)")
     add("--pause", type=float, default=2.0,
         help="seconds between a new container marked up and the next stop")
     add("--drain", type=float, default=3.0,

@@ -85,10 +85,11 @@ def run_mode(options: Options, mode: str, workdir: Path, prefix: str,
         settle_s = _settle(options, children, backend, published, console)
         reports = children.ask_workers(Collect(published.sent), RollingReport, 300)
         spread_after = [containers.active_connections(s) for s in range(options.containers)]
+        lb = haproxy.counters()
         children.ask_workers(CloseAll(5), Closed, 60)
         backend.stop()
         return _report(options, mode, steps, deploy_s, deploy_ended_at, duration, published,
-                       reports, backend, settle_s, spread, spread_after)
+                       reports, backend, settle_s, spread, spread_after, lb)
     finally:
         if children is not None:
             children.shutdown()
@@ -199,7 +200,8 @@ def _ms(values: Iterable[float]) -> Report:
 def _report(options: Options, mode: str, steps: list[Report], deploy_s: float,
             deploy_ended_at: float, duration: float, published: Published,
             reports: list[RollingReport], backend: Backend, settle_s: float,
-            spread: list[int | None], spread_after: list[int | None]) -> Report:
+            spread: list[int | None], spread_after: list[int | None],
+            lb: dict[str, int]) -> Report:
     down = [r.down for r in reports]
     total = {name: sum(getattr(r, name) for r in down) for name in (
         "open", "delivered", "missing", "duplicates", "reordered", "unexpected", "misrouted",
@@ -267,6 +269,7 @@ def _report(options: Options, mode: str, steps: list[Report], deploy_s: float,
         "sessions_reconnected": sessions_reconnected,
         "close_codes": merge_counts(r.close_codes for r in reports),
         "connect_failures": merge_counts(r.down.connect_failures for r in reports),
+        "haproxy": lb,
     }
     report.update({f"reconnect_{k}": v for k, v in _ms(reconnect_ms).items()})
     down_latency = latency_ms(r.latencies for r in down)
