@@ -22,7 +22,8 @@ SUMMARY_KEYS = ("deploy_s", "exit_codes", "shutdown_complete", "down_sent", "dow
                 "down_duplicates", "down_reordered", "down_incomplete", "up_produced",
                 "up_lost", "up_duplicates_before_dedup", "up_duplicates", "up_reordered",
                 "up_resent", "reconnects", "sessions_reconnected", "reconnect_p50_ms",
-                "reconnect_p99_ms", "reconnect_max_ms", "close_codes", "connect_failures",
+                "reconnect_p99_ms", "reconnect_max_ms", "reconnect_after_jitter_p50_ms",
+                "reconnect_after_jitter_p99_ms", "close_codes", "connect_failures",
                 "haproxy", "ok")
 
 

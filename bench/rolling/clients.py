@@ -74,6 +74,7 @@ class RollingReport:
     acks_out_of_order: int  # acks on one connection not in the order sent
     close_codes: dict[str, int]  # of every connection lost while running
     reconnect_ms: array[float]  # lost -> next open, every reconnect
+    after_jitter_ms: array[float]  # ... less the client's random wait before its first attempt
     sessions_reconnected: int  # sessions that lost a connection and opened another
 
 
@@ -83,7 +84,7 @@ RollingReply = Union[UpStarted, RollingReport, ChildFailed]
 class AckingSession(Session):
     """A resuming session that also sends numbered messages up."""
 
-    __slots__ = ("produced", "outbox", "written", "lost_at", "reconnected")
+    __slots__ = ("produced", "outbox", "written", "lost_at", "jitter", "reconnected")
 
     def __init__(self, index: int, session_id: str, token: str) -> None:
         super().__init__(index, session_id, token)
@@ -91,6 +92,7 @@ class AckingSession(Session):
         self.outbox: dict[int, bytes] = {}  # not acknowledged yet, by number, in order
         self.written = 0  # the highest number ever written to a connection
         self.lost_at: int | None = None  # ns, when the last connection was lost
+        self.jitter = 0.0  # s, the random wait before the reconnect's first attempt
         self.reconnected = False
 
 
@@ -152,6 +154,7 @@ class RollingWorker(Worker):
         self._acks_out_of_order = 0
         self._close_codes: Counter[str] = Counter()
         self._reconnect_ms: array[float] = array("d")
+        self._after_jitter_ms: array[float] = array("d")
         self._produced = 0
 
     def new_session(self, spec: SessionSpec) -> Session:
@@ -225,7 +228,9 @@ class RollingWorker(Worker):
         session = client.session
         assert isinstance(session, AckingSession) and isinstance(client, AckingClient)
         if session.lost_at is not None:
-            self._reconnect_ms.append((time.time_ns() - session.lost_at) / 1e6)
+            took_ms = (time.time_ns() - session.lost_at) / 1e6
+            self._reconnect_ms.append(took_ms)
+            self._after_jitter_ms.append(took_ms - session.jitter * 1000)
             session.lost_at = None
             session.reconnected = True
         # everything not acknowledged, in order: what the last connection
@@ -241,6 +246,11 @@ class RollingWorker(Worker):
             code = client.close_code
             self._close_codes[str(ABNORMAL if code is None else code)] += 1
         super().lost(client)
+
+    async def _reconnect(self, session: Session, delay: float) -> None:
+        if isinstance(session, AckingSession):
+            session.jitter = delay
+        await super()._reconnect(session, delay)
 
     # -- the report
 
@@ -258,6 +268,7 @@ class RollingWorker(Worker):
             acks_out_of_order=self._acks_out_of_order,
             close_codes=dict(self._close_codes),
             reconnect_ms=self._reconnect_ms,
+            after_jitter_ms=self._after_jitter_ms,
             sessions_reconnected=sum(1 for s in sessions if s.reconnected),
         )
 

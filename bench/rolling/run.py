@@ -220,8 +220,10 @@ def _report(options: Options, mode: str, steps: list[Report], deploy_s: float,
             lost_examples.append((index, missing[:10]))
         up_unexpected += ledger.unexpected(produced[index])
     reconnect_ms: array[float] = array("d")
+    after_jitter_ms: array[float] = array("d")
     for r in reports:
         reconnect_ms.extend(r.reconnect_ms)
+        after_jitter_ms.extend(r.after_jitter_ms)
     up = {
         "produced": sum(produced),
         "acked": sum(r.acks for r in reports) - sum(r.acks_unknown for r in reports),
@@ -272,6 +274,8 @@ def _report(options: Options, mode: str, steps: list[Report], deploy_s: float,
         "haproxy": lb,
     }
     report.update({f"reconnect_{k}": v for k, v in _ms(reconnect_ms).items()})
+    # the same less each client's random wait (U(0, --reconnect-max)) before its first attempt
+    report.update({f"reconnect_after_jitter_{k}": v for k, v in _ms(after_jitter_ms).items()})
     down_latency = latency_ms(r.latencies for r in down)
     report.update({
         "down_latency_p50_ms": down_latency["p50_ms"],
