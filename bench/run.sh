@@ -61,6 +61,17 @@
 #                two rounds: proxy and Redis CPU per message, RSS per connection,
 #                ratios to plain
 #
+# Rolling deploys (python -m bench.rolling; its own redis-server and HAProxy on
+# the host, wsproxy containers of the image $IMAGE, default wsproxy:dev, built
+# by bin/dev image; needs docker and haproxy):
+#   rolling      1,000 resuming clients with ?ack=1 through HAProxy in front of
+#                two containers, 1 msg/s each way per client; the containers
+#                replaced one at a time, first with docker stop (SIGTERM: the
+#                drain), then with docker kill (SIGKILL): lost, duplicated and
+#                reordered messages both ways must be 0 (exit status 1 otherwise,
+#                for the drain), reconnect time p50/p99, the deploy's duration,
+#                the exit codes
+#
 # Redis Cluster (python -m bench.cluster; starts its own redis-server and a
 # 3-master + 3-replica cluster, and a proxy per target and round):
 #   cluster      500 sessions x 100 100-byte messages down, then up, through a
@@ -168,6 +179,8 @@ PY
             resume-cost)
                      $PY -m bench.resume cost --sessions 1000 --messages 100 \
                          --modes plain,resume,live --rounds 2 ;;
+            rolling) $PY -m bench.rolling --clients 1000 --containers 2 --modes drain,kill \
+                         --image "${IMAGE:-wsproxy:dev}" ;;
             cluster) $PY -m bench.cluster --sessions 500 --messages 100 --rounds 2 ;;
             upstream-durable)
                      $PY -m bench.upstream --clients 500 --messages 100 --size 100 --rounds 3 ;;

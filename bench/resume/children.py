@@ -6,15 +6,15 @@ workers and the publisher, forked once per measurement.
 from __future__ import annotations
 
 from multiprocessing.connection import Connection
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from bench.children import ChildPool, Counters, expect, reply_within
 from bench.errors import Fatal
 
 from .publisher import PublisherCommand, PublisherReply, Published, publisher_main
 from .report import merge_counts
-from .workers import (COUNTERS_PER_WORKER, Connect, Connected, SessionSpec, WorkerCommand,
-                      WorkerConfig, WorkerReply, worker_main)
+from .workers import (COUNTERS_PER_WORKER, Connect, Connected, SessionSpec, WorkerConfig,
+                      worker_main)
 
 T = TypeVar("T")
 
@@ -23,18 +23,24 @@ class Children(ChildPool):
     """The client workers (a slice of the sessions each) and one publisher."""
 
     def __init__(self, specs: list[SessionSpec], procs: int, config: WorkerConfig,
-                 redis_url: str) -> None:
+                 redis_url: str, target: Callable[..., None] = worker_main,
+                 counters_per_worker: int = COUNTERS_PER_WORKER) -> None:
+        """
+        C{target} is the workers' body (L{worker_main}'s signature), with
+        C{counters_per_worker} progress counters each: bench.rolling forks
+        its own L{Worker} subclass.
+        """
         super().__init__()
         procs = max(1, min(procs, len(specs)))
-        self.counters = Counters(self.context, procs, COUNTERS_PER_WORKER, publishers=1)
-        self._workers: list[Connection[WorkerCommand, WorkerReply]] = [
-            self.fork(f"resume-worker-{worker_id}", f"worker{worker_id}", worker_main,
+        self.counters = Counters(self.context, procs, counters_per_worker, publishers=1)
+        self._workers: list[Connection[object, object]] = [
+            self.fork(f"resume-worker-{worker_id}", f"worker{worker_id}", target,
                       (worker_id, specs[worker_id::procs], config), self.counters)
             for worker_id in range(procs)]
         self._publisher: Connection[PublisherCommand, PublisherReply] = self.fork(
             "resume-publisher", "publisher", publisher_main, (redis_url,), self.counters)
 
-    def ask_workers(self, command: WorkerCommand, reply_type: type[T], timeout: float) -> list[T]:
+    def ask_workers(self, command: object, reply_type: type[T], timeout: float) -> list[T]:
         """Sends C{command} to every worker; their replies, in worker order."""
         return self.ask(self._workers, command, reply_type, timeout, what="the workers")
 

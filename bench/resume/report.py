@@ -21,19 +21,20 @@ Report = dict[str, object]
 class Console:
     """A progress line on stderr at most every C{interval} seconds; warnings always."""
 
-    def __init__(self, interval: float = 2.0) -> None:
+    def __init__(self, interval: float = 2.0, prog: str = PROG) -> None:
         self._interval = interval
+        self._prog = prog
         self._last = 0.0
 
     def progress(self, text: str, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last >= self._interval:
             self._last = now
-            sys.stderr.write(f"{PROG}: {text}\n")
+            sys.stderr.write(f"{self._prog}: {text}\n")
             sys.stderr.flush()
 
     def warn(self, text: str) -> None:
-        sys.stderr.write(f"{PROG}: warning: {text}\n")
+        sys.stderr.write(f"{self._prog}: warning: {text}\n")
         sys.stderr.flush()
 
 

@@ -14,7 +14,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Coroutine, Union
+from typing import Any, Coroutine, Union
 
 from bench.children import ChildFailed, Counters, Exit, child_main, commands
 from bench.loadtest.wsclient import OP_CLOSE, client_frame, error_name
@@ -123,15 +123,15 @@ WorkerReply = Union[Connected, WorkerReport, Closed, ChildFailed]
 
 class Worker:
     def __init__(self, worker_id: int, specs: list[SessionSpec], config: WorkerConfig,
-                 conn: Connection[WorkerReply, WorkerCommand], counters: Counters,
+                 conn: Connection[Any, Any], counters: Counters,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self.sessions = [Session(s.index, s.session_id, s.token) for s in specs]
+        self.sessions = [self.new_session(s) for s in specs]
         self.config = config
         self.loop = loop
         self.stopping = False
-        self._id = worker_id
+        self.worker_id = worker_id
         self._conn = conn
-        self._counters = counters
+        self.counters = counters
         self._random = random.Random(config.seed * 1000 + worker_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._open = 0
@@ -147,21 +147,44 @@ class Worker:
         self._reconnects = 0
         self._connect_failures: Counter[str] = Counter()
 
+    # -- what a subclass (bench.rolling's worker) changes
+
+    def new_session(self, spec: SessionSpec) -> Session:
+        return Session(spec.index, spec.session_id, spec.token)
+
+    def new_client(self, session: Session, port: int) -> StreamClient:
+        """The next connection of C{session}, to C{port}, not opened yet."""
+        config = self.config
+        request = QueryUpgrade(f"{config.host}:{port}".encode(), "", config.agent, False,
+                               resume_query(session.position) if config.resuming else "")
+        return StreamClient(self.loop, request, session, self, config.resuming)
+
+    async def answer(self, command: object) -> bool:
+        """
+        Replies to one of the parent's commands; False for one this worker
+        does not know.
+        """
+        if isinstance(command, Connect):
+            self._conn.send(await self.connect_all())
+        elif isinstance(command, Collect):
+            self._conn.send(self.report(command.sent))
+        elif isinstance(command, CloseAll):
+            self._conn.send(await self.close_all(command.timeout))
+        else:
+            return False
+        return True
+
     async def serve(self) -> None:
         """Answers the parent's commands until told to exit or the pipe closes."""
         async for command in commands(self.loop, self._conn):
-            if isinstance(command, Connect):
-                self._conn.send(await self.connect_all())
-            elif isinstance(command, Collect):
-                self._conn.send(self.report(command.sent))
-            elif isinstance(command, CloseAll):
-                self._conn.send(await self.close_all(command.timeout))
-            elif isinstance(command, Exit):
+            if isinstance(command, Exit):
                 self.stopping = True
                 for session in self.sessions:
                     if session.client is not None:
                         session.client.abort()
                 return
+            if not await self.answer(command):
+                self._conn.send(ChildFailed(f"unknown command {command!r}"))
 
     # -- connections
 
@@ -186,13 +209,11 @@ class Worker:
 
     async def _connect(self, session: Session, port: int) -> str | None:
         """Opens a connection for C{session}: None once it is open, else why it failed."""
-        config = self.config
-        request = QueryUpgrade(f"{config.host}:{port}".encode(), "", config.agent, False,
-                               resume_query(session.position) if config.resuming else "")
-        client = StreamClient(self.loop, request, session, self, config.resuming)
+        client = self.new_client(session, port)
         session.client = client
         try:
-            await asyncio.wait_for(self._open_connection(client, port), config.connect_timeout)
+            await asyncio.wait_for(self._open_connection(client, port),
+                                   self.config.connect_timeout)
         except Exception as e:  # noqa: BLE001 - every failure is counted
             if session.client is client:
                 session.client = None
@@ -213,10 +234,10 @@ class Worker:
             if failure is None:
                 session.reconnects += 1
                 self._reconnects += 1
-                self._counters.set_worker(self._id, RECONNECTS, self._reconnects)
+                self.counters.set_worker(self.worker_id, RECONNECTS, self._reconnects)
                 return
             self._connect_failures[failure] += 1
-            self._counters.set_worker(self._id, CONNECT_FAILURES,
+            self.counters.set_worker(self.worker_id, CONNECT_FAILURES,
                                       sum(self._connect_failures.values()))
             backoff = min(config.retry_max * 2 ** failed, RETRY_CAP_SECS)
             failed += 1
@@ -253,11 +274,11 @@ class Worker:
 
     def opened(self, client: StreamClient) -> None:
         self._open += 1
-        self._counters.set_worker(self._id, OPEN, self._open)
+        self.counters.set_worker(self.worker_id, OPEN, self._open)
 
     def lost(self, client: StreamClient) -> None:
         self._open -= 1
-        self._counters.set_worker(self._id, OPEN, self._open)
+        self.counters.set_worker(self.worker_id, OPEN, self._open)
         if self._open == 0 and self._all_closed is not None:
             self._all_closed.set()
         session = client.session
@@ -276,7 +297,7 @@ class Worker:
 
     def delivered(self, count: int) -> None:
         self._delivered += count
-        self._counters.set_worker(self._id, DELIVERED, self._delivered)
+        self.counters.set_worker(self.worker_id, DELIVERED, self._delivered)
 
     def recovery(self, recovered: bool, replayed: int, reason: str) -> None:
         self._recoveries += 1
@@ -284,7 +305,7 @@ class Worker:
         if not recovered:
             self._incomplete += 1
             self._incomplete_reasons[reason] += 1
-            self._counters.set_worker(self._id, INCOMPLETE, self._incomplete)
+            self.counters.set_worker(self.worker_id, INCOMPLETE, self._incomplete)
 
     # -- the report
 
