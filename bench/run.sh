@@ -64,7 +64,8 @@
 # Rolling deploys (python -m bench.rolling; its own redis-server and HAProxy on
 # the host, wsproxy containers of the image $IMAGE, default wsproxy:dev, built
 # by bin/dev image; needs docker and haproxy):
-#   rolling      1,000 resuming clients with ?ack=1 through HAProxy in front of
+#   rolling      1,000 resuming clients with ?ack=1 through HAProxy (the shipped
+#                deploy/haproxy/haproxy.cfg) in front of
 #                two containers, 1 msg/s each way per client; the containers
 #                replaced one at a time, first with docker stop (SIGTERM: the
 #                drain), then with docker kill (SIGKILL): lost, duplicated and

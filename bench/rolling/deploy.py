@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import socket
 import subprocess
 import time
@@ -23,54 +25,37 @@ from bench.errors import Fatal
 from bench.ports import free_port
 from bench.servers import LOOPBACK, stop_process
 
-#: HAProxy's health checks: every 500 ms, down after 2 failures, up after 1 success
-CHECK_INTER_MS = 500
-CHECK_FALL = 2
-CHECK_RISE = 1
+#: the HAProxy configuration the deployment guide ships, run as committed
+#: but for its server lines (one per container slot here) and a stats
+#: socket to read the servers' states and the retry counters from
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
+SERVER_LINE = re.compile(r'(?m)^    server ws\d+ "\$\{WSPROXY_\d+\}"\n')
+RETRY_ON_LINE = re.compile(r"(?m)^    retry-on .*\n")
 
-HAPROXY_CONFIG = """\
+GLOBAL = """\
 global
-    maxconn 8000
     stats socket {socket} mode 600 level admin
-    log stdout format raw local0 notice
 
-defaults
-    mode http
-    log global
-    option dontlognull
-    maxconn 8000
-    retries 2
-{retry}
-    # also the pause before a retry (HAProxy waits min(this, 1 s)): loopback servers
-    timeout connect 250ms
-    timeout client 60s
-    timeout server 60s
-    timeout http-request 10s
-    # a WebSocket is a tunnel once upgraded: heartbeats keep it well within this
-    timeout tunnel 1h
-
-frontend ws
-    bind {host}:{port}
-    default_backend wsproxy
-
-backend wsproxy
-    # long-lived connections: the one with the fewest goes first; no stickiness
-    balance leastconn
-    option httpchk GET /ready
-    http-check expect status 200
-    default-server check inter {inter}ms fall {fall} rise {rise}
-{servers}
 """
 
 
-#: HAProxy's retries of a request that failed (--lb-retry): "conn" its
-#: defaults (a connection refused is retried, the last retry on another
-#: server); "503" also a 503 answer (a draining wsproxy's to an upgrade,
-#: before the health check marked it down), every retry on another server
-RETRY = {
-    "conn": "    option redispatch",
-    "503": "    retry-on conn-failure empty-response 503\n    option redispatch 1",
-}
+def haproxy_config(shipped: str, socket_path: Path, ports: list[int], retry: str) -> str:
+    """
+    C{shipped} (deploy/haproxy/haproxy.cfg) with a server line per port in
+    place of its own, a stats socket, and (C{retry} "conn") without its
+    C{retry-on} line, i.e. HAProxy's default retries: a refused connection
+    only, not a draining wsproxy's 503.
+    """
+    servers = "".join(f"    server p{i} {LOOPBACK}:{port}\n" for i, port in enumerate(ports))
+    config, count = SERVER_LINE.subn("", shipped)
+    if count == 0:
+        raise Fatal(f"no server lines to replace in {SHIPPED_CONFIG}")
+    config = config.rstrip("\n") + "\n" + servers
+    if retry == "conn":
+        config, count = RETRY_ON_LINE.subn("", config)
+        if count != 1:
+            raise Fatal(f"no retry-on line in {SHIPPED_CONFIG}")
+    return GLOBAL.format(socket=socket_path) + config
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -213,16 +198,14 @@ class HAProxy:
         self.port = free_port()
         self.socket = workdir / "haproxy.sock"
         config = workdir / "haproxy.cfg"
-        servers = "\n".join(f"    server p{i} {LOOPBACK}:{port}" for i, port in enumerate(ports))
-        config.write_text(HAPROXY_CONFIG.format(
-            socket=self.socket, retry=RETRY[retry], host=LOOPBACK, port=self.port, inter=CHECK_INTER_MS,
-            fall=CHECK_FALL, rise=CHECK_RISE, servers=servers))
+        config.write_text(haproxy_config(SHIPPED_CONFIG.read_text(), self.socket, ports, retry))
         self._log = workdir / "haproxy.log"
         try:
             with open(self._log, "wb") as log:
-                self._process = subprocess.Popen([binary, "-db", "-f", str(config)],
-                                                 stdin=subprocess.DEVNULL, stdout=log,
-                                                 stderr=subprocess.STDOUT)
+                self._process = subprocess.Popen(
+                    [binary, "-db", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "WSPROXY_LB_BIND": f"{LOOPBACK}:{self.port}"})
         except FileNotFoundError:
             raise Fatal("no haproxy on PATH (apt-get install -y haproxy)") from None
         deadline = time.monotonic() + 10

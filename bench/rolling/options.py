@@ -16,7 +16,8 @@ MODES = ("drain", "kill")
 DESCRIPTION = """\
 A rolling deploy of wsproxy containers under load, proved end to end.
 
-A private redis-server and HAProxy (host processes) in front of --containers
+A private redis-server and HAProxy (host processes; deploy/haproxy/haproxy.cfg
+as shipped, with a server line per container) in front of --containers
 wsproxy containers of the real image (--image, docker run --network host,
 RESUME=true and UPSTREAM=stream). --clients clients connect through HAProxy
 with ?resume=&ack=1; each receives a numbered stream published with
@@ -115,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of traffic in all (0: warmup + (drain + pause + 5) per container + tail)")
     add("--pause", type=float, default=2.0,
         help="seconds between a new container marked up and the next stop")
-    add("--drain", type=float, default=3.0,
-        help="the containers' SHUTDOWN_DRAIN_SECS (longer than HAProxy's 2 x 500 ms to mark "
-             "one down)")
+    add("--drain", type=float, default=5.0,
+        help="the containers' SHUTDOWN_DRAIN_SECS (the default; deploy/haproxy/haproxy.cfg "
+             "marks a draining instance down within fall x inter + timeout check = 3 s)")
     add("--grace", type=float, default=10.0, help="the containers' SHUTDOWN_GRACE_PERIOD_SECS")
     add("--stop-margin", type=float, default=5.0,
         help="docker stop -t is drain + grace + this")
@@ -131,9 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--image", default="wsproxy:dev", help="the wsproxy image (bin/dev image builds it)")
     add("--haproxy", default="haproxy", help="the haproxy binary")
     add("--lb-retry", choices=("503", "conn"), default="503",
-        help="503: HAProxy retries an upgrade a draining wsproxy answered 503 on another "
-             "server (retry-on conn-failure empty-response 503, option redispatch 1); conn: "
-             "only a refused connection (HAProxy's default retries, option redispatch)")
+        help="503: deploy/haproxy/haproxy.cfg as shipped, which retries an upgrade a "
+             "draining wsproxy answered 503 on another server; conn: the same without its "
+             "retry-on line (HAProxy's default: only a refused connection is retried)")
     add("--redis-server", default="", help="redis-server binary (default: on PATH)")
     add("--procs", type=int, default=os.cpu_count() or 2, help="client worker processes")
     add("--concurrency", type=int, default=200, help="handshakes in flight per worker at start")
