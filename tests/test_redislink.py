@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
-from wsproxy.redis.redisendpoint import ConnectFailures, describe_failure
+from wsproxy.redis.redisendpoint import ConnectFailures, ReportingEndpoint, describe_failure
 from wsproxy.redis.redislink import RedisLink, RedisUnavailable
 
 
@@ -153,6 +153,40 @@ class ConnectFailureReportTests(SynchronousTestCase):
         self.assertEqual(len(self.lines()), 2)
 
 
+class ReportingEndpointTests(SynchronousTestCase):
+    """
+    L{ReportingEndpoint} reports failed attempts, not cancelled ones.
+    """
+
+    def attempt(self, exc: BaseException) -> list[Any]:
+        from twisted.python.failure import Failure
+
+        reported: list[Any] = []
+
+        class Failing:
+            def connect(self, factory: Any) -> defer.Deferred:
+                return defer.fail(Failure(exc))
+
+        endpoint = ReportingEndpoint(Failing(), lambda f: reported.append(f.value))
+        self.failureResultOf(endpoint.connect(None))
+        return reported
+
+    def test_cancelled_attempt_not_reported(self) -> None:
+        """
+        An attempt cancelled because its link stops (shutdown, a retired
+        cluster node) is not a connection failure: a TCP attempt then fails
+        with ConnectingCancelledError, whose text is only the address, and
+        was logged as "connection failed: HostnameAddress(...); retrying".
+        """
+        from twisted.internet import address, error
+
+        cancelled = error.ConnectingCancelledError(address.HostnameAddress(b"127.0.0.1", 7000))
+        self.assertEqual(self.attempt(cancelled), [])
+        self.assertEqual(self.attempt(defer.CancelledError()), [])
+        refused = error.ConnectionRefusedError()
+        self.assertEqual(self.attempt(refused), [refused])
+
+
 class DescribeFailureTests(SynchronousTestCase):
     """
     describe_failure names the cause of a failed attempt in one line.
@@ -244,7 +278,7 @@ class DeadlineTests(SynchronousTestCase):
         for reader in readers:
             reactor.addReader(reader)  # type: ignore[attr-defined]
         try:
-            with_deadline(reply, seconds, reactor).addBoth(outcome.append)  # type: ignore[arg-type]
+            with_deadline(reply, seconds, reactor).addBoth(outcome.append)
             trigger.sendall(b"go")
             until = time.monotonic() + 30
             while not outcome and time.monotonic() < until:
@@ -274,7 +308,7 @@ class DeadlineTests(SynchronousTestCase):
         from wsproxy.redis.redislink import RedisTimeout, with_deadline
 
         outcome: list[Any] = []
-        with_deadline(defer.Deferred(), 0.05, reactor).addBoth(outcome.append)  # type: ignore[arg-type]
+        with_deadline(defer.Deferred(), 0.05, reactor).addBoth(outcome.append)
         until = time.monotonic() + 30
         while not outcome and time.monotonic() < until:
             reactor.iterate(0.05)  # type: ignore[attr-defined]

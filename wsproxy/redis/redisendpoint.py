@@ -260,7 +260,10 @@ class ReportingEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         def failed(reason: Failure) -> Failure:
-            if not reason.check(defer.CancelledError):
+            # an attempt cancelled (the link stopped: shutdown, or a cluster
+            # node retired) is no failure: a TCP attempt fails with
+            # ConnectingCancelledError, whose text is only the address
+            if not reason.check(defer.CancelledError, error.ConnectingCancelledError):
                 self._on_failure(reason)
             return reason
 
