@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import hiredis
 import txredisapi
-from twisted.internet import defer, endpoints, protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -222,8 +222,12 @@ async def ask_shards(reactor: Any, settings: Settings) -> SlotMap:
         commands.append(encode_command("AUTH", *auth))
     commands.append(encode_command("CLUSTER", "SHARDS"))
     ask = _Ask(commands)
+    # not endpoints.connectProtocol: its factory logs "Starting factory" and
+    # "Stopping factory" at info for every node asked, on every refresh
+    factory = protocol.Factory.forProtocol(lambda: ask)
+    factory.noisy = False
     try:
-        connecting = endpoints.connectProtocol(client_endpoint(reactor, settings), ask)
+        connecting = client_endpoint(reactor, settings).connect(factory)
         connecting.addTimeout(ASK_TIMEOUT, reactor)
         await connecting
         answering = ask.done
