@@ -5,9 +5,24 @@ from a C{CLUSTER SHARDS} reply, and which argument routes a command.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsproxy.redis.cluster import SLOTS, _command_key, key_slot, parse_redirect, parse_shards
+from wsproxy.config import Settings
+from wsproxy.metrics import Stats
+from wsproxy.redis.cluster import (
+    SLOTS,
+    Address,
+    Cluster,
+    SlotMap,
+    _command_key,
+    key_slot,
+    parse_redirect,
+    parse_shards,
+)
 from wsproxy.names import (
     auth_key,
     canary_channel,
@@ -113,11 +128,127 @@ class ShardsTests(SynchronousTestCase):
         self.assertTrue(parse_shards(reply).complete)
         self.assertEqual(parse_shards(reply, tls=True).masters, (("10.0.0.1", 7443),))
 
+    def test_failed_master_after_failover(self) -> None:
+        """
+        A master killed and replaced by its replica: Redis 7.0 lists it as a
+        master of a shard without slots, health "fail"; later versions may
+        list it in its successor's shard. Either way the successor serves
+        the slots and the dead node is a failed master.
+        """
+        dead, successor = ("10.0.0.1", 7000), ("10.0.0.4", 7003)
+        own_shard = [
+            [b"slots", [0, SLOTS - 1], b"nodes", [_node("10.0.0.4", 7003, "master")]],
+            [b"slots", [], b"nodes", [_node("10.0.0.1", 7000, "master", health=b"fail")]],
+        ]
+        with_successor = [[b"slots", [0, SLOTS - 1], b"nodes", [
+            _node("10.0.0.1", 7000, "master", health=b"fail"),
+            _node("10.0.0.4", 7003, "master")]]]
+        for reply in (own_shard, with_successor):
+            slot_map = parse_shards(reply)
+            self.assertEqual(slot_map.masters, (successor,))
+            self.assertEqual(slot_map.owners[0], successor)
+            self.assertEqual(slot_map.failed, (dead,))
+            self.assertEqual(slot_map.failed_masters, (dead,))
+
     def test_not_a_list(self) -> None:
         """
         A reply of another shape is an error, not a crash.
         """
         self.assertRaises(ValueError, parse_shards, b"OK")
+
+
+A, B, C = ("10.0.0.1", 7000), ("10.0.0.2", 7001), ("10.0.0.3", 7002)
+HALF = SLOTS // 2
+
+
+def _map(first: Address, second: Address, nodes: tuple[Address, ...] = (A, B, C),
+         failed: tuple[Address, ...] = (), failed_masters: tuple[Address, ...] = ()) -> SlotMap:
+    return SlotMap(tuple([first] * HALF + [second] * (SLOTS - HALF)), (first, second), nodes,
+                   failed=failed, failed_masters=failed_masters)
+
+
+class MasterLeavesTests(SynchronousTestCase):
+    """
+    What a L{Cluster} does when a master leaves the slot map (a failover,
+    planned or not), with a memory reactor: one warning, the node's links
+    stopped, and its wsproxy_cluster_shard_up series.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.cluster = Cluster(self.reactor, Settings(), "p1")
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.cluster.apply(_map(A, B))
+        self.stats = Stats()
+        self.stats.cluster_shards = self.cluster.shard_states
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events
+                if e.get("log_level", LogLevel.info) >= LogLevel.warn]
+
+    def shard_up(self) -> dict[str, float]:
+        return {labels["shard"]: value for family in self.stats.snapshot()
+                if family["name"] == "wsproxy_cluster_shard_up"
+                for _, labels, value in family["samples"]}
+
+    def test_killed_master_reads_zero_while_listed_failed(self) -> None:
+        """
+        A master that died and whose slots its replica serves now: one
+        warning naming the successor, however many maps say so; its links
+        are stopped (no reconnection attempts, so no repeated "connection
+        failed" errors); its series reads 0 while the cluster lists it as
+        failed, and is gone once it is back (as a replica) or forgotten.
+        """
+        self.assertEqual(self.shard_up(), {"10.0.0.1:7000": 0, "10.0.0.2:7001": 0})
+        old = self.cluster.shards[A]
+        for _ in range(5):
+            self.cluster.apply(_map(C, B, failed=(A,), failed_masters=(A,)))
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+        self.assertIn("10.0.0.1:7000 is no longer a master (the cluster marks it failed); "
+                      "its slots are served by 10.0.0.3:7002; disconnecting",
+                      self.warnings()[0])
+        self.assertNotIn(A, self.cluster.shards)
+        self.assertFalse(old.commands._service.running)
+        self.assertFalse(old.subscriber._service.running)
+        self.assertEqual(self.shard_up(), {
+            "10.0.0.1:7000": 0, "10.0.0.2:7001": 0, "10.0.0.3:7002": 0})
+        # restarted: a replica of its successor, online
+        self.cluster.apply(_map(C, B))
+        self.assertNotIn("10.0.0.1:7000", self.shard_up())
+        # or never restarted, and forgotten (CLUSTER FORGET)
+        self.cluster.apply(_map(A, B))
+        self.cluster.apply(_map(C, B, failed=(A,), failed_masters=(A,)))
+        self.assertIn("10.0.0.1:7000", self.shard_up())
+        self.cluster.apply(_map(C, B, nodes=(B, C)))
+        self.assertNotIn("10.0.0.1:7000", self.shard_up())
+
+    def test_failed_former_master_listed_as_replica(self) -> None:
+        """
+        A former master the map lists as a failed replica still reads 0
+        (this process saw it serve slots); a failed node that never was a
+        master has no series.
+        """
+        self.cluster.apply(_map(C, B, failed=(A,)))
+        self.assertEqual(self.shard_up()["10.0.0.1:7000"], 0)
+        self.cluster.apply(_map(C, B, nodes=(A, B, C, ("10.0.0.9", 7009)),
+                                failed=(A, ("10.0.0.9", 7009))))
+        self.assertEqual(set(self.shard_up()),
+                         {"10.0.0.1:7000", "10.0.0.2:7001", "10.0.0.3:7002"})
+
+    def test_planned_failover(self) -> None:
+        """
+        A planned failover (CLUSTER FAILOVER on the replica): the old
+        master stays online as a replica. One warning, and its series is
+        gone at once: nothing to alert on.
+        """
+        self.cluster.apply(_map(C, B))
+        self.cluster.apply(_map(C, B))
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+        self.assertIn("(still in the cluster, as a replica or without slots)",
+                      self.warnings()[0])
+        self.assertEqual(set(self.shard_up()), {"10.0.0.2:7001", "10.0.0.3:7002"})
 
 
 class RoutingTests(SynchronousTestCase):

@@ -56,7 +56,8 @@ class Stats:
         self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
         self.subscribed_channels: Callable[[], int] = lambda: 0
-        #: REDIS_CLUSTER: (shard, up, session channels) per master; redirections by kind
+        #: REDIS_CLUSTER: (shard, up, session channels) per master (and per failed
+        #: former master, never up); redirections by kind
         self.cluster_shards: Callable[[], list[tuple[str, bool, int]]] = list
         self.cluster_redirects: Callable[[], Counter[str]] = Counter
         self.auth_failures: Callable[[], int] = lambda: 0
@@ -282,12 +283,15 @@ class _Collector:
         if shards:
             up = GaugeMetricFamily(
                 "wsproxy_cluster_shard_up",
-                "Redis Cluster master reachable and its subscriber delivering (canary), by shard",
+                "Redis Cluster master reachable and its subscriber delivering (canary), by "
+                "shard (the master's address); a master that failed and was replaced keeps "
+                "reading 0 while the cluster lists it as failed",
                 labels=["shard"],
             )
             channels = GaugeMetricFamily(
                 "wsproxy_cluster_shard_channels",
-                "Session channels subscribed on a Redis Cluster master, by shard",
+                "Session channels subscribed on a Redis Cluster master, by shard (not "
+                "counting the shard's canary channel nor wsproxy:control)",
                 labels=["shard"],
             )
             for name, is_up, count in sorted(shards):

@@ -106,11 +106,17 @@ class SlotMap:
     @ivar owners: the master of each slot (C{None}: nobody serves it).
     @ivar masters: the masters that serve at least one slot.
     @ivar nodes: every node named (masters and replicas), to ask next time.
+    @ivar failed: the nodes the cluster marks as failed (C{health: fail}).
+    @ivar failed_masters: those of them still called masters that serve no
+        slot: a master that died and whose replica took over its slots
+        (until it comes back, as a replica, or is forgotten).
     """
 
     owners: tuple[Optional[Address], ...]
     masters: tuple[Address, ...]
     nodes: tuple[Address, ...]
+    failed: tuple[Address, ...] = ()
+    failed_masters: tuple[Address, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -139,6 +145,8 @@ def parse_shards(reply: Any, tls: bool = False) -> SlotMap:
     owners: list[Optional[Address]] = [None] * SLOTS
     masters: list[Address] = []
     nodes: list[Address] = []
+    failed: list[Address] = []
+    named_masters: list[Address] = []
     if not isinstance(reply, list):
         raise ValueError(f"unexpected CLUSTER SHARDS reply: {reply!r}"[:200])
     for shard in reply:
@@ -154,8 +162,14 @@ def parse_shards(reply: Any, tls: bool = False) -> SlotMap:
                 continue
             address = (host, int(port))
             nodes.append(address)
+            healthy = _text(info.get("health") or b"online") != "fail"
+            if not healthy:
+                failed.append(address)
             if _text(info.get("role") or b"") == "master":
-                master = address
+                named_masters.append(address)
+                # a failed former master may be listed with its successor
+                if master is None or healthy:
+                    master = address
         ranges = fields.get("slots") or []
         if master is None or not ranges:
             continue
@@ -164,7 +178,13 @@ def parse_shards(reply: Any, tls: bool = False) -> SlotMap:
             for slot in range(int(start), int(end) + 1):
                 if 0 <= slot < SLOTS:
                     owners[slot] = master
-    return SlotMap(tuple(owners), tuple(masters), tuple(dict.fromkeys(nodes)))
+    return SlotMap(
+        tuple(owners), tuple(masters), tuple(dict.fromkeys(nodes)),
+        failed=tuple(dict.fromkeys(failed)),
+        failed_masters=tuple(dict.fromkeys(
+            a for a in named_masters if a in failed and a not in masters
+        )),
+    )
 
 
 class NotACluster(Exception):
@@ -341,6 +361,12 @@ class Cluster:
         self._hinted = False
         self._retired_reconnects = 0
         self._retired_failures: Counter[str] = Counter()
+        #: the masters of the last map applied
+        self._masters: tuple[Address, ...] = ()
+        #: masters that left the map and that it lists as failed (their
+        #: wsproxy_cluster_shard_up series read 0)
+        self.failed_masters: tuple[Address, ...] = ()
+        self._former: set[Address] = set()
         self._waiting: dict[Address, list[defer.Deferred[Any]]] = {}
         self._loop: Optional[task.LoopingCall] = None
         #: CLUSTER SHARDS requests in flight (cancelled at stop)
@@ -459,6 +485,7 @@ class Cluster:
         Use C{slot_map}: a shard for each master, channels moved to the hub
         of their slot's master, shards of former masters retired.
         """
+        before = self.owners
         self.owners = list(slot_map.owners)
         self.known = slot_map.nodes
         if not slot_map.complete:
@@ -478,11 +505,21 @@ class Cluster:
             self.shard(master)
         self.hub.rebalance()
         for address, shard in list(self.shards.items()):
+            left = address not in slot_map.masters and address in self._masters
+            if left:
+                self._left(shard, before, slot_map)
             if address not in slot_map.masters and not shard.hub.channels():
-                self._retire(shard)
+                self._retire(shard, quiet=left)
             elif address in slot_map.masters:
                 self._place_canary(shard)
                 shard.hub.retry_redirected()
+        self._masters = slot_map.masters
+        self._former = {a for a in self._former if a in slot_map.failed}
+        self.failed_masters = tuple(
+            a for a in slot_map.nodes
+            if a not in slot_map.masters
+            and (a in slot_map.failed_masters or a in self._former)
+        )
 
     def shard(self, address: Address) -> Shard:
         """
@@ -496,10 +533,33 @@ class Cluster:
                 shard.start()
         return shard
 
-    def _retire(self, shard: Shard) -> None:
+    def _left(self, shard: Shard, before: list[Optional[Address]], slot_map: SlotMap) -> None:
+        """
+        A master of the last map is not one in C{slot_map}: one warning,
+        naming who serves its slots now.
+        """
+        address = shard.address
+        self._former.add(address)
+        successors = sorted({
+            describe(now) if now is not None else "nobody yet"
+            for was, now in zip(before, slot_map.owners) if was == address
+        })
+        state = ("the cluster marks it failed" if address in slot_map.failed
+                 else "still in the cluster, as a replica or without slots"
+                 if address in slot_map.nodes else "no longer in the cluster")
+        channels = shard.hub.channel_count()
+        self._log.warn(
+            "redis cluster: {node} is no longer a master ({state}); its slots are served "
+            "by {successors}; disconnecting{later}",
+            node=shard.name, state=state, successors=", ".join(successors) or "nobody",
+            later=f" once its {channels} channels have moved" if channels else "",
+        )
+
+    def _retire(self, shard: Shard, quiet: bool = False) -> None:
         del self.shards[shard.address]
-        self._log.info("redis cluster: {node} serves no slot any more, disconnecting",
-                       node=shard.name)
+        if not quiet:
+            self._log.info("redis cluster: {node} serves no slot any more, disconnecting",
+                           node=shard.name)
         self._retired_reconnects += shard.commands.reconnects + shard.subscriber.reconnects
         self._retired_failures.update(shard.failures.counts)
         shard.stop()
@@ -586,11 +646,15 @@ class Cluster:
 
     def shard_states(self) -> list[tuple[str, bool, int]]:
         """
-        (shard, up, session channels) for each master.
+        (shard, up, session channels) for each master, and (shard, False, 0)
+        for each master that left the map and that it lists as failed.
         """
         return [
             (shard.name, shard.up, shard.hub.channel_count())
             for shard in self.shards.values()
+        ] + [
+            (describe(address), False, 0)
+            for address in self.failed_masters if address not in self.shards
         ]
 
     def connect_failures(self) -> Counter[str]:
