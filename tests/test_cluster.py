@@ -433,6 +433,80 @@ class ConfigurationTests(ClusterTestCase):
                             lines)
 
 
+class LogTests(ClusterTestCase):
+    """
+    What the daemon logs over a cluster's slot-map refreshes and a
+    failover, counted line by line.
+    """
+
+    @staticmethod
+    def asked(node: Node) -> int:
+        """
+        How many times C{node} has answered CLUSTER SHARDS: every slot-map
+        refresh asks every node the proxy knows.
+        """
+        stats = node.client().info("commandstats")
+        return int(stats.get("cmdstat_cluster|shards", {}).get("calls", 0))
+
+    async def refreshes(self, nodes: list[Node], n: int) -> None:
+        """
+        Wait until each of C{nodes} has been asked for the map C{n} more
+        times.
+        """
+        start = {node.port: self.asked(node) for node in nodes}
+        await wait_for(lambda: all(self.asked(node) >= start[node.port] + n for node in nodes),
+                       timeout=60)
+
+    async def test_refreshes_and_failover_log_lines(self) -> None:
+        """
+        Slot-map refreshes log nothing (no "Starting factory"/"Stopping
+        factory" per node asked): start-up is a bounded handful of lines.
+        kill -9 of a master: once its replica is promoted, exactly one
+        warning says the old master left the map and who serves its slots,
+        and over several refreshes after it no connection failure is
+        logged again (its links are stopped, not retried); its
+        wsproxy_cluster_shard_up series reads 0 (it is listed as failed),
+        the successor's 1.
+        """
+        setup = self.start_cluster()
+        port = free_port()
+        daemon = start_daemon(self, {"HOST": "127.0.0.1", "PORT": str(port),
+                                     "SHUTDOWN_DRAIN_SECS": "0", "REDIS_CLUSTER": "true",
+                                     "REDIS_URL": setup.url})
+        await daemon.healthy(port)
+        await self.refreshes(setup.nodes, 2)
+        lines = daemon.log.splitlines()
+        self.assertNotIn("Starting factory", daemon.log)
+        self.assertNotIn("Stopping factory", daemon.log)
+        # start-up (twistd, reactor, site, listening, descriptors), the map,
+        # re-subscribing, and two connections per master
+        self.assertLessEqual(len(lines), 15, daemon.log)
+
+        victim = setup.masters()[0]
+        setup.kill_master(victim)
+        promoted = await setup.promotion(victim)
+        left = f"redis cluster: {victim[0]}:{victim[1]} is no longer a master"
+        await wait_for(lambda: left in daemon.log, timeout=30)
+        at_warning = len(daemon.log)
+        await self.refreshes([n for n in setup.nodes if n.alive], 2)
+        log = daemon.log
+        self.assertEqual(log.count(left), 1, log)
+        self.assertIn(f"its slots are served by {promoted[0]}:{promoted[1]}", log)
+        self.assertNotIn("connection failed", log[at_warning:], log)
+        self.assertLessEqual(log.count("connection failed"), 2, log)  # during the outage
+        for unwanted in ("Starting factory", "Stopping factory", "HostnameAddress",
+                         "Traceback"):
+            self.assertNotIn(unwanted, log)
+        # the kill: two links lost, at most one failure line, the warning;
+        # the successor's two links
+        self.assertLessEqual(len(log.splitlines()), len(lines) + 8, log)
+        metrics = await self.metrics(port)
+        self.assertIn(f'wsproxy_cluster_shard_up{{shard="{victim[0]}:{victim[1]}"}} 0.0',
+                      metrics)
+        self.assertIn(f'wsproxy_cluster_shard_up{{shard="{promoted[0]}:{promoted[1]}"}} 1.0',
+                      metrics)
+
+
 class BackendHelperTests(ClusterTestCase):
     async def test_backend_on_a_cluster(self) -> None:
         """
