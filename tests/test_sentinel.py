@@ -244,6 +244,9 @@ class SentinelTestCase(RigTestCase):
         self.assertFalse(daemon.out.ended.called)
         self.assertEqual(daemon.process.pid, pid)
         self.assertNotIn(b"Traceback", daemon.out.output)
+        # asking the sentinels (every attempt, the watch) logs nothing of its own
+        self.assertNotIn(b"Starting factory", daemon.out.output)
+        self.assertNotIn(b"Stopping factory", daemon.out.output)
 
 
 class FailoverTests(SentinelTestCase):
