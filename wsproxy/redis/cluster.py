@@ -547,7 +547,7 @@ class Cluster:
         state = ("the cluster marks it failed" if address in slot_map.failed
                  else "still in the cluster, as a replica or without slots"
                  if address in slot_map.nodes else "no longer in the cluster")
-        channels = shard.hub.channel_count()
+        channels = len(shard.hub.channels())  # what keeps it from being retired
         self._log.warn(
             "redis cluster: {node} is no longer a master ({state}); its slots are served "
             "by {successors}; disconnecting{later}",
