@@ -196,7 +196,8 @@ class MasterLeavesTests(SynchronousTestCase):
     def test_killed_master_reads_zero_while_listed_failed(self) -> None:
         """
         A master that died and whose slots its replica serves now: one
-        warning naming the successor, however many maps say so; its links
+        warning naming the successor, however many maps say so (even if a
+        stale one names it a master again in between); its links
         are stopped (no reconnection attempts, so no repeated "connection
         failed" errors); its series reads 0 while the cluster lists it as
         failed, and is gone once it is back (as a replica) or forgotten.
@@ -206,6 +207,12 @@ class MasterLeavesTests(SynchronousTestCase):
         for _ in range(5):
             self.cluster.apply(_map(C, B, failed=(A,), failed_masters=(A,)))
         self.assertEqual(len(self.warnings()), 1, self.warnings())
+        # a node that has not heard of the failover yet, then one that has
+        # (the stale view says the successor left: that is warned about)
+        self.cluster.apply(_map(A, B, failed=(A,)))
+        self.cluster.apply(_map(C, B, failed=(A,), failed_masters=(A,)))
+        about_a = [w for w in self.warnings() if "10.0.0.1:7000 is no" in w]
+        self.assertEqual(len(about_a), 1, self.warnings())
         self.assertIn("10.0.0.1:7000 is no longer a master (the cluster marks it failed); "
                       "its slots are served by 10.0.0.3:7002; disconnecting",
                       self.warnings()[0])

@@ -506,7 +506,8 @@ class Cluster:
         self.hub.rebalance()
         for address, shard in list(self.shards.items()):
             left = address not in slot_map.masters and address in self._masters
-            if left:
+            if left and address not in self._former:
+                # (once: not again if a node's stale view brought it back)
                 self._left(shard, before, slot_map)
             if address not in slot_map.masters and not shard.hub.channels():
                 self._retire(shard, quiet=left)
