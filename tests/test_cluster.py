@@ -517,6 +517,31 @@ class BackendHelperTests(ClusterTestCase):
         self.assertIsNone(listener.error)
 
 
+    async def test_listener_follows_a_killed_master(self) -> None:
+        """
+        kill -9 of the master that holds a backend's C{listen_up}
+        subscription: the listener asks the cluster for its slot map
+        again and SSUBSCRIBEs on the promoted replica, where an SPUBLISH
+        reaches it.
+        """
+        setup = self.start_cluster()
+        backend = Backend(self.backend(setup))
+        channel = up_channel("killed").decode()
+        old = setup.owner(channel)
+        assert old is not None
+        listener = BackendListener(
+            backend.listen_up("killed", timeout=0.2, reconnect_for=FAILOVER_BOUND))
+        await wait_for(lambda: setup.node_at(old).call(
+            "PUBSUB", "SHARDNUMSUB", channel)[1] == 1)
+        setup.kill_master(old)
+        new = await setup.promotion(old)
+        await wait_for(lambda: setup.node_at(new).call(
+            "PUBSUB", "SHARDNUMSUB", channel)[1] == 1, timeout=FAILOVER_BOUND)
+        setup.node_at(new).call("SPUBLISH", channel, "after")
+        await wait_for(lambda: listener.received == [("killed", b"after")])
+        self.assertIsNone(listener.error)
+
+
 class BinDevClusterTests(ClusterTestCase):
     async def test_printed_variables_work_and_sigterm_stops_all(self) -> None:
         """

@@ -247,9 +247,10 @@ class Backend:
         with no subscription silently lost:
 
           - on a cluster, a channel whose slot moved (Redis sends
-            C{sunsubscribe} and forgets the subscription) or whose master
-            failed is C{SSUBSCRIBE}d again on its slot's owner, after the
-            slot map is asked again (C{CLUSTER SLOTS});
+            C{sunsubscribe} and forgets the subscription) is C{SSUBSCRIBE}d
+            again on its slot's new owner, after the slot map is asked
+            again (C{CLUSTER SLOTS}); after a lost connection (a master
+            failed) the map is asked again before every channel is;
           - given a Sentinel-managed client (C{Sentinel.master_for}), a
             C{+switch-master} of its master from a sentinel closes the
             subscriber and C{SUBSCRIBE}s again on the master the sentinels
@@ -268,6 +269,7 @@ class Backend:
         pubsub: Any = None
         watch = _MasterWatch(self.redis)
         failing_since: Optional[float] = None
+        attempts = 0
         #: sharded channels Redis dropped, to subscribe again
         lost: set[bytes] = set()
         last_repair = 0.0
@@ -275,10 +277,12 @@ class Backend:
             while True:
                 if pubsub is None:
                     try:
-                        pubsub = self._subscribe(wanted)
+                        pubsub = self._subscribe(wanted, again=failing_since is not None)
                     except errors as e:
                         failing_since = _give_up_after(failing_since, reconnect_for, e)
-                        time.sleep(min(timeout, 1.0))
+                        # 0.1 s, doubling to 1 s between attempts
+                        time.sleep(min(1.0, 0.1 * 2 ** attempts))
+                        attempts += 1
                         continue
                 try:
                     if self.sharded:
@@ -286,15 +290,19 @@ class Backend:
                     else:
                         message = pubsub.get_message(timeout=timeout)
                 except errors as e:
-                    _log.warning("wsproxy.backend: subscriber connection lost (%s); "
-                                 "subscribing again", e)
+                    if failing_since is None:
+                        _log.warning("wsproxy.backend: subscriber connection lost (%s); "
+                                     "subscribing again for up to %ss", e, reconnect_for)
                     pubsub.close()
                     pubsub = None
                     lost.clear()
                     failing_since = _give_up_after(failing_since, reconnect_for, e)
                     watch.refresh()
                     continue
-                failing_since = None
+                if failing_since is not None:
+                    _log.warning("wsproxy.backend: subscribed again after %.1fs",
+                                 time.monotonic() - failing_since)
+                failing_since, attempts = None, 0
                 if message is not None:
                     channel = message["channel"]
                     if isinstance(channel, str):
@@ -321,11 +329,18 @@ class Backend:
             if pubsub is not None:
                 pubsub.close()
 
-    def _subscribe(self, channels: list[bytes]) -> Any:
+    def _subscribe(self, channels: list[bytes], again: bool = False) -> Any:
         """
         A new Pub/Sub connection subscribed to C{channels} (C{SSUBSCRIBE}
-        on a cluster).
+        on a cluster). C{again}: after a lost connection, when on a cluster
+        the slot map is asked for first (the master may have failed and
+        its replica been promoted).
         """
+        if again and self.sharded:
+            try:
+                self.redis.nodes_manager.initialize()
+            except Exception:  # no node answers yet: the map as it was
+                pass
         pubsub = self.redis.pubsub()
         try:
             if self.sharded:
