@@ -27,6 +27,7 @@ from wsproxy.names import auth_key, down_channel, revoked_key, up_channel
 
 from .support import (
     ROOT,
+    BackendListener,
     Client,
     Daemon,
     RunningProxy,
@@ -546,6 +547,73 @@ class BackendHelperTests(ClusterTestCase):
         self.assertEqual((code, reason), (4001, "bye"))
         self.assertFalse(backend.redis.exists(auth_key("helper")))
         await wait_for(lambda: not backend.is_connected("helper"))
+
+
+    async def test_listener_follows_a_moved_slot(self) -> None:
+        """
+        A backend listening with C{listen_up} over a RedisCluster while the
+        slot of the session's :up channel migrates to another master
+        (Redis drops the SSUBSCRIBE there with a sunsubscribe push) goes
+        on listening: the helper SSUBSCRIBEs again on the new owner, where
+        an SPUBLISH reaches it, and so does what the session's client
+        sends through the proxy (which follows MOVED). redis-py 8.2 alone
+        leaves the channel subscribed nowhere.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup)
+        backend = Backend(self.backend(setup))
+        channel = up_channel("moving").decode()
+        old = setup.owner(channel)
+        assert old is not None
+        new = next(m for m in setup.masters() if m != old)
+
+        def subscribers(address: Any) -> int:
+            return int(setup.node_at(address).call("PUBSUB", "SHARDNUMSUB", channel)[1])
+
+        listener = BackendListener(backend.listen_up("moving", timeout=0.2, reconnect_for=10))
+        await wait_for(lambda: subscribers(old) == 1)
+        setup.node_at(old).call("SPUBLISH", channel, "before")
+        await wait_for(lambda: listener.received == [("moving", b"before")])
+
+        setup.migrate_slot(key_slot(channel.encode()), new)
+        await wait_for(lambda: subscribers(new) == 1, timeout=15)
+        self.assertEqual(subscribers(old), 0)
+        setup.node_at(new).call("SPUBLISH", channel, "after")
+        await wait_for(lambda: len(listener.received) == 2)
+        self.assertEqual(listener.received, [("moving", b"before"), ("moving", b"after")])
+
+        token = backend.authorize("moving")
+        client = await connect(proxy.url("moving"), token=token)
+        self.addCleanup(client.close_and_wait)
+        client.sendMessage(b"from-client")
+        await wait_for(lambda: len(listener.received) == 3)
+        self.assertEqual(listener.received[2], ("moving", b"from-client"))
+        self.assertIsNone(listener.error)
+
+
+    async def test_listener_follows_a_killed_master(self) -> None:
+        """
+        kill -9 of the master that holds a backend's C{listen_up}
+        subscription: the listener asks the cluster for its slot map
+        again and SSUBSCRIBEs on the promoted replica, where an SPUBLISH
+        reaches it.
+        """
+        setup = self.start_cluster()
+        backend = Backend(self.backend(setup))
+        channel = up_channel("killed").decode()
+        old = setup.owner(channel)
+        assert old is not None
+        listener = BackendListener(
+            backend.listen_up("killed", timeout=0.2, reconnect_for=FAILOVER_BOUND))
+        await wait_for(lambda: setup.node_at(old).call(
+            "PUBSUB", "SHARDNUMSUB", channel)[1] == 1)
+        setup.kill_master(old)
+        new = await setup.promotion(old)
+        await wait_for(lambda: setup.node_at(new).call(
+            "PUBSUB", "SHARDNUMSUB", channel)[1] == 1, timeout=FAILOVER_BOUND)
+        setup.node_at(new).call("SPUBLISH", channel, "after")
+        await wait_for(lambda: listener.received == [("killed", b"after")])
+        self.assertIsNone(listener.error)
 
 
 class BinDevClusterTests(ClusterTestCase):

@@ -18,11 +18,15 @@ import time
 from typing import Any
 
 import redis as redispy
+from redis.sentinel import Sentinel
 from twisted.internet import reactor, task
 from twisted.python import log
 
+from wsproxy.backend import Backend
+
 from .support import (
     ROOT,
+    BackendListener,
     Client,
     Daemon,
     connect,
@@ -36,7 +40,7 @@ from .support import (
     upgrade_request,
     wait_for,
 )
-from .support.sentinel import Node, RigTestCase, SentinelSetup, wait
+from .support.sentinel import HOST, Node, RigTestCase, SentinelSetup, wait
 
 #: the most a failover may take, from the fault to a message delivered
 #: through the new master (Sentinel alone needs 2-6 s here)
@@ -466,6 +470,67 @@ class SentinelSetupTests(SentinelTestCase):
         r.set("session:k1:auth", "tok", ex=600)
         await exchange_messages(self, r, self.url(port, "k1"), "k1")
         self.assertNotIn(b"secret", daemon.out.output)
+
+
+class BackendHelperTests(SentinelTestCase):
+    """
+    L{wsproxy.backend.Backend} given a Sentinel-managed redis-py client
+    (C{Sentinel.master_for}): its listeners follow the master.
+    """
+
+    async def check_listener_follows(self, graceful: bool) -> None:
+        setup = self.start_sentinels()
+        sentinel = Sentinel([(HOST, s.port) for s in setup.sentinels],
+                            socket_timeout=2, socket_connect_timeout=2)
+        client = sentinel.master_for(setup.name, socket_timeout=2, socket_connect_timeout=2)
+        self.addCleanup(client.close)
+        backend = Backend(client)
+        channel = "session:fo:up"
+        old = setup.master()
+        listener = BackendListener(
+            backend.listen_up("fo", timeout=0.2, reconnect_for=FAILOVER_BOUND))
+        await wait_for(lambda: old.call("PUBSUB", "NUMSUB", channel)[1] == 1)
+        old.call("PUBLISH", channel, "before")
+        await wait_for(lambda: listener.received == [("fo", b"before")])
+
+        if graceful:
+            await setup.failover()
+        else:
+            setup.kill_master()
+        new = await setup.promotion(old.address)
+        promoted = time.monotonic()
+        # subscribed on the new master (a delivery alone would not show it:
+        # an old master still up copies the new one's PUBLISHes)
+        await wait(lambda: new.call("PUBSUB", "NUMSUB", channel)[1] == 1, FOLLOW_BOUND,
+                   f"the backend to subscribe on {new}", lambda: repr(listener.error))
+        record(f"{'SENTINEL FAILOVER' if graceful else 'kill -9 of the master'}: the "
+               f"backend's listener on the new master {time.monotonic() - promoted:.2f}s "
+               "after the promotion")
+        if graceful:
+            self.assertEqual(old.call("PUBSUB", "NUMSUB", channel)[1], 0)
+        new.call("PUBLISH", channel, "after")
+        await wait_for(lambda: len(listener.received) == 2)
+        self.assertEqual(listener.received, [("fo", b"before"), ("fo", b"after")])
+        self.assertIsNone(listener.error)
+
+    async def test_listener_follows_sentinel_failover(self) -> None:
+        """
+        C{SENTINEL FAILOVER} while a backend listens with C{listen_up}:
+        the listener leaves the old master (still up, now a replica) for
+        the one the sentinels name (C{+switch-master}) and receives what
+        is published there. redis-py alone raises ConnectionError out of
+        the iterator (the sentinel's CLIENT KILL, then its retries run
+        out).
+        """
+        await self.check_listener_follows(graceful=True)
+
+    async def test_listener_follows_killed_master(self) -> None:
+        """
+        kill -9 of the master while a backend listens: the listener keeps
+        trying (up to C{reconnect_for}) and subscribes on the promoted
+        replica, where a PUBLISH reaches it.
+        """
+        await self.check_listener_follows(graceful=False)
 
 
 class BadConfigurationTests(SentinelTestCase):

@@ -29,6 +29,7 @@ already have); wsproxy itself does not.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ from .names import (
 
 Message = Union[bytes, str]
 Kind = Literal["text", "binary", "auto"]
+
+_log = logging.getLogger(__name__)
 
 
 def sign_token(
@@ -211,37 +214,169 @@ class Backend:
         )
         return position.decode() if isinstance(position, bytes) else str(position)
 
-    def listen_up(self, *session_ids: str, timeout: float = 1.0) -> Iterator[tuple[str, bytes]]:
+    def listen_up(
+        self, *session_ids: str, timeout: float = 1.0, reconnect_for: float = 30.0
+    ) -> Iterator[tuple[str, bytes]]:
         """
         Every message the clients of C{session_ids} send, as (session id,
         payload), for as long as the caller iterates. (Pub/Sub: messages
         sent while nothing listens are not kept.)
+
+        The subscriptions follow the Redis they are on (see L{_messages}):
+        re-made on the new owner of a slot that moved (cluster), on the
+        master the sentinels name after a failover (a Sentinel-managed
+        client), on the same address after a lost connection.
+
+        @param reconnect_for: how long, in seconds, to keep trying to
+            subscribe again after the connection was lost before raising
+            the error.
         """
         channels = {up_channel(self._checked(s), self.hash_tags): s for s in session_ids}
-        for channel, data in self._messages(list(channels), timeout):
+        for channel, data in self._messages(list(channels), timeout, reconnect_for):
             yield channels[channel], data
 
-    def _messages(self, channels: list[Any], timeout: float) -> Iterator[tuple[bytes, bytes]]:
+    #: at most this often (seconds) the slot map is asked again while a
+    #: sharded subscription Redis dropped is not made again
+    REPAIR_INTERVAL = 0.5
+
+    def _messages(
+        self, channels: list[Any], timeout: float, reconnect_for: float = 30.0
+    ) -> Iterator[tuple[bytes, bytes]]:
         """
-        (channel, payload) of every message on C{channels}, as they come.
+        (channel, payload) of every message on C{channels}, as they come,
+        with no subscription silently lost:
+
+          - on a cluster, a channel whose slot moved (Redis sends
+            C{sunsubscribe} and forgets the subscription) is C{SSUBSCRIBE}d
+            again on its slot's new owner, after the slot map is asked
+            again (C{CLUSTER SLOTS}); after a lost connection (a master
+            failed) the map is asked again before every channel is;
+          - given a Sentinel-managed client (C{Sentinel.master_for}), a
+            C{+switch-master} of its master from a sentinel closes the
+            subscriber and C{SUBSCRIBE}s again on the master the sentinels
+            now name (a graceful C{SENTINEL FAILOVER} leaves the old master
+            up as a replica; it is left);
+          - a lost connection is made again and every channel subscribed
+            again; after C{reconnect_for} seconds of failed attempts the
+            error is raised to the caller.
+
+        Messages published while a subscription is being moved are lost,
+        as Pub/Sub always is.
         """
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        if self.sharded:
-            pubsub.ssubscribe(*channels)
-            get, kind = pubsub.get_sharded_message, "smessage"
-        else:
-            pubsub.subscribe(*channels)
-            get, kind = pubsub.get_message, "message"
+        errors = _connection_errors()
+        wanted = [c.encode() if isinstance(c, str) else c for c in channels]
+        kind = "smessage" if self.sharded else "message"
+        pubsub: Any = None
+        watch = _MasterWatch(self.redis)
+        failing_since: Optional[float] = None
+        attempts = 0
+        #: sharded channels Redis dropped, to subscribe again
+        lost: set[bytes] = set()
+        last_repair = 0.0
         try:
             while True:
-                message = get(timeout=timeout)
-                if message is not None and message.get("type") == kind:
+                if pubsub is None:
+                    try:
+                        pubsub = self._subscribe(wanted, again=failing_since is not None)
+                    except errors as e:
+                        failing_since = _give_up_after(failing_since, reconnect_for, e)
+                        # 0.1 s, doubling to 1 s between attempts
+                        time.sleep(min(1.0, 0.1 * 2 ** attempts))
+                        attempts += 1
+                        continue
+                try:
+                    if self.sharded:
+                        message = pubsub.get_sharded_message(timeout=timeout)
+                    else:
+                        message = pubsub.get_message(timeout=timeout)
+                except errors as e:
+                    if failing_since is None:
+                        _log.warning("wsproxy.backend: subscriber connection lost (%s); "
+                                     "subscribing again for up to %ss", e, reconnect_for)
+                    pubsub.close()
+                    pubsub = None
+                    lost.clear()
+                    failing_since = _give_up_after(failing_since, reconnect_for, e)
+                    watch.refresh()
+                    continue
+                if failing_since is not None:
+                    _log.warning("wsproxy.backend: subscribed again after %.1fs",
+                                 time.monotonic() - failing_since)
+                failing_since, attempts = None, 0
+                if message is not None:
                     channel = message["channel"]
                     if isinstance(channel, str):
                         channel = channel.encode()
-                    yield channel, message["data"]
+                    if message.get("type") == kind:
+                        yield channel, message["data"]
+                    elif message.get("type") == "sunsubscribe" and channel in wanted:
+                        # never asked for: Redis dropped it (its slot moved)
+                        lost.add(channel)
+                if watch.switched():
+                    _log.warning("wsproxy.backend: the sentinels switched master; "
+                                 "subscribing again on the new one")
+                    pubsub.close()
+                    pubsub = None
+                    lost.clear()
+                    continue
+                now = time.monotonic()
+                if lost and now - last_repair >= self.REPAIR_INTERVAL:
+                    last_repair = now
+                    if self._resubscribe_sharded(pubsub, sorted(lost)):
+                        lost.clear()
         finally:
+            watch.close()
+            if pubsub is not None:
+                pubsub.close()
+
+    def _subscribe(self, channels: list[bytes], again: bool = False) -> Any:
+        """
+        A new Pub/Sub connection subscribed to C{channels} (C{SSUBSCRIBE}
+        on a cluster). C{again}: after a lost connection, when on a cluster
+        the slot map is asked for first (the master may have failed and
+        its replica been promoted).
+        """
+        if again and self.sharded:
+            try:
+                self.redis.nodes_manager.initialize()
+            except Exception:  # no node answers yet: the map as it was
+                pass
+        pubsub = self.redis.pubsub()
+        try:
+            if self.sharded:
+                pubsub.ssubscribe(*channels)
+            else:
+                pubsub.subscribe(*channels)
+        except BaseException:
             pubsub.close()
+            raise
+        return pubsub
+
+    def _resubscribe_sharded(self, pubsub: Any, channels: list[bytes]) -> bool:
+        """
+        Ask the cluster for its slot map again and C{SSUBSCRIBE} each of
+        C{channels} on the master that now owns its slot. redis-py (8.2)
+        does not do it by itself: it takes a C{sunsubscribe} it did not ask
+        for as news of nothing, keeps the channel recorded on the old owner
+        and subscribes it nowhere. Given the new map, its C{ClusterPubSub}
+        moves the channel (C{SUNSUBSCRIBE} on the old owner, whose answer
+        comes back here as one more C{sunsubscribe} and costs one more,
+        harmless, C{SSUBSCRIBE}); a map still stale sends it to the old
+        owner, whose C{MOVED} redis-py follows.
+
+        @return: whether the commands were sent (if not: retried on a later
+            pass).
+        """
+        _log.warning("wsproxy.backend: %d sharded subscription(s) dropped by Redis "
+                     "(slot moved or master failed); subscribing on the new owner",
+                     len(channels))
+        try:
+            self.redis.nodes_manager.initialize()
+            pubsub.ssubscribe(*channels)
+        except Exception as e:  # the cluster is still settling: next pass
+            _log.warning("wsproxy.backend: re-subscribing failed (%s); retrying", e)
+            return False
+        return True
 
     # -- session control -----------------------------------------------------
 
@@ -305,19 +440,20 @@ class Backend:
         return bool(self.redis.exists(instance_key(instance)))
 
     def listen_events(
-        self, *session_ids: str, timeout: float = 1.0
+        self, *session_ids: str, timeout: float = 1.0, reconnect_for: float = 30.0
     ) -> Iterator[dict[str, Any]]:
         """
         Lifecycle events from Pub/Sub: of the given sessions
         (C{EVENTS=session}), or of every session (C{EVENTS=all}) when none
         is given. Events published while nothing listens are lost: use
-        L{read_events} for at-least-once.
+        L{read_events} for at-least-once. The subscriptions follow failovers
+        and moved slots as L{listen_up}'s do.
         """
         channels: list[Any] = (
             [events_channel(self._checked(s), self.hash_tags) for s in session_ids]
             if session_ids else [ALL_EVENTS_CHANNEL]
         )
-        for _, data in self._messages(channels, timeout):
+        for _, data in self._messages(channels, timeout, reconnect_for):
             yield json.loads(data)
 
     def read_events(
@@ -358,6 +494,129 @@ class Backend:
         C{XACK wsproxy:events:stream <group> <id> ...}.
         """
         return int(self.redis.xack(EVENTS_STREAM, group, *entry_ids))
+
+
+# -- keeping subscriptions through failovers and resharding ---------------------
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """
+    What a lost or refused connection raises in redis-py (imported here:
+    importing this module needs no redis-py).
+    """
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return (ConnectionError, TimeoutError, OSError)
+
+
+def _give_up_after(since: Optional[float], limit: float, error: BaseException) -> float:
+    """
+    When the failures began (now, for the first one); C{error} is raised
+    once they have lasted C{limit} seconds.
+    """
+    now = time.monotonic()
+    if since is None:
+        return now
+    if now - since >= limit:
+        raise error
+    return since
+
+
+class _MasterWatch:
+    """
+    C{+switch-master} of a Sentinel-managed client's master, from the
+    first sentinel that answers (for any other client: nothing). redis-py
+    reconnects a lost subscriber through the sentinels but does not notice
+    a graceful C{SENTINEL FAILOVER} that leaves its connection up on the
+    old master, now a replica.
+    """
+
+    def __init__(self, client: Any) -> None:
+        pool = getattr(client, "connection_pool", None)
+        self.pool: Any = pool
+        self.manager = getattr(pool, "sentinel_manager", None)
+        self.service = getattr(pool, "service_name", None)
+        self.pubsub: Any = None
+        #: the master's address when last asked
+        self.master: Any = None
+        self.refresh()
+
+    @property
+    def active(self) -> bool:
+        return self.manager is not None and self.service is not None
+
+    def refresh(self) -> None:
+        """
+        (Re)subscribe to C{+switch-master} if not subscribed; a sentinel
+        that does not answer is skipped, and none answering is tried again
+        on the next call.
+        """
+        if not self.active or self.pubsub is not None:
+            return
+        errors = _connection_errors()
+        assert self.manager is not None
+        for sentinel in self.manager.sentinels:
+            pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe("+switch-master")
+                pubsub.get_message(timeout=0.5)  # the confirmation
+            except errors:
+                pubsub.close()
+                continue
+            self.pubsub = pubsub
+            break
+        if self.pubsub is not None and self.master is None:
+            self.master = self._ask_master()
+
+    def _ask_master(self) -> Any:
+        """
+        The master's address as the sentinels name it now (the pool then
+        drops its idle connections to a previous one), or None.
+        """
+        try:
+            return self.pool.get_master_address()
+        except _connection_errors():
+            return None
+
+    def switched(self) -> bool:
+        """
+        Whether the sentinels announced a new master of this client's
+        service since the last call (its pool then drops its idle
+        connections to the old one).
+        """
+        if not self.active:
+            return False
+        self.refresh()
+        if self.pubsub is None:
+            return False
+        errors = _connection_errors()
+        switched = False
+        try:
+            while True:
+                message = self.pubsub.get_message(timeout=0)
+                if message is None:
+                    break
+                if message.get("type") != "message":
+                    continue
+                data = message["data"]
+                fields = (data.decode() if isinstance(data, bytes) else str(data)).split()
+                if fields and fields[0] == self.service:
+                    switched = True
+        except errors:
+            # this sentinel went away (another one next time): a switch
+            # meanwhile would have gone unheard, so ask
+            self.pubsub.close()
+            self.pubsub = None
+            known, self.master = self.master, self._ask_master()
+            return known is None or self.master != known
+        if switched:
+            self.master = self._ask_master()
+        return switched
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            self.pubsub.close()
+            self.pubsub = None
 
 
 # -- durable upstream (UPSTREAM=stream) -----------------------------------------

@@ -25,7 +25,8 @@ Test modules import from here, never from one another.
 """
 
 from .base import ROOT, clean_autobahn_timers, free_port, wait_for
-from .clients import Client, EventLog, collector, connect, exchange_messages, up_listener
+from .clients import (BackendListener, Client, EventLog, collector, connect, exchange_messages,
+                      up_listener)
 from .daemon import (
     LISTENING,
     PYTHON_M_WSPROXY,
@@ -68,7 +69,7 @@ from .sentinel import start_rig
 
 __all__ = [
     "LISTENING", "PYTHON_M_WSPROXY", "ROOT", "SETTING_VARIABLES", "TWISTD", "TWISTD_WSPROXY",
-    "WS_ACCEPT", "WS_KEY", "Client", "EventLog", "Daemon", "ProxyTestCase", "RawClient", "RedisServer",
+    "WS_ACCEPT", "WS_KEY", "BackendListener", "Client", "EventLog", "Daemon", "ProxyTestCase", "RawClient", "RedisServer",
     "RedisTestCase", "RunningProxy", "ProcessOutput", "SentinelServer", "TlsRedisServer",
     "UnixRedisServer", "attempt", "clean_autobahn_timers", "clean_environ", "collector",
     "connect", "daemon_env", "exchange_messages", "free_port", "http_get", "open_raw",

@@ -2,6 +2,8 @@
 WebSocket clients (Autobahn) over real sockets: L{connect} opens one and
 fires with a L{Client} that records messages and the close;
 L{up_listener} watches what a session publishes upstream;
+L{BackendListener} runs a blocking listener of L{wsproxy.backend} in a
+thread;
 L{exchange_messages} checks one message each way; L{EventLog} reads the
 events the proxy publishes; L{Received} reads what a resuming client was
 sent.
@@ -10,7 +12,8 @@ sent.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import redis as redispy
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -116,6 +119,30 @@ def collector(get_message: Callable[..., Optional[dict[str, Any]]]) -> Callable[
             received.append(message["data"])
 
     return poll
+
+
+class BackendListener:
+    """
+    A blocking iterator of L{wsproxy.backend} (C{listen_up},
+    C{listen_events}) run to its end in a daemon thread: what it yielded
+    is in C{received}, what it raised in C{error}. The iterator cannot be
+    stopped from outside while it waits; give it a short C{reconnect_for},
+    and it ends (raising) soon after the test's Redis is gone, and a
+    daemon thread never holds up the test run.
+    """
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.received: list[Any] = []
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
+        self.thread.start()
+
+    def _run(self, iterator: Iterator[Any]) -> None:
+        try:
+            for item in iterator:
+                self.received.append(item)
+        except BaseException as e:
+            self.error = e
 
 
 async def exchange_messages(test: Any, r: redispy.Redis, url: str, session: str,
