@@ -60,3 +60,30 @@ class FindMasterTests(SynchronousTestCase):
         endpoint = self.endpoint({1: error, 2: error})
         failure = self.failureResultOf(self.find(endpoint), SentinelError)
         self.assertEqual(str(failure.value), "sentinels do not know master 'm'")
+
+    def test_announced_master_preferred_until_all_agree(self) -> None:
+        """
+        After a C{+switch-master}, the master it named is taken even while
+        most sentinels still name the old one (they learn of a failover
+        seconds after the sentinel that led it), until every sentinel
+        names it; then the majority decides again.
+        """
+        answers: dict[int, Any] = {1: ("10.0.0.2", 6379), 2: ("10.0.0.1", 6379),
+                                   3: ("10.0.0.1", 6379)}
+        endpoint = self.endpoint(answers)
+        self.assertEqual(self.successResultOf(self.find(endpoint)), ("10.0.0.1", 6379))
+        endpoint.announced = ("10.0.0.2", 6379)
+        self.assertEqual(self.successResultOf(self.find(endpoint)), ("10.0.0.2", 6379))
+        self.assertEqual(endpoint.announced, ("10.0.0.2", 6379))
+        answers.update({2: ("10.0.0.2", 6379), 3: ("10.0.0.2", 6379)})
+        self.assertEqual(self.successResultOf(self.find(endpoint)), ("10.0.0.2", 6379))
+        self.assertIsNone(endpoint.announced)
+
+    def test_announced_master_no_sentinel_names_is_not_taken(self) -> None:
+        """
+        An announced master that no sentinel names (a later failover the
+        watcher missed) does not override their answer.
+        """
+        endpoint = self.endpoint({1: ("10.0.0.3", 6379), 2: ("10.0.0.3", 6379)})
+        endpoint.announced = ("10.0.0.2", 6379)
+        self.assertEqual(self.successResultOf(self.find(endpoint)), ("10.0.0.3", 6379))

@@ -10,10 +10,13 @@ says that server really is a master (L{wsproxy.redis.redislink}): a stale
 address, or an old master that came back as a replica, is never written
 to.
 
-A L{SentinelWatcher} stays subscribed to C{+switch-master} on one of the
-sentinels: when the master changes, both connections are dropped and made
-again through the sentinels, rather than waiting for a timeout (after a
-graceful C{SENTINEL FAILOVER} the old master is still up, as a replica).
+A L{SentinelWatcher} stays subscribed to C{+switch-master} on every
+sentinel and acts on the first announcement: when the master changes, the
+subscriber connection is dropped and the command connection replaced
+(client messages held meanwhile, L{wsproxy.redis.hold}), both made again
+through the sentinels, preferring the master announced, rather than
+waiting for a timeout (after a graceful C{SENTINEL FAILOVER} the old
+master is still up, as a replica).
 """
 
 from __future__ import annotations
@@ -136,6 +139,11 @@ class SentinelEndpoint:
         self._settings = settings
         self._sentinels = list(settings.redis_sentinels)
         self.master: Optional[tuple[str, int]] = None
+        #: the master a C{+switch-master} named (L{SentinelWatcher}): taken
+        #: if any sentinel names it, until all of them do (those that did
+        #: not lead the failover learn of it up to seconds later, and a
+        #: majority of them would still name the old master)
+        self.announced: Optional[tuple[str, int]] = None
 
     async def find_master(self) -> tuple[str, int]:
         """
@@ -159,7 +167,13 @@ class SentinelEndpoint:
         )
         masters = [a for a in answers if isinstance(a, tuple)]
         if masters:
-            master = max(masters, key=masters.count)
+            announced = self.announced
+            if announced is not None and announced in masters:
+                master = announced
+                if masters.count(announced) == len(self._sentinels):
+                    self.announced = None
+            else:
+                master = max(masters, key=masters.count)
             self.master = master
             return master
         problems = [a for a in answers if isinstance(a, str)]
@@ -249,30 +263,14 @@ class _Watch(Protocol):
                 call.cancel()
 
 
-@implementer(IStreamClientEndpoint)
-class _AnySentinel:
-    """
-    Each attempt connects to the next sentinel.
-    """
-
-    def __init__(self, reactor: Any, settings: Settings) -> None:
-        self._endpoints = [
-            _sentinel_endpoint(reactor, settings, host, port)
-            for host, port in settings.redis_sentinels
-        ]
-        self._next = 0
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        endpoint = self._endpoints[self._next % len(self._endpoints)]
-        self._next += 1
-        connecting: defer.Deferred[Any] = endpoint.connect(factory)
-        return connecting
-
-
 class SentinelWatcher:
     """
     Calls C{on_switch(host, port)} when the sentinels announce a new master
-    for C{REDIS_SENTINEL_MASTER}.
+    for C{REDIS_SENTINEL_MASTER}: subscribed on every sentinel, acting on
+    the first announcement of each switch. Only the sentinel that led the
+    failover announces it at once; the others learn of it from its hello
+    messages, up to seconds later, and a proxy watching one of them would
+    go on writing to the old master meanwhile.
     """
 
     _log = Logger()
@@ -285,23 +283,32 @@ class SentinelWatcher:
     ) -> None:
         self._name = settings.redis_sentinel_master.encode()
         self._on_switch = on_switch
+        #: the master last announced (each sentinel announces a switch)
+        self._last: Optional[tuple[str, int]] = None
         hello = _hello(settings)
         factory = Factory.forProtocol(lambda: _Watch(hello, self._message, reactor))
         factory.noisy = False
-        self._service = ClientService(
-            _AnySentinel(reactor, settings), factory,
-            retryPolicy=lambda attempt: min(1.0, 0.1 * 2 ** min(attempt, 4)),
-            clock=reactor,
-        )
+        self._services = [
+            ClientService(
+                _sentinel_endpoint(reactor, settings, host, port), factory,
+                retryPolicy=lambda attempt: min(1.0, 0.1 * 2 ** min(attempt, 4)),
+                clock=reactor,
+            )
+            for host, port in settings.redis_sentinels
+        ]
 
     def start(self) -> None:
-        self._service.startService()
+        for service in self._services:
+            service.startService()
 
     def stop(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        await self._service.stopService()
+        await defer.gatherResults(
+            [defer.ensureDeferred(s.stopService()) for s in self._services],
+            consumeErrors=True,
+        )
 
     def _message(self, payload: bytes) -> None:
         # "<name> <old ip> <old port> <new ip> <new port>"
@@ -312,6 +319,9 @@ class SentinelWatcher:
             host, port = parts[3].decode(), int(parts[4])
         except ValueError:
             return
+        if (host, port) == self._last:
+            return  # another sentinel's announcement of the same switch
+        self._last = (host, port)
         self._log.info(
             "sentinel: master {name} is now {host}:{port}; reconnecting",
             name=self._name.decode(), host=host, port=port,
