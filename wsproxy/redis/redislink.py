@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Settings
+from .hold import HOLD_SECS, Hold, HoldBudget
 from .sentinel import SentinelEndpoint
 from .redisendpoint import (
     ConnectFailures,
@@ -506,6 +507,12 @@ class RedisLink:
         self.reconnects = 0
         self._ever_ready = False
         self._stopping = False
+        #: commands held while the connection is replaced (L{hold}); the
+        #: budget is the process's (the proxy sets it)
+        self.hold_budget = HoldBudget()
+        self._hold: Optional[Hold] = None
+        #: a replaced connection, answering what was sent on it (L{replace})
+        self._retiring: Any = None
         self._endpoint = endpoint
         self._service = ClientService(
             ReportingEndpoint(endpoint, self._connect_failed),
@@ -524,6 +531,9 @@ class RedisLink:
 
     async def _stop(self) -> None:
         self._stopping = True
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.fail(RedisUnavailable(f"redis {self.name}: stopping"))
         proto = self.ready
         if proto is not None and proto.transport is not None:
             # A TLS transport does not close while a producer is registered
@@ -637,6 +647,10 @@ class RedisLink:
         self._ever_ready = True
         self._log.info("redis {name} connection ready ({where})",
                        name=self.name, where=self._settings.redis_description)
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            # before anything else is sent on it: in the order they came
+            hold.flush(proto.write_raw)
         self.on_ready(proto)
 
     def _setup_failed(self, why: str, category: Optional[str] = None) -> None:
@@ -664,7 +678,10 @@ class RedisLink:
 
     def _lost(self, proto: Any, reason: Any, transport: Any = None) -> None:
         was_ready = self.ready is proto
-        if was_ready:
+        if proto is self._retiring:
+            self._retiring = None
+            self._log.info("redis {name}: the replaced connection is closed", name=self.name)
+        elif was_ready:
             self.ready = None
             if self._stopping:
                 self._log.info("redis {name} connection closed", name=self.name)
@@ -685,6 +702,81 @@ class RedisLink:
                 self.failures.failed(category, text)
         if self._connecting is proto:
             self._connecting = None
+
+    # -- planned switches (wsproxy.redis.hold) ------------------------------
+
+    @property
+    def holding(self) -> bool:
+        return self._hold is not None
+
+    def hold(self, reason: str) -> None:
+        """
+        Until the next connection is usable (at most L{HOLD_SECS}), lean
+        commands that find no connection are held instead of failed
+        (L{wsproxy.redis.hold}); for a known reason only (C{reason}, for the
+        log). Command links only; nothing if already holding.
+        """
+        if self._hold is None and not self._subscriber and not self._stopping:
+            self._hold = Hold(self.name, reason, self._clock, self.hold_budget,
+                              self._hold_expired)
+
+    def _hold_expired(self, hold: Hold) -> None:
+        if self._hold is hold:
+            self._hold = None
+            hold.fail(RedisUnavailable(
+                f"redis {self.name}: no connection within {hold.seconds:g}s of {hold.reason}"
+            ))
+
+    def replace(self, reason: str, master: Optional[tuple[str, int]] = None) -> None:
+        """
+        A planned switch (the sentinels announced C{master}): lean commands
+        are held from now on (L{hold}); the current connection answers what
+        was already sent on it (a PING behind it says when), then closes, and
+        the next one is made. A subscriber link is only dropped.
+        """
+        if master is not None and isinstance(self._endpoint, SentinelEndpoint):
+            self._endpoint.announced = master
+        proto = self.ready
+        if self._subscriber:
+            self.kill()
+            return
+        self.hold(reason)
+        if proto is None or self._stopping:
+            return
+        self.ready = None
+        self._retiring = proto
+        if proto.transport is not None:
+            proto.transport.unregisterProducer()
+        self.on_lost()
+
+        def drained(reply: Any) -> None:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+        proto.command_raw((b"PING",), drained)
+        # a connection that does not answer is not waited for
+        self._clock.callLater(HOLD_SECS, lambda: (
+            proto.transport.abortConnection() if self._retiring is proto else None))
+
+    def _no_connection(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A lean command (RESP) while there is no usable connection: held if a
+        hold is on and has room, else failed at once.
+        """
+        hold = self._hold
+        if hold is None or not hold.add(command, on_reply):
+            on_reply(self._unavailable())
+
+    def write_held(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A lean command already encoded: written now, or held as
+        L{_no_connection} does (a cluster's redirections).
+        """
+        proto = self.ready
+        if proto is None:
+            self._no_connection(command, on_reply)
+        else:
+            proto.write_raw(command, on_reply)
 
     # -- commands --------------------------------------------------------
 
@@ -708,7 +800,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(encode_command(*args), on_reply)
         else:
             proto.command_raw(args, on_reply)
 
@@ -720,7 +812,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(command, on_reply)
         else:
             proto.write_raw(command, on_reply)
 
@@ -732,7 +824,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(encode_command(b"PUBLISH", channel, payload), on_reply)
         else:
             proto.publish_raw(channel, payload, on_reply)
 

@@ -38,6 +38,7 @@ from ..names import (
     valid_session_id,
 )
 from ..redis.cluster import Cluster, ClusterHub
+from ..redis.hold import HoldBudget
 from ..redis.pubsub import Hub, Listener
 from ..redis.redislink import (
     Commands,
@@ -306,6 +307,11 @@ class Proxy:
         #: descriptor limit allows (L{wsproxy.process.fdlimit}); 0 = no cap
         self.connection_cap = settings.max_connections
         self.valve = UpstreamValve(self.connections)
+        #: client messages held while a command connection is replaced for
+        #: a known reason (wsproxy.redis.hold): no client read meanwhile
+        self.hold_budget = HoldBudget(pause=self.valve.hold, resume=self.valve.release)
+        if isinstance(commands, RedisLink):
+            commands.hold_budget = self.hold_budget
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
         self.draining = False
@@ -392,9 +398,13 @@ class Proxy:
         """
         The sentinels promoted another master: both connections are made
         again through them now (after a graceful failover the old master is
-        still up, as a replica, and would refuse writes).
+        still up, as a replica, and would refuse writes). Client messages
+        are held until the new command connection is ready
+        (L{wsproxy.redis.hold}): a planned failover closes no client.
         """
-        self.commands.kill()
+        cast(RedisLink, self.commands).replace(
+            f"+switch-master to {host}:{port}", master=(host, port)
+        )
         self.subscriber.kill()
 
     def _commands_ready(self, proto: Any) -> None:

@@ -1,0 +1,309 @@
+"""
+Holding client messages while a Redis command connection is replaced for a
+known reason (L{wsproxy.redis.hold}), with fake connections and a fake
+clock: the order, the bounds in time and bytes, the replies, the valve,
+and that a link that is connected, or lost for an unknown reason, does what
+it did before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsproxy.config import Settings
+from wsproxy.redis.hold import HOLD_SECS, HoldBudget
+from wsproxy.redis.redisendpoint import encode_command
+from wsproxy.redis.redislink import RedisLink, RedisUnavailable
+from wsproxy.session.backpressure import UpstreamValve
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+        self.aborted = False
+        self.producer: Any = "valve"
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def loseConnection(self) -> None:
+        self.closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class FakeProtocol:
+    """
+    A command connection's lean methods: what is written, in order, with
+    the callback of each.
+    """
+
+    stuck = False
+    sent = answered = 0
+
+    def __init__(self, with_transport: bool = False) -> None:
+        self.transport: Optional[FakeTransport] = FakeTransport() if with_transport else None
+        self.written: list[tuple[bytes, Callable[[Any], None]]] = []
+
+    def write_raw(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        self.written.append((command, on_reply))
+
+    def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
+        self.written.append((encode_command(b"PUBLISH", channel, payload), on_reply))
+
+    def command_raw(self, args: tuple[bytes, ...], on_reply: Callable[[Any], None]) -> None:
+        self.written.append((encode_command(*args), on_reply))
+
+    def answer(self, replies: list[Any]) -> None:
+        """
+        Redis answers every command written so far, in order.
+        """
+        written, self.written = self.written, []
+        for (_, on_reply), reply in zip(written, replies):
+            on_reply(reply)
+
+
+class Readable:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class HoldTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = Readable()
+        self.valve = UpstreamValve([self.client])
+        self.budget = HoldBudget(max_bytes=1000, pause=self.valve.hold,
+                                 resume=self.valve.release)
+        self.link = RedisLink("commands", None, Settings(auth_timeout=5), self.clock)
+        self.link.hold_budget = self.budget
+        self.old = FakeProtocol(with_transport=True)
+        self.link.ready = self.old
+        self.replies: list[tuple[str, Any]] = []
+
+    def callback(self, name: str) -> Callable[[Any], None]:
+        return lambda reply: self.replies.append((name, reply))
+
+    def connect(self) -> FakeProtocol:
+        """
+        The next connection becomes usable.
+        """
+        new = FakeProtocol()
+        self.link._connecting = new
+        self.link._usable(new)
+        return new
+
+    def publish(self, n: int, size: int = 1) -> None:
+        self.link.publish(b"session:s:up", b"%d" % n + b"x" * (size - 1), self.callback(f"m{n}"))
+
+
+class PlainPathTests(HoldTestCase):
+
+    def test_connected_link_writes_at_once(self) -> None:
+        """
+        With a usable connection nothing is held: each message is written
+        on it at once and the clients keep being read.
+        """
+        self.publish(1)
+        self.link.send_encoded(encode_command(b"XADD", b"s", b"*", b"p", b"x"),
+                               self.callback("xadd"))
+        self.assertEqual([c for c, _ in self.old.written], [
+            encode_command(b"PUBLISH", b"session:s:up", b"1"),
+            encode_command(b"XADD", b"s", b"*", b"p", b"x"),
+        ])
+        self.assertFalse(self.link.holding)
+        self.assertTrue(self.client.reading)
+
+    def test_unplanned_loss_fails_at_once(self) -> None:
+        """
+        A connection lost for no known reason (no L{RedisLink.replace}):
+        a message fails at once with L{RedisUnavailable}, as before.
+        """
+        self.link.ready = None
+        self.publish(1)
+        self.assertEqual(len(self.replies), 1)
+        self.assertIsInstance(self.replies[0][1], RedisUnavailable)
+        self.assertTrue(self.client.reading)
+
+
+class ReplaceTests(HoldTestCase):
+
+    def test_held_in_order_then_written_first(self) -> None:
+        """
+        After L{RedisLink.replace}, messages (PUBLISH, XADD, a token check)
+        are held; once the new connection is usable they are written on it
+        in the order they came, before anything else, and each reply goes
+        to its own callback, in order.
+        """
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.publish(1)
+        self.link.send_encoded(encode_command(b"XADD", b"s", b"*", b"p", b"2"),
+                               self.callback("m2"))
+        self.link.send(self.callback("m3"), b"GET", b"session:s:auth")
+        self.publish(4)
+        self.assertEqual(self.replies, [])
+        self.assertFalse(self.client.reading, "clients are read while messages are held")
+        new = self.connect()
+        self.assertEqual([c for c, _ in new.written], [
+            encode_command(b"PUBLISH", b"session:s:up", b"1"),
+            encode_command(b"XADD", b"s", b"*", b"p", b"2"),
+            encode_command(b"GET", b"session:s:auth"),
+            encode_command(b"PUBLISH", b"session:s:up", b"4"),
+        ])
+        self.assertTrue(self.client.reading)
+        self.publish(5)
+        new.answer([1, b"1-1", b"tok", 0, 2])
+        self.assertEqual(self.replies, [
+            ("m1", 1), ("m2", b"1-1"), ("m3", b"tok"), ("m4", 0), ("m5", 2)])
+        self.assertFalse(self.link.holding)
+        self.assertEqual((self.budget.held, self.budget.failed, self.budget.holds),
+                         (4, 0, 1))
+        self.assertEqual(self.budget.bytes, 0)
+
+    def test_old_connection_answers_then_closes(self) -> None:
+        """
+        What was sent on the replaced connection is answered there, to its
+        own callbacks; a PING behind it closes that connection once it is
+        answered, and nothing new is written on it.
+        """
+        self.publish(1)
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.publish(2)
+        self.assertEqual([c for c, _ in self.old.written], [
+            encode_command(b"PUBLISH", b"session:s:up", b"1"), encode_command(b"PING")])
+        assert self.old.transport is not None
+        self.assertIsNone(self.old.transport.producer)
+        self.old.answer([1, b"PONG"])
+        self.assertTrue(self.old.transport.closed)
+        self.assertEqual(self.replies, [("m1", 1)])
+        new = self.connect()
+        new.answer([3])
+        self.assertEqual(self.replies, [("m1", 1), ("m2", 3)])
+
+    def test_replaced_connection_lost_is_no_failure(self) -> None:
+        """
+        The replaced connection closing is neither counted nor reported as
+        a failure, and does not end the hold.
+        """
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.link._lost(self.old, None)
+        self.assertEqual(self.link._failures, 0)
+        self.publish(1)
+        self.assertTrue(self.link.holding)
+        self.assertEqual(self.replies, [])
+
+    def test_time_bound(self) -> None:
+        """
+        No connection within L{HOLD_SECS}: every held message fails with
+        L{RedisUnavailable}, in order (the caller closes with 1011 or
+        nacks), the clients are read again, and later messages fail at once.
+        """
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.publish(1)
+        self.publish(2)
+        self.clock.advance(HOLD_SECS - 0.01)
+        self.assertEqual(self.replies, [])
+        self.clock.advance(0.02)
+        self.assertEqual([name for name, _ in self.replies], ["m1", "m2"])
+        for _, reply in self.replies:
+            self.assertIsInstance(reply, RedisUnavailable)
+            self.assertIn("+switch-master", str(reply))
+        self.assertTrue(self.client.reading)
+        self.publish(3)
+        self.assertEqual(self.replies[-1][0], "m3")
+        self.assertIsInstance(self.replies[-1][1], RedisUnavailable)
+        self.assertEqual((self.budget.failed, self.budget.bytes), (2, 0))
+
+    def test_byte_bound(self) -> None:
+        """
+        A message that does not fit in the process's bytes fails at once,
+        and so does every later one of that hold (a client's messages stay
+        in order: a prefix held, the rest failed); those held are still
+        written once connected.
+        """
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.publish(1, size=400)
+        self.publish(2, size=400)
+        self.publish(3, size=400)
+        self.publish(4, size=1)
+        self.assertEqual([name for name, _ in self.replies], ["m3", "m4"])
+        for _, reply in self.replies:
+            self.assertIsInstance(reply, RedisUnavailable)
+        new = self.connect()
+        self.assertEqual(len(new.written), 2)
+        new.answer([1, 1])
+        self.assertEqual([name for name, _ in self.replies], ["m3", "m4", "m1", "m2"])
+
+    def test_budget_is_shared(self) -> None:
+        """
+        The byte bound is over every link of the process (a cluster's
+        masters): two links holding share it, and clients are read again
+        only once both have written what they held.
+        """
+        other = RedisLink("commands b", None, Settings(auth_timeout=5), self.clock)
+        other.hold_budget = self.budget
+        self.link.ready = None
+        self.link.hold("learning of master a")
+        other.hold("learning of master b")
+        self.publish(1, size=600)
+        other.publish(b"c", b"y" * 600, self.callback("other"))
+        self.assertEqual([name for name, _ in self.replies], ["other"])
+        other.publish(b"c", b"y", self.callback("other2"))
+        self.assertEqual(len(self.replies), 2, "a hold past the bound takes no more")
+        self.assertFalse(self.client.reading)
+        self.connect()
+        self.assertTrue(self.client.reading)
+
+    def test_stop_fails_what_is_held(self) -> None:
+        """
+        A link stopped while holding fails what it holds.
+        """
+        self.link.replace("+switch-master to 10.0.0.2:6379")
+        self.publish(1)
+        self.link.stop()
+        self.assertEqual([name for name, _ in self.replies], ["m1"])
+        self.assertIsInstance(self.replies[0][1], RedisUnavailable)
+
+    def test_subscriber_is_not_held(self) -> None:
+        """
+        A subscriber link is only dropped: it has no client messages.
+        """
+        link = RedisLink("subscriber", None, Settings(auth_timeout=5), self.clock,
+                         subscriber=True)
+        proto = FakeProtocol(with_transport=True)
+        link.ready = proto
+        link.replace("+switch-master to 10.0.0.2:6379")
+        self.assertFalse(link.holding)
+        assert proto.transport is not None
+        self.assertTrue(proto.transport.aborted)
+
+
+class ValveTests(SynchronousTestCase):
+
+    def test_hold_outlasts_a_drained_buffer(self) -> None:
+        """
+        While messages are held, a command connection's buffer draining (or
+        the connection being lost) does not resume the clients; releasing
+        the hold does, unless a cluster master's buffer is still full.
+        """
+        client = Readable()
+        valve = UpstreamValve([client])
+        valve.hold()
+        valve.resumeProducing()
+        self.assertFalse(client.reading)
+        share = valve.share()
+        share.pauseProducing()
+        valve.release()
+        self.assertFalse(client.reading)
+        share.resumeProducing()
+        self.assertTrue(client.reading)
