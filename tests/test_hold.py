@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import txredisapi
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsproxy.config import Settings
+from wsproxy.redis import cluster as cluster_module
 from wsproxy.redis.hold import HOLD_SECS, HoldBudget
 from wsproxy.redis.redisendpoint import encode_command
 from wsproxy.redis.redislink import RedisLink, RedisUnavailable
@@ -54,6 +56,10 @@ class FakeProtocol:
 
     def publish_raw(self, channel: bytes, payload: bytes, on_reply: Callable[[Any], None]) -> None:
         self.written.append((encode_command(b"PUBLISH", channel, payload), on_reply))
+
+    def spublish_raw(self, channel: bytes, payload: bytes,
+                     on_reply: Callable[[Any], None]) -> None:
+        self.written.append((encode_command(b"SPUBLISH", channel, payload), on_reply))
 
     def command_raw(self, args: tuple[bytes, ...], on_reply: Callable[[Any], None]) -> None:
         self.written.append((encode_command(*args), on_reply))
@@ -307,3 +313,69 @@ class ValveTests(SynchronousTestCase):
         self.assertFalse(client.reading)
         share.resumeProducing()
         self.assertTrue(client.reading)
+
+
+class ClusterHoldTests(HoldTestCase):
+    """
+    On a cluster, a master learned of while serving (a MOVED, a new slot
+    map) holds what is sent to it until its connection is ready.
+    """
+
+    A = ("10.0.0.1", 6379)
+    B = ("10.0.0.2", 6379)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(cluster_module.Shard, "start", lambda shard: None)
+        self.cluster = cluster_module.Cluster(
+            self.clock, Settings(redis_cluster=True, auth_timeout=5), "test")
+        self.patch(self.cluster, "refresh", lambda: None)
+        self.cluster.hold_budget = self.budget
+        self.cluster.apply(cluster_module.SlotMap(
+            owners=(self.A,) * cluster_module.SLOTS, masters=(self.A,), nodes=(self.A,)))
+        self.a = FakeProtocol()
+        self.cluster.shards[self.A].commands.ready = self.a
+
+    def test_first_masters_are_not_held(self) -> None:
+        """
+        The masters of the first slot map are not held for: before them
+        nothing was served (no client to keep).
+        """
+        self.assertFalse(self.cluster.shards[self.A].commands.holding)
+
+    def test_moved_to_a_master_still_connecting(self) -> None:
+        """
+        A C{MOVED} to a master whose connection is still being made: the
+        message, and those sent to that master after it, are held and
+        written there in order once it is ready, each reply to its own
+        callback; no client sees a failure.
+        """
+        commands = self.cluster.commands
+        channel = b"session:s:up"
+        slot = cluster_module.key_slot(channel)
+        commands.publish(channel, b"1", self.callback("m1"))
+        commands.publish(channel, b"2", self.callback("m2"))
+        moved = txredisapi.ResponseError(f"MOVED {slot} {self.B[0]}:{self.B[1]}")
+        self.a.answer([moved, moved])
+        commands.publish(channel, b"3", self.callback("m3"))
+        self.assertEqual(self.replies, [])
+        link = self.cluster.shards[self.B].commands
+        self.assertTrue(link.holding)
+        self.assertFalse(self.client.reading)
+        new = FakeProtocol()
+        link._connecting = new
+        link._usable(new)
+        self.assertEqual([c for c, _ in new.written], [
+            encode_command(b"SPUBLISH", channel, b"%d" % n) for n in (1, 2, 3)])
+        new.answer([1, 1, 1])
+        self.assertEqual(self.replies, [("m1", 1), ("m2", 1), ("m3", 1)])
+        self.assertTrue(self.client.reading)
+
+    def test_master_connection_lost_fails_at_once(self) -> None:
+        """
+        A known master's connection lost for no known reason (kill -9):
+        messages to it fail at once, as before.
+        """
+        self.cluster.shards[self.A].commands.ready = None
+        self.cluster.commands.publish(b"session:s:up", b"1", self.callback("m1"))
+        self.assertIsInstance(self.replies[0][1], RedisUnavailable)

@@ -310,7 +310,9 @@ class Proxy:
         #: client messages held while a command connection is replaced for
         #: a known reason (wsproxy.redis.hold): no client read meanwhile
         self.hold_budget = HoldBudget(pause=self.valve.hold, resume=self.valve.release)
-        if isinstance(commands, RedisLink):
+        if cluster is not None:
+            cluster.hold_budget = self.hold_budget
+        elif isinstance(commands, RedisLink):
             commands.hold_budget = self.hold_budget
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
