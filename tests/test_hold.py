@@ -280,6 +280,17 @@ class ReplaceTests(HoldTestCase):
         self.assertEqual([name for name, _ in self.replies], ["m1"])
         self.assertIsInstance(self.replies[0][1], RedisUnavailable)
 
+    def test_retries_quickly_while_holding(self) -> None:
+        """
+        While holding, the next connection is tried again every 50 ms (the
+        replica a failover chose answers ROLE "slave" until promoted);
+        otherwise the usual back-off applies.
+        """
+        self.link._failures = 5
+        self.assertEqual(self.link._retry_delay(5), 1.0)
+        self.link.replace("+selected-slave 10.0.0.2:6379")
+        self.assertEqual(self.link._retry_delay(5), 0.05)
+
     def test_subscriber_is_not_held(self) -> None:
         """
         A subscriber link is only dropped: it has no client messages.

@@ -511,8 +511,10 @@ class RedisLink:
         #: budget is the process's (the proxy sets it)
         self.hold_budget = HoldBudget()
         self._hold: Optional[Hold] = None
-        #: a replaced connection, answering what was sent on it (L{replace})
+        #: a replaced connection, answering what was sent on it (L{replace}),
+        #: and the call that aborts it if it does not
         self._retiring: Any = None
+        self._retire_deadline: Optional[IDelayedCall] = None
         self._endpoint = endpoint
         self._service = ClientService(
             ReportingEndpoint(endpoint, self._connect_failed),
@@ -544,11 +546,17 @@ class RedisLink:
             if out is not None:
                 out.flush()  # commands held for the end of this turn
         await self._service.stopService()
-        proto = self._connecting or self.ready
-        if proto is not None and proto.transport is not None:
-            proto.transport.abortConnection()
+        for proto in (self._connecting or self.ready, self._retiring):
+            if proto is not None and proto.transport is not None:
+                proto.transport.abortConnection()
+        if self._retire_deadline is not None and self._retire_deadline.active():
+            self._retire_deadline.cancel()
 
     def _retry_delay(self, attempt: int) -> float:
+        if self._hold is not None:
+            # a planned switch: the new master is expected any moment (a
+            # replica about to be promoted answers ROLE "slave" until then)
+            return 0.05
         # ClientService forgets failed attempts as soon as TCP connects, but a
         # connection that never becomes usable (AUTH refused, Redis paused)
         # must still back off; self._failures counts those too.
@@ -592,6 +600,11 @@ class RedisLink:
                 role = reply[0] if isinstance(reply, list) and reply else reply
                 if role in (b"master", "master"):
                     self._usable(proto)
+                elif self._hold is not None:
+                    # the replica a failover chose, not promoted yet: expected
+                    proto.failure_reported = True
+                    if proto.transport is not None:
+                        proto.transport.loseConnection()
                 else:
                     self._setup_failed(f"not a master (ROLE: {role!r})", "sentinel")
                     if proto.transport is not None:
@@ -647,6 +660,10 @@ class RedisLink:
         self._ever_ready = True
         self._log.info("redis {name} connection ready ({where})",
                        name=self.name, where=self._settings.redis_description)
+        if isinstance(self._endpoint, SentinelEndpoint):
+            # the replica a failover chose is master now: from here on the
+            # sentinels are asked again (preferring it while any names it)
+            self._endpoint.promoting = False
         hold, self._hold = self._hold, None
         if hold is not None:
             # before anything else is sent on it: in the order they came
@@ -680,6 +697,8 @@ class RedisLink:
         was_ready = self.ready is proto
         if proto is self._retiring:
             self._retiring = None
+            if self._retire_deadline is not None and self._retire_deadline.active():
+                self._retire_deadline.cancel()
             self._log.info("redis {name}: the replaced connection is closed", name=self.name)
         elif was_ready:
             self.ready = None
@@ -723,19 +742,36 @@ class RedisLink:
     def _hold_expired(self, hold: Hold) -> None:
         if self._hold is hold:
             self._hold = None
+            if isinstance(self._endpoint, SentinelEndpoint):
+                # the failover did not complete: ask the sentinels again
+                self._endpoint.promoting = False
             hold.fail(RedisUnavailable(
                 f"redis {self.name}: no connection within {hold.seconds:g}s of {hold.reason}"
             ))
 
-    def replace(self, reason: str, master: Optional[tuple[str, int]] = None) -> None:
+    def connected_to(self) -> Optional[tuple[str, int]]:
         """
-        A planned switch (the sentinels announced C{master}): lean commands
-        are held from now on (L{hold}); the current connection answers what
-        was already sent on it (a PING behind it says when), then closes, and
-        the next one is made. A subscriber link is only dropped.
+        The address of the usable connection's peer, if any.
+        """
+        proto = self.ready
+        if proto is None or proto.transport is None:
+            return None
+        peer = proto.transport.getPeer()
+        return (getattr(peer, "host", ""), getattr(peer, "port", 0))
+
+    def replace(self, reason: str, master: Optional[tuple[str, int]] = None,
+                promoting: bool = False) -> None:
+        """
+        A planned switch to C{master}, named by the sentinels (C{promoting}:
+        the replica a failover is about to promote): lean commands are held
+        from now on (L{hold}); the current connection answers what was
+        already sent on it (a PING behind it says when), then closes, and
+        the next one is made, to C{master}. A subscriber link is only
+        dropped.
         """
         if master is not None and isinstance(self._endpoint, SentinelEndpoint):
             self._endpoint.announced = master
+            self._endpoint.promoting = promoting
         proto = self.ready
         if self._subscriber:
             self.kill()
@@ -755,8 +791,20 @@ class RedisLink:
 
         proto.command_raw((b"PING",), drained)
         # a connection that does not answer is not waited for
-        self._clock.callLater(HOLD_SECS, lambda: (
-            proto.transport.abortConnection() if self._retiring is proto else None))
+        self._retire_deadline = self._clock.callLater(HOLD_SECS, self._abort_retiring, proto)
+
+    def _abort_retiring(self, proto: Any) -> None:
+        if self._retiring is proto and proto.transport is not None:
+            proto.transport.abortConnection()
+
+    def replace_done(self, master: tuple[str, int]) -> None:
+        """
+        The switch L{replace} began is announced done (C{+switch-master} to
+        C{master}, where this link already is).
+        """
+        if isinstance(self._endpoint, SentinelEndpoint):
+            self._endpoint.announced = master
+            self._endpoint.promoting = False
 
     def _no_connection(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
         """

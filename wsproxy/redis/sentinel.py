@@ -144,6 +144,10 @@ class SentinelEndpoint:
         #: not lead the failover learn of it up to seconds later, and a
         #: majority of them would still name the old master)
         self.announced: Optional[tuple[str, int]] = None
+        #: a failover is under way and C{announced} is the replica chosen
+        #: (C{+selected-slave}): connect there without asking (no sentinel
+        #: names it yet), the ROLE check waits for its promotion
+        self.promoting = False
 
     async def find_master(self) -> tuple[str, int]:
         """
@@ -154,6 +158,10 @@ class SentinelEndpoint:
         @raise SentinelError: with every sentinel's reason if none named
             the master.
         """
+        if self.promoting and self.announced is not None:
+            self.master = self.announced
+            return self.announced
+
         async def ask(host: str, port: int) -> tuple[str, int] | str:
             try:
                 return await ask_for_master(self._reactor, self._settings, host, port)
@@ -213,7 +221,7 @@ class _Watch(Protocol):
     PING_INTERVAL = 5.0
 
     def __init__(
-        self, hello: bytes, on_message: Callable[[bytes], None], clock: IReactorTime
+        self, hello: bytes, on_message: Callable[[bytes, bytes], None], clock: IReactorTime
     ) -> None:
         self._hello = hello
         self._on_message = on_message
@@ -224,7 +232,9 @@ class _Watch(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(self._hello + encode_command("SUBSCRIBE", "+switch-master"))
+        self.transport.write(
+            self._hello + encode_command("SUBSCRIBE", "+switch-master", "+selected-slave")
+        )
         self._expect_answer()
 
     def _expect_answer(self) -> None:
@@ -248,7 +258,7 @@ class _Watch(Protocol):
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                self._on_message(reply[2])
+                self._on_message(reply[1], reply[2])
             elif isinstance(reply, list) and reply[:1] == [b"subscribe"] and self._pinger is None:
                 self._pinger = self._clock.callLater(self.PING_INTERVAL, self._keep_pinging)
             reply = self._reader.gets()
@@ -266,11 +276,20 @@ class _Watch(Protocol):
 class SentinelWatcher:
     """
     Calls C{on_switch(host, port)} when the sentinels announce a new master
-    for C{REDIS_SENTINEL_MASTER}: subscribed on every sentinel, acting on
-    the first announcement of each switch. Only the sentinel that led the
+    for C{REDIS_SENTINEL_MASTER} (C{+switch-master}), and
+    C{on_selected(host, port)} when a failover has chosen the replica it
+    will promote (C{+selected-slave}): subscribed on every sentinel, acting
+    on the first announcement of each. Only the sentinel that leads a
     failover announces it at once; the others learn of it from its hello
     messages, up to seconds later, and a proxy watching one of them would
     go on writing to the old master meanwhile.
+
+    C{+selected-slave} comes one sentinel tick (about 0.1 s) before the
+    sentinel sends the replica C{REPLICAOF NO ONE}, and C{+switch-master}
+    only after the sentinel has seen the promotion and reconfigured the
+    other replicas (about a second later here): what the old master takes
+    in between is lost when it is demoted. Acting on C{+selected-slave}
+    stops writing to the old master before the promotion.
     """
 
     _log = Logger()
@@ -280,9 +299,13 @@ class SentinelWatcher:
         reactor: IReactorTime,
         settings: Settings,
         on_switch: Callable[[str, int], None],
+        on_selected: Callable[[str, int], None] = lambda host, port: None,
     ) -> None:
         self._name = settings.redis_sentinel_master.encode()
         self._on_switch = on_switch
+        self._on_selected = on_selected
+        #: the replica last selected
+        self._selected: Optional[tuple[str, int]] = None
         #: the master last announced (each sentinel announces a switch)
         self._last: Optional[tuple[str, int]] = None
         hello = _hello(settings)
@@ -310,9 +333,27 @@ class SentinelWatcher:
             consumeErrors=True,
         )
 
-    def _message(self, payload: bytes) -> None:
-        # "<name> <old ip> <old port> <new ip> <new port>"
+    def _message(self, channel: bytes, payload: bytes) -> None:
         parts = payload.split()
+        if channel == b"+selected-slave":
+            # "slave <ip:port> <ip> <port> @ <name> <master ip> <master port>"
+            if len(parts) != 8 or parts[0] != b"slave" or parts[5] != self._name:
+                return
+            try:
+                selected = parts[2].decode(), int(parts[3])
+            except ValueError:
+                return
+            if selected == self._selected:
+                return  # another sentinel's report of the same failover
+            self._selected = selected
+            self._log.info(
+                "sentinel: failover of {name} to {host}:{port} under way; holding client "
+                "messages until it is master",
+                name=self._name.decode(), host=selected[0], port=selected[1],
+            )
+            self._on_selected(*selected)
+            return
+        # "<name> <old ip> <old port> <new ip> <new port>"
         if len(parts) != 5 or parts[0] != self._name:
             return
         try:
@@ -322,6 +363,7 @@ class SentinelWatcher:
         if (host, port) == self._last:
             return  # another sentinel's announcement of the same switch
         self._last = (host, port)
+        self._selected = None
         self._log.info(
             "sentinel: master {name} is now {host}:{port}; reconnecting",
             name=self._name.decode(), host=host, port=port,

@@ -371,7 +371,7 @@ class Proxy:
         self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
                                self.stats, clock)
         self.sentinel_watcher: Optional[SentinelWatcher] = (
-            SentinelWatcher(clock, settings, self._master_switched)
+            SentinelWatcher(clock, settings, self._master_switched, self._replica_selected)
             if settings.redis_sentinels else None
         )
 
@@ -404,10 +404,26 @@ class Proxy:
         are held until the new command connection is ready
         (L{wsproxy.redis.hold}): a planned failover closes no client.
         """
-        cast(RedisLink, self.commands).replace(
-            f"+switch-master to {host}:{port}", master=(host, port)
-        )
+        commands = cast(RedisLink, self.commands)
+        if commands.connected_to() == (host, port):
+            # already there since +selected-slave: only the sentinels' own
+            # answers are trusted again
+            commands.replace_done(master=(host, port))
+        else:
+            commands.replace(f"+switch-master to {host}:{port}", master=(host, port))
         self.subscriber.kill()
+
+    def _replica_selected(self, host: str, port: int) -> None:
+        """
+        A failover chose the replica it is about to promote: the command
+        connection is replaced now, before the promotion, so that nothing
+        is written to the old master from then on (what it took after the
+        promotion would be lost when it is demoted); client messages are
+        held until the replica answers ROLE as master.
+        """
+        cast(RedisLink, self.commands).replace(
+            f"+selected-slave {host}:{port}", master=(host, port), promoting=True
+        )
 
     def _commands_ready(self, proto: Any) -> None:
         # a new connection (a failover, an ACL change): the token check
