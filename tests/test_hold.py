@@ -390,3 +390,34 @@ class ClusterHoldTests(HoldTestCase):
         self.cluster.shards[self.A].commands.ready = None
         self.cluster.commands.publish(b"session:s:up", b"1", self.callback("m1"))
         self.assertIsInstance(self.replies[0][1], RedisUnavailable)
+
+    def test_retired_master_answers_before_it_is_stopped(self) -> None:
+        """
+        A master that a new slot map no longer lists (its replica took
+        over) is stopped only once what was sent to it is answered: a
+        C{MOVED} then is followed to the new master, whose connection is
+        still being made (held), instead of failing with the connection.
+        """
+        stopped: list[Any] = []
+        self.patch(cluster_module.Shard, "stop", lambda shard: stopped.append(shard))
+        commands = self.cluster.commands
+        channel = b"session:s:up"
+        slot = cluster_module.key_slot(channel)
+        commands.publish(channel, b"1", self.callback("m1"))
+        leaving = self.cluster.shards[self.A]
+        self.cluster.apply(cluster_module.SlotMap(
+            owners=(self.B,) * cluster_module.SLOTS, masters=(self.B,),
+            nodes=(self.A, self.B)))
+        self.assertNotIn(self.A, self.cluster.shards)
+        self.assertEqual(stopped, [])
+        self.assertEqual(self.a.written[-1][0], encode_command(b"PING"))
+        moved = txredisapi.ResponseError(f"MOVED {slot} {self.B[0]}:{self.B[1]}")
+        self.a.answer([moved, b"PONG"])
+        self.assertEqual(stopped, [leaving])
+        self.assertEqual(self.replies, [])
+        link = self.cluster.shards[self.B].commands
+        new = FakeProtocol()
+        link._connecting = new
+        link._usable(new)
+        new.answer([1])
+        self.assertEqual(self.replies, [("m1", 1)])

@@ -103,7 +103,7 @@ class Senders:
         test: Any,
         n: int,
         url: Callable[[str], str],
-        authorize: Callable[[str], None],
+        authorize: Callable[[str], Any],
         interval: float = 0.05,
         prefix: str = "s",
     ) -> "Senders":

@@ -351,6 +351,8 @@ class Cluster:
         #: known change (a failover, a migration), its commands held
         #: until its connection is ready
         self._mapped = False
+        #: shards retired, answering what was sent to them (L{_retire})
+        self._leaving: set[Shard] = set()
         self.commands = ClusterCommands(self)
         self.subscribers = ClusterSubscribers(self)
         self.hub = ClusterHub(self)
@@ -376,7 +378,8 @@ class Cluster:
         for asking in list(self._asking):
             asking.cancel()
         return defer.gatherResults(
-            [shard.stop() for shard in self.shards.values()], consumeErrors=True
+            [shard.stop() for shard in list(self.shards.values()) + list(self._leaving)],
+            consumeErrors=True,
         )
 
     def _tick(self) -> None:
@@ -513,7 +516,16 @@ class Cluster:
                        node=shard.name)
         self._retired_reconnects += shard.commands.reconnects + shard.subscriber.reconnects
         self._retired_failures.update(shard.failures.counts)
-        shard.stop()
+        # what was sent to it is answered first (a MOVED after a failover,
+        # followed to the new master), then it is disconnected
+        self._leaving.add(shard)
+
+        def drained(_: object) -> None:
+            if shard in self._leaving:
+                self._leaving.discard(shard)
+                shard.stop()
+
+        shard.commands.drain().addBoth(drained)
 
     def _place_canary(self, shard: Shard) -> None:
         """

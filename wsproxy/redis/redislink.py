@@ -797,6 +797,28 @@ class RedisLink:
         if self._retiring is proto and proto.transport is not None:
             proto.transport.abortConnection()
 
+    def drain(self) -> defer.Deferred[None]:
+        """
+        Fires once every command sent on the usable connection is answered
+        (a PING behind them), the connection is lost, or L{HOLD_SECS}
+        passed; before a link that is no longer used is stopped.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        proto = self.ready
+        if proto is None:
+            d.callback(None)
+            return d
+
+        def done(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not d.called:
+                d.callback(None)
+
+        timer = self._clock.callLater(HOLD_SECS, done)
+        proto.command_raw((b"PING",), done)
+        return d
+
     def replace_done(self, master: tuple[str, int]) -> None:
         """
         The switch L{replace} began is announced done (C{+switch-master} to
