@@ -515,7 +515,12 @@ class PlannedFailoverTests(SentinelTestCase):
         # the backend reads (and subscribes again) all along
         backend = task.LoopingCall(received)
         backend.start(0.02)
-        self.addCleanup(lambda: backend.running and backend.stop())
+
+        def stop_backend() -> None:
+            if backend.running:
+                backend.stop()
+
+        self.addCleanup(stop_backend)
         senders.start()
         await wait(lambda: len(received()) >= 5 * SWITCH_SESSIONS, 30, "the first messages")
         await setup.failover()
