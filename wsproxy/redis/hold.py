@@ -6,10 +6,11 @@ Without a hold, a command sent while a link has no usable connection fails
 at once (L{wsproxy.redis.redislink.RedisUnavailable}), and a client whose
 message cannot be published is closed with 1011. That is right when Redis
 was lost (nobody knows for how long), and wrong when the proxy itself is
-moving to another master it has just been told about: a C{+switch-master}
-from the sentinels (L{wsproxy.session.proxy.Proxy}), or, on a cluster, a
-C{MOVED} naming a master whose connection is still being made
-(L{wsproxy.redis.cluster}). Then the link holds the lean commands
+moving to another master it has just been told about: a failover the
+sentinels announce (C{+selected-slave}, before the promotion, or
+C{+switch-master}; L{wsproxy.redis.sentinel}, L{wsproxy.session.proxy.Proxy}),
+or, on a cluster, a master new to the slot map or named by a C{MOVED}
+whose connection is still being made (L{wsproxy.redis.cluster}). Then the link holds the lean commands
 (C{PUBLISH}, C{SPUBLISH}, C{XADD}, the token check, events) that meet it
 without a connection, and writes them, in the order they came, to the next
 connection as soon as it is usable, before anything else; each reply goes
@@ -43,12 +44,16 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 #: the longest a link holds commands. The hold starts once the new master
-#: is known (the sentinels announce it after the promotion; a MOVED names
-#: it), so it only has to cover making a connection there: asking the
-#: sentinels, TCP, TLS, AUTH, ROLE or PING, ClientService's 0.1 s before
-#: the attempt (0.2-0.3 s measured on loopback). Five seconds is that with a
-#: wide margin for a slow network or a busy host, and still shorter than any
-#: client's patience (no WebSocket ping timeout here is under 10 s).
+#: is known (the sentinels name the replica they are about to promote, one
+#: sentinel tick before they promote it; a MOVED or a slot map names it),
+#: so it only has to cover the promotion and making a connection there:
+#: TCP, TLS, AUTH, ROLE or PING, tried every 50 ms meanwhile (about 0.1 s
+#: measured on loopback for SENTINEL FAILOVER, 20 ms for CLUSTER FAILOVER).
+#: Five seconds is that with a wide margin for a slow network or a busy
+#: host, and still under the default WS_PING_TIMEOUT_SECS (10 s: a client
+#: not read meanwhile has its pong read late) and AUTH_TIMEOUT_SECS (5 s: a
+#: token check held meanwhile). Not a setting: it does not depend on how
+#: long Redis takes to fail over, only on reaching a master already named.
 HOLD_SECS = 5.0
 
 #: the most bytes (RESP-encoded commands) held at once in a process, over

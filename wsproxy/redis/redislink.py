@@ -7,7 +7,10 @@ AUTH or SELECT failure and queues commands while disconnected; a proxy needs
 the opposite on both counts. L{RedisLink} therefore keeps one connection open
 with Twisted's C{ClientService} (short, capped back-off, never gives up) and
 uses txredisapi only for the wire protocol. Commands issued while there is no
-usable connection fail at once with L{RedisUnavailable}.
+usable connection fail at once with L{RedisUnavailable}, unless the
+connection is being replaced for a known reason (L{RedisLink.replace},
+L{RedisLink.hold}): then lean commands wait for the next one
+(L{wsproxy.redis.hold}).
 
 Deadlines are enforced without a timer (or even a timestamp) per command:
 commands are answered in order, so L{RedisLink.sweep} (run periodically) only
