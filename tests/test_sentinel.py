@@ -459,6 +459,10 @@ class PlannedFailoverTests(SentinelTestCase):
         self.assertEqual(senders.closed, {})
         self.assertEqual(senders.nacked, {})
         self.assertEqual(budget.failed, 0)
+        metrics = proxy.proxy.stats.render().decode()
+        self.assertIn(f"wsproxy_redis_holds_total {float(budget.holds)}", metrics)
+        self.assertIn(f"wsproxy_redis_held_commands_total {float(budget.held)}", metrics)
+        self.assertIn("wsproxy_redis_hold_failures_total 0.0", metrics)
         self.assertEqual(set(availability.ready), {200})
         if still_master:
             self.assertEqual(lost_ids - on_old, set(),

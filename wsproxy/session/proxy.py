@@ -310,6 +310,8 @@ class Proxy:
         #: client messages held while a command connection is replaced for
         #: a known reason (wsproxy.redis.hold): no client read meanwhile
         self.hold_budget = HoldBudget(pause=self.valve.hold, resume=self.valve.release)
+        budget = self.hold_budget
+        self.stats.redis_holds = lambda: (budget.holds, budget.held, budget.failed)
         if cluster is not None:
             cluster.hold_budget = self.hold_budget
         elif isinstance(commands, RedisLink):
