@@ -47,7 +47,8 @@ from .support import (
 from .support.cluster import HOST, ClusterSetup
 from .support.http import raw_upgrade
 from .support.jwts import SECRET, token
-from .support.sentinel import Node, RigTestCase
+from .support.senders import Senders, missing, stored_ids
+from .support.sentinel import Node, RigTestCase, wait
 
 #: from the kill of a master to a message delivered through its replica
 #: (cluster-node-timeout is 1 s; promotion takes 2-4 s here)
@@ -100,6 +101,16 @@ class _Sessions:
             self.publish(session, message)
         await wait_for(lambda: all(expected[s] in c.messages for s, c in self.clients.items()),
                        timeout)
+
+
+#: sessions sending during a planned change (bench/switch.sh runs 100)
+SWITCH_SESSIONS = int(os.environ.get("SWITCH_SESSIONS", "20"))
+
+#: each of them sends a message this often (seconds)
+SWITCH_INTERVAL = 0.05
+
+#: the one upstream stream of the planned-change tests (UPSTREAM_PARTITIONS=1)
+PLANNED_STREAM = "wsproxy:up:{p0}"
 
 
 class ClusterTestCase(RigTestCase):
@@ -327,6 +338,98 @@ class FaultTests(ClusterTestCase):
             sessions.clients[session].sendMessage(b"up-after")
             await wait_for(lambda: reader() == [b"up-after"])
         self.assertEqual(await self.health(proxy.port), 200)
+
+    async def sending(self, setup: ClusterSetup, proxy: RunningProxy) -> Senders:
+        """
+        SWITCH_SESSIONS acknowledging clients sending a numbered message
+        every SWITCH_INTERVAL, each with a few acks already.
+        """
+        backend = self.backend(setup)
+        senders = await Senders.open(
+            self, SWITCH_SESSIONS, lambda s: proxy.url(s, query="?ack=1"),
+            lambda s: backend.setex(auth_key(s), 600, "tok"), SWITCH_INTERVAL,
+        )
+        senders.start()
+        await wait(lambda: all(len(s.acked) >= 5 for s in senders.senders), 30,
+                   "every client's first acks")
+        return senders
+
+    async def more_acks(self, senders: Senders) -> None:
+        """
+        Every client is acked 10 more messages, then all stop and every
+        message is answered.
+        """
+        counts = [len(s.sent) for s in senders.senders]
+        await wait(lambda: all(len(s.acked) >= n + 10
+                               for s, n in zip(senders.senders, counts)),
+                   30, "acks after the change")
+        senders.stop()
+        await senders.settled()
+
+    def check_nothing_lost(self, senders: Senders, on: Node, what: str,
+                           proxy: RunningProxy, took: float) -> None:
+        """
+        No client closed or nacked, nothing failed past a bound, and every
+        acked message in the stream on C{on}, once and in order.
+        """
+        stored = stored_ids(on.call("XRANGE", PLANNED_STREAM, "-", "+"))
+        budget = proxy.proxy.hold_budget
+        cluster = proxy.proxy.cluster
+        assert cluster is not None
+        record(f"{what}, {SWITCH_SESSIONS} sessions sending every "
+               f"{SWITCH_INTERVAL * 1000:.0f} ms: slots moved {took:.2f}s after the "
+               f"request; {budget.holds} hold(s), the longest {budget.longest * 1000:.0f} ms, "
+               f"{budget.held} messages held; longest pause between two acks of one client "
+               f"{senders.longest_gap * 1000:.0f} ms; {senders.sent} sent; redirections "
+               f"{dict(cluster.redirects)}")
+        self.assertEqual(senders.closed, {})
+        self.assertEqual(senders.nacked, {})
+        self.assertEqual(budget.failed, 0)
+        self.assertEqual(missing(senders, stored), {})
+        self.assertEqual(len(stored), len(set(stored)), "a message stored twice")
+
+    async def test_cluster_failover_under_sending_sessions(self) -> None:
+        """
+        C{CLUSTER FAILOVER} on the replica of the master holding the
+        upstream stream, while SWITCH_SESSIONS acknowledging clients send:
+        the old master answers MOVED to a master the proxy has no
+        connection to yet; the messages are held until it has one and
+        written there in order. No client closed, no nack, every acked
+        message in the stream on the new master.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, upstream="stream", upstream_partitions=1)
+        master = setup.owner(PLANNED_STREAM)
+        replica = next(shard["replicas"][0] for shard in setup.shards()
+                       if shard["master"] == master)
+        senders = await self.sending(setup, proxy)
+        started = time.monotonic()
+        setup.node_at(replica).call("CLUSTER", "FAILOVER")
+        await wait(lambda: setup.owner(PLANNED_STREAM) == replica, 30,
+                   f"{replica} to take over", setup.describe)
+        took = time.monotonic() - started
+        await self.more_acks(senders)
+        self.check_nothing_lost(senders, setup.node_at(replica), "CLUSTER FAILOVER", proxy,
+                                took)
+        self.assertGreaterEqual(proxy.proxy.hold_budget.holds, 1)
+
+    async def test_slot_migration_under_sending_sessions(self) -> None:
+        """
+        The upstream stream's slot migrated to another master (the key
+        MIGRATEd, ASK then MOVED) while SWITCH_SESSIONS acknowledging
+        clients send: no client closed, no nack, every acked message in
+        the stream on the new master, in order.
+        """
+        setup = self.start_cluster()
+        proxy = await self.start_proxy(setup, upstream="stream", upstream_partitions=1)
+        source = setup.owner(PLANNED_STREAM)
+        target = next(m for m in setup.masters() if m != source)
+        senders = await self.sending(setup, proxy)
+        started = time.monotonic()
+        setup.migrate_slot(key_slot(PLANNED_STREAM.encode()), target)
+        took = time.monotonic() - started
+        await self.more_acks(senders)
+        self.check_nothing_lost(senders, setup.node_at(target), "slot migration", proxy, took)
 
     async def test_moved_during_token_check(self) -> None:
         """

@@ -32,7 +32,7 @@ ROOMS = {
                   "footprint"},
     "session": {"proxy", "auth", "authn", "webtoken", "keys", "limits", "resume", "upstream",
                 "control", "frames", "backpressure"},
-    "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster"},
+    "redis": {"redislink", "redisendpoint", "pubsub", "sentinel", "cluster", "hold"},
     "fast": {"__main__", "borrowed", "poll", "sockwrite", "sockread", "inframes", "timers", "heap",
              "lazyformat", "handshake"},
     "": {"config", "names", "refusal", "metrics", "logs", "backend"},

@@ -53,6 +53,9 @@ class Stats:
         self.server_closes = 0
         self.control_ignored = 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
+        #: connections replaced with commands held meanwhile, commands held,
+        #: commands that failed past a hold's bounds (wsproxy.redis.hold)
+        self.redis_holds: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
         self.redis_connect_failures: Callable[[], Counter[str]] = Counter
         self.canary_rtt: Callable[[], float | None] = lambda: None
         self.subscribed_channels: Callable[[], int] = lambda: 0
@@ -212,6 +215,7 @@ class _Collector:
         for outcome in sorted(s.outcomes):
             outcomes.add_metric([outcome], s.outcomes[outcome])
         yield outcomes
+        holds, held, hold_failures = s.redis_holds()
         for name, doc, value in (
             ("wsproxy_messages_down", "Messages sent to clients", s.messages_down),
             ("wsproxy_bytes_down", "Payload bytes sent to clients", s.bytes_down),
@@ -236,6 +240,14 @@ class _Collector:
             ("wsproxy_slow_consumer_closes", "Connections closed for not reading",
              s.slow_consumer_closes),
             ("wsproxy_redis_reconnects", "Redis connections re-established", s.redis_reconnects()),
+            ("wsproxy_redis_holds", "Redis command connections replaced for a known reason "
+             "(a failover the sentinels announced, a master new to the cluster's slot map) "
+             "with client messages held meanwhile", holds),
+            ("wsproxy_redis_held_commands", "Client messages (and other commands) held "
+             "while a command connection was replaced, then sent in order", held),
+            ("wsproxy_redis_hold_failures", "Commands that failed past a hold's bounds "
+             "(5 s, 8 MiB): their clients were closed with 1011 or sent a nack",
+             hold_failures),
             ("wsproxy_resume_recovered", "Resuming connections that got everything after "
              "their position", s.resume_recovered),
             ("wsproxy_resume_incomplete", "Recoveries that could not be complete (history "

@@ -13,6 +13,8 @@ are re-exported here.
     clean environment, always stopped at clean-up.
   - L{tests.support.proxy}: the proxy in the test's reactor.
   - L{tests.support.clients}: WebSocket clients (Autobahn).
+  - L{tests.support.senders}: many acknowledging clients sending numbered
+    messages, and what a stream holds of them (planned failovers).
   - L{tests.support.http}: upgrade requests, raw HTTP and raw-socket
     clients.
   - L{tests.support.frames}: WebSocket frames on the wire.

@@ -46,6 +46,7 @@ from ..config import Settings
 from ..names import canary_channel
 from .pubsub import Hub, Listener
 from .redisendpoint import ConnectFailures, client_endpoint, describe_failure, encode_command
+from .hold import HoldBudget
 from .redislink import RedisLink, RedisUnavailable
 
 SLOTS = 16384
@@ -290,6 +291,7 @@ class Shard:
         self.commands = RedisLink(
             f"commands {self.name}", endpoint, settings, clock, failures=self.failures
         )
+        self.commands.hold_budget = cluster.hold_budget
         self.subscriber = RedisLink(
             f"subscriber {self.name}", endpoint, settings, clock, subscriber=True,
             sharded=True, failures=self.failures,
@@ -372,6 +374,15 @@ class Cluster:
         #: CLUSTER SHARDS requests in flight (cancelled at stop)
         self._asking: set[defer.Deferred[Any]] = set()
         self._stopping = False
+        #: client messages held for masters learned of while serving
+        #: (wsproxy.redis.hold); the proxy sets its own
+        self.hold_budget = HoldBudget()
+        #: a slot map has been applied: a master new after that is a
+        #: known change (a failover, a migration), its commands held
+        #: until its connection is ready
+        self._mapped = False
+        #: shards retired, answering what was sent to them (L{_retire})
+        self._leaving: set[Shard] = set()
         self.commands = ClusterCommands(self)
         self.subscribers = ClusterSubscribers(self)
         self.hub = ClusterHub(self)
@@ -397,7 +408,8 @@ class Cluster:
         for asking in list(self._asking):
             asking.cancel()
         return defer.gatherResults(
-            [shard.stop() for shard in self.shards.values()], consumeErrors=True
+            [shard.stop() for shard in list(self.shards.values()) + list(self._leaving)],
+            consumeErrors=True,
         )
 
     def _tick(self) -> None:
@@ -503,6 +515,7 @@ class Cluster:
             self.problem = None
         for master in slot_map.masters:
             self.shard(master)
+        self._mapped = True
         self.hub.rebalance()
         for address, shard in list(self.shards.items()):
             left = address not in slot_map.masters and address in self._masters
@@ -531,6 +544,11 @@ class Cluster:
             shard = self.shards[address] = Shard(self, address)
             self._place_canary(shard)
             if not self._stopping:
+                if self._mapped:
+                    # a master new to a cluster in service (a failover, a
+                    # migration, a MOVED): what is sent to it while its
+                    # connection is made waits for it
+                    shard.commands.hold(f"learning of master {shard.name}")
                 shard.start()
         return shard
 
@@ -563,7 +581,16 @@ class Cluster:
                            node=shard.name)
         self._retired_reconnects += shard.commands.reconnects + shard.subscriber.reconnects
         self._retired_failures.update(shard.failures.counts)
-        shard.stop()
+        # what was sent to it is answered first (a MOVED after a failover,
+        # followed to the new master), then it is disconnected
+        self._leaving.add(shard)
+
+        def drained(_: object) -> None:
+            if shard in self._leaving:
+                self._leaving.discard(shard)
+                shard.stop()
+
+        shard.commands.drain().addBoth(drained)
 
     def _place_canary(self, shard: Shard) -> None:
         """
@@ -863,12 +890,40 @@ class ClusterCommands:
             target = cluster.owner(key)
         shard = cluster.shards.get(target) if target is not None else None
         proto = shard.commands.ready if shard is not None else None
+        if proto is None and shard is not None and shard.commands.holding:
+            # a master just learned of, still connecting (wsproxy.redis.hold)
+            self._hold(shard.commands, args, key, on_reply, redirects, asking)
+            return
         if proto is None:
             on_reply(RedisUnavailable(
                 f"cluster node {describe(target)} not connected" if target is not None
                 else cluster.problem or "no master serves the key's slot"
             ))
             return
+
+        replied = self._following(args, key, on_reply, redirects)
+        if asking:
+            proto.command_raw((b"ASKING",), lambda reply: None)
+        if len(args) == 1:
+            proto.write_raw(args[0], replied)  # already encoded (send_encoded)
+        elif args[0] == b"SPUBLISH":
+            proto.spublish_raw(args[1], args[2], replied)
+        else:
+            proto.command_raw(args, replied)
+
+    def _following(
+        self,
+        args: tuple[bytes, ...],
+        key: bytes,
+        on_reply: Callable[[Any], None],
+        redirects: int,
+    ) -> Callable[[Any], None]:
+        """
+        The reply callback of a lean command: a redirection is followed
+        (sent again to the master named), any other reply goes to
+        C{on_reply}.
+        """
+        cluster = self._cluster
 
         def replied(reply: Any) -> None:
             if isinstance(reply, txredisapi.ResponseError) and redirects < MAX_REDIRECTS:
@@ -883,14 +938,25 @@ class ClusterCommands:
                     return
             on_reply(reply)
 
+        return replied
+
+    def _hold(
+        self,
+        link: RedisLink,
+        args: tuple[bytes, ...],
+        key: bytes,
+        on_reply: Callable[[Any], None],
+        redirects: int,
+        asking: bool,
+    ) -> None:
+        """
+        L{_lean}'s command, held by C{link} until its connection is ready;
+        its reply is followed (a redirection) as L{_lean}'s are.
+        """
+        replied = self._following(args, key, on_reply, redirects)
         if asking:
-            proto.command_raw((b"ASKING",), lambda reply: None)
-        if len(args) == 1:
-            proto.write_raw(args[0], replied)  # already encoded (send_encoded)
-        elif args[0] == b"SPUBLISH":
-            proto.spublish_raw(args[1], args[2], replied)
-        else:
-            proto.command_raw(args, replied)
+            link.write_held(encode_command(b"ASKING"), lambda reply: None)
+        link.write_held(args[0] if len(args) == 1 else encode_command(*args), replied)
 
 
 class ClusterSubscribers:

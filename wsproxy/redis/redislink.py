@@ -7,7 +7,10 @@ AUTH or SELECT failure and queues commands while disconnected; a proxy needs
 the opposite on both counts. L{RedisLink} therefore keeps one connection open
 with Twisted's C{ClientService} (short, capped back-off, never gives up) and
 uses txredisapi only for the wire protocol. Commands issued while there is no
-usable connection fail at once with L{RedisUnavailable}.
+usable connection fail at once with L{RedisUnavailable}, unless the
+connection is being replaced for a known reason (L{RedisLink.replace},
+L{RedisLink.hold}): then lean commands wait for the next one
+(L{wsproxy.redis.hold}).
 
 Deadlines are enforced without a timer (or even a timestamp) per command:
 commands are answered in order, so L{RedisLink.sweep} (run periodically) only
@@ -36,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Settings
+from .hold import HOLD_SECS, Hold, HoldBudget
 from .sentinel import SentinelEndpoint
 from .redisendpoint import (
     ConnectFailures,
@@ -506,6 +510,14 @@ class RedisLink:
         self.reconnects = 0
         self._ever_ready = False
         self._stopping = False
+        #: commands held while the connection is replaced (L{hold}); the
+        #: budget is the process's (the proxy sets it)
+        self.hold_budget = HoldBudget()
+        self._hold: Optional[Hold] = None
+        #: a replaced connection, answering what was sent on it (L{replace}),
+        #: and the call that aborts it if it does not
+        self._retiring: Any = None
+        self._retire_deadline: Optional[IDelayedCall] = None
         self._endpoint = endpoint
         self._service = ClientService(
             ReportingEndpoint(endpoint, self._connect_failed),
@@ -524,6 +536,9 @@ class RedisLink:
 
     async def _stop(self) -> None:
         self._stopping = True
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.fail(RedisUnavailable(f"redis {self.name}: stopping"))
         proto = self.ready
         if proto is not None and proto.transport is not None:
             # A TLS transport does not close while a producer is registered
@@ -534,11 +549,17 @@ class RedisLink:
             if out is not None:
                 out.flush()  # commands held for the end of this turn
         await self._service.stopService()
-        proto = self._connecting or self.ready
-        if proto is not None and proto.transport is not None:
-            proto.transport.abortConnection()
+        for proto in (self._connecting or self.ready, self._retiring):
+            if proto is not None and proto.transport is not None:
+                proto.transport.abortConnection()
+        if self._retire_deadline is not None and self._retire_deadline.active():
+            self._retire_deadline.cancel()
 
     def _retry_delay(self, attempt: int) -> float:
+        if self._hold is not None:
+            # a planned switch: the new master is expected any moment (a
+            # replica about to be promoted answers ROLE "slave" until then)
+            return 0.05
         # ClientService forgets failed attempts as soon as TCP connects, but a
         # connection that never becomes usable (AUTH refused, Redis paused)
         # must still back off; self._failures counts those too.
@@ -582,6 +603,11 @@ class RedisLink:
                 role = reply[0] if isinstance(reply, list) and reply else reply
                 if role in (b"master", "master"):
                     self._usable(proto)
+                elif self._hold is not None:
+                    # the replica a failover chose, not promoted yet: expected
+                    proto.failure_reported = True
+                    if proto.transport is not None:
+                        proto.transport.loseConnection()
                 else:
                     self._setup_failed(f"not a master (ROLE: {role!r})", "sentinel")
                     if proto.transport is not None:
@@ -637,6 +663,14 @@ class RedisLink:
         self._ever_ready = True
         self._log.info("redis {name} connection ready ({where})",
                        name=self.name, where=self._settings.redis_description)
+        if isinstance(self._endpoint, SentinelEndpoint):
+            # the replica a failover chose is master now: from here on the
+            # sentinels are asked again (preferring it while any names it)
+            self._endpoint.promoting = False
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            # before anything else is sent on it: in the order they came
+            hold.flush(proto.write_raw)
         self.on_ready(proto)
 
     def _setup_failed(self, why: str, category: Optional[str] = None) -> None:
@@ -664,7 +698,12 @@ class RedisLink:
 
     def _lost(self, proto: Any, reason: Any, transport: Any = None) -> None:
         was_ready = self.ready is proto
-        if was_ready:
+        if proto is self._retiring:
+            self._retiring = None
+            if self._retire_deadline is not None and self._retire_deadline.active():
+                self._retire_deadline.cancel()
+            self._log.info("redis {name}: the replaced connection is closed", name=self.name)
+        elif was_ready:
             self.ready = None
             if self._stopping:
                 self._log.info("redis {name} connection closed", name=self.name)
@@ -685,6 +724,132 @@ class RedisLink:
                 self.failures.failed(category, text)
         if self._connecting is proto:
             self._connecting = None
+
+    # -- planned switches (wsproxy.redis.hold) ------------------------------
+
+    @property
+    def holding(self) -> bool:
+        return self._hold is not None
+
+    def hold(self, reason: str) -> None:
+        """
+        Until the next connection is usable (at most L{HOLD_SECS}), lean
+        commands that find no connection are held instead of failed
+        (L{wsproxy.redis.hold}); for a known reason only (C{reason}, for the
+        log). Command links only; nothing if already holding.
+        """
+        if self._hold is None and not self._subscriber and not self._stopping:
+            self._hold = Hold(self.name, reason, self._clock, self.hold_budget,
+                              self._hold_expired)
+
+    def _hold_expired(self, hold: Hold) -> None:
+        if self._hold is hold:
+            self._hold = None
+            if isinstance(self._endpoint, SentinelEndpoint):
+                # the failover did not complete: ask the sentinels again
+                self._endpoint.promoting = False
+            hold.fail(RedisUnavailable(
+                f"redis {self.name}: no connection within {hold.seconds:g}s of {hold.reason}"
+            ))
+
+    def connected_to(self) -> Optional[tuple[str, int]]:
+        """
+        The address of the usable connection's peer, if any.
+        """
+        proto = self.ready
+        if proto is None or proto.transport is None:
+            return None
+        peer = proto.transport.getPeer()
+        return (getattr(peer, "host", ""), getattr(peer, "port", 0))
+
+    def replace(self, reason: str, master: Optional[tuple[str, int]] = None,
+                promoting: bool = False) -> None:
+        """
+        A planned switch to C{master}, named by the sentinels (C{promoting}:
+        the replica a failover is about to promote): lean commands are held
+        from now on (L{hold}); the current connection answers what was
+        already sent on it (a PING behind it says when), then closes, and
+        the next one is made, to C{master}. A subscriber link is only
+        dropped.
+        """
+        if master is not None and isinstance(self._endpoint, SentinelEndpoint):
+            self._endpoint.announced = master
+            self._endpoint.promoting = promoting
+        proto = self.ready
+        if self._subscriber:
+            self.kill()
+            return
+        self.hold(reason)
+        if proto is None or self._stopping:
+            return
+        self.ready = None
+        self._retiring = proto
+        if proto.transport is not None:
+            proto.transport.unregisterProducer()
+        self.on_lost()
+
+        def drained(reply: Any) -> None:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+        proto.command_raw((b"PING",), drained)
+        # a connection that does not answer is not waited for
+        self._retire_deadline = self._clock.callLater(HOLD_SECS, self._abort_retiring, proto)
+
+    def _abort_retiring(self, proto: Any) -> None:
+        if self._retiring is proto and proto.transport is not None:
+            proto.transport.abortConnection()
+
+    def drain(self) -> defer.Deferred[None]:
+        """
+        Fires once every command sent on the usable connection is answered
+        (a PING behind them), the connection is lost, or L{HOLD_SECS}
+        passed; before a link that is no longer used is stopped.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        proto = self.ready
+        if proto is None:
+            d.callback(None)
+            return d
+
+        def done(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not d.called:
+                d.callback(None)
+
+        timer = self._clock.callLater(HOLD_SECS, done)
+        proto.command_raw((b"PING",), done)
+        return d
+
+    def replace_done(self, master: tuple[str, int]) -> None:
+        """
+        The switch L{replace} began is announced done (C{+switch-master} to
+        C{master}, where this link already is).
+        """
+        if isinstance(self._endpoint, SentinelEndpoint):
+            self._endpoint.announced = master
+            self._endpoint.promoting = False
+
+    def _no_connection(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A lean command (RESP) while there is no usable connection: held if a
+        hold is on and has room, else failed at once.
+        """
+        hold = self._hold
+        if hold is None or not hold.add(command, on_reply):
+            on_reply(self._unavailable())
+
+    def write_held(self, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """
+        A lean command already encoded: written now, or held as
+        L{_no_connection} does (a cluster's redirections).
+        """
+        proto = self.ready
+        if proto is None:
+            self._no_connection(command, on_reply)
+        else:
+            proto.write_raw(command, on_reply)
 
     # -- commands --------------------------------------------------------
 
@@ -708,7 +873,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(encode_command(*args), on_reply)
         else:
             proto.command_raw(args, on_reply)
 
@@ -720,7 +885,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(command, on_reply)
         else:
             proto.write_raw(command, on_reply)
 
@@ -732,7 +897,7 @@ class RedisLink:
         """
         proto = self.ready
         if proto is None:
-            on_reply(self._unavailable())
+            self._no_connection(encode_command(b"PUBLISH", channel, payload), on_reply)
         else:
             proto.publish_raw(channel, payload, on_reply)
 

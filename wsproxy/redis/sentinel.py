@@ -10,10 +10,13 @@ says that server really is a master (L{wsproxy.redis.redislink}): a stale
 address, or an old master that came back as a replica, is never written
 to.
 
-A L{SentinelWatcher} stays subscribed to C{+switch-master} on one of the
-sentinels: when the master changes, both connections are dropped and made
-again through the sentinels, rather than waiting for a timeout (after a
-graceful C{SENTINEL FAILOVER} the old master is still up, as a replica).
+A L{SentinelWatcher} stays subscribed to C{+switch-master} on every
+sentinel and acts on the first announcement: when the master changes, the
+subscriber connection is dropped and the command connection replaced
+(client messages held meanwhile, L{wsproxy.redis.hold}), both made again
+through the sentinels, preferring the master announced, rather than
+waiting for a timeout (after a graceful C{SENTINEL FAILOVER} the old
+master is still up, as a replica).
 """
 
 from __future__ import annotations
@@ -136,6 +139,15 @@ class SentinelEndpoint:
         self._settings = settings
         self._sentinels = list(settings.redis_sentinels)
         self.master: Optional[tuple[str, int]] = None
+        #: the master a C{+switch-master} named (L{SentinelWatcher}): taken
+        #: if any sentinel names it, until all of them do (those that did
+        #: not lead the failover learn of it up to seconds later, and a
+        #: majority of them would still name the old master)
+        self.announced: Optional[tuple[str, int]] = None
+        #: a failover is under way and C{announced} is the replica chosen
+        #: (C{+selected-slave}): connect there without asking (no sentinel
+        #: names it yet), the ROLE check waits for its promotion
+        self.promoting = False
 
     async def find_master(self) -> tuple[str, int]:
         """
@@ -146,6 +158,10 @@ class SentinelEndpoint:
         @raise SentinelError: with every sentinel's reason if none named
             the master.
         """
+        if self.promoting and self.announced is not None:
+            self.master = self.announced
+            return self.announced
+
         async def ask(host: str, port: int) -> tuple[str, int] | str:
             try:
                 return await ask_for_master(self._reactor, self._settings, host, port)
@@ -159,7 +175,13 @@ class SentinelEndpoint:
         )
         masters = [a for a in answers if isinstance(a, tuple)]
         if masters:
-            master = max(masters, key=masters.count)
+            announced = self.announced
+            if announced is not None and announced in masters:
+                master = announced
+                if masters.count(announced) == len(self._sentinels):
+                    self.announced = None
+            else:
+                master = max(masters, key=masters.count)
             self.master = master
             return master
         problems = [a for a in answers if isinstance(a, str)]
@@ -199,7 +221,7 @@ class _Watch(Protocol):
     PING_INTERVAL = 5.0
 
     def __init__(
-        self, hello: bytes, on_message: Callable[[bytes], None], clock: IReactorTime
+        self, hello: bytes, on_message: Callable[[bytes, bytes], None], clock: IReactorTime
     ) -> None:
         self._hello = hello
         self._on_message = on_message
@@ -210,7 +232,9 @@ class _Watch(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(self._hello + encode_command("SUBSCRIBE", "+switch-master"))
+        self.transport.write(
+            self._hello + encode_command("SUBSCRIBE", "+switch-master", "+selected-slave")
+        )
         self._expect_answer()
 
     def _expect_answer(self) -> None:
@@ -234,7 +258,7 @@ class _Watch(Protocol):
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                self._on_message(reply[2])
+                self._on_message(reply[1], reply[2])
             elif isinstance(reply, list) and reply[:1] == [b"subscribe"] and self._pinger is None:
                 self._pinger = self._clock.callLater(self.PING_INTERVAL, self._keep_pinging)
             reply = self._reader.gets()
@@ -249,30 +273,23 @@ class _Watch(Protocol):
                 call.cancel()
 
 
-@implementer(IStreamClientEndpoint)
-class _AnySentinel:
-    """
-    Each attempt connects to the next sentinel.
-    """
-
-    def __init__(self, reactor: Any, settings: Settings) -> None:
-        self._endpoints = [
-            _sentinel_endpoint(reactor, settings, host, port)
-            for host, port in settings.redis_sentinels
-        ]
-        self._next = 0
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        endpoint = self._endpoints[self._next % len(self._endpoints)]
-        self._next += 1
-        connecting: defer.Deferred[Any] = endpoint.connect(factory)
-        return connecting
-
-
 class SentinelWatcher:
     """
     Calls C{on_switch(host, port)} when the sentinels announce a new master
-    for C{REDIS_SENTINEL_MASTER}.
+    for C{REDIS_SENTINEL_MASTER} (C{+switch-master}), and
+    C{on_selected(host, port)} when a failover has chosen the replica it
+    will promote (C{+selected-slave}): subscribed on every sentinel, acting
+    on the first announcement of each. Only the sentinel that leads a
+    failover announces it at once; the others learn of it from its hello
+    messages, up to seconds later, and a proxy watching one of them would
+    go on writing to the old master meanwhile.
+
+    C{+selected-slave} comes one sentinel tick (about 0.1 s) before the
+    sentinel sends the replica C{REPLICAOF NO ONE}, and C{+switch-master}
+    only after the sentinel has seen the promotion and reconfigured the
+    other replicas (about a second later here): what the old master takes
+    in between is lost when it is demoted. Acting on C{+selected-slave}
+    stops writing to the old master before the promotion.
     """
 
     _log = Logger()
@@ -282,36 +299,71 @@ class SentinelWatcher:
         reactor: IReactorTime,
         settings: Settings,
         on_switch: Callable[[str, int], None],
+        on_selected: Callable[[str, int], None] = lambda host, port: None,
     ) -> None:
         self._name = settings.redis_sentinel_master.encode()
         self._on_switch = on_switch
+        self._on_selected = on_selected
+        #: the replica last selected
+        self._selected: Optional[tuple[str, int]] = None
+        #: the master last announced (each sentinel announces a switch)
+        self._last: Optional[tuple[str, int]] = None
         hello = _hello(settings)
         factory = Factory.forProtocol(lambda: _Watch(hello, self._message, reactor))
         factory.noisy = False
-        self._service = ClientService(
-            _AnySentinel(reactor, settings), factory,
-            retryPolicy=lambda attempt: min(1.0, 0.1 * 2 ** min(attempt, 4)),
-            clock=reactor,
-        )
+        self._services = [
+            ClientService(
+                _sentinel_endpoint(reactor, settings, host, port), factory,
+                retryPolicy=lambda attempt: min(1.0, 0.1 * 2 ** min(attempt, 4)),
+                clock=reactor,
+            )
+            for host, port in settings.redis_sentinels
+        ]
 
     def start(self) -> None:
-        self._service.startService()
+        for service in self._services:
+            service.startService()
 
     def stop(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        await self._service.stopService()
+        await defer.gatherResults(
+            [defer.ensureDeferred(s.stopService()) for s in self._services],
+            consumeErrors=True,
+        )
 
-    def _message(self, payload: bytes) -> None:
-        # "<name> <old ip> <old port> <new ip> <new port>"
+    def _message(self, channel: bytes, payload: bytes) -> None:
         parts = payload.split()
+        if channel == b"+selected-slave":
+            # "slave <ip:port> <ip> <port> @ <name> <master ip> <master port>"
+            if len(parts) != 8 or parts[0] != b"slave" or parts[5] != self._name:
+                return
+            try:
+                selected = parts[2].decode(), int(parts[3])
+            except ValueError:
+                return
+            if selected == self._selected:
+                return  # another sentinel's report of the same failover
+            self._selected = selected
+            self._log.info(
+                "sentinel: failover of {name} to {host}:{port} under way; holding client "
+                "messages until it is master",
+                name=self._name.decode(), host=selected[0], port=selected[1],
+            )
+            self._on_selected(*selected)
+            return
+        # "<name> <old ip> <old port> <new ip> <new port>"
         if len(parts) != 5 or parts[0] != self._name:
             return
         try:
             host, port = parts[3].decode(), int(parts[4])
         except ValueError:
             return
+        if (host, port) == self._last:
+            return  # another sentinel's announcement of the same switch
+        self._last = (host, port)
+        self._selected = None
         self._log.info(
             "sentinel: master {name} is now {host}:{port}; reconnecting",
             name=self._name.decode(), host=host, port=port,

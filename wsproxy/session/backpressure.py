@@ -34,6 +34,8 @@ class UpstreamValve:
         self._connections = connections
         self.paused = False
         self._full = 0
+        #: client messages are held for a new connection (L{hold})
+        self._held = False
 
     def share(self) -> "ValveShare":
         """
@@ -49,13 +51,31 @@ class UpstreamValve:
                 connection.pause_reading()
 
     def resumeProducing(self) -> None:
-        if self.paused:
+        if self.paused and not self._held:
             self.paused = False
             for connection in self._connections:
                 connection.resume_reading()
 
     def stopProducing(self) -> None:
         self.resumeProducing()
+
+    def hold(self) -> None:
+        """
+        Client messages are being held while a Redis connection is replaced
+        (L{wsproxy.redis.hold}): no client is read from until L{release},
+        whatever the connections' buffers say meanwhile.
+        """
+        self._held = True
+        self.pauseProducing()
+
+    def release(self) -> None:
+        """
+        The held messages are written (or failed): clients are read again,
+        unless a connection's send buffer is still full.
+        """
+        self._held = False
+        if self._full == 0:
+            self.resumeProducing()
 
 
 @implementer(IPushProducer)

@@ -38,6 +38,7 @@ from ..names import (
     valid_session_id,
 )
 from ..redis.cluster import Cluster, ClusterHub
+from ..redis.hold import HoldBudget
 from ..redis.pubsub import Hub, Listener
 from ..redis.redislink import (
     Commands,
@@ -306,6 +307,15 @@ class Proxy:
         #: descriptor limit allows (L{wsproxy.process.fdlimit}); 0 = no cap
         self.connection_cap = settings.max_connections
         self.valve = UpstreamValve(self.connections)
+        #: client messages held while a command connection is replaced for
+        #: a known reason (wsproxy.redis.hold): no client read meanwhile
+        self.hold_budget = HoldBudget(pause=self.valve.hold, resume=self.valve.release)
+        budget = self.hold_budget
+        self.stats.redis_holds = lambda: (budget.holds, budget.held, budget.failed)
+        if cluster is not None:
+            cluster.hold_budget = self.hold_budget
+        elif isinstance(commands, RedisLink):
+            commands.hold_budget = self.hold_budget
         commands.on_ready = self._commands_ready
         commands.on_lost = self.valve.resumeProducing
         self.draining = False
@@ -363,7 +373,7 @@ class Proxy:
         self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
                                self.stats, clock)
         self.sentinel_watcher: Optional[SentinelWatcher] = (
-            SentinelWatcher(clock, settings, self._master_switched)
+            SentinelWatcher(clock, settings, self._master_switched, self._replica_selected)
             if settings.redis_sentinels else None
         )
 
@@ -392,10 +402,30 @@ class Proxy:
         """
         The sentinels promoted another master: both connections are made
         again through them now (after a graceful failover the old master is
-        still up, as a replica, and would refuse writes).
+        still up, as a replica, and would refuse writes). Client messages
+        are held until the new command connection is ready
+        (L{wsproxy.redis.hold}): a planned failover closes no client.
         """
-        self.commands.kill()
+        commands = cast(RedisLink, self.commands)
+        if commands.connected_to() == (host, port):
+            # already there since +selected-slave: only the sentinels' own
+            # answers are trusted again
+            commands.replace_done(master=(host, port))
+        else:
+            commands.replace(f"+switch-master to {host}:{port}", master=(host, port))
         self.subscriber.kill()
+
+    def _replica_selected(self, host: str, port: int) -> None:
+        """
+        A failover chose the replica it is about to promote: the command
+        connection is replaced now, before the promotion, so that nothing
+        is written to the old master from then on (what it took after the
+        promotion would be lost when it is demoted); client messages are
+        held until the replica answers ROLE as master.
+        """
+        cast(RedisLink, self.commands).replace(
+            f"+selected-slave {host}:{port}", master=(host, port), promoting=True
+        )
 
     def _commands_ready(self, proto: Any) -> None:
         # a new connection (a failover, an ACL change): the token check
