@@ -6,11 +6,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from wsproxy.config import Settings
 from wsproxy.redis.redisendpoint import ConnectFailures, ReportingEndpoint, describe_failure
 from wsproxy.redis.redislink import RedisLink, RedisUnavailable
+from .support import wait_for
 
 
 class FakeTransport:
@@ -327,3 +328,31 @@ class DeadlineTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ClosedBeforeReadyTests(TestCase):
+    """
+    A plain TCP connection that the server closes before it is usable is
+    reported as such (category "closed"): by then Twisted has dropped the
+    transport's socket, so the failure must be described without it (it
+    once raised AttributeError from getHandle and went unreported; seen
+    when a replica being promoted dropped wsproxy's connection).
+    """
+
+    async def test_closed_by_server_before_ready(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Slammer(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.loseConnection()  # type: ignore[attr-defined]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Slammer), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        link = RedisLink("commands", endpoint, Settings(auth_timeout=5), reactor)
+        link.start()
+        self.addCleanup(link.stop)
+        await wait_for(lambda: link.failures.counts["closed"] >= 2, timeout=20)
+        self.assertIn("connection closed before Redis answered", link.last_error or "")

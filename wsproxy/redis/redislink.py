@@ -716,8 +716,13 @@ class RedisLink:
             if not getattr(proto, "failure_reported", False) and not self._stopping:
                 tls = None
                 if transport is not None and hasattr(transport, "getHandle"):
-                    handle = transport.getHandle()
-                    # the TLS layer's handle is the OpenSSL connection
+                    # the TLS layer's handle is the OpenSSL connection; a
+                    # plain TCP transport has dropped its socket by now
+                    # (getHandle raises), and has no certificate to tell
+                    try:
+                        handle = transport.getHandle()
+                    except AttributeError:
+                        handle = None
                     tls = handle if hasattr(handle, "get_peer_cert_chain") else None
                 category, text = describe_failure(reason, tls, self._settings)
                 self.last_error = text
