@@ -72,6 +72,8 @@
 #                reordered messages both ways must be 0 (exit status 1 otherwise,
 #                for the drain), reconnect time p50/p99, the deploy's duration,
 #                the exit codes
+#   rolling-delay  the same drain with SHUTDOWN_CLOSE_DELAY_SECS=3: clients
+#                closed once HAProxy has taken the instance out
 #
 # Redis Cluster (python -m bench.cluster; starts its own redis-server and a
 # 3-master + 3-replica cluster, and a proxy per target and round):
@@ -182,6 +184,9 @@ PY
                          --modes plain,resume,live --rounds 2 ;;
             rolling) $PY -m bench.rolling --clients 1000 --containers 2 --modes drain,kill \
                          --image "${IMAGE:-wsproxy:dev}" ;;
+            rolling-delay)
+                     $PY -m bench.rolling --clients 1000 --containers 2 --modes drain \
+                         --close-delay 3 --image "${IMAGE:-wsproxy:dev}" ;;
             cluster) $PY -m bench.cluster --sessions 500 --messages 100 --rounds 2 ;;
             upstream-durable)
                      $PY -m bench.upstream --clients 500 --messages 100 --size 100 --rounds 3 ;;

@@ -367,6 +367,31 @@ async def shutdown_drain(t: EnvTestCase) -> None:
     t.assertGreaterEqual(time.monotonic() - signalled, 0.9)
 
 
+async def shutdown_close_delay(t: EnvTestCase) -> None:
+    """
+    SHUTDOWN_CLOSE_DELAY_SECS=2 (drain 4): after SIGTERM /ready answers 503
+    at once, while the open client is still served both ways; it gets 1001
+    only about 2 s after the signal; the process exits 0.
+    """
+    await t.start(SHUTDOWN_DRAIN_SECS="4", SHUTDOWN_CLOSE_DELAY_SECS="2")
+    received = up_listener(t.r, "s1", t)
+    c = await t.client()
+    signalled = time.monotonic()
+    t.daemon.signal(signal.SIGTERM)
+    await wait_for(lambda: "serving 1 connections 2s more, then closing them" in t.log)
+    t.assertEqual(status_of(await t.get("/ready")), 503)
+    t.r.publish("session:s1:down", "still here")
+    await c.wait_messages(1)
+    t.assertEqual(c.messages, [(b"still here", False)])
+    c.sendMessage(b"me too")
+    await wait_for(lambda: received() == [b"me too"])
+    t.assertFalse(c.factory.closed.called)
+    code, _ = await c.factory.closed
+    t.assertEqual(code, 1001)
+    t.assertGreaterEqual(time.monotonic() - signalled, 1.9)
+    t.assertEqual(await t.daemon.out.ended, 0)
+
+
 async def max_message_size(t: EnvTestCase) -> None:
     """
     MAX_MESSAGE_SIZE_BYTES=100: a 100-byte message is published, a 101-byte
@@ -1213,6 +1238,7 @@ VALID = [
     Case("WS_PING_TIMEOUT_SECS", ping_timeout),
     Case("SHUTDOWN_GRACE_PERIOD_SECS", shutdown_grace_period),
     Case("SHUTDOWN_DRAIN_SECS", shutdown_drain),
+    Case("SHUTDOWN_CLOSE_DELAY_SECS", shutdown_close_delay),
     Case("MAX_MESSAGE_SIZE_BYTES", max_message_size),
     Case("WS_MAX_SEND_BUFFER_BYTES", max_send_buffer),
     Case("HANDSHAKE_TIMEOUT_SECS", handshake_timeout),
@@ -1315,6 +1341,7 @@ INVALID = [
     Invalid("WS_PING_TIMEOUT_SECS", "0"),
     Invalid("SHUTDOWN_GRACE_PERIOD_SECS", "soon"),
     Invalid("SHUTDOWN_DRAIN_SECS", "-5"),
+    Invalid("SHUTDOWN_CLOSE_DELAY_SECS", "-1"),
     Invalid("MAX_MESSAGE_SIZE_BYTES", "0"),
     Invalid("WS_MAX_SEND_BUFFER_BYTES", "1MB"),
     Invalid("HANDSHAKE_TIMEOUT_SECS", "inf"),

@@ -298,8 +298,9 @@ class DeploymentTests(SynchronousTestCase):
         """
         terminationGracePeriodSeconds, which counts from the start of
         termination, covers the preStop sleep, then the drain window and
-        the grace period (both start at SIGTERM: the longer one decides),
-        then L{SHUTDOWN_MARGIN}.
+        the grace period (both start at SIGTERM, the grace period after
+        SHUTDOWN_CLOSE_DELAY_SECS: the longer one decides), then
+        L{SHUTDOWN_MARGIN}.
         """
         for name, docs, deployment in self.each():
             pod = deployment["spec"]["template"]["spec"]
@@ -308,13 +309,16 @@ class DeploymentTests(SynchronousTestCase):
             self.assertEqual(command[:-1], ["/bin/sleep"], name)
             pre_stop = float(command[-1])
             settings = settings_of(docs)
-            needed = (pre_stop + max(settings.shutdown_drain, settings.shutdown_grace_period)
+            close_delay = min(settings.shutdown_close_delay, settings.shutdown_drain)
+            needed = (pre_stop + max(settings.shutdown_drain,
+                                     close_delay + settings.shutdown_grace_period)
                       + SHUTDOWN_MARGIN)
             self.assertGreaterEqual(
                 pod["terminationGracePeriodSeconds"], needed,
                 f"{name}: preStop {pre_stop:g} + max(SHUTDOWN_DRAIN_SECS "
-                f"{settings.shutdown_drain:g}, SHUTDOWN_GRACE_PERIOD_SECS "
-                f"{settings.shutdown_grace_period:g}) + {SHUTDOWN_MARGIN}")
+                f"{settings.shutdown_drain:g}, SHUTDOWN_CLOSE_DELAY_SECS {close_delay:g} + "
+                f"SHUTDOWN_GRACE_PERIOD_SECS {settings.shutdown_grace_period:g}) "
+                f"+ {SHUTDOWN_MARGIN}")
             # a drain window, so that stragglers get 503 rather than a refusal
             self.assertGreater(settings.shutdown_drain, 0, name)
 

@@ -653,6 +653,15 @@ class Settings:
         "on shutdown, keep listening this long (/ready and new upgrades 503) "
         "so load balancers notice; 0 stops listening at once",
     )
+    shutdown_close_delay: float = setting(
+        "SHUTDOWN_CLOSE_DELAY_SECS",
+        "0",
+        _non_negative_float,
+        "on shutdown, keep serving open clients this long (/ready already 503) "
+        "before closing them with 1001, so that a load balancer has taken the "
+        "instance out before they reconnect; at most SHUTDOWN_DRAIN_SECS; 0 "
+        "closes them at once",
+    )
     max_message_size: int = setting(
         "MAX_MESSAGE_SIZE_BYTES",
         "1048576",

@@ -61,6 +61,7 @@ class Options:
     duration: float
     pause: float
     drain: float
+    close_delay: float
     grace: float
     stop_margin: float
     reconnect_max: float
@@ -119,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--drain", type=float, default=5.0,
         help="the containers' SHUTDOWN_DRAIN_SECS (the default; deploy/haproxy/haproxy.cfg "
              "marks a draining instance down within fall x inter + timeout check = 3 s)")
+    add("--close-delay", type=float, default=0.0,
+        help="the containers' SHUTDOWN_CLOSE_DELAY_SECS (3: clients closed once the shipped "
+             "HAProxy configuration has surely marked the instance down)")
     add("--grace", type=float, default=10.0, help="the containers' SHUTDOWN_GRACE_PERIOD_SECS")
     add("--stop-margin", type=float, default=5.0,
         help="docker stop -t is drain + grace + this")

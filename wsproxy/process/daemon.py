@@ -6,8 +6,10 @@ Shutdown (SIGTERM, SIGINT or C{stopService}):
 
   1. stop accepting: C{/ready} answers 503 C{draining}, new upgrades get 503
      with C{Retry-After};
-  2. send close 1001 ("server shutting down") to every open client, drop
-     handshakes in progress;
+  2. after C{SHUTDOWN_CLOSE_DELAY_SECS} (0 by default; at most the drain
+     window), in which open clients are still served while load balancers
+     notice the 503, send close 1001 ("server shutting down") to every open
+     client, drop handshakes in progress;
   3. keep listening for C{SHUTDOWN_DRAIN_SECS}, so that a load balancer's
      readiness probe sees 503 (not a refused connection) and stops sending
      clients here; a second signal ends this window early;
@@ -181,10 +183,12 @@ class ProxyService(DaemonService):
         self.lean_poll = lean_poll
         self.port: Optional[IListeningPort] = None
         self.drain = proxy.settings.shutdown_drain
+        self.close_delay = proxy.settings.shutdown_close_delay
         self._listening: Optional[defer.Deferred[None]] = None
         self._running_now = False
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._drain_window: Optional[defer.Deferred[Any]] = None
+        self._close_window: Optional[defer.Deferred[Any]] = None
         self.descriptors: Optional[DescriptorLimit] = None
 
     def privilegedStartService(self) -> None:
@@ -373,19 +377,30 @@ class ProxyService(DaemonService):
         return self._stopping
 
     def hurry(self) -> None:
-        window = self._drain_window
-        if window is not None and not window.called:
-            window.callback(None)
+        for window in (self._close_window, self._drain_window):
+            if window is not None and not window.called:
+                window.callback(None)
 
     async def shutdown(self) -> None:
         proxy = self.proxy
         clock = proxy.clock
         settings = proxy.settings
         proxy.draining = True
+        # the drain window counts from the signal, the clients' close may
+        # wait part of it (a second signal ends both)
+        self._drain_window = _window(clock, self.drain)
+        delay = min(self.close_delay, self.drain)
+        if delay > 0:
+            self._log.info(
+                "not ready; serving {n} connections {delay:g}s more, then closing them",
+                n=len(proxy.connections), delay=delay,
+            )
+            self._close_window = _window(clock, delay)
+            await self._close_window
         connections = list(proxy.connections)
         self._log.info(
             "draining {n} connections; still listening for {drain:g}s",
-            n=len(connections), drain=self.drain,
+            n=len(connections), drain=max(0.0, self.drain - delay),
         )
         for protocol in connections:
             protocol.going_away()
@@ -394,7 +409,6 @@ class ProxyService(DaemonService):
             settings.shutdown_grace_period,
             [p.closed for p in connections if not p.closed.called],
         )
-        self._drain_window = _window(clock, self.drain)
         await self._drain_window
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()

@@ -496,7 +496,8 @@ class Supervisor(DaemonService):
         for sock in self.socks:
             sock.close()
         # workers keep listening for SHUTDOWN_DRAIN_SECS and wait up to
-        # SHUTDOWN_GRACE_PERIOD_SECS for their clients; past that (plus a
+        # SHUTDOWN_GRACE_PERIOD_SECS for their clients (after at most the
+        # drain window's SHUTDOWN_CLOSE_DELAY_SECS); past that (plus a
         # margin) whatever is left is killed
         killer = self.reactor.callLater(
             self.settings.shutdown_drain + self.settings.shutdown_grace_period + 10,
