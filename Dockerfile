@@ -57,7 +57,7 @@ assert 'wsproxy' in [p.tapname for p in getPlugins(IServiceMaker)]"; \
     done
 
 # ---- examples: the scripts in examples/ with what they need (compose.yaml's
-# backend service, and `docker compose run examples python examples/…`)
+# backend service, and `docker compose run backend python examples/…`)
 FROM ${BASE} AS examples
 COPY --from=builder /opt/examples /opt/examples
 COPY examples/ /opt/examples/examples/
