@@ -354,18 +354,6 @@ class FaultTests(ClusterTestCase):
                    "every client's first acks")
         return senders
 
-    async def more_acks(self, senders: Senders) -> None:
-        """
-        Every client is acked 10 more messages, then all stop and every
-        message is answered.
-        """
-        counts = [len(s.sent) for s in senders.senders]
-        await wait(lambda: all(len(s.acked) >= n + 10
-                               for s, n in zip(senders.senders, counts)),
-                   30, "acks after the change")
-        senders.stop()
-        await senders.settled()
-
     def check_nothing_lost(self, senders: Senders, on: Node, what: str,
                            proxy: RunningProxy, took: float) -> None:
         """
@@ -408,7 +396,7 @@ class FaultTests(ClusterTestCase):
         await wait(lambda: setup.owner(PLANNED_STREAM) == replica, 30,
                    f"{replica} to take over", setup.describe)
         took = time.monotonic() - started
-        await self.more_acks(senders)
+        await senders.acked_more(what="acks after the change")
         self.check_nothing_lost(senders, setup.node_at(replica), "CLUSTER FAILOVER", proxy,
                                 took)
         self.assertGreaterEqual(proxy.proxy.hold_budget.holds, 1)
@@ -428,7 +416,7 @@ class FaultTests(ClusterTestCase):
         started = time.monotonic()
         setup.migrate_slot(key_slot(PLANNED_STREAM.encode()), target)
         took = time.monotonic() - started
-        await self.more_acks(senders)
+        await senders.acked_more(what="acks after the change")
         self.check_nothing_lost(senders, setup.node_at(target), "slot migration", proxy, took)
 
     async def test_moved_during_token_check(self) -> None:

@@ -211,11 +211,7 @@ class SentinelTestCase(RigTestCase):
         clients = await self.open_sessions(old, port, 5)
 
         started = time.monotonic()
-        if graceful:
-            await setup.failover()
-        else:
-            setup.kill_master()
-        new = await setup.promotion(old.address)
+        new = await setup.lose_master(graceful)
         promoted = time.monotonic()
         first = await self.delivered(clients[0], "s0", new, "after", FAILOVER_BOUND)
         if graceful:
@@ -438,12 +434,7 @@ class PlannedFailoverTests(SentinelTestCase):
         await setup.failover()
         await wait(lambda: budget.holds >= 1, 30, "the proxy to replace its connection")
         switched = time.monotonic()
-        counts = [len(s.sent) for s in senders.senders]
-        await wait(lambda: all(len(s.acked) >= n + 10
-                               for s, n in zip(senders.senders, counts)),
-                   30, "acks after the switch")
-        senders.stop()
-        await senders.settled()
+        await senders.acked_more(what="acks after the switch")
         await availability.stop()
         new = await setup.promotion(old.address)
         stream = "wsproxy:up:{p0}"
@@ -702,11 +693,7 @@ class BackendHelperTests(SentinelTestCase):
         old.call("PUBLISH", channel, "before")
         await wait_for(lambda: listener.received == [("fo", b"before")])
 
-        if graceful:
-            await setup.failover()
-        else:
-            setup.kill_master()
-        new = await setup.promotion(old.address)
+        new = await setup.lose_master(graceful)
         promoted = time.monotonic()
         # subscribed on the new master (a delivery alone would not show it:
         # an old master still up copies the new one's PUBLISHes)

@@ -124,6 +124,22 @@ class Senders:
         for sender in self.senders:
             sender.stop()
 
+    async def acked_more(self, n: int = 10, timeout: float = 30.0,
+                         what: str = "more acks") -> None:
+        """
+        Every client is acked C{n} more messages than it has sent so far
+        (the proxy has carried on after a change), then all stop and every
+        message is answered.
+        """
+        from .sentinel import wait
+
+        counts = [len(s.sent) for s in self.senders]
+        await wait(lambda: all(len(s.acked) >= count + n
+                               for s, count in zip(self.senders, counts)),
+                   timeout, what)
+        self.stop()
+        await self.settled()
+
     async def settled(self, timeout: float = 30.0) -> None:
         """
         Every message sent is acked or nacked (or its client closed).

@@ -541,6 +541,14 @@ class SentinelSetup:
                    lambda: f"last refusal: {last}\n{self.describe()}")
         return old
 
+    async def lose_master(self, graceful: bool) -> Node:
+        """
+        C{SENTINEL FAILOVER} (C{graceful}) or SIGKILL of the master (not),
+        then the new master once it is promoted (L{promotion}).
+        """
+        old = await self.failover() if graceful else self.kill_master()
+        return await self.promotion(old.address)
+
     # -- waits --------------------------------------------------------------
 
     def promoted_from(self, old: Address) -> Optional[Node]:
