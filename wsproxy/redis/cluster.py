@@ -890,11 +890,11 @@ class ClusterCommands:
             target = cluster.owner(key)
         shard = cluster.shards.get(target) if target is not None else None
         proto = shard.commands.ready if shard is not None else None
-        if proto is None and shard is not None and shard.commands.holding:
-            # a master just learned of, still connecting (wsproxy.redis.hold)
-            self._hold(shard.commands, args, key, on_reply, redirects, asking)
-            return
         if proto is None:
+            if shard is not None and shard.commands.holding:
+                # a master just learned of, still connecting (wsproxy.redis.hold)
+                self._hold(shard.commands, args, key, on_reply, redirects, asking)
+                return
             on_reply(RedisUnavailable(
                 f"cluster node {describe(target)} not connected" if target is not None
                 else cluster.problem or "no master serves the key's slot"
