@@ -69,7 +69,7 @@ class RefCountTests(HubTestCase):
         self.hub.unsubscribe("session:s:down", a)
         self.hub.unsubscribe("session:s:down", b)
         self.assertEqual(len(self.link.sent()), 1)
-        self.hub.unsubscribe("session:s:down", self.hub._channels[b"session:s:down"].listeners[0])
+        self.hub.unsubscribe("session:s:down", next(iter(self.hub._channels[b"session:s:down"].listeners)))
         self.assertEqual(self.link.sent()[-1], ("UNSUBSCRIBE", "session:s:down"))
         self.assertEqual(self.hub.channel_count(), 0)
 
@@ -146,7 +146,7 @@ class ReconnectTests(HubTestCase):
         self.hub.subscribe("c1", a)
         self.hub.subscribe("c2", b)
         self.hub.subscribe("c3", Listener()).addErrback(lambda f: None)
-        self.hub.unsubscribe("c3", self.hub._channels[b"c3"].listeners[0])
+        self.hub.unsubscribe("c3", next(iter(self.hub._channels[b"c3"].listeners)))
         self.redis.flush()
         del self.redis.log[:]
         self.link.lose()

@@ -777,6 +777,35 @@ class Settings:
         "how long recoverable messages are kept; an idle session's history "
         "expires this long after its last message",
     )
+    topics: bool = setting(
+        "TOPICS",
+        "false",
+        _boolean,
+        "group channels: each connection also receives the topics its session is in "
+        "(the set session:<id>:topics read at admission, a JWT's topics claim, "
+        "subscribe/unsubscribe on wsproxy:control); one PUBLISH topic:<name>:down "
+        "reaches every socket of the topic",
+    )
+    topics_max_per_connection: int = setting(
+        "TOPICS_MAX_PER_CONNECTION",
+        "64",
+        _positive_int,
+        "topics one connection may be in; beyond it the rest are not joined "
+        "(a warning names the session)",
+    )
+    topic_history_max_length: int = setting(
+        "TOPIC_HISTORY_MAX_LENGTH",
+        "1000",
+        _positive_int,
+        "recoverable messages kept per topic (approximately; oldest trimmed first)",
+    )
+    topic_history_max_age: float = setting(
+        "TOPIC_HISTORY_MAX_AGE_SECS",
+        "300",
+        _positive_float,
+        "how long recoverable topic messages are kept; an idle topic's history "
+        "expires this long after its last message",
+    )
     events: tuple[EventTarget, ...] = setting(
         "EVENTS",
         "",

@@ -52,6 +52,15 @@ class Stats:
         self.events_dropped = 0
         self.server_closes = 0
         self.control_ignored = 0
+        #: TOPICS: messages received on topic channels, frames built for them
+        #: (once per message and framing in use), frames sent from them to
+        #: sockets, membership changes asked on wsproxy:control; the topics
+        #: this process's sockets are in
+        self.topic_messages = 0
+        self.topic_frames_built = 0
+        self.topic_deliveries = 0
+        self.topic_changes = 0
+        self.topics: Callable[[], int] = lambda: 0
         self.redis_reconnects: Callable[[], int] = lambda: 0
         #: connections replaced with commands held meanwhile, commands held,
         #: commands that failed past a hold's bounds (wsproxy.redis.hold)
@@ -256,6 +265,15 @@ class _Collector:
              s.resume_replayed),
             ("wsproxy_resume_gaps_filled", "Live gaps filled from history (e.g. after the "
              "subscriber was rebuilt)", s.resume_gaps_filled),
+            ("wsproxy_topic_messages", "Messages received from Redis on topic channels "
+             "(TOPICS)", s.topic_messages),
+            ("wsproxy_topic_frames_built", "Frames built for topic messages: once per message "
+             "and framing in use (raw, enveloped, labelled; per position for resuming "
+             "sockets), however many sockets send it", s.topic_frames_built),
+            ("wsproxy_topic_deliveries", "Topic messages sent to sockets (fan-out deliveries)",
+             s.topic_deliveries),
+            ("wsproxy_topic_changes", "Topic joins and leaves asked for on wsproxy:control "
+             "(per message, whatever the sockets here)", s.topic_changes),
             ("wsproxy_events_published", "Lifecycle events published (one per destination)",
              s.events_published),
             ("wsproxy_events_dropped", "Lifecycle events that could not be published "
@@ -288,8 +306,12 @@ class _Collector:
             value=s.upstream_in_flight,
         )
         yield GaugeMetricFamily(
-            "wsproxy_subscribed_channels", "Session channels subscribed",
+            "wsproxy_subscribed_channels", "Session and topic channels subscribed",
             value=s.subscribed_channels(),
+        )
+        yield GaugeMetricFamily(
+            "wsproxy_topics", "Topics this process's sockets are in (TOPICS)",
+            value=s.topics(),
         )
         shards = s.cluster_shards()
         if shards:

@@ -1,8 +1,10 @@
 """
 The names a session lives under: the WebSocket path it is reached by, and
-its Redis key and channels. Everything that spells C{session:{id}:...} is
-here, so a change of layout is made in one place: C{KEY_HASH_TAGS=true}
-spells them C{session:{<id>}:...} (one Redis Cluster slot per session).
+its Redis key and channels; and those of the topics sessions can be in.
+Everything that spells C{session:{id}:...} or C{topic:{name}:...} is here,
+so a change of layout is made in one place: C{KEY_HASH_TAGS=true} spells
+them C{session:{<id>}:...} and C{topic:{<name>}:...} (one Redis Cluster
+slot per session, and per topic).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def _session(session_id: str, what: str, tagged: Optional[bool]) -> str:
     if _hash_tags if tagged is None else tagged:
         return f"session:{{{session_id}}}:{what}"
     return f"session:{session_id}:{what}"
+
+
+def _topic(topic: str, what: str, tagged: Optional[bool]) -> str:
+    if _hash_tags if tagged is None else tagged:
+        return f"topic:{{{topic}}}:{what}"
+    return f"topic:{topic}:{what}"
 
 
 def auth_key(session_id: str, tagged: Optional[bool] = None) -> str:
@@ -121,6 +129,53 @@ def revoked_jti_key(jti: str) -> str:
     (C{JWT_DENYLIST=jti}).
     """
     return "jwt:revoked:" + jti
+
+
+def topics_key(session_id: str, tagged: Optional[bool] = None) -> str:
+    """
+    The set of topics a session is in (C{TOPICS=true}), written by the
+    backend beside the token and read at each connection's admission.
+    """
+    return _session(session_id, "topics", tagged)
+
+
+def valid_topic(topic: str) -> bool:
+    """
+    A topic name follows the session id's rule (L{valid_session_id}): 1 to
+    128 of C{[A-Za-z0-9._~-]}.
+    """
+    return SESSION_ID.match(topic) is not None
+
+
+def topic_channel(topic: str, tagged: Optional[bool] = None) -> str:
+    """
+    Where a topic's plain messages are published (C{PUBLISH}; C{SPUBLISH}
+    on a Redis Cluster): every socket of every session in the topic gets
+    each of them.
+    """
+    return _topic(topic, "down", tagged)
+
+
+def topic_history_key(topic: str, tagged: Optional[bool] = None) -> str:
+    """
+    The Redis Stream of a topic's recoverable messages (C{wsproxy_publish}).
+    """
+    return _topic(topic, "history", tagged)
+
+
+def topic_meta_key(topic: str, tagged: Optional[bool] = None) -> str:
+    """
+    The hash beside a topic's history: its epoch and last sequence number.
+    """
+    return _topic(topic, "meta", tagged)
+
+
+def topic_live_channel(topic: str, tagged: Optional[bool] = None) -> str:
+    """
+    Where a topic's recoverable messages are published live, with their
+    positions (C{:history} -> C{:live}, as for sessions).
+    """
+    return _topic(topic, "live", tagged)
 
 
 #: a ticket: 16 to 128 characters of the base64url alphabet

@@ -1002,6 +1002,8 @@ class ClusterHub:
         self._home: dict[bytes, Shard] = {}
         #: channels kept for the process before the slot map was known
         self._unplaced: list[tuple[str, Listener]] = []
+        #: channels attached (a topic joined while open) before the slot map was known
+        self._unattached: list[tuple[str, Listener]] = []
         self.canary_interval = cluster.canary_interval
 
     @property
@@ -1053,8 +1055,23 @@ class ClusterHub:
             return
         shard.hub.keep(channel, listener)
 
+    def attach(self, channel: str, listener: Listener) -> None:
+        """
+        Like L{Hub.attach}, on the master of the channel's slot (placed by
+        the next rebalance if the slot map is not known yet).
+        """
+        key = channel.encode()
+        shard = self._shard_for(key)
+        if shard is None:
+            self._unattached.append((channel, listener))
+            return
+        shard.hub.attach(channel, listener)
+
     def unsubscribe(self, channel: str, listener: Listener) -> None:
         key = channel.encode()
+        if self._unattached and (channel, listener) in self._unattached:
+            self._unattached.remove((channel, listener))
+            return
         shard = self._home.get(key)
         if shard is None:
             return
@@ -1075,6 +1092,10 @@ class ClusterHub:
             unplaced, self._unplaced = self._unplaced, []
             for channel, listener in unplaced:
                 self.keep(channel, listener)
+        if self._unattached and cluster.problem is None:
+            unattached, self._unattached = self._unattached, []
+            for channel, listener in unattached:
+                self.attach(channel, listener)
         moved = 0
         for shard in list(cluster.shards.values()):
             for key in shard.hub.channels():

@@ -49,15 +49,33 @@ class Listener(Protocol):
 class _Subscription:
     """
     The listeners of one channel and the state of its subscription.
+
+    The listeners are a dict (in the order they came): a topic's channel
+    may have every socket of the process, and each leaves in O(1).
+    C{single} is the listener when there is exactly one (a session's
+    channel, the common case: delivered without a loop).
     """
 
-    __slots__ = ("name", "listeners", "confirmed", "waiting")
+    __slots__ = ("name", "listeners", "single", "confirmed", "waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.listeners: list[Listener] = []
+        self.listeners: dict[Listener, None] = {}
+        self.single: Optional[Listener] = None
         self.confirmed = False
         self.waiting: list[defer.Deferred[Any]] = []
+
+    def add(self, listener: Listener) -> None:
+        listeners = self.listeners
+        listeners[listener] = None
+        self.single = listener if len(listeners) == 1 else None
+
+    def remove(self, listener: Listener) -> bool:
+        listeners = self.listeners
+        if listeners.pop(listener, self) is self:
+            return False
+        self.single = next(iter(listeners)) if len(listeners) == 1 else None
+        return True
 
 
 class Hub:
@@ -155,7 +173,7 @@ class Hub:
             if self._link.ready is None:
                 return defer.fail(RedisUnavailable("subscriber not connected"))
             state = self._channels[key] = _Subscription(channel)
-        state.listeners.append(listener)
+        state.add(listener)
         if state.confirmed:
             return defer.succeed(None)
 
@@ -192,7 +210,22 @@ class Hub:
             self._kept.add(key)
             if self._link.ready is not None:
                 self._send_subscribe(state)
-        state.listeners.append(listener)
+        state.add(listener)
+
+    def attach(self, channel: str, listener: Listener) -> None:
+        """
+        Add C{listener} to C{channel} without waiting for Redis (a topic
+        joined while a socket is open): subscribed now if it is the first
+        listener and Redis is connected, else at the next connection, like
+        every other channel; the caller L{unsubscribe}s it.
+        """
+        key = channel.encode()
+        state = self._channels.get(key)
+        if state is None:
+            state = self._channels[key] = _Subscription(channel)
+            if self._link.ready is not None:
+                self._send_subscribe(state)
+        state.add(listener)
 
     def unsubscribe(self, channel: str, listener: Listener) -> None:
         """
@@ -203,11 +236,7 @@ class Hub:
         state = self._channels.get(key)
         if state is None:
             return
-        try:
-            state.listeners.remove(listener)
-        except ValueError:
-            return
-        if state.listeners:
+        if not state.remove(listener) or state.listeners:
             return
         del self._channels[key]
         waiting, state.waiting = state.waiting, []
@@ -384,14 +413,14 @@ class Hub:
             if channel == self._canary_key:
                 self._canary_back(payload)
             return
-        listeners = state.listeners
-        if len(listeners) == 1:
+        single = state.single
+        if single is not None:
             try:
-                listeners[0].deliver(payload)
+                single.deliver(payload)
             except Exception:
                 self._log.failure("delivery to one listener failed")
             return
-        for listener in tuple(listeners):
+        for listener in tuple(state.listeners):
             try:
                 listener.deliver(payload)
             except Exception:

@@ -29,6 +29,7 @@ from ..names import (
     events_channel,
     instance_key,
     valid_session_id,
+    valid_topic,
 )
 from ..redis.redislink import Commands
 
@@ -153,13 +154,23 @@ class Heartbeat:
         self._link.send(lambda reply: None, b"DEL", self._key)
 
 
+#: what a backend asks of a session's sockets besides closing them
+TopicChange = Literal["subscribe", "unsubscribe"]
+
+#: topics one control message may name
+MAX_TOPICS_PER_MESSAGE = 1024
+
+
 class Control:
     """
     The listener of C{wsproxy:control}: closes the local sockets of the
-    session a backend names.
+    session a backend names, or (C{TOPICS=true}) makes them join or leave
+    topics.
 
     A control message is JSON: C{{"close": "<session id>", "code": 4001,
-    "reason": "banned"}} (code and reason optional: 1000, ""). Anything
+    "reason": "banned"}} (code and reason optional: 1000, "");
+    C{{"subscribe": "<session id>", "topic": "<name>"}} or
+    C{{"unsubscribe": "<session id>", "topics": ["<name>", ...]}}. Anything
     else is ignored with a log line (at most one a minute for the same
     kind of problem): it never closes another session's socket, nor the
     process.
@@ -172,11 +183,14 @@ class Control:
         sockets_of: Callable[[str], Iterable[Closable]],
         stats: Stats,
         clock: IReactorTime,
+        topics: Optional[Callable[[str, TopicChange, list[str]], None]] = None,
     ) -> None:
         self._sockets_of = sockets_of
         self._stats = stats
         self._clock = clock
         self._logged: dict[str, float] = {}
+        #: TOPICS: applies a topic change to the session's local sockets
+        self._topics = topics
 
     def deliver(self, payload: bytes) -> None:
         try:
@@ -184,6 +198,14 @@ class Control:
         except ValueError as e:
             self._stats.control_ignored += 1
             self._complain(str(e))
+            return
+        if isinstance(order, TopicOrder):
+            if self._topics is None:
+                self._stats.control_ignored += 1
+                self._complain("a topic change on a proxy without TOPICS=true")
+                return
+            self._stats.topic_changes += 1
+            self._topics(order.session_id, order.change, order.topics)
             return
         session_id, code, reason = order
         closed = 0
@@ -198,15 +220,21 @@ class Control:
             )
 
     @staticmethod
-    def _parse(payload: bytes) -> tuple[str, int, str]:
-        if len(payload) > 4096:
-            raise ValueError("control message over 4 KiB")
+    def _parse(payload: bytes) -> "tuple[str, int, str] | TopicOrder":
+        if len(payload) > 256 * 1024:
+            raise ValueError("control message over 256 KiB")
         try:
             message = json.loads(payload)
         except ValueError:
             raise ValueError("control message is not JSON") from None
         if not isinstance(message, dict):
             raise ValueError("control message is not a JSON object")
+        if "subscribe" in message:
+            return TopicOrder.parse("subscribe", message)
+        if "unsubscribe" in message:
+            return TopicOrder.parse("unsubscribe", message)
+        if len(payload) > 4096:
+            raise ValueError("control message over 4 KiB")
         session_id = message.get("close")
         if not isinstance(session_id, str) or not valid_session_id(session_id):
             raise ValueError("control message without a valid session id in \"close\"")
@@ -228,8 +256,37 @@ class Control:
         self._log.warn("ignored a message on wsproxy:control: {problem}", problem=problem)
 
 
+class TopicOrder:
+    """
+    A backend's C{subscribe} or C{unsubscribe} of a session to topics.
+    """
+
+    __slots__ = ("change", "session_id", "topics")
+
+    def __init__(self, change: TopicChange, session_id: str, topics: list[str]) -> None:
+        self.change = change
+        self.session_id = session_id
+        self.topics = topics
+
+    @classmethod
+    def parse(cls, change: TopicChange, message: dict[str, Any]) -> "TopicOrder":
+        session_id = message.get(change)
+        if not isinstance(session_id, str) or not valid_session_id(session_id):
+            raise ValueError(f"control message without a valid session id in \"{change}\"")
+        if "topic" in message and "topics" in message:
+            raise ValueError("control message with both \"topic\" and \"topics\"")
+        topics = message["topics"] if "topics" in message else [message.get("topic")]
+        if (not isinstance(topics, list) or not topics or len(topics) > MAX_TOPICS_PER_MESSAGE
+                or not all(isinstance(t, str) and valid_topic(t) for t in topics)):
+            raise ValueError(
+                "a topic change needs \"topic\" (a topic name) or \"topics\" (a list of 1 to "
+                f"{MAX_TOPICS_PER_MESSAGE} of them): 1-128 of [A-Za-z0-9._~-]"
+            )
+        return cls(change, session_id, list(dict.fromkeys(topics)))
+
+
 def connection_event(
-    kind: Literal["open", "close"],
+    kind: Literal["open", "close", "join", "leave"],
     session_id: str,
     agent_id: Optional[str],
     connection_id: str,

@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import auth
+from . import auth, frames
 from .authn import Authenticator, CredentialCheck, MISSING_TOKEN
 from .backpressure import Readable, UpstreamValve
 from ..config import Settings
-from .control import Control, Events, Heartbeat
+from .control import Control, Events, Heartbeat, TopicChange
 from .keys import KeySource, build_verifier
 from .limits import FailedAuthLimit, client_address
 from ..logs import LogBudget
@@ -34,6 +34,9 @@ from ..names import (
     history_key,
     meta_key,
     parse_ws_path,
+    topic_history_key,
+    topic_meta_key,
+    topics_key,
     use_hash_tags,
     valid_session_id,
 )
@@ -65,6 +68,7 @@ from .resume import (
     parse_position,
     plan_recovery,
 )
+from .topics import Chooser, Topics
 
 #: how often outstanding Redis commands are checked against their deadline
 SWEEP_INTERVAL = 0.5
@@ -233,6 +237,20 @@ def check_credentials(authn: Authenticator, session_id: str, agent_id: str,
     return d
 
 
+class TopicJoin(Protocol):
+    """
+    A connection's topics during its admission (C{TOPICS=true}; made by
+    L{wsproxy.websocket.fanout}): the listeners of the topics chosen, then,
+    for a resuming client, the recovery of each.
+    """
+
+    def subscriptions(self, topics: list[str]) -> list[tuple[str, Listener]]: ...
+
+    def positions(self) -> list[tuple[str, Optional[Position]]]: ...
+
+    def planned(self, topic: str, recovery: Recovery) -> None: ...
+
+
 class Connection(Readable, Protocol):
     """
     What the proxy needs of an open connection (a
@@ -370,8 +388,17 @@ class Proxy:
             commands, settings.events, settings.events_stream_max_length, self.stats, clock
         )
         self.heartbeat = Heartbeat(commands, self.instance, clock) if self.events.enabled else None
+        #: TOPICS: the topics of this process's sockets, which of the topics a
+        #: backend names a connection joins, and the connections being
+        #: admitted by session (a topic change meanwhile is applied at open)
+        self.topics: Optional[Topics] = None
+        self.chooser = Chooser(settings.topics_max_per_connection, clock)
+        self.admitting: dict[str, set[Any]] = {}
+        if settings.topics:
+            self.topics = Topics(frames.codec(settings.frame_mode)[0], self.stats)
         self.control = Control(lambda session_id: self.sessions.get(session_id, ()),
-                               self.stats, clock)
+                               self.stats, clock,
+                               self._topic_change if settings.topics else None)
         self.sentinel_watcher: Optional[SentinelWatcher] = (
             SentinelWatcher(clock, settings, self._master_switched, self._replica_selected)
             if settings.redis_sentinels else None
@@ -450,7 +477,9 @@ class Proxy:
         """
         settings = self.settings
         code = library(settings.history_max_length, int(settings.history_max_age * 1000),
-                       sharded=self.cluster is not None)
+                       sharded=self.cluster is not None,
+                       topic_max_length=settings.topic_history_max_length,
+                       topic_max_age_ms=int(settings.topic_history_max_age * 1000))
 
         def loaded(_: object) -> None:
             self._log.info("redis functions wsproxy_publish, wsproxy_history loaded")
@@ -557,6 +586,32 @@ class Proxy:
 
     def opened(self, session_id: str, connection: Any) -> None:
         self.sessions.setdefault(session_id, set()).add(connection)
+
+    def admitting_started(self, session_id: str, connection: Any) -> None:
+        """
+        C{TOPICS}: a connection of the session is being admitted: a topic
+        change for the session from now on reaches it (L{_topic_change}),
+        so that none falls between the read of the session's set and the
+        open.
+        """
+        self.admitting.setdefault(session_id, set()).add(connection)
+
+    def admitting_over(self, session_id: str, connection: Any) -> None:
+        sockets = self.admitting.get(session_id)
+        if sockets is not None:
+            sockets.discard(connection)
+            if not sockets:
+                del self.admitting[session_id]
+
+    def _topic_change(self, session_id: str, change: TopicChange, topics: list[str]) -> None:
+        """
+        A backend made a session join or leave topics (wsproxy:control):
+        every local socket of the session follows, those being admitted
+        at their open.
+        """
+        for connection in [*self.sessions.get(session_id, ()),
+                           *self.admitting.get(session_id, ())]:
+            connection.topic_change(change, topics)
 
     def closed(self, session_id: str, connection: Any) -> None:
         if self.expiries:
@@ -712,12 +767,15 @@ class Proxy:
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest] = None,
         compared: Optional["Compared"] = None,
+        topics: Optional[TopicJoin] = None,
     ) -> tuple[Optional[Recovery], Grant]:
         """
-        The credentials' check (L{Authenticator}), then the subscriptions
-        (channel, listener), confirmed by Redis, then for a resuming client
-        the history after its position: all within one C{AUTH_TIMEOUT_SECS}
-        deadline (one timer per handshake).
+        The credentials' check (L{Authenticator}), with C{TOPICS} the
+        session's topics (C{SMEMBERS}, sent beside it, and a JWT's
+        C{topics} claim), then the subscriptions (channel, listener, the
+        topics' too), confirmed by Redis, then for a resuming client the
+        history after its position (and each topic's): all within one
+        C{AUTH_TIMEOUT_SECS} deadline (one timer per handshake).
 
         On success the caller owns the subscriptions (it calls L{release}
         when it closes). Otherwise, and if the caller cancels (the client
@@ -742,7 +800,7 @@ class Proxy:
         try:
             result: tuple[Optional[Recovery], Grant] = await with_deadline(
                 defer.ensureDeferred(self._authorize(
-                    session_id, agent_id, credentials, subscriptions, resume, compared
+                    session_id, agent_id, credentials, subscriptions, resume, compared, topics
                 )),
                 max(timeout, 0.0),
                 self.clock,
@@ -775,16 +833,30 @@ class Proxy:
         subscriptions: Sequence[tuple[str, Listener]],
         resume: Optional[ResumeRequest],
         compared: Optional["Compared"] = None,
+        topics: Optional[TopicJoin] = None,
     ) -> tuple[Optional[Recovery], Grant]:
-        if compared is None:
-            started = time.perf_counter()
-            try:
-                grant = await check_credentials(self.authn, session_id, agent_id, credentials)
-            finally:
-                self.stats.auth_latency.observe(time.perf_counter() - started)
-        else:
-            grant = compared.grant
-            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
+        members: Optional[defer.Deferred[Any]] = None
+        if topics is not None:
+            # sent beside the token check: no round trip of its own
+            members = self.commands.execute("SMEMBERS", topics_key(session_id))
+        try:
+            if compared is None:
+                started = time.perf_counter()
+                try:
+                    grant = await check_credentials(self.authn, session_id, agent_id, credentials)
+                finally:
+                    self.stats.auth_latency.observe(time.perf_counter() - started)
+            else:
+                grant = compared.grant
+                self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
+        except BaseException:
+            if members is not None:
+                members.addErrback(lambda f: None)
+            raise
+        if topics is not None and members is not None:
+            chosen = self.chooser.choose(session_id, [*await self._members(session_id, members),
+                                                      *grant.topics])
+            subscriptions = [*subscriptions, *topics.subscriptions(chosen)]
         subscribed: list[tuple[str, Listener]] = []
         try:
             for channel, listener in subscriptions:
@@ -800,10 +872,39 @@ class Proxy:
                 history = await self._history_chunk(session_id, "0-0", 0)
             else:
                 history = await self.read_history(session_id, position.stream_id)
-            return plan_recovery(position, history), grant
+            recovery = plan_recovery(position, history)
+            if topics is not None:
+                for topic, at in topics.positions():
+                    if at is None:
+                        history = await self._history_chunk(session_id, "0-0", 0, topic)
+                    else:
+                        history = await self.read_history(session_id, at.stream_id, topic)
+                    topics.planned(topic, plan_recovery(at, history))
+            return recovery, grant
         except BaseException:
             self.release(subscribed)
             raise
+
+    _wrong_type_logged = -1e9
+
+    async def _members(self, session_id: str, members: defer.Deferred[Any]) -> list[Any]:
+        """
+        The session's topic set, as C{SMEMBERS} answered; a key of another
+        type is the backend's mistake: no topics (a warning a minute), not
+        a refused client.
+        """
+        try:
+            reply = await members
+        except txredisapi.ResponseError as e:
+            if not str(e).startswith("WRONGTYPE"):
+                raise
+            now = self.clock.seconds()
+            if now - self._wrong_type_logged >= 60:
+                self._wrong_type_logged = now
+                self._log.warn("session {session_id}: {key} is not a set: no topics joined",
+                               session_id=session_id, key=topics_key(session_id))
+            return []
+        return list(reply or ())
 
     def compare(
         self, session_id: str, agent_id: str, token: str,
@@ -824,31 +925,39 @@ class Proxy:
         for channel, listener in subscriptions:
             self.hub.unsubscribe(channel, listener)
 
-    def read_history(self, session_id: str, after: str) -> defer.Deferred[History]:
+    def read_history(self, session_id: str, after: str,
+                     topic: Optional[str] = None) -> defer.Deferred[History]:
         """
-        The session's history: its epoch, end, and every entry after the
-        stream id C{after} (C{"0-0"}: all of it).
+        The session's history (or the C{topic}'s): its epoch, end, and
+        every entry after the stream id C{after} (C{"0-0"}: all of it).
         """
-        return defer.ensureDeferred(self._read_history(session_id, after))
+        return defer.ensureDeferred(self._read_history(session_id, after, topic))
 
-    async def _history_chunk(self, session_id: str, after: str, count: int) -> History:
+    async def _history_chunk(self, session_id: str, after: str, count: int,
+                             topic: Optional[str] = None) -> History:
         """
         One C{wsproxy_history} call: the epoch, the end, and up to C{count}
         entries after the stream id C{after}.
         """
+        if topic is None:
+            keys = history_key(session_id), meta_key(session_id)
+        else:
+            keys = topic_history_key(topic), topic_meta_key(topic)
         reply: Any = await self.commands.execute(
-            "FCALL_RO", "wsproxy_history", 2,
-            history_key(session_id), meta_key(session_id), after, count,
+            "FCALL_RO", "wsproxy_history", 2, *keys, after, count,
         )
         return parse_history(reply)
 
-    async def _read_history(self, session_id: str, after: str) -> History:
+    async def _read_history(self, session_id: str, after: str,
+                            topic: Optional[str] = None) -> History:
         # read in chunks until the end the history had when first asked:
         # approximate trimming (MAXLEN ~) may keep more than the maximum
-        chunk = self.settings.history_max_length + 1
+        settings = self.settings
+        chunk = (settings.history_max_length if topic is None
+                 else settings.topic_history_max_length) + 1
         entries: list[Entry] = []
         while True:
-            history = await self._history_chunk(session_id, after, chunk)
+            history = await self._history_chunk(session_id, after, chunk, topic)
             if entries and history.epoch != entries[0].epoch:
                 # the history started over between two chunks
                 return history

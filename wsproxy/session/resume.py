@@ -267,22 +267,31 @@ def plan_recovery(presented: Optional[Position], history: History) -> Recovery:
     return Recovery(True, tuple(entries), entries[-1].position)
 
 
-def library(max_length: int, max_age_ms: int, sharded: bool = False) -> str:
+def library(max_length: int, max_age_ms: int, sharded: bool = False,
+            topic_max_length: Optional[int] = None, topic_max_age_ms: Optional[int] = None) -> str:
     """
     The Redis function library, with the retention settings written in.
 
     Retention: C{XADD ... MAXLEN ~ max_length}; every 64th message the
     entries older than C{max_age_ms} are trimmed (the proxy also ignores
     older entries when it replays); both keys expire C{max_age_ms} after the
-    last message, so an idle session's history disappears by itself.
+    last message, so an idle session's history disappears by itself. A
+    topic's history (its key starts with C{topic:}) is kept by
+    C{topic_max_length} and C{topic_max_age_ms} instead (by default the
+    session's).
 
     @param sharded: on a Redis Cluster the live message goes out with
         C{SPUBLISH} (the proxy listens with C{SSUBSCRIBE}); the live
         channel is in the history's slot when the names carry hash tags.
     """
-    code = _LIBRARY.replace("MAX_LENGTH", str(int(max_length))).replace(
-        "MAX_AGE_MS", str(int(max_age_ms))
-    )
+    if topic_max_length is None:
+        topic_max_length = max_length
+    if topic_max_age_ms is None:
+        topic_max_age_ms = max_age_ms
+    code = (_LIBRARY.replace("TOPIC_MAX_LENGTH", str(int(topic_max_length)))
+            .replace("TOPIC_MAX_AGE_MS", str(int(topic_max_age_ms)))
+            .replace("MAX_LENGTH", str(int(max_length)))
+            .replace("MAX_AGE_MS", str(int(max_age_ms))))
     if sharded:
         code = code.replace("redis.call('PUBLISH', live", "redis.call('SPUBLISH', live")
     return code
@@ -312,6 +321,10 @@ local function publish(keys, args)
   if n ~= 1 then
     return redis.error_reply('ERR wsproxy_publish: the first key must end in :history')
   end
+  local max_length, max_age = MAX_LENGTH, MAX_AGE_MS
+  if string.sub(history, 1, 6) == 'topic:' then
+    max_length, max_age = TOPIC_MAX_LENGTH, TOPIC_MAX_AGE_MS
+  end
   local state = redis.call('HMGET', meta, 'epoch', 'seq', 'ms')
   local epoch, seq, last = state[1], tonumber(state[2]), tonumber(state[3])
   local now = now_ms()
@@ -326,13 +339,13 @@ local function publish(keys, args)
   seq = seq + 1
   if now < last then now = last end
   local id = now .. '-' .. seq
-  redis.call('XADD', history, 'MAXLEN', '~', MAX_LENGTH, id, 'k', kind, 'd', message)
+  redis.call('XADD', history, 'MAXLEN', '~', max_length, id, 'k', kind, 'd', message)
   if seq % 64 == 0 then
-    redis.call('XTRIM', history, 'MINID', '~', now - MAX_AGE_MS)
+    redis.call('XTRIM', history, 'MINID', '~', now - max_age)
   end
   redis.call('HSET', meta, 'seq', seq, 'ms', now)
-  redis.call('PEXPIRE', history, MAX_AGE_MS)
-  redis.call('PEXPIRE', meta, MAX_AGE_MS)
+  redis.call('PEXPIRE', history, max_age)
+  redis.call('PEXPIRE', meta, max_age)
   redis.call('PUBLISH', live, epoch .. ' ' .. id .. ' ' .. kind .. message)
   return epoch .. ':' .. id
 end
@@ -373,6 +386,8 @@ class Resumer:
     @param control: sends one control frame (a dict, sent as C{!} + JSON).
     @param read_history: reads the entries after a stream id (C{"0-0"}:
         from the start); fires with a L{History}.
+    @param topic: the topic whose messages these are (its control frames
+        name it), or C{None} for the session's own.
     """
 
     def __init__(
@@ -381,7 +396,9 @@ class Resumer:
         control: Callable[[dict[str, object]], None],
         read_history: Callable[[str], "Deferred[History]"],
         stats: Stats,
+        topic: Optional[str] = None,
     ) -> None:
+        self._topic = topic
         self._send = send
         self._control = control
         self._read_history = read_history
@@ -408,8 +425,13 @@ class Resumer:
         A message from C{:live}; malformed ones are dropped (not ours).
         """
         entry = parse_live(payload)
-        if entry is None:
-            return
+        if entry is not None:
+            self.live_entry(entry)
+
+    def live_entry(self, entry: Entry) -> None:
+        """
+        A live message already parsed (a topic's: once for every socket).
+        """
         if self._holding:
             self._held.append(entry)
         else:
@@ -434,6 +456,16 @@ class Resumer:
         self._release()
 
     def _report(self, recovered: bool, replayed: int, reason: str) -> None:
+        if self._topic is not None:
+            self._control({
+                "type": "recovery",
+                "topic": self._topic,
+                "recovered": recovered,
+                "replayed": replayed,
+                "position": str(self.cursor.position),
+                "reason": reason,
+            })
+            return
         self._control({
             "type": "recovery",
             "recovered": recovered,

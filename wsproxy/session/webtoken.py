@@ -25,7 +25,9 @@ C{JWT_SECRET}, claims C{session_id} and C{iat}, no C{exp}):
     C{JWT_REQUIRE_EXP=true}; C{aud} (a string or a list of strings) must
     name C{JWT_AUDIENCE} when that is set and is refused when present but
     not configured (RFC 7519 section 4.1.3); C{iss} must equal C{JWT_ISSUER}
-    when that is set; C{jti}, if present, a string.
+    when that is set; C{jti}, if present, a string; C{topics}, if present,
+    a list of topic names (L{wsproxy.names.valid_topic}): the topics the
+    connection joins besides the session's set (C{TOPICS=true}).
 
 Every refusal is 403 with a reason of its own (L{REFUSALS}, the table in
 the docs), and C{WWW-Authenticate: Bearer realm="wsproxy",
@@ -53,6 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ..config import JWT_ALGORITHMS
+from ..names import valid_topic
 from ..refusal import Refusal
 from .auth import bearer_refusal
 
@@ -141,11 +144,12 @@ class Key:
 class Grant:
     """
     A token accepted: when it expires (C{exp}, seconds since the epoch, or
-    C{None}) and its C{jti}, if any.
+    C{None}), its C{jti}, if any, and the topics it names (C{topics}).
     """
 
     expires: Optional[float] = None
     jti: Optional[str] = None
+    topics: tuple[str, ...] = ()
 
 
 #: a grant for a token without exp or jti (shared)
@@ -318,6 +322,7 @@ class Verifier:
         exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
         jti, aud = claims.get("jti"), claims.get("aud")
         claimed, claimed_agent = claims.get("session_id"), claims.get("agent_id")
+        topics = claims.get("topics")
         named = [aud] if isinstance(aud, str) else aud
         if (
             (exp is not None and not _number(exp))
@@ -328,6 +333,9 @@ class Verifier:
             or (claimed_agent is not None and not isinstance(claimed_agent, str))
             or (named is not None and not (
                 isinstance(named, list) and all(isinstance(a, str) for a in named)))
+            or (topics is not None and not (
+                isinstance(topics, list)
+                and all(isinstance(t, str) and valid_topic(t) for t in topics)))
         ):
             raise TokenRefused("claim_type")
         now = self.clock()
@@ -352,6 +360,6 @@ class Verifier:
             raise TokenRefused("other_session")
         if claimed_agent is not None and claimed_agent != agent_id:
             raise TokenRefused("other_agent")
-        if exp is None and jti is None:
+        if exp is None and jti is None and not topics:
             return NO_EXPIRY
-        return Grant(None if exp is None else float(exp), jti)
+        return Grant(None if exp is None else float(exp), jti, tuple(topics or ()))

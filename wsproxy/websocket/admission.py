@@ -31,13 +31,14 @@ from ..fast.sockwrite import Pending, plain_socket
 from ..names import down_channel, live_channel, up_channel
 from ..redis.pubsub import Listener
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
-from ..session import auth, upstream
+from ..session import auth, topics, upstream
 from ..session.proxy import Compared, ResumeRequest
 from ..session.resume import Resumer
 from ..session.upstream import Appender
 from ..session.webtoken import Grant
-from . import states
+from . import fanout, states
 from .downstream import LiveSink, PlainSink, PrefixedSink
+from .fanout import Joining
 from .states import OPEN
 
 if TYPE_CHECKING:
@@ -74,8 +75,8 @@ def start(protocol: ProxyProtocol, request: Any) -> defer.Deferred[Optional[str]
         # as the coroutine would: its refusals (and anything unexpected)
         # fail the admission's Deferred before it waits on anything
         return defer.fail()
-    session_id, agent_id, credentials, subscriptions, resume, compared = prepared
-    if compared is None or resume is not None or len(subscriptions) != 1:
+    session_id, agent_id, credentials, subscriptions, resume, compared, joining = prepared
+    if compared is None or resume is not None or joining is not None or len(subscriptions) != 1:
         return defer.ensureDeferred(admit(protocol, request, prepared))
     assert credentials is not None  # compared: the request's own token
     channel, listener = subscriptions[0]
@@ -91,7 +92,8 @@ def _subscribed(_: object, protocol: ProxyProtocol, grant: Grant,
 
 
 _Prepared = tuple[str, str, Optional[auth.Credentials], list[tuple[str, Listener]],
-                  Optional[ResumeRequest], Optional[tuple[str, str, Compared]]]
+                  Optional[ResumeRequest], Optional[tuple[str, str, Compared]],
+                  Optional[Joining]]
 
 
 def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
@@ -109,9 +111,13 @@ def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
     acked = protocol._acked = upstream.ack_request(
         protocol.http_request_uri, proxy.settings.upstream == "stream"
     )
+    labels = protocol._labels = topics.labels_request(
+        protocol.http_request_uri, proxy.topics is not None
+    )
+    positions = topics.topic_positions(protocol.http_request_uri, resume is not None, labels)
     credentials = auth.extract_token(request.headers, request.params, request.protocols)
     subscriptions: list[tuple[str, Listener]]
-    if resume is None and acked:
+    if resume is None and (acked or labels):
         # control frames go to this client: data frames down get the
         # resumable sessions' envelope (an empty position) so that no
         # backend message can pass for one
@@ -135,7 +141,12 @@ def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
         credentials is None or compared[:2] != (session_id, credentials.token)
     ):
         compared = None
-    return session_id, agent_id, credentials, subscriptions, resume, compared
+    joining = None
+    if proxy.topics is not None:
+        joining = Joining(protocol, positions)
+        # a backend's topic change from now on reaches this connection
+        proxy.admitting_started(session_id, protocol)
+    return session_id, agent_id, credentials, subscriptions, resume, compared, joining
 
 
 async def admit(protocol: ProxyProtocol, request: Any, prepared: _Prepared) -> Optional[str]:
@@ -146,11 +157,11 @@ async def admit(protocol: ProxyProtocol, request: Any, prepared: _Prepared) -> O
     @return: the subprotocol to answer with, if any.
     """
     proxy = protocol._proxy
-    session_id, agent_id, credentials, subscriptions, resume, compared = prepared
+    session_id, agent_id, credentials, subscriptions, resume, compared, joining = prepared
     try:
         protocol._recovery, grant = await proxy.authorize(
             session_id, agent_id, credentials, subscriptions, resume,
-            None if compared is None else compared[2],
+            None if compared is None else compared[2], joining,
         )
     except Refusal as refusal:
         if refusal.code in (401, 403):
@@ -275,10 +286,17 @@ def open_session(protocol: ProxyProtocol) -> None:
     protocol._admission = None
     early = protocol.__dict__.pop("_early")
     protocol._compact()
+    enveloped = (protocol._acked or protocol._labels) and protocol._resumer is None
     for payload in early:
-        if protocol._acked and protocol._resumer is None:
+        if payload.__class__ is tuple:
+            # a topic's, with the listener that got it
+            listener, message = payload
+            listener.deliver(message)
+        elif enveloped:
             PrefixedSink(protocol).deliver(payload)
         else:
             protocol.deliver(payload)
     if protocol._resumer is not None and protocol._recovery is not None:
         protocol._resumer.start(protocol._recovery)
+    if proxy.topics is not None:
+        fanout.opened(protocol)

@@ -44,7 +44,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 
 from ..fast.sockwrite import plain_socket
 from ..session import frames
-from . import states
+from . import fanout, states
 from .states import ENDED, SESSION_OPEN
 
 if TYPE_CHECKING:
@@ -104,6 +104,9 @@ def end_session(protocol: ProxyProtocol, code: Optional[int], reason: Optional[s
         admission.cancel()
     subscriptions, protocol._subscriptions = protocol._subscriptions, []
     proxy.release(subscriptions)
+    if proxy.topics is not None:
+        # (its leave events before its close event)
+        fanout.leave_all(protocol, was_open)
     if protocol._resumer is not None:
         protocol._resumer.closed = True
     protocol.__dict__.pop("_early", None)

@@ -115,6 +115,7 @@ def break_cycles(protocol: ProxyProtocol) -> None:
     protocol.__dict__.pop("_on_append_reply", None)
     protocol.__dict__.pop("_out", None)
     protocol._resumer = None
+    protocol._topics = None
     # Autobahn resolves is_closed with the protocol itself
     protocol.is_closed = defer.succeed(None)
     for timer in ("autoPingPendingCall", "autoPingTimeoutCall", "openHandshakeTimeoutCall",

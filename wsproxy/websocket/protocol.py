@@ -80,7 +80,7 @@ from ..session.proxy import Proxy
 from ..session.resume import Recovery, Resumer
 from ..session.upstream import Appender
 from ..session.webtoken import Grant
-from . import admission, closing, downstream, footprint, states
+from . import admission, closing, downstream, fanout, footprint, states
 from . import upstream as client_messages
 from .closing import GOING_AWAY, PROTOCOL_ERROR, TOKEN_EXPIRED
 from .states import ADMITTING, CLOSED, CLOSING, OPEN, SESSION_OPEN, State
@@ -161,9 +161,14 @@ class ProxyProtocol(WebSocketServerProtocol):
     #: durable upstream's appends awaiting Redis's answer: a deque of its
     #: own once the connection appends (an empty deque is 600 bytes)
     _in_flight: deque[bytes] = deque(maxlen=0)
-    #: frames for the client that arrived before the 101, sent at open;
-    #: a list of its own during the handshake
-    _early: Sequence[bytes] = ()
+    #: frames for the client that arrived before the 101, sent at open
+    #: (a session message's payload, or a topic's with its listener); a
+    #: list of its own during the handshake
+    _early: Sequence[bytes | tuple[Any, bytes]] = ()
+    #: TOPICS: whether the client asked for labelled frames (?labels=1),
+    #: and its topics (wsproxy.websocket.fanout), once it is in one
+    _labels = False
+    _topics: Optional[dict[str, Any]] = None
     #: containers Autobahn makes per connection and, once open, only reads
     #: (txaio's event names and results, with no listener ever registered;
     #: the extensions in use, none without compression): these copies,
@@ -231,9 +236,10 @@ class ProxyProtocol(WebSocketServerProtocol):
         """
         self._compared = compared
 
-    def _keep_early(self, payload: bytes) -> None:
+    def _keep_early(self, payload: bytes | tuple[Any, bytes]) -> None:
         """
-        A message for the client before the 101: sent once open.
+        A message for the client before the 101: sent once open (a topic's
+        with the listener that got it).
         """
         early = self._early
         assert isinstance(early, list)  # the connection's own, until open
@@ -303,7 +309,8 @@ class ProxyProtocol(WebSocketServerProtocol):
         self._closed_by = "timeout"
         super().onAutoPingTimeout()
 
-    def _event(self, kind: Literal["open", "close"], **close: Any) -> dict[str, Any]:
+    def _event(self, kind: Literal["open", "close", "join", "leave"],
+               **close: Any) -> dict[str, Any]:
         assert self.session_id is not None
         peer = self.transport.getPeer() if self.transport is not None else None
         return connection_event(
@@ -593,6 +600,8 @@ class ProxyProtocol(WebSocketServerProtocol):
     _send_control = downstream.send_control
     _send_compressed = downstream.send_compressed
     _slow_consumer = downstream.slow_consumer
+    # TOPICS: a backend's join or leave (wsproxy.websocket.fanout)
+    topic_change = fanout.topic_change
 
     # Upstream backpressure (see UpstreamValve)
 

@@ -1,0 +1,314 @@
+"""
+Topics (C{TOPICS=true}): group channels that many sessions' sockets
+receive, chosen by the backend, never by the client.
+
+Which topics a connection is in: the set C{session:{id}:topics} read at
+its admission (C{SMEMBERS}, sent beside the token check), with a JWT's
+C{topics} claim added; then, while it is connected, whatever a backend
+adds or removes through C{wsproxy:control} (L{wsproxy.session.control}):
+every socket of that session, on every instance, follows. At most
+C{TOPICS_MAX_PER_CONNECTION}; a name that breaks the session id's rule is
+skipped (both with a warning a minute).
+
+Publishing: one C{PUBLISH topic:<name>:down} (C{SPUBLISH} on a Redis
+Cluster, routed by the topic's slot), or a recoverable one with
+C{FCALL wsproxy_publish 2 topic:<name>:history topic:<name>:meta ...}
+(published live on C{topic:<name>:live}). A process subscribes each
+topic channel once, however many of its sockets are in the topic (the
+hub's reference counting), and a L{TopicFeed} builds each message's
+frame once per framing in use; each socket then writes the same bytes, so
+the per-socket rules (backpressure, the slow-consumer close) are unchanged
+and a slow socket never delays the others.
+
+Framings (how a socket shows where a message came from):
+
+  - C{RAW}: a plain client that did not opt in: the message, as a
+    session message would come;
+  - C{ENVELOPED}: a C{?resume=} or C{?ack=1} client that did not opt in:
+    C{\\n<message>}, as a plain C{:down} message comes to it;
+  - C{LABELLED}: a client with C{?labels=1}: C{#<topic>\\n<message>}, and
+    for a resuming client a recoverable one as
+    C{#<topic> <position>\\n<message>}.
+
+Nothing here touches a socket: the per-socket listeners are
+L{wsproxy.websocket.fanout}'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from urllib.parse import parse_qsl, urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ..names import valid_topic
+from ..refusal import Refusal
+from . import frames
+from .resume import Entry, InvalidPosition, Position, parse_live, parse_position
+
+if TYPE_CHECKING:
+    from ..metrics import Stats
+
+#: the client's opt-in to frames that say their topic
+LABELS_PARAM = "labels"
+#: a resuming client's position in one topic: C{resume_topic=<topic>@<position>}
+TOPIC_RESUME_PARAM = "resume_topic"
+
+RAW, ENVELOPED, LABELLED = 0, 1, 2
+
+NOT_ENABLED = Refusal(400, "Topics are not enabled")
+INVALID_LABELS = Refusal(400, "Invalid labels parameter")
+INVALID_POSITION = Refusal(400, "Invalid resume position")
+
+#: (the data sent, whether binary, its frame, the message's size): what
+#: L{wsproxy.websocket.protocol.ProxyProtocol._send_message} takes
+Framed = tuple[bytes, bool, bytes, int]
+
+
+def labels_request(uri: str, enabled: bool) -> bool:
+    """
+    Whether a client asked for labelled frames (C{?labels=1}).
+
+    @raise Refusal: 400 if topics are not enabled, or for any value but one
+        C{labels=1}.
+    """
+    if LABELS_PARAM not in uri:
+        return False  # the plain path pays one substring test
+    values = [v for k, v in parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+              if k == LABELS_PARAM]
+    if not values:
+        return False
+    if not enabled:
+        raise NOT_ENABLED
+    if values != ["1"]:
+        raise INVALID_LABELS
+    return True
+
+
+def topic_positions(uri: str, resuming: bool, labels: bool) -> dict[str, Optional[Position]]:
+    """
+    The positions a resuming client presents for its topics
+    (C{resume_topic=<topic>@<position>}, one per topic).
+
+    @raise Refusal: 400 C{Invalid resume position} for a malformed one, a
+        topic named twice, or positions without C{?resume=} and
+        C{?labels=1}.
+    """
+    if TOPIC_RESUME_PARAM not in uri:
+        return {}
+    given = [v for k, v in parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+             if k == TOPIC_RESUME_PARAM]
+    if not given:
+        return {}
+    if not (resuming and labels):
+        raise INVALID_POSITION
+    positions: dict[str, Optional[Position]] = {}
+    for value in given:
+        topic, at, position = value.partition("@")
+        if not at or not valid_topic(topic) or topic in positions:
+            raise INVALID_POSITION
+        try:
+            positions[topic] = parse_position(position)
+        except InvalidPosition:
+            raise INVALID_POSITION from None
+    return positions
+
+
+def _text(member: object) -> Optional[str]:
+    if isinstance(member, bytes):
+        try:
+            return member.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return member if isinstance(member, str) else None
+
+
+class Chooser:
+    """
+    Which of the topics a backend named a connection joins: valid names
+    only, at most C{limit} (in sorted order, so every socket of a session
+    chooses the same ones); what is left out is logged, at most once a
+    minute per kind of problem, with the session.
+    """
+
+    _log = Logger()
+
+    def __init__(self, limit: int, clock: IReactorTime) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._logged: dict[str, float] = {}
+
+    def choose(self, session_id: str, named: Iterable[object],
+               joined: Iterable[str] = ()) -> list[str]:
+        """
+        The topics of C{named} to join, besides those already C{joined}.
+        """
+        already = set(joined)
+        valid: set[str] = set()
+        invalid = 0
+        for member in named:
+            topic = _text(member)
+            if topic is None or not valid_topic(topic):
+                invalid += 1
+            elif topic not in already:
+                valid.add(topic)
+        if invalid:
+            self._complain("invalid", "session {session_id}: {n} topic names skipped "
+                           "(a topic name is 1-128 of [A-Za-z0-9._~-])",
+                           session_id=session_id, n=invalid)
+        room = self.limit - len(already)
+        chosen = sorted(valid)
+        if len(chosen) > room:
+            self._complain("limit", "session {session_id}: {n} topics not joined "
+                           "(TOPICS_MAX_PER_CONNECTION={limit})",
+                           session_id=session_id, n=len(chosen) - max(room, 0),
+                           limit=self.limit)
+            chosen = chosen[:max(room, 0)]
+        return chosen
+
+    def _complain(self, kind: str, fmt: str, **fields: Any) -> None:
+        now = self._clock.seconds()
+        if now - self._logged.get(kind, -1e9) < 60:
+            return
+        self._logged[kind] = now
+        self._log.warn(fmt, **fields)
+
+
+def _binary(message: bytes, kind: bytes) -> Optional[bool]:
+    """
+    A recoverable message's frame type (C{None}: declared text but not
+    UTF-8, dropped as for sessions).
+    """
+    if kind == b"b":
+        return True
+    if kind == b"a":
+        return not frames.is_utf8(message)
+    return False if frames.is_utf8(message) else None
+
+
+class TopicFeed:
+    """
+    One topic's messages in this process: each message's frames built once
+    per framing (the cache holds the last message, which is what a read
+    delivers to every socket in turn), for every socket of the topic.
+    """
+
+    __slots__ = ("topic", "members", "_down", "_stats", "_label", "_payload", "_outgoing",
+                 "_frames", "_live", "_entry", "_live_frames", "_position", "_positioned")
+
+    def __init__(self, topic: str, down: Callable[[bytes], frames.Outgoing],
+                 stats: Stats) -> None:
+        self.topic = topic
+        #: sockets of this process in the topic
+        self.members = 0
+        self._down = down
+        self._stats = stats
+        self._label = b"#" + topic.encode("ascii")
+        self._payload: Optional[bytes] = None
+        self._outgoing: frames.Outgoing = None
+        self._frames: list[Optional[Framed]] = [None, None, None]
+        self._live: Optional[bytes] = None
+        self._entry: Optional[Entry] = None
+        self._live_frames: list[Optional[Framed]] = [None, None, None]
+        self._position: Optional[bytes] = None
+        self._positioned: Optional[Framed] = None
+
+    def _build(self, message: bytes, binary: bool, framing: int) -> Framed:
+        if framing == RAW:
+            data = message
+        elif framing == ENVELOPED:
+            data = b"\n" + message
+        else:
+            data = self._label + b"\n" + message
+        self._stats.topic_frames_built += 1
+        return data, binary, frames.frame(data, binary), len(message)
+
+    def down(self, payload: bytes, framing: int) -> Optional[Framed]:
+        """
+        A plain message's frame for a socket of this framing (C{None}: the
+        payload cannot be sent, as L{frames.codec} decides).
+        """
+        if payload is not self._payload:
+            self._payload = payload
+            self._outgoing = self._down(payload)
+            self._frames = [None, None, None]
+            self._stats.topic_messages += 1
+        made = self._frames[framing]
+        if made is None:
+            outgoing = self._outgoing
+            if outgoing is None:
+                return None
+            made = self._frames[framing] = self._build(outgoing[0], outgoing[1], framing)
+        return made
+
+    def entry(self, payload: bytes) -> Optional[Entry]:
+        """
+        A live recoverable message, parsed once for every socket.
+        """
+        if payload is not self._live:
+            self._live = payload
+            self._entry = parse_live(payload)
+            self._live_frames = [None, None, None]
+            self._stats.topic_messages += 1
+        return self._entry
+
+    def live(self, entry: Entry, framing: int) -> Optional[Framed]:
+        """
+        A recoverable message's frame for a socket that does not resume it
+        (no position).
+        """
+        if entry is not self._entry:
+            # not the cached one (cannot happen on the live path): built alone
+            binary = _binary(entry.message, entry.kind)
+            return None if binary is None else self._build(entry.message, binary, framing)
+        made = self._live_frames[framing]
+        if made is None:
+            binary = _binary(entry.message, entry.kind)
+            if binary is None:
+                return None
+            made = self._live_frames[framing] = self._build(entry.message, binary, framing)
+        return made
+
+    def positioned(self, position: bytes, message: bytes, kind: bytes) -> Optional[Framed]:
+        """
+        A recoverable message's frame for a resuming socket:
+        C{#<topic> <position>\\n<message>}, built once per live message
+        (replayed history entries are not shared: built for each).
+        """
+        if position is self._position:
+            return self._positioned
+        binary = _binary(message, kind)
+        if binary is None:
+            made = None
+        else:
+            data = self._label + b" " + position + b"\n" + message
+            self._stats.topic_frames_built += 1
+            made = (data, binary, frames.frame(data, binary), len(message))
+        self._position, self._positioned = position, made
+        return made
+
+
+class Topics:
+    """
+    The topics this process's sockets are in: a L{TopicFeed} per topic,
+    from the first socket's join to the last one's leave.
+    """
+
+    def __init__(self, down: Callable[[bytes], frames.Outgoing], stats: Stats) -> None:
+        self._down = down
+        self._stats = stats
+        self.feeds: dict[str, TopicFeed] = {}
+        stats.topics = self.feeds.__len__
+
+    def joined(self, topic: str) -> TopicFeed:
+        feed = self.feeds.get(topic)
+        if feed is None:
+            feed = self.feeds[topic] = TopicFeed(topic, self._down, self._stats)
+        feed.members += 1
+        return feed
+
+    def left(self, feed: TopicFeed) -> None:
+        feed.members -= 1
+        if feed.members <= 0 and self.feeds.get(feed.topic) is feed:
+            del self.feeds[feed.topic]
