@@ -775,6 +775,74 @@ async def history_max_age(t: EnvTestCase) -> None:
     t.assertLessEqual(ttl, 7000)
 
 
+async def topics(t: EnvTestCase) -> None:
+    """
+    TOPICS=true: a session in the set session:s1:topics receives a PUBLISH
+    on its topic's channel; with the default (false) the set is not read
+    and ?labels=1 is 400.
+    """
+    await t.start(TOPICS="true")
+    t.r.sadd("session:s1:topics", "room")
+    t.r.set("session:s1:auth", "tok", ex=300)
+    c = await connect(t.url() + "?labels=1", token="tok", endpoint=t.endpoint())
+    t.addCleanup(c.close_and_wait)
+    t.r.publish("topic:room:down", "hello")
+    await c.wait_messages(1)
+    t.assertEqual(c.messages[0], (b"#room\nhello", False))
+
+
+async def topics_max_per_connection(t: EnvTestCase) -> None:
+    """
+    TOPICS_MAX_PER_CONNECTION=2: of three topics in the session's set, the
+    first two (sorted) are joined and a warning names the session.
+    """
+    await t.start(TOPICS="true", TOPICS_MAX_PER_CONNECTION="2")
+    t.r.sadd("session:s1:topics", "c", "a", "b")
+    c = await t.client()
+    await wait_for(lambda: t.r.pubsub_numsub("topic:a:down", "topic:b:down", "topic:c:down")
+                   == [(b"topic:a:down", 1), (b"topic:b:down", 1), (b"topic:c:down", 0)])
+    await wait_for(lambda: "session s1: 1 topics not joined" in t.log)
+    t.r.publish("topic:a:down", "to a")
+    await c.wait_messages(1)
+    t.assertEqual(c.messages, [(b"to a", False)])
+
+
+def topic_publish(t: EnvTestCase, message: str, topic: str = "room") -> bytes:
+    reply: bytes = t.r.fcall(
+        "wsproxy_publish", 2, f"topic:{topic}:history", f"topic:{topic}:meta", message
+    )
+    return reply
+
+
+async def topic_history_max_length(t: EnvTestCase) -> None:
+    """
+    TOPIC_HISTORY_MAX_LENGTH=10: a topic's history is trimmed near 10
+    entries, while a session's keeps HISTORY_MAX_LENGTH (1000).
+    """
+    await t.start(RESUME="true", TOPICS="true", TOPIC_HISTORY_MAX_LENGTH="10")
+    await functions_loaded(t)
+    for i in range(600):
+        topic_publish(t, f"m{i}")
+        fcall_publish(t, f"m{i}")
+    t.assertLess(t.r.xlen("topic:room:history"), 300)
+    t.assertEqual(t.r.xlen("session:s1:history"), 600)
+
+
+async def topic_history_max_age(t: EnvTestCase) -> None:
+    """
+    TOPIC_HISTORY_MAX_AGE_SECS=7: a topic's history expires 7 s after its
+    last message; a session's keeps HISTORY_MAX_AGE_SECS (300 s).
+    """
+    await t.start(RESUME="true", TOPICS="true", TOPIC_HISTORY_MAX_AGE_SECS="7")
+    await functions_loaded(t)
+    topic_publish(t, "m")
+    fcall_publish(t, "m")
+    ttl = t.r.pttl("topic:room:history")
+    t.assertGreater(ttl, 0)
+    t.assertLessEqual(ttl, 7000)
+    t.assertGreater(t.r.pttl("session:s1:history"), 7000)
+
+
 async def events(t: EnvTestCase) -> None:
     """
     EVENTS=all: opening a socket publishes an open event on wsproxy:events.
@@ -1260,6 +1328,10 @@ VALID = [
     Case("EVENTS_STREAM_MAX_LENGTH", events_stream_max_length),
     Case("HISTORY_MAX_LENGTH", history_max_length),
     Case("HISTORY_MAX_AGE_SECS", history_max_age),
+    Case("TOPICS", topics),
+    Case("TOPICS_MAX_PER_CONNECTION", topics_max_per_connection),
+    Case("TOPIC_HISTORY_MAX_LENGTH", topic_history_max_length),
+    Case("TOPIC_HISTORY_MAX_AGE_SECS", topic_history_max_age),
     Case("UPSTREAM", upstream),
     Case("UPSTREAM_PARTITIONS", upstream_partitions),
     Case("UPSTREAM_STREAM_MAX_LENGTH", upstream_stream_max_length),
@@ -1363,6 +1435,10 @@ INVALID = [
     Invalid("EVENTS_STREAM_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_LENGTH", "0"),
     Invalid("HISTORY_MAX_AGE_SECS", "-1"),
+    Invalid("TOPICS", "maybe"),
+    Invalid("TOPICS_MAX_PER_CONNECTION", "0"),
+    Invalid("TOPIC_HISTORY_MAX_LENGTH", "0"),
+    Invalid("TOPIC_HISTORY_MAX_AGE_SECS", "0"),
     Invalid("UPSTREAM", "kafka"),
     Invalid("UPSTREAM_PARTITIONS", "2000"),
     Invalid("UPSTREAM_STREAM_MAX_LENGTH", "0"),
