@@ -857,10 +857,14 @@ class Proxy:
             chosen = self.chooser.choose(session_id, [*await self._members(session_id, members),
                                                       *grant.topics])
             subscriptions = [*subscriptions, *topics.subscriptions(chosen)]
+        # every subscription asked at once (a round trip for all), each
+        # confirmed before the 101
+        pending = [(channel, listener, self.hub.subscribe(channel, listener))
+                   for channel, listener in subscriptions]
         subscribed: list[tuple[str, Listener]] = []
         try:
-            for channel, listener in subscriptions:
-                await self.hub.subscribe(channel, listener)
+            for channel, listener, confirmed in pending:
+                await confirmed
                 subscribed.append((channel, listener))
             if resume is None:
                 return None, grant
@@ -883,6 +887,14 @@ class Proxy:
             return recovery, grant
         except BaseException:
             self.release(subscribed)
+            # the failed one the hub released itself; those after it are
+            # released once confirmed, or cancelled (the hub releases them)
+            for channel, listener, confirmed in pending[len(subscribed) + 1:]:
+                confirmed.addCallbacks(
+                    lambda _, c=channel, li=listener: self.hub.unsubscribe(c, li),
+                    lambda f: None,
+                )
+                confirmed.cancel()
             raise
 
     _wrong_type_logged = -1e9
