@@ -43,8 +43,7 @@ class AdmissionTests(MemoryTestCase):
     def open(self, memory: Any, session: str = "s1", query: str = "") -> Any:
         """
         An upgrade with its token in the query: checked in the admission
-        (a header token is compared by the site first, then the set is
-        read: one more round trip).
+        (a header token is compared by the site, before the handshake).
         """
         memory.redis.authorize(session, "tok")
         query = query + ("&" if query else "?") + "access_token=tok"
@@ -69,6 +68,36 @@ class AdmissionTests(MemoryTestCase):
         self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
         memory.redis.publish("topic:room:down", b"hi")
         self.assertEqual([(f.opcode, f.payload) for f in client.frames()], [(TEXT, b"hi")])
+
+    def test_header_token_set_read_beside_the_sites_check(self) -> None:
+        """
+        A header token, compared by the site before the WebSocket
+        handshake: the set is asked for beside that comparison too, not
+        after it.
+        """
+        memory = self.start(topics=True)
+        memory.redis.sets["session:s1:topics"] = {b"room"}
+        memory.redis.authorize("s1", "tok")
+        memory.redis.hold("EVALSHA")
+        client = memory.request("/agent/ws/s1", {"Authorization": "Bearer tok"})
+        self.assertEqual([c.name for c in memory.redis.log], ["SMEMBERS", "EVALSHA"])
+        memory.redis.release("EVALSHA")
+        self.assertEqual(client.response().status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual([c.name for c in memory.redis.log].count("SMEMBERS"), 1)
+        memory.redis.publish("topic:room:down", b"hi")
+        self.assertEqual([f.payload for f in client.frames()], [b"hi"])
+
+    def test_header_token_refused_labels_never_compared(self) -> None:
+        """
+        A request the admission refuses before its token check
+        (C{?labels=2}) has its header token looked at by nobody: no Redis
+        command at all.
+        """
+        memory = self.start(topics=True)
+        memory.redis.authorize("s1", "tok")
+        client = memory.request("/agent/ws/s1?labels=2", {"Authorization": "Bearer tok"})
+        self.assertEqual(client.response().status, "HTTP/1.1 400 Invalid labels parameter")
+        self.assertEqual(memory.redis.log, [])
 
     def test_off_reads_nothing(self) -> None:
         """

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from ..session import upstream
+from ..session import topics, upstream
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..websocket.protocol import ProxyFactory
 from ..names import parse_ws_path
@@ -202,8 +202,9 @@ class Root(resource.Resource):
         try:
             agent_id, session_id = proxy.route(upgrade.path)
             proxy.precheck({} if origin is None else {"origin": origin[0].decode("latin-1")})
-            upstream.ack_request(upgrade.target.decode("latin-1"),
-                                 proxy.settings.upstream == "stream")
+            target = upgrade.target.decode("latin-1")
+            upstream.ack_request(target, proxy.settings.upstream == "stream")
+            topics.labels_request(target, proxy.topics is not None)
         except Refusal:
             return None
         return session_id, agent_id, token

@@ -121,6 +121,41 @@ class Compared:
     since: float
     perf: float
     grant: Grant = NO_EXPIRY
+    #: TOPICS: the session's set, asked for beside the comparison
+    members: Optional["MembersRead"] = None
+
+
+class MembersRead:
+    """
+    C{SMEMBERS} of a session's topics, sent beside its token check (no
+    round trip of its own): the reply is kept until the admission asks
+    for it (L{get}), and a failure nobody asks for is dropped, never an
+    unhandled error.
+    """
+
+    __slots__ = ("_result", "_waiting")
+
+    def __init__(self, reply: defer.Deferred[Any]) -> None:
+        self._result: Any = _UNANSWERED
+        self._waiting: list[defer.Deferred[Any]] = []
+        reply.addBoth(self._answered)
+
+    def _answered(self, result: Any) -> None:
+        self._result = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
+
+    def get(self) -> defer.Deferred[Any]:
+        result = self._result
+        if result is _UNANSWERED:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self._waiting.append(d)
+            return d
+        return defer.fail(result) if isinstance(result, Failure) else defer.succeed(result)
+
+
+_UNANSWERED = object()
 
 
 #: how Redis fails a token check or an admission
@@ -158,7 +193,8 @@ class Comparison:
     """
 
     _log = Logger()
-    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf", "_started")
+    __slots__ = ("_proxy", "_check", "_done", "_since", "_perf", "_started", "_session_id",
+                 "_members")
 
     def __init__(self, proxy: "Proxy", session_id: str, agent_id: str, token: str,
                  done: Callable[[Compared | Refusal], None]) -> None:
@@ -167,6 +203,8 @@ class Comparison:
         self._check = proxy.authn.check(
             session_id, agent_id, auth.Credentials(token, "header"), self._found
         )
+        self._session_id = session_id
+        self._members: Optional[MembersRead] = None
         self._since = self._perf = 0.0
         self._started = False
 
@@ -176,6 +214,8 @@ class Comparison:
         self._perf = time.perf_counter()
         self._started = True
         proxy.comparing += 1
+        if proxy.topics is not None:
+            self._members = proxy.read_members(self._session_id)
         self._check.start()
 
     @property
@@ -199,7 +239,7 @@ class Comparison:
     def _found(self, found: object) -> None:
         result: Compared | Refusal
         if isinstance(found, Grant):
-            result = Compared(self._since, self._perf, found)
+            result = Compared(self._since, self._perf, found, self._members)
         elif isinstance(found, Refusal):
             self._proxy.stats.auth_latency.observe(time.perf_counter() - self._perf)
             result = found
@@ -835,24 +875,22 @@ class Proxy:
         compared: Optional["Compared"] = None,
         topics: Optional[TopicJoin] = None,
     ) -> tuple[Optional[Recovery], Grant]:
-        members: Optional[defer.Deferred[Any]] = None
+        members: Optional[MembersRead] = None
         if topics is not None:
-            # sent beside the token check: no round trip of its own
-            members = self.commands.execute("SMEMBERS", topics_key(session_id))
-        try:
-            if compared is None:
-                started = time.perf_counter()
-                try:
-                    grant = await check_credentials(self.authn, session_id, agent_id, credentials)
-                finally:
-                    self.stats.auth_latency.observe(time.perf_counter() - started)
-            else:
-                grant = compared.grant
-                self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
-        except BaseException:
-            if members is not None:
-                members.addErrback(lambda f: None)
-            raise
+            # sent beside the token check (the site's, for a compared one):
+            # no round trip of its own
+            members = compared.members if compared is not None else None
+            if members is None:
+                members = self.read_members(session_id)
+        if compared is None:
+            started = time.perf_counter()
+            try:
+                grant = await check_credentials(self.authn, session_id, agent_id, credentials)
+            finally:
+                self.stats.auth_latency.observe(time.perf_counter() - started)
+        else:
+            grant = compared.grant
+            self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
         if topics is not None and members is not None:
             chosen = self.chooser.choose(session_id, [*await self._members(session_id, members),
                                                       *grant.topics])
@@ -899,14 +937,20 @@ class Proxy:
 
     _wrong_type_logged = -1e9
 
-    async def _members(self, session_id: str, members: defer.Deferred[Any]) -> list[Any]:
+    def read_members(self, session_id: str) -> MembersRead:
+        """
+        Ask for the session's topic set now (L{MembersRead}).
+        """
+        return MembersRead(self.commands.execute("SMEMBERS", topics_key(session_id)))
+
+    async def _members(self, session_id: str, members: MembersRead) -> list[Any]:
         """
         The session's topic set, as C{SMEMBERS} answered; a key of another
         type is the backend's mistake: no topics (a warning a minute), not
         a refused client.
         """
         try:
-            reply = await members
+            reply = await members.get()
         except txredisapi.ResponseError as e:
             if not str(e).startswith("WRONGTYPE"):
                 raise
