@@ -1227,6 +1227,124 @@ class BrowserTests(TestCase):
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)
 
+    async def test_topics_resume_across_proxy_restart(self) -> None:
+        """
+        WsProxyClient with C{labels: true, resume: true} against a proxy
+        with C{TOPICS=true} and C{RESUME=true}, the session authorized in
+        topic C{news} (C{Backend.authorize(topics=)}): it gets the topic's
+        plain and recoverable messages with their topic and positions, and
+        the session's own with topic null. The proxy is stopped and
+        recoverable topic messages are published while it is down; started
+        again, the client reconnects with C{resume_topic=news@<last
+        position>} and gets exactly the missed ones, once each, in order,
+        then live ones. A topic joined while connected (C{join_topics})
+        reports its recovery and delivers at once. The example page with
+        C{labels=1} shows a topic's messages under C{#news}.
+        """
+        session, token = "browser-topics", secrets.token_urlsafe(18)
+        backend = Backend(self.redis.client())
+        self.addCleanup(backend.redis.close)
+        backend.authorize(session, token, ttl=120, topics=["news"])
+        env = {"RESUME": "true", "TOPICS": "true"}
+        daemon, port = await self.proxy_and_browser(**env)
+        await wait_for(lambda: b"wsproxy" in str(backend.redis.function_list()).encode(),
+                       timeout=20)
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        started = await self.page(self.driver.execute_async_script, TOPIC_CLIENT_JS,
+                                  f"ws://127.0.0.1:{port}", session, token)
+        self.assertEqual(started, "started")
+
+        async def out() -> dict[str, Any]:
+            return await self.page(self.driver.execute_script, "return window.topicOut;")  # type: ignore[no-any-return]
+
+        async def until(condition: Callable[[dict[str, Any]], Any], what: str,
+                        timeout: float = 20.0) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
+            while True:
+                state = await out()
+                if condition(state):
+                    return state
+                if time.monotonic() > deadline:
+                    logs = await self.page(self.driver.get_log, "browser")
+                    proxies = "\n---\n".join(d.log for d in self.daemons)
+                    self.fail(f"not {what} within {timeout}s: {state}\nconsole: {logs}\n"
+                              f"proxy output:\n{proxies}")
+                await task.deferLater(reactor, 0.1, lambda: None)
+
+        def topic_reports(state: dict[str, Any], topic: str) -> list[dict[str, Any]]:
+            return [r for r in state["recoveries"] if r.get("topic") == topic]
+
+        state = await until(lambda s: s["opens"] == 1 and topic_reports(s, "news"),
+                            "open and told where news stands")
+        self.assertIn("labels=1", state["urls"][0])
+        self.assertNotIn("resume_topic", state["urls"][0])
+        first = topic_reports(state, "news")[0]
+        self.assertEqual((first["recovered"], first["replayed"]), (True, 0), first)
+
+        # live: recoverable and plain on the topic, and to the session
+        positions = [backend.publish_topic_recoverable("news", f"news {i}") for i in (1, 2)]
+        await wait_for(lambda: backend.publish_topic("news", "plain news") == 1, timeout=10)
+        backend.publish(session, "to the session")
+        state = await until(lambda s: len(s["got"]) >= 4, "showing 4 messages")
+        self.assertEqual(state["got"], [
+            ["news", "news 1", positions[0]], ["news", "news 2", positions[1]],
+            ["news", "plain news", None], [None, "to the session", None],
+        ])
+
+        # the proxy goes away; recoverable messages are published meanwhile
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(await daemon.out.ended, 0, daemon.log)
+        missed = [backend.publish_topic_recoverable("news", f"missed {i}") for i in (1, 2, 3)]
+        daemon = self.start_proxy(port, **env)
+        self.assertEqual(await daemon.port(), port)
+        state = await until(lambda s: s["opens"] == 2 and len(topic_reports(s, "news")) == 2,
+                            "reconnected and told how news was recovered", timeout=30)
+        resumed = [u for u in state["urls"] if "resume_topic=" in u]
+        self.assertTrue(resumed, state["urls"])
+        self.assertIn(f"resume_topic=news%40{positions[1].replace(':', '%3A')}", resumed[-1])
+        report = topic_reports(state, "news")[1]
+        self.assertEqual((report["recovered"], report["replayed"], report["position"]),
+                         (True, 3, missed[-1]), report)
+        after = backend.publish_topic_recoverable("news", "after")
+        state = await until(lambda s: ["news", "after", after] in s["got"], "showing a live one")
+        self.assertEqual(state["got"][4:], [
+            ["news", "missed 1", missed[0]], ["news", "missed 2", missed[1]],
+            ["news", "missed 3", missed[2]], ["news", "after", after],
+        ])
+
+        # joined while connected: a recovery report, then its messages
+        self.assertEqual(backend.join_topics(session, "late"), 1)
+        state = await until(lambda s: topic_reports(s, "late"), "told about the new topic")
+        self.assertEqual(topic_reports(state, "late")[0]["replayed"], 0)
+        late = backend.publish_topic_recoverable("late", "late one")
+        state = await until(lambda s: ["late", "late one", late] in s["got"], "showing it")
+        texts = [g[1] for g in state["got"]]
+        self.assertEqual(len(texts), len(set(texts)), state["got"])  # none twice
+        self.assertEqual(self.bodies_errors(await self.page(self.driver.get_log, "browser")), [])
+
+        # the example page, labelled
+        await self.load_page(port, f"session={session}&token={token}&agent=browser-test"
+                                   "&resume=1&labels=1")
+        await self.until(lambda s: s["state"] == "open" and "recovery #news" in
+                         [e["label"] for e in s["log"]], "open with news recovered")
+        backend.publish_topic_recoverable("news", "on the page")
+        backend.publish(session, "session on the page")
+        snap = await self.until(
+            lambda s: "on the page" in self.labelled(s, "#news")
+            and "session on the page" in self.labelled(s, "text"),
+            "showing the labelled messages")
+        await self.save_screenshot("browser-topics.png")
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)
+
+    @staticmethod
+    def bodies_errors(console: list[dict[str, Any]]) -> list[str]:
+        """
+        The console's warnings and errors from the client module.
+        """
+        return [e["message"] for e in console
+                if e.get("level") in ("WARNING", "SEVERE") and "wsproxy" in e["message"]]
+
     async def test_acked_messages_across_proxy_restart(self) -> None:
         """
         WsProxyClient with C{ack: true} against a proxy with
