@@ -1340,10 +1340,11 @@ class BrowserTests(TestCase):
     @staticmethod
     def bodies_errors(console: list[dict[str, Any]]) -> list[str]:
         """
-        The console's warnings and errors from the client module.
+        The client module's own warnings in the console (they start with
+        "wsproxy: "; failed connection attempts are the browser's).
         """
         return [e["message"] for e in console
-                if e.get("level") in ("WARNING", "SEVERE") and "wsproxy" in e["message"]]
+                if e.get("level") in ("WARNING", "SEVERE") and "wsproxy: " in e["message"]]
 
     async def test_acked_messages_across_proxy_restart(self) -> None:
         """
