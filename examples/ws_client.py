@@ -5,6 +5,11 @@ each line you type.
     python examples/ws_client.py ws://127.0.0.1:8080/demo/ws/my-session TOKEN
     python examples/ws_client.py ... --token-in query        # ?access_token=
     python examples/ws_client.py ... --token-in subprotocol  # bearer, TOKEN
+    python examples/ws_client.py ... --labels    # TOPICS=true: ?labels=1, prints [#topic] message
+
+With --labels every frame starts with a header line, taken off here: a
+message on a topic is printed as "[#topic] message", one to the session
+itself as "< message"; control frames ("!{...}") as they come.
 """
 
 import argparse
@@ -16,7 +21,27 @@ from urllib.parse import quote
 import websockets
 
 
-async def run(url: str, token: str, token_in: str) -> None:
+def labelled(message: "str | bytes") -> str:
+    """
+    A ?labels=1 frame as printed: "<header>\n<message>", the header empty
+    (the session), a position, "#T" or "#T <position>" (topic T).
+    """
+    if isinstance(message, str):
+        if message.startswith("!"):
+            return f"< {message}"
+        header, _, body = message.partition("\n")
+        shown = body
+    else:
+        raw_header, _, raw_body = message.partition(b"\n")
+        header, shown = raw_header.decode(errors="replace"), repr(raw_body)
+    if header.startswith("#"):
+        return f"[{header.split(' ', 1)[0]}] {shown}"
+    return f"< {shown}"
+
+
+async def run(url: str, token: str, token_in: str, labels: bool = False) -> None:
+    if labels:
+        url += ("&" if "?" in url else "?") + "labels=1"
     headers = {}
     subprotocols = None
     if token_in == "header":
@@ -32,7 +57,11 @@ async def run(url: str, token: str, token_in: str) -> None:
 
         async def receive() -> None:
             async for message in ws:
-                print(f"< {message!r}" if isinstance(message, bytes) else f"< {message}", flush=True)
+                if labels:
+                    print(labelled(message), flush=True)
+                else:
+                    print(f"< {message!r}" if isinstance(message, bytes) else f"< {message}",
+                          flush=True)
 
         async def send() -> None:
             # stdin is read in a daemon thread, so that the client exits as
@@ -70,9 +99,12 @@ def main() -> None:
     p.add_argument("url")
     p.add_argument("token")
     p.add_argument("--token-in", choices=("header", "query", "subprotocol"), default="header")
+    p.add_argument("--labels", action="store_true",
+                   help="ask for ?labels=1 (TOPICS=true) and print each topic's messages "
+                        "as [#topic] message")
     args = p.parse_args()
     try:
-        asyncio.run(run(args.url, args.token, args.token_in))
+        asyncio.run(run(args.url, args.token, args.token_in, args.labels))
     except websockets.exceptions.InvalidStatus as e:
         sys.exit(f"refused: HTTP {e.response.status_code} {e.response.reason_phrase}")
     except OSError as e:

@@ -213,6 +213,147 @@ run().then(done, (err) => done({ error: String(err && err.stack || err) }));
 """
 
 
+# wsproxy-client.js with labels: true against a scripted WebSocket (see
+# test_client_labels_bookkeeping); what the application saw comes back
+LABELS_JS = r"""
+const done = arguments[arguments.length - 1];
+const sockets = [];
+class FakeSocket {
+  static OPEN = 1;
+  constructor(url) { this.url = url; this.readyState = 0; sockets.push(this); }
+  open() { this.readyState = 1; this.onopen({}); }
+  frame(data) { this.onmessage({ data }); }
+  bytes(text, ...tail) {
+    const head = new TextEncoder().encode(text);
+    const out = new Uint8Array(head.length + tail.length);
+    out.set(head);
+    out.set(tail, head.length);
+    this.frame(out.buffer);
+  }
+  drop(code) { this.readyState = 3; this.onclose({ code, reason: "", wasClean: false }); }
+  close(code = 1000) { setTimeout(() => this.drop(code), 0); }
+  send() {}
+}
+async function nextSocket(n) {
+  const deadline = Date.now() + 5000;
+  while (sockets.length < n) {
+    if (Date.now() > deadline) throw new Error(`no reconnection attempt (${sockets.length} sockets)`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return sockets[n - 1];
+}
+const recovery = (fields) => "!" + JSON.stringify({ type: "recovery", reason: "", ...fields });
+
+async function run() {
+  window.WebSocket = FakeSocket;
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const out = { urls: [], got: [], events: [], recoveries: [], positions: [] };
+  const base = { url: "ws://proxy.test/", agent: "a", session: "s1", token: "t0k", backoffMs: 1, maxBackoffMs: 1 };
+  const record = (client) => {
+    client.onmessage = (data, info) => out.got.push([
+      info.isBinary ? Array.from(new Uint8Array(data)) : data, info.topic, info.position]);
+    client.addEventListener("message", (e) => out.events.push(e.detail.topic));
+    client.onrecovery = (info) => out.recoveries.push(info);
+  };
+
+  // labels without resume: ?labels=1, headers taken off, no positions kept
+  const live = new WsProxyClient({ ...base, labels: true });
+  record(live);
+  live.connect();
+  let ws = await nextSocket(1);
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame("\nto the session");
+  ws.frame("#news\nto news\nline 2");
+  ws.bytes("#room-7\n", 0, 10, 255);
+  live.close();
+  out.liveTopics = live.topicPositions;
+
+  // labels and resume: per-topic positions, duplicates dropped per topic
+  const client = new WsProxyClient({ ...base, labels: true, resume: true });
+  record(client);
+  client.connect();
+  ws = await nextSocket(2);
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery({ recovered: true, replayed: 0, position: "e1:100-2" }));
+  ws.frame(recovery({ topic: "news", recovered: true, replayed: 0, position: "b1:5-7" }));
+  ws.frame("e1:100-3\nsession three");
+  ws.frame("#news b1:5-8\nnews eight");
+  ws.frame("#news b1:5-8\nnews eight again");       // repeated on the topic: dropped
+  ws.frame("#room-7 c1:9-8\nroom eight");            // same number, another topic: delivered
+  ws.frame("#room-7\nplain on room-7");              // a plain topic PUBLISH: no position
+  ws.frame("e1:100-3\nsession three again");         // dropped
+  ws.bytes("#news b1:5-9\n", 1, 2);
+  out.positions.push([client.position, client.topicPositions]);
+  ws.drop(1001);
+
+  ws = await nextSocket(3);                           // resumes the session and each topic
+  out.urls.push(ws.url);
+  ws.open();
+  ws.frame(recovery({ recovered: true, replayed: 0, position: "e1:100-3" }));
+  ws.frame(recovery({ topic: "news", recovered: true, replayed: 1, position: "b1:5-10" }));
+  ws.frame("#news b1:5-9\nnine again");              // dropped
+  ws.frame("#news b1:5-10\nnews ten");
+  // joined while connected: where its history ends
+  ws.frame(recovery({ topic: "alerts", recovered: true, replayed: 0, position: "d1:1-4" }));
+  ws.frame("#alerts d1:1-5\nalert five");
+  // a gap on room-7 that could not be filled: counting goes on from there
+  ws.frame(recovery({ topic: "room-7", recovered: false, replayed: 0, position: "c2:1-0", reason: "gap" }));
+  ws.frame("#room-7 c2:1-1\nroom new epoch");
+  out.positions.push([client.position, client.topicPositions]);
+  out.forgot = [client.forgetTopic("alerts"), client.forgetTopic("nope")];
+  ws.drop(1006);
+
+  ws = await nextSocket(4);
+  out.urls.push(ws.url);
+  client.close();
+
+  out.savedUrl = new WsProxyClient({ ...base, labels: true, resume: true,
+    position: "e1:100-9", topicPositions: { news: "b1:5-11" } }).socketUrl;
+  out.errors = [];
+  for (const bad of [{ resume: true, topicPositions: { news: "b1:5-1" } },
+                     { labels: true, resume: true, topicPositions: { "a b": "b1:5-1" } },
+                     { labels: true, resume: true, topicPositions: { news: "nope" } }]) {
+    try {
+      new WsProxyClient({ ...base, ...bad });
+      out.errors.push(null);
+    } catch (err) {
+      out.errors.push(err.message);
+    }
+  }
+  return out;
+}
+run().then(done, (err) => done({ error: String(err && err.stack || err) }));
+"""
+
+
+# a client with labels and resume against the real proxy (see
+# test_topics_resume_across_proxy_restart): what it got, in window.topicOut
+TOPIC_CLIENT_JS = r"""
+const done = arguments[arguments.length - 1];
+const [url, session, token] = arguments;
+(async () => {
+  const { WsProxyClient } = await import("./wsproxy-client.js");
+  const client = new WsProxyClient({
+    url, session, token, agent: "browser-test", labels: true, resume: true,
+    backoffMs: 100, maxBackoffMs: 1000, maxFailures: 30,
+  });
+  const out = { got: [], recoveries: [], opens: 0, urls: [] };
+  window.topicOut = out;
+  window.topicClient = client;
+  client.onmessage = (data, { topic, position }) => out.got.push([topic, data, position]);
+  client.onrecovery = (info) => out.recoveries.push(info);
+  client.onstatechange = (state) => {
+    if (state === "connecting") out.urls.push(client.socketUrl);
+    if (state === "open") out.opens += 1;
+  };
+  client.connect();
+  done("started");
+})().catch((err) => done({ error: String(err && err.stack || err) }));
+"""
+
+
 # WsProxyClient with ack: true against the real proxy (see
 # test_acked_messages_across_proxy_restart): numbered messages, one every
 # 10 ms; what the client saw is read back from window.ackOut
@@ -654,6 +795,68 @@ class BrowserTests(TestCase):
             self.assertIn("position needs resume: true", message or "")
 
 
+    async def test_client_labels_bookkeeping(self) -> None:
+        """
+        WsProxyClient with C{labels: true}, against a scripted WebSocket in
+        the page: it asks for C{?labels=1}; the application gets each
+        message without its header, with its topic (null for the session)
+        and position; with C{resume} too, positions are kept per topic,
+        each topic's repeats are dropped on their own, and every reconnect
+        asks for C{resume_topic=T@<position>} for each topic with a
+        position (URL-encoded); a topic's recovery reports (with its name)
+        set its position as the session's do the session's.
+        """
+        await self.open_browser()
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        out = await self.page(self.driver.execute_async_script, LABELS_JS)
+        self.assertNotIn("error", out, out.get("error"))
+        base = "ws://proxy.test/a/ws/s1"
+        self.assertEqual(out["urls"], [
+            f"{base}?labels=1",
+            f"{base}?resume=&labels=1",
+            f"{base}?resume=e1%3A100-3&labels=1&resume_topic=news%40b1%3A5-9"
+            "&resume_topic=room-7%40c1%3A9-8",
+            f"{base}?resume=e1%3A100-3&labels=1&resume_topic=news%40b1%3A5-10"
+            "&resume_topic=room-7%40c2%3A1-1",
+        ])
+        self.assertEqual(out["got"], [
+            ["to the session", None, None],
+            ["to news\nline 2", "news", None],
+            [[0, 10, 255], "room-7", None],
+            ["session three", None, "e1:100-3"],
+            ["news eight", "news", "b1:5-8"],
+            ["room eight", "room-7", "c1:9-8"],
+            ["plain on room-7", "room-7", None],
+            [[1, 2], "news", "b1:5-9"],
+            ["news ten", "news", "b1:5-10"],
+            ["alert five", "alerts", "d1:1-5"],
+            ["room new epoch", "room-7", "c2:1-1"],
+        ])
+        self.assertEqual(out["events"], [g[1] for g in out["got"]])
+        self.assertEqual(out["liveTopics"], {})
+        self.assertEqual(out["positions"], [
+            ["e1:100-3", {"news": "b1:5-9", "room-7": "c1:9-8"}],
+            ["e1:100-3", {"news": "b1:5-10", "room-7": "c2:1-1", "alerts": "d1:1-5"}],
+        ])
+        self.assertEqual(out["forgot"], [True, False])
+        self.assertEqual(
+            [(r["topic"], r["recovered"], r["replayed"], r["position"]) for r in out["recoveries"]],
+            [
+                (None, True, 0, "e1:100-2"), ("news", True, 0, "b1:5-7"),
+                (None, True, 0, "e1:100-3"), ("news", True, 1, "b1:5-10"),
+                ("alerts", True, 0, "d1:1-4"), ("room-7", False, 0, "c2:1-0"),
+            ],
+        )
+        self.assertEqual(
+            out["savedUrl"],
+            f"{base}?resume=e1%3A100-9&labels=1&resume_topic=news%40b1%3A5-11",
+        )
+        self.assertEqual(len(out["errors"]), 3)
+        for message in out["errors"][:1]:
+            self.assertIn("topicPositions needs resume: true, labels: true", message or "")
+        for message in out["errors"][1:]:
+            self.assertIn("topicPositions needs topic names and positions", message or "")
+
     async def test_client_credentials_per_attempt(self) -> None:
         """
         WsProxyClient with C{getToken} or C{getTicket}, against a scripted
@@ -1023,6 +1226,125 @@ class BrowserTests(TestCase):
         await self.save_screenshot("browser-resumed.png")
         for d in self.daemons:
             self.assertNotIn(token.encode(), d.out.output)
+
+    async def test_topics_resume_across_proxy_restart(self) -> None:
+        """
+        WsProxyClient with C{labels: true, resume: true} against a proxy
+        with C{TOPICS=true} and C{RESUME=true}, the session authorized in
+        topic C{news} (C{Backend.authorize(topics=)}): it gets the topic's
+        plain and recoverable messages with their topic and positions, and
+        the session's own with topic null. The proxy is stopped and
+        recoverable topic messages are published while it is down; started
+        again, the client reconnects with C{resume_topic=news@<last
+        position>} and gets exactly the missed ones, once each, in order,
+        then live ones. A topic joined while connected (C{join_topics})
+        reports its recovery and delivers at once. The example page with
+        C{labels=1} shows a topic's messages under C{#news}.
+        """
+        session, token = "browser-topics", secrets.token_urlsafe(18)
+        backend = Backend(self.redis.client())
+        self.addCleanup(backend.redis.close)
+        backend.authorize(session, token, ttl=120, topics=["news"])
+        env = {"RESUME": "true", "TOPICS": "true"}
+        daemon, port = await self.proxy_and_browser(**env)
+        await wait_for(lambda: b"wsproxy" in str(backend.redis.function_list()).encode(),
+                       timeout=20)
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        started = await self.page(self.driver.execute_async_script, TOPIC_CLIENT_JS,
+                                  f"ws://127.0.0.1:{port}", session, token)
+        self.assertEqual(started, "started")
+
+        async def out() -> dict[str, Any]:
+            return await self.page(self.driver.execute_script, "return window.topicOut;")  # type: ignore[no-any-return]
+
+        async def until(condition: Callable[[dict[str, Any]], Any], what: str,
+                        timeout: float = 20.0) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
+            while True:
+                state = await out()
+                if condition(state):
+                    return state
+                if time.monotonic() > deadline:
+                    logs = await self.page(self.driver.get_log, "browser")
+                    proxies = "\n---\n".join(d.log for d in self.daemons)
+                    self.fail(f"not {what} within {timeout}s: {state}\nconsole: {logs}\n"
+                              f"proxy output:\n{proxies}")
+                await task.deferLater(reactor, 0.1, lambda: None)
+
+        def topic_reports(state: dict[str, Any], topic: str) -> list[dict[str, Any]]:
+            return [r for r in state["recoveries"] if r.get("topic") == topic]
+
+        state = await until(lambda s: s["opens"] == 1 and topic_reports(s, "news"),
+                            "open and told where news stands")
+        self.assertIn("labels=1", state["urls"][0])
+        self.assertNotIn("resume_topic", state["urls"][0])
+        first = topic_reports(state, "news")[0]
+        self.assertEqual((first["recovered"], first["replayed"]), (True, 0), first)
+
+        # live: recoverable and plain on the topic, and to the session
+        positions = [backend.publish_topic_recoverable("news", f"news {i}") for i in (1, 2)]
+        await wait_for(lambda: backend.publish_topic("news", "plain news") == 1, timeout=10)
+        backend.publish(session, "to the session")
+        state = await until(lambda s: len(s["got"]) >= 4, "showing 4 messages")
+        self.assertEqual(state["got"], [
+            ["news", "news 1", positions[0]], ["news", "news 2", positions[1]],
+            ["news", "plain news", None], [None, "to the session", None],
+        ])
+
+        # the proxy goes away; recoverable messages are published meanwhile
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(await daemon.out.ended, 0, daemon.log)
+        missed = [backend.publish_topic_recoverable("news", f"missed {i}") for i in (1, 2, 3)]
+        daemon = self.start_proxy(port, **env)
+        self.assertEqual(await daemon.port(), port)
+        state = await until(lambda s: s["opens"] == 2 and len(topic_reports(s, "news")) == 2,
+                            "reconnected and told how news was recovered", timeout=30)
+        resumed = [u for u in state["urls"] if "resume_topic=" in u]
+        self.assertTrue(resumed, state["urls"])
+        self.assertIn(f"resume_topic=news%40{positions[1].replace(':', '%3A')}", resumed[-1])
+        report = topic_reports(state, "news")[1]
+        self.assertEqual((report["recovered"], report["replayed"], report["position"]),
+                         (True, 3, missed[-1]), report)
+        after = backend.publish_topic_recoverable("news", "after")
+        state = await until(lambda s: ["news", "after", after] in s["got"], "showing a live one")
+        self.assertEqual(state["got"][4:], [
+            ["news", "missed 1", missed[0]], ["news", "missed 2", missed[1]],
+            ["news", "missed 3", missed[2]], ["news", "after", after],
+        ])
+
+        # joined while connected: a recovery report, then its messages
+        self.assertEqual(backend.join_topics(session, "late"), 1)
+        state = await until(lambda s: topic_reports(s, "late"), "told about the new topic")
+        self.assertEqual(topic_reports(state, "late")[0]["replayed"], 0)
+        late = backend.publish_topic_recoverable("late", "late one")
+        state = await until(lambda s: ["late", "late one", late] in s["got"], "showing it")
+        texts = [g[1] for g in state["got"]]
+        self.assertEqual(len(texts), len(set(texts)), state["got"])  # none twice
+        self.assertEqual(self.bodies_errors(await self.page(self.driver.get_log, "browser")), [])
+
+        # the example page, labelled
+        await self.load_page(port, f"session={session}&token={token}&agent=browser-test"
+                                   "&resume=1&labels=1")
+        await self.until(lambda s: s["state"] == "open" and "recovery #news" in
+                         [e["label"] for e in s["log"]], "open with news recovered")
+        backend.publish_topic_recoverable("news", "on the page")
+        backend.publish(session, "session on the page")
+        snap = await self.until(
+            lambda s: "on the page" in self.labelled(s, "#news")
+            and "session on the page" in self.labelled(s, "text"),
+            "showing the labelled messages")
+        await self.save_screenshot("browser-topics.png")
+        for d in self.daemons:
+            self.assertNotIn(token.encode(), d.out.output)
+
+    @staticmethod
+    def bodies_errors(console: list[dict[str, Any]]) -> list[str]:
+        """
+        The client module's own warnings in the console (they start with
+        "wsproxy: "; failed connection attempts are the browser's).
+        """
+        return [e["message"] for e in console
+                if e.get("level") in ("WARNING", "SEVERE") and "wsproxy: " in e["message"]]
 
     async def test_acked_messages_across_proxy_restart(self) -> None:
         """

@@ -10,7 +10,9 @@ as they would from the developer's environment.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from typing import Any, Optional
 
@@ -20,7 +22,8 @@ from .support import ROOT, Daemon, RedisTestCase, daemon_env, start_daemon, wait
 
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["auth_token_setter.py", "redis_subscriber.py", "ws_client.py", "redis_publisher.py",
-           "echo_backend.py", "session_backend.py", "durable_worker.py", "jwt_token.py"]
+           "echo_backend.py", "session_backend.py", "durable_worker.py", "jwt_token.py",
+           "topic_publisher.py"]
 
 
 class Script(protocol.ProcessProtocol):
@@ -69,6 +72,23 @@ class ExampleTestCase(RedisTestCase):
         script = Script()
         reactor.spawnProcess(script, sys.executable,
                              [sys.executable, os.path.join(EXAMPLES, name), *args], env=env)
+        self.addCleanup(script.stop)
+        return script
+
+    def node_script(self, name: str, *args: str) -> Script:
+        """
+        Start examples/C{name} with Node (with C{--experimental-websocket}
+        before Node 22, which has a global WebSocket without it).
+        """
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("no node: bin/dev system-setup installs Debian's nodejs")
+        version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
+        major = int(version.strip().lstrip("v").split(".")[0])
+        flags = ["--experimental-websocket"] if major < 22 else []
+        script = Script()
+        reactor.spawnProcess(script, node, [node, *flags, os.path.join(EXAMPLES, name), *args],
+                             env=dict(os.environ))
         self.addCleanup(script.stop)
         return script
 
@@ -176,6 +196,79 @@ class SessionTests(ExampleTestCase):
         ticket = issued.out.decode().strip()
         self.assertEqual(self.r.exists(f"session:demo:ticket:{ticket}"), 1)
 
+
+    async def test_topics(self) -> None:
+        """
+        With TOPICS=true: auth_token_setter --topic puts the session in
+        topics (the set beside the token, with its TTL); ws_client --labels
+        prints a message topic_publisher sends to one of them as
+        "[#topic] message" and the session's own as "< message"; a topic
+        the backend joins the session to while it is connected
+        (Backend.join_topics) delivers at once; one it left does not.
+        """
+        from wsproxy.backend import Backend
+
+        _, port = await self.proxy(TOPICS="true")
+        setter = await self.finished("auth_token_setter.py", "demo", "--token", "s3cret",
+                                     "--topic", "news", "--topic", "room-7")
+        self.assertEqual((setter.status, setter.out), (0, b"s3cret\n"), setter.err)
+        self.assertEqual(self.r.smembers("session:demo:topics"), {b"news", b"room-7"})
+        self.assertGreater(self.r.ttl("session:demo:topics"), 250)
+        client = self.script("ws_client.py", f"ws://127.0.0.1:{port}/app/ws/demo", "s3cret",
+                             "--labels")
+        await wait_for(lambda: b"connected" in client.err or client.status is not None)
+        self.assertIsNone(client.status, client.err)
+
+        publisher = await self.finished("topic_publisher.py", "news", "hello, news")
+        self.assertEqual((publisher.status, publisher.out), (0, b"1\n"), publisher.err)
+        await wait_for(lambda: b"[#news] hello, news\n" in client.out)
+        await self.finished("topic_publisher.py", "room-7", "--hex", "00ff")
+        await wait_for(lambda: b"[#room-7] b'\\x00\\xff'\n" in client.out)
+        await self.finished("redis_publisher.py", "demo", "to the session")
+        await wait_for(lambda: b"< to the session\n" in client.out)
+        nobody = await self.finished("topic_publisher.py", "elsewhere", "unheard")
+        self.assertEqual(nobody.out, b"0\n")
+
+        backend = Backend(self.redis.client())
+        self.addCleanup(backend.redis.close)
+        self.assertEqual(backend.join_topics("demo", "late"), 1)
+        await wait_for(lambda: self.r.pubsub_numsub("topic:late:down")[0][1] == 1)
+        await self.finished("topic_publisher.py", "late", "joined while connected")
+        await wait_for(lambda: b"[#late] joined while connected\n" in client.out)
+        self.assertEqual(backend.leave_topics("demo", "news"), 1)
+        await wait_for(lambda: self.r.pubsub_numsub("topic:news:down")[0][1] == 0)
+        await self.finished("topic_publisher.py", "news", "after leaving")
+        await self.finished("redis_publisher.py", "demo", "last")
+        await wait_for(lambda: b"< last\n" in client.out)
+        self.assertNotIn(b"after leaving", client.out)
+        self.assertEqual(self.r.smembers("session:demo:topics"), {b"room-7", b"late"})
+
+    async def test_node_client(self) -> None:
+        """
+        node_client.mjs (the browser client module under Node's WebSocket,
+        labels and resume on) against a proxy with TOPICS=true and
+        RESUME=true: a topic's plain and recoverable messages are printed
+        as "[#topic] message", the session's own as "< message", each
+        topic's recovery report on stderr; SIGINT closes normally.
+        """
+        _, port = await self.proxy(TOPICS="true", RESUME="true")
+        await self.finished("auth_token_setter.py", "demo", "--token", "s3cret",
+                            "--topic", "news")
+        client = self.node_script("node_client.mjs", f"ws://127.0.0.1:{port}", "demo", "s3cret")
+        await wait_for(lambda: b"recovery #news: 0 replayed" in client.err
+                       or client.status is not None, timeout=20)
+        self.assertIsNone(client.status, client.err)
+        self.assertIn(b"state: open", client.err)
+        await self.finished("topic_publisher.py", "news", "plain news")
+        await wait_for(lambda: b"[#news] plain news\n" in client.out)
+        kept = await self.finished("topic_publisher.py", "news", "kept news", "--recoverable")
+        self.assertRegex(kept.out.decode(), r"^[0-9a-f]+:\d+-1\n$")
+        await wait_for(lambda: b"[#news] kept news\n" in client.out)
+        await self.finished("redis_publisher.py", "demo", "to the session")
+        await wait_for(lambda: b"< to the session\n" in client.out)
+        client.transport.signalProcess("INT")
+        self.assertEqual(await client.ended, 0, client.err)
+        self.assertIn(b"state: closed (1000", client.err)
 
     async def test_echo_backend(self) -> None:
         """

@@ -15,6 +15,14 @@ commands.
     for session_id, message in backend.listen_up("session-1"):
         ...
 
+Topics (a wsproxy with C{TOPICS=true}): a message published once to a topic
+reaches every socket of every session in it.
+
+    backend.authorize("session-1", topics=["news", "room-7"])   # joined at connect
+    backend.join_topics("session-1", "alerts")                  # now, and at reconnects
+    backend.publish_topic("room-7", "hello, room")
+    backend.publish_topic_recoverable("room-7", "kept in the topic's history")
+
 With C{AUTH_MODE=jwt} there is nothing to store: sign a token instead
 (L{sign_token}, PyJWT), and for URLs (C{EventSource}, links) issue a
 single-use ticket (L{Backend.issue_ticket}):
@@ -49,11 +57,16 @@ from .names import (
     revoked_jti_key,
     revoked_key,
     ticket_key,
+    topic_channel,
+    topic_history_key,
+    topic_meta_key,
+    topics_key,
     up_channel,
     upstream_partition,
     upstream_seen_key,
     upstream_stream,
     valid_session_id,
+    valid_topic,
 )
 
 Message = Union[bytes, str]
@@ -69,6 +82,7 @@ def sign_token(
     expires_in: Optional[float] = None,
     algorithm: str = "HS256",
     key_id: Optional[str] = None,
+    topics: Optional[Iterable[str]] = None,
     **claims: Any,
 ) -> str:
     """
@@ -82,6 +96,8 @@ def sign_token(
         and EdDSA.
     @param key_id: the C{kid} header: which key of the proxy's JWK Set
         verifies it.
+    @param topics: the C{topics} claim (C{TOPICS=true}): topic names the
+        connection joins, in addition to the session's Redis set.
     """
     import jwt
 
@@ -91,6 +107,8 @@ def sign_token(
         payload["agent_id"] = agent_id
     if expires_in is not None:
         payload["exp"] = now + int(expires_in)
+    if topics is not None:
+        payload["topics"] = valid_topics(topics)
     payload.update(claims)
     headers = {"kid": key_id} if key_id is not None else None
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
@@ -107,6 +125,25 @@ def valid(session_id: str) -> str:
             f"invalid session id {session_id!r}: 1 to 128 of [A-Za-z0-9._~-]"
         )
     return session_id
+
+
+def valid_topics(topics: Iterable[str]) -> list[str]:
+    """
+    The topic names, in the order given without repeats, if each is one
+    wsproxy routes (the session-id rule).
+
+    @raise ValueError: otherwise (a single string is refused too: pass a
+        list).
+    """
+    if isinstance(topics, (str, bytes)):
+        raise ValueError(f"topics must be a list of names, not the string {topics!r}")
+    out: list[str] = []
+    for topic in topics:
+        if not isinstance(topic, str) or not valid_topic(topic):
+            raise ValueError(f"invalid topic {topic!r}: 1 to 128 of [A-Za-z0-9._~-]")
+        if topic not in out:
+            out.append(topic)
+    return out
 
 
 class Backend:
@@ -130,16 +167,43 @@ class Backend:
 
     _checked = staticmethod(valid)
 
-    def authorize(self, session_id: str, token: Optional[str] = None, ttl: int = 300) -> str:
+    def authorize(
+        self, session_id: str, token: Optional[str] = None, ttl: int = 300,
+        topics: Optional[Iterable[str]] = None,
+    ) -> str:
         """
         C{SETEX session:{id}:auth <ttl> <token>}: the client may connect
         with C{token} within C{ttl} seconds (after it has, wsproxy extends
         the key to AUTH_GRACE_PERIOD_SECS).
 
+        @param topics: (C{TOPICS=true}) the session's topics, joined by
+            every connection at its admission: the set
+            C{session:{id}:topics} is replaced by these names (C{DEL},
+            C{SADD}, C{EXPIRE <ttl>}, in one pipeline with the token; none
+            given: the set is left as it is; an empty list: it is deleted).
+            A connect extends the token to AUTH_GRACE_PERIOD_SECS but
+            not the set: a session that may reconnect later than C{ttl}
+            after this call needs its topics written again (this method,
+            or L{join_topics}, whose C{SADD} makes a set without a TTL if
+            it expired).
         @return: the token (a random URL-safe one unless given).
         """
+        session_id = self._checked(session_id)
         token = token or secrets.token_urlsafe(24)
-        self.redis.set(auth_key(self._checked(session_id), self.hash_tags), token, ex=ttl)
+        if topics is None:
+            self.redis.set(auth_key(session_id, self.hash_tags), token, ex=ttl)
+            return token
+        names = valid_topics(topics)
+        key = topics_key(session_id, self.hash_tags)
+        # one transaction where it can be (a cluster without hash tags has
+        # the token and the set in different slots: a plain pipeline)
+        pipe = self.redis.pipeline() if self.sharded else self.redis.pipeline(transaction=True)
+        pipe.set(auth_key(session_id, self.hash_tags), token, ex=ttl)
+        pipe.delete(key)
+        if names:
+            pipe.sadd(key, *names)
+            pipe.expire(key, ttl)
+        pipe.execute()
         return token
 
     def revoke(self, session_id: str) -> None:
@@ -213,6 +277,80 @@ class Backend:
             meta_key(session_id, self.hash_tags), message, kind,
         )
         return position.decode() if isinstance(position, bytes) else str(position)
+
+    # -- topics (TOPICS=true) ------------------------------------------------
+
+    def _topic(self, topic: str) -> str:
+        if not isinstance(topic, str) or not valid_topic(topic):
+            raise ValueError(f"invalid topic {topic!r}: 1 to 128 of [A-Za-z0-9._~-]")
+        return topic
+
+    def publish_topic(self, topic: str, message: Message) -> int:
+        """
+        C{PUBLISH topic:T:down <message>} (C{SPUBLISH} on a cluster): to
+        every open socket of every session in the topic, live only.
+
+        @return: how many wsproxy processes received it (0: no socket is
+            in the topic right now).
+        """
+        return int(self._publish(topic_channel(self._topic(topic), self.hash_tags), message))
+
+    def publish_topic_recoverable(self, topic: str, message: Message, kind: Kind = "auto") -> str:
+        """
+        C{FCALL wsproxy_publish 2 topic:T:history topic:T:meta <message>
+        <kind>}: kept in the topic's history (C{RESUME=true}); delivered to
+        every socket of the topic, and replayed to clients that resume
+        with C{?resume_topic=T@<position>}.
+
+        @return: the message's position in the topic's history,
+            C{<epoch>:<ms>-<seq>}.
+        """
+        topic = self._topic(topic)
+        position = self.redis.fcall(
+            "wsproxy_publish", 2, topic_history_key(topic, self.hash_tags),
+            topic_meta_key(topic, self.hash_tags), message, kind,
+        )
+        return position.decode() if isinstance(position, bytes) else str(position)
+
+    def join_topics(self, session_id: str, *topics: str) -> int:
+        """
+        Put the session in these topics: C{SADD session:{id}:topics ...}
+        (kept for its next connections), then C{PUBLISH wsproxy:control
+        {"subscribe": id, "topics": [...]}} (its open sockets join now, on
+        every wsproxy instance).
+
+        @return: how many wsproxy processes received the request.
+        """
+        return self._membership("subscribe", "sadd", session_id, topics)
+
+    def leave_topics(self, session_id: str, *topics: str) -> int:
+        """
+        Take the session out of these topics: C{SREM session:{id}:topics
+        ...}, then C{PUBLISH wsproxy:control {"unsubscribe": id, "topics":
+        [...]}}.
+
+        @return: how many wsproxy processes received the request.
+        """
+        return self._membership("unsubscribe", "srem", session_id, topics)
+
+    def _membership(self, order: str, command: str, session_id: str, topics: Iterable[str]) -> int:
+        session_id = self._checked(session_id)
+        names = valid_topics(topics)
+        if not names:
+            raise ValueError("no topic given")
+        # the set first: a socket that connects between the two commands
+        # reads the new membership at its admission
+        getattr(self.redis, command)(topics_key(session_id, self.hash_tags), *names)
+        message = json.dumps({order: session_id, "topics": names})
+        return int(self._publish(CONTROL_CHANNEL, message))
+
+    def topics(self, session_id: str) -> set[str]:
+        """
+        The session's topics as stored (C{SMEMBERS session:{id}:topics}):
+        what its next connection joins (plus a JWT's C{topics} claim).
+        """
+        members = self.redis.smembers(topics_key(self._checked(session_id), self.hash_tags))
+        return {_text(m) for m in members}
 
     def listen_up(
         self, *session_ids: str, timeout: float = 1.0, reconnect_for: float = 30.0

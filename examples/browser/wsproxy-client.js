@@ -119,6 +119,44 @@
 // - At most maxUnacked messages wait; beyond that send() returns false.
 // - Messages from the backend arrive as "\n<message>" (the same envelope as
 //   resume); onmessage gets the message only.
+//
+// Topics, labelled (opt-in: labels: true; the proxy needs TOPICS=true, or
+// every attempt is refused with 400 and ends as "failed"). A session may be
+// in topics (group channels its backend joins it to); without labels a
+// topic's messages arrive like the session's own, indistinguishable. With
+// labels the client asks for ?labels=1 and every message says where it
+// came from:
+//
+//   const client = new WsProxyClient({ ..., labels: true, resume: true });
+//   client.onmessage = (data, { topic, position, isBinary }) => { ... };
+//   client.onrecovery = ({ topic, recovered, replayed, position, reason }) => { ... };
+//
+// - onmessage's second argument is then an object, not isBinary: topic is
+//   the topic's name, or null for a message to the session itself;
+//   position is the message's position (recoverable messages, with resume)
+//   or null; isBinary as before. (Without labels: onmessage(data, isBinary),
+//   unchanged.) The "message" event's detail has the same fields and data.
+// - On the wire each frame is "<header>\n<message>", the header being empty
+//   (the session), "<position>" (a recoverable session message), "#T" (on
+//   topic T) or "#T <position>" (a recoverable message on topic T); the
+//   client takes it off.
+// - With resume too, positions are kept per topic (client.topicPositions,
+//   {topic: position}) besides the session's (client.position), and each
+//   reconnect asks for ?resume_topic=T@<position> for every topic with a
+//   position; the proxy replays what each topic missed. A topic the client
+//   has no position for starts live (from the end of its history).
+// - Each topic has its own recovery report, with its name in topic (the
+//   session's has topic null): after the session's at each open, when the
+//   backend joins the session to a topic while connected (nothing
+//   replayed), and whenever a topic's gap could not be filled (recovered
+//   false: that topic's messages were lost). They update the topic's
+//   position as the session's reports do the session's.
+// - The duplicate safeguard is per topic: a topic message whose sequence
+//   number is not after the last one delivered on that topic (same epoch)
+//   is dropped.
+// - Saved state: pass topicPositions back as an option, beside position
+//   (needs resume and labels). forgetTopic(T) drops a topic's position (the
+//   session left it: it is not asked for again).
 
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110)
 // <epoch>:<ms>-<seq>, as wsproxy writes it
@@ -153,11 +191,14 @@ const DEFAULTS = {
   resume: false, // resumable session: ?resume=<last position>, see above
   position: "", // with resume: the position to resume from at the first connect
   ack: false, // acknowledged messages: ?ack=1, see above
+  labels: false, // topics: ?labels=1, every message says its topic; see above
+  topicPositions: null, // with resume and labels: {topic: position} to resume from at the first connect
   nackRetryMs: 1000, // with ack: how long after a nack the message is sent again
   maxUnacked: 10000, // with ack: messages waiting for their ack at most
 };
 
 const MESSAGE_ID = /^[A-Za-z0-9._~:-]{1,64}$/;
+const TOPIC = /^[A-Za-z0-9._~-]{1,128}$/; // a topic name: the session-id rule
 const ENCODER = new TextEncoder();
 
 export class WsProxyClient extends EventTarget {
@@ -189,15 +230,29 @@ export class WsProxyClient extends EventTarget {
         throw new Error(`WsProxyClient: position needs resume: true and the form <epoch>:<ms>-<seq>, not ${o.position}`);
       }
     }
+    const topicLast = new Map();
+    if (o.topicPositions) {
+      if (!o.resume || !o.labels || typeof o.topicPositions !== "object") {
+        throw new Error("WsProxyClient: topicPositions needs resume: true, labels: true and an object {topic: position}");
+      }
+      for (const [topic, text] of Object.entries(o.topicPositions)) {
+        const p = parsePosition(String(text));
+        if (!TOPIC.test(topic) || !p) {
+          throw new Error(`WsProxyClient: topicPositions needs topic names and positions <epoch>:<ms>-<seq>, not ${topic}: ${text}`);
+        }
+        topicLast.set(topic, p);
+      }
+    }
     this.options = o;
     this.state = State.CLOSED;
     this.reconnects = 0; // successful opens after the first one
     this.attempts = 0; // connection attempts made
     this.failures = 0; // consecutive attempts that never reached open
-    this.onmessage = null; // (data, isBinary) => void
+    this.onmessage = null; // (data, isBinary) => void; with labels (data, {topic, position, isBinary})
     this.onstatechange = null; // (state, detail) => void
-    this.onrecovery = null; // ({recovered, replayed, position, reason}) => void, with resume
+    this.onrecovery = null; // ({recovered, replayed, position, reason}) => void, with resume (and topic, with labels)
     this._last = last; // the last recoverable message delivered: {text, epoch, seq}
+    this._topicLast = topicLast; // with labels and resume: topic -> the same, per topic
     this._ws = null;
     this._timer = null;
     this._stopped = true;
@@ -235,6 +290,12 @@ export class WsProxyClient extends EventTarget {
     if (token && o.tokenIn === "query") query.push(`access_token=${encodeURIComponent(token)}`);
     if (ticket) query.push(`ticket=${encodeURIComponent(ticket)}`);
     if (o.resume) query.push(`resume=${encodeURIComponent(this.position)}`);
+    if (o.labels) query.push("labels=1");
+    if (o.resume && o.labels) {
+      for (const [topic, last] of this._topicLast) {
+        query.push(`resume_topic=${encodeURIComponent(`${topic}@${last.text}`)}`);
+      }
+    }
     if (o.ack) query.push("ack=1");
     return query.length ? `${url}?${query.join("&")}` : url;
   }
@@ -242,6 +303,21 @@ export class WsProxyClient extends EventTarget {
   /** With resume: the last position received ("" before the first). */
   get position() {
     return this._last ? this._last.text : "";
+  }
+
+  /** With resume and labels: {topic: the last position received on it}. */
+  get topicPositions() {
+    const out = {};
+    for (const [topic, last] of this._topicLast) out[topic] = last.text;
+    return out;
+  }
+
+  /**
+   * With resume and labels: forget a topic's position (the session left
+   * the topic), so that reconnects no longer ask to resume it.
+   */
+  forgetTopic(topic) {
+    return this._topicLast.delete(String(topic));
   }
 
   /** Start connecting (again, after "closed" or "failed"). */
@@ -398,7 +474,7 @@ export class WsProxyClient extends EventTarget {
       for (const id of this._unacked.keys()) this._transmit(id);
     };
     ws.onmessage = (event) => {
-      if (o.resume || o.ack) this._receive(event.data);
+      if (o.resume || o.ack || o.labels) this._receive(event.data);
       else this._deliver(event.data);
     };
     // the browser says nothing useful in the error event; the close event follows
@@ -455,6 +531,7 @@ export class WsProxyClient extends EventTarget {
           "the Origin is not allowed, " +
           (o.resume ? "the proxy does not accept ?resume= (400: RESUME=true not set), " : "") +
           (o.ack ? "the proxy does not accept ?ack=1 (400: UPSTREAM=stream not set), " : "") +
+          (o.labels ? "the proxy does not accept ?labels=1 (400: TOPICS=true not set), " : "") +
           "or the proxy is unreachable",
       });
       return;
@@ -467,41 +544,57 @@ export class WsProxyClient extends EventTarget {
     this._timer = setTimeout(() => this._attempt(detail.code), delay);
   }
 
-  _deliver(data) {
+  // info: with labels, {topic, position} (the frame's header)
+  _deliver(data, info) {
     const isBinary = typeof data !== "string";
-    if (this.onmessage) this.onmessage(data, isBinary);
-    this.dispatchEvent(new CustomEvent("message", { detail: { data, isBinary } }));
+    if (!this.options.labels) {
+      if (this.onmessage) this.onmessage(data, isBinary);
+      this.dispatchEvent(new CustomEvent("message", { detail: { data, isBinary } }));
+      return;
+    }
+    const full = { topic: info.topic, position: info.position, isBinary };
+    if (this.onmessage) this.onmessage(data, full);
+    this.dispatchEvent(new CustomEvent("message", { detail: { data, ...full } }));
   }
 
-  // A resumable session's frame: "!" + JSON (text) is a control frame,
-  // anything else "<position>\n<message>", split at the first newline
-  // (the message may hold more); the position is empty for plain messages.
+  // A frame with a header (resume, ack or labels): "!" + JSON (text) is a
+  // control frame, anything else "<header>\n<message>", split at the first
+  // newline (the message may hold more). The header is a position, empty
+  // for plain messages; with labels also "#T" or "#T <position>".
   _receive(data) {
-    let position, message;
+    let header, message;
     if (typeof data === "string") {
       if (data.startsWith("!")) {
         this._control(data.slice(1));
         return;
       }
       const newline = data.indexOf("\n");
-      position = newline < 0 ? "" : data.slice(0, newline);
+      header = newline < 0 ? "" : data.slice(0, newline);
       message = data.slice(newline + 1);
     } else {
       const newline = new Uint8Array(data).indexOf(10);
-      position = newline < 0 ? "" : DECODER.decode(new Uint8Array(data, 0, newline));
+      header = newline < 0 ? "" : DECODER.decode(new Uint8Array(data, 0, newline));
       message = data.slice(newline + 1);
+    }
+    let topic = null;
+    let position = header;
+    if (this.options.labels && header.startsWith("#")) {
+      const space = header.indexOf(" ");
+      topic = space < 0 ? header.slice(1) : header.slice(1, space);
+      position = space < 0 ? "" : header.slice(space + 1);
     }
     if (position) {
       const p = parsePosition(position);
       if (!p) {
         console.warn(`wsproxy: a message with a malformed position (${position}) was delivered unchecked`);
       } else {
-        const last = this._last;
+        const last = topic === null ? this._last : this._topicLast.get(topic);
         if (last && last.epoch === p.epoch && p.seq <= last.seq) return; // had it already
-        this._last = p;
+        if (topic === null) this._last = p;
+        else if (this.options.resume) this._topicLast.set(topic, p);
       }
     }
-    this._deliver(message);
+    this._deliver(message, { topic, position: position || null });
   }
 
   _control(json) {
@@ -518,17 +611,31 @@ export class WsProxyClient extends EventTarget {
     }
     if (!event || event.type !== "recovery") return; // other kinds: for later versions
     const position = typeof event.position === "string" ? parsePosition(event.position) : null;
+    const topic = typeof event.topic === "string" && this.options.labels ? event.topic : null;
+    if (topic !== null && !TOPIC.test(topic)) {
+      console.warn("wsproxy: a recovery report for a malformed topic name was ignored");
+      return;
+    }
+    const last = topic === null ? this._last : this._topicLast.get(topic) || null;
+    let next = last;
     if (!event.recovered) {
       // continuity is broken (the application is told): the server's
       // position is where the stream goes on from, even if it is lower
       // (a history restored from an older copy counts again)
-      this._last = position;
-    } else if (!this._last && !event.replayed) {
+      next = position;
+    } else if (!last && !event.replayed) {
       // a fresh start: where the history stood, so that messages published
       // before the next message arrives are replayed after a reconnect
-      this._last = position;
+      next = position;
+    }
+    if (topic === null) {
+      this._last = next;
+    } else if (this.options.resume) {
+      if (next) this._topicLast.set(topic, next);
+      else this._topicLast.delete(topic);
     }
     const info = {
+      ...(this.options.labels ? { topic } : {}),
       recovered: Boolean(event.recovered),
       replayed: Number(event.replayed) || 0,
       position: event.position ?? null,
