@@ -12,6 +12,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import jwt
 import redis as redispy
 import txredisapi
 
@@ -314,10 +315,34 @@ class FanOutTests(TopicTestCase):
         self.r.publish("topic:from-set:down", "2")
         await wait_for(lambda: len(c.messages) == 2)
         self.assertEqual(sorted(c.messages), [(b"#from-claim\n1", False), (b"#from-set\n2", False)])
-        bad = sign_token("s" * 32, "a", topics=["a:b"])
+        # (sign_token refuses to sign it: made by hand)
+        bad = jwt.encode({"session_id": "a", "topics": ["a:b"]}, "s" * 32, algorithm="HS256")
         status = status_of(await raw_exchange(proxy.port, upgrade_request(
             "/agent/ws/a", {"Authorization": f"Bearer {bad}"})))
         self.assertEqual(status, 403)
+
+    async def test_set_lives_as_long_as_the_token(self) -> None:
+        """
+        A connect extends the session's set to AUTH_GRACE_PERIOD_SECS, as
+        it does the token (so a client reconnecting within the grace
+        period keeps its topics), never shortens it, and gives a set
+        without a TTL none.
+        """
+        proxy = self.start(auth_grace_period=1000)
+        await proxy.ready()
+        self.r.sadd("session:a:topics", "room")
+        self.r.expire("session:a:topics", 60)
+        await self.client(proxy, "a")
+        await wait_for(lambda: self.r.ttl("session:a:topics") > 900)
+        self.r.sadd("session:b:topics", "room")
+        self.r.expire("session:b:topics", 5000)
+        self.r.sadd("session:c:topics", "room")
+        await self.client(proxy, "b")
+        c = await self.client(proxy, "c")
+        self.r.publish("topic:room:down", "x")
+        await wait_for(lambda: len(c.messages) == 1)
+        self.assertGreater(self.r.ttl("session:b:topics"), 4000)
+        self.assertEqual(self.r.ttl("session:c:topics"), -1)
 
     async def test_invalid_names_skipped_and_the_cap(self) -> None:
         """

@@ -190,7 +190,7 @@ class FakeRedis:
         if name == "GET":
             command.answer(self.data.get(args[0]))
         elif name == "EXPIRE":
-            key, seconds = args
+            key, seconds = args[:2]
             if key in self.data:
                 self.ttl[key] = int(seconds)
                 command.answer(1)

@@ -158,6 +158,10 @@ class MembersRead:
 _UNANSWERED = object()
 
 
+def _ignore(reply: object) -> None:
+    pass
+
+
 #: how Redis fails a token check or an admission
 REDIS_FAILURES = (RedisUnavailable, RedisTimeout, txredisapi.ResponseError)
 
@@ -892,8 +896,14 @@ class Proxy:
             grant = compared.grant
             self.stats.auth_latency.observe(time.perf_counter() - compared.perf)
         if topics is not None and members is not None:
-            chosen = self.chooser.choose(session_id, [*await self._members(session_id, members),
-                                                      *grant.topics])
+            named = await self._members(session_id, members)
+            if named:
+                # the set lives as long as the token's grace period from
+                # each connect, as the token does (GT: never shortened,
+                # and a set without a TTL keeps none); fire-and-forget
+                self.commands.send(_ignore, b"EXPIRE", topics_key(session_id).encode(),
+                                   b"%d" % self.settings.auth_grace_period, b"GT")
+            chosen = self.chooser.choose(session_id, [*named, *grant.topics])
             subscriptions = [*subscriptions, *topics.subscriptions(chosen)]
         # every subscription asked at once (a round trip for all), each
         # confirmed before the 101
