@@ -181,11 +181,8 @@ class Backend:
             C{session:{id}:topics} is replaced by these names (C{DEL},
             C{SADD}, C{EXPIRE <ttl>}, in one pipeline with the token; none
             given: the set is left as it is; an empty list: it is deleted).
-            A connect extends the token to AUTH_GRACE_PERIOD_SECS but
-            not the set: a session that may reconnect later than C{ttl}
-            after this call needs its topics written again (this method,
-            or L{join_topics}, whose C{SADD} makes a set without a TTL if
-            it expired).
+            Like the token, the set is extended to AUTH_GRACE_PERIOD_SECS
+            at each connect, so it lives as long as the token does.
         @return: the token (a random URL-safe one unless given).
         """
         session_id = self._checked(session_id)
