@@ -51,6 +51,24 @@
 #            tokens, with a healthy session's p99. Each prints whether the JWT
 #            issue's targets are met
 #
+# Topics (python -m bench.topics; its own redis-server, a fresh server per run,
+# wsproxy with TOPICS=true, WORKERS=1, beside bench/topics/node_topics.js, a
+# copy of the Node.js bridge extended with the same per-process topic fan-out;
+# its npm packages as for flood; ROUNDS=2 rounds, targets alternating):
+#   topics   fanout: one topic of 10,000 sockets (a session each), 50 PUBLISHes
+#            on topic:T:down, one after the other: proxy CPU per delivery
+#            wsproxy vs node (target: wsproxy at most half), PUBLISH to the last
+#            socket's receipt p50/p99, nothing lost; per-session: the same
+#            10,000 sockets on wsproxy, a message to all of them as 10,000
+#            PUBLISHes on session:S:down or one on the topic, 50 times: Redis
+#            and proxy CPU per delivery both ways; centrifugo: 1,000 and 10,000
+#            sockets, each in its personal session and a group topic of 10, 20
+#            batches of one message per session and per group: deliveries per
+#            proxy CPU second and p99, wsproxy and node; resume-mix: the fan-out
+#            with RESUME=true, half the sockets ?resume=&labels=1 and FCALL
+#            wsproxy_publish, vs plain PUBLISH and plain sockets: proxy CPU per
+#            delivery of each and the ratio
+#
 # Resumable sessions (python -m bench.resume; these start, kill and restart
 # their own redis-server and proxies, RESUME=true, WORKERS=1 each):
 #   resume       1,000 resuming sessions, 1,000 numbered msgs/s for 30 s over two
@@ -177,6 +195,8 @@ PY
                          --conn-clients 1000,10000,19000 --conn-sources 2 --idle 1 || status=1
                      $PY -m bench.flood --rounds "${ROUNDS:-3}" --requests 10000 --concurrency 200 \
                          --sources 250 --targets wsproxy,wsproxy-jwt,wsproxy-jwt-es256,node ;;
+            topics)  node_modules
+                     $PY -m bench.topics --rounds "${ROUNDS:-2}" ;;
             resume)  $PY -m bench.resume failover --sessions 1000 --proxies 2 --rate 1000 \
                          --duration 30 --kill-every 5 --down 1 --reconnect-max 2 ;;
             resume-cost)
