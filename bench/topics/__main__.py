@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from bench import nodebridge
 from bench.errors import exit_status
+from bench.servers import HERE
 
 from . import __doc__ as DOC
 from .run import NODE_TOPICS, PROG, SCENARIOS, TARGETS, run
@@ -40,6 +41,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for flag, kind, default, text in OPTIONS:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument("--redis-server", default="", help="redis-server binary")
+    parser.add_argument("--checkout", default=str(HERE),
+                        help="the checkout whose wsproxy runs (default: %(default)s)")
     nodebridge.add_options(parser)
     # this benchmark's bridge is the one extended with topics, not the shared one
     parser.set_defaults(bridge=os.environ.get("NODE_TOPICS_BRIDGE", NODE_TOPICS))

@@ -92,8 +92,8 @@ def start(target: str, ctx: Context, env: dict[str, str] | None = None) -> Serve
     """A fresh server: wsproxy (TOPICS=true, defaults else, WORKERS=1) or the Node bridge."""
     if target == "node":
         return NodeBridge(ctx.opts.bridge, ctx.opts.node_modules, ctx.redis.url, ctx.workdir)
-    return ProxyProcess(target, ctx.redis.url, ctx.workdir,
-                        {"TOPICS": "true", **(env or {})}).started()
+    return ProxyProcess(target, ctx.redis.url, ctx.workdir, {"TOPICS": "true", **(env or {})},
+                        Path(ctx.opts.checkout).resolve()).started()
 
 
 def measured(ctx: Context, target: str, specs: list[SocketSpec],
