@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.children import ChildPool, Counters
 from bench.errors import Fatal
-from bench.loadtest.procstat import cpu_seconds, host_jiffies
+from bench.loadtest.procstat import CLOCK_TICKS, cpu_seconds, host_jiffies, process_family
 from bench.loadtest.report import percentile
 from bench.resume.report import merge_counts
 
@@ -26,6 +26,20 @@ Figures = dict[str, Any]
 
 # how often the parent looks at the workers' delivery counters while waiting
 POLL_SECS = 0.002
+
+
+def user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process and its children (from /proc)."""
+    user = system = 0.0
+    for member in process_family(pid):
+        try:
+            with open(f"/proc/{member}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / CLOCK_TICKS
+        system += int(fields[12]) / CLOCK_TICKS
+    return user, system
 
 
 def _ms(ns: float | None) -> float | None:
@@ -74,6 +88,7 @@ class Fleet(ChildPool):
         base = self.delivered()
         late = 0
         proxy0, redis0, host0 = cpu_seconds(server_pid), cpu_seconds(redis_pid), host_jiffies()
+        split0 = user_system(server_pid)
         started = time.monotonic()
         for batch in range(batches):
             publish(batch)
@@ -86,6 +101,7 @@ class Fleet(ChildPool):
                 time.sleep(POLL_SECS)
         elapsed = time.monotonic() - started
         proxy1, redis1, host1 = cpu_seconds(server_pid), cpu_seconds(redis_pid), host_jiffies()
+        split1 = user_system(server_pid)
         reports = self.ask(self._workers, Collect(), WorkerReport, 120, what="the workers")
         figures = self._figures(reports, batches * per_batch)
         deliveries = figures["delivered"]
@@ -97,6 +113,13 @@ class Fleet(ChildPool):
             "proxy_cpu_s": round(proxy_cpu, 3),
             "cpu_us_per_delivery": round(proxy_cpu * 1e6 / deliveries, 3) if deliveries else None,
             "deliveries_per_cpu_s": round(deliveries / proxy_cpu) if proxy_cpu > 0 else None,
+            # the proxy's user-mode and kernel (system) CPU per delivery: the
+            # kernel's share is mostly the send system calls (and, on
+            # loopback, the receiving side's TCP work they carry)
+            "user_us_per_delivery": (round((split1[0] - split0[0]) * 1e6 / deliveries, 3)
+                                     if deliveries else None),
+            "sys_us_per_delivery": (round((split1[1] - split0[1]) * 1e6 / deliveries, 3)
+                                    if deliveries else None),
             "host_busy": (round((host1[0] - host0[0]) / (host1[1] - host0[1]), 3)
                           if host1[1] > host0[1] else None),
             "late_batches": late,

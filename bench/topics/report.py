@@ -28,7 +28,8 @@ class Kind:
 
 KINDS = {
     "fanout": Kind("fan-out, one topic: proxy CPU µs/delivery", "cpu_us_per_delivery",
-                   ("wsproxy", "node"), ("cpu_us_per_delivery", "last_p50_ms", "last_p99_ms"),
+                   ("wsproxy", "node"), ("cpu_us_per_delivery", "user_us_per_delivery",
+                                         "sys_us_per_delivery", "last_p50_ms", "last_p99_ms"),
                    "wsproxy CPU per delivery <= half of node's"),
     "per-session": Kind("one message to every socket: proxy CPU µs/delivery",
                         "cpu_us_per_delivery", ("topic", "per-session"),
@@ -97,7 +98,8 @@ def _notes(figs: Figures) -> str:
     notes = [f"last p50/p99 {_cell([figs.get('last_p50_ms')])}/"
              f"{_cell([figs.get('last_p99_ms')])} ms",
              f"p99 {_cell([figs.get('p99_ms')])} ms",
-             f"CPU {figs.get('proxy_cpu_s')} s"]
+             f"CPU {figs.get('proxy_cpu_s')} s (user/sys µs/delivery "
+             f"{_cell([figs.get('user_us_per_delivery')])}/{_cell([figs.get('sys_us_per_delivery')])})"]
     if figs.get("redis_cpu_us_per_delivery") is not None:
         notes.append(f"Redis {figs['redis_cpu_us_per_delivery']:g} µs/delivery")
     notes.append(f"delivered {figs.get('delivered')}/{figs.get('expected')}")
