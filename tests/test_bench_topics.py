@@ -76,7 +76,8 @@ class TopicsBenchTests(TestCase):
                                   figs["corrupt"], figs["connected"]),
                                  (expected[name], expected[name], 0, 0, SOCKETS), (column, line))
                 self.assertIsNotNone(figs["last_p99_ms"], (column, line))
-                self.assertIsNotNone(line[column], (column, line))
+                # the headline itself may be None or 0 at these sizes (CPU in 10 ms ticks)
+                self.assertIn(column, line)
             if name in ("per-session", "resume-mix") or not why:
                 # the figures themselves may be 0 at these sizes (CPU is counted in 10 ms ticks)
                 self.assertIn("ratio", figures, line)
@@ -99,7 +100,7 @@ class TopicsBenchTests(TestCase):
                                                     "--bridge", "/nonexistent/node_topics.js")
         self.assertEqual(status, 0, text[-3000:])
         [line] = lines
-        self.assertIsNotNone(line["wsproxy"], line)
+        self.assertEqual(line["rounds"][0]["wsproxy"]["lost"], 0, line)
         self.assertIsNone(line["node"])
         self.assertIn("no bridge script", line["node_unavailable"])
         self.assertIn("the Node.js bridge cannot run here (", text)
