@@ -27,6 +27,21 @@ class Broken:
         raise RuntimeError("socket is closing")
 
 
+class Fanned(Listener):
+    """
+    A listener whose class delivers to all of a channel's listeners in one
+    call (as a topic's sockets do).
+    """
+
+    calls: list[tuple[int, bytes]] = []
+
+    @staticmethod
+    def fan_out(listeners: tuple["Fanned", ...], payload: bytes) -> None:
+        Fanned.calls.append((len(listeners), payload))
+        for listener in listeners:
+            listener.got.append(payload)
+
+
 class HubTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -98,6 +113,30 @@ class RefCountTests(HubTestCase):
         self.hub.dispatch(b"c", b"x")
         self.assertEqual(good.got, [b"x"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_fan_out_in_one_call(self) -> None:
+        """
+        Listeners all of one class with a C{fan_out}: one call delivers to
+        all of them; a listener of another class joining makes it a loop
+        over each listener's C{deliver} again; one listener alone gets its
+        own C{deliver}.
+        """
+        Fanned.calls = []
+        a, b = Fanned(), Fanned()
+        self.hub.subscribe("t", a)
+        self.hub.subscribe("t", b)
+        self.redis.flush()
+        self.hub.dispatch(b"t", b"1")
+        self.assertEqual(Fanned.calls, [(2, b"1")])
+        plain = Listener()
+        self.hub.subscribe("t", plain)
+        self.hub.dispatch(b"t", b"2")
+        self.assertEqual(Fanned.calls, [(2, b"1")])
+        self.assertEqual((a.got, b.got, plain.got), ([b"1", b"2"], [b"1", b"2"], [b"2"]))
+        self.hub.unsubscribe("t", plain)
+        self.hub.unsubscribe("t", b)
+        self.hub.dispatch(b"t", b"3")
+        self.assertEqual((a.got, Fanned.calls), ([b"1", b"2", b"3"], [(2, b"1")]))
 
     def test_subscribe_while_disconnected_fails_fast(self) -> None:
         """

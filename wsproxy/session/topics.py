@@ -194,7 +194,7 @@ class TopicFeed:
     delivers to every socket in turn), for every socket of the topic.
     """
 
-    __slots__ = ("topic", "members", "_down", "_stats", "_label", "_payload", "_outgoing",
+    __slots__ = ("topic", "members", "_down", "stats", "_label", "_payload", "_outgoing",
                  "_frames", "_live", "_entry", "_live_frames", "_position", "_positioned")
 
     def __init__(self, topic: str, down: Callable[[bytes], frames.Outgoing],
@@ -203,7 +203,7 @@ class TopicFeed:
         #: sockets of this process in the topic
         self.members = 0
         self._down = down
-        self._stats = stats
+        self.stats = stats
         self._label = b"#" + topic.encode("ascii")
         self._payload: Optional[bytes] = None
         self._outgoing: frames.Outgoing = None
@@ -221,8 +221,23 @@ class TopicFeed:
             data = b"\n" + message
         else:
             data = self._label + b"\n" + message
-        self._stats.topic_frames_built += 1
+        self.stats.topic_frames_built += 1
         return data, binary, frames.frame(data, binary), len(message)
+
+    def frames(self, payload: bytes) -> list[Optional[Framed]]:
+        """
+        The frames of C{payload} built so far, by framing (L{down} builds
+        the missing ones).
+        """
+        if payload is not self._payload:
+            self._take(payload)
+        return self._frames
+
+    def _take(self, payload: bytes) -> None:
+        self._payload = payload
+        self._outgoing = self._down(payload)
+        self._frames = [None, None, None]
+        self.stats.topic_messages += 1
 
     def down(self, payload: bytes, framing: int) -> Optional[Framed]:
         """
@@ -230,10 +245,7 @@ class TopicFeed:
         payload cannot be sent, as L{frames.codec} decides).
         """
         if payload is not self._payload:
-            self._payload = payload
-            self._outgoing = self._down(payload)
-            self._frames = [None, None, None]
-            self._stats.topic_messages += 1
+            self._take(payload)
         made = self._frames[framing]
         if made is None:
             outgoing = self._outgoing
@@ -250,7 +262,7 @@ class TopicFeed:
             self._live = payload
             self._entry = parse_live(payload)
             self._live_frames = [None, None, None]
-            self._stats.topic_messages += 1
+            self.stats.topic_messages += 1
         return self._entry
 
     def live(self, entry: Entry, framing: int) -> Optional[Framed]:
@@ -283,7 +295,7 @@ class TopicFeed:
             made = None
         else:
             data = self._label + b" " + position + b"\n" + message
-            self._stats.topic_frames_built += 1
+            self.stats.topic_frames_built += 1
             made = (data, binary, frames.frame(data, binary), len(message))
         self._position, self._positioned = position, made
         return made

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..names import topic_channel, topic_live_channel
@@ -71,6 +72,60 @@ class DownSink:
             return
         stats.topic_deliveries += 1
         protocol._send_message(*out)
+
+    @staticmethod
+    def fan_out(sinks: tuple[DownSink, ...], payload: bytes) -> None:
+        """
+        One message of a topic to every socket of the process in it, in one
+        loop (the hub calls this instead of each L{deliver}): the frame of
+        each framing built once, written to each open socket as
+        L{ProxyProtocol._send_message} and L{ProxyProtocol._write} would,
+        counted once for all. A socket that is not simply open and
+        writable (admitting, closing, compressing, or with its send buffer
+        full: the slow-consumer rule) takes its own L{deliver}. What one
+        socket raises is logged, and the others still get the message.
+        """
+        feed = sinks[0]._feed
+        frames = feed.frames(payload)
+        sent = 0
+        size = 0
+        for sink in sinks:
+            protocol = sink._protocol
+            try:
+                made = frames[sink._framing]
+                if made is None:
+                    made = feed.down(payload, sink._framing)
+                if (made is None or protocol._state is not OPEN or protocol._paused
+                        or protocol.state != STATE_OPEN
+                        or protocol._perMessageCompress is not None):
+                    sink.deliver(payload)
+                    continue
+                framed = made[2]
+                size = made[3]
+                out = protocol._out
+                if out is not None and not protocol.send_queue:
+                    out.send(framed)
+                else:
+                    protocol.sendData(framed)
+                protocol.messages_out += 1
+                protocol.bytes_out += size
+                sent += 1
+                if protocol._paused:
+                    # this write filled the socket's buffer: it counts, as
+                    # in _send_message
+                    protocol._unsent += len(framed)
+                    if protocol._unsent > protocol.factory.max_send_buffer:
+                        protocol._slow_consumer()
+            except Exception:
+                _log.failure("delivery of a topic message to one socket failed")
+        if sent:
+            stats = feed.stats
+            stats.topic_deliveries += sent
+            stats.messages_down += sent
+            stats.bytes_down += sent * size
+
+
+_log = Logger()
 
 
 class LiveSink:
