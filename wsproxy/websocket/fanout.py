@@ -78,9 +78,10 @@ class DownSink:
         """
         One message of a topic to every socket of the process in it, in one
         loop (the hub calls this instead of each L{deliver}): the frame of
-        each framing built once, written to each open socket as
-        L{ProxyProtocol._send_message} and L{ProxyProtocol._write} would,
-        counted once for all. A socket that is not simply open and
+        each framing built once, written to each open socket
+        (L{ProxyProtocol._write}) and counted as
+        L{ProxyProtocol._send_message} would, the process's counters once
+        for all. A socket that is not simply open and
         writable (admitting, closing, compressing, or with its send buffer
         full: the slow-consumer rule) takes its own L{deliver}. What one
         socket raises is logged, and the others still get the message.
@@ -102,11 +103,7 @@ class DownSink:
                     continue
                 framed = made[2]
                 size = made[3]
-                out = protocol._out
-                if out is not None and not protocol.send_queue:
-                    out.send(framed)
-                else:
-                    protocol.sendData(framed)
+                protocol._write(framed)
                 protocol.messages_out += 1
                 protocol.bytes_out += size
                 sent += 1
