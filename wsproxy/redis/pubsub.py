@@ -70,18 +70,28 @@ class _Subscription:
 
     def add(self, listener: Listener) -> None:
         listeners = self.listeners
-        if not listeners:
-            self.fan = getattr(type(listener), "fan_out", None)
-        elif self.fan is not None and getattr(type(listener), "fan_out", None) is not self.fan:
-            self.fan = None
         listeners[listener] = None
-        self.single = listener if len(listeners) == 1 else None
+        if len(listeners) == 1:
+            # (a session's channel: nothing more to decide)
+            self.single = listener
+            return
+        single = self.single
+        if single is not None:
+            # the second listener: fan out if both have the same fan_out
+            self.single = None
+            self.fan = getattr(type(single), "fan_out", None)
+        if self.fan is not None and getattr(type(listener), "fan_out", None) is not self.fan:
+            self.fan = None
 
     def remove(self, listener: Listener) -> bool:
         listeners = self.listeners
         if listeners.pop(listener, self) is self:
             return False
-        self.single = next(iter(listeners)) if len(listeners) == 1 else None
+        if len(listeners) == 1:
+            self.single = next(iter(listeners))
+            self.fan = None
+        else:
+            self.single = None
         return True
 
 
