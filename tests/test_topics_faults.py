@@ -408,3 +408,237 @@ class NumberedTopicTests(EnvTestCase):
         self.assertTrue(all(f.open for f in followers))
         await self.kill_busiest(slots, followers, publisher, 30)
         await self.finish(followers, publisher, kills=2)
+
+
+# -- Redis Cluster ------------------------------------------------------------
+
+
+class Labelled:
+    """
+    What one C{?labels=1} client received: control frames (parsed) and
+    data frames (header, message), in order.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def frames(self) -> list[tuple[Optional[dict[str, Any]], bytes, bytes]]:
+        return [parse(payload, binary) for payload, binary in self.client.messages]
+
+    def controls(self) -> list[dict[str, Any]]:
+        return [c for c, _, _ in self.frames() if c is not None]
+
+    def data(self) -> list[tuple[bytes, bytes]]:
+        return [(h, m) for c, h, m in self.frames() if c is None]
+
+    def recovery(self, topic: Optional[str] = None) -> list[dict[str, Any]]:
+        return [c for c in self.controls()
+                if c.get("type") == "recovery" and c.get("topic") == topic]
+
+    def position(self, topic: str) -> str:
+        """
+        The last position received on C{topic}: its last data frame's, or
+        its recovery's.
+        """
+        label = b"#" + topic.encode() + b" "
+        for header, _ in reversed(self.data()):
+            if header.startswith(label):
+                return header[len(label):].decode()
+        return self.recovery(topic)[-1]["position"]
+
+
+class ClusterTopicTests(RigTestCase):
+    """
+    One daemon on a three-master Redis Cluster (REDIS_CLUSTER=true,
+    KEY_HASH_TAGS=true, TOPICS=true, RESUME=true).
+    """
+
+    def backend(self, setup: ClusterSetup) -> RedisCluster:
+        nodes = [ClusterNode(HOST, n.port) for n in setup.nodes]
+        client = RedisCluster(startup_nodes=nodes, socket_timeout=5, socket_connect_timeout=5)
+        self.addCleanup(client.close)
+        return client
+
+    async def test_topics_across_shards(self) -> None:
+        """
+        Three topics whose slots are on the three masters, six sessions two
+        per master, each session in two of the topics with a plain and a
+        labelled resuming socket: C{SPUBLISH topic:{T}:down} reaches every
+        socket of T's sessions (plain as is, labelled as C{#T}) and no
+        other (the delivery count is exact); C{FCALL wsproxy_publish} on
+        C{topic:{T}:history} reaches the plain sockets as is and the
+        labelled ones with the position it returned; labelled sockets that
+        reconnect with C{resume_topic=} per topic get what was published
+        meanwhile replayed (recovered, C{replayed: 2}) then live. A
+        C{subscribe} SPUBLISHed on C{wsproxy:control} makes a session join
+        a topic on another shard (its recovery frame, then plain and
+        recoverable messages); an C{unsubscribe} makes it leave (the next
+        message reaches the topic's other sessions, not it).
+        """
+        setup = start_rig(self, ClusterSetup())
+        port = free_port()
+        daemon = start_daemon(self, {
+            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": setup.url, "REDIS_CLUSTER": "true", "KEY_HASH_TAGS": "true",
+            "TOPICS": "true", "RESUME": "true", "AUTH_TIMEOUT_SECS": "10",
+        })
+        await daemon.healthy(port, timeout=60)
+        for address in setup.masters():
+            await wait(lambda: setup.node_at(address).call("FUNCTION", "LIST"), 30,
+                       f"the functions on {address}")
+        backend = self.backend(setup)
+        owners = setup.owners()
+        masters = setup.masters()
+        self.assertEqual(len(masters), 3)
+
+        def spread(prefix: str, per_master: int, channel: Callable[[str], str]) -> list[str]:
+            found: dict[Any, list[str]] = {m: [] for m in masters}
+            n = 0
+            while any(len(v) < per_master for v in found.values()):
+                name = f"{prefix}{n}"
+                n += 1
+                owner = owners[key_slot(channel(name).encode())]
+                if len(found[owner]) < per_master:
+                    found[owner].append(name)
+            return [name for names in found.values() for name in names]
+
+        topics = spread("t", 1, lambda t: topic_channel(t, tagged=True))
+        sessions = spread("s", 2, lambda s: down_channel(s, tagged=True))
+        # session i is in topic j unless (i + j) % 3 == 0: two topics each,
+        # four sessions on at least two shards in each topic
+        member = {s: [t for j, t in enumerate(topics) if (i + j) % 3 != 0]
+                  for i, s in enumerate(sessions)}
+        for s in sessions:
+            backend.set(auth_key(s, tagged=True), "tok", ex=600)
+            backend.sadd(topics_key(s, tagged=True), *member[s])
+
+        def url(session: str, query: str = "") -> str:
+            return f"ws://127.0.0.1:{port}/a/ws/{session}{query}"
+
+        plain: dict[str, Client] = {}
+        labelled: dict[str, Labelled] = {}
+        for s in sessions:
+            plain[s] = await connect(url(s), token="tok")
+            self.addCleanup(plain[s].close_and_wait)
+            client = await connect(url(s, "?resume=&labels=1"), token="tok")
+            self.addCleanup(client.close_and_wait)
+            labelled[s] = Labelled(client)
+        await wait_for(lambda: all(len(labelled[s].recovery(t)) == 1
+                                   for s in sessions for t in member[s]), timeout=30)
+
+        # plain topic messages: every socket of the topic, nobody else
+        for t in topics:
+            self.assertEqual(backend.spublish(topic_channel(t, tagged=True), f"plain-{t}"), 1)
+
+        def plain_got(s: str) -> set[bytes]:
+            return {m for m, _ in plain[s].messages}
+
+        def labelled_got(s: str) -> set[tuple[bytes, bytes]]:
+            return set(labelled[s].data())
+
+        expected_plain = {s: {f"plain-{t}".encode() for t in member[s]} for s in sessions}
+        expected_labelled = {s: {(f"#{t}".encode(), f"plain-{t}".encode()) for t in member[s]}
+                             for s in sessions}
+        await wait_for(lambda: all(plain_got(s) >= expected_plain[s]
+                                   and labelled_got(s) >= expected_labelled[s]
+                                   for s in sessions), timeout=30)
+        deliveries = 2 * sum(len(member[s]) for s in sessions)
+        self.assertEqual(await metric(port, "wsproxy_topic_deliveries_total"), deliveries)
+        for s in sessions:
+            self.assertEqual(plain_got(s), expected_plain[s], s)
+            self.assertEqual(labelled_got(s), expected_labelled[s], s)
+
+        # recoverable topic messages: on the master of the topic's slot
+        def publish(t: str, message: str) -> str:
+            position = backend.fcall("wsproxy_publish", 2, topic_history_key(t, tagged=True),
+                                     topic_meta_key(t, tagged=True), message, "text")
+            return position.decode() if isinstance(position, bytes) else str(position)
+
+        positions: dict[tuple[str, str], str] = {}
+        for t in topics:
+            for r in ("r1", "r2"):
+                positions[t, r] = publish(t, f"{r}-{t}")
+
+        def framed(t: str, r: str) -> tuple[bytes, bytes]:
+            return (f"#{t} {positions[t, r]}".encode(), f"{r}-{t}".encode())
+
+        for s in sessions:
+            expected_plain[s] |= {f"{r}-{t}".encode() for t in member[s] for r in ("r1", "r2")}
+            expected_labelled[s] |= {framed(t, r) for t in member[s] for r in ("r1", "r2")}
+        await wait_for(lambda: all(plain_got(s) == expected_plain[s]
+                                   and labelled_got(s) == expected_labelled[s]
+                                   for s in sessions), timeout=30)
+        for s in sessions:
+            for t in member[s]:
+                mine = [d for d in labelled[s].data() if d[0].startswith(f"#{t} ".encode())]
+                self.assertEqual(mine, [framed(t, "r1"), framed(t, "r2")])
+
+        # the labelled sockets go away; the topics go on; they come back
+        session_positions = {s: labelled[s].recovery()[-1]["position"] for s in sessions}
+        topic_positions = {s: {t: labelled[s].position(t) for t in member[s]} for s in sessions}
+        for s in sessions:
+            await labelled[s].client.close_and_wait()
+        for t in topics:
+            for r in ("r3", "r4"):
+                positions[t, r] = publish(t, f"{r}-{t}")
+        for s in sessions:
+            params = [("resume", session_positions[s]), ("labels", "1")] + [
+                ("resume_topic", f"{t}@{topic_positions[s][t]}") for t in member[s]]
+            client = await connect(url(s, "?" + urlencode(params)), token="tok")
+            self.addCleanup(client.close_and_wait)
+            labelled[s] = Labelled(client)
+        await wait_for(lambda: all(len(labelled[s].data()) == 2 * len(member[s])
+                                   for s in sessions), timeout=30)
+        for t in topics:
+            positions[t, "r5"] = publish(t, f"r5-{t}")
+        await wait_for(lambda: all(len(labelled[s].data()) == 3 * len(member[s])
+                                   for s in sessions), timeout=30)
+        for s in sessions:
+            self.assertTrue(all(c["recovered"] for c in labelled[s].controls()), s)
+            for t in member[s]:
+                (recovery,) = labelled[s].recovery(t)
+                self.assertEqual((recovery["replayed"], recovery["position"]),
+                                 (2, positions[t, "r4"]))
+                mine = [d for d in labelled[s].data() if d[0].startswith(f"#{t} ".encode())]
+                self.assertEqual(mine, [framed(t, r) for r in ("r3", "r4", "r5")])
+            self.assertEqual(plain_got(s), expected_plain[s] | {
+                f"{r}-{t}".encode() for t in member[s] for r in ("r3", "r4", "r5")})
+
+        # a backend's join and leave, on the cluster's wsproxy:control
+        def outside(s: str) -> str:
+            (t,) = [t for t in topics if t not in member[s]]
+            return t
+
+        # a session whose topic to join is on another shard than its own
+        joiner = next(s for s in sessions
+                      if owners[key_slot(down_channel(s, tagged=True).encode())]
+                      != owners[key_slot(topic_channel(outside(s), tagged=True).encode())])
+        other = outside(joiner)
+        backend.sadd(topics_key(joiner, tagged=True), other)
+        self.assertEqual(backend.spublish(
+            CONTROL_CHANNEL, json.dumps({"subscribe": joiner, "topic": other})), 1)
+        await wait_for(lambda: labelled[joiner].recovery(other), timeout=30)
+        (joined,) = labelled[joiner].recovery(other)
+        self.assertEqual((joined["recovered"], joined["replayed"], joined["position"]),
+                         (True, 0, positions[other, "r5"]))
+        self.assertEqual(backend.spublish(topic_channel(other, tagged=True), "joined"), 1)
+        positions[other, "r6"] = publish(other, f"r6-{other}")
+        await wait_for(lambda: {b"joined", f"r6-{other}".encode()} <= plain_got(joiner)
+                       and {(f"#{other}".encode(), b"joined"), framed(other, "r6")}
+                       <= labelled_got(joiner), timeout=30)
+        backend.srem(topics_key(joiner, tagged=True), other)
+        backend.spublish(CONTROL_CHANNEL, json.dumps({"unsubscribe": joiner, "topic": other}))
+
+        async def changes() -> float:
+            return await metric(port, "wsproxy_topic_changes_total")
+
+        deadline = time.monotonic() + 30
+        while await changes() < 2:
+            self.assertLess(time.monotonic(), deadline, "the unsubscribe was not applied")
+            await pause(0.05)
+        before = (len(plain[joiner].messages), len(labelled[joiner].client.messages))
+        backend.spublish(topic_channel(other, tagged=True), "left")
+        others = [s for s in sessions if other in member[s]]
+        await wait_for(lambda: all(b"left" in plain_got(s) for s in others), timeout=30)
+        self.assertEqual((len(plain[joiner].messages), len(labelled[joiner].client.messages)),
+                         before)
