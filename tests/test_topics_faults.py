@@ -642,3 +642,167 @@ class ClusterTopicTests(RigTestCase):
         await wait_for(lambda: all(b"left" in plain_got(s) for s in others), timeout=30)
         self.assertEqual((len(plain[joiner].messages), len(labelled[joiner].client.messages)),
                          before)
+
+
+# -- Redis Sentinel -----------------------------------------------------------
+
+
+class SentinelTopicTests(RigTestCase):
+    """
+    One daemon pointed at three sentinels that monitor a master and a
+    replica (TOPICS=true).
+    """
+
+    async def test_topic_follows_sentinel_failover(self) -> None:
+        """
+        Sessions in topic T (a plain and a labelled socket) and one that is
+        not: after C{SENTINEL FAILOVER} the proxy holds one subscription of
+        C{topic:T:down} on the new master (the hub subscribed it again
+        there, not merely still on the old master, which now copies the
+        new one), every socket of T receives what is published there
+        (plain as is, labelled as C{#T}), none of them was closed, and the
+        session outside T receives its own messages and none of T's.
+        """
+        setup = start_rig(self, SentinelSetup())
+        port = free_port()
+        daemon = start_daemon(self, {
+            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}",
+            "REDIS_SENTINELS": setup.addresses(), "REDIS_SENTINEL_MASTER": setup.name,
+            "TOPICS": "true",
+        })
+        await daemon.healthy(port, timeout=60)
+        old = setup.master()
+        r = old.client()
+        self.addCleanup(r.close)
+        members = ["s0", "s1", "s2"]
+        for s in members + ["outsider"]:
+            r.set(f"session:{s}:auth", "tok", ex=600)
+        for s in members:
+            r.sadd(f"session:{s}:topics", "T")
+        self.assertGreaterEqual(r.execute_command("WAIT", 1, 5000), 1,
+                                "the tokens and topics did not reach the replica")
+
+        def url(session: str, query: str = "") -> str:
+            return f"ws://127.0.0.1:{port}/a/ws/{session}{query}"
+
+        sockets: dict[str, tuple[Client, bytes]] = {}
+        for s in members:
+            for name, query, label in ((s, "", b""), (f"{s}-labelled", "?labels=1", b"#T\n")):
+                client = await connect(url(s, query), token="tok")
+                self.addCleanup(client.close_and_wait)
+                sockets[name] = (client, label)
+        outsider = await connect(url("outsider"), token="tok")
+        self.addCleanup(outsider.close_and_wait)
+
+        def got(name: str, message: bytes) -> bool:
+            client, label = sockets[name]
+            return (label + message, False) in client.messages
+
+        r.publish("topic:T:down", "before")
+        await wait_for(lambda: all(got(name, b"before") for name in sockets), timeout=30)
+
+        new = await setup.lose_master(graceful=True)
+        await wait(lambda: new.call("PUBSUB", "NUMSUB", "topic:T:down")[1] == 1, 30,
+                   f"the proxy to subscribe topic:T:down on {new}", setup.describe)
+        r2 = new.client()
+        self.addCleanup(r2.close)
+        sent = [0]
+
+        def arrived() -> bool:
+            # Pub/Sub keeps nothing for a subscription being made again:
+            # published again until every socket has one
+            if all(any(m.startswith(label + b"after-") for m, _ in client.messages)
+                   for client, label in sockets.values()):
+                return True
+            sent[0] += 1
+            r2.publish("topic:T:down", f"after-{sent[0]}")
+            return False
+
+        await wait(arrived, 30, f"topic messages through {new}", setup.describe, interval=0.1)
+        r2.publish("topic:T:down", "last")
+        r2.publish("session:outsider:down", "own")
+        await wait_for(lambda: all(got(name, b"last") for name in sockets)
+                       and (b"own", False) in outsider.messages, timeout=30)
+        self.assertEqual(outsider.messages, [(b"own", False)])
+        for client, _ in sockets.values():
+            self.assertEqual(client.state, client.STATE_OPEN)
+        self.assertFalse(daemon.out.ended.called)
+        self.assertNotIn(b"Traceback", daemon.out.output)
+
+
+# -- a slow consumer in a topic ----------------------------------------------
+
+
+class SlowConsumerTopicTests(EnvTestCase):
+    """
+    One daemon (TOPICS=true, EVENTS=all, a small WS_MAX_SEND_BUFFER_BYTES),
+    fifty-one sessions in one topic.
+    """
+
+    timeout = 180
+
+    READERS = 50
+    ROUND = 10
+    SIZE = 4096
+
+    async def test_slow_socket_of_a_topic_closed_others_served(self) -> None:
+        """
+        Fifty sockets that read and one that never reads after its 101, all
+        in one topic, published to in rounds: after each round every
+        reader has every message so far, while the one that does not read
+        is still open and its backlog grows (the rounds go on without it),
+        until it is closed 1008 as a slow consumer (its close event; the
+        only one); the readers then get the rounds after it too, each
+        message exactly once and in order, and none of them is closed.
+        """
+        await self.start(TOPICS="true", EVENTS="all", WS_MAX_SEND_BUFFER_BYTES="65536")
+        log = EventLog(self.r, self)
+        sessions = [f"r{i}" for i in range(self.READERS)] + ["slow"]
+        for s in sessions:
+            self.r.set(f"session:{s}:auth", "tok", ex=600)
+            self.r.sadd(f"session:{s}:topics", "T")
+        readers = []
+        for s in sessions[:-1]:
+            client = await connect(self.url(s), token="tok", endpoint=self.endpoint())
+            self.addCleanup(client.close_and_wait)
+            readers.append(client)
+        stalled, head = await stalled_upgrade(self, self.port, "/a/ws/slow", "tok")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        await wait_for(lambda: len(log.of("join")) == len(sessions), timeout=30)
+
+        def slow_closed() -> list[dict[str, Any]]:
+            return [e for e in log.of("close") if e["session_id"] == "slow"]
+
+        published = 0
+        padding = b"x" * self.SIZE
+
+        def publish_round() -> None:
+            nonlocal published
+            for _ in range(self.ROUND):
+                published += 1
+                self.r.publish("topic:T:down", b"%d " % published + padding)
+
+        def every_reader_has_all() -> bool:
+            return all(len(c.messages) >= published for c in readers)
+
+        rounds = 0
+        while not slow_closed():
+            self.assertLess(rounds, 500, "the socket that does not read was never closed")
+            publish_round()
+            rounds += 1
+            await wait_for(every_reader_has_all, timeout=30)
+        self.assertGreaterEqual(rounds, 3, "closed before its backlog could hold anyone up")
+        for _ in range(3):
+            publish_round()
+            await wait_for(every_reader_has_all, timeout=30)
+        (event,) = slow_closed()
+        self.assertEqual((event["code"], event["closed_by"]), (1008, "slow_consumer"))
+        self.assertEqual([e["session_id"] for e in log.of("close")], ["slow"])
+        expected = [b"%d " % n + padding for n in range(1, published + 1)]
+        for client in readers:
+            self.assertEqual([m for m, _ in client.messages], expected)
+            self.assertEqual(client.state, client.STATE_OPEN)
+        self.assertEqual(await metric(self.port, "wsproxy_slow_consumer_closes_total"), 1)
+        print(f"\n    slow consumer closed after {rounds} rounds "
+              f"({rounds * self.ROUND} messages of {self.SIZE} bytes)", flush=True)
