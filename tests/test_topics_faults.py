@@ -117,6 +117,18 @@ class Slot:
         return f"<daemon {self.name} :{self.port}>"
 
 
+class At:
+    """
+    A daemon that is not restarted, as a L{Follower} connects to it.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def url(self, session: str, query: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/a/ws/{session}{query}"
+
+
 class Follower:
     """
     One session's labelled, resuming client of one topic, across
@@ -129,7 +141,7 @@ class Follower:
     C{incomplete}.
     """
 
-    def __init__(self, session: str, topic: str, slots: list[Slot], first: int) -> None:
+    def __init__(self, session: str, topic: str, slots: list[Any], first: int) -> None:
         self.session = session
         self.topic = topic
         self.label = b"#" + topic.encode()
@@ -233,15 +245,22 @@ class Publisher:
     """
     A backend publishing C{1}, C{2}, ... on a topic's recoverable stream
     (C{FCALL wsproxy_publish}), one every C{interval} seconds, up to
-    C{limit}. After an error (Redis restarting) the topic's meta says
-    whether the last one was stored (its C{seq} is the last number): each
-    number is published exactly once.
+    C{limit}, on the client C{connect} gives (asked again after an error:
+    Redis restarting, a cluster master replaced). After an error the
+    topic's meta says whether the last one was stored (its C{seq} is the
+    last number): each number is published exactly once. With C{replicas},
+    each publish is followed by C{WAIT replicas}: what the backend was told
+    is stored survives a failover.
     """
 
-    def __init__(self, r: redispy.Redis, topic: str, interval: float = 0.01) -> None:
-        self.r = r
-        self.history = topic_history_key(topic, tagged=False)
-        self.meta = topic_meta_key(topic, tagged=False)
+    def __init__(self, connect: Callable[[], redispy.Redis], topic: str, tagged: bool = False,
+                 replicas: int = 0, interval: float = 0.01) -> None:
+        self._connect = connect
+        self._client: Optional[redispy.Redis] = None
+        self.history = topic_history_key(topic, tagged=tagged)
+        self.meta = topic_meta_key(topic, tagged=tagged)
+        self.replicas = replicas
+        self.interval = interval
         self.limit = 0
         self.published = 0
         self.errors = 0
@@ -249,25 +268,40 @@ class Publisher:
         self._loop = task.LoopingCall(self._tick)
 
     def start(self) -> None:
-        self._loop.start(0.01, now=True)
+        self._loop.start(self.interval, now=True)
 
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _tick(self) -> None:
         try:
+            if self._client is None:
+                self._client = self._connect()
+            r = self._client
             if self._uncertain:
-                self.published = int(self.r.hget(self.meta, "seq") or 0)
+                self.published = int(r.hget(self.meta, "seq") or 0)
                 self._uncertain = False
             if self.published >= self.limit:
                 return
-            self.r.fcall("wsproxy_publish", 2, self.history, self.meta,
-                         str(self.published + 1), "text")
+            pipe = r.pipeline(transaction=False)
+            pipe.fcall("wsproxy_publish", 2, self.history, self.meta,
+                       str(self.published + 1), "text")
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, 2000)
+            replies = pipe.execute()
+            if self.replicas and replies[1] < self.replicas:
+                raise redispy.ConnectionError("not replicated")
             self.published += 1
         except redispy.RedisError:
             self.errors += 1
             self._uncertain = True
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     async def reach(self, n: int, timeout: float = 60.0) -> None:
         self.limit = max(self.limit, n)
@@ -310,10 +344,9 @@ class NumberedTopicTests(EnvTestCase):
         await wait_for(all_in, timeout=60)
         # its own client: no retries that would block the reactor while
         # Redis is down
-        backend = redispy.Redis(port=self.redis.port, socket_timeout=2,
-                                socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-        self.addCleanup(backend.close)
-        publisher = Publisher(backend, self.TOPIC)
+        publisher = Publisher(lambda: redispy.Redis(
+            port=self.redis.port, socket_timeout=2, socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0)), self.TOPIC)
         self.addCleanup(publisher.stop)
         publisher.start()
         return slots, followers, publisher
@@ -642,6 +675,92 @@ class ClusterTopicTests(RigTestCase):
         await wait_for(lambda: all(b"left" in plain_got(s) for s in others), timeout=30)
         self.assertEqual((len(plain[joiner].messages), len(labelled[joiner].client.messages)),
                          before)
+
+
+    async def test_numbered_topic_through_a_killed_master(self) -> None:
+        """
+        A recoverable topic whose slot's master is SIGKILLed while a
+        backend publishes 1..200 on it (each FCALL followed by WAIT 1: what
+        it was told is stored is on the replica; then, once the replica is
+        promoted, on the new master): the labelled resuming sockets of the
+        topic, sessions on every shard, are never closed (the proxy moves
+        the topic's subscription to the new master and fills any gap from
+        the history there), and each ends up with 1..200 exactly once and
+        in order, with no recovery incomplete.
+        """
+        setup = start_rig(self, ClusterSetup())
+        port = free_port()
+        daemon = start_daemon(self, {
+            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": setup.url, "REDIS_CLUSTER": "true", "KEY_HASH_TAGS": "true",
+            "TOPICS": "true", "RESUME": "true", "AUTH_TIMEOUT_SECS": "10",
+        })
+        await daemon.healthy(port, timeout=60)
+        for address in setup.masters():
+            await wait(lambda: setup.node_at(address).call("FUNCTION", "LIST"), 30,
+                       f"the functions on {address}")
+        backend = self.backend(setup)
+        owners = setup.owners()
+        topic = "numbered"
+        slot = key_slot(topic_channel(topic, tagged=True).encode())
+        victim = owners[slot]
+        assert victim is not None
+        sessions: dict[Any, list[str]] = {m: [] for m in setup.masters()}
+        n = 0
+        while any(len(v) < 2 for v in sessions.values()):
+            s = f"s{n}"
+            n += 1
+            owner = owners[key_slot(down_channel(s, tagged=True).encode())]
+            if len(sessions[owner]) < 2:
+                sessions[owner].append(s)
+        names = [s for group in sessions.values() for s in group]
+        for s in names:
+            backend.set(auth_key(s, tagged=True), "tok", ex=600)
+            backend.sadd(topics_key(s, tagged=True), topic)
+        place = At(port)
+        followers = [Follower(s, topic, [place, place], 0) for s in names]
+        for follower in followers:
+            self.addCleanup(follower.stop)
+
+        def all_in() -> bool:
+            for f in followers:
+                f.read()
+            return all(f.open and f.topic_position is not None for f in followers)
+
+        await wait_for(all_in, timeout=60)
+
+        def owner_client() -> redispy.Redis:
+            address = setup.owners()[slot]
+            assert address is not None
+            return setup.node_at(address).client()
+
+        publisher = Publisher(owner_client, topic, tagged=True, replicas=1)
+        self.addCleanup(publisher.stop)
+        publisher.start()
+        await publisher.reach(80)
+        publisher.limit = 200
+        setup.kill_master(victim)
+        # the new master will have no replica to wait for
+        publisher.replicas = 0
+        await setup.promotion(victim)
+        await publisher.reach(200, timeout=90)
+
+        def caught_up() -> bool:
+            for f in followers:
+                f.read()
+            return all(len(f.numbers) >= 200 for f in followers)
+
+        await wait_for(caught_up, timeout=60)
+        for f in followers:
+            await f.stop()
+        expected = list(range(1, 201))
+        for f in followers:
+            self.assertEqual(f.unexpected, [], f.session)
+            self.assertEqual(f.incomplete, [], f.session)
+            self.assertEqual(f.numbers, expected, f.session)
+            self.assertEqual(f.seqs, expected, f.session)
+            self.assertEqual(f.connections, 1, f.session)
+        self.assertGreater(publisher.errors, 0, "the kill did not interrupt the publisher")
 
 
 # -- Redis Sentinel -----------------------------------------------------------
