@@ -925,3 +925,54 @@ class SlowConsumerTopicTests(EnvTestCase):
         self.assertEqual(await metric(self.port, "wsproxy_slow_consumer_closes_total"), 1)
         print(f"\n    slow consumer closed after {rounds} rounds "
               f"({rounds * self.ROUND} messages of {self.SIZE} bytes)", flush=True)
+
+
+# -- a join while open --------------------------------------------------------
+
+
+class JoinWhileOpenTests(EnvTestCase):
+    """
+    One daemon (TOPICS=true, RESUME=true).
+    """
+
+    async def test_join_reads_only_the_end_of_the_history(self) -> None:
+        """
+        A labelled resuming socket made to join a topic with a 1 MB history
+        (1000 messages of 1000 bytes) by a control C{subscribe}: its
+        recovery frame says recovered, nothing replayed, at the history's
+        end, and the next message arrives with the next position; to find
+        that end Redis sent the proxy a few kilobytes, not the history
+        (which it once read whole, for each socket that joined).
+        """
+        await self.start(TOPICS="true", RESUME="true")
+        await wait_for(lambda: self.r.function_list(), timeout=30)
+
+        def publish(message: str) -> str:
+            position = self.r.fcall("wsproxy_publish", 2, "topic:big:history",
+                                    "topic:big:meta", message, "text")
+            return position.decode() if isinstance(position, bytes) else str(position)
+
+        for _ in range(999):
+            publish("x" * 1000)
+        end = publish("x" * 1000)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        socket = await connect(self.url("s1") + "?resume=&labels=1", token="tok",
+                               endpoint=self.endpoint())
+        self.addCleanup(socket.close_and_wait)
+        client = Labelled(socket)
+        await wait_for(lambda: client.recovery(), timeout=30)
+
+        def sent() -> int:
+            return int(self.r.info("stats")["total_net_output_bytes"])
+
+        before = sent()
+        self.r.publish(CONTROL_CHANNEL, json.dumps({"subscribe": "s1", "topic": "big"}))
+        await wait_for(lambda: client.recovery("big"), timeout=30)
+        self.assertLess(sent() - before, 64 * 1024)
+        (joined,) = client.recovery("big")
+        self.assertEqual((joined["recovered"], joined["replayed"], joined["position"]),
+                         (True, 0, end))
+        after = publish("next")
+        await wait_for(lambda: client.data(), timeout=30)
+        self.assertEqual(client.data(), [(f"#big {after}".encode(), b"next")])
+        self.assertEqual(int(after.rsplit("-", 1)[1]), 1001)
