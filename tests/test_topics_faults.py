@@ -11,12 +11,16 @@ started again, and real WebSocket clients over loopback.
     with every number exactly once, in order.
   - L{ClusterTopicTests}: topics whose slots are on different shards,
     sessions on different shards: plain and recoverable topic messages,
-    replay after a reconnect, and joins and leaves through
-    C{wsproxy:control}.
+    replay after a reconnect, joins and leaves through C{wsproxy:control};
+    and a numbered topic stream through the kill of its slot's master.
   - L{SentinelTopicTests}: a topic keeps delivering after
-    C{SENTINEL FAILOVER} (the proxy subscribes it again on the new master).
+    C{SENTINEL FAILOVER} (the proxy subscribes it again on the new
+    master); a numbered topic stream through a failover and a kill -9 of
+    the master.
   - L{SlowConsumerTopicTests}: one socket of a topic that stops reading is
     closed 1008 while the fifty others of the topic get every message.
+  - L{JoinWhileOpenTests}: a socket joining a topic while open costs a
+    read of the history's end, not of the history.
 
 Every wait is a condition against a generous deadline (a busy 2-core
 machine), never a sleep that hopes.
@@ -241,6 +245,43 @@ class Follower:
         await self.done
 
 
+async def all_joined(followers: list[Follower], timeout: float = 60.0) -> None:
+    """
+    Every follower is connected and has its topic's recovery frame (it is
+    in the topic).
+    """
+    def joined() -> bool:
+        for f in followers:
+            f.read()
+        return all(f.open and f.topic_position is not None for f in followers)
+
+    await wait_for(joined, timeout=timeout)
+
+
+async def all_received(test: Any, followers: list[Follower], n: int,
+                       timeout: float = 90.0) -> None:
+    """
+    Every follower receives C{n} messages; then they stop, and each
+    received 1..C{n} exactly once and in order, each with its position
+    (whose sequence number is the message's), nothing else, and never a
+    recovery that was not complete.
+    """
+    def caught_up() -> bool:
+        for f in followers:
+            f.read()
+        return all(len(f.numbers) >= n for f in followers)
+
+    await wait_for(caught_up, timeout=timeout)
+    for f in followers:
+        await f.stop()
+    expected = list(range(1, n + 1))
+    for f in followers:
+        test.assertEqual(f.unexpected, [], f.session)
+        test.assertEqual(f.incomplete, [], f.session)
+        test.assertEqual(f.numbers, expected, f.session)
+        test.assertEqual(f.seqs, expected, f.session)
+
+
 class Publisher:
     """
     A backend publishing C{1}, C{2}, ... on a topic's recoverable stream
@@ -335,13 +376,7 @@ class NumberedTopicTests(EnvTestCase):
         followers = [Follower(f"s{i}", self.TOPIC, slots, i % 2) for i in range(self.SESSIONS)]
         for follower in followers:
             self.addCleanup(follower.stop)
-
-        def all_in() -> bool:
-            for f in followers:
-                f.read()
-            return all(f.open and f.topic_position is not None for f in followers)
-
-        await wait_for(all_in, timeout=60)
+        await all_joined(followers)
         # its own client: no retries that would block the reactor while
         # Redis is down
         publisher = Publisher(lambda: redispy.Redis(
@@ -370,26 +405,13 @@ class NumberedTopicTests(EnvTestCase):
     async def finish(self, followers: list[Follower], publisher: Publisher,
                      kills: int) -> None:
         """
-        The publisher reaches N; every client received 1..N exactly once,
-        in order, each with its position (sequence number N), and never a
-        recovery that was not complete.
+        The publisher reaches N; every client received 1..N as
+        L{all_received} says, and every one of them was on a killed daemon
+        at least once.
         """
         await publisher.reach(self.N, timeout=90)
-
-        def caught_up() -> bool:
-            for f in followers:
-                f.read()
-            return all(len(f.numbers) >= self.N for f in followers)
-
-        await wait_for(caught_up, timeout=90)
+        await all_received(self, followers, self.N)
         for f in followers:
-            await f.stop()
-        expected = list(range(1, self.N + 1))
-        for f in followers:
-            self.assertEqual(f.unexpected, [], f.session)
-            self.assertEqual(f.incomplete, [], f.session)
-            self.assertEqual(f.numbers, expected, f.session)
-            self.assertEqual(f.seqs, expected, f.session)
             self.assertGreaterEqual(f.connections, 2, f.session)
         # every kill made its clients resume, each once per connection
         self.assertGreaterEqual(sum(f.connections - 1 for f in followers),
@@ -721,13 +743,7 @@ class ClusterTopicTests(RigTestCase):
         followers = [Follower(s, topic, [place, place], 0) for s in names]
         for follower in followers:
             self.addCleanup(follower.stop)
-
-        def all_in() -> bool:
-            for f in followers:
-                f.read()
-            return all(f.open and f.topic_position is not None for f in followers)
-
-        await wait_for(all_in, timeout=60)
+        await all_joined(followers)
 
         def owner_client() -> redispy.Redis:
             address = setup.owners()[slot]
@@ -744,22 +760,9 @@ class ClusterTopicTests(RigTestCase):
         publisher.replicas = 0
         await setup.promotion(victim)
         await publisher.reach(200, timeout=90)
-
-        def caught_up() -> bool:
-            for f in followers:
-                f.read()
-            return all(len(f.numbers) >= 200 for f in followers)
-
-        await wait_for(caught_up, timeout=60)
-        for f in followers:
-            await f.stop()
-        expected = list(range(1, 201))
-        for f in followers:
-            self.assertEqual(f.unexpected, [], f.session)
-            self.assertEqual(f.incomplete, [], f.session)
-            self.assertEqual(f.numbers, expected, f.session)
-            self.assertEqual(f.seqs, expected, f.session)
-            self.assertEqual(f.connections, 1, f.session)
+        await all_received(self, followers, 200)
+        # never closed
+        self.assertEqual([f.connections for f in followers], [1] * len(followers))
         self.assertGreater(publisher.errors, 0, "the kill did not interrupt the publisher")
 
 
@@ -894,13 +897,7 @@ class SentinelTopicTests(RigTestCase):
         followers = [Follower(s, "T", [place, place], 0) for s in names]
         for follower in followers:
             self.addCleanup(follower.stop)
-
-        def all_in() -> bool:
-            for f in followers:
-                f.read()
-            return all(f.open and f.topic_position is not None for f in followers)
-
-        await wait_for(all_in, timeout=60)
+        await all_joined(followers)
 
         def master_client() -> redispy.Redis:
             try:
@@ -919,22 +916,9 @@ class SentinelTopicTests(RigTestCase):
         # wait for until it replicates the new one (if it ever does)
         publisher.replicas = 0
         await publisher.reach(200, timeout=90)
-
-        def caught_up() -> bool:
-            for f in followers:
-                f.read()
-            return all(len(f.numbers) >= 200 for f in followers)
-
-        await wait_for(caught_up, timeout=60)
-        for f in followers:
-            await f.stop()
-        expected = list(range(1, 201))
-        for f in followers:
-            self.assertEqual(f.unexpected, [], f.session)
-            self.assertEqual(f.incomplete, [], f.session)
-            self.assertEqual(f.numbers, expected, f.session)
-            self.assertEqual(f.seqs, expected, f.session)
-            self.assertEqual(f.connections, 1, f.session)
+        await all_received(self, followers, 200)
+        # never closed
+        self.assertEqual([f.connections for f in followers], [1] * len(followers))
         self.assertGreater(publisher.errors, 0, "the failover did not interrupt the publisher")
 
 
