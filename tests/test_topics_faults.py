@@ -710,6 +710,18 @@ class ClusterTopicTests(RigTestCase):
         the history there), and each ends up with 1..200 exactly once and
         in order, with no recovery incomplete.
         """
+        await self.check_numbered_fault(migrate=False)
+
+    async def test_numbered_topic_through_a_slot_migration(self) -> None:
+        """
+        The same while the topic's slot (its history, meta and channels)
+        migrates to another master: Redis ends the proxy's SSUBSCRIBE
+        there, the proxy subscribes the topic on the new owner, and every
+        socket still gets 1..200 exactly once, in order, never closed.
+        """
+        await self.check_numbered_fault(migrate=True)
+
+    async def check_numbered_fault(self, migrate: bool) -> None:
         setup = start_rig(self, ClusterSetup())
         port = free_port()
         daemon = start_daemon(self, {
@@ -755,15 +767,23 @@ class ClusterTopicTests(RigTestCase):
         publisher.start()
         await publisher.reach(80)
         publisher.limit = 200
-        setup.kill_master(victim)
-        # the new master will have no replica to wait for
-        publisher.replicas = 0
-        await setup.promotion(victim)
+        if migrate:
+            target = next(m for m in setup.masters() if m != victim)
+            setup.migrate_slot(slot, target)
+        else:
+            setup.kill_master(victim)
+            # the new master will have no replica to wait for
+            publisher.replicas = 0
+            target = await setup.promotion(victim)
         await publisher.reach(200, timeout=90)
+        # the proxy's one subscription of the topic is on its new master
+        live = f"topic:{{{topic}}}:live"
+        await wait(lambda: setup.node_at(target).call("PUBSUB", "SHARDNUMSUB", live)[1] == 1,
+                   30, f"the proxy to subscribe {live} on {target}")
         await all_received(self, followers, 200)
         # never closed
         self.assertEqual([f.connections for f in followers], [1] * len(followers))
-        self.assertGreater(publisher.errors, 0, "the kill did not interrupt the publisher")
+        self.assertGreater(publisher.errors, 0, "the fault did not interrupt the publisher")
 
 
 # -- Redis Sentinel -----------------------------------------------------------
