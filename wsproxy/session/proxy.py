@@ -999,6 +999,14 @@ class Proxy:
         """
         return defer.ensureDeferred(self._read_history(session_id, after, topic))
 
+    def history_end(self, session_id: str,
+                    topic: Optional[str] = None) -> defer.Deferred[History]:
+        """
+        Where the session's history (or the C{topic}'s) ends, without its
+        entries: for a connection that starts live there.
+        """
+        return defer.ensureDeferred(self._history_chunk(session_id, "0-0", 0, topic))
+
     async def _history_chunk(self, session_id: str, after: str, count: int,
                              topic: Optional[str] = None) -> History:
         """

@@ -320,7 +320,7 @@ def _start_at_end(protocol: ProxyProtocol, topic: str, resumer: Resumer) -> None
         if not resumer.closed:
             resumer.start(Recovery(False, (), None, "the history could not be read"))
 
-    d = proxy.read_history(protocol.session_id, "0-0", topic)
+    d = proxy.history_end(protocol.session_id, topic)
     d.addCallbacks(read, failed)
 
 
