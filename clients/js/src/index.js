@@ -1,6 +1,8 @@
-// wsproxy-client.js: a dependency-free browser client for wsproxy (an ES module).
+// @wsproxy/client: a dependency-free client for wsproxy (an ES module), for
+// browsers and Node (22+, or 20/21 with --experimental-websocket, or any
+// WebSocket class given as the WebSocket option).
 //
-//   import { WsProxyClient } from "./wsproxy-client.js";
+//   import { WsProxyClient } from "@wsproxy/client";
 //
 //   const client = new WsProxyClient({
 //     url: "wss://proxy.example.com",   // the proxy's base URL, no path
@@ -157,6 +159,30 @@
 // - Saved state: pass topicPositions back as an option, beside position
 //   (needs resume and labels). forgetTopic(T) drops a topic's position (the
 //   session left it: it is not asked for again).
+//
+// Transports. Each attempt is carried by a transport: by default the one
+// WebSocket transport (webSocketTransport(), with the global WebSocket, or
+// the class given as the WebSocket option). transports: [a, b, ...] gives
+// an ordered list instead: the client stays with the transport that opened
+// last, and after an attempt that never opened (or whose transport could
+// not even start) it uses the next one in the list for the following
+// attempt, round the list. Everything else (credentials, backoff, resume,
+// acks, labels) is the client's and works the same over any transport.
+//
+// A transport is { name, open(target, events) }:
+// - target: { url, protocols }: the WebSocket URL of the attempt with its
+//   query (?access_token=, ?ticket=, ?resume=, ?labels=1, ?ack=1, ...), and
+//   ["bearer", token] when the token travels as the subprotocol (else
+//   undefined). A transport that cannot send subprotocols sends that token
+//   its own way (an Authorization header).
+// - events: call events.open(protocol) once the connection is open,
+//   events.message(data) for each frame (a string for text, an ArrayBuffer
+//   for binary) and events.close({ code, reason, wasClean }) once at the
+//   end, also when the attempt never opened (1006); never synchronously
+//   from open().
+// - open() returns the connection: { send(data) (a string or an
+//   ArrayBuffer), close(code, reason), isOpen() }; it may throw if the
+//   transport cannot start here (no WebSocket class, a malformed URL).
 
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // an HTTP token (RFC 9110)
 // <epoch>:<ms>-<seq>, as wsproxy writes it
@@ -195,7 +221,57 @@ const DEFAULTS = {
   topicPositions: null, // with resume and labels: {topic: position} to resume from at the first connect
   nackRetryMs: 1000, // with ack: how long after a nack the message is sent again
   maxUnacked: 10000, // with ack: messages waiting for their ack at most
+  WebSocket: null, // the WebSocket class of the default transport (null: the global one)
+  transports: null, // [transport, ...] in order of preference (null: [webSocketTransport()])
 };
+
+/**
+ * The WebSocket transport (see "Transports" above): the global WebSocket at
+ * each attempt, or the class given (Node's undici, the ws package, ...).
+ */
+export function webSocketTransport({ WebSocket: Socket = null } = {}) {
+  return {
+    name: "websocket",
+    open({ url, protocols }, events) {
+      const Impl = Socket || globalThis.WebSocket;
+      if (typeof Impl !== "function") {
+        throw new Error("no WebSocket class here: use Node 22+, node --experimental-websocket (Node 20, 21), or the WebSocket option");
+      }
+      const ws = protocols ? new Impl(url, protocols) : new Impl(url);
+      const OPEN = Impl.OPEN ?? 1;
+      let opened = false;
+      let ended = false;
+      let fallback = null;
+      const end = (info) => {
+        clearTimeout(fallback);
+        if (ended) return;
+        ended = true;
+        events.close(info);
+      };
+      const abnormal = { code: 1006, reason: "", wasClean: false };
+      ws.binaryType = "arraybuffer";
+      ws.onopen = () => {
+        opened = true;
+        events.open(ws.protocol);
+      };
+      ws.onmessage = (event) => events.message(event.data);
+      // The error event says nothing useful. Browsers follow it with a close
+      // event (1006 before the open); Node 20's WebSocket, after a refused
+      // handshake, does not: so an error before the open ends the attempt
+      // (1006), and one after it does if no close event follows soon.
+      ws.onerror = () => {
+        if (!opened) end(abnormal);
+        else if (!ended && fallback === null) fallback = setTimeout(() => end(abnormal), 1000);
+      };
+      ws.onclose = (event) => end({ code: event.code, reason: event.reason, wasClean: event.wasClean });
+      return {
+        send: (data) => ws.send(data),
+        close: (code, reason) => (code === undefined ? ws.close() : ws.close(code, reason)),
+        isOpen: () => ws.readyState === OPEN,
+      };
+    },
+  };
+}
 
 const MESSAGE_ID = /^[A-Za-z0-9._~:-]{1,64}$/;
 const TOPIC = /^[A-Za-z0-9._~-]{1,128}$/; // a topic name: the session-id rule
@@ -243,7 +319,13 @@ export class WsProxyClient extends EventTarget {
         topicLast.set(topic, p);
       }
     }
+    const transports = o.transports || [webSocketTransport({ WebSocket: o.WebSocket })];
+    if (!Array.isArray(transports) || !transports.length || !transports.every((t) => t && typeof t.open === "function")) {
+      throw new Error("WsProxyClient: transports must be a non-empty array of { name, open(target, events) }");
+    }
     this.options = o;
+    this._transports = transports;
+    this._transportIndex = 0; // the transport of the next attempt
     this.state = State.CLOSED;
     this.reconnects = 0; // successful opens after the first one
     this.attempts = 0; // connection attempts made
@@ -253,7 +335,7 @@ export class WsProxyClient extends EventTarget {
     this.onrecovery = null; // ({recovered, replayed, position, reason}) => void, with resume (and topic, with labels)
     this._last = last; // the last recoverable message delivered: {text, epoch, seq}
     this._topicLast = topicLast; // with labels and resume: topic -> the same, per topic
-    this._ws = null;
+    this._conn = null; // the current attempt's connection (from its transport)
     this._timer = null;
     this._stopped = true;
     this._everOpened = false;
@@ -270,6 +352,12 @@ export class WsProxyClient extends EventTarget {
   /** With ack: the ids of the messages not acknowledged yet, oldest first. */
   get unacked() {
     return Array.from(this._unacked.keys());
+  }
+
+  /** The name of the transport the current or next attempt uses ("websocket"). */
+  get transport() {
+    const t = this._transports[this._transportIndex];
+    return t.name || String(this._transportIndex);
   }
 
   /**
@@ -327,6 +415,7 @@ export class WsProxyClient extends EventTarget {
     this.failures = 0;
     this._backoffStep = 0;
     this._quickExpiries = 0;
+    this._transportIndex = 0;
     this._attempt(undefined);
     return this;
   }
@@ -338,8 +427,8 @@ export class WsProxyClient extends EventTarget {
    */
   send(data, id) {
     if (this.options.ack) return this._sendAcked(data, id);
-    if (!this._ws || this._ws.readyState !== WebSocket.OPEN) return false;
-    this._ws.send(data);
+    if (!this._conn || !this._conn.isOpen()) return false;
+    this._conn.send(data);
     return true;
   }
 
@@ -358,11 +447,11 @@ export class WsProxyClient extends EventTarget {
 
   // one unacknowledged message on the wire, if connected: "<id>\n<message>"
   _transmit(id) {
-    const ws = this._ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN || !this._unacked.has(id)) return;
+    const conn = this._conn;
+    if (!conn || !conn.isOpen() || !this._unacked.has(id)) return;
     const data = this._unacked.get(id);
     if (typeof data === "string") {
-      ws.send(`${id}\n${data}`);
+      conn.send(`${id}\n${data}`);
       return;
     }
     const head = ENCODER.encode(`${id}\n`);
@@ -372,7 +461,7 @@ export class WsProxyClient extends EventTarget {
     const frame = new Uint8Array(head.length + body.length);
     frame.set(head);
     frame.set(body, head.length);
-    ws.send(frame.buffer);
+    conn.send(frame.buffer);
   }
 
   /** Close normally and stop reconnecting. */
@@ -381,8 +470,8 @@ export class WsProxyClient extends EventTarget {
     this._run += 1; // an attempt waiting for its credential is dropped
     clearTimeout(this._timer);
     this._timer = null;
-    if (this._ws) {
-      this._ws.close(code, reason); // onclose reports "closed"
+    if (this._conn) {
+      this._conn.close(code, reason); // its close event reports "closed"
     } else if (this.state !== State.CLOSED) {
       this._setState(State.CLOSED, { code, reason, byClient: true });
     }
@@ -440,77 +529,100 @@ export class WsProxyClient extends EventTarget {
     );
   }
 
-  // The socket of an attempt, with its credential ({token} or {ticket});
-  // spent: how much of connectTimeoutMs getting the credential took.
+  // The connection of an attempt, with its credential ({token} or
+  // {ticket}), over the current transport; spent: how much of
+  // connectTimeoutMs getting the credential took.
   _open(credential, spent) {
     const o = this.options;
     const fresh = Boolean(o.getToken || o.getTicket);
-    let ws;
+    const transport = this._transports[this._transportIndex];
+    let conn = null;
+    let openedAt = 0;
+    let deadline = null;
+    const events = {
+      open: (protocol) => {
+        clearTimeout(deadline);
+        if (this._conn !== conn || openedAt) return;
+        openedAt = Date.now();
+        this.failures = 0;
+        if (this._everOpened) this.reconnects += 1;
+        this._everOpened = true;
+        this._setState(State.OPEN, { protocol, reconnects: this.reconnects, transport: transport.name });
+        // what the last connection did not get acknowledged, again, same ids
+        for (const id of this._unacked.keys()) this._transmit(id);
+      },
+      message: (data) => {
+        if (this._conn !== conn) return;
+        if (o.resume || o.ack || o.labels) this._receive(data);
+        else this._deliver(data);
+      },
+      close: (info) => {
+        clearTimeout(deadline);
+        this._closed(conn, info, openedAt, fresh);
+      },
+    };
     try {
       const url = this._socketUrl(credential);
-      ws = credential.token && o.tokenIn === "subprotocol" ? new WebSocket(url, ["bearer", credential.token]) : new WebSocket(url);
+      const protocols = credential.token && o.tokenIn === "subprotocol" ? ["bearer", credential.token] : undefined;
+      conn = transport.open({ url, protocols }, events);
     } catch (err) {
+      if (this._transports.length > 1) {
+        // this transport cannot start here: the next one, next attempt
+        this._nextTransport();
+        this._notOpened({ error: String(err), transport: transport.name });
+        return;
+      }
       // a malformed URL: retrying cannot help
       this._stopped = true;
       this._setState(State.FAILED, { error: String(err), message: `cannot connect: ${err.message}` });
       return;
     }
-    ws.binaryType = "arraybuffer";
-    this._ws = ws;
+    this._conn = conn;
     if (!fresh) this._setState(State.CONNECTING, { attempt: this.attempts, url: o.url });
-
-    let openedAt = 0;
     // fails the attempt: 1006
-    const deadline = setTimeout(() => ws.close(), Math.max(0, o.connectTimeoutMs - spent));
+    deadline = setTimeout(() => conn.close(), Math.max(0, o.connectTimeoutMs - spent));
+  }
 
-    ws.onopen = () => {
-      clearTimeout(deadline);
-      openedAt = Date.now();
-      this.failures = 0;
-      if (this._everOpened) this.reconnects += 1;
-      this._everOpened = true;
-      this._setState(State.OPEN, { protocol: ws.protocol, reconnects: this.reconnects });
-      // what the last connection did not get acknowledged, again, same ids
-      for (const id of this._unacked.keys()) this._transmit(id);
-    };
-    ws.onmessage = (event) => {
-      if (o.resume || o.ack || o.labels) this._receive(event.data);
-      else this._deliver(event.data);
-    };
-    // the browser says nothing useful in the error event; the close event follows
-    ws.onerror = () => {};
-    ws.onclose = (event) => {
-      clearTimeout(deadline);
-      if (this._ws !== ws) return;
-      this._ws = null;
-      const detail = { code: event.code, reason: event.reason, wasClean: event.wasClean };
-      if (this._stopped) {
-        this._setState(State.CLOSED, { ...detail, byClient: true });
+  // The end of an attempt's connection (conn), open since openedAt (0: it
+  // never opened).
+  _closed(conn, { code, reason, wasClean }, openedAt, fresh) {
+    if (this._conn !== conn) return;
+    this._conn = null;
+    const o = this.options;
+    const detail = { code, reason, wasClean };
+    if (this._stopped) {
+      this._setState(State.CLOSED, { ...detail, byClient: true });
+      return;
+    }
+    if (openedAt && code === 1000) {
+      this._stopped = true;
+      this._setState(State.CLOSED, { ...detail, byClient: false });
+      return;
+    }
+    if (!openedAt) {
+      this._nextTransport();
+      this._notOpened(detail);
+      return;
+    }
+    const stable = Date.now() - openedAt >= o.stableMs;
+    if (stable) this._backoffStep = 0;
+    if (fresh && code === TOKEN_EXPIRED) {
+      // a fresh token at once; only repeated quick expiries back off
+      this._quickExpiries = stable ? 0 : this._quickExpiries + 1;
+      if (this._quickExpiries <= 1) {
+        this._retry({ ...detail, expired: true }, 0);
         return;
       }
-      if (openedAt && event.code === 1000) {
-        this._stopped = true;
-        this._setState(State.CLOSED, { ...detail, byClient: false });
-        return;
-      }
-      if (!openedAt) {
-        this._notOpened(detail);
-        return;
-      }
-      const stable = Date.now() - openedAt >= o.stableMs;
-      if (stable) this._backoffStep = 0;
-      if (fresh && event.code === TOKEN_EXPIRED) {
-        // a fresh token at once; only repeated quick expiries back off
-        this._quickExpiries = stable ? 0 : this._quickExpiries + 1;
-        if (this._quickExpiries <= 1) {
-          this._retry({ ...detail, expired: true }, 0);
-          return;
-        }
-      } else {
-        this._quickExpiries = 0;
-      }
-      this._retry(detail, this._nextDelay());
-    };
+    } else {
+      this._quickExpiries = 0;
+    }
+    this._retry(detail, this._nextDelay());
+  }
+
+  // After an attempt that never opened: the next transport in the list
+  // (round it), for the next attempt.
+  _nextTransport() {
+    this._transportIndex = (this._transportIndex + 1) % this._transports.length;
   }
 
   // An attempt that never opened (refused, unreachable, timed out, or no
@@ -658,9 +770,9 @@ export class WsProxyClient extends EventTarget {
     const info = { id, reason: event.reason || "" };
     if (this.onnack) this.onnack(info);
     this.dispatchEvent(new CustomEvent("nack", { detail: info }));
-    const ws = this._ws;
+    const conn = this._conn;
     setTimeout(() => {
-      if (this._ws === ws) this._transmit(id); // a new connection sends it anyway
+      if (this._conn === conn) this._transmit(id); // a new connection sends it anyway
     }, this.options.nackRetryMs);
   }
 
