@@ -1,13 +1,14 @@
-// A Node client for wsproxy: the browser client module
-// (examples/browser/wsproxy-client.js, unchanged) under Node's own WebSocket,
-// with labels and resume, printing what arrives:
+// A Node client for wsproxy: the client package (clients/js, @wsproxy/client;
+// the same module the browser page uses) under Node's own WebSocket, with
+// labels and resume, printing what arrives:
 //
 //   node examples/node_client.mjs ws://127.0.0.1:8080 demo s3cret            # Node 22+
 //   node --experimental-websocket examples/node_client.mjs ws://127.0.0.1:8080 demo s3cret  # Node 20, 21
 //
 // Arguments: the proxy's base URL (no path), the session id, its token;
 // options: --agent A (default app), --no-resume (a proxy without RESUME=true),
-// --no-labels (a proxy without TOPICS=true). Needs no npm package.
+// --no-labels (a proxy without TOPICS=true). Needs no npm install: it imports
+// ../clients/js/src/index.js (an application would import "@wsproxy/client").
 //
 // Output (stdout): "[#topic] message" for a message on a topic, "< message"
 // for one to the session itself (binary ones as "<n> bytes: <hex>"); states
@@ -19,7 +20,7 @@ if (typeof WebSocket === "undefined") {
   process.exit(2);
 }
 
-const { WsProxyClient } = await import(new URL("./browser/wsproxy-client.js", import.meta.url));
+const { WsProxyClient } = await import(new URL("../clients/js/src/index.js", import.meta.url));
 
 const args = process.argv.slice(2);
 const flag = (name) => {

@@ -47,7 +47,9 @@ else:
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-PAGE_DIR = os.path.join(ROOT, "examples", "browser")
+#: the page, under the repository's root that StaticServer serves (its
+#: wsproxy-client.js re-exports ../../clients/js/src/index.js, the package)
+PAGE_PATH = "/examples/browser/index.html"
 ARTIFACTS = os.path.join(ROOT, "artifacts")
 
 CHROMIUM_ARGS = [
@@ -560,7 +562,9 @@ class NumberedStream(threading.Thread):
 
 class StaticServer:
     """
-    examples/browser/ over HTTP on a loopback port, in a thread; and what a
+    The repository's root over HTTP on a loopback port, in a thread (the
+    page is examples/browser/index.html; its client module imports the
+    package's file, clients/js/src/index.js); and what a
     page's own backend would answer: C{routes} maps a path to a function
     whose string a C{POST} there gets (a fresh token or ticket), as plain
     text, never cached.
@@ -622,7 +626,7 @@ class BrowserTests(TestCase):
     def setUp(self) -> None:
         require_browser()
         self.redis = redis_server(self)
-        self.static = StaticServer(PAGE_DIR)
+        self.static = StaticServer(ROOT)
         self.addCleanup(self.static.stop)
         self.driver: Any = None
         self.daemons: list[Daemon] = []
@@ -672,7 +676,7 @@ class BrowserTests(TestCase):
             f"{params}&url=ws://127.0.0.1:{port}"
             f"&maxFailures={max_failures}&backoff={BACKOFF_MS}&maxBackoff={MAX_BACKOFF_MS}"
         )
-        url = f"http://127.0.0.1:{self.static.port}/index.html{query}#{fragment}"
+        url = f"http://127.0.0.1:{self.static.port}{PAGE_PATH}{query}#{fragment}"
         await self.page(self.driver.get, url)
         return url
 
@@ -756,7 +760,7 @@ class BrowserTests(TestCase):
         position. Without C{resume} nothing changes.
         """
         await self.open_browser()
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}{PAGE_PATH}")
         out = await self.page(self.driver.execute_async_script, FAKE_SOCKET_JS)
         self.assertNotIn("error", out, out.get("error"))
         self.assertEqual(out["plainUrl"], "ws://proxy.test/a/ws/s1")
@@ -807,7 +811,7 @@ class BrowserTests(TestCase):
         set its position as the session's do the session's.
         """
         await self.open_browser()
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}{PAGE_PATH}")
         out = await self.page(self.driver.execute_async_script, LABELS_JS)
         self.assertNotIn("error", out, out.get("error"))
         base = "ws://proxy.test/a/ws/s1"
@@ -872,7 +876,7 @@ class BrowserTests(TestCase):
         socket; only one of C{token}, C{getToken} and C{getTicket} is taken.
         """
         await self.open_browser()
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}{PAGE_PATH}")
         out = await self.page(self.driver.execute_async_script, CREDENTIALS_JS)
         self.assertNotIn("error", out, out.get("error"))
         url = "ws://proxy.test/a/ws/s1"
@@ -1249,7 +1253,7 @@ class BrowserTests(TestCase):
         daemon, port = await self.proxy_and_browser(**env)
         await wait_for(lambda: b"wsproxy" in str(backend.redis.function_list()).encode(),
                        timeout=20)
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}{PAGE_PATH}")
         started = await self.page(self.driver.execute_async_script, TOPIC_CLIENT_JS,
                                   f"ws://127.0.0.1:{port}", session, token)
         self.assertEqual(started, "started")
@@ -1361,7 +1365,7 @@ class BrowserTests(TestCase):
         self.addCleanup(r.close)
         r.set(f"session:{session}:auth", token, ex=120)
         daemon, port = await self.proxy_and_browser(UPSTREAM="stream")
-        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}/index.html")
+        await self.page(self.driver.get, f"http://127.0.0.1:{self.static.port}{PAGE_PATH}")
         started = await self.page(self.driver.execute_async_script, ACK_SENDER_JS,
                                   f"ws://127.0.0.1:{port}", session, token, total)
         self.assertEqual(started, "started")
