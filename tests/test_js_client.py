@@ -217,3 +217,20 @@ class JsClientTests(EnvTestCase):
         class given as an option; options checked.
         """
         await self.node_tests("transports.test.js")
+
+    async def test_type_declarations(self) -> None:
+        """
+        index.d.ts declares the whole public API: test/types/usage.ts (every
+        option, callback, event and method, and what must not compile,
+        marked @ts-expect-error) passes C{tsc --noEmit --strict}, importing
+        the package by its name (its own exports and types).
+        """
+        node = node_command()
+        if not os.access(TSC, os.X_OK):
+            raise RuntimeError(f"no TypeScript compiler at {TSC}: run bin/dev system-setup "
+                               "(npm ci from clients/js/package-lock.json into .cache/js-client)")
+        out = ProcessOutput()
+        argv = [node[0], os.path.realpath(TSC), "-p", os.path.join("test", "types", "tsconfig.json")]
+        reactor.spawnProcess(out, argv[0], argv, env=dict(os.environ), path=PACKAGE)
+        status = await out.ended
+        self.assertEqual(status, 0, out.output.decode(errors="replace"))
