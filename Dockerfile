@@ -31,6 +31,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY requirements/constraints.txt requirements/
 COPY wsproxy/ wsproxy/
 COPY twisted/ twisted/
+COPY clients/python/ clients/python/
 # the lock (requirements/constraints.txt) pins every runtime dependency;
 # `pip wheel` resolves only what wsproxy needs (no dev extras), each at its
 # locked version, then the venv installs exactly those wheels, offline
@@ -47,10 +48,13 @@ assert 'wsproxy' in [p.tapname for p in getPlugins(IServiceMaker)]"; \
     # the fast path's borrowed internals are checked against what was installed
     /opt/wsproxy/bin/python -m wsproxy.fast; \
     # the examples' venv (the `examples` target, compose.yaml's backend):
-    # the same wheels plus the examples extra (redis-py, websockets)
-    /opt/wsproxy/bin/pip wheel --wheel-dir /wheels -c requirements/constraints.txt '.[examples]'; \
+    # the same wheels plus the examples extra (redis-py, websockets) and the
+    # Python client (clients/python: examples/ws_client.py runs on it)
+    /opt/wsproxy/bin/pip wheel --wheel-dir /wheels -c requirements/constraints.txt \
+        '.[examples]' ./clients/python; \
     python3 -m venv /opt/examples; \
-    /opt/examples/bin/pip install -q --no-index --find-links /wheels 'wsproxy[examples]'; \
+    /opt/examples/bin/pip install -q --no-index --find-links /wheels 'wsproxy[examples]' \
+        wsproxy-client; \
     # nothing installs packages at run time
     for venv in /opt/wsproxy /opt/examples; do \
         $venv/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
