@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from collections.abc import Coroutine
 from typing import Any, Optional, TypeVar
 
 from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
 
 from wsproxy.backend import Backend, sign_token
 from wsproxy_client import Message, Recovery, State, StateChange, WsProxyClient
@@ -374,3 +376,86 @@ class TokenTests(PythonClientTestCase):
         await wait_for(lambda: seen.texts() == ["still here"], timeout=30)
         # nothing of the tokens in what the client shows
         self.assertNotIn("eyJ", client.socket_url + repr(seen.states))
+
+
+class ScriptedServerTests(TestCase):
+    """
+    The client's bookkeeping against a scripted WebSocket server (websockets'
+    own, in the client's loop): no daemon, no Redis.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.aio = AsyncioThread()
+        self.addCleanup(self.aio.stop)
+
+    async def test_nack_duplicates_and_resume_query(self) -> None:
+        """
+        A nacked message is sent again (same id) nack_retry later and
+        leaves unacked at its ack; a recoverable message repeated (session
+        or topic, same epoch) is dropped; positions follow what was
+        delivered, per topic; the reconnect after a 1001 asks for both
+        (resume=, resume_topic=) with ack=1 and labels=1.
+        """
+        from websockets.asyncio.server import ServerConnection, serve
+
+        paths: list[str] = []
+        received: list[str] = []
+
+        async def handler(ws: ServerConnection) -> None:
+            assert ws.request is not None
+            paths.append(ws.request.path)
+            if len(paths) > 1:
+                await ws.wait_closed()
+                return
+            await ws.send('!{"type":"recovery","recovered":true,"replayed":0,'
+                          '"position":"a:1-0","reason":""}')
+            for frame in ("a:1-1\none", "a:1-1\none again", "a:1-2\ntwo", "#T a:5-1\nt1",
+                          "#T a:5-1\nt1 again", "#T\nplain t", "\nplain s"):
+                await ws.send(frame)
+            async for frame in ws:
+                assert isinstance(frame, str)
+                received.append(frame)
+                id = frame.split("\n", 1)[0]
+                kind = "nack" if received.count(frame) == 1 else "ack"
+                await ws.send("!" + json.dumps({"type": kind, "id": id, "position": "1-0",
+                                                "reason": "redis timeout"}))
+                if kind == "ack":
+                    await ws.close(1001, "server shutting down")
+
+        seen = Seen()
+        nacks: list[str] = []
+
+        async def scenario() -> WsProxyClient:
+            server = await serve(handler, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = WsProxyClient(f"ws://127.0.0.1:{port}", "s", token="t", resume=True,
+                                   ack=True, labels=True, nack_retry=0.2, backoff=0.05,
+                                   on_state=seen.states.append,
+                                   on_ack=lambda a: seen.acked.append(a.id),
+                                   on_nack=lambda n: nacks.append(n.id))
+            await client.connect()
+            id = await client.send("hello", id="m-1")
+            assert id == "m-1" and client.unacked == ["m-1"]
+            await client.flush(30)
+            for _ in range(5):
+                seen.messages.append(await client.receive())
+            while len(paths) < 2:
+                await asyncio.sleep(0.01)
+            await client.close()
+            server.close()
+            await server.wait_closed()
+            return client
+
+        client = await self.aio.run(scenario())
+        self.assertEqual(received, ["m-1\nhello", "m-1\nhello"])
+        self.assertEqual((nacks, seen.acked, client.unacked), (["m-1"], ["m-1"], []))
+        self.assertEqual([(m.data, m.topic, m.position) for m in seen.messages],
+                         [("one", None, "a:1-1"), ("two", None, "a:1-2"), ("t1", "T", "a:5-1"),
+                          ("plain t", "T", None), ("plain s", None, None)])
+        self.assertEqual((client.position, client.topic_positions), ("a:1-2", {"T": "a:5-1"}))
+        self.assertEqual(paths[1], "/app/ws/s?resume=a%3A1-2&labels=1"
+                                   "&resume_topic=T%40a%3A5-1&ack=1")
+        self.assertIn(1001, [s.code for s in seen.states if s.state is State.RECONNECTING])
+        self.assertEqual(client.state, State.CLOSED)

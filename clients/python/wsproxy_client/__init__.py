@@ -113,7 +113,7 @@ from typing import Final, Literal, Optional, TypeVar, Union
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 __all__ = [
@@ -539,6 +539,8 @@ class WsProxyClient:
         The next message; the iteration ends when the client is closed
         (state closed) and raises L{ConnectionFailed} when it gave up.
         """
+        if self._task is None:
+            raise StopAsyncIteration  # never connected
         item = await self._queue.get()
         if isinstance(item, Message):
             return item
@@ -659,6 +661,9 @@ class WsProxyClient:
         finally:
             self._conn = None
             self._stopped = True
+            if self._failure is None and self.state not in (State.CLOSED, State.FAILED):
+                # close() during a backoff wait or while getting a credential
+                self._set_state(State.CLOSED, _Attempt(), by_client=True)
             self._opened.set()
             if self._failure is not None:
                 self._queue.put_nowait(_Failure(self._failure))
@@ -757,13 +762,26 @@ class WsProxyClient:
                 self._socket_url(token, ticket), additional_headers=headers,
                 subprotocols=subprotocols, compression=self.compression, ssl=self.ssl,
                 open_timeout=remaining, max_size=None, user_agent_header="wsproxy-client")
+        except InvalidURI:
+            # a malformed URL: retrying cannot help (and the error names the
+            # URL, which may hold a token: not repeated)
+            self._stopped = True
+            self._failure = ConnectionFailed(self._set_state(
+                State.FAILED, _Attempt(error="cannot connect: not a valid WebSocket URL"),
+                message=f"cannot connect: not a valid WebSocket URL: {self.socket_url_for_logs}"))
+            return _Attempt(), None
         except InvalidStatus as e:
             return _Attempt(code=1006, status=e.response.status_code,
                             status_reason=e.response.reason_phrase,
                             error=f"refused: HTTP {e.response.status_code} "
                                   f"{e.response.reason_phrase}"), None
         except (OSError, TimeoutError, InvalidHandshake) as e:
-            return _Attempt(code=1006, error=f"cannot connect: {type(e).__name__}: {e}"), None
+            error = f"cannot connect: {type(e).__name__}: {e}"
+            for secret in (token, ticket):
+                if secret:  # never shown, even if an error message quotes it
+                    error = error.replace(secret, "<credential>").replace(
+                        quote(secret, safe=""), "<credential>")
+            return _Attempt(code=1006, error=error), None
         self._serial += 1
         conn = _Connection(ws, self._serial)
         opened_at = loop.time()
