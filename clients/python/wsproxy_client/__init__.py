@@ -8,9 +8,10 @@ wsproxy_client: an asyncio client for wsproxy, on ``websockets``.
         async for message in client:          # Message(data, topic, position, binary)
             print(message.data)
 
-It is the Python counterpart of the browser client
-(``examples/browser/wsproxy-client.js``) and follows the same rules, listed
-here; where it differs (what Python can do and a browser cannot) it says so.
+It is the Python counterpart of the JavaScript client (``clients/js``,
+``@wsproxy/client``, which the browser example re-exports) and follows the
+same rules, listed here; where it differs (what Python can do and a
+browser cannot) it says so.
 
 Credentials. Give exactly one of:
 
@@ -33,7 +34,7 @@ the way). The client never logs, shows or keeps a token or ticket:
 :attr:`WsProxyClient.socket_url` has none from a callback, and only a
 callback's error message ends up in a state change's ``error``.
 
-Reconnection (as the browser client). After any close of an open connection
+Reconnection (as the JavaScript client). After any close of an open connection
 other than a normal closure (1000) or :meth:`WsProxyClient.close` -- an
 abnormal close (1006), a server restart (1001), 1011, a backend's 4000-4999
 ... -- the client reconnects after an exponential backoff with jitter
@@ -54,10 +55,10 @@ backoff. A 1000 from the server ends the client ("closed").
   client gives up ("failed": iterating raises :class:`ConnectionFailed`).
   Unlike a browser this client sees a refusal's HTTP status and reason
   (:attr:`StateChange.status`, :attr:`ConnectionFailed.status`) but retries
-  it all the same, as the browser client does: a 403 for an expired token
+  it all the same, as the JavaScript client does: a 403 for an expired token
   may be cured by the next ``get_token``, a 503 by a restarted proxy. A
   ``get_token`` token that cannot travel as a subprotocol fails at once.
-- ``reconnect=False`` (not in the browser client): no reconnection at all;
+- ``reconnect=False`` (not in the JavaScript client): no reconnection at all;
   the first attempt that does not open fails the client, the end of the
   connection ends it ("closed", with :attr:`close_code` and
   :attr:`close_reason`).
