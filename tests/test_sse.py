@@ -1,0 +1,434 @@
+"""
+Server-Sent Events (issue 28, the GET stream) against a real redis-server
+and the proxy in the test's reactor: raw HTTP clients over loopback read
+the event stream (tests/support/sse.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+from typing import Any, Optional
+
+from twisted.internet import reactor, task
+
+from wsproxy.backend import Backend
+
+from .support import wait_for
+from .support.proxy import ProxyTestCase, RunningProxy, start_proxy
+from .support.redis import RedisTestCase
+from .support.sse import EventStream, open_stream, sse_request
+
+ORIGIN = "https://app.example"
+
+
+def publish(r: Any, session: str, message: bytes | str, kind: str = "auto") -> str:
+    """
+    One recoverable message, as a backend sends it (wsproxy_publish); its
+    position.
+    """
+    position = r.fcall(
+        "wsproxy_publish", 2, f"session:{session}:history", f"session:{session}:meta",
+        message, kind,
+    )
+    return position.decode() if isinstance(position, bytes) else str(position)
+
+
+class SseTestCase(ProxyTestCase):
+    settings: dict[str, Any] = {"allowed_origins": (ORIGIN,)}
+
+    async def stream(self, session: str = "s1", query: str = "?access_token=tok",
+                     headers: Optional[dict[str, str]] = None, agent: str = "a",
+                     method: str = "GET", proxy: Optional[RunningProxy] = None) -> EventStream:
+        proxy = proxy or self.proxy
+        return await open_stream(proxy.port, f"/{agent}/sse/{session}{query}", headers,
+                                 method, test=self)
+
+    async def opened(self, session: str = "s1", **kwargs: Any) -> EventStream:
+        """
+        An open stream of C{session}: its head and its retry line read.
+        """
+        s = await self.stream(session, **kwargs)
+        self.assertEqual(s.status, 200, s.body)
+        await wait_for(lambda: s.retry is not None)
+        return s
+
+
+class RefusalTests(SseTestCase):
+    async def refused(self, code: int, body: str, **kwargs: Any) -> EventStream:
+        s = await self.stream(**kwargs)
+        await wait_for(lambda: s.status is not None and s.body.endswith(b"\n"))
+        self.assertEqual((s.status, s.body), (code, body.encode() + b"\n"))
+        self.assertEqual(s.header("content-type"), "text/plain; charset=utf-8")
+        self.assertIsNone(s.header("server"))
+        return s
+
+    async def test_refusals(self) -> None:
+        """
+        Each refusal of the admission: its status and plain-text body; the
+        CORS headers with an allowed Origin, none with another.
+        """
+        self.authorize("s1")
+        cors = {"Origin": ORIGIN}
+        s = await self.refused(401, "Missing bearer token", query="", headers=cors)
+        self.assertEqual(s.header("access-control-allow-origin"), ORIGIN)
+        self.assertEqual(s.header("vary"), "Origin")
+        s = await self.refused(403, "Invalid or expired token", query="?access_token=nope",
+                               headers=cors)
+        self.assertEqual(s.header("access-control-allow-origin"), ORIGIN)
+        s = await self.refused(403, "Origin not allowed",
+                               headers={"Origin": "https://evil.example"})
+        self.assertIsNone(s.header("access-control-allow-origin"))
+        await self.refused(404, "Not Found", agent="a/b")
+        await self.refused(400, "Invalid session id", session="bad%20id")
+        s = await self.refused(406, "Not Acceptable", headers={"Accept": "text/html", **cors})
+        self.assertEqual(s.header("access-control-allow-origin"), ORIGIN)
+        await self.refused(405, "Method Not Allowed", method="POST")
+        await self.refused(400, "Resumable sessions are not enabled",
+                           query="?access_token=tok&resume=")
+        await self.refused(400, "Resumable sessions are not enabled",
+                           headers={"Last-Event-ID": "x"})
+        await self.refused(400, "Token presented more than once",
+                           query="?access_token=tok", headers={"Authorization": "Bearer tok"})
+        self.proxy.proxy.draining = True
+        s = await self.refused(503, "Server shutting down")
+        self.assertEqual(s.header("retry-after"), "1")
+        self.proxy.proxy.draining = False
+        self.assertIn("refused 406 Not Acceptable: session=s1 agent=a", self.log_text())
+        self.assertEqual(self.proxy.proxy.stats.outcomes["406"], 1)
+        self.assertEqual(len(self.proxy.proxy.connections), 0)
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def setUp(self) -> Any:
+        from twisted.logger import globalLogPublisher, formatEvent
+
+        self.lines: list[str] = []
+
+        def observe(e: Any) -> None:
+            self.lines.append(formatEvent(e))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return super().setUp()
+
+    async def test_accept(self) -> None:
+        """
+        Accept absent, naming text/event-stream or */*: a stream.
+        """
+        self.authorize("s1")
+        for accept in (None, "text/event-stream", "text/html, */*;q=0.1"):
+            s = await self.opened(headers={} if accept is None else {"Accept": accept})
+            s.close()
+
+    async def test_max_connections_counts_both(self) -> None:
+        """
+        MAX_CONNECTIONS counts WebSocket connections and SSE streams
+        together.
+        """
+        await self.proxy.stop()
+        await self.start(max_connections=2)
+        self.authorize("s1")
+        await self.client("s1")
+        await self.opened()
+        s = await self.stream()
+        await wait_for(lambda: s.body.endswith(b"\n"))
+        self.assertEqual((s.status, s.body), (503, b"Too many connections\n"))
+
+    async def test_header_token_and_ticket(self) -> None:
+        """
+        Authorization: Bearer (fetch-based clients), and a connect ticket.
+        """
+        self.authorize("s1")
+        await self.opened(query="", headers={"Authorization": "Bearer tok"})
+        ticket = Backend(self.r).issue_ticket("s1")
+        await self.opened(query=f"?ticket={ticket}")
+        # single-use
+        s = await self.stream(query=f"?ticket={ticket}")
+        await wait_for(lambda: s.body.endswith(b"\n"))
+        self.assertEqual(s.status, 403)
+
+
+class StreamTests(SseTestCase):
+    async def test_head(self) -> None:
+        """
+        200, the stream's content type and caching headers, chunked, CORS
+        for an allowed Origin, and the retry line first.
+        """
+        self.authorize("s1")
+        s = await self.opened(headers={"Origin": ORIGIN})
+        self.assertEqual(s.header("content-type"), "text/event-stream; charset=utf-8")
+        self.assertEqual(s.header("cache-control"), "no-cache, no-transform")
+        self.assertEqual(s.header("x-accel-buffering"), "no")
+        self.assertEqual(s.header("transfer-encoding"), "chunked")
+        self.assertIsNone(s.header("content-length"))
+        self.assertEqual(s.header("access-control-allow-origin"), ORIGIN)
+        self.assertEqual(s.header("vary"), "Origin")
+        self.assertEqual(s.retry, 2000)
+        self.assertTrue(s.body.startswith(b"retry: 2000\n\n"), s.body)
+
+    async def test_messages(self) -> None:
+        """
+        Text with newlines arrives exact (data lines joined with LF);
+        binary as base64 (event: binary); text with CR as base64 (event:
+        text-base64); empty text as one empty data line.
+        """
+        self.authorize("s1")
+        s = await self.opened()
+        sent = [b"hello", b"two\nlines\n\nand more", b"\x00\xff\x80", b"cr\r\nlf", b"",
+                " é ".encode()]
+        for m in sent:
+            self.r.publish("session:s1:down", m)
+        events = await s.wait_events(len(sent))
+        self.assertEqual([e.event for e in events],
+                         ["message", "message", "binary", "text-base64", "message", "message"])
+        self.assertEqual([e.payload() for e in events], sent)
+        self.assertEqual(events[1].data, "two\nlines\n\nand more")
+        self.assertIn(b"data: two\ndata: lines\ndata: \ndata: and more\n\n", s.body)
+        self.assertEqual(events[2].data, base64.b64encode(b"\x00\xff\x80").decode())
+        self.assertTrue(all(e.id is None for e in events))
+        stats = self.proxy.proxy.stats
+        self.assertEqual((stats.sse_messages_down, stats.messages_down), (6, 6))
+
+    async def test_both_transports(self) -> None:
+        """
+        A session's WebSocket client and SSE stream both get its messages;
+        the open count and the metrics see both.
+        """
+        self.authorize("s1")
+        c = await self.client("s1")
+        s = await self.opened()
+        self.r.publish("session:s1:down", "to both")
+        await c.wait_messages(1)
+        await s.wait_events(1)
+        self.assertEqual(s.events[0].data, "to both")
+        stats = self.proxy.proxy.stats
+        self.assertEqual((stats.open_connections, stats.sse_connections_open), (2, 1))
+        s.close()
+        await wait_for(lambda: stats.sse_connections_open == 0)
+        self.assertEqual(stats.open_connections, 1)
+        self.assertEqual(len(self.proxy.proxy.connections), 1)
+        self.assertEqual(len(self.proxy.proxy.sessions["s1"]), 1)
+
+    async def test_heartbeat(self) -> None:
+        """
+        WS_PING_INTERVAL_SECS: a comment line every interval.
+        """
+        await self.proxy.stop()
+        await self.start(ping_interval=0.2, allowed_origins=(ORIGIN,))
+        self.authorize("s1")
+        s = await self.opened()
+        await wait_for(lambda: len(s.comments) >= 2, timeout=3)
+        self.assertEqual(s.comments[:2], ["ping", "ping"])
+        self.assertIn(b": ping\n\n", s.body)
+
+    async def test_retry_setting(self) -> None:
+        """
+        SSE_RETRY_MS is the stream's first line.
+        """
+        await self.proxy.stop()
+        await self.start(sse_retry_ms=500)
+        self.authorize("s1")
+        s = await self.opened()
+        self.assertTrue(s.body.startswith(b"retry: 500\n\n"))
+
+    async def test_server_close(self) -> None:
+        """
+        A backend's close (wsproxy:control): a close event with its code
+        and reason, then the response ends; a WebSocket client of the
+        session is closed too.
+        """
+        self.authorize("s1")
+        s = await self.opened()
+        self.r.publish("wsproxy:control", json.dumps({"close": "s1", "code": 4000,
+                                                      "reason": "done"}))
+        await s.done
+        self.assertTrue(s.complete)
+        self.assertEqual([e.json() for e in s.named("close")],
+                         [{"code": 4000, "reason": "done"}])
+        self.assertEqual(self.proxy.proxy.stats.open_connections, 0)
+
+    async def test_events(self) -> None:
+        """
+        Lifecycle events say "transport": "sse".
+        """
+        await self.proxy.stop()
+        await self.start(events=("session",))
+        self.authorize("s1")
+        sub = self.r.pubsub()
+        sub.subscribe("session:s1:events")
+        await wait_for(lambda: sub.get_message(timeout=0) is not None)
+        s = await self.opened()
+        s.close()
+        got: list[dict[str, Any]] = []
+
+        def read() -> bool:
+            m = sub.get_message(timeout=0)
+            if m is not None and m["type"] == "message":
+                got.append(json.loads(m["data"]))
+            return len(got) >= 2
+
+        await wait_for(read)
+        sub.close()
+        self.assertEqual([(e["event"], e["transport"]) for e in got],
+                         [("open", "sse"), ("close", "sse")])
+        self.assertEqual(got[1]["closed_by"], "client")
+
+
+class SlowConsumerTests(SseTestCase):
+    settings: dict[str, Any] = {"max_send_buffer": 50_000}
+
+    async def test_slow_consumer_dropped(self) -> None:
+        """
+        A stream whose client stops reading is dropped once more than
+        WS_MAX_SEND_BUFFER_BYTES wait for it; another stream of the session
+        keeps receiving.
+        """
+        self.authorize("s1")
+        good = await self.opened()
+        stalled = socket.create_connection(("127.0.0.1", self.proxy.port))
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(sse_request("/a/sse/s1?access_token=tok"))
+        await wait_for(lambda: self.proxy.proxy.stats.sse_connections_open == 2)
+        payload = "x" * 60_000
+        for i in range(2000):
+            self.r.publish("session:s1:down", payload)
+            await task.deferLater(reactor, 0.002, lambda: None)
+            if self.proxy.proxy.stats.slow_consumer_closes:
+                break
+        self.assertEqual(self.proxy.proxy.stats.slow_consumer_closes, 1)
+        await wait_for(lambda: self.proxy.proxy.stats.sse_connections_open == 1)
+        self.r.publish("session:s1:down", "after")
+        await wait_for(lambda: good.events and good.events[-1].data == "after", timeout=10)
+
+
+class ShutdownTests(RedisTestCase):
+    timeout = 30
+
+    async def test_sigterm_closes_with_1001(self) -> None:
+        """
+        Shutdown: an open stream gets a close event 1001 and its response
+        ends, within the grace period.
+        """
+        proxy = start_proxy(self, self.redis.url)
+        await proxy.ready()
+        self.r.set("session:s1:auth", "tok", ex=60)
+        s = await open_stream(proxy.port, "/a/sse/s1?access_token=tok", test=self)
+        await wait_for(lambda: s.retry is not None)
+        started = time.monotonic()
+        await proxy.stop()
+        await wait_for(lambda: s.ended)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual([e.json() for e in s.named("close")],
+                         [{"code": 1001, "reason": "server shutting down"}])
+
+
+class ResumeTests(RedisTestCase):
+    timeout = 60
+
+    async def ready(self, proxy: RunningProxy) -> None:
+        await proxy.ready()
+        await wait_for(lambda: b"wsproxy" in str(self.r.function_list()).encode())
+
+    async def test_resume_across_restart(self) -> None:
+        """
+        A resuming stream (?resume=) gets the recovery event, then each
+        message enveloped (its position first) with an id; after a proxy
+        restart, Last-Event-ID (as EventSource sends it) resumes after the
+        last event received: the messages published meanwhile, exactly.
+        """
+        proxy = start_proxy(self, self.redis.url, resume=True)
+        await self.ready(proxy)
+        self.r.set("session:s1:auth", "tok", ex=300)
+        s = await open_stream(proxy.port, "/a/sse/s1?access_token=tok&resume=", test=self)
+        await wait_for(lambda: s.named("recovery"))
+        self.assertEqual(s.named("recovery")[0].json()["recovered"], True)
+        positions = [publish(self.r, "s1", "one"), publish(self.r, "s1", "two\nlines"),
+                     publish(self.r, "s1", b"\xffbin", "binary")]
+        self.r.publish("session:s1:down", "plain")
+        await wait_for(lambda: len(s.messages()) == 4)
+        got = s.messages()
+        self.assertEqual([e.data for e in got[:2]],
+                         [f"{positions[0]}\none", f"{positions[1]}\ntwo\nlines"])
+        self.assertEqual([e.id for e in got], [*positions, positions[2]])
+        self.assertEqual((got[2].event, got[2].payload()), ("binary", b"\xffbin"))
+        self.assertEqual(got[2].data.split("\n")[0], positions[2])
+        self.assertEqual(got[3].data, "\nplain")
+        await proxy.stop()
+        await wait_for(lambda: s.ended)
+        later = [publish(self.r, "s1", m) for m in ("three", "four")]
+        proxy = start_proxy(self, self.redis.url, resume=True)
+        await self.ready(proxy)
+        again = await open_stream(proxy.port, "/a/sse/s1?access_token=tok",
+                                  {"Last-Event-ID": s.last_id or ""}, test=self)
+        await wait_for(lambda: len(again.messages()) == 2)
+        self.assertEqual([e.data for e in again.messages()],
+                         [f"{later[0]}\nthree", f"{later[1]}\nfour"])
+        self.assertEqual(again.named("recovery")[0].json()["recovered"], True)
+        # ?last_event_id= as well
+        third = await open_stream(
+            proxy.port, f"/a/sse/s1?access_token=tok&last_event_id={later[0]}", test=self)
+        await wait_for(lambda: len(third.messages()) == 1)
+        self.assertEqual(third.messages()[0].data, f"{later[1]}\nfour")
+
+
+class LimitTests(SseTestCase):
+    async def restart(self, **settings: Any) -> None:
+        await self.proxy.stop()
+        await self.start(**{"allowed_origins": (ORIGIN,), **settings})
+
+    async def refused(self, **kwargs: Any) -> EventStream:
+        s = await self.stream(**kwargs)
+        await wait_for(lambda: s.status is not None and s.body.endswith(b"\n"))
+        return s
+
+    async def test_auth_fail_limit(self) -> None:
+        """
+        Refused credentials count towards AUTH_FAIL_LIMIT as on WebSocket:
+        past it, 429 with Retry-After, before any token is looked at.
+        """
+        await self.restart(auth_fail_limit=2)
+        self.authorize("s1")
+        for _ in range(2):
+            s = await self.refused(query="?access_token=wrong")
+            self.assertEqual(s.status, 403)
+        s = await self.refused()
+        self.assertEqual((s.status, s.body), (429, b"Too many failed authorizations\n"))
+        self.assertIsNotNone(s.header("retry-after"))
+
+    async def test_require_origin(self) -> None:
+        """
+        REQUIRE_ORIGIN: a stream without Origin is refused 403.
+        """
+        await self.restart(require_origin=True)
+        self.authorize("s1")
+        s = await self.refused()
+        self.assertEqual((s.status, s.body), (403, b"Origin required\n"))
+        await self.opened(headers={"Origin": ORIGIN})
+
+
+class ExpiryTests(RedisTestCase):
+    timeout = 30
+
+    async def test_token_expiry_closes_3000(self) -> None:
+        """
+        JWT_EXPIRE_CONNECTIONS: at the token's exp the stream gets a close
+        event 3000 "token expired" and ends.
+        """
+        from .support.jwts import SECRET, token
+
+        proxy = start_proxy(self, self.redis.url, auth_mode=("jwt",), jwt_secret=SECRET,
+                            jwt_expire_connections=True)
+        await proxy.ready()
+        jwt = token({"exp": int(time.time()) + 2})
+        s = await open_stream(proxy.port, "/a/sse/s1", {"Authorization": f"Bearer {jwt}"},
+                              test=self)
+        self.assertEqual(s.status, 200, s.body)
+        await wait_for(lambda: s.ended, timeout=10)
+        self.assertEqual([e.json() for e in s.named("close")],
+                         [{"code": 3000, "reason": "token expired"}])
+        self.assertEqual(proxy.proxy.stats.outcomes["token_expired"], 1)
