@@ -354,7 +354,9 @@ class ResumeTests(RedisTestCase):
         got = s.messages()
         self.assertEqual([e.data for e in got[:2]],
                          [f"{positions[0]}\none", f"{positions[1]}\ntwo\nlines"])
-        self.assertEqual([e.id for e in got], [*positions, positions[2]])
+        # (a message without a position leaves the id as it was)
+        self.assertEqual([e.id for e in got], [*positions, None])
+        self.assertEqual(s.last_id, positions[2])
         self.assertEqual((got[2].event, got[2].payload()), ("binary", b"\xffbin"))
         self.assertEqual(got[2].data.split("\n")[0], positions[2])
         self.assertEqual(got[3].data, "\nplain")
@@ -432,3 +434,94 @@ class ExpiryTests(RedisTestCase):
         self.assertEqual([e.json() for e in s.named("close")],
                          [{"code": 3000, "reason": "token expired"}])
         self.assertEqual(proxy.proxy.stats.outcomes["token_expired"], 1)
+
+
+def topic_publish(r: Any, topic: str, message: str | bytes) -> str:
+    """
+    One recoverable topic message, as a backend sends it; its position.
+    """
+    position = r.fcall("wsproxy_publish", 2, f"topic:{topic}:history", f"topic:{topic}:meta",
+                       message)
+    return position.decode() if isinstance(position, bytes) else str(position)
+
+
+class TopicTests(SseTestCase):
+    settings: dict[str, Any] = {"topics": True, "resume": True}
+
+    async def ready(self) -> None:
+        await wait_for(lambda: b"wsproxy" in str(self.r.function_list()).encode())
+
+    async def test_plain_and_labelled(self) -> None:
+        """
+        A stream is in its session's topics: a plain one gets a topic's
+        messages as session messages come; with ?labels=1 each event's
+        first data line says where it came from (#<topic>, or empty for
+        the session); a WebSocket client in the same topic gets its own
+        framing of the same message.
+        """
+        self.authorize("s1")
+        self.authorize("s2")
+        self.r.sadd("session:s1:topics", "news")
+        self.r.sadd("session:s2:topics", "news")
+        plain = await self.opened("s1")
+        labelled = await self.opened("s2", query="?access_token=tok&labels=1")
+        c = await self.client("s1")
+        self.r.publish("topic:news:down", "hot\nnews")
+        self.r.publish("topic:news:down", b"\xff\x00")
+        self.r.publish("session:s2:down", "yours")
+        await plain.wait_events(2)
+        await labelled.wait_events(3)
+        await c.wait_messages(2)
+        self.assertEqual([(e.event, e.data) for e in plain.events],
+                         [("message", "hot\nnews"), ("binary", "/wA=")])
+        self.assertEqual([(e.event, e.data) for e in labelled.events],
+                         [("message", "#news\nhot\nnews"), ("binary", "#news\n/wA="),
+                          ("message", "\nyours")])
+        self.assertEqual(labelled.events[1].payload(), b"\xff\x00")
+
+    async def test_topic_joined_later(self) -> None:
+        """
+        A backend's subscribe (wsproxy:control) makes an open stream join a
+        topic.
+        """
+        self.authorize("s1")
+        s = await self.opened("s1", query="?access_token=tok&labels=1")
+        self.r.publish("wsproxy:control", json.dumps({"subscribe": "s1", "topic": "late"}))
+        await wait_for(lambda: "late" in (self.proxy.proxy.topics.feeds
+                                          if self.proxy.proxy.topics else {}))
+        self.r.publish("topic:late:down", "joined")
+        await s.wait_events(1)
+        self.assertEqual(s.events[0].data, "#late\njoined")
+
+    async def test_resume_topics_with_last_event_id(self) -> None:
+        """
+        A resuming labelled stream: a recovery event per topic, each
+        recoverable topic message as #<topic> <position>, and every id the
+        whole cursor (session position, <topic>@<position>); reconnecting
+        with the last id after a restart resumes the session and the
+        topic: what was published meanwhile, once.
+        """
+        await self.ready()
+        self.authorize("s1")
+        self.r.sadd("session:s1:topics", "news")
+        query = "?access_token=tok&labels=1&resume="
+        s = await self.opened("s1", query=query)
+        await wait_for(lambda: len(s.named("recovery")) == 2)
+        self.assertEqual(sorted(e.json().get("topic", "") for e in s.named("recovery")),
+                         ["", "news"])
+        session_at = publish(self.r, "s1", "mine")
+        news_at = topic_publish(self.r, "news", "first")
+        await wait_for(lambda: len(s.messages()) == 2)
+        self.assertEqual([e.data for e in s.messages()],
+                         [f"{session_at}\nmine", f"#news {news_at}\nfirst"])
+        self.assertEqual(s.messages()[1].id, f"{session_at} news@{news_at}")
+        await self.proxy.stop()
+        await wait_for(lambda: s.ended)
+        later = topic_publish(self.r, "news", "missed")
+        mine = publish(self.r, "s1", "mine too")
+        await self.start(topics=True, resume=True)
+        again = await self.opened("s1", query=query, headers={"Last-Event-ID": s.last_id or ""})
+        await wait_for(lambda: len(again.messages()) == 2)
+        self.assertEqual(sorted(e.data for e in again.messages()),
+                         sorted([f"#news {later}\nmissed", f"{mine}\nmine too"]))
+        self.assertEqual(again.last_id, f"{mine} news@{later}")

@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, cast
 from urllib.parse import parse_qs, urlsplit
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -46,17 +46,18 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from ..names import down_channel, live_channel, parse_sse_path, valid_session_id
+from ..names import down_channel, live_channel, parse_sse_path, valid_session_id, valid_topic
 from ..redis.pubsub import Listener
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
-from ..session import auth, frames
+from ..session import auth, frames, topics
 from ..session.control import ClosedBy, connection_event
 from ..session.proxy import Proxy, ResumeRequest
-from ..session.resume import InvalidPosition, Recovery, Resumer, parse_position
+from ..session.resume import InvalidPosition, Position, Recovery, Resumer, parse_position
 from ..session.webtoken import Grant
-from ..websocket import states
+from ..websocket import fanout, states
 from ..websocket.closing import GOING_AWAY, TOKEN_EXPIRED
-from ..websocket.downstream import LiveSink, PlainSink
+from ..websocket.downstream import LiveSink, PlainSink, PrefixedSink
+from ..websocket.fanout import Joining
 from ..websocket.states import ADMITTING, CLOSED, CLOSING, ENDED, OPEN, SESSION_OPEN, State
 
 STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -88,28 +89,6 @@ def accepts_event_stream(values: Optional[Sequence[bytes]]) -> bool:
             if media in (b"text/event-stream", b"*/*"):
                 return True
     return False
-
-
-def event(message: bytes, binary: bool, header: Optional[bytes] = None,
-          event_id: Optional[bytes] = None) -> bytes:
-    """
-    One message as one SSE event.
-
-    @param header: on an enveloped connection, the envelope's header
-        (C{b""}, a position, C{#topic}, ...): the data's first line.
-    @param event_id: the event's C{id:}, if any.
-    """
-    lines = [] if event_id is None else [b"id: " + event_id + b"\n"]
-    if binary or b"\r" in message:
-        lines.append(b"event: binary\n" if binary else b"event: text-base64\n")
-        body = [base64.b64encode(message)]
-    else:
-        body = message.split(b"\n")
-    if header is not None:
-        body.insert(0, header)
-    lines += [b"data: " + line + b"\n" for line in body]
-    lines.append(b"\n")
-    return b"".join(lines)
 
 
 def named_event(name: bytes, data: dict[str, Any]) -> bytes:
@@ -149,14 +128,18 @@ class SseStream:
     _heartbeat: Optional[task.LoopingCall] = None
     _resumer: Optional[Resumer] = None
     _recovery: Optional[Recovery] = None
-    #: the resuming connection's session position, the start of each
-    #: event's id (None: not resuming, no ids)
+    #: a resuming stream's session position (C{b""}: none yet), the start
+    #: of each event id (None: not resuming, no ids)
     _cursor: Optional[bytes] = None
-    #: TOPICS: the connection's topics (none in this slice)
+    #: TOPICS: the stream's topics (wsproxy.websocket.fanout), whether it
+    #: asked for labelled events (?labels=1), its topic framings (SSE's)
     _topics: Optional[dict[str, Any]] = None
     _labels = False
-    #: what a WebSocket connection compresses with: never here
+    _framing_offset = topics.SSE
+    #: what a WebSocket connection compresses with, and its acknowledgements:
+    #: never here
     _perMessageCompress = None
+    _acked = False
 
     def __init__(self, proxy: Proxy, request: server.Request) -> None:
         self._proxy = proxy
@@ -165,7 +148,12 @@ class SseStream:
         #: Autobahn's view, for those who read it (open while the stream is)
         self.state = STATE_CONNECTING
         self._subscriptions: list[tuple[str, Listener]] = []
-        self._early: list[bytes] = []
+        self._early: list[bytes | tuple[Any, bytes]] = []
+        #: a resuming labelled stream's position in each topic it resumes
+        self._topic_cursor: dict[bytes, bytes] = {}
+        #: what fan-out reads of a WebSocket factory
+        self.factory = self
+        self.max_send_buffer = proxy.settings.max_send_buffer
         self._admission: Optional[defer.Deferred[Any]] = None
         self._paused = False
         self._unsent = 0
@@ -232,13 +220,20 @@ class SseStream:
             raise NOT_ACCEPTABLE
 
     def _prepare(self) -> tuple[Optional[auth.Credentials], list[tuple[str, Listener]],
-                                Optional[ResumeRequest]]:
+                                Optional[ResumeRequest], Optional[Joining]]:
         request = self._request
         assert request is not None and self.session_id is not None
         proxy = self._proxy
         proxy.precheck(self._headers)
         uri = request.uri.decode("latin-1")
-        resume = self._resume_request(uri)
+        resume, positions = self._resume_request(uri)
+        labels = self._labels = topics.labels_request(uri, proxy.topics is not None)
+        positions = {**topics.topic_positions(uri, resume is not None, labels), **positions}
+        if positions and not (resume is not None and labels):
+            raise topics.INVALID_POSITION
+        for topic, at in positions.items():
+            # the cursor starts where the client is in each topic
+            self._topic_cursor[topic.encode()] = b"" if at is None else str(at).encode()
         query = urlsplit(uri).query
         authorization = [v.decode("latin-1") for v in
                          request.requestHeaders.getRawHeaders(b"authorization") or ()]
@@ -248,7 +243,10 @@ class SseStream:
         credentials = auth.extract_token(self._headers, params, ())
         session_id = self.session_id
         subscriptions: list[tuple[str, Listener]]
-        if resume is None:
+        if resume is None and labels:
+            # data down gets the envelope (an empty first line)
+            subscriptions = [(down_channel(session_id), PrefixedSink(cast(Any, self)))]
+        elif resume is None:
             subscriptions = [(down_channel(session_id), self)]
         else:
             resumer = self._resumer = Resumer(
@@ -261,14 +259,22 @@ class SseStream:
                 (down_channel(session_id), PlainSink(resumer, self._down)),
                 (live_channel(session_id), LiveSink(resumer)),
             ]
-        return credentials, subscriptions, resume
+        joining = None
+        if proxy.topics is not None:
+            joining = Joining(cast(Any, self), positions)
+            # a backend's topic change from now on reaches this stream
+            proxy.admitting_started(session_id, self)
+        return credentials, subscriptions, resume, joining
 
-    def _resume_request(self, uri: str) -> Optional[ResumeRequest]:
+    def _resume_request(self, uri: str) -> tuple[Optional[ResumeRequest],
+                                                  dict[str, Optional[Position]]]:
         """
         A resume plan: C{?resume=} as on WebSocket, or the last event's id
         (C{Last-Event-ID}, EventSource's on its reconnects, or
-        C{?last_event_id=}), whose first word is the session's position.
+        C{?last_event_id=}): the session's position, then C{<topic>@<position>}
+        for each topic it resumes. The stream's cursor starts there.
 
+        @return: the plan, and the topics' positions the id names.
         @raise Refusal: 400 without C{RESUME}, or for a malformed position.
         """
         proxy = self._proxy
@@ -279,27 +285,39 @@ class SseStream:
                 LAST_EVENT_ID_PARAM)
             if values is not None:
                 if len(values) != 1:
-                    raise Refusal(400, "Invalid resume position")
+                    raise topics.INVALID_POSITION
                 last = values[0]
         if last is None:
-            return resume
+            if resume is not None:
+                self._cursor = b"" if resume.position is None else str(resume.position).encode()
+            return resume, {}
         if not proxy.settings.resume:
             raise Refusal(400, "Resumable sessions are not enabled")
-        # (a later id wins over ?resume=: it is where EventSource got to)
-        words = last.strip().split(" ")
+        # (an id wins over ?resume=: it is where EventSource got to)
+        words = last.split(" ")
+        positions: dict[str, Optional[Position]] = {}
         try:
-            return ResumeRequest(parse_position(words[0]))
+            position = parse_position(words[0])
+            for word in words[1:]:
+                topic, at, where = word.partition("@")
+                if not at or not valid_topic(topic) or topic in positions:
+                    raise topics.INVALID_POSITION
+                positions[topic] = parse_position(where)
         except InvalidPosition:
-            raise Refusal(400, "Invalid resume position") from None
+            raise topics.INVALID_POSITION from None
+        self._cursor = words[0].encode()
+        return ResumeRequest(position), positions
 
     async def _admit(self, credentials: Optional[auth.Credentials],
                      subscriptions: list[tuple[str, Listener]],
-                     resume: Optional[ResumeRequest]) -> list[tuple[str, Listener]]:
+                     resume: Optional[ResumeRequest],
+                     joining: Optional[Joining]) -> list[tuple[str, Listener]]:
         proxy = self._proxy
         assert self.session_id is not None and self.agent_id is not None
         try:
             self._recovery, grant = await proxy.authorize(
                 self.session_id, self.agent_id, credentials, subscriptions, resume,
+                None, joining,
             )
         except Refusal as refusal:
             if refusal.code in (401, 403):
@@ -376,7 +394,7 @@ class SseStream:
             self._connection_id = proxy.next_connection_id()
             proxy.events.publish(session_id, self._event("open"))
         if settings.ping_interval:
-            self._heartbeat = task.LoopingCall(self._write, HEARTBEAT)
+            self._heartbeat = task.LoopingCall(self._put, HEARTBEAT)
             self._heartbeat.clock = proxy.clock
             self._heartbeat.start(settings.ping_interval, now=False)
         self._log.info(
@@ -384,10 +402,20 @@ class SseStream:
             session_id=session_id, agent_id=self.agent_id, peer=self.peer,
         )
         early, self._early = self._early, []
+        enveloped = self._labels and self._resumer is None
         for payload in early:
-            self.deliver(payload)
+            if isinstance(payload, tuple):
+                # a topic's, with the listener that got it
+                listener, message = payload
+                listener.deliver(message)
+            elif enveloped:
+                PrefixedSink(cast(Any, self)).deliver(payload)
+            else:
+                self.deliver(payload)
         if self._resumer is not None and self._recovery is not None:
             self._resumer.start(self._recovery)
+        if proxy.topics is not None:
+            fanout.opened(cast(Any, self))
 
     def _event(self, kind: Literal["open", "close", "join", "leave"],
                **close: Any) -> dict[str, Any]:
@@ -399,6 +427,13 @@ class SseStream:
         )
 
     # -- Redis -> client ---------------------------------------------------
+
+    def _keep_early(self, payload: bytes | tuple[Any, bytes]) -> None:
+        """
+        A message before the head is written: sent once open (a topic's
+        with the listener that got it).
+        """
+        self._early.append(payload)
 
     def deliver(self, payload: bytes) -> None:
         """
@@ -413,13 +448,13 @@ class SseStream:
             self._proxy.stats.dropped_down += 1
             return
         message, binary = outgoing
-        self._send(event(message, binary), len(message))
+        self._send_message(b"", binary, topics.sse_event(message, binary), len(message))
 
     def _send_resumable(self, position: bytes, message: bytes, kind: bytes) -> None:
         """
         A resuming stream's message (L{Resumer}'s C{send}): the envelope's
-        header is its position (empty for a plain C{:down} message), its id
-        the connection's cursor after it.
+        header is its position (empty for a plain C{:down} message); one
+        with a position moves the cursor, and says so in its id.
         """
         if self._state is not OPEN:
             return
@@ -432,42 +467,77 @@ class SseStream:
         else:
             self._proxy.stats.dropped_down += 1
             return
+        data = topics.sse_event(message, binary, position)
         if position:
             self._cursor = position
-        self._send(event(message, binary, position, self._cursor or b""), len(message))
+            data = b"id: " + self._event_id() + b"\n" + data
+        self._send_message(position, binary, data, len(message))
+
+    def _event_id(self) -> bytes:
+        """
+        The stream's whole cursor: its session position, then
+        C{<topic>@<position>} for each topic it resumes.
+        """
+        return b" ".join([self._cursor or b"",
+                          *[t + b"@" + p for t, p in self._topic_cursor.items()]])
 
     def _send_control(self, report: dict[str, object]) -> None:
         """
         What a WebSocket connection gets as a control frame (the recovery
-        report): an event of its own, named by its C{type}.
+        report): an event named by its C{type}. A recovery report says
+        where the stream now is: its id is the cursor from there.
         """
         if self._state is not OPEN:
             return
         name = str(report.get("type", "control")).encode()
-        self._write(named_event(name, report))
+        position = report.get("position")
+        if name == b"recovery" and isinstance(position, str) and position != "None":
+            topic = report.get("topic")
+            if isinstance(topic, str):
+                self._topic_cursor[topic.encode()] = position.encode()
+            else:
+                self._cursor = position.encode()
+            self._put(b"id: " + self._event_id() + b"\n" + named_event(name, report))
+        else:
+            self._put(named_event(name, report))
 
-    def _send(self, data: bytes, size: int) -> None:
+    def _send_message(self, data: bytes, binary: bool, framed: bytes, size: int) -> None:
+        """
+        Send one message's event (C{framed}, built by L{topics.sse_event};
+        C{data} is the envelope's header, if any: a resuming labelled
+        stream's topic message C{#<topic> <position>} moves its cursor and
+        gets its id), counted; a client that leaves more than
+        C{WS_MAX_SEND_BUFFER_BYTES} unsent is dropped (nothing can tell it).
+        """
+        if self._cursor is not None and data[:1] == b"#":
+            topic, sep, position = data[1:].partition(b" ")
+            if sep:
+                self._topic_cursor[topic] = position
+                framed = b"id: " + self._event_id() + b"\n" + framed
+        self._write(framed)
         self.messages_out += 1
         self.bytes_out += size
         stats = self._proxy.stats
         stats.messages_down += 1
         stats.bytes_down += size
-        stats.sse_messages_down += 1
-        self._write(data)
+        if self._paused:
+            self._unsent += len(framed)
+            if self._unsent > self.max_send_buffer:
+                self._slow_consumer()
 
     def _write(self, data: bytes) -> None:
         """
-        Write to the stream; a client that leaves more than
-        C{WS_MAX_SEND_BUFFER_BYTES} unsent is dropped (nothing can tell it).
+        Write one message's event (topic fan-out writes here directly, and
+        counts the rest).
         """
+        self._proxy.stats.sse_messages_down += 1
+        self._put(data)
+
+    def _put(self, data: bytes) -> None:
         request = self._request
         if request is None or request.finished or self._state is not OPEN:
             return
         request.write(data)
-        if self._paused:
-            self._unsent += len(data)
-            if self._unsent > self._proxy.settings.max_send_buffer:
-                self._slow_consumer()
 
     def _slow_consumer(self) -> None:
         self._closing("slow_consumer")
@@ -544,10 +614,11 @@ class SseStream:
         if self._state is OPEN:
             self._close(TOKEN_EXPIRED, "token expired", "token_expired")
 
-    def topic_change(self, change: Any, topics: list[str]) -> None:
+    def topic_change(self, change: Any, names: list[str]) -> None:
         """
-        TOPICS: a backend's join or leave (not carried by SSE streams yet).
+        TOPICS: a backend's join or leave (L{wsproxy.websocket.fanout}).
         """
+        fanout.topic_change(cast(Any, self), change, names)
 
     def drop(self, why: str) -> defer.Deferred[None]:
         self._log.info("dropping an SSE stream ({why}): session={session_id} peer={peer}",
@@ -594,6 +665,9 @@ class SseStream:
             admission.cancel()
         subscriptions, self._subscriptions = self._subscriptions, []
         proxy.release(subscriptions)
+        if proxy.topics is not None:
+            # (its leave events before its close event)
+            fanout.leave_all(cast(Any, self), was_open)
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and heartbeat.running:
             heartbeat.stop()
