@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import socket
 import time
 from typing import Any, Optional
@@ -16,8 +17,9 @@ from twisted.internet import reactor, task
 
 from wsproxy.backend import Backend
 
-from .support import wait_for
+from .support import http_get, wait_for
 from .support.proxy import ProxyTestCase, RunningProxy, start_proxy
+from .support.daemon import EnvTestCase
 from .support.redis import RedisTestCase
 from .support.sse import EventStream, open_stream, sse_request
 
@@ -92,6 +94,7 @@ class RefusalTests(SseTestCase):
                            headers={"Last-Event-ID": "x"})
         await self.refused(400, "Token presented more than once",
                            query="?access_token=tok", headers={"Authorization": "Bearer tok"})
+        await self.refused(400, "Topics are not enabled", query="?access_token=tok&labels=1")
         self.proxy.proxy.draining = True
         s = await self.refused(503, "Server shutting down")
         self.assertEqual(s.header("retry-after"), "1")
@@ -525,3 +528,42 @@ class TopicTests(SseTestCase):
         self.assertEqual(sorted(e.data for e in again.messages()),
                          sorted([f"#news {later}\nmissed", f"{mine}\nmine too"]))
         self.assertEqual(again.last_id, f"{mine} news@{later}")
+
+
+class MetricsTests(SseTestCase):
+    async def test_metrics(self) -> None:
+        """
+        /metrics: the SSE gauge and counter; the open streams also count in
+        wsproxy_connections_open.
+        """
+        self.authorize("s1")
+        s = await self.opened()
+        self.r.publish("session:s1:down", "one")
+        await s.wait_events(1)
+        status, body = await http_get(self.proxy.port, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b"\nwsproxy_sse_connections_open 1.0\n", body)
+        self.assertIn(b"\nwsproxy_sse_messages_down_total 1.0\n", body)
+        self.assertIn(b"\nwsproxy_connections_open 1.0\n", body)
+
+
+class DaemonShutdownTests(EnvTestCase):
+    timeout = 60
+
+    async def test_sigterm(self) -> None:
+        """
+        The daemon at SIGTERM: an open stream gets its close event 1001
+        and ends at once (not at the grace period's end); the process exits 0.
+        """
+        await self.start(SHUTDOWN_GRACE_PERIOD_SECS="5", SHUTDOWN_DRAIN_SECS="0")
+        self.r.set("session:s1:auth", "tok", ex=60)
+        s = await open_stream(self.port, "/a/sse/s1?access_token=tok", test=self)
+        await wait_for(lambda: s.retry is not None)
+        signalled = time.monotonic()
+        self.daemon.signal(signal.SIGTERM)
+        await wait_for(lambda: s.ended, timeout=5)
+        self.assertLess(time.monotonic() - signalled, 3)
+        self.assertEqual([e.json() for e in s.named("close")],
+                         [{"code": 1001, "reason": "server shutting down"}])
+        self.assertTrue(s.complete)
+        self.assertEqual(await self.daemon.out.ended, 0)
