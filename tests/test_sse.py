@@ -141,6 +141,25 @@ class RefusalTests(SseTestCase):
         await wait_for(lambda: s.body.endswith(b"\n"))
         self.assertEqual((s.status, s.body), (503, b"Too many connections\n"))
 
+    async def test_preflight(self) -> None:
+        """
+        OPTIONS from an allowed Origin (a cross-origin fetch with its token
+        in Authorization): 204 and what the stream's request may carry;
+        from any other origin, 405.
+        """
+        s = await self.stream(method="OPTIONS", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        self.assertEqual(s.status, 204)
+        self.assertEqual(s.header("access-control-allow-origin"), ORIGIN)
+        self.assertEqual(s.header("access-control-allow-methods"), "GET")
+        self.assertIn("Authorization", s.header("access-control-allow-headers") or "")
+        self.assertIn("Last-Event-ID", s.header("access-control-allow-headers") or "")
+        s = await self.stream(method="OPTIONS", headers={"Origin": "https://evil.example"})
+        await wait_for(lambda: s.body.endswith(b"\n"))
+        self.assertEqual(s.status, 405)
+        self.assertEqual(len(self.proxy.proxy.connections), 0)
+
     async def test_header_token_and_ticket(self) -> None:
         """
         Authorization: Bearer (fetch-based clients), and a connect ticket.
@@ -282,7 +301,7 @@ class StreamTests(SseTestCase):
 
 
 class SlowConsumerTests(SseTestCase):
-    settings: dict[str, Any] = {"max_send_buffer": 50_000}
+    settings: dict[str, Any] = {"max_send_buffer": 200_000}
 
     async def test_slow_consumer_dropped(self) -> None:
         """
@@ -297,14 +316,15 @@ class SlowConsumerTests(SseTestCase):
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.sendall(sse_request("/a/sse/s1?access_token=tok"))
         await wait_for(lambda: self.proxy.proxy.stats.sse_connections_open == 2)
-        payload = "x" * 60_000
-        for i in range(2000):
+        payload = "x" * 20_000
+        for i in range(5000):
             self.r.publish("session:s1:down", payload)
             await task.deferLater(reactor, 0.002, lambda: None)
             if self.proxy.proxy.stats.slow_consumer_closes:
                 break
         self.assertEqual(self.proxy.proxy.stats.slow_consumer_closes, 1)
         await wait_for(lambda: self.proxy.proxy.stats.sse_connections_open == 1)
+        self.assertFalse(good.ended)
         self.r.publish("session:s1:down", "after")
         await wait_for(lambda: good.events and good.events[-1].data == "after", timeout=10)
 

@@ -38,6 +38,7 @@ import time
 from typing import Any, Literal, Optional, Sequence, cast
 from urllib.parse import parse_qs, urlsplit
 
+from autobahn.twisted.util import peer2str
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
@@ -164,7 +165,7 @@ class SseStream:
         transport: Any = request.channel.transport if request.channel is not None else None
         peer = transport.getPeer() if transport is not None else None
         self._host = str(getattr(peer, "host", None) or "")
-        self.peer = f"tcp:{self._host}:{getattr(peer, 'port', '')}" if self._host else str(peer)
+        self.peer = peer2str(transport) if transport is not None else "unknown"
         self._client = proxy.client_address(self._host, self._headers.get)
         origin = self._headers.get("origin")
         #: the CORS headers every answer carries (an allowed Origin's)
@@ -179,6 +180,8 @@ class SseStream:
         request = self._request
         assert request is not None
         proxy = self._proxy
+        if request.method == b"OPTIONS" and self._cors:
+            return self._preflight()
         try:
             self._check()
         except Refusal as refusal:
@@ -189,13 +192,32 @@ class SseStream:
         finished.addBoth(self._finished)
         try:
             prepared = self._prepare()
-        except Refusal as refusal:
+        except BaseException:
+            # its refusal; anything unexpected is logged, and a 500
             self._end(None, None)
             proxy.connections.discard(self)
-            return self._refuse(refusal)
+            return self._refuse(refusal_for(Failure(), self._log, "admitting an SSE stream"))
         self._admission = defer.ensureDeferred(self._admit(*prepared))
         self._admission.addCallbacks(self._open, self._refused)
         return server.NOT_DONE_YET
+
+    def _preflight(self) -> bytes:
+        """
+        A CORS preflight from an allowed origin (a fetch-based client that
+        sends its token in C{Authorization}, or C{Last-Event-ID}): 204 with
+        what the stream's request may carry. Not a connection: not counted.
+        """
+        request = self._request
+        assert request is not None
+        request.setResponseCode(204)
+        for name, value in self._cors:
+            request.setHeader(name, value)
+        request.setHeader(b"access-control-allow-methods", b"GET")
+        request.setHeader(b"access-control-allow-headers",
+                          b"Authorization, Last-Event-ID, Accept, Cache-Control")
+        request.setHeader(b"access-control-max-age", b"600")
+        request.setHeader(b"allow", b"GET, OPTIONS")
+        return b""
 
     def _check(self) -> None:
         """
