@@ -300,6 +300,31 @@ class StreamTests(SseTestCase):
         self.assertEqual(got[1]["closed_by"], "client")
 
 
+class LeavingTests(SseTestCase):
+    async def test_client_leaves_during_admission(self) -> None:
+        """
+        A client that leaves while its stream is being admitted (Redis
+        paused) leaves nothing behind: no connection, no session, no
+        subscription; and one that leaves an open stream the same.
+        """
+        self.authorize("s1")
+        hub = self.proxy.proxy.hub
+        self.r.execute_command("CLIENT", "PAUSE", "300")
+        s = await self.stream()
+        await wait_for(lambda: len(self.proxy.proxy.connections) == 1)
+        s.close()
+        await wait_for(lambda: not self.proxy.proxy.connections, timeout=3)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(hub.holds(b"session:s1:down"))
+        self.assertEqual(self.proxy.proxy.stats.open_connections, 0)
+        opened = await self.opened()
+        self.assertTrue(hub.holds(b"session:s1:down"))
+        opened.transport.loseConnection()
+        await wait_for(lambda: not hub.holds(b"session:s1:down"), timeout=3)
+        self.assertEqual(self.proxy.proxy.sessions, {})
+        self.assertEqual(self.proxy.proxy.stats.sse_connections_open, 0)
+
+
 class SlowConsumerTests(SseTestCase):
     settings: dict[str, Any] = {"max_send_buffer": 200_000}
 
