@@ -55,6 +55,7 @@ from .support import (
 from .support.daemon import EnvTestCase
 from .support.http import raw_upgrade
 from .support.jwts import SECRET, Keys, token
+from .support.sse import open_stream
 
 #: how late an effect may show on a busy 2-core machine
 MARGIN = 3.0
@@ -317,6 +318,19 @@ async def ping_interval(t: EnvTestCase) -> None:
     t.assertGreaterEqual(pings[1] - pings[0], 0.9)
     t.assertLess(pings[1] - opened, 2 * (1 + MARGIN))
     t.assertEqual(c.state, c.STATE_OPEN)
+
+
+async def sse_retry_ms(t: EnvTestCase) -> None:
+    """
+    SSE_RETRY_MS=750: an SSE stream's first line tells EventSource to wait
+    750 ms before it reconnects.
+    """
+    await t.start(SSE_RETRY_MS="750")
+    t.r.set("session:s1:auth", "tok", ex=60)
+    stream = await open_stream(t.port, "/a/sse/s1?access_token=tok", test=t)
+    await wait_for(lambda: stream.retry is not None)
+    t.assertEqual(stream.retry, 750)
+    t.assertTrue(stream.body.startswith(b"retry: 750\n\n"))
 
 
 async def ping_timeout(t: EnvTestCase) -> None:
@@ -1302,6 +1316,7 @@ VALID = [
     Case("REDIS_TLS_KEY_FILE", redis_tls_key_file),
     Case("AUTH_TIMEOUT_SECS", auth_timeout),
     Case("AUTH_GRACE_PERIOD_SECS", auth_grace_period),
+    Case("SSE_RETRY_MS", sse_retry_ms),
     Case("WS_PING_INTERVAL_SECS", ping_interval),
     Case("WS_PING_TIMEOUT_SECS", ping_timeout),
     Case("SHUTDOWN_GRACE_PERIOD_SECS", shutdown_grace_period),
@@ -1409,6 +1424,7 @@ INVALID = [
     Invalid("REDIS_TLS_KEY_FILE", "/nonexistent/client.key", REDISS),
     Invalid("AUTH_TIMEOUT_SECS", "0"),
     Invalid("AUTH_GRACE_PERIOD_SECS", "1.5"),
+    Invalid("SSE_RETRY_MS", "2s"),
     Invalid("WS_PING_INTERVAL_SECS", "-1"),
     Invalid("WS_PING_TIMEOUT_SECS", "0"),
     Invalid("SHUTDOWN_GRACE_PERIOD_SECS", "soon"),

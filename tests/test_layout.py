@@ -27,7 +27,7 @@ RANK = {"": 0, "fast": 1, "redis": 2, "session": 3, "websocket": 4, "edge": 5, "
 #: the rooms a newcomer finds by name, with the modules each must hold
 ROOMS = {
     "process": {"tap", "daemon", "workers", "build", "fdlimit"},
-    "edge": {"site", "upgrade", "handoff"},
+    "edge": {"site", "upgrade", "handoff", "sse"},
     "websocket": {"protocol", "states", "closing", "admission", "downstream", "upstream",
                   "footprint", "fanout"},
     "session": {"proxy", "auth", "authn", "webtoken", "keys", "limits", "resume", "upstream",

@@ -634,6 +634,13 @@ class Settings:
     ping_interval: float = setting(
         "WS_PING_INTERVAL_SECS", "30", _non_negative_float, "server ping interval (0 disables)"
     )
+    sse_retry_ms: int = setting(
+        "SSE_RETRY_MS",
+        "2000",
+        _non_negative_int,
+        "Server-Sent Events: the reconnection delay a stream tells EventSource "
+        "(its first line, retry:), in milliseconds",
+    )
     ping_timeout: float = setting(
         "WS_PING_TIMEOUT_SECS",
         "10",

@@ -30,6 +30,10 @@ class Stats:
 
     def __init__(self) -> None:
         self.open_connections = 0
+        #: Server-Sent Events streams open (counted in open_connections too),
+        #: and the messages sent on them (in messages_down too)
+        self.sse_connections_open = 0
+        self.sse_messages_down = 0
         self.outcomes: Counter[str] = Counter()
         self.messages_down = 0
         self.bytes_down = 0
@@ -216,6 +220,10 @@ class _Collector:
         yield GaugeMetricFamily(
             "wsproxy_connections_open", "Open WebSocket connections", value=s.open_connections
         )
+        yield GaugeMetricFamily(
+            "wsproxy_sse_connections_open", "Open Server-Sent Events streams (also counted "
+            "in wsproxy_connections_open)", value=s.sse_connections_open,
+        )
         outcomes = CounterMetricFamily(
             "wsproxy_connections",
             "WebSocket upgrade requests by outcome (accepted or the HTTP status of the refusal)",
@@ -228,6 +236,8 @@ class _Collector:
         for name, doc, value in (
             ("wsproxy_messages_down", "Messages sent to clients", s.messages_down),
             ("wsproxy_bytes_down", "Payload bytes sent to clients", s.bytes_down),
+            ("wsproxy_sse_messages_down", "Messages sent on Server-Sent Events streams "
+             "(also counted in wsproxy_messages_down)", s.sse_messages_down),
             ("wsproxy_messages_up", "Client messages published to Redis", s.messages_up),
             ("wsproxy_bytes_up", "Client payload bytes published to Redis", s.bytes_up),
             ("wsproxy_messages_up_unheard", "Client messages published while no backend was "

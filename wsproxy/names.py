@@ -31,6 +31,17 @@ def parse_ws_path(path: str) -> Optional[tuple[str, str]]:
     return unquote(parts[1]), unquote(parts[3])
 
 
+def parse_sse_path(path: str) -> Optional[tuple[str, str]]:
+    """
+    Split C{/{agent_id}/sse/{session_id}} (a Server-Sent Events stream)
+    into (agent_id, session_id), as L{parse_ws_path} does its own.
+    """
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) != 4 or parts[0] != "" or parts[2] != "sse" or not parts[1] or not parts[3]:
+        return None
+    return unquote(parts[1]), unquote(parts[3])
+
+
 def valid_session_id(session_id: str) -> bool:
     """
     1 to 128 of C{[A-Za-z0-9._~-]}: nothing that could reach another

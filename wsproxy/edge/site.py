@@ -25,9 +25,10 @@ from twisted.web import http, resource, server
 from ..session import topics, upstream
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..websocket.protocol import ProxyFactory
-from ..names import parse_ws_path
+from ..names import parse_sse_path, parse_ws_path
 from ..session.proxy import Proxy
 from ..refusal import Refusal
+from . import sse
 from .handoff import WEBSOCKET, HandOff
 from .upgrade import LEAN_HEAD_MAX, Upgrade, lean_upgrade, names_websocket
 from . import upgrade as handshake
@@ -104,6 +105,9 @@ class Root(resource.Resource):
             # would split must not reach anything that might
             request.channel.persistent = False
             return _plain(request, 400, "Invalid header")
+        if parse_sse_path(path) is not None:
+            # a Server-Sent Events stream (wsproxy.edge.sse)
+            return sse.serve(self._proxy, request)
         if parse_ws_path(path) is None:
             return _plain(request, 404, "Not Found")
         return _plain(

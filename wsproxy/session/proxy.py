@@ -777,8 +777,14 @@ class Proxy:
             # not, and the origin check cannot protect anything from them.
             if self.settings.require_origin:
                 raise Refusal(403, "Origin required")
-        elif not self._any_origin and normalize_origin(origin) not in self._origins:
+        elif not self.origin_allowed(origin):
             raise Refusal(403, "Origin not allowed")
+
+    def origin_allowed(self, origin: str) -> bool:
+        """
+        Whether a request's C{Origin} passes C{ALLOWED_ORIGINS}.
+        """
+        return self._any_origin or normalize_origin(origin) in self._origins
 
     def resume_request(self, uri: str) -> Optional[ResumeRequest]:
         """

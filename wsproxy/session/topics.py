@@ -30,12 +30,21 @@ Framings (how a socket shows where a message came from):
     for a resuming client a recoverable one as
     C{#<topic> <position>\\n<message>}.
 
+and the same three for Server-Sent Events streams (L{wsproxy.edge.sse}),
+each message one event (L{sse_event}): C{SSE_RAW} (the message alone),
+C{SSE_ENVELOPED} (an empty first data line), C{SSE_LABELLED} (C{#<topic>}
+or C{#<topic> <position>} as the first data line). An SSE framing's
+L{Framed} carries the event as its frame and the envelope's header as its
+data (what a resuming stream reads its cursor from); a resuming stream adds
+its own C{id:} line.
+
 Nothing here touches a socket: the per-socket listeners are
 L{wsproxy.websocket.fanout}'s.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 from urllib.parse import parse_qsl, urlsplit
 
@@ -56,6 +65,11 @@ LABELS_PARAM = "labels"
 TOPIC_RESUME_PARAM = "resume_topic"
 
 RAW, ENVELOPED, LABELLED = 0, 1, 2
+#: the same framings as Server-Sent Events (3, 4, 5): a framing plus this
+SSE = 3
+SSE_RAW, SSE_ENVELOPED, SSE_LABELLED = RAW + SSE, ENVELOPED + SSE, LABELLED + SSE
+#: how many framings there are
+FRAMINGS = 6
 
 NOT_ENABLED = Refusal(400, "Topics are not enabled")
 INVALID_LABELS = Refusal(400, "Invalid labels parameter")
@@ -64,6 +78,27 @@ INVALID_POSITION = Refusal(400, "Invalid resume position")
 #: (the data sent, whether binary, its frame, the message's size): what
 #: L{wsproxy.websocket.protocol.ProxyProtocol._send_message} takes
 Framed = tuple[bytes, bool, bytes, int]
+
+
+def sse_event(message: bytes, binary: bool, header: Optional[bytes] = None) -> bytes:
+    """
+    One message as one Server-Sent Events event: C{data:} lines for text
+    without a CR (EventSource joins them with C{\\n}: exact); binary, and
+    text with a CR (which SSE cannot carry), as C{event: binary} or C{event:
+    text-base64} with the base64 of the bytes. C{header}, on an enveloped
+    stream, is the data's first line.
+    """
+    if binary or b"\r" in message:
+        lines = [b"event: binary\n" if binary else b"event: text-base64\n"]
+        body = [base64.b64encode(message)]
+    else:
+        lines = []
+        body = message.split(b"\n")
+    if header is not None:
+        body.insert(0, header)
+    lines += [b"data: " + line + b"\n" for line in body]
+    lines.append(b"\n")
+    return b"".join(lines)
 
 
 def labels_request(uri: str, enabled: bool) -> bool:
@@ -207,14 +242,19 @@ class TopicFeed:
         self._label = b"#" + topic.encode("ascii")
         self._payload: Optional[bytes] = None
         self._outgoing: frames.Outgoing = None
-        self._frames: list[Optional[Framed]] = [None, None, None]
+        self._frames: list[Optional[Framed]] = [None] * FRAMINGS
         self._live: Optional[bytes] = None
         self._entry: Optional[Entry] = None
-        self._live_frames: list[Optional[Framed]] = [None, None, None]
+        self._live_frames: list[Optional[Framed]] = [None] * FRAMINGS
         self._position: Optional[bytes] = None
-        self._positioned: Optional[Framed] = None
+        self._positioned: list[Optional[Framed]] = [None] * FRAMINGS
 
     def _build(self, message: bytes, binary: bool, framing: int) -> Framed:
+        if framing >= SSE:
+            self.stats.topic_frames_built += 1
+            header = (None if framing == SSE_RAW else b"" if framing == SSE_ENVELOPED
+                      else self._label)
+            return header or b"", binary, sse_event(message, binary, header), len(message)
         if framing == RAW:
             data = message
         elif framing == ENVELOPED:
@@ -236,7 +276,7 @@ class TopicFeed:
     def _take(self, payload: bytes) -> None:
         self._payload = payload
         self._outgoing = self._down(payload)
-        self._frames = [None, None, None]
+        self._frames = [None] * FRAMINGS
         self.stats.topic_messages += 1
 
     def down(self, payload: bytes, framing: int) -> Optional[Framed]:
@@ -261,7 +301,7 @@ class TopicFeed:
         if payload is not self._live:
             self._live = payload
             self._entry = parse_live(payload)
-            self._live_frames = [None, None, None]
+            self._live_frames = [None] * FRAMINGS
             self.stats.topic_messages += 1
         return self._entry
 
@@ -282,22 +322,32 @@ class TopicFeed:
             made = self._live_frames[framing] = self._build(entry.message, binary, framing)
         return made
 
-    def positioned(self, position: bytes, message: bytes, kind: bytes) -> Optional[Framed]:
+    def positioned(self, position: bytes, message: bytes, kind: bytes,
+                   framing: int = LABELLED) -> Optional[Framed]:
         """
         A recoverable message's frame for a resuming socket:
-        C{#<topic> <position>\\n<message>}, built once per live message
-        (replayed history entries are not shared: built for each).
+        C{#<topic> <position>\\n<message>} (C{SSE_LABELLED}: the event, its
+        first data line C{#<topic> <position>}), built once per live message
+        and framing (replayed history entries are not shared: built for
+        each).
         """
-        if position is self._position:
-            return self._positioned
+        if position is not self._position:
+            self._position = position
+            self._positioned = [None] * FRAMINGS
+        made = self._positioned[framing]
+        if made is not None:
+            return made
         binary = _binary(message, kind)
         if binary is None:
-            made = None
+            return None
+        header = self._label + b" " + position
+        self.stats.topic_frames_built += 1
+        if framing >= SSE:
+            made = (header, binary, sse_event(message, binary, header), len(message))
         else:
-            data = self._label + b" " + position + b"\n" + message
-            self.stats.topic_frames_built += 1
+            data = header + b"\n" + message
             made = (data, binary, frames.frame(data, binary), len(message))
-        self._position, self._positioned = position, made
+        self._positioned[framing] = made
         return made
 
 

@@ -41,10 +41,13 @@ def framing(protocol: ProxyProtocol) -> int:
     How this connection's topic frames look (L{wsproxy.session.topics}).
     """
     if protocol._labels:
-        return LABELLED
-    if protocol._resumer is not None or protocol._acked:
-        return ENVELOPED
-    return RAW
+        base = LABELLED
+    elif protocol._resumer is not None or protocol._acked:
+        base = ENVELOPED
+    else:
+        base = RAW
+    # (a Server-Sent Events stream's are the same, as events)
+    return base + protocol._framing_offset
 
 
 class DownSink:
@@ -184,7 +187,7 @@ def _send_positioned(protocol: ProxyProtocol, feed: TopicFeed, position: bytes,
                      message: bytes, kind: bytes) -> None:
     if protocol._state is not OPEN or protocol.state != STATE_OPEN:
         return
-    out = feed.positioned(position, message, kind)
+    out = feed.positioned(position, message, kind, LABELLED + protocol._framing_offset)
     stats = protocol._proxy.stats
     if out is None:
         stats.dropped_down += 1

@@ -169,6 +169,9 @@ class ProxyProtocol(WebSocketServerProtocol):
     #: and its topics (wsproxy.websocket.fanout), once it is in one
     _labels = False
     _topics: Optional[dict[str, Any]] = None
+    #: added to a topic framing (wsproxy.session.topics): a Server-Sent
+    #: Events stream's are SSE's, a WebSocket's its own
+    _framing_offset = 0
     #: containers Autobahn makes per connection and, once open, only reads
     #: (txaio's event names and results, with no listener ever registered;
     #: the extensions in use, none without compression): these copies,
