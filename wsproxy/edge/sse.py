@@ -32,7 +32,6 @@ back as C{Last-Event-ID} when it reconnects.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Any, Literal, Optional, Sequence, cast
