@@ -479,13 +479,8 @@ class SseStream:
         """
         if self._state is not OPEN:
             return
-        if kind == b"b":
-            binary = True
-        elif kind == b"a":
-            binary = not frames.is_utf8(message)
-        elif frames.is_utf8(message):
-            binary = False
-        else:
+        binary = frames.kind_binary(message, kind)
+        if binary is None:
             self._proxy.stats.dropped_down += 1
             return
         data = topics.sse_event(message, binary, position)

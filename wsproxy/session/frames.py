@@ -37,6 +37,20 @@ def is_utf8(data: bytes) -> bool:
     return True
 
 
+def kind_binary(message: bytes, kind: bytes) -> Optional[bool]:
+    """
+    A recoverable message's frame type from its kind (C{wsproxy_publish}'s
+    C{t}, C{b}, C{a}): binary for C{b}, by UTF-8 validity for C{a}, text
+    for C{t}; C{None} for one declared text that is not UTF-8 (browsers
+    would fail the connection: it is dropped).
+    """
+    if kind == b"b":
+        return True
+    if kind == b"a":
+        return not is_utf8(message)
+    return False if is_utf8(message) else None
+
+
 def down_auto(payload: bytes) -> Outgoing:
     # is_utf8, inline: once per backend message; ASCII (most JSON) is
     # UTF-8 and is told without decoding

@@ -210,18 +210,6 @@ class Chooser:
         self._log.warn(fmt, **fields)
 
 
-def _binary(message: bytes, kind: bytes) -> Optional[bool]:
-    """
-    A recoverable message's frame type (C{None}: declared text but not
-    UTF-8, dropped as for sessions).
-    """
-    if kind == b"b":
-        return True
-    if kind == b"a":
-        return not frames.is_utf8(message)
-    return False if frames.is_utf8(message) else None
-
-
 class TopicFeed:
     """
     One topic's messages in this process: each message's frames built once
@@ -312,11 +300,11 @@ class TopicFeed:
         """
         if entry is not self._entry:
             # not the cached one (cannot happen on the live path): built alone
-            binary = _binary(entry.message, entry.kind)
+            binary = frames.kind_binary(entry.message, entry.kind)
             return None if binary is None else self._build(entry.message, binary, framing)
         made = self._live_frames[framing]
         if made is None:
-            binary = _binary(entry.message, entry.kind)
+            binary = frames.kind_binary(entry.message, entry.kind)
             if binary is None:
                 return None
             made = self._live_frames[framing] = self._build(entry.message, binary, framing)
@@ -337,7 +325,7 @@ class TopicFeed:
         made = self._positioned[framing]
         if made is not None:
             return made
-        binary = _binary(message, kind)
+        binary = frames.kind_binary(message, kind)
         if binary is None:
             return None
         header = self._label + b" " + position

@@ -38,14 +38,8 @@ def send_resumable(protocol: ProxyProtocol, position: bytes, message: bytes, kin
     """
     if protocol._state is not OPEN or protocol.state != STATE_OPEN:
         return
-    if kind == b"b":
-        binary = True
-    elif kind == b"a":
-        binary = not frames.is_utf8(message)
-    elif frames.is_utf8(message):
-        binary = False
-    else:
-        # declared text but not UTF-8: browsers would fail the connection
+    binary = frames.kind_binary(message, kind)
+    if binary is None:
         protocol._proxy.stats.dropped_down += 1
         return
     data = position + b"\n" + message
