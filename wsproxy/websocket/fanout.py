@@ -27,7 +27,7 @@ from ..names import topic_channel, topic_live_channel
 from ..redis.pubsub import Listener
 from ..session.control import TopicChange
 from ..session.resume import Position, Recovery, Resumer, plan_recovery
-from ..session.topics import ENVELOPED, LABELLED, RAW, TopicFeed
+from ..session.topics import ENVELOPED, LABELLED, RAW, Framed, TopicFeed
 from .states import ADMITTING, OPEN
 
 if TYPE_CHECKING:
@@ -50,6 +50,20 @@ def framing(protocol: ProxyProtocol) -> int:
     return base + protocol._framing_offset
 
 
+def _send(protocol: ProxyProtocol, out: Optional[Framed]) -> None:
+    """
+    Send one topic message's frame as the connection's own
+    (L{ProxyProtocol._send_message}), counted as a fan-out delivery; a
+    message that cannot be sent (C{None}) is counted as dropped.
+    """
+    stats = protocol._proxy.stats
+    if out is None:
+        stats.dropped_down += 1
+        return
+    stats.topic_deliveries += 1
+    protocol._send_message(*out)
+
+
 class DownSink:
     """
     One socket's listener on a topic's plain channel.
@@ -68,13 +82,7 @@ class DownSink:
             if protocol._state is ADMITTING:
                 protocol._keep_early((self, payload))
             return
-        out = self._feed.down(payload, self._framing)
-        stats = protocol._proxy.stats
-        if out is None:
-            stats.dropped_down += 1
-            return
-        stats.topic_deliveries += 1
-        protocol._send_message(*out)
+        _send(protocol, self._feed.down(payload, self._framing))
 
     @staticmethod
     def fan_out(sinks: tuple[DownSink, ...], payload: bytes) -> None:
@@ -158,13 +166,7 @@ class LiveSink:
             if protocol._state is ADMITTING:
                 protocol._keep_early((self, payload))
             return
-        out = self._feed.live(entry, self._framing)
-        stats = protocol._proxy.stats
-        if out is None:
-            stats.dropped_down += 1
-            return
-        stats.topic_deliveries += 1
-        protocol._send_message(*out)
+        _send(protocol, self._feed.live(entry, self._framing))
 
 
 class Membership:
@@ -187,13 +189,8 @@ def _send_positioned(protocol: ProxyProtocol, feed: TopicFeed, position: bytes,
                      message: bytes, kind: bytes) -> None:
     if protocol._state is not OPEN or protocol.state != STATE_OPEN:
         return
-    out = feed.positioned(position, message, kind, LABELLED + protocol._framing_offset)
-    stats = protocol._proxy.stats
-    if out is None:
-        stats.dropped_down += 1
-        return
-    stats.topic_deliveries += 1
-    protocol._send_message(*out)
+    _send(protocol, feed.positioned(position, message, kind,
+                                    LABELLED + protocol._framing_offset))
 
 
 def _member(protocol: ProxyProtocol, topic: str) -> Membership:
