@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from ..names import down_channel, live_channel, parse_sse_path, valid_session_id, valid_topic
+from ..names import parse_sse_path, valid_session_id, valid_topic
 from ..redis.pubsub import Listener
 from ..refusal import CLIENT_LEFT, Refusal, refusal_for
 from ..session import auth, frames, topics
@@ -56,7 +56,8 @@ from ..session.resume import InvalidPosition, Position, Recovery, Resumer, parse
 from ..session.webtoken import Grant
 from ..websocket import fanout, states
 from ..websocket.closing import GOING_AWAY, TOKEN_EXPIRED
-from ..websocket.downstream import LiveSink, PlainSink, PrefixedSink
+from ..websocket.admission import session_subscriptions
+from ..websocket.downstream import PrefixedSink
 from ..websocket.fanout import Joining
 from ..websocket.states import ADMITTING, CLOSED, CLOSING, ENDED, OPEN, SESSION_OPEN, State
 
@@ -263,23 +264,8 @@ class SseStream:
         params = parse_qs(query, keep_blank_values=True)
         credentials = auth.extract_token(self._headers, params, ())
         session_id = self.session_id
-        subscriptions: list[tuple[str, Listener]]
-        if resume is None and labels:
-            # data down gets the envelope (an empty first line)
-            subscriptions = [(down_channel(session_id), PrefixedSink(cast(Any, self)))]
-        elif resume is None:
-            subscriptions = [(down_channel(session_id), self)]
-        else:
-            resumer = self._resumer = Resumer(
-                self._send_resumable,
-                self._send_control,
-                lambda after: proxy.read_history(session_id, after),
-                proxy.stats,
-            )
-            subscriptions = [
-                (down_channel(session_id), PlainSink(resumer, self._down)),
-                (live_channel(session_id), LiveSink(resumer)),
-            ]
+        # (with labels, data down gets the envelope: an empty first line)
+        subscriptions = session_subscriptions(cast(Any, self), session_id, resume, labels)
         joining = None
         if proxy.topics is not None:
             joining = Joining(cast(Any, self), positions)

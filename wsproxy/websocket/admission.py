@@ -116,25 +116,7 @@ def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
     )
     positions = topics.topic_positions(protocol.http_request_uri, resume is not None, labels)
     credentials = auth.extract_token(request.headers, request.params, request.protocols)
-    subscriptions: list[tuple[str, Listener]]
-    if resume is None and (acked or labels):
-        # control frames go to this client: data frames down get the
-        # resumable sessions' envelope (an empty position) so that no
-        # backend message can pass for one
-        subscriptions = [(down_channel(session_id), PrefixedSink(protocol))]
-    elif resume is None:
-        subscriptions = [(down_channel(session_id), protocol)]
-    else:
-        resumer = protocol._resumer = Resumer(
-            protocol._send_resumable,
-            protocol._send_control,
-            lambda after: proxy.read_history(session_id, after),
-            proxy.stats,
-        )
-        subscriptions = [
-            (down_channel(session_id), PlainSink(resumer, protocol._down)),
-            (live_channel(session_id), LiveSink(resumer)),
-        ]
+    subscriptions = session_subscriptions(protocol, session_id, resume, acked or labels)
     # consumed here: the connection keeps no token
     compared, protocol._compared = protocol._compared, None
     if compared is not None and (
@@ -147,6 +129,36 @@ def _prepare(protocol: ProxyProtocol, request: Any) -> _Prepared:
         # a backend's topic change from now on reaches this connection
         proxy.admitting_started(session_id, protocol)
     return session_id, agent_id, credentials, subscriptions, resume, compared, joining
+
+
+def session_subscriptions(connection: ProxyProtocol, session_id: str,
+                          resume: Optional[ResumeRequest],
+                          enveloped: bool) -> list[tuple[str, Listener]]:
+    """
+    The channels of its session a connection subscribes, with their
+    listeners: C{:down} alone (the connection itself, or, when C{enveloped},
+    a L{PrefixedSink}), or for a resuming one C{:down} and C{:live} through
+    its L{Resumer} (made here). The WebSocket admission's and the
+    Server-Sent Events stream's (L{wsproxy.edge.sse}).
+    """
+    proxy = connection._proxy
+    if resume is None and enveloped:
+        # control frames go to this client: data frames down get the
+        # resumable sessions' envelope (an empty position) so that no
+        # backend message can pass for one
+        return [(down_channel(session_id), PrefixedSink(connection))]
+    if resume is None:
+        return [(down_channel(session_id), connection)]
+    resumer = connection._resumer = Resumer(
+        connection._send_resumable,
+        connection._send_control,
+        lambda after: proxy.read_history(session_id, after),
+        proxy.stats,
+    )
+    return [
+        (down_channel(session_id), PlainSink(resumer, connection._down)),
+        (live_channel(session_id), LiveSink(resumer)),
+    ]
 
 
 async def admit(protocol: ProxyProtocol, request: Any, prepared: _Prepared) -> Optional[str]:
