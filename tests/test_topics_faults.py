@@ -516,6 +516,24 @@ class ClusterTopicTests(RigTestCase):
     KEY_HASH_TAGS=true, TOPICS=true, RESUME=true).
     """
 
+    async def cluster_daemon(self) -> tuple[ClusterSetup, int]:
+        """
+        The rig, and the daemon on it (its port) once healthy and the
+        functions are loaded on every master.
+        """
+        setup = start_rig(self, ClusterSetup())
+        port = free_port()
+        daemon = start_daemon(self, {
+            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
+            "REDIS_URL": setup.url, "REDIS_CLUSTER": "true", "KEY_HASH_TAGS": "true",
+            "TOPICS": "true", "RESUME": "true", "AUTH_TIMEOUT_SECS": "10",
+        })
+        await daemon.healthy(port, timeout=60)
+        for address in setup.masters():
+            await wait(lambda: setup.node_at(address).call("FUNCTION", "LIST"), 30,
+                       f"the functions on {address}")
+        return setup, port
+
     def backend(self, setup: ClusterSetup) -> RedisCluster:
         nodes = [ClusterNode(HOST, n.port) for n in setup.nodes]
         client = RedisCluster(startup_nodes=nodes, socket_timeout=5, socket_connect_timeout=5)
@@ -538,17 +556,7 @@ class ClusterTopicTests(RigTestCase):
         recoverable messages); an C{unsubscribe} makes it leave (the next
         message reaches the topic's other sessions, not it).
         """
-        setup = start_rig(self, ClusterSetup())
-        port = free_port()
-        daemon = start_daemon(self, {
-            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
-            "REDIS_URL": setup.url, "REDIS_CLUSTER": "true", "KEY_HASH_TAGS": "true",
-            "TOPICS": "true", "RESUME": "true", "AUTH_TIMEOUT_SECS": "10",
-        })
-        await daemon.healthy(port, timeout=60)
-        for address in setup.masters():
-            await wait(lambda: setup.node_at(address).call("FUNCTION", "LIST"), 30,
-                       f"the functions on {address}")
+        setup, port = await self.cluster_daemon()
         backend = self.backend(setup)
         owners = setup.owners()
         masters = setup.masters()
@@ -730,17 +738,7 @@ class ClusterTopicTests(RigTestCase):
         await self.check_numbered_fault(migrate=True)
 
     async def check_numbered_fault(self, migrate: bool) -> None:
-        setup = start_rig(self, ClusterSetup())
-        port = free_port()
-        daemon = start_daemon(self, {
-            "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_DRAIN_SECS": "0",
-            "REDIS_URL": setup.url, "REDIS_CLUSTER": "true", "KEY_HASH_TAGS": "true",
-            "TOPICS": "true", "RESUME": "true", "AUTH_TIMEOUT_SECS": "10",
-        })
-        await daemon.healthy(port, timeout=60)
-        for address in setup.masters():
-            await wait(lambda: setup.node_at(address).call("FUNCTION", "LIST"), 30,
-                       f"the functions on {address}")
+        setup, port = await self.cluster_daemon()
         backend = self.backend(setup)
         owners = setup.owners()
         topic = "numbered"
