@@ -97,9 +97,10 @@ return {
 };
 """
 
-# wsproxy-client.js against a scripted WebSocket, in the page (see
-# test_client_resume_bookkeeping); what the application saw comes back
-FAKE_SOCKET_JS = r"""
+# a scripted WebSocket in the page (FakeSocket: the test opens it, hands it
+# frames, drops it) and nextSocket(n), the client's n-th attempt; the start
+# of the scripts below
+SCRIPTED_SOCKET_JS = r"""
 const done = arguments[arguments.length - 1];
 const sockets = [];
 class FakeSocket {
@@ -131,6 +132,12 @@ async function nextSocket(n) {
   }
   return sockets[n - 1];
 }
+"""
+
+
+# wsproxy-client.js against a scripted WebSocket, in the page (see
+# test_client_resume_bookkeeping); what the application saw comes back
+FAKE_SOCKET_JS = SCRIPTED_SOCKET_JS + r"""
 const recovery = (recovered, replayed, position, reason = "") =>
   "!" + JSON.stringify({ type: "recovery", recovered, replayed, position, reason });
 
@@ -217,33 +224,7 @@ run().then(done, (err) => done({ error: String(err && err.stack || err) }));
 
 # wsproxy-client.js with labels: true against a scripted WebSocket (see
 # test_client_labels_bookkeeping); what the application saw comes back
-LABELS_JS = r"""
-const done = arguments[arguments.length - 1];
-const sockets = [];
-class FakeSocket {
-  static OPEN = 1;
-  constructor(url) { this.url = url; this.readyState = 0; sockets.push(this); }
-  open() { this.readyState = 1; this.onopen({}); }
-  frame(data) { this.onmessage({ data }); }
-  bytes(text, ...tail) {
-    const head = new TextEncoder().encode(text);
-    const out = new Uint8Array(head.length + tail.length);
-    out.set(head);
-    out.set(tail, head.length);
-    this.frame(out.buffer);
-  }
-  drop(code) { this.readyState = 3; this.onclose({ code, reason: "", wasClean: false }); }
-  close(code = 1000) { setTimeout(() => this.drop(code), 0); }
-  send() {}
-}
-async function nextSocket(n) {
-  const deadline = Date.now() + 5000;
-  while (sockets.length < n) {
-    if (Date.now() > deadline) throw new Error(`no reconnection attempt (${sockets.length} sockets)`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-  return sockets[n - 1];
-}
+LABELS_JS = SCRIPTED_SOCKET_JS + r"""
 const recovery = (fields) => "!" + JSON.stringify({ type: "recovery", reason: "", ...fields });
 
 async function run() {
@@ -1333,7 +1314,7 @@ class BrowserTests(TestCase):
                          [e["label"] for e in s["log"]], "open with news recovered")
         backend.publish_topic_recoverable("news", "on the page")
         backend.publish(session, "session on the page")
-        snap = await self.until(
+        await self.until(
             lambda s: "on the page" in self.labelled(s, "#news")
             and "session on the page" in self.labelled(s, "text"),
             "showing the labelled messages")
