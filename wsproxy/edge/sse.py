@@ -56,8 +56,7 @@ from ..session.resume import InvalidPosition, Position, Recovery, Resumer, parse
 from ..session.webtoken import Grant
 from ..websocket import fanout, states
 from ..websocket.closing import GOING_AWAY, TOKEN_EXPIRED
-from ..websocket.admission import session_subscriptions
-from ..websocket.downstream import PrefixedSink
+from ..websocket.admission import catch_up, session_subscriptions
 from ..websocket.fanout import Joining
 from ..websocket.states import ADMITTING, CLOSED, CLOSING, ENDED, OPEN, SESSION_OPEN, State
 
@@ -409,20 +408,7 @@ class SseStream:
             session_id=session_id, agent_id=self.agent_id, peer=self.peer,
         )
         early, self._early = self._early, []
-        enveloped = self._labels and self._resumer is None
-        for payload in early:
-            if isinstance(payload, tuple):
-                # a topic's, with the listener that got it
-                listener, message = payload
-                listener.deliver(message)
-            elif enveloped:
-                PrefixedSink(cast(Any, self)).deliver(payload)
-            else:
-                self.deliver(payload)
-        if self._resumer is not None and self._recovery is not None:
-            self._resumer.start(self._recovery)
-        if proxy.topics is not None:
-            fanout.opened(cast(Any, self))
+        catch_up(cast(Any, self), early)
 
     def _event(self, kind: Literal["open", "close", "join", "leave"],
                **close: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -298,17 +298,28 @@ def open_session(protocol: ProxyProtocol) -> None:
     protocol._admission = None
     early = protocol.__dict__.pop("_early")
     protocol._compact()
-    enveloped = (protocol._acked or protocol._labels) and protocol._resumer is None
+    catch_up(protocol, early)
+
+
+def catch_up(connection: ProxyProtocol, early: Sequence[bytes | tuple[Any, bytes]]) -> None:
+    """
+    A connection just opened: the messages that came before its open are
+    sent (a session's as its listener would, a topic's through the
+    listener that got it), then its recovery is started, then its topics'
+    (L{fanout.opened}). The WebSocket's and the SSE stream's
+    (L{wsproxy.edge.sse}).
+    """
+    enveloped = (connection._acked or connection._labels) and connection._resumer is None
     for payload in early:
-        if payload.__class__ is tuple:
+        if isinstance(payload, tuple):
             # a topic's, with the listener that got it
             listener, message = payload
             listener.deliver(message)
         elif enveloped:
-            PrefixedSink(protocol).deliver(payload)
+            PrefixedSink(connection).deliver(payload)
         else:
-            protocol.deliver(payload)
-    if protocol._resumer is not None and protocol._recovery is not None:
-        protocol._resumer.start(protocol._recovery)
-    if proxy.topics is not None:
-        fanout.opened(protocol)
+            connection.deliver(payload)
+    if connection._resumer is not None and connection._recovery is not None:
+        connection._resumer.start(connection._recovery)
+    if connection._proxy.topics is not None:
+        fanout.opened(connection)
